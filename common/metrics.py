@@ -1,0 +1,97 @@
+"""Evaluation metrics on numpy arrays (sklearn where it has them) and a bootstrap confidence interval.
+
+Every function takes array-likes and returns a python float, so results go straight into JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def _arr(x: object) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()  # type: ignore[union-attr]
+    return np.asarray(x)
+
+
+def mae(y_true: object, y_pred: object) -> float:
+    return float(skm.mean_absolute_error(_arr(y_true), _arr(y_pred)))
+
+
+def rmse(y_true: object, y_pred: object) -> float:
+    return float(np.sqrt(skm.mean_squared_error(_arr(y_true), _arr(y_pred))))
+
+
+def r2(y_true: object, y_pred: object) -> float:
+    return float(skm.r2_score(_arr(y_true), _arr(y_pred)))
+
+
+def smape(y_true: object, y_pred: object) -> float:
+    """SMAPE in percent, 0 to 200: 100 * mean(|p - a| / ((|a| + |p|) / 2)); a term with a = p = 0 counts 0."""
+    a = _arr(y_true).astype(np.float64)
+    p = _arr(y_pred).astype(np.float64)
+    denom = (np.abs(a) + np.abs(p)) / 2
+    terms = np.divide(np.abs(p - a), denom, out=np.zeros_like(denom), where=denom > 0)
+    return float(100.0 * terms.mean())
+
+
+def accuracy(y_true: object, y_pred: object) -> float:
+    return float(skm.accuracy_score(_arr(y_true), _arr(y_pred)))
+
+
+def top_k_accuracy(y_true: object, scores: object, k: int = 5) -> float:
+    """Fraction of rows whose true class is among the k highest scores (`scores` is `[N, C]`)."""
+    s = _arr(scores)
+    return float(skm.top_k_accuracy_score(_arr(y_true), s, k=k, labels=np.arange(s.shape[1])))
+
+
+def macro_f1(y_true: object, y_pred: object) -> float:
+    return float(skm.f1_score(_arr(y_true), _arr(y_pred), average="macro", zero_division=0))
+
+
+def auroc(y_true: object, y_score: object) -> float:
+    """Area under the ROC curve for binary labels and scores (probabilities of the positive class)."""
+    return float(skm.roc_auc_score(_arr(y_true), _arr(y_score)))
+
+
+def auprc(y_true: object, y_score: object) -> float:
+    """Area under the precision-recall curve (average precision)."""
+    return float(skm.average_precision_score(_arr(y_true), _arr(y_score)))
+
+
+def brier(y_true: object, y_prob: object) -> float:
+    """Mean squared difference between the predicted probability and the 0/1 outcome."""
+    return float(skm.brier_score_loss(_arr(y_true), _arr(y_prob)))
+
+
+def bootstrap_ci(metric_fn: Callable[..., float], *arrays: object, n_boot: int = 1000, alpha: float = 0.05,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """(point estimate, lower, upper) of a percentile bootstrap (1 - alpha) interval over rows.
+
+    Rows are resampled jointly across `arrays`. Resamples where the metric is undefined (e.g. one class only for
+    AUROC) are drawn again, up to `n_boot` extra draws.
+    """
+    arrs = [_arr(a) for a in arrays]
+    n = len(arrs[0])
+    if n == 0 or any(len(a) != n for a in arrs):
+        raise ValueError(f"bootstrap_ci needs non-empty arrays of equal length, got {[len(a) for a in arrs]}")
+    point = float(metric_fn(*arrs))
+    rng = np.random.default_rng(seed)
+    stats: list[float] = []
+    attempts = 0
+    while len(stats) < n_boot and attempts < 2 * n_boot:
+        attempts += 1
+        idx = rng.integers(0, n, size=n)
+        try:
+            value = float(metric_fn(*(a[idx] for a in arrs)))
+        except ValueError:
+            continue
+        if np.isfinite(value):
+            stats.append(value)
+    if not stats:
+        raise ValueError("bootstrap_ci: the metric was undefined on every resample")
+    low, high = np.quantile(np.asarray(stats), [alpha / 2, 1 - alpha / 2])
+    return point, float(low), float(high)

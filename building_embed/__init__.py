@@ -1,0 +1,1 @@
+"""building_embed: building re-identification embeddings. Placeholder until its issue lands."""

@@ -1,0 +1,200 @@
+"""Catalogue CSV reading, price validation, structural features, and the stratified split.
+
+The challenge format: ``sample_id, catalog_content, image_link[, price]``. ``catalog_content`` holds the title,
+bullet points and lines such as ``Value: 12.0`` / ``Unit: Fl Oz``; the pack size appears as ``(Pack of 6)`` or
+``IPQ: 6`` in the text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from common.cli import UserError
+
+log = logging.getLogger(__name__)
+
+ID_COL, TEXT_COL, IMAGE_COL, PRICE_COL = "sample_id", "catalog_content", "image_link", "price"
+UNKNOWN_UNIT = "<unk>"
+STRUCT_NAMES = ("log1p_value", "unit_index", "log1p_pack_qty")
+
+_VALUE_RE = re.compile(r"^\s*Value:\s*([-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+)", re.IGNORECASE | re.MULTILINE)
+_UNIT_RE = re.compile(r"^\s*Unit:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+_PACK_RES = (
+    re.compile(r"\bpack\s+of\s+(\d+)", re.IGNORECASE),
+    re.compile(r"\bIPQ:?\s*(\d+)", re.IGNORECASE),
+    re.compile(r"\b(\d+)\s*[- ]?(?:pack|count|ct|pk)\b", re.IGNORECASE),
+)
+# Caps that keep one absurd parse ("Value: 1e12") from dominating the feature scale.
+MAX_VALUE = 1e6
+MAX_PACK = 1000
+
+
+@dataclass
+class Catalog:
+    """A validated catalogue: ids, texts, image links, and prices in dollars (None for test data)."""
+
+    sample_ids: np.ndarray  # [N] str
+    texts: list[str]
+    image_links: list[str]
+    prices: np.ndarray | None  # [N] float64, > 0 and finite
+    path: Path
+    n_bad_prices: int = 0
+
+
+def _normalise_ids(values: pd.Series) -> np.ndarray:
+    return values.astype(str).str.strip().to_numpy(dtype=str)
+
+
+def read_catalog(path: str | Path, require_price: bool, bad_price: str = "skip") -> Catalog:
+    """Read a challenge-format CSV.
+
+    Prices that are empty, non-numeric, zero, negative, NaN or infinite are skipped with a logged count
+    (``bad_price="skip"``) or raise `UserError` naming the first such row (``"error"``). Duplicate or empty
+    sample ids always raise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: catalogue CSV not found; expected columns {ID_COL},{TEXT_COL},{IMAGE_COL}"
+                        f"{',' + PRICE_COL if require_price else ''} (create one with python -m price_fusion.sample_data)")
+    try:
+        frame = pd.read_csv(path, dtype={ID_COL: str}, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable CSV ({exc}); fix the file") from exc
+    needed = [ID_COL, TEXT_COL] + ([PRICE_COL] if require_price else [])
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}; "
+                        f"expected {ID_COL},{TEXT_COL},{IMAGE_COL}{',' + PRICE_COL if require_price else ''}")
+    ids = _normalise_ids(frame[ID_COL])
+    empty = np.flatnonzero(ids == "")
+    if len(empty):
+        raise UserError(f"{path}: row {int(empty[0]) + 2} has an empty {ID_COL}; every row needs a unique id")
+    dup = pd.Series(ids).duplicated()
+    if dup.any():
+        first = int(np.flatnonzero(dup.to_numpy())[0])
+        raise UserError(f"{path}: row {first + 2}: {ID_COL} {ids[first]!r} appears more than once; ids must be unique")
+    texts = frame[TEXT_COL].astype(str).tolist()
+    links = frame[IMAGE_COL].astype(str).tolist() if IMAGE_COL in frame.columns else [""] * len(frame)
+    prices = None
+    n_bad = 0
+    if require_price:
+        raw = frame[PRICE_COL].astype(str).str.strip()
+        prices = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(prices) | (prices <= 0)
+        n_bad = int(bad.sum())
+        if n_bad:
+            first = int(np.flatnonzero(bad)[0])
+            where = f"{path}: row {first + 2} ({ID_COL} {ids[first]}) has price {raw.iloc[first]!r}"
+            if bad_price == "error":
+                raise UserError(f"{where}; expected a positive finite number; fix the row or set data.bad_price=skip")
+            log.warning("%s: skipped %d row(s) with empty/non-numeric/zero/negative/NaN price (first: %s)",
+                        path, n_bad, where)
+            keep = ~bad
+            ids, prices = ids[keep], prices[keep]
+            texts = [t for t, k in zip(texts, keep) if k]
+            links = [t for t, k in zip(links, keep) if k]
+        if len(ids) == 0:
+            raise UserError(f"{path}: no row has a valid price; expected positive numbers in column {PRICE_COL}")
+    return Catalog(ids, texts, links, prices, path, n_bad)
+
+
+# ----------------------------------------------------------------------------------------------- structural features
+def _normalise_unit(unit: str) -> str:
+    return re.sub(r"[^a-z0-9 ]+", "", unit.lower()).strip() or UNKNOWN_UNIT
+
+
+def parse_structure(text: str) -> tuple[float, str, int]:
+    """Return (value, unit, item pack quantity) parsed from ``catalog_content``; (0.0, "<unk>", 1) when absent."""
+    value = 0.0
+    if match := _VALUE_RE.search(text):
+        try:
+            value = float(match.group(1).replace(",", ""))
+        except ValueError:
+            value = 0.0
+    if not math.isfinite(value) or value < 0:
+        value = 0.0
+    unit = _normalise_unit(match.group(1)) if (match := _UNIT_RE.search(text)) else UNKNOWN_UNIT
+    pack = 1
+    for pattern in _PACK_RES:
+        if match := pattern.search(text):
+            pack = max(1, min(int(match.group(1)), MAX_PACK))
+            break
+    return min(value, MAX_VALUE), unit, pack
+
+
+def fit_unit_vocab(texts: list[str], min_count: int = 2) -> list[str]:
+    """Units seen at least `min_count` times in the training texts, most frequent first; index 0 is unknown."""
+    counts = Counter(parse_structure(t)[1] for t in texts)
+    counts.pop(UNKNOWN_UNIT, None)
+    kept = sorted((u for u, c in counts.items() if c >= min_count), key=lambda u: (-counts[u], u))
+    return [UNKNOWN_UNIT, *kept]
+
+
+def save_unit_vocab(vocab: list[str], path: Path) -> None:
+    from common.logs import write_json
+
+    write_json(path, {"units": vocab})
+
+
+def load_unit_vocab(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{path}: unit vocabulary not found; run `python -m price_fusion.embed` with the train split "
+                        "first (the vocabulary is fitted on train only)")
+    return list(json.loads(path.read_text())["units"])
+
+
+def structural_features(texts: list[str], vocab: list[str]) -> np.ndarray:
+    """[N, 3] float32: log1p(value), unit index / len(vocab) (0 = unknown unit), log1p(pack quantity).
+
+    The unit becomes one scalar to keep the original's 1024 + 3 layout; the text embedding carries the unit word too.
+    """
+    index = {u: i for i, u in enumerate(vocab)}
+    out = np.zeros((len(texts), len(STRUCT_NAMES)), dtype=np.float32)
+    for row, text in enumerate(texts):
+        value, unit, pack = parse_structure(text)
+        out[row] = (math.log1p(value), index.get(unit, 0) / len(vocab), math.log1p(pack))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ splits
+def price_bins(prices: np.ndarray, n_bins: int) -> np.ndarray:
+    """[N] int: quantile bin of log price, merged so every bin has at least 2 members (StratifiedKFold needs it)."""
+    n_bins = max(1, min(n_bins, len(prices) // 2))
+    edges = np.quantile(np.log(prices), np.linspace(0, 1, n_bins + 1)[1:-1])
+    bins = np.searchsorted(np.unique(edges), np.log(prices), side="right")
+    counts = np.bincount(bins)
+    while (counts[counts > 0] < 2).any() and len(np.unique(bins)) > 1:
+        small = int(np.flatnonzero((counts > 0) & (counts < 2))[0])
+        others = np.flatnonzero(counts > 0)
+        target = others[others != small][np.argmin(np.abs(others[others != small] - small))]
+        bins[bins == small] = target
+        counts = np.bincount(bins)
+    return bins
+
+
+def stratified_split(prices: np.ndarray, val_fraction: float, n_bins: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_index, val_index), stratified by price bins, sorted."""
+    index = np.arange(len(prices))
+    train_idx, val_idx = train_test_split(index, test_size=val_fraction, random_state=seed,
+                                          stratify=price_bins(prices, n_bins))
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def stratified_folds(prices: np.ndarray, k: int, n_bins: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K (train_index, val_index) pairs whose val parts partition the rows, stratified by price bins."""
+    bins = price_bins(prices, n_bins)
+    min_bin = int(np.bincount(bins)[np.bincount(bins) > 0].min())
+    if min_bin < k:
+        bins = price_bins(prices, max(1, len(prices) // (2 * k)))
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(np.sort(a), np.sort(b)) for a, b in folds.split(np.zeros(len(prices)), bins)]

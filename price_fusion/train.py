@@ -1,0 +1,167 @@
+"""Train a fusion model on log price: stratified 80/20 split, or K folds with out-of-fold predictions.
+
+    python -m price_fusion.train --config configs/price_fusion/base.yaml
+    python -m price_fusion.train --config configs/price_fusion/demo.yaml train.epochs=5     # CPU-sized
+    python -m price_fusion.train --config configs/price_fusion/base.yaml train.kfold=5 model.name=advanced_moe
+
+Writes runs/price_fusion/<run_name>/: config.yaml, split.json, [fold_k/]checkpoints/{latest,best,epoch_N},
+[fold_k/]metrics.jsonl, [fold_k/]training_history.json, predictions/val_predictions.csv (or oof_predictions.csv).
+A killed run continues where it stopped with resume=auto (the default) and ends with identical weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import metrics
+from common.checkpoint import CheckpointManager, load_checkpoint, load_weights
+from common.cli import config_main
+from common.config import save_resolved_config, to_dict
+from common.logs import MetricsWriter, setup_logging, write_json
+from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.training import EarlyStopping, param_groups
+
+from .batching import FusionTensors, epoch_batches, load_split, predict_log_price
+from .config import PriceFusionConfig
+from .data import stratified_folds, stratified_split
+from .losses import build_loss
+from .model import build_model, init_output_bias
+from .predictions import log_to_price, write_predictions
+
+log = logging.getLogger(__name__)
+DONE_FILE = "done.json"
+
+
+def regression_metrics(pred_log: np.ndarray, price: np.ndarray) -> dict[str, float]:
+    """SMAPE (percent), MAE / RMSE (dollars) and R2 of dollar predictions."""
+    pred = log_to_price(pred_log)
+    return {"smape": metrics.smape(pred, price), "mae": metrics.mae(price, pred), "rmse": metrics.rmse(price, pred),
+            "r2": metrics.r2(price, pred)}
+
+
+def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, val_data: FusionTensors) -> np.ndarray:
+    """Train on `train_data` with early stopping on `val_data` SMAPE; returns [N_val] log-price predictions of
+    the best checkpoint. Resumes from `fold_dir/checkpoints/latest` when `train.resume` says so."""
+    tc = cfg.train
+    seed_everything(tc.seed)
+    model = build_model(cfg.model, train_data.image.shape[1], train_data.text.shape[1], train_data.struct.shape[1])
+    model.branches.set_struct_stats(train_data.struct)
+    init_output_bias(model, float(train_data.log_price.mean()))
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr), lr=tc.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=tc.plateau_factor,
+                                                           patience=tc.plateau_patience)
+    stopper = EarlyStopping(tc.patience, mode="min")
+    manager = CheckpointManager(fold_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.checkpoint_every)
+    loss_fn = build_loss(tc)
+    val_price = val_data.log_price.double().exp().numpy()
+    history: list[dict] = []
+    start_epoch = 1
+
+    resume_from = manager.resolve_resume(tc.resume)
+    if resume_from is not None:
+        state, _ = load_checkpoint(resume_from, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stopper.load_state_dict(state["early_stopping"])
+        set_rng_state(state["rng"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resumed from %s at epoch %d (best val SMAPE %.3f)", resume_from, start_epoch, stopper.best)
+    writer = MetricsWriter(fold_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+
+    epochs_this_run = 0
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if stopper.should_stop or (tc.max_epochs_this_run and epochs_this_run >= tc.max_epochs_this_run):
+            break
+        model.train()
+        loss_sum, n_seen = 0.0, 0
+        for rows in epoch_batches(len(train_data), tc.batch_size, tc.seed, epoch):
+            pred_log = model(*train_data.inputs(rows))
+            loss = loss_fn(pred_log, train_data.log_price[rows]) + tc.load_balance_weight * model.aux_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            loss_sum += loss.item() * len(rows)  # .item() syncs, harmless on CPU
+            n_seen += len(rows)
+
+        val_metrics = regression_metrics(predict_log_price(model, val_data), val_price)
+        scheduler.step(val_metrics["smape"])
+        improved = stopper.step(val_metrics["smape"])
+        record = {"epoch": epoch, "train_loss": loss_sum / n_seen, **{f"val_{k}": v for k, v in val_metrics.items()},
+                  "lr": optimizer.param_groups[0]["lr"], "best_val_smape": stopper.best}
+        history.append(record)
+        writer.write(record)
+        log.info("epoch %d  loss %.4f  val SMAPE %.2f%%  MAE %.2f  RMSE %.2f  R2 %.3f  lr %.2e%s", epoch,
+                 record["train_loss"], val_metrics["smape"], val_metrics["mae"], val_metrics["rmse"],
+                 val_metrics["r2"], record["lr"], "  *best*" if improved else "")
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "early_stopping": stopper.state_dict(), "rng": get_rng_state(), "history": history, "epoch": epoch}
+        manager.save(model, state, epoch, is_best=improved, meta=_model_meta(cfg, train_data))
+        write_json(fold_dir / "training_history.json", history)
+        epochs_this_run += 1
+    writer.close()
+
+    finished = stopper.should_stop or (history and history[-1]["epoch"] >= tc.epochs)
+    if not finished:
+        return np.full(len(val_data), np.nan)  # stopped early on purpose (max_epochs_this_run): resume later
+    load_weights(manager.best, model)
+    best_val = predict_log_price(model, val_data)
+    write_json(fold_dir / DONE_FILE, {"best_val_smape": stopper.best, "epochs": history[-1]["epoch"],
+                                      "stopped_early": stopper.should_stop})
+    log.info("finished %s: best val SMAPE %.3f after %d epochs", fold_dir, stopper.best, history[-1]["epoch"])
+    return best_val
+
+
+def _model_meta(cfg: PriceFusionConfig, data: FusionTensors) -> dict:
+    """What `predict` needs to rebuild the network without the training config."""
+    return {"model": to_dict(cfg.model), "image_dim": int(data.image.shape[1]), "text_dim": int(data.text.shape[1]),
+            "struct_dim": int(data.struct.shape[1]), "use_image": cfg.model.use_image}
+
+
+def train(cfg: PriceFusionConfig) -> int:
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    setup_logging(run_dir)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    save_resolved_config(cfg, run_dir)
+    catalog, data = load_split(cfg.data.embeddings_dir, "train", cfg.data.train_csv, labelled=True,
+                               bad_price=cfg.data.bad_price, use_image=cfg.model.use_image)
+    log.info("%d training products (%d skipped for bad prices), %d with images", len(data), catalog.n_bad_prices,
+             int(data.image_mask.sum()))
+
+    if cfg.train.kfold:
+        folds = stratified_folds(catalog.prices, cfg.train.kfold, cfg.data.n_price_bins, cfg.data.split_seed)
+    else:
+        folds = [stratified_split(catalog.prices, cfg.data.val_fraction, cfg.data.n_price_bins, cfg.data.split_seed)]
+    write_json(run_dir / "split.json", {"kfold": cfg.train.kfold,
+                                        "val_ids": [catalog.sample_ids[val].tolist() for _, val in folds]})
+
+    out_of_fold = np.full(len(data), np.nan)
+    for k, (train_rows, val_rows) in enumerate(folds):
+        fold_dir = run_dir / f"fold_{k}" if cfg.train.kfold else run_dir
+        out_of_fold[val_rows] = fit_one(cfg, fold_dir, data.subset(train_rows), data.subset(val_rows))
+        if np.isnan(out_of_fold[val_rows]).any():
+            log.info("stopped after train.max_epochs_this_run=%d epochs; run again to resume",
+                     cfg.train.max_epochs_this_run)
+            return 0
+
+    val_rows = np.sort(np.concatenate([v for _, v in folds]))
+    name = "oof_predictions.csv" if cfg.train.kfold else "val_predictions.csv"
+    write_predictions(run_dir / "predictions" / name, catalog.sample_ids[val_rows],
+                      log_to_price(out_of_fold[val_rows]), actual=catalog.prices[val_rows])
+    summary = regression_metrics(out_of_fold[val_rows], catalog.prices[val_rows])
+    write_json(run_dir / "reports" / "train_summary.json", {"n_train_rows": len(data), "folds": len(folds), **summary})
+    log.info("%s: SMAPE %.3f%%  MAE %.3f  RMSE %.3f  R2 %.4f", name, summary["smape"], summary["mae"],
+             summary["rmse"], summary["r2"])
+    return 0
+
+
+main = config_main(PriceFusionConfig, train, __doc__)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

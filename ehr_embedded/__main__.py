@@ -1,0 +1,18 @@
+"""`python -m ehr_embedded` lists the stages."""
+
+from common.cli import list_stages
+
+STAGES = {
+    "sample_data": "write a small MEDS dataset with a learnable, leakage-trapped label (OUT_DIR)",
+    "convert_mimic": "MIMIC-IV demo (shared MEDS-like parquet + raw dictionaries) -> canonical MEDS + real tasks",
+    "create_vocab_embeddings": "vocabulary from train, one description per code, embedded once (MiniLM by default)",
+    "create_embeddings": "sequences cut at prediction_time -> compact per-split store (+ optional .pt export)",
+    "export_pt": "write the original per-patient .pt files from a compact store",
+    "pretrain": "causal decoder on next-event prediction",
+    "finetune": "encoder or decoder classifier; threshold on tuning; held_out score",
+    "evaluate": "AUROC/AUPRC/F1/accuracy/Brier with bootstrap CIs, calibration plot, MEDS predictions",
+    "baseline": "count features + logistic regression on the same sequences and splits",
+}
+
+if __name__ == "__main__":
+    raise SystemExit(list_stages("ehr_embedded", STAGES))

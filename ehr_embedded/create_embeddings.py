@@ -1,0 +1,198 @@
+"""Stage 1b: per-split patient sequences cut at each label's prediction_time, stored compactly.
+
+    python -m ehr_embedded.create_embeddings --config configs/ehr_embedded/create_embeddings.yaml
+    python -m ehr_embedded.create_embeddings --config configs/ehr_embedded/create_embeddings.yaml \
+        sequences.max_length=256 sequences.export_pt=true
+
+One sequence per label row: the subject's static events (null time) and then its most recent events strictly
+before `prediction_time`, at most `sequences.max_length` in all. Nothing at or after prediction_time enters.
+Codes outside the training vocabulary get code-table rows embedded from their descriptions, so a code first seen
+at inference still means something. Counted skips (report.json): labels of subjects missing from the splits file,
+labels whose subject has no event before prediction_time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.cli import UserError, config_main
+from common.io import write_json
+from common.logs import setup_logging
+from ehr_embedded import meds_io
+from ehr_embedded.config import Stage1Config
+from ehr_embedded.create_vocab_embeddings import build_resolver, resolve_paths
+from ehr_embedded.descriptions import TextEncoder
+from ehr_embedded.storage import (
+    CODE_TABLE_DIR,
+    FORMAT_VERSION,
+    UNK_ID,
+    US_PER_HOUR,
+    CodeTable,
+    SequenceStore,
+    atomic_dir,
+    export_pt,
+    write_split,
+)
+
+log = logging.getLogger(__name__)
+STATIC_TIME = np.iinfo(np.int64).min
+
+
+def cut_indices(times_us: np.ndarray, prediction_us: int, max_length: int) -> np.ndarray:
+    """Indices of the events kept for one label.
+
+    Args:
+        times_us: `[N]` int64 event times of one subject, sorted, static events (null time) as int64 min first.
+        prediction_us: the label's prediction_time in microseconds.
+        max_length: most events kept.
+    Returns:
+        `[K]` int64 indices, K <= max_length: static events first, then the most recent events with
+        time < prediction_us (strictly: an event at prediction_time is not known yet).
+    """
+    n_static = int(np.searchsorted(times_us, STATIC_TIME, side="right"))
+    n_before = int(np.searchsorted(times_us, prediction_us, side="left"))
+    static_kept = min(n_static, max_length)
+    timed_start = max(n_static, n_before - (max_length - static_kept))
+    return np.concatenate([np.arange(static_kept), np.arange(timed_start, n_before)]).astype(np.int64)
+
+
+def time_gaps_hours(times_us: np.ndarray) -> np.ndarray:
+    """`[K]` hours since the previous kept event; 0 for the first event and around static events."""
+    gaps = np.zeros(len(times_us), np.float64)
+    timed = times_us != STATIC_TIME
+    both = timed[1:] & timed[:-1]
+    gaps[1:][both] = (times_us[1:][both] - times_us[:-1][both]) / US_PER_HOUR
+    return gaps.astype(np.float32)
+
+
+class _SplitBuffer:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.token_ids: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.gaps: list[np.ndarray] = []
+
+
+def create_embeddings(cfg: Stage1Config) -> dict:
+    """Build the store under `data.embedding_output_dir`; returns the report (also written to report.json)."""
+    started = time.time()
+    vocab_table = CodeTable.load(Path(cfg.data.vocab_embedding_path))
+    code_to_id = vocab_table.code_to_id()
+    splits_path, _ = resolve_paths(cfg)
+    splits = meds_io.read_splits(splits_path)
+    split_of = dict(zip(splits["subject_id"], splits["split"]))
+    labels = meds_io.read_labels(cfg.data.labels_filepath, cfg.sequences.label_column)
+    known = labels["subject_id"].isin(split_of)
+    counts: Counter = Counter(labels_total=len(labels), labels_unknown_subject=int((~known).sum()))
+    if counts["labels_unknown_subject"]:
+        unknown = sorted(set(labels.loc[~known, "subject_id"]))[:5]
+        log.warning("%d labels name subjects absent from %s (e.g. %s): skipped", counts["labels_unknown_subject"],
+                    splits_path, unknown)
+    labels = labels[known]
+    labels_by_subject = {sid: grp for sid, grp in labels.groupby("subject_id", sort=False)}
+    max_length = cfg.sequences.max_length
+    extension: dict[str, int] = {}
+    buffers = {s: _SplitBuffer() for s in meds_io.SPLITS}
+    seen_subjects: set[int] = set()
+
+    for path in meds_io.data_files(Path(cfg.data.data_dir)):
+        events = meds_io.read_events(path).to_pandas()
+        # NaT (a static event) becomes int64 min, so static events sort first and count as known at any time.
+        events["time_us"] = events["time"].to_numpy("datetime64[us]").astype(np.int64)
+        events = events[events["subject_id"].isin(labels_by_subject)]
+        events = events.sort_values(["subject_id", "time_us"], kind="stable")
+        for subject_id, ev in events.groupby("subject_id", sort=False):
+            if subject_id in seen_subjects:
+                raise UserError(f"{path}: subject {subject_id} also appears in an earlier shard; MEDS shards must "
+                                f"partition subjects (write each subject's events into one shard)")
+            seen_subjects.add(subject_id)
+            times = ev["time_us"].to_numpy(np.int64)
+            codes = ev["code"].to_numpy(object)
+            values = ev["numeric_value"].to_numpy(np.float32)
+            buf = buffers[split_of[subject_id]]
+            for label in labels_by_subject[subject_id].itertuples(index=False):
+                pred_us = int(np.datetime64(label.prediction_time, "us").astype(np.int64))
+                idx = cut_indices(times, pred_us, max_length)
+                if not (times[idx] != STATIC_TIME).any():  # static events alone are not a history
+                    counts["skipped_no_events_before_prediction"] += 1
+                    continue
+                ids = np.empty(len(idx), np.int32)
+                for j, code in enumerate(codes[idx]):
+                    tok = code_to_id.get(code)
+                    if tok is None:
+                        if cfg.sequences.embed_unseen_codes:
+                            tok = extension.setdefault(code, len(vocab_table.vocab) + len(extension))
+                        else:
+                            tok = UNK_ID
+                            counts["events_mapped_to_unk"] += 1
+                    ids[j] = tok
+                kept_times = times[idx]
+                last_timed = kept_times[kept_times != STATIC_TIME]
+                hours_to_pred = (pred_us - last_timed[-1]) / US_PER_HOUR if len(last_timed) else 0.0
+                n_before = int(np.searchsorted(times, pred_us, side="left"))
+                buf.rows.append({"subject_id": int(subject_id), "prediction_time": label.prediction_time,
+                                 "label": int(label.label), "n_events_before_cut": n_before,
+                                 "hours_last_event_to_prediction": float(hours_to_pred)})
+                buf.token_ids.append(ids)
+                buf.values.append(values[idx])
+                buf.gaps.append(time_gaps_hours(kept_times))
+                counts["sequences_written"] += 1
+                counts["sequences_truncated"] += int(n_before > len(idx))
+
+    no_events = labels[~labels["subject_id"].isin(seen_subjects)]
+    counts["skipped_no_events_before_prediction"] += len(no_events)
+    table = vocab_table
+    if extension:
+        resolver, _ = build_resolver(cfg)
+        ext_codes = list(extension)
+        descriptions, sources, coverage = resolver.resolve_all(ext_codes)
+        encoder = TextEncoder(vocab_table.meta.get("model_path") or cfg.model.name, cfg.device,
+                              cfg.model.batch_size, bool(vocab_table.meta.get("normalize", cfg.model.normalize)))
+        if encoder.dim != vocab_table.dim:
+            raise UserError(f"{cfg.data.vocab_embedding_path}: the code table is {vocab_table.dim}-d but "
+                            f"{encoder.path} gives {encoder.dim}-d; rebuild the vocabulary with the same model")
+        table = vocab_table.extend(ext_codes, descriptions, sources, encoder.encode(descriptions))
+        counts["codes_embedded_from_description_only"] = len(ext_codes)
+        log.info("%d codes outside the training vocabulary embedded from descriptions %s", len(ext_codes), coverage)
+    if counts["sequences_written"] == 0:
+        raise UserError(f"{cfg.data.labels_filepath}: no label has events before its prediction_time; check that "
+                        f"labels and events use the same subject ids and time zone")
+
+    out_dir = Path(cfg.data.embedding_output_dir)
+    report = {"counts": dict(counts), "max_length": max_length, "format_version": FORMAT_VERSION,
+              "data_dir": str(cfg.data.data_dir), "labels": str(cfg.data.labels_filepath),
+              "vocab_embedding_path": str(cfg.data.vocab_embedding_path)}
+    with atomic_dir(out_dir) as tmp:
+        table.save(tmp / CODE_TABLE_DIR)
+        for split, buf in buffers.items():
+            seqs = pd.DataFrame(buf.rows, columns=["subject_id", "prediction_time", "label", "n_events_before_cut",
+                                                   "hours_last_event_to_prediction"])
+            seqs["prediction_time"] = seqs["prediction_time"].astype("datetime64[us]")
+            write_split(tmp / split, seqs, buf.token_ids, buf.values, buf.gaps)
+            report[split] = {"sequences": len(buf.rows), "events": int(sum(len(t) for t in buf.token_ids)),
+                             "positives": int(sum(r["label"] > 0 for r in buf.rows))}
+        report["seconds"] = round(time.time() - started, 2)
+        write_json(tmp / "report.json", report)
+    if cfg.sequences.export_pt:
+        for split in meds_io.SPLITS:
+            export_pt(SequenceStore(out_dir / split), table, out_dir / "pt" / split)
+    log.info("sequences -> %s: %s; skips %s", out_dir, {s: report[s] for s in meds_io.SPLITS}, dict(counts))
+    return report
+
+
+def run(cfg: Stage1Config) -> int:
+    setup_logging()
+    create_embeddings(cfg)
+    return 0
+
+
+main = config_main(Stage1Config, run, __doc__)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Pieces pretrain, finetune and evaluate share: datasets, model construction, checkpoint checks, inference."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from common.checkpoint import WEIGHTS_FILE, find_checkpoint
+from common.cli import UserError
+from ehr_embedded.config import TrainConfig
+from ehr_embedded.data import EventSequenceDataset, make_loader
+from ehr_embedded.models import build_model
+from ehr_embedded.storage import CodeTable, load_dataset_table, open_split
+
+log = logging.getLogger(__name__)
+PROJECTION_KEY = "event_embedding.projection.weight"
+
+
+def pick_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"training.device={name!r} but CUDA is not available; use training.device=cpu")
+    return torch.device(name)
+
+
+def load_splits(cfg: TrainConfig, splits: tuple[str, ...]) -> tuple[CodeTable, dict[str, EventSequenceDataset]]:
+    dataset_dir = Path(cfg.data.embedding_output_dir)
+    table = load_dataset_table(dataset_dir)
+    datasets = {s: EventSequenceDataset(open_split(dataset_dir, s), table, cfg.model.max_length) for s in splits}
+    return table, datasets
+
+
+def model_for(cfg: TrainConfig, table: CodeTable, task: str) -> torch.nn.Module:
+    return build_model(cfg.model, torch.from_numpy(np.asarray(table.embeddings, np.float32)), table.lm_vocab_size,
+                       task)
+
+
+def checkpoint_embedding_dim(ckpt: Path) -> int | None:
+    """The embedding width a checkpoint's projection was trained on (None when it has no projection)."""
+    with safe_open(str(Path(ckpt) / WEIGHTS_FILE), framework="pt") as fh:
+        if PROJECTION_KEY not in fh.keys():
+            return None
+        return int(fh.get_slice(PROJECTION_KEY).get_shape()[1])
+
+
+def check_table_matches(ckpt: Path, table: CodeTable, table_dir: Path) -> None:
+    """Raise UserError when the code table's width differs from what the checkpoint was trained on."""
+    dim = checkpoint_embedding_dim(ckpt)
+    if dim is not None and dim != table.dim:
+        raise UserError(f"{table_dir}: the code table is {table.dim}-d ({table.meta.get('model_name')}) but checkpoint "
+                        f"{ckpt} was trained on {dim}-d embeddings; rebuild the table with the checkpoint's text "
+                        f"model or train a new model on this table")
+
+
+def pretrained_checkpoint_dir(path: Path) -> Path:
+    """A checkpoint dir, or a pretrain run dir (its best checkpoint), as a complete checkpoint directory."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return find_checkpoint(path)
+    best = path / "checkpoints" / "best"
+    return find_checkpoint(best if best.exists() else path)
+
+
+def load_pretrained(model: torch.nn.Module, path: Path, table: CodeTable, table_dir: Path) -> None:
+    """Initialise from a pretrain run: every weight but the classification head must fit."""
+    from safetensors.torch import load_file
+
+    ckpt = pretrained_checkpoint_dir(path)
+    check_table_matches(ckpt, table, table_dir)
+    weights = load_file(str(Path(ckpt) / WEIGHTS_FILE))
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise UserError(f"{ckpt}: pretrained weights do not fit this model ({str(exc).splitlines()[0]}); use the "
+                        f"pretrain config's model section (model_dim, n_layers, n_heads, max_length)") from exc
+    bad = [k for k in missing if not k.startswith("classifier.")] + list(unexpected)
+    if bad:
+        raise UserError(f"{ckpt}: pretrained checkpoint does not match model.type={type(model).__name__} "
+                        f"(unmatched keys {bad[:4]}); pretraining initialises transformer_decoder_embedded only")
+    log.info("initialised from pretrained %s (new: %s)", ckpt, missing)
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, dataset: EventSequenceDataset, batch_size: int,
+                  device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
+    """(`[N, C]` class probabilities in dataset order, `[N]` labels, mean cross-entropy)."""
+    model.eval()
+    loader = make_loader(dataset, batch_size, shuffle=False)
+    probs = np.zeros((len(dataset), 0), np.float32)
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(batch, task="classification") if hasattr(model, "lm_head") else model(batch)
+        total += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        count += len(logits)
+        p = torch.softmax(logits.float(), -1).cpu().numpy()
+        if probs.shape[1] == 0:
+            probs = np.zeros((len(dataset), p.shape[1]), np.float32)
+        probs[batch["index"].cpu().numpy()] = p
+    return probs, dataset.store.labels.copy(), total / max(count, 1)

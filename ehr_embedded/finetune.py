@@ -1,0 +1,166 @@
+"""Finetune TransformerEncoderEmbedded or TransformerDecoderEmbedded for classification.
+
+    python -m ehr_embedded.finetune --config configs/ehr_embedded/finetune_encoder_embedded.yaml
+    python -m ehr_embedded.finetune --config configs/ehr_embedded/finetune_decoder_embedded.yaml \
+        training.pretrained_checkpoint=runs/ehr_embedded/pretrain_decoder
+    # CPU-sized: model.model_dim=32 model.n_layers=1 training.epochs=3
+
+Class-weighted loss (common.losses.focal_loss; gamma 0 = weighted cross-entropy), model selection, early stopping
+and ReduceLROnPlateau on the tuning split's `selection_metric`; then the F1-best decision threshold on tuning and a
+final score on held_out (through evaluate). `training.resume=auto` continues from checkpoints/latest bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import metrics
+from common.checkpoint import CheckpointManager, load_checkpoint, load_weights
+from common.cli import UserError, config_main
+from common.config import save_resolved_config
+from common.io import write_json
+from common.logs import MetricsWriter, setup_logging
+from common.losses import focal_loss
+from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.training import EarlyStopping, param_groups
+from ehr_embedded.config import TrainConfig
+from ehr_embedded.data import make_loader
+from ehr_embedded.engine import load_pretrained, load_splits, model_for, pick_device, predict_probs
+from ehr_embedded.evaluate import choose_threshold, evaluate
+from ehr_embedded.storage import CODE_TABLE_DIR
+
+log = logging.getLogger(__name__)
+HIGHER_IS_BETTER = {"auroc": True, "auprc": True, "f1": True, "loss": False}
+
+
+def class_weights(setting, labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
+    """Loss weights per class: explicit list, `auto` = n / (num_classes * count_c), or None."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+        if (counts == 0).any():
+            raise UserError(f"training.class_weights=auto: class {int(np.argmin(counts))} never occurs in train")
+        return torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
+    if len(setting) != num_classes:
+        raise UserError(f"training.class_weights has {len(setting)} entries; model.num_classes={num_classes}")
+    return torch.tensor(setting, dtype=torch.float32)
+
+
+def tuning_scores(model, dataset, cfg: TrainConfig, device) -> dict[str, float]:
+    probs, y, loss = predict_probs(model, dataset, cfg.training.eval_batch_size, device)
+    out = {"loss": loss, "accuracy": metrics.accuracy(y, probs.argmax(1))}
+    if probs.shape[1] == 2 and len(np.unique(y)) == 2:
+        out.update(auroc=metrics.auroc(y, probs[:, 1]), auprc=metrics.auprc(y, probs[:, 1]))
+    out["f1"] = metrics.macro_f1(y, probs.argmax(1))
+    return out
+
+
+def finetune(cfg: TrainConfig) -> dict:
+    tc = cfg.training
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    seed_everything(tc.seed)
+    run_dir = Path(tc.output_dir)
+    setup_logging(run_dir)
+    save_resolved_config(cfg, run_dir)
+    device = pick_device(tc.device)
+    table, data = load_splits(cfg, ("train", "tuning"))
+    train_labels = data["train"].store.labels
+    if len(data["train"]) == 0 or len(data["tuning"]) == 0:
+        raise UserError(f"{cfg.data.embedding_output_dir}: the train and tuning splits both need sequences")
+    if train_labels.max() >= cfg.model.num_classes:
+        raise UserError(f"labels go up to {train_labels.max()} but model.num_classes={cfg.model.num_classes}")
+    metric = tc.selection_metric
+    if metric in ("auroc", "auprc") and len(np.unique(data["tuning"].store.labels)) < 2:
+        raise UserError(f"training.selection_metric={metric} but the tuning split has one class only; "
+                        f"use training.selection_metric=loss or a larger tuning split")
+
+    model = model_for(cfg, table, "classification").to(device)
+    weights = class_weights(tc.class_weights, train_labels, cfg.model.num_classes)
+    weights = weights.to(device) if weights is not None else None
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.learning_rate), lr=tc.learning_rate)
+    mode = "max" if HIGHER_IS_BETTER[metric] else "min"
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=tc.scheduler_factor,
+                                                           patience=tc.scheduler_patience, min_lr=tc.min_learning_rate)
+    early = EarlyStopping(tc.early_stopping_patience, mode=mode)
+    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.save_every)
+
+    start_epoch = 1
+    resume_from = ckpts.resolve_resume(tc.resume)
+    if resume_from is not None:
+        state, _ = load_checkpoint(resume_from, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        early.load_state_dict(state["early_stopping"])
+        set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    elif tc.pretrained_checkpoint is not None:
+        load_pretrained(model, tc.pretrained_checkpoint, table, Path(cfg.data.embedding_output_dir) / CODE_TABLE_DIR)
+
+    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+    loader = make_loader(data["train"], tc.batch_size, shuffle=True, seed=tc.seed, bucket=tc.bucket_by_length,
+                         pad_to=cfg.model.max_length if tc.pad_to_max_length else None, num_workers=tc.num_workers)
+    log.info("finetune %s (%d params) on %d train / %d tuning sequences", cfg.model.type,
+             sum(p.numel() for p in model.parameters()), len(data["train"]), len(data["tuning"]))
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if early.should_stop:
+            break
+        started = time.time()
+        loader.batch_sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, n_seen = 0.0, 0
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(batch)
+            loss = focal_loss(logits, batch["labels"], gamma=tc.focal_gamma, alpha=weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            loss_sum += loss.item() * len(logits)  # .item() syncs with the device; once per step is cheap here
+            n_seen += len(logits)
+
+        tuning = tuning_scores(model, data["tuning"], cfg, device)
+        scheduler.step(tuning[metric])
+        improved = early.step(tuning[metric])
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "early_stopping": early.state_dict(), "epoch": epoch, "rng": get_rng_state()}
+        ckpts.save(model, state, epoch, is_best=improved, meta={"tuning": tuning, "model_type": cfg.model.type})
+        record = {"epoch": epoch, "train_loss": loss_sum / max(n_seen, 1),
+                  **{f"tuning_{k}": v for k, v in tuning.items()}, "lr": optimizer.param_groups[0]["lr"],
+                  "best": improved, "seconds": round(time.time() - started, 2)}
+        writer.write(record)
+        log.info("epoch %d train_loss %.4f tuning %s%s", epoch, record["train_loss"],
+                 {k: round(v, 4) for k, v in tuning.items()}, " *" if improved else "")
+    writer.close()
+
+    # threshold on tuning from the best checkpoint, then the held-out score
+    load_weights(ckpts.best, model)
+    probs, y, _ = predict_probs(model, data["tuning"], tc.eval_batch_size, device)
+    threshold = choose_threshold(y, probs[:, 1]) if probs.shape[1] == 2 else 0.5
+    write_json(run_dir / "reports" / "threshold.json", {"threshold": threshold, "chosen_on": "tuning",
+                                                         "criterion": "max F1"})
+    report = evaluate(cfg, "held_out") if cfg.model.num_classes == 2 else {}
+    return report
+
+
+def run(cfg: TrainConfig) -> int:
+    if cfg.training.task != "classification":
+        raise UserError("finetune needs training.task=classification; next-event pretraining is "
+                        "`python -m ehr_embedded.pretrain`")
+    finetune(cfg)
+    return 0
+
+
+main = config_main(TrainConfig, run, __doc__)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

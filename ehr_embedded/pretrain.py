@@ -1,0 +1,151 @@
+"""Pretrain the causal decoder on next-event prediction over the training vocabulary.
+
+    python -m ehr_embedded.pretrain --config configs/ehr_embedded/pretrain_decoder_embedded.yaml
+    # CPU-sized: model.model_dim=32 model.n_layers=1 training.epochs=2
+
+Position t predicts the code of event t+1. Targets outside the next-event vocabulary (description-only rows) and
+padding are ignored. AdamW with cosine-with-warmup down to `min_learning_rate`; the best checkpoint by tuning
+loss is what finetune's `training.pretrained_checkpoint` picks up. `training.resume=auto` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.checkpoint import CheckpointManager, load_checkpoint
+from common.cli import UserError, config_main
+from common.config import save_resolved_config
+from common.logs import MetricsWriter, setup_logging
+from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.training import EarlyStopping, cosine_with_warmup, param_groups
+from ehr_embedded.config import TrainConfig
+from ehr_embedded.data import make_loader
+from ehr_embedded.engine import load_splits, model_for, pick_device
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+TOP_K = 10
+
+
+def next_event_targets(token_ids: torch.Tensor, padding_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`[B, T]` target at position t = token at t+1; IGNORE for the last event, padding and description-only rows."""
+    targets = torch.full_like(token_ids, IGNORE)
+    targets[:, :-1] = token_ids[:, 1:]
+    next_is_pad = torch.ones_like(padding_mask)
+    next_is_pad[:, :-1] = padding_mask[:, 1:]
+    targets[next_is_pad | (targets >= vocab_size)] = IGNORE
+    return targets
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], vocab_size: int) -> tuple[torch.Tensor, int, int]:
+    """(mean cross-entropy over real targets, number of targets, top-10 hits)."""
+    logits = model(batch, task="autoregressive")
+    targets = next_event_targets(batch["token_ids"], batch["padding_mask"], vocab_size)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+    valid = targets != IGNORE
+    hits = (logits.topk(min(TOP_K, vocab_size), -1).indices == targets.unsqueeze(-1)).any(-1) & valid
+    return loss, int(valid.sum()), int(hits.sum())
+
+
+@torch.no_grad()
+def tuning_loss(model, dataset, cfg: TrainConfig, device, vocab_size: int) -> dict[str, float]:
+    model.eval()
+    total, n, hits = 0.0, 0, 0
+    for batch in make_loader(dataset, cfg.training.eval_batch_size, shuffle=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, count, top = lm_loss(model, batch, vocab_size)
+        if count:
+            total += loss.item() * count
+            n += count
+            hits += top
+    mean = total / max(n, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), f"top{TOP_K}_accuracy": hits / max(n, 1)}
+
+
+def pretrain(cfg: TrainConfig) -> dict[str, float]:
+    tc = cfg.training
+    if cfg.model.type != "transformer_decoder_embedded":
+        raise UserError(f"pretrain trains model.type=transformer_decoder_embedded, got {cfg.model.type!r}")
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    seed_everything(tc.seed)
+    run_dir = Path(tc.output_dir)
+    setup_logging(run_dir)
+    save_resolved_config(cfg, run_dir)
+    device = pick_device(tc.device)
+    table, data = load_splits(cfg, ("train", "tuning"))
+    vocab_size = table.lm_vocab_size
+    model = model_for(cfg, table, "autoregressive").to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.learning_rate), lr=tc.learning_rate)
+    loader = make_loader(data["train"], tc.batch_size, shuffle=True, seed=tc.seed, bucket=tc.bucket_by_length,
+                         num_workers=tc.num_workers)
+    total_steps = max(1, len(loader) * tc.epochs)
+    scheduler = cosine_with_warmup(optimizer, tc.warmup_steps, total_steps, tc.min_learning_rate / tc.learning_rate)
+    early = EarlyStopping(tc.early_stopping_patience, mode="min")
+    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.save_every)
+
+    start_epoch = 1
+    resume_from = ckpts.resolve_resume(tc.resume)
+    if resume_from is not None:
+        state, _ = load_checkpoint(resume_from, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        early.load_state_dict(state["early_stopping"])
+        set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+    log.info("pretrain decoder (%d params, vocabulary %d) on %d sequences", sum(p.numel() for p in model.parameters()),
+             vocab_size, len(data["train"]))
+    tuning: dict[str, float] = {}
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if early.should_stop:
+            break
+        started = time.time()
+        loader.batch_sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, n_targets = 0.0, 0
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, count, _ = lm_loss(model, batch, vocab_size)
+            if count == 0:  # a batch of one-event sequences has nothing to predict
+                scheduler.step()
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * count
+            n_targets += count
+        tuning = tuning_loss(model, data["tuning"], cfg, device, vocab_size)
+        improved = early.step(tuning["loss"])
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "early_stopping": early.state_dict(), "epoch": epoch, "rng": get_rng_state()}
+        ckpts.save(model, state, epoch, is_best=improved, meta={"tuning": tuning, "model_type": cfg.model.type})
+        record = {"epoch": epoch, "train_loss": loss_sum / max(n_targets, 1),
+                  **{f"tuning_{k}": v for k, v in tuning.items()}, "lr": optimizer.param_groups[0]["lr"],
+                  "best": improved, "seconds": round(time.time() - started, 2)}
+        writer.write(record)
+        log.info("epoch %d train_loss %.4f tuning %s%s", epoch, record["train_loss"],
+                 {k: round(v, 4) for k, v in tuning.items()}, " *" if improved else "")
+    writer.close()
+    return tuning
+
+
+def run(cfg: TrainConfig) -> int:
+    pretrain(cfg)
+    return 0
+
+
+main = config_main(TrainConfig, run, __doc__)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Typed configuration of every cnc_gcode stage. A config file states only what differs from these defaults.
+
+One dataclass tree serves all stages, so one YAML file describes a whole experiment (data, encoder, decoder,
+training, evaluation) and each stage reads the sections it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    """Run directory: <out_dir>/<name>/ (encoder/ and decoder/ subfolders, reports/, predictions/)."""
+    out_dir: str = "runs/cnc_gcode"
+    seed: int = 0
+    num_threads: int = 0
+    """torch CPU threads (0 leaves torch's default; use 1 for long runs on a shared machine)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "data/cnc_gcode/sample/train.npz"
+    val_path: str = "data/cnc_gcode/sample/val.npz"
+    test_path: str = "data/cnc_gcode/sample/test.npz"
+    vocab_path: str = ""
+    """Vocabulary JSON from build_vocab; empty = the default (original) vocabulary."""
+    nan_policy: str = "skip"
+    """skip: drop windows holding NaN/inf and count them; error: refuse the file."""
+    max_train_windows: int = 0
+    """Cap on training windows (0 = all), taken as a seeded random subset."""
+
+    def __post_init__(self) -> None:
+        if self.nan_policy not in ("skip", "error"):
+            raise ValueError(f"data.nan_policy must be 'skip' or 'error', got {self.nan_policy!r}")
+
+
+@dataclass
+class EncoderConfig:
+    hidden_dim: int = 128
+    categorical_dims: list[int] = field(default_factory=lambda: [3, 3, 3, 3])
+    categorical_embed_dim: int = 4
+    lstm_layers: int = 2
+    dropout: float = 0.1
+    n_operations: int = 9
+
+
+@dataclass
+class EncoderTrainConfig:
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    patience: int = 5
+    denoise: bool = True
+    """Train as a denoising autoencoder too (the DTAE): reconstruct clean channels from corrupted input."""
+    noise_std: float = 0.1
+    mask_prob: float = 0.1
+    recon_weight: float = 0.5
+    grad_clip: float = 1.0
+    resume: str = "auto"
+
+
+@dataclass
+class DecoderConfig:
+    d_model: int = 192
+    n_heads: int = 8
+    n_layers: int = 4
+    ff_dim: int = 768
+    dropout: float = 0.1
+    max_seq_len: int = 32
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 1e-2
+    warmup_epochs: int = 5
+    patience: int = 10
+    focal_gamma: float = 3.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    encoder_checkpoint: str = ""
+    """Frozen encoder checkpoint; empty = <run_dir>/encoder/checkpoints/best."""
+    resume: str = "auto"
+    save_every: int = 0
+    """Also keep checkpoints/epoch_N every N epochs (0 = only latest and best)."""
+    stop_after_epochs: int = 0
+    """Stop (as if killed) after this many epochs in this process; for resume tests (0 = off)."""
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    checkpoint: str = ""
+    """Decoder checkpoint; empty = <run_dir>/decoder/checkpoints/best."""
+    batch_size: int = 128
+    max_windows: int = 0
+    """Evaluate on at most this many windows (0 = all)."""
+
+
+@dataclass
+class PredictConfig:
+    input: str = ""
+    """Sensor NPZ (continuous, categorical) to turn into G-code."""
+    output: str = ""
+    """G-code text file; empty = <run_dir>/predictions/<input stem>.nc"""
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = ""
+    """empty = <run_dir>/onnx"""
+    opset: int = 17
+    parity_windows: int = 8
+
+
+@dataclass
+class AblationConfig:
+    gammas: list[str] = field(default_factory=lambda: ["ce", "ce+ls", "1", "2", "3"])
+    """Focal-gamma table rows: ce (cross-entropy), ce+ls (+label smoothing), or a gamma (focal + smoothing)."""
+    epochs: int = 0
+    """Epochs per ablation run (0 = train.epochs)."""
+    groups: list[str] = field(default_factory=list)
+    """Channel groups to remove one at a time (empty = all groups listed in the data's channels.json)."""
+
+
+@dataclass
+class UmichConfig:
+    data_dir: str = ""
+    """Folder of experiment_XX.csv; empty = $REAL_DATA_DIR/cnc_umich_toolwear (default ../shared/data)."""
+    out_dir: str = "data/cnc_gcode/umich"
+    window: int = 64
+    stride: int = 8
+    val_experiments: list[int] = field(default_factory=lambda: [3, 8, 14])
+    test_experiments: list[int] = field(default_factory=lambda: [2, 9, 13, 17])
+
+
+@dataclass
+class BuildVocabConfig:
+    corpus: list[str] = field(default_factory=list)
+    """G-code files or folders (searched for .nc .ngc .tap .gcode .cnc)."""
+    out: str = "data/cnc_gcode/vocab.json"
+    min_count: int = 1
+    max_tokens: int = 7
+    report: str = ""
+    """Per-line report JSON; empty = next to `out` as <stem>_report.json."""
+
+
+@dataclass
+class CncConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    encoder_train: EncoderTrainConfig = field(default_factory=EncoderTrainConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    umich: UmichConfig = field(default_factory=UmichConfig)
+    build_vocab: BuildVocabConfig = field(default_factory=BuildVocabConfig)

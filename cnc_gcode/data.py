@@ -1,0 +1,164 @@
+"""Load and validate sensor-window NPZ files (the original layout) at the boundary.
+
+    windows = load_windows("data/cnc_gcode/sample/train.npz", vocab, nan_policy="skip")
+    windows.continuous [N,T,C] float32, categorical [N,T,K] int64, tokens [N,L] int64, operation_type [N] int64
+
+Bad files raise UserError naming the file, the key, what was expected and the fix: missing keys, wrong
+rank or dtype, mismatched N, categorical values outside `categorical_dims`, token ids outside the vocabulary,
+token rows longer than the vocabulary's `max_tokens`. Windows holding NaN/inf are skipped and counted
+(`nan_policy: skip`) or refused (`nan_policy: error`).
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.cli import UserError
+from cnc_gcode.tokenizer import Vocabulary
+
+log = logging.getLogger(__name__)
+REQUIRED_SENSOR_KEYS = ("continuous", "categorical")
+LABEL_KEYS = ("tokens", "operation_type")
+
+
+@dataclass
+class Windows:
+    continuous: np.ndarray
+    categorical: np.ndarray
+    tokens: np.ndarray | None
+    operation_type: np.ndarray | None
+    channel_names: list[str]
+    extra: dict[str, np.ndarray]
+    skipped_nan: int = 0
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.continuous)
+
+    def subset(self, index: np.ndarray) -> Windows:
+        pick = (lambda a: None if a is None else a[index])
+        return Windows(self.continuous[index], self.categorical[index], pick(self.tokens),
+                       pick(self.operation_type), self.channel_names, {k: v[index] for k, v in self.extra.items()},
+                       self.skipped_nan, self.source)
+
+
+def _check(condition: bool, path: Path, key: str, message: str) -> None:
+    if not condition:
+        raise UserError(f"{path}: key '{key}' {message}")
+
+
+def load_windows(path: str | Path, vocab: Vocabulary | None = None, categorical_dims: list[int] | None = None,
+                 n_operations: int | None = None, nan_policy: str = "skip", labels: bool = True,
+                 continuous_dim: int | None = None) -> Windows:
+    """Read and validate one NPZ. `labels=False` accepts sensor-only files (for predict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; create sensor windows with `python -m cnc_gcode.sample_data OUT` "
+                        f"or `python -m cnc_gcode.ingest_umich`")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise UserError(f"{path}: not a readable .npz file ({exc}); rewrite it with numpy.savez") from exc
+    needed = REQUIRED_SENSOR_KEYS + (LABEL_KEYS if labels else ())
+    for key in needed:
+        _check(key in data, path, key, f"is missing (found {sorted(data)}); the layout is continuous [N,T,C], "
+                                       f"categorical [N,T,K], tokens [N,L], operation_type [N]")
+    cont, cat = data["continuous"], data["categorical"]
+    _check(cont.ndim == 3, path, "continuous", f"must be [N,T,C], got shape {cont.shape}")
+    _check(np.issubdtype(cont.dtype, np.floating), path, "continuous", f"must be float32, got {cont.dtype}")
+    _check(cat.ndim == 3 and cat.shape[:2] == cont.shape[:2], path, "categorical",
+           f"must be [N,T,K] with N,T = {cont.shape[:2]}, got shape {cat.shape}")
+    _check(np.issubdtype(cat.dtype, np.integer), path, "categorical", f"must be int64, got {cat.dtype}")
+    _check(len(cont) > 0, path, "continuous", "holds no windows")
+    if continuous_dim is not None:
+        _check(cont.shape[2] == continuous_dim, path, "continuous",
+               f"has C={cont.shape[2]} channels but the model was trained with C={continuous_dim}; use data with the "
+               f"same channel list (channel_names) or retrain")
+    if categorical_dims is not None:
+        _check(cat.shape[2] == len(categorical_dims), path, "categorical",
+               f"has K={cat.shape[2]} channels, config encoder.categorical_dims has {len(categorical_dims)}")
+        for i, dim in enumerate(categorical_dims):
+            bad = (cat[..., i] < 0) | (cat[..., i] >= dim)
+            _check(not bad.any(), path, "categorical",
+                   f"channel {i} holds value {int(cat[..., i][bad][0]) if bad.any() else 0} outside 0..{dim - 1} "
+                   f"(window {int(np.argwhere(bad)[0][0]) if bad.any() else 0}); fix the data or "
+                   f"encoder.categorical_dims")
+    tokens = operation = None
+    if labels:
+        tokens, operation = data["tokens"], data["operation_type"]
+        _check(tokens.ndim == 2 and len(tokens) == len(cont), path, "tokens", f"must be [N={len(cont)},L], got {tokens.shape}")
+        _check(np.issubdtype(tokens.dtype, np.integer), path, "tokens", f"must be int64, got {tokens.dtype}")
+        _check(operation.shape == (len(cont),), path, "operation_type", f"must be [N={len(cont)}], got {operation.shape}")
+        _check(np.issubdtype(operation.dtype, np.integer), path, "operation_type", f"must be int64, got {operation.dtype}")
+        if vocab is not None:
+            _check(tokens.shape[1] == vocab.max_tokens, path, "tokens",
+                   f"rows have {tokens.shape[1]} tokens, the vocabulary has max_tokens={vocab.max_tokens}")
+            try:
+                vocab.fields(tokens)
+            except UserError as exc:
+                raise UserError(f"{path}: key 'tokens': {exc}") from exc
+        if n_operations is not None:
+            bad = (operation < 0) | (operation >= n_operations)
+            _check(not bad.any(), path, "operation_type",
+                   f"holds {int(operation[bad][0]) if bad.any() else 0} outside 0..{n_operations - 1} "
+                   f"(encoder.n_operations)")
+    names = [str(x) for x in data["channel_names"]] if "channel_names" in data else \
+        [f"channel_{i}" for i in range(cont.shape[2])]
+    extra = {k: v for k, v in data.items() if k not in needed + ("channel_names",) and v.shape[:1] == (len(cont),)}
+    windows = Windows(cont.astype(np.float32, copy=False), cat.astype(np.int64, copy=False),
+                      None if tokens is None else tokens.astype(np.int64),
+                      None if operation is None else operation.astype(np.int64), names, extra, 0, str(path))
+    finite = np.isfinite(windows.continuous).all(axis=(1, 2))
+    if not finite.all():
+        n_bad = int((~finite).sum())
+        if nan_policy == "error":
+            raise UserError(f"{path}: key 'continuous' holds NaN/inf in {n_bad} windows (first: window "
+                            f"{int(np.flatnonzero(~finite)[0])}); clean the data or set data.nan_policy=skip")
+        log.warning("%s: skipped %d of %d windows holding NaN/inf sensor values", path, n_bad, len(finite))
+        windows = windows.subset(np.flatnonzero(finite))
+        windows.skipped_nan = n_bad
+        if len(windows) == 0:
+            raise UserError(f"{path}: every window holds NaN/inf sensor values; nothing left to use")
+    return windows
+
+
+def channel_stats(continuous: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over windows and time: [C], [C] (float64 sums, returned as float32)."""
+    flat = continuous.reshape(-1, continuous.shape[-1]).astype(np.float64)
+    return torch.from_numpy(flat.mean(0).astype(np.float32)), torch.from_numpy(flat.std(0).astype(np.float32))
+
+
+class WindowDataset(Dataset):
+    """(continuous [T,C], categorical [T,K], tokens [L], operation_type []) tensors per window."""
+
+    def __init__(self, windows: Windows) -> None:
+        self.continuous = torch.from_numpy(windows.continuous)
+        self.categorical = torch.from_numpy(windows.categorical)
+        self.tokens = torch.from_numpy(windows.tokens)
+        self.operation = torch.from_numpy(windows.operation_type)
+
+    def __len__(self) -> int:
+        return len(self.continuous)
+
+    def __getitem__(self, i: int):
+        return self.continuous[i], self.categorical[i], self.tokens[i], self.operation[i]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled sample order of one epoch, derived from (seed, epoch) alone so a resumed run repeats it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batches(n: int, batch_size: int, order: np.ndarray | None = None):
+    """Index arrays of consecutive batches over `order` (default 0..n-1)."""
+    order = np.arange(n) if order is None else order
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]

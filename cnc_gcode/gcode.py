@@ -1,0 +1,228 @@
+"""G-code parser: program text -> one `ParsedLine` per source line, with modal state carried forward.
+
+Handles what CAM post-processors and hand-written mill programs use: comments in `( )` and after `;`,
+`%` delimiters, N-numbers, leading-zero codes (`G00`, `M03`), several codes on one line, modal motion
+(`G0/G1/G2/G3`, cancelled by `G80`) carried to following lines that only hold axis words, plane (`G17-19`),
+units (`G20/21`), distance mode (`G90/91`), machine coordinates (`G53`), and any letter+number word
+(X Y Z, I J K, R, F, S, T, H, P, ...).
+
+LinuxCNC's programming-language layer is out of scope: O-word subroutines and loops, `#` parameters and
+`[ ]` expressions. Such a line is never a crash: it comes back with `error` set to a short reason, and
+`ParseReport` counts the reasons.
+
+    lines = parse_program(Path("part.nc").read_text())
+    for line in lines:
+        print(line.lineno, line.motion, line.codes, line.params, line.error)
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+MOTION_CODES = ("G0", "G1", "G2", "G3")
+PLANE_CODES = ("G17", "G18", "G19")
+UNIT_CODES = ("G20", "G21")
+DISTANCE_CODES = ("G90", "G91")
+MOTION_CANCEL = "G80"
+AXIS_LETTERS = frozenset("XYZABCUVW")
+# Letters that are program structure, never a parameter of a command.
+STRUCTURE_LETTERS = frozenset("GMNO")
+# Reasons a line is not accepted (the keys of ParseReport.unsupported).
+REASON_OWORD = "o-word subroutine/control flow"
+REASON_PARAMETER = "# parameter"
+REASON_EXPRESSION = "[ ] expression"
+REASON_COMMENT = "unclosed ( comment"
+REASON_MALFORMED = "malformed word"
+REASON_REPEATED = "repeated word"
+REASON_TWO_MOTIONS = "two motion codes on one line"
+REASON_BLOCK_DELETE = "block delete /"
+REASON_NON_ASCII = "non-ASCII characters"
+REASON_POLAR = "polar coordinate @ ^ words"
+REASON_SELECTOR = "$ selector word"
+
+_WORD = re.compile(r"([A-Z])\s*([+-]?\s*(?:\d+\.?\d*|\.\d+))")
+_INLINE_COMMENT = re.compile(r"\([^()]*\)")
+
+
+@dataclass(frozen=True)
+class ParsedLine:
+    """One source line after parsing.
+
+    codes: G/M codes in source order, normalised (`G00` -> `G0`, `M03` -> `M3`, `G91.1` kept).
+    params: the other words, letter -> value as written (units follow `units`; no unit conversion here).
+    motion: the motion mode this line executes with: its own G0-G3 or the modal one carried from earlier
+        lines when the line holds axis words; None when the line does not move.
+    carried: True when `motion` came from an earlier line.
+    plane / units / distance: the modal state in force on this line ("G17", "G21", "G90", ...).
+    error: None, or the reason this line is unsupported (then codes/params are empty).
+    """
+
+    lineno: int
+    text: str
+    codes: tuple[str, ...] = ()
+    params: dict[str, float] = field(default_factory=dict)
+    motion: str | None = None
+    carried: bool = False
+    plane: str = "G17"
+    units: str = "G21"
+    distance: str = "G90"
+    line_number: int | None = None
+    error: str | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        """Comment-only, blank or `%` lines: nothing to execute, nothing to tokenize."""
+        return self.error is None and not self.codes and not self.params
+
+    @property
+    def moves(self) -> bool:
+        return self.motion is not None and any(k in AXIS_LETTERS for k in self.params)
+
+
+@dataclass
+class ParseReport:
+    """Counts over a program or corpus: lines seen, executable, empty, and unsupported by reason."""
+
+    lines: int = 0
+    executable: int = 0
+    empty: int = 0
+    unsupported: Counter = field(default_factory=Counter)
+
+    def add(self, line: ParsedLine) -> None:
+        self.lines += 1
+        if line.error is not None:
+            self.unsupported[line.error] += 1
+        elif line.is_empty:
+            self.empty += 1
+        else:
+            self.executable += 1
+
+    def merge(self, other: ParseReport) -> None:
+        self.lines += other.lines
+        self.executable += other.executable
+        self.empty += other.empty
+        self.unsupported.update(other.unsupported)
+
+    def as_dict(self) -> dict:
+        return {"lines": self.lines, "executable": self.executable, "empty": self.empty,
+                "unsupported_total": sum(self.unsupported.values()),
+                "unsupported_by_reason": dict(self.unsupported.most_common())}
+
+
+def normalise_code(letter: str, number: str) -> str:
+    """`G`, `00` -> `G0`; `M`, `03` -> `M3`; `G`, `91.1` -> `G91.1`; `G`, `1.0` -> `G1`."""
+    value = float(number)
+    if value == int(value):
+        return f"{letter}{int(value)}"
+    return f"{letter}{value:g}"
+
+
+@dataclass
+class ModalState:
+    """What G-code remembers between lines."""
+
+    motion: str | None = None
+    plane: str = "G17"
+    units: str = "G21"
+    distance: str = "G90"
+
+
+def _strip_comments(text: str) -> tuple[str, str | None]:
+    """Remove `;` tails and `( )` comments. Returns (code_text, error_reason)."""
+    body = text.split(";", 1)[0]
+    previous = None
+    while previous != body:
+        previous = body
+        body = _INLINE_COMMENT.sub(" ", body)
+    if "(" in body or ")" in body:
+        return body, REASON_COMMENT
+    return body, None
+
+
+def parse_line(text: str, lineno: int, state: ModalState) -> ParsedLine:
+    """Parse one line and update `state` in place (only when the line is accepted)."""
+    base = {"lineno": lineno, "text": text, "plane": state.plane, "units": state.units, "distance": state.distance}
+    stripped = text.strip()
+    if not stripped or stripped == "%":
+        return ParsedLine(**base)
+    if not stripped.isascii():
+        return ParsedLine(**base, error=REASON_NON_ASCII)
+    body, error = _strip_comments(stripped)
+    if error:
+        return ParsedLine(**base, error=error)
+    body = body.upper().strip()
+    if body.startswith("/"):
+        return ParsedLine(**base, error=REASON_BLOCK_DELETE)
+    if "[" in body or "]" in body:
+        return ParsedLine(**base, error=REASON_EXPRESSION)
+    if "#" in body:
+        return ParsedLine(**base, error=REASON_PARAMETER)
+    if "@" in body or "^" in body:
+        return ParsedLine(**base, error=REASON_POLAR)
+    if "$" in body:
+        return ParsedLine(**base, error=REASON_SELECTOR)
+    body = body.rstrip("%").strip()  # CAM posts end with 'N1650%': the program delimiter after an N-number
+    if re.match(r"^(N\s*\d+\s*)?O", body):
+        return ParsedLine(**base, error=REASON_OWORD)
+    if body == "%" or not body:
+        return ParsedLine(**base)
+
+    codes: list[str] = []
+    params: dict[str, float] = {}
+    line_number = None
+    position = 0
+    for match in _WORD.finditer(body):
+        if body[position:match.start()].strip():
+            return ParsedLine(**base, error=REASON_MALFORMED)
+        position = match.end()
+        letter, number = match.group(1), match.group(2).replace(" ", "")
+        if letter in "GM":
+            codes.append(normalise_code(letter, number))
+        elif letter == "N":
+            line_number = int(float(number))
+        elif letter == "O":
+            return ParsedLine(**base, error=REASON_OWORD)
+        elif letter in params:
+            return ParsedLine(**base, error=REASON_REPEATED)
+        else:
+            params[letter] = float(number)
+    if body[position:].strip():
+        return ParsedLine(**base, error=REASON_MALFORMED)
+
+    explicit_motion = [c for c in codes if c in MOTION_CODES]
+    if len(explicit_motion) > 1:
+        return ParsedLine(**base, error=REASON_TWO_MOTIONS)
+    # Modal groups take effect on this line already (G91 X1 is incremental), so update state first.
+    for code in codes:
+        if code in PLANE_CODES:
+            state.plane = code
+        elif code in UNIT_CODES:
+            state.units = code
+        elif code in DISTANCE_CODES:
+            state.distance = code
+        elif code == MOTION_CANCEL:
+            state.motion = None
+    carried = False
+    if explicit_motion:
+        state.motion = explicit_motion[0]
+        motion: str | None = explicit_motion[0]
+    elif any(k in AXIS_LETTERS for k in params) and state.motion is not None:
+        motion, carried = state.motion, True
+    else:
+        motion = None
+    return ParsedLine(lineno=lineno, text=text, codes=tuple(codes), params=params, motion=motion, carried=carried,
+                      plane=state.plane, units=state.units, distance=state.distance, line_number=line_number)
+
+
+def parse_program(text: str) -> list[ParsedLine]:
+    """Parse a whole program; never raises for bad lines (see ParsedLine.error)."""
+    state = ModalState()
+    return [parse_line(line, i + 1, state) for i, line in enumerate(text.splitlines())]
+
+
+def read_program(path) -> str:
+    """Program text from a file; undecodable bytes become U+FFFD (that line is then reported, not fatal)."""
+    with open(path, "rb") as fh:
+        return fh.read().decode("utf-8", errors="replace")

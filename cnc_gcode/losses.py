@@ -1,0 +1,40 @@
+"""Multi-head token loss: focal loss (common.losses.focal_loss) summed over the decoder's heads.
+
+    L = FL(type) + FL(command) + FL(ptype) + FL(exponent) + FL(digits, over the 4 positions)
+    FL = -sum_c q_c (1 - p_c)^gamma log p_c,  q = one-hot smoothed by `label_smoothing`
+
+Each head averages over the positions where it applies (command only at command tokens, ptype/exponent/digits
+only at parameter tokens, type at every position up to and including EOS); the rest are ignored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from common.losses import focal_loss
+from cnc_gcode.tokenizer import IGNORE, TYPE_PAD, TYPE_SOS, TYPE_UNK, Vocabulary
+
+
+def token_targets(vocab: Vocabulary, tokens: np.ndarray) -> dict[str, Tensor]:
+    """Target ids [N,L] -> per-head targets: type/command/ptype/exponent [N,L], digits [N,L,4] (IGNORE = -100)."""
+    fields = vocab.fields(tokens)
+    kind = fields["type"].copy()
+    kind[np.isin(kind, (TYPE_PAD, TYPE_SOS, TYPE_UNK))] = IGNORE
+    return {"type": torch.from_numpy(kind), "command": torch.from_numpy(fields["command"]),
+            "ptype": torch.from_numpy(fields["ptype"]), "exponent": torch.from_numpy(fields["exponent"]),
+            "digits": torch.from_numpy(fields["digits"])}
+
+
+def multihead_loss(logits: dict[str, Tensor], targets: dict[str, Tensor], gamma: float,
+                   label_smoothing: float) -> tuple[Tensor, dict[str, float]]:
+    """logits from SensorMultiHeadDecoder.forward ([B,L,C] per head, digits [B,L,4,10]); targets from
+    `token_targets` for the same rows. Returns (total loss, per-head values for logging)."""
+    parts = {}
+    for head in ("type", "command", "ptype", "exponent", "digits"):
+        head_logits = logits[head]
+        parts[head] = focal_loss(head_logits.reshape(-1, head_logits.shape[-1]), targets[head].reshape(-1),
+                                 gamma=gamma, label_smoothing=label_smoothing, ignore_index=IGNORE)
+    total = sum(parts.values())
+    return total, {k: v.item() for k, v in parts.items()}

@@ -1,0 +1,259 @@
+"""MMDTAELSTM sensor encoder and SensorMultiHeadDecoder (the original's two-stage architecture).
+
+    encoder = build_encoder(cfg.encoder, continuous_dim=27)
+    memory, op_logits = encoder(continuous [B,T,C], categorical [B,T,K])     # [B,T,128], [B,9]
+    decoder = build_decoder(cfg.decoder, vocab, sensor_dim=128)
+    logits = decoder(memory, input_ids [B,L])                                 # dict of head logits
+
+The decoder uses its own small pre-norm transformer layers instead of nn.TransformerDecoder: the cached step
+(`decoder.step`) keeps the self-attention keys/values of earlier positions in a fixed-size buffer
+[layers, 2, B, heads, max_tokens, head_dim] written with a one-hot blend, and the cross-attention keys/values
+of the memory are computed once per window. Fixed shapes and plain matmuls export to ONNX without dynamic
+sequence axes or graph breaks, which nn.TransformerDecoder's fused path does not give for a cached step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnc_gcode.config import DecoderConfig, EncoderConfig
+from cnc_gcode.tokenizer import (DIGIT_BASE, EOS, N_DIGITS, N_INPUT_TYPES, N_TYPES, PAD, SOS, SPECIAL_TOKENS,
+                                 TYPE_COMMAND, TYPE_EOS, TYPE_PAD, TYPE_PARAM, TYPE_SOS, TYPE_UNK, UNK, Vocabulary)
+
+HEADS = ("type", "command", "ptype", "exponent", "digits")
+
+
+class MMDTAELSTM(nn.Module):
+    """Multi-modal (continuous + categorical) denoising-autoencoder BiLSTM encoder.
+
+    continuous [B,T,C] float (raw units; normalised inside with the training set's per-channel mean/std),
+    categorical [B,T,K] int64 -> memory [B,T,hidden], operation logits [B,n_operations].
+    `reconstruct(memory)` gives the normalised continuous channels [B,T,C] (the DTAE objective).
+    """
+
+    def __init__(self, continuous_dim: int, categorical_dims: list[int], hidden_dim: int = 128,
+                 categorical_embed_dim: int = 4, lstm_layers: int = 2, dropout: float = 0.1,
+                 n_operations: int = 9) -> None:
+        super().__init__()
+        if hidden_dim % 2:
+            raise ValueError(f"encoder.hidden_dim must be even (two LSTM directions), got {hidden_dim}")
+        self.continuous_dim = continuous_dim
+        self.categorical_dims = list(categorical_dims)
+        self.register_buffer("channel_mean", torch.zeros(continuous_dim))
+        self.register_buffer("channel_std", torch.ones(continuous_dim))
+        self.continuous_proj = nn.Sequential(nn.Linear(continuous_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU())
+        self.categorical_embeds = nn.ModuleList(nn.Embedding(d, categorical_embed_dim) for d in categorical_dims)
+        self.categorical_proj = nn.Sequential(nn.Linear(categorical_embed_dim * len(categorical_dims), hidden_dim),
+                                              nn.LayerNorm(hidden_dim), nn.ReLU())
+        self.lstm = nn.LSTM(hidden_dim, hidden_dim // 2, num_layers=lstm_layers, batch_first=True,
+                            bidirectional=True, dropout=dropout if lstm_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.operation_head = nn.Linear(hidden_dim, n_operations)
+        self.reconstruction_head = nn.Linear(hidden_dim, continuous_dim)
+
+    def set_normalization(self, mean: Tensor, std: Tensor) -> None:
+        self.channel_mean.copy_(mean)
+        self.channel_std.copy_(torch.clamp(std, min=1e-6))
+
+    def normalize(self, continuous: Tensor) -> Tensor:
+        return (continuous - self.channel_mean) / self.channel_std
+
+    def encode_normalized(self, normalized: Tensor, categorical: Tensor) -> tuple[Tensor, Tensor]:
+        cont = self.continuous_proj(normalized)
+        cat = torch.cat([emb(categorical[..., i]) for i, emb in enumerate(self.categorical_embeds)], dim=-1)
+        fused = cont + self.categorical_proj(cat)  # additive fusion, as in the original
+        memory, _ = self.lstm(self.dropout(fused))
+        op_logits = self.operation_head(memory.mean(dim=1))
+        return memory, op_logits
+
+    def forward(self, continuous: Tensor, categorical: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encode_normalized(self.normalize(continuous), categorical)
+
+    def reconstruct(self, memory: Tensor) -> Tensor:
+        return self.reconstruction_head(memory)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with explicit matmuls (exportable, cache-friendly). Shapes in the docstrings below."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"decoder.d_model={d_model} must be divisible by decoder.n_heads={n_heads}")
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def split(self, x: Tensor) -> Tensor:
+        """[B,L,D] -> [B,H,L,hd]"""
+        b, length, _ = x.shape
+        return x.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return self.split(k), self.split(v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """q [B,H,Lq,hd], k/v [B,H,Lk,hd], bias broadcastable to [B,H,Lq,Lk] (0 or -inf) -> [B,Lq,D]"""
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        if bias is not None:
+            scores = scores + bias
+        weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
+        out = (weights @ v).transpose(1, 2)
+        return self.out(out.reshape(out.shape[0], out.shape[1], -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: x + SelfAttn(LN x); x + CrossAttn(LN x, memory); x + FFN(LN x)."""
+
+    def __init__(self, d_model: int, n_heads: int, ff_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.self_attn = Attention(d_model, n_heads, dropout)
+        self.cross_attn = Attention(d_model, n_heads, dropout)
+        self.ff = nn.Sequential(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff_dim, d_model))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, cross_k: Tensor, cross_v: Tensor, causal_bias: Tensor) -> Tensor:
+        h = self.norm1(x)
+        k, v = self.self_attn.keys_values(h)
+        x = x + self.drop(self.self_attn.attend(self.self_attn.split(self.self_attn.q(h)), k, v, causal_bias))
+        h = self.norm2(x)
+        x = x + self.drop(self.cross_attn.attend(self.cross_attn.split(self.cross_attn.q(h)), cross_k, cross_v, None))
+        return x + self.drop(self.ff(self.norm3(x)))
+
+    def step(self, x: Tensor, cache: Tensor, slot: Tensor, cache_bias: Tensor, cross_k: Tensor,
+             cross_v: Tensor) -> tuple[Tensor, Tensor]:
+        """One position. x [B,1,D]; cache [2,B,H,Lmax,hd]; slot [1,1,Lmax,1] one-hot of this position;
+        cache_bias [1,1,1,Lmax] (-inf after this position). Returns (x, updated cache)."""
+        h = self.norm1(x)
+        k, v = self.self_attn.keys_values(h)  # [B,H,1,hd]
+        keys = cache[0] * (1 - slot) + k * slot
+        values = cache[1] * (1 - slot) + v * slot
+        x = x + self.self_attn.attend(self.self_attn.split(self.self_attn.q(h)), keys, values, cache_bias)
+        h = self.norm2(x)
+        x = x + self.cross_attn.attend(self.cross_attn.split(self.cross_attn.q(h)), cross_k, cross_v, None)
+        return x + self.ff(self.norm3(x)), torch.stack([keys, values])
+
+
+class SensorMultiHeadDecoder(nn.Module):
+    """Transformer decoder over encoder memory with separate heads for each field of a token.
+
+    Token ids are split into fields inside the model (so ONNX takes plain ids) and embedded as the sum of
+    type, command, parameter-type, exponent and per-position digit embeddings plus a learned position.
+    Heads: type [.,4], command [.,C], ptype [.,2L], exponent [.,E], digits [.,4,10].
+    """
+
+    def __init__(self, vocab: Vocabulary, sensor_dim: int = 128, d_model: int = 192, n_heads: int = 8,
+                 n_layers: int = 4, ff_dim: int = 768, dropout: float = 0.1, max_seq_len: int = 32) -> None:
+        super().__init__()
+        if vocab.max_tokens + 1 > max_seq_len:
+            raise ValueError(f"decoder.max_seq_len={max_seq_len} is shorter than max_tokens+1={vocab.max_tokens + 1}")
+        self.n_commands, self.n_ptypes, self.n_exponents = vocab.n_commands, vocab.n_param_types, vocab.n_exponents
+        self.param_base = vocab.param_base
+        self.max_tokens = vocab.max_tokens
+        self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, d_model // n_heads
+        self.memory_proj = nn.Sequential(nn.Linear(sensor_dim, d_model), nn.LayerNorm(d_model))
+        self.type_embed = nn.Embedding(N_INPUT_TYPES, d_model)
+        self.command_embed = nn.Embedding(self.n_commands + 1, d_model)  # last row: "not a command"
+        self.ptype_embed = nn.Embedding(self.n_ptypes + 1, d_model)
+        self.exponent_embed = nn.Embedding(self.n_exponents + 1, d_model)
+        self.digit_embed = nn.Embedding(N_DIGITS * 11, d_model)  # 10 digits + "not a parameter" per position
+        self.position_embed = nn.Embedding(max_seq_len, d_model)
+        self.layers = nn.ModuleList(DecoderLayer(d_model, n_heads, ff_dim, dropout) for _ in range(n_layers))
+        self.final_norm = nn.LayerNorm(d_model)
+        self.type_head = nn.Linear(d_model, N_TYPES)
+        self.command_head = nn.Linear(d_model, self.n_commands)
+        self.ptype_head = nn.Linear(d_model, self.n_ptypes)
+        self.exponent_head = nn.Linear(d_model, self.n_exponents)
+        self.digit_head = nn.Linear(d_model, N_DIGITS * 10)
+
+    def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
+        """ids [B,L] int64, positions [L] -> [B,L,D]"""
+        n_special = len(SPECIAL_TOKENS)
+        is_cmd = (ids >= n_special) & (ids < self.param_base)
+        is_param = ids >= self.param_base
+        kind = torch.full_like(ids, TYPE_PAD)
+        kind = torch.where(ids == EOS, torch.full_like(ids, TYPE_EOS), kind)
+        kind = torch.where(ids == SOS, torch.full_like(ids, TYPE_SOS), kind)
+        kind = torch.where(ids == UNK, torch.full_like(ids, TYPE_UNK), kind)
+        kind = torch.where(is_cmd, torch.full_like(ids, TYPE_COMMAND), kind)
+        kind = torch.where(is_param, torch.full_like(ids, TYPE_PARAM), kind)
+        command = torch.where(is_cmd, ids - n_special, torch.full_like(ids, self.n_commands))
+        rel = torch.where(is_param, ids - self.param_base, torch.zeros_like(ids))
+        digit_value = torch.remainder(rel, DIGIT_BASE)
+        exponent = torch.remainder(torch.div(rel, DIGIT_BASE, rounding_mode="floor"), self.n_exponents)
+        ptype = torch.div(rel, DIGIT_BASE * self.n_exponents, rounding_mode="floor")
+        exponent = torch.where(is_param, exponent, torch.full_like(ids, self.n_exponents))
+        ptype = torch.where(is_param, ptype, torch.full_like(ids, self.n_ptypes))
+        x = (self.type_embed(kind) + self.command_embed(command) + self.ptype_embed(ptype)
+             + self.exponent_embed(exponent) + self.position_embed(positions)[None])
+        for i in range(N_DIGITS):
+            digit = torch.remainder(torch.div(digit_value, 10 ** (N_DIGITS - 1 - i), rounding_mode="floor"), 10)
+            digit = torch.where(is_param, digit, torch.full_like(ids, 10))
+            x = x + self.digit_embed(digit + 11 * i)
+        return x
+
+    def heads(self, x: Tensor) -> dict[str, Tensor]:
+        x = self.final_norm(x)
+        digits = self.digit_head(x)
+        return {"type": self.type_head(x), "command": self.command_head(x), "ptype": self.ptype_head(x),
+                "exponent": self.exponent_head(x), "digits": digits.view(*digits.shape[:-1], N_DIGITS, 10)}
+
+    def cross_kv(self, memory: Tensor) -> Tensor:
+        """memory [B,T,sensor_dim] -> cross-attention keys/values [layers, 2, B, H, T, hd]"""
+        projected = self.memory_proj(memory)
+        return torch.stack([torch.stack(layer.cross_attn.keys_values(projected)) for layer in self.layers])
+
+    def forward(self, memory: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
+        """Teacher-forced pass: memory [B,T,S], input_ids [B,L] (SOS first) -> head logits at each of L positions."""
+        length = input_ids.shape[1]
+        positions = torch.arange(length, device=input_ids.device)
+        x = self.embed(input_ids, positions)
+        causal = torch.triu(torch.full((length, length), float("-inf"), device=x.device), diagonal=1)
+        cross = self.cross_kv(memory)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cross[i, 0], cross[i, 1], causal)
+        return self.heads(x)
+
+    def empty_cache(self, batch: int, device: torch.device | None = None) -> Tensor:
+        """Zero self-attention cache [layers, 2, B, H, max_tokens, hd]."""
+        return torch.zeros(self.n_layers, 2, batch, self.n_heads, self.max_tokens, self.head_dim, device=device)
+
+    def step(self, token: Tensor, position: Tensor, cache: Tensor, cross: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """One cached decoding step. token [B,1] int64 (the previous output, SOS first), position [1] int64 (0-based),
+        cache from `empty_cache` / the previous step, cross from `cross_kv`. Returns (head logits [B,1,...], cache)."""
+        slots = torch.arange(self.max_tokens, device=token.device)
+        slot = (slots == position).to(cache.dtype).view(1, 1, -1, 1)
+        cache_bias = torch.where(slots <= position, 0.0, float("-inf")).to(cache.dtype).view(1, 1, 1, -1)
+        x = self.embed(token, position)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer.step(x, cache[i], slot, cache_bias, cross[i, 0], cross[i, 1])
+            new_cache.append(layer_cache)
+        return self.heads(x), torch.stack(new_cache)
+
+
+def build_encoder(cfg: EncoderConfig, continuous_dim: int) -> MMDTAELSTM:
+    return MMDTAELSTM(continuous_dim, cfg.categorical_dims, cfg.hidden_dim, cfg.categorical_embed_dim,
+                      cfg.lstm_layers, cfg.dropout, cfg.n_operations)
+
+
+def build_decoder(cfg: DecoderConfig, vocab: Vocabulary, sensor_dim: int) -> SensorMultiHeadDecoder:
+    return SensorMultiHeadDecoder(vocab, sensor_dim, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.ff_dim,
+                                  cfg.dropout, cfg.max_seq_len)
+
+
+def decoder_inputs(tokens: Tensor) -> Tensor:
+    """Targets [B,L] -> teacher-forcing inputs [B,L]: SOS followed by the targets shifted right."""
+    sos = torch.full_like(tokens[:, :1], SOS)
+    return torch.cat([sos, tokens[:, :-1]], dim=1)
+
+
+__all__ = ["MMDTAELSTM", "SensorMultiHeadDecoder", "build_encoder", "build_decoder", "decoder_inputs", "HEADS", "PAD"]

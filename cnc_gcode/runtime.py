@@ -1,0 +1,104 @@
+"""Shared plumbing of the cnc_gcode stages: run paths, data loading, loading trained models from checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.checkpoint import find_checkpoint, load_checkpoint
+from common.cli import UserError
+from common.config import to_dict
+from cnc_gcode.config import CncConfig, DecoderConfig, EncoderConfig
+from cnc_gcode.data import Windows, load_windows
+from cnc_gcode.model import MMDTAELSTM, SensorMultiHeadDecoder, build_decoder, build_encoder
+from cnc_gcode.tokenizer import Vocabulary, load_vocabulary
+
+log = logging.getLogger(__name__)
+ENCODER_DIR, DECODER_DIR = "encoder", "decoder"
+KIND_ENCODER, KIND_DECODER = "cnc_gcode.encoder", "cnc_gcode.decoder"
+
+
+def set_threads(cfg: CncConfig) -> None:
+    if cfg.run.num_threads > 0:
+        torch.set_num_threads(cfg.run.num_threads)
+
+
+def split_path(cfg: CncConfig, split: str) -> str:
+    paths = {"train": cfg.data.train_path, "val": cfg.data.val_path, "test": cfg.data.test_path}
+    if split not in paths:
+        raise UserError(f"config key 'eval.split': expected one of {sorted(paths)}, got {split!r}")
+    return paths[split]
+
+
+def load_split(cfg: CncConfig, split: str, vocab: Vocabulary, continuous_dim: int | None = None) -> Windows:
+    return load_windows(split_path(cfg, split), vocab, cfg.encoder.categorical_dims, cfg.encoder.n_operations,
+                        cfg.data.nan_policy, continuous_dim=continuous_dim)
+
+
+def cap_windows(windows: Windows, limit: int, seed: int) -> Windows:
+    """A seeded random subset of at most `limit` windows (0 = all)."""
+    if limit <= 0 or len(windows) <= limit:
+        return windows
+    return windows.subset(np.sort(np.random.default_rng(seed).choice(len(windows), limit, replace=False)))
+
+
+def encoder_meta(cfg: CncConfig, continuous_dim: int, channel_names: list[str]) -> dict:
+    return {"kind": KIND_ENCODER, "encoder": to_dict(cfg.encoder), "continuous_dim": continuous_dim,
+            "channel_names": channel_names}
+
+
+def decoder_meta(cfg: CncConfig, vocab: Vocabulary, encoder_ckpt: Path, enc_meta: dict) -> dict:
+    return {"kind": KIND_DECODER, "decoder": to_dict(cfg.decoder), "vocab": vocab.fingerprint(),
+            "encoder_checkpoint": str(encoder_ckpt), "encoder": enc_meta["encoder"],
+            "continuous_dim": enc_meta["continuous_dim"], "channel_names": enc_meta["channel_names"]}
+
+
+def load_encoder(path: str | Path) -> tuple[MMDTAELSTM, dict, Path]:
+    """Encoder built from its checkpoint's meta and loaded, in eval mode with frozen weights."""
+    ckpt = find_checkpoint(path)
+    _, meta = load_checkpoint(ckpt)
+    if meta.get("kind") != KIND_ENCODER:
+        raise UserError(f"{ckpt}: not an encoder checkpoint (kind={meta.get('kind')!r}); pass the directory "
+                        f"written by `python -m cnc_gcode.train_encoder`")
+    encoder = build_encoder(EncoderConfig(**meta["encoder"]), int(meta["continuous_dim"]))
+    load_checkpoint(ckpt, encoder)
+    encoder.eval().requires_grad_(False)
+    return encoder, meta, ckpt
+
+
+def encoder_path(cfg: CncConfig) -> Path:
+    return Path(cfg.train.encoder_checkpoint) if cfg.train.encoder_checkpoint else \
+        cfg.run.run_dir / ENCODER_DIR / "checkpoints" / "best"
+
+
+def decoder_path(cfg: CncConfig) -> Path:
+    return Path(cfg.eval.checkpoint) if cfg.eval.checkpoint else cfg.run.run_dir / DECODER_DIR / "checkpoints" / "best"
+
+
+class Pipeline(torch.nn.Module):
+    """Frozen encoder + decoder, saved together so a decoder checkpoint is self-contained."""
+
+    def __init__(self, encoder: MMDTAELSTM, decoder: SensorMultiHeadDecoder) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+
+def load_models(cfg: CncConfig, checkpoint: str | Path | None = None
+                ) -> tuple[MMDTAELSTM, SensorMultiHeadDecoder, Vocabulary, dict]:
+    """Encoder + decoder of a trained decoder checkpoint, checked against the configured vocabulary."""
+    ckpt = find_checkpoint(checkpoint or decoder_path(cfg))
+    _, meta = load_checkpoint(ckpt)
+    if meta.get("kind") != KIND_DECODER:
+        raise UserError(f"{ckpt}: not a decoder checkpoint (kind={meta.get('kind')!r}); pass the directory "
+                        f"written by `python -m cnc_gcode.train`")
+    vocab = load_vocabulary(cfg.data.vocab_path)
+    vocab.check_matches(meta["vocab"], str(ckpt))
+    encoder = build_encoder(EncoderConfig(**meta["encoder"]), int(meta["continuous_dim"]))
+    decoder = build_decoder(DecoderConfig(**meta["decoder"]), vocab, encoder.lstm.hidden_size * 2)
+    pipeline = Pipeline(encoder, decoder)
+    load_checkpoint(ckpt, pipeline)
+    pipeline.eval().requires_grad_(False)
+    return encoder, decoder, vocab, meta

@@ -1,0 +1,139 @@
+"""Write a simulated machining dataset in the original NPZ layout, split by program.
+
+    python -m cnc_gcode.sample_data data/cnc_gcode/sample --programs 60 --seed 0
+
+Writes OUT/train.npz, val.npz, test.npz with
+    continuous      [N, 64, C] float32   C = 27 simulated channels (see channels.json / cnc_gcode.simulator)
+    categorical     [N, 64, 4] int64     motion_mode, spindle_state, coolant, motion_phase (3 values each)
+    tokens          [N, 7]     int64     the executing line in the default 4-digit hybrid vocabulary
+    operation_type  [N]        int64     one of 9 operations (simulator.OPERATIONS)
+    program_id, line_index [N] int64     provenance of each window
+    channel_names   [C]        str
+plus OUT/programs/*.nc (the G-code that was executed), OUT/channels.json and OUT/manifest.json.
+Programs, not windows, are split (stratified by the program's first operation), so no program is in two splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import UserError, guarded_main
+from common.io import atomic_write, atomic_write_text, write_json
+from cnc_gcode.simulator import (CATEGORICAL_CHANNELS, CATEGORICAL_DIMS, CHANNEL_GROUPS, CHANNELS, CUTTING_OPS,
+                                 OPERATIONS, MachineConfig, execute, generate_program, record, windows)
+from cnc_gcode.tokenizer import Vocabulary
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
+def split_programs(kinds: list[str], seed: int) -> dict[str, list[int]]:
+    """Program ids per split, stratified by kind: each kind's programs are shuffled and cut 70/15/15
+    (at least one in val and test when a kind has three or more programs)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for kind in sorted(set(kinds)):
+        ids = [i for i, k in enumerate(kinds) if k == kind]
+        rng.shuffle(ids)
+        n = len(ids)
+        n_val = max(1, round(n * SPLIT_FRACTIONS[1])) if n >= 3 else 0
+        n_test = max(1, round(n * SPLIT_FRACTIONS[2])) if n >= 3 else 0
+        out["val"] += ids[:n_val]
+        out["test"] += ids[n_val:n_val + n_test]
+        out["train"] += ids[n_val + n_test:]
+    return {s: sorted(v) for s, v in out.items()}
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez through a temporary sibling, so a kill never leaves a torn file."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    atomic_write(path, write)
+
+
+def simulate_program(program_id: int, kind: str, seed: int, machine: MachineConfig, vocab: Vocabulary,
+                     window: int, stride: int, max_per_line: int, grid_mm: float) -> tuple[list[str], dict]:
+    """Generate, execute and window one program. Returns (G-code lines, arrays for its windows)."""
+    rng = np.random.default_rng([seed, program_id])
+    lines, ops = generate_program(rng, kind, n_ops=int(rng.integers(2, 4)), grid_mm=grid_mm)
+    segments, parsed = execute(lines, machine)
+    sensor_log = record(segments, ops, machine, rng)
+    line_tokens = np.asarray([vocab.encode_line(p) for p in parsed], dtype=np.int64)
+    starts, labels = windows(sensor_log, window, stride, max_per_line, rng)
+    index = starts[:, None] + np.arange(window)[None]
+    return lines, {
+        "continuous": sensor_log["continuous"][index],
+        "categorical": sensor_log["categorical"][index],
+        "tokens": line_tokens[labels],
+        "operation_type": np.asarray(ops, dtype=np.int64)[labels],
+        "program_id": np.full(len(labels), program_id, dtype=np.int64),
+        "line_index": labels.astype(np.int64),
+    }
+
+
+def make_dataset(out_dir: str | Path, n_programs: int = 60, seed: int = 0, window: int = 64, stride: int = 16,
+                 max_per_line: int = 3, grid_mm: float = 0.5) -> dict:
+    """Simulate `n_programs` programs and write the three splits. Returns the manifest."""
+    if n_programs < 3:
+        raise UserError(f"--programs {n_programs}: need at least 3 programs (one per split)")
+    out = Path(out_dir)
+    machine = MachineConfig(seed=seed)
+    vocab = Vocabulary()
+    kinds = [CUTTING_OPS[i % len(CUTTING_OPS)] for i in range(n_programs)]
+    splits = split_programs(kinds, seed)
+    per_program = {}
+    for pid, kind in enumerate(kinds):
+        lines, arrays = simulate_program(pid, kind, seed, machine, vocab, window, stride, max_per_line, grid_mm)
+        atomic_write_text(out / "programs" / f"program_{pid:04d}.nc",
+                          f"(cnc_gcode simulator program {pid}: {kind})\n" + "\n".join(lines) + "\n")
+        per_program[pid] = arrays
+    manifest = {"n_programs": n_programs, "seed": seed, "window": window, "stride": stride, "grid_mm": grid_mm,
+                "dt_s": machine.dt_s, "operations": list(OPERATIONS), "program_kinds": kinds, "splits": {}}
+    for split in SPLITS:
+        parts = [per_program[p] for p in splits[split]]
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        arrays["channel_names"] = np.asarray(CHANNELS)
+        save_npz(out / f"{split}.npz", arrays)
+        manifest["splits"][split] = {"programs": splits[split], "windows": int(len(arrays["tokens"]))}
+    write_json(out / "channels.json", {"continuous": list(CHANNELS), "groups": {k: list(v) for k, v in
+                                                                               CHANNEL_GROUPS.items()},
+                                       "categorical": list(CATEGORICAL_CHANNELS),
+                                       "categorical_dims": list(CATEGORICAL_DIMS)})
+    vocab.save(out / "vocab.json")
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _body(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    manifest = make_dataset(args.out, args.programs, args.seed, args.window, args.stride, args.max_per_line,
+                            args.grid)
+    counts = {s: v["windows"] for s, v in manifest["splits"].items()}
+    print(json.dumps({"out": str(args.out), "windows": counts, "channels": len(CHANNELS)}))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cnc_gcode.sample_data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument("--programs", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--stride", type=int, default=16)
+    parser.add_argument("--max-per-line", type=int, default=3)
+    parser.add_argument("--grid", type=float, default=0.5, help="coordinate grid of generated programs (mm)")
+    return parser
+
+
+main = guarded_main(_body, _parser())
+
+if __name__ == "__main__":
+    raise SystemExit(main())

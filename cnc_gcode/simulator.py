@@ -1,0 +1,399 @@
+"""A small machining simulator: G-code program -> sensor log of a virtual 3-axis mill.
+
+The machine executes each line with a trapezoidal velocity profile (acceleration limit, exact stop at the end
+of every line, as with G61), rapid moves at `rapid_mm_min`, feed moves at the programmed F, counter-clockwise
+arcs (G3 with R, XY plane). Sensors see the true motion with per-group delay (samples) and Gaussian noise;
+cutting load appears when the tool is below the stock top (Z < 0) on a feed move.
+
+Continuous channels (C = 27; names and units in `CHANNELS`, groups in `CHANNEL_GROUPS`):
+
+    position        actual_x/y/z            mm      servo lag 2 samples, encoder noise 2 um
+    controller      command_x/y/z           mm      interpolator output
+                    dtg_x/y/z               mm      distance to go to the line's end point (LinuxCNC `dtg`)
+                    feed_command            mm/min  programmed feed (rapid rate during G0)
+                    spindle_command         rpm
+    velocity        velocity_x/y/z          mm/s
+    acceleration    acceleration_x/y/z      mm/s^2
+    spindle         spindle_speed           rpm     actual, lag 3 samples, 0.5 % noise
+                    spindle_current         A       idle + cutting load
+    motor_current   current_x/y/z           A       inertia * acceleration + friction + cutting force
+    proximity       proximity               mm      tool tip height above the stock top, 0..10 mm range
+    pressure        coolant_pressure        bar     coolant on while cutting ops run, rises with load
+    accelerometer   vibration_x/y/z         g       spindle-frequency vibration scaled by load + noise
+
+Categorical channels (4, three values each): motion_mode (0 rapid/idle, 1 linear feed, 2 arc),
+spindle_state (0 off, 1 cw, 2 ccw), coolant (0 off, 1 mist, 2 flood), motion_phase (0 still, 1 accelerating,
+2 cruising or decelerating).
+
+Programs are generated inside the original's vocabulary (G0 G1 G3 G53 M30; X Y Z R F): nine operation types,
+each with its own tool (spindle speed band) and motion pattern. Coordinates sit on a `grid_mm` grid, as CAM
+output for simple prismatic parts does; F is written on every feed line (the "always output feed" post option).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnc_gcode.gcode import ModalState, ParsedLine, parse_line
+
+OPERATIONS = ("approach", "face_mill", "pocket", "contour", "circular_pocket", "drill", "slot", "engrave",
+              "retract_end")
+N_OPERATIONS = len(OPERATIONS)
+CHANNELS = (
+    "actual_x", "actual_y", "actual_z", "command_x", "command_y", "command_z", "dtg_x", "dtg_y", "dtg_z",
+    "feed_command", "spindle_command", "velocity_x", "velocity_y", "velocity_z", "acceleration_x",
+    "acceleration_y", "acceleration_z", "spindle_speed", "spindle_current", "current_x", "current_y",
+    "current_z", "proximity", "coolant_pressure", "vibration_x", "vibration_y", "vibration_z",
+)
+CHANNEL_GROUPS = {
+    "position": ("actual_x", "actual_y", "actual_z"),
+    "controller": ("command_x", "command_y", "command_z", "dtg_x", "dtg_y", "dtg_z", "feed_command",
+                   "spindle_command"),
+    "velocity": ("velocity_x", "velocity_y", "velocity_z"),
+    "acceleration": ("acceleration_x", "acceleration_y", "acceleration_z"),
+    "spindle": ("spindle_speed", "spindle_current"),
+    "motor_current": ("current_x", "current_y", "current_z"),
+    "proximity": ("proximity",),
+    "pressure": ("coolant_pressure",),
+    "accelerometer": ("vibration_x", "vibration_y", "vibration_z"),
+}
+CATEGORICAL_CHANNELS = ("motion_mode", "spindle_state", "coolant", "motion_phase")
+CATEGORICAL_DIMS = (3, 3, 3, 3)
+# Spindle speed band (rpm) of each operation's tool; approach/retract run with the spindle of the next/last op.
+TOOL_RPM = {"face_mill": 3000, "pocket": 6000, "contour": 8000, "circular_pocket": 10000, "drill": 2000,
+            "slot": 5000, "engrave": 15000}
+STOCK_TOP_MM = 0.0
+PROXIMITY_RANGE_MM = 10.0
+
+
+@dataclass
+class MachineConfig:
+    dt_s: float = 0.02
+    rapid_mm_min: float = 6000.0
+    accel_mm_s2: float = 800.0
+    dwell_s: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class Segment:
+    """One executed line: its samples' commanded positions [S, 3] and context."""
+
+    command_xyz: np.ndarray
+    target: np.ndarray
+    feed_mm_min: float
+    mode: int
+    line_index: int
+
+
+# ------------------------------------------------------------------------------------------------ programs ----
+def _fmt(value: float) -> str:
+    text = f"{value:.3f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+class ProgramWriter:
+    """Builds G-code lines while tracking position, so each line only states the axes that change."""
+
+    def __init__(self, rng: np.random.Generator, grid_mm: float) -> None:
+        self.rng, self.grid = rng, grid_mm
+        self.lines: list[str] = []
+        self.ops: list[int] = []
+        self.pos = np.array([0.0, 0.0, 10.0])
+
+    def snap(self, value: float) -> float:
+        return round(round(value / self.grid) * self.grid, 3)
+
+    def move(self, op: str, code: str, x=None, y=None, z=None, feed=None, radius=None) -> None:
+        target = self.pos.copy()
+        words = [code]
+        for axis, value in enumerate((x, y, z)):
+            if value is not None and abs(value - self.pos[axis]) > 1e-9:
+                words.append(f"{'XYZ'[axis]}{_fmt(value)}")
+                target[axis] = value
+        if len(words) == 1:
+            return
+        if radius is not None:
+            words.append(f"R{_fmt(radius)}")
+        if feed is not None:
+            words.append(f"F{_fmt(feed)}")
+        self.lines.append(" ".join(words))
+        self.ops.append(OPERATIONS.index(op))
+        self.pos = target
+
+    def raw(self, op: str, text: str) -> None:
+        self.lines.append(text)
+        self.ops.append(OPERATIONS.index(op))
+
+
+def _feed(rng, low, high, step=50.0) -> float:
+    return float(rng.integers(int(low / step), int(high / step) + 1) * step)
+
+
+def _op_face(w: ProgramWriter, cx, cy, depth, feed):
+    width, height, step = w.snap(w.rng.uniform(15, 35)), w.snap(w.rng.uniform(10, 25)), w.snap(w.rng.uniform(3, 6))
+    x0, y0 = w.snap(cx - width / 2), w.snap(cy - height / 2)
+    w.move("face_mill", "G1", z=depth, feed=feed)
+    y, direction = y0, 1
+    while y <= y0 + height:
+        w.move("face_mill", "G1", x=x0 + width if direction > 0 else x0, y=y, feed=feed)
+        y, direction = w.snap(y + step), -direction
+
+
+def _op_pocket(w: ProgramWriter, cx, cy, depth, feed):
+    half_w, half_h = w.snap(w.rng.uniform(6, 15)), w.snap(w.rng.uniform(5, 12))
+    step = w.snap(w.rng.uniform(2, 4))
+    w.move("pocket", "G1", z=depth, feed=feed)
+    while half_w > 0 and half_h > 0:
+        for x, y in ((cx + half_w, cy - half_h), (cx + half_w, cy + half_h), (cx - half_w, cy + half_h),
+                     (cx - half_w, cy - half_h)):
+            w.move("pocket", "G1", x=w.snap(x), y=w.snap(y), feed=feed)
+        half_w, half_h = w.snap(half_w - step), w.snap(half_h - step)
+
+
+def _op_contour(w: ProgramWriter, cx, cy, depth, feed):
+    half_w, half_h = w.snap(w.rng.uniform(8, 20)), w.snap(w.rng.uniform(6, 15))
+    r = float(w.rng.choice([2.0, 3.0, 4.0, 5.0]))
+    w.move("contour", "G1", x=cx - half_w + r, y=cy - half_h, feed=feed)
+    w.move("contour", "G1", z=depth, feed=feed)
+    corners = [((cx + half_w - r, cy - half_h), (cx + half_w, cy - half_h + r)),
+               ((cx + half_w, cy + half_h - r), (cx + half_w - r, cy + half_h)),
+               ((cx - half_w + r, cy + half_h), (cx - half_w, cy + half_h - r)),
+               ((cx - half_w, cy - half_h + r), (cx - half_w + r, cy - half_h))]
+    for (lx, ly), (ax, ay) in corners:
+        w.move("contour", "G1", x=lx, y=ly, feed=feed)
+        w.move("contour", "G3", x=ax, y=ay, radius=r, feed=feed)
+
+
+def _op_circular(w: ProgramWriter, cx, cy, depth, feed):
+    radius = float(w.rng.choice([3.0, 5.0, 8.0, 10.0, 12.0]))
+    w.move("circular_pocket", "G1", x=cx + radius, y=cy, feed=feed)
+    w.move("circular_pocket", "G1", z=depth, feed=feed)
+    for _ in range(int(w.rng.integers(1, 3))):
+        w.move("circular_pocket", "G3", x=cx - radius, y=cy, radius=radius, feed=feed)
+        w.move("circular_pocket", "G3", x=cx + radius, y=cy, radius=radius, feed=feed)
+
+
+def _op_drill(w: ProgramWriter, cx, cy, depth, feed):
+    for _ in range(int(w.rng.integers(2, 5))):
+        x, y = w.snap(cx + w.rng.uniform(-15, 15)), w.snap(cy + w.rng.uniform(-15, 15))
+        w.move("drill", "G0", x=x, y=y)
+        w.move("drill", "G0", z=2.0)
+        w.move("drill", "G1", z=depth * 2, feed=feed)
+        w.move("drill", "G0", z=5.0)
+
+
+def _op_slot(w: ProgramWriter, cx, cy, depth, feed):
+    length = w.snap(w.rng.uniform(15, 40))
+    x0, x1 = w.snap(cx - length / 2), w.snap(cx + length / 2)
+    w.move("slot", "G1", x=x0, y=cy, feed=feed)
+    z, forward = 0.0, True
+    while z > depth + 1e-9:
+        z = max(w.snap(z - 1.0), depth)
+        w.move("slot", "G1", z=z, feed=feed / 2)
+        w.move("slot", "G1", x=x1 if forward else x0, feed=feed)
+        forward = not forward
+
+
+def _op_engrave(w: ProgramWriter, cx, cy, depth, feed):
+    w.move("engrave", "G1", z=-0.5, feed=feed)
+    for _ in range(int(w.rng.integers(4, 9))):
+        w.move("engrave", "G1", x=w.snap(cx + w.rng.uniform(-8, 8)), y=w.snap(cy + w.rng.uniform(-8, 8)), feed=feed)
+
+
+OP_WRITERS = {"face_mill": (_op_face, (-1.0, -0.5), (800, 2000)), "pocket": (_op_pocket, (-4.0, -2.0), (500, 1200)),
+              "contour": (_op_contour, (-5.0, -2.0), (400, 1000)),
+              "circular_pocket": (_op_circular, (-3.0, -1.0), (300, 900)),
+              "drill": (_op_drill, (-3.0, -1.5), (100, 300)), "slot": (_op_slot, (-4.0, -2.0), (300, 800)),
+              "engrave": (_op_engrave, (-0.5, -0.5), (200, 600))}
+CUTTING_OPS = tuple(OP_WRITERS)
+
+
+def generate_program(rng: np.random.Generator, kind: str, n_ops: int = 3, grid_mm: float = 0.5) -> tuple[list[str], list[int]]:
+    """A random program whose first cutting operation is `kind`. Returns (lines, operation index per line)."""
+    w = ProgramWriter(rng, grid_mm)
+    w.raw("approach", "G53 G0 Z0")
+    ops = [kind] + [str(o) for o in rng.choice(CUTTING_OPS, size=n_ops - 1)]
+    for op in ops:
+        writer, (dmin, dmax), (fmin, fmax) = OP_WRITERS[op]
+        cx, cy = w.snap(rng.uniform(30, 70)), w.snap(rng.uniform(30, 70))
+        depth = w.snap(rng.uniform(dmin, dmax))
+        feed = _feed(rng, fmin, fmax)
+        w.move("approach", "G0", z=5.0)
+        w.move("approach", "G0", x=cx, y=cy)
+        w.move("approach", "G0", z=1.0)
+        writer(w, cx, cy, depth, feed)
+        w.move("retract_end", "G0", z=5.0)
+    w.raw("retract_end", "G53 G0 Z0")
+    w.pos[2] = 10.0
+    w.move("retract_end", "G0", x=0, y=0)
+    w.raw("retract_end", "M30")
+    return w.lines, w.ops
+
+
+# ------------------------------------------------------------------------------------------------ motion ------
+def _trapezoid(length: float, speed: float, accel: float, dt: float) -> np.ndarray:
+    """Distance along the path at each sample [S] (S >= 1) for a rest-to-rest move."""
+    if length <= 1e-9:
+        return np.zeros(1)
+    t_acc = speed / accel
+    if speed * t_acc >= length:  # triangular profile: never reaches `speed`
+        t_acc = math.sqrt(length / accel)
+        speed = accel * t_acc
+        t_flat = 0.0
+    else:
+        t_flat = (length - speed * t_acc) / speed
+    total = 2 * t_acc + t_flat
+    t = np.arange(1, int(math.ceil(total / dt)) + 1) * dt
+    t = np.minimum(t, total)
+    s = np.where(t < t_acc, 0.5 * accel * t ** 2,
+                 np.where(t < t_acc + t_flat, 0.5 * accel * t_acc ** 2 + speed * (t - t_acc),
+                          length - 0.5 * accel * np.maximum(total - t, 0) ** 2))
+    return s
+
+
+def _arc_center(start: np.ndarray, end: np.ndarray, radius: float, ccw: bool) -> np.ndarray:
+    """Centre of the XY arc from start to end (R > 0: the shorter arc), as G2/G3 define it."""
+    mid = (start[:2] + end[:2]) / 2
+    chord = end[:2] - start[:2]
+    half = np.linalg.norm(chord) / 2
+    offset = math.sqrt(max(radius ** 2 - half ** 2, 0.0))
+    normal = np.array([-chord[1], chord[0]]) / max(2 * half, 1e-12)
+    sign = 1.0 if ccw == (radius > 0) else -1.0
+    return mid + sign * offset * normal
+
+
+def execute(lines: list[str], cfg: MachineConfig) -> tuple[list[Segment], list[ParsedLine]]:
+    """Run a program on the virtual mill. Returns one Segment per line (dwell samples for non-moving lines)."""
+    state = ModalState()
+    pos = np.array([0.0, 0.0, 10.0])
+    feed = 500.0
+    dwell_samples = max(1, int(cfg.dwell_s / cfg.dt_s))
+    segments, parsed = [], []
+    for index, text in enumerate(lines):
+        line = parse_line(text, index + 1, state)
+        parsed.append(line)
+        if line.error is not None:
+            raise ValueError(f"line {index + 1} {text!r}: {line.error}")
+        feed = line.params.get("F", feed)
+        target = pos.copy()
+        for axis, letter in enumerate("XYZ"):
+            if letter in line.params:
+                value = line.params[letter] * (25.4 if line.units == "G20" else 1.0)
+                target[axis] = pos[axis] + value if line.distance == "G91" else value
+        if "G53" in line.codes:
+            target[2] = 10.0 if "Z" in line.params else target[2]
+        if not line.moves or np.allclose(target, pos):
+            segments.append(Segment(np.repeat(pos[None], dwell_samples, 0), target, feed, 0, index))
+            continue
+        rapid = line.motion == "G0"
+        speed = (cfg.rapid_mm_min if rapid else feed) / 60.0
+        if line.motion in ("G2", "G3") and "R" in line.params:
+            center = _arc_center(pos, target, line.params["R"], ccw=line.motion == "G3")
+            a0 = math.atan2(pos[1] - center[1], pos[0] - center[0])
+            a1 = math.atan2(target[1] - center[1], target[0] - center[0])
+            sweep = (a1 - a0) % (2 * math.pi) if line.motion == "G3" else -((a0 - a1) % (2 * math.pi))
+            radius = abs(line.params["R"])
+            s = _trapezoid(abs(sweep) * radius, speed, cfg.accel_mm_s2, cfg.dt_s)
+            angle = a0 + np.sign(sweep) * s / radius
+            xyz = np.stack([center[0] + radius * np.cos(angle), center[1] + radius * np.sin(angle),
+                            pos[2] + (target[2] - pos[2]) * s / max(s[-1], 1e-9)], axis=1)
+            xyz[-1] = target
+            mode = 2
+        else:
+            length = float(np.linalg.norm(target - pos))
+            s = _trapezoid(length, speed, cfg.accel_mm_s2, cfg.dt_s)
+            xyz = pos[None] + (target - pos)[None] * (s / length)[:, None]
+            mode = 0 if rapid else 1
+        segments.append(Segment(xyz, target, cfg.rapid_mm_min if rapid else feed, mode, index))
+        pos = target
+    return segments, parsed
+
+
+# ------------------------------------------------------------------------------------------------ sensors -----
+def _delay(x: np.ndarray, samples: int) -> np.ndarray:
+    if samples <= 0:
+        return x
+    return np.concatenate([np.repeat(x[:1], samples, 0), x[:-samples]], 0)
+
+
+def record(segments: list[Segment], ops: list[int], cfg: MachineConfig, rng: np.random.Generator) -> dict:
+    """Sensor log of an executed program.
+
+    Returns continuous [S, 27] float32, categorical [S, 4] int64, line_index [S], operation [S].
+    """
+    cmd = np.concatenate([s.command_xyz for s in segments])
+    n = len(cmd)
+    line_index = np.concatenate([np.full(len(s.command_xyz), s.line_index) for s in segments])
+    target = np.concatenate([np.repeat(s.target[None], len(s.command_xyz), 0) for s in segments])
+    feed_cmd = np.concatenate([np.full(len(s.command_xyz), s.feed_mm_min) for s in segments])
+    mode = np.concatenate([np.full(len(s.command_xyz), s.mode) for s in segments])
+    operation = np.asarray(ops)[line_index]
+    op_names = [OPERATIONS[o] for o in operation]
+    # The spindle runs with the tool of the operation being cut (approach/retract keep the neighbouring tool).
+    rpm = np.zeros(n)
+    current_rpm = 0.0
+    for i in range(n):
+        current_rpm = TOOL_RPM.get(op_names[i], current_rpm)
+        rpm[i] = current_rpm
+    rpm[(line_index >= line_index.max() - 1)] = 0.0  # spindle stops for the final retract and M30
+    first_cut = next((i for i, name in enumerate(op_names) if name in TOOL_RPM), 0)
+    rpm[:first_cut] = TOOL_RPM.get(op_names[first_cut], 0.0)
+
+    dt = cfg.dt_s
+    vel = np.gradient(cmd, dt, axis=0)
+    acc = np.gradient(vel, dt, axis=0)
+    speed = np.linalg.norm(vel, axis=1)
+    depth = np.clip(STOCK_TOP_MM - cmd[:, 2], 0, None)
+    cutting = (mode > 0) & (depth > 0)
+    load = np.where(cutting, depth * (feed_cmd / 1000.0) * (0.5 + 0.5 * (rpm > 0)), 0.0)
+    actual = _delay(cmd, 2) + rng.normal(0, 0.002, (n, 3))
+    spindle_speed = _delay(rpm, 3) * (1 + rng.normal(0, 0.005, n)) - 5 * load
+    spindle_current = np.where(rpm > 0, 1.5 + rpm / 10000.0, 0.1) + 2.0 * load + rng.normal(0, 0.05, n)
+    motor_current = 0.004 * acc + 0.3 * np.sign(vel) * (np.abs(vel) > 0.5) + 0.8 * load[:, None] * np.sign(vel)
+    motor_current = _delay(motor_current, 1) + rng.normal(0, 0.03, (n, 3))
+    proximity = np.clip(cmd[:, 2] - STOCK_TOP_MM, 0, PROXIMITY_RANGE_MM)
+    proximity = _delay(proximity, 2) + rng.normal(0, 0.01, n)
+    coolant_on = np.isin(operation, [OPERATIONS.index(o) for o in CUTTING_OPS])
+    pressure = np.where(coolant_on, 4.0 + 1.5 * load, 0.0) + rng.normal(0, 0.05, n)
+    t = np.arange(n) * dt
+    vibration = ((0.05 + 0.5 * load)[:, None] * np.sin(2 * np.pi * (rpm / 60.0)[:, None] * t[:, None]
+                                                       + np.array([0.0, 1.3, 2.1]))
+                 + 0.0005 * acc + rng.normal(0, 0.02, (n, 3)))
+    vel_meas = _delay(vel, 1) + rng.normal(0, 0.05, (n, 3))
+    acc_meas = _delay(acc, 1) + rng.normal(0, 5.0, (n, 3))
+    dtg = target - cmd
+    continuous = np.column_stack([
+        actual, cmd, dtg, feed_cmd, rpm, vel_meas, acc_meas, spindle_speed, spindle_current, motor_current,
+        proximity, pressure, vibration]).astype(np.float32)
+    phase = np.where(speed < 1e-3, 0, np.where(np.gradient(speed) > 1e-6, 1, 2))
+    categorical = np.column_stack([mode, (rpm > 0).astype(int), np.where(coolant_on, 2, 0), phase]).astype(np.int64)
+    return {"continuous": continuous, "categorical": categorical, "line_index": line_index, "operation": operation}
+
+
+def windows(log: dict, window: int, stride: int, max_per_line: int,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Window start indices and the line each window is labelled with (the line executing at its last step).
+
+    At most `max_per_line` windows per line (chosen at random), so long cutting lines do not swamp short ones.
+    """
+    n = len(log["line_index"])
+    if n < window:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.arange(0, n - window + 1, stride)
+    ends = starts + window - 1
+    # Also end a window on the last sample of every line, so short lines are seen too.
+    last_of_line = np.flatnonzero(np.diff(log["line_index"], append=-1) != 0)
+    ends = np.unique(np.concatenate([ends, last_of_line[last_of_line >= window - 1]]))
+    labels = log["line_index"][ends]
+    keep = []
+    for line in np.unique(labels):
+        idx = np.flatnonzero(labels == line)
+        if len(idx) > max_per_line:
+            idx = rng.choice(idx, size=max_per_line, replace=False)
+        keep.extend(idx.tolist())
+    keep = np.sort(np.asarray(keep, dtype=np.int64))
+    return ends[keep] - window + 1, labels[keep]

@@ -1,0 +1,146 @@
+"""Stage 2: train the SensorMultiHeadDecoder over the frozen encoder's memory.
+
+    python -m cnc_gcode.train --config configs/cnc_gcode/sample.yaml
+    python -m cnc_gcode.train --config configs/cnc_gcode/tiny.yaml train.epochs=2          # CPU smoke run
+
+Reads the encoder from <run_dir>/encoder/checkpoints/best (or train.encoder_checkpoint) and writes
+<run_dir>/decoder/{config.yaml, metrics.jsonl, checkpoints/{latest,best}}; the checkpoint holds the frozen encoder
+too, so it is all `evaluate`, `predict` and `export_onnx` need. Loss: focal loss summed over the heads, with label
+smoothing; AdamW with a cosine schedule and warmup; early stopping on validation token accuracy (teacher-forced).
+`train.resume=auto` continues from checkpoints/latest with the optimizer, scheduler, early-stopping and RNG
+state, and each epoch's order comes from (seed, epoch), so a killed and resumed run ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from common.checkpoint import CheckpointManager, load_checkpoint
+from common.cli import UserError, config_main
+from common.config import save_resolved_config
+from common.logs import MetricsWriter, setup_logging
+from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.training import EarlyStopping, cosine_with_warmup, param_groups
+from cnc_gcode.config import CncConfig
+from cnc_gcode.data import batches, epoch_order
+from cnc_gcode.losses import multihead_loss, token_targets
+from cnc_gcode.metrics import teacher_forced_predictions, token_metrics
+from cnc_gcode.model import build_decoder, decoder_inputs
+from cnc_gcode.runtime import (DECODER_DIR, Pipeline, cap_windows, decoder_meta, encoder_path, load_encoder,
+                               load_split, set_threads)
+from cnc_gcode.tokenizer import load_vocabulary
+
+log = logging.getLogger(__name__)
+
+
+def select(targets: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in targets.items()}
+
+
+@torch.no_grad()
+def validate(encoder, decoder, windows, vocab, cfg: CncConfig) -> dict:
+    """Teacher-forced validation: loss and token metrics from the unconstrained argmax of each head."""
+    decoder.eval()
+    cont, cat = torch.from_numpy(windows.continuous), torch.from_numpy(windows.categorical)
+    tokens = torch.from_numpy(windows.tokens)
+    targets = token_targets(vocab, windows.tokens)
+    loss_sum, predictions = 0.0, []
+    for idx in batches(len(windows), 256):
+        memory, _ = encoder(cont[idx], cat[idx])
+        logits = decoder(memory, decoder_inputs(tokens[idx]))
+        loss, _ = multihead_loss(logits, select(targets, idx), cfg.train.focal_gamma, cfg.train.label_smoothing)
+        loss_sum += float(loss) * len(idx)
+        predictions.append(teacher_forced_predictions(vocab, logits))
+    scores = token_metrics(vocab, np.concatenate(predictions), windows.tokens)
+    return {"val_loss": loss_sum / len(windows), "val_token_acc": scores["token_acc"],
+            "val_line_exact": scores["line_exact_match"]}
+
+
+def train(cfg: CncConfig) -> int:
+    set_threads(cfg)
+    tc = cfg.train
+    out = cfg.run.run_dir / DECODER_DIR
+    setup_logging(out)
+    seed_everything(cfg.run.seed)
+    vocab = load_vocabulary(cfg.data.vocab_path)
+    encoder, enc_meta, enc_ckpt = load_encoder(encoder_path(cfg))
+    dim = int(enc_meta["continuous_dim"])
+    train_windows = cap_windows(load_split(cfg, "train", vocab, dim), cfg.data.max_train_windows, cfg.run.seed)
+    val_windows = load_split(cfg, "val", vocab, dim)
+    save_resolved_config(cfg, out)
+
+    decoder = build_decoder(cfg.decoder, vocab, encoder.lstm.hidden_size * 2)
+    pipeline = Pipeline(encoder, decoder)  # saved together; only the decoder trains
+    optimizer = torch.optim.AdamW(param_groups(decoder, tc.weight_decay, tc.lr), lr=tc.lr)
+    steps_per_epoch = -(-len(train_windows) // tc.batch_size)
+    scheduler = cosine_with_warmup(optimizer, min(tc.warmup_epochs, tc.epochs) * steps_per_epoch,
+                                   tc.epochs * steps_per_epoch)
+    stopper = EarlyStopping(tc.patience, mode="max")
+    manager = CheckpointManager(out / "checkpoints", every_n_epochs=tc.save_every)
+    meta = decoder_meta(cfg, vocab, enc_ckpt, enc_meta)
+    start_epoch = 1
+    resume_from = manager.resolve_resume(tc.resume)
+    if resume_from is not None:
+        state, old_meta = load_checkpoint(resume_from)
+        vocab.check_matches(old_meta.get("vocab", {}), str(resume_from))
+        load_checkpoint(resume_from, pipeline)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stopper.load_state_dict(state["early_stopping"])
+        set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+
+    cont, cat = torch.from_numpy(train_windows.continuous), torch.from_numpy(train_windows.categorical)
+    tokens = torch.from_numpy(train_windows.tokens)
+    targets = token_targets(vocab, train_windows.tokens)
+    epochs_run = 0
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if stopper.should_stop:
+            log.info("early stopping: no improvement in %d epochs", tc.patience)
+            break
+        decoder.train()
+        sums: dict[str, float] = {}
+        for idx in batches(len(train_windows), tc.batch_size, epoch_order(len(train_windows), cfg.run.seed, epoch)):
+            with torch.no_grad():
+                memory, _ = encoder(cont[idx], cat[idx])  # frozen encoder, eval mode
+            logits = decoder(memory, decoder_inputs(tokens[idx]))
+            loss, parts = multihead_loss(logits, select(targets, idx), tc.focal_gamma, tc.label_smoothing)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss at epoch {epoch}: {parts}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            for key, value in {"loss": loss.item(), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value * len(idx)
+        val = validate(encoder, decoder, val_windows, vocab, cfg)
+        improved = stopper.step(val["val_token_acc"])
+        record = {"epoch": epoch, **{f"train_{k}": v / len(train_windows) for k, v in sums.items()}, **val,
+                  "lr": scheduler.get_last_lr()[0]}
+        metrics.write(record)
+        log.info("decoder epoch %d: loss %.4f val_token_acc %.4f val_line_exact %.4f", epoch,
+                 record["train_loss"], val["val_token_acc"], val["val_line_exact"])
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "early_stopping": stopper.state_dict(), "rng": get_rng_state(), "epoch": epoch}
+        manager.save(pipeline, state, epoch, is_best=improved, meta={**meta, **val})
+        epochs_run += 1
+        if tc.stop_after_epochs and epochs_run >= tc.stop_after_epochs:
+            log.info("stopping after %d epochs in this process (train.stop_after_epochs)", epochs_run)
+            break
+    metrics.close()
+    if stopper.best is None:
+        raise UserError(f"train.epochs={tc.epochs}: no epoch ran (already finished? see {manager.latest})")
+    log.info("decoder best val_token_acc %.4f -> %s", stopper.best, manager.best)
+    return 0
+
+
+main = config_main(CncConfig, train, __doc__, prog="python -m cnc_gcode.train")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Stage 1: train the MMDTAELSTM encoder on operation classification (+ denoising reconstruction, the DTAE).
+
+    python -m cnc_gcode.train_encoder --config configs/cnc_gcode/sample.yaml
+    python -m cnc_gcode.train_encoder --config configs/cnc_gcode/tiny.yaml encoder_train.epochs=2   # CPU smoke run
+
+Writes <run_dir>/encoder/{config.yaml, metrics.jsonl, checkpoints/{latest,best}}. The best checkpoint (lowest
+validation loss) is what the decoder stage freezes. `encoder_train.resume=auto` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.checkpoint import CheckpointManager, load_checkpoint
+from common.cli import config_main
+from common.config import save_resolved_config
+from common.logs import MetricsWriter, setup_logging
+from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.training import EarlyStopping, cosine_with_warmup, param_groups
+from cnc_gcode.config import CncConfig
+from cnc_gcode.data import batches, channel_stats, epoch_order
+from cnc_gcode.model import build_encoder
+from cnc_gcode.runtime import ENCODER_DIR, cap_windows, encoder_meta, load_split, set_threads
+from cnc_gcode.tokenizer import load_vocabulary
+
+log = logging.getLogger(__name__)
+
+
+def corrupt(x: torch.Tensor, noise_std: float, mask_prob: float) -> torch.Tensor:
+    """Denoising input: Gaussian noise on normalised channels and random (time, channel) entries zeroed."""
+    noisy = x + noise_std * torch.randn_like(x)
+    keep = (torch.rand_like(x) >= mask_prob).to(x.dtype)
+    return noisy * keep
+
+
+@torch.no_grad()
+def evaluate_encoder(encoder, windows, batch_size: int, recon_weight: float) -> dict:
+    encoder.eval()
+    cont, cat = torch.from_numpy(windows.continuous), torch.from_numpy(windows.categorical)
+    ops = torch.from_numpy(windows.operation_type)
+    loss_sum, correct = 0.0, 0
+    for idx in batches(len(windows), batch_size):
+        x = encoder.normalize(cont[idx])
+        memory, op_logits = encoder.encode_normalized(x, cat[idx])
+        loss = F.cross_entropy(op_logits, ops[idx]) + recon_weight * F.mse_loss(encoder.reconstruct(memory), x)
+        loss_sum += loss.item() * len(idx)
+        correct += int((op_logits.argmax(1) == ops[idx]).sum())
+    return {"val_loss": loss_sum / len(windows), "val_op_acc": correct / len(windows)}
+
+
+def train_encoder(cfg: CncConfig) -> int:
+    set_threads(cfg)
+    tc = cfg.encoder_train
+    out = cfg.run.run_dir / ENCODER_DIR
+    setup_logging(out)
+    seed_everything(cfg.run.seed)
+    vocab = load_vocabulary(cfg.data.vocab_path)
+    train = cap_windows(load_split(cfg, "train", vocab), cfg.data.max_train_windows, cfg.run.seed)
+    val = load_split(cfg, "val", vocab, continuous_dim=train.continuous.shape[2])
+    save_resolved_config(cfg, out)
+
+    encoder = build_encoder(cfg.encoder, train.continuous.shape[2])
+    encoder.set_normalization(*channel_stats(train.continuous))
+    optimizer = torch.optim.AdamW(param_groups(encoder, tc.weight_decay, tc.lr), lr=tc.lr)
+    steps_per_epoch = -(-len(train) // tc.batch_size)
+    scheduler = cosine_with_warmup(optimizer, tc.warmup_epochs * steps_per_epoch, tc.epochs * steps_per_epoch)
+    stopper = EarlyStopping(tc.patience, mode="min")
+    manager = CheckpointManager(out / "checkpoints")
+    meta = encoder_meta(cfg, train.continuous.shape[2], train.channel_names)
+    start_epoch = 1
+    resume_from = manager.resolve_resume(tc.resume)
+    if resume_from is not None:
+        state, _ = load_checkpoint(resume_from, encoder)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stopper.load_state_dict(state["early_stopping"])
+        set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+
+    cont, cat = torch.from_numpy(train.continuous), torch.from_numpy(train.categorical)
+    ops = torch.from_numpy(train.operation_type)
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if stopper.should_stop:
+            break
+        encoder.train()
+        loss_sum = 0.0
+        for idx in batches(len(train), tc.batch_size, epoch_order(len(train), cfg.run.seed, epoch)):
+            clean = encoder.normalize(cont[idx])
+            inputs = corrupt(clean, tc.noise_std, tc.mask_prob) if tc.denoise else clean
+            memory, op_logits = encoder.encode_normalized(inputs, cat[idx])
+            loss = F.cross_entropy(op_logits, ops[idx])
+            if tc.denoise:
+                loss = loss + tc.recon_weight * F.mse_loss(encoder.reconstruct(memory), clean)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(encoder.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(idx)
+        val_metrics = evaluate_encoder(encoder, val, 256, tc.recon_weight if tc.denoise else 0.0)
+        improved = stopper.step(val_metrics["val_loss"])
+        record = {"epoch": epoch, "train_loss": loss_sum / len(train), **val_metrics,
+                  "lr": scheduler.get_last_lr()[0]}
+        metrics.write(record)
+        log.info("encoder epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "early_stopping": stopper.state_dict(), "rng": get_rng_state(), "epoch": epoch}
+        manager.save(encoder, state, epoch, is_best=improved, meta={**meta, **val_metrics})
+    metrics.close()
+    log.info("encoder best val_loss %.4f -> %s", stopper.best, manager.best)
+    return 0
+
+
+main = config_main(CncConfig, train_encoder, __doc__, prog="python -m cnc_gcode.train_encoder")
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["main", "train_encoder", "corrupt", "np"]

@@ -127,6 +127,8 @@ class TrainConfig:
 @dataclass
 class EvaluateConfig:
     checkpoint: str = "best"
+    # Score this prediction CSV (sample_id,price of labelled train products, e.g. out-of-fold) instead of the run.
+    predictions: str = ""
     # Price bins in dollars for the per-bin table ($0-5, $5-10, ...); the last bin is open-ended.
     bin_edges: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0])
     # Low < range_edges[0] <= Medium < range_edges[1] <= High.
@@ -172,6 +174,17 @@ class GbtConfig:
 
 
 @dataclass
+class IkeaConfig:
+    """The real-data benchmark (python -m price_fusion.ikea)."""
+
+    # Relative to $REAL_DATA_DIR (default ../shared/data beside the repository).
+    source: str = "products_ikea/ikea_sa_2020.csv"
+    # 0 = every product; a smaller number draws a seeded subset (the real_data test uses a few hundred).
+    max_products: int = 0
+    test_fraction: float = 0.2
+
+
+@dataclass
 class PriceFusionConfig:
     run_name: str = "default"
     runs_dir: str = "runs/price_fusion"
@@ -183,3 +196,4 @@ class PriceFusionConfig:
     predict: PredictConfig = field(default_factory=PredictConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     gbt: GbtConfig = field(default_factory=GbtConfig)
+    ikea: IkeaConfig = field(default_factory=IkeaConfig)

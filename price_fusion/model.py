@@ -10,6 +10,8 @@ and return log price [B] (natural log of dollars). Built by `build_model(cfg.mod
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -156,3 +158,16 @@ def init_output_bias(model: FusionModel, mean_log_price: float) -> None:
     with torch.no_grad():
         for head in heads:
             head[-1].bias.fill_(mean_log_price)
+
+
+def load_trained_model(ckpt_dir) -> tuple[FusionModel, dict]:
+    """Rebuild the network a checkpoint was trained with (from its meta.json) and load its weights; eval mode."""
+    from common.checkpoint import find_checkpoint, load_weights
+
+    ckpt = find_checkpoint(ckpt_dir)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if "model" not in meta:
+        raise UserError(f"{ckpt}: meta.json has no 'model' entry; not a price_fusion checkpoint")
+    model = build_model(ModelConfig(**meta["model"]), meta["image_dim"], meta["text_dim"], meta["struct_dim"])
+    load_weights(ckpt, model)
+    return model.eval(), meta

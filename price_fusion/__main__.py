@@ -1,0 +1,19 @@
+"""`python -m price_fusion`: list the stages."""
+
+import sys
+
+from common.cli import list_stages
+
+STAGES = {
+    "sample_data": "write a synthetic catalogue (CSV + drawn PNGs, optional tiny CLIP) in the challenge format",
+    "embed": "CLIP image + sentence text embeddings + structural features (or import the original's files)",
+    "train": "train the two-branch / MoE fusion model (80/20 stratified split or K-fold with OOF predictions)",
+    "evaluate": "SMAPE/MAE/RMSE/R2 overall, by price bin and range, worst/best 20, plots",
+    "predict": "validated test_out.csv (sample_id,price) from the trained run",
+    "gbt": "HistGradientBoosting + out-of-fold faiss kNN price features, OOF + test predictions",
+    "ensemble": "combine prediction files: mean, or weights fitted on out-of-fold predictions",
+    "ikea": "real-data benchmark on the IKEA catalogue: fusion vs median / kNN / ridge baselines",
+}
+
+if __name__ == "__main__":
+    sys.exit(list_stages("price_fusion", STAGES))

@@ -1,0 +1,132 @@
+"""A toy training run built only from `common`, used by the kill-and-resume and torchrun tests.
+
+    python tests/common/toy_train.py --config toy.yaml run_dir=/tmp/toy epochs=12
+
+Dropout, shuffling and AdamW make the result depend on every piece of state a resume must restore.
+Setting TOY_SLOW_CHECKPOINT=<seconds> sleeps inside each checkpoint write (after the weights, before the
+training state) and first touches `<run_dir>/writing_epoch_<N>`, so a test can kill the process mid-write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from common import checkpoint as ckpt_mod  # noqa: E402
+from common.checkpoint import CheckpointManager, load_checkpoint  # noqa: E402
+from common.cli import config_main  # noqa: E402
+from common.config import save_resolved_config  # noqa: E402
+from common.distributed import (  # noqa: E402
+    all_reduce_mean,
+    cleanup_distributed,
+    distributed_sampler,
+    setup_distributed,
+    wrap_ddp,
+)
+from common.logs import MetricsWriter  # noqa: E402
+from common.seed import get_rng_state, seed_everything, set_rng_state  # noqa: E402
+from common.training import EarlyStopping, cosine_with_warmup, param_groups  # noqa: E402
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    run_dir: str = "runs/toy"
+    epochs: int = 12
+    batch_size: int = 16
+    lr: float = 0.01
+    seed: int = 7
+    resume: str | bool = "auto"
+    every_n_epochs: int = 3
+    patience: int = 100
+    epoch_sleep: float = 0.0
+
+
+def toy_data(n: int = 256) -> torch.utils.data.TensorDataset:
+    gen = torch.Generator().manual_seed(123)
+    x = torch.randn(n, 8, generator=gen)
+    y = (x[:, :4].sum(1, keepdim=True) - x[:, 4:].prod(1, keepdim=True)).tanh()
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def build_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+
+
+def _slow_checkpoints(run_dir: Path, delay: float) -> None:
+    original = ckpt_mod.save_file
+
+    def slow_save_file(tensors, filename, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(tensors, filename, *args, **kwargs)
+        marker = run_dir / f"writing_{Path(filename).parent.name}"
+        marker.touch()
+        time.sleep(delay)
+        marker.unlink()
+
+    ckpt_mod.save_file = slow_save_file
+
+
+def train(cfg: ToyConfig) -> int:
+    torch.set_num_threads(1)
+    info = setup_distributed()
+    run_dir = Path(cfg.run_dir)
+    if os.environ.get("TOY_SLOW_CHECKPOINT"):
+        _slow_checkpoints(run_dir, float(os.environ["TOY_SLOW_CHECKPOINT"]))
+    seed_everything(cfg.seed)
+    model = build_model()
+    dataset = toy_data()
+    sampler = distributed_sampler(dataset, shuffle=True, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
+    ddp_model = wrap_ddp(model, info)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.01, base_lr=cfg.lr))
+    scheduler = cosine_with_warmup(optimizer, warmup_steps=5, total_steps=cfg.epochs * len(loader))
+    stopper = EarlyStopping(patience=cfg.patience, mode="min")
+    manager = CheckpointManager(run_dir / "checkpoints", keep_last_n=2, every_n_epochs=cfg.every_n_epochs)
+    start_epoch = 0
+    resume_from = manager.resolve_resume(cfg.resume)
+    if resume_from is not None:
+        state, _ = load_checkpoint(resume_from, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stopper.load_state_dict(state["early_stopping"])
+        set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+    if info.is_main:
+        save_resolved_config(cfg, run_dir)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        ddp_model.train()
+        total = 0.0
+        for x, y in loader:
+            loss = nn.functional.mse_loss(ddp_model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+        mean_loss = float(all_reduce_mean(total / len(loader)))
+        improved = stopper.step(mean_loss)
+        metrics.write({"epoch": epoch, "loss": mean_loss})
+        manager.save(model, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "early_stopping": stopper.state_dict(), "rng": get_rng_state(), "epoch": epoch},
+                     epoch=epoch, is_best=improved)
+        time.sleep(cfg.epoch_sleep)
+        if stopper.should_stop:
+            break
+    metrics.close()
+    cleanup_distributed()
+    return 0
+
+
+main = config_main(ToyConfig, train, __doc__)
+
+if __name__ == "__main__":
+    sys.exit(main())

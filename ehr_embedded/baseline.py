@@ -3,7 +3,7 @@
     python -m ehr_embedded.baseline --config configs/ehr_embedded/baseline.yaml
 
 Features: log(1 + count) of each code in the sequence (exactly the events the transformer sees: same cut at
-prediction_time, same max_length). L2-regularised logistic regression with balanced class weights; C picked by
+prediction_time; set `max_length` to the model's max_length when it is shorter than the store's). L2-regularised logistic regression with balanced class weights; C picked by
 tuning AUROC, threshold by tuning F1; held_out scored with bootstrap 95% intervals (reports/baseline_held_out.json).
 Codes never seen in training get zero weight here: counting cannot use what only a description says.
 """
@@ -28,11 +28,13 @@ from ehr_embedded.storage import SequenceStore, load_dataset_table, open_split
 log = logging.getLogger(__name__)
 
 
-def count_features(store: SequenceStore, n_codes: int) -> sp.csr_matrix:
-    """`[S, n_codes]` sparse log(1 + count of each code) per sequence."""
+def count_features(store: SequenceStore, n_codes: int, max_length: int | None = None) -> sp.csr_matrix:
+    """`[S, n_codes]` sparse log(1 + count of each code) over each sequence's most recent `max_length` events."""
     rows = np.repeat(np.arange(len(store)), store.lengths)
-    counts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, np.asarray(store.token_ids, np.int64))),
-                           shape=(len(store), n_codes))
+    from_end = np.repeat(store.offsets[1:], store.lengths) - 1 - np.arange(len(rows))  # 0 = most recent event
+    keep = from_end < max_length if max_length else np.ones(len(rows), bool)
+    counts = sp.csr_matrix((np.ones(int(keep.sum()), np.float32),
+                            (rows[keep], np.asarray(store.token_ids, np.int64)[keep])), shape=(len(store), n_codes))
     counts.sum_duplicates()
     counts.data = np.log1p(counts.data)
     return counts
@@ -44,7 +46,7 @@ def fit_baseline(cfg: BaselineConfig) -> dict:
     for split, store in stores.items():
         if len(store) == 0 or len(np.unique(store.labels)) < 2:
             raise UserError(f"{cfg.embedding_output_dir}/{split}: the baseline needs both classes in every split")
-    x = {s: count_features(st, len(table.vocab)) for s, st in stores.items()}
+    x = {s: count_features(st, len(table.vocab), cfg.max_length) for s, st in stores.items()}
     y = {s: st.labels for s, st in stores.items()}
     best = None
     for c in cfg.c_grid:
@@ -57,7 +59,7 @@ def fit_baseline(cfg: BaselineConfig) -> dict:
     tuning_auroc, c, clf = best
     threshold = choose_threshold(y["tuning"], clf.predict_proba(x["tuning"])[:, 1])
     score = clf.predict_proba(x["held_out"])[:, 1]
-    report = {"model": "log1p code counts + logistic regression", "C": c, "tuning_auroc": tuning_auroc,
+    report = {"model": "log1p code counts + logistic regression", "C": c, "max_length": cfg.max_length, "tuning_auroc": tuning_auroc,
               "split": "held_out", **binary_metrics(y["held_out"], score, threshold, cfg.n_bootstrap, cfg.seed)}
     out = Path(cfg.output_dir)
     write_json(out / "reports" / "baseline_held_out.json", report)

@@ -114,6 +114,7 @@ def create_embeddings(cfg: Stage1Config) -> dict:
             seen_subjects.add(subject_id)
             times = ev["time_us"].to_numpy(np.int64)
             codes = ev["code"].to_numpy(object)
+            known_ids = ev["code"].map(code_to_id).fillna(-1).to_numpy(np.int64)  # -1: outside the vocabulary
             values = ev["numeric_value"].to_numpy(np.float32)
             buf = buffers[split_of[subject_id]]
             for label in labels_by_subject[subject_id].itertuples(index=False):
@@ -122,16 +123,13 @@ def create_embeddings(cfg: Stage1Config) -> dict:
                 if not (times[idx] != STATIC_TIME).any():  # static events alone are not a history
                     counts["skipped_no_events_before_prediction"] += 1
                     continue
-                ids = np.empty(len(idx), np.int32)
-                for j, code in enumerate(codes[idx]):
-                    tok = code_to_id.get(code)
-                    if tok is None:
-                        if cfg.sequences.embed_unseen_codes:
-                            tok = extension.setdefault(code, len(vocab_table.vocab) + len(extension))
-                        else:
-                            tok = UNK_ID
-                            counts["events_mapped_to_unk"] += 1
-                    ids[j] = tok
+                ids = known_ids[idx].astype(np.int32)
+                for j in np.flatnonzero(ids < 0):
+                    if cfg.sequences.embed_unseen_codes:
+                        ids[j] = extension.setdefault(codes[idx[j]], len(vocab_table.vocab) + len(extension))
+                    else:
+                        ids[j] = UNK_ID
+                        counts["events_mapped_to_unk"] += 1
                 kept_times = times[idx]
                 last_timed = kept_times[kept_times != STATIC_TIME]
                 hours_to_pred = (pred_us - last_timed[-1]) / US_PER_HOUR if len(last_timed) else 0.0

@@ -30,11 +30,11 @@ CODE_SEPARATOR = "//"
 
 
 def readable_code(code: str) -> str:
-    """`DIAGNOSIS//ICD//9//4019` -> "diagnosis ICD 9 4019": separators to spaces, ALL-CAPS words lowered."""
+    """`DIAGNOSIS//ICD//9//4019` -> "diagnosis icd 9 4019": separators to spaces, ALL-CAPS words lowered."""
     parts = [p for p in re.split(r"//|_", code) if p]
     words = []
     for part in parts:
-        words.append(part.lower() if part.isupper() and len(part) > 3 else part)
+        words.append(part.lower() if part.isupper() and len(part) >= 3 else part)
     return " ".join(words).strip() or code
 
 

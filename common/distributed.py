@@ -69,7 +69,10 @@ def setup_distributed(device: str | None = None) -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group. The barrier first keeps a fast rank from tearing down gloo while a slower one
+    still talks to it (seen here as `terminate called without an active exception`)."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 

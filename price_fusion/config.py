@@ -58,6 +58,8 @@ class EmbedConfig:
     import_qwen_pickle: str = ""
     # The original's Qwen vectors are 1027-d: 1024 text + 3 structural features appended at the end.
     qwen_has_struct: bool = True
+    # torch intra-op threads while encoding; 0 leaves torch's default (1 is fastest on a busy 2-core machine).
+    num_threads: int = 0
 
 
 @dataclass
@@ -106,7 +108,8 @@ class TrainConfig:
     plateau_patience: int = 5
     checkpoint_every: int = 100
     keep_last_n: int = 3
-    resume: str = "auto"
+    # "auto" continues from checkpoints/latest when it exists; false starts fresh; a path resumes from there.
+    resume: str | bool = "auto"
     # 0 = one stratified 80/20 split; K >= 2 = K-fold, writing out-of-fold predictions.
     kfold: int = 0
     # torch intra-op threads; 0 leaves torch's default.

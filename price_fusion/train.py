@@ -126,8 +126,17 @@ def _model_meta(cfg: PriceFusionConfig, data: FusionTensors) -> dict:
 def train(cfg: PriceFusionConfig) -> int:
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     setup_logging(run_dir)
+    previous_threads = torch.get_num_threads()
     if cfg.train.num_threads:
+        # Small MLPs on a shared CPU: 1 thread was 10x faster than 2 here (threads contend with other processes).
         torch.set_num_threads(cfg.train.num_threads)
+    try:
+        return _train(cfg, run_dir)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(cfg: PriceFusionConfig, run_dir: Path) -> int:
     save_resolved_config(cfg, run_dir)
     catalog, data = load_split(cfg.data.embeddings_dir, "train", cfg.data.train_csv, labelled=True,
                                bad_price=cfg.data.bad_price, use_image=cfg.model.use_image)

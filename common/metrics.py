@@ -5,6 +5,7 @@ Every function takes array-likes and returns a python float, so results go strai
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -86,7 +87,9 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays: object, n_boot: int =
         attempts += 1
         idx = rng.integers(0, n, size=n)
         try:
-            value = float(metric_fn(*(a[idx] for a in arrs)))
+            with warnings.catch_warnings():  # sklearn warns (and returns nan) on one-class resamples
+                warnings.simplefilter("ignore")
+                value = float(metric_fn(*(a[idx] for a in arrs)))
         except ValueError:
             continue
         if np.isfinite(value):

@@ -76,6 +76,8 @@ class DecoderConfig:
     ff_dim: int = 768
     dropout: float = 0.1
     max_seq_len: int = 32
+    share_cross_kv: bool = True
+    """One key/value projection of the encoder memory for all layers (4x fewer cross-attention FLOPs on CPU)."""
 
 
 @dataclass

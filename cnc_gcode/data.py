@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from common.cli import UserError
 from cnc_gcode.tokenizer import Vocabulary
+from common.cli import UserError
 
 log = logging.getLogger(__name__)
 REQUIRED_SENSOR_KEYS = ("continuous", "categorical")
@@ -43,7 +42,8 @@ class Windows:
         return len(self.continuous)
 
     def subset(self, index: np.ndarray) -> Windows:
-        pick = (lambda a: None if a is None else a[index])
+        def pick(array: np.ndarray | None) -> np.ndarray | None:
+            return None if array is None else array[index]
         return Windows(self.continuous[index], self.categorical[index], pick(self.tokens),
                        pick(self.operation_type), self.channel_names, {k: v[index] for k, v in self.extra.items()},
                        self.skipped_nan, self.source)
@@ -134,22 +134,6 @@ def channel_stats(continuous: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std over windows and time: [C], [C] (float64 sums, returned as float32)."""
     flat = continuous.reshape(-1, continuous.shape[-1]).astype(np.float64)
     return torch.from_numpy(flat.mean(0).astype(np.float32)), torch.from_numpy(flat.std(0).astype(np.float32))
-
-
-class WindowDataset(Dataset):
-    """(continuous [T,C], categorical [T,K], tokens [L], operation_type []) tensors per window."""
-
-    def __init__(self, windows: Windows) -> None:
-        self.continuous = torch.from_numpy(windows.continuous)
-        self.categorical = torch.from_numpy(windows.categorical)
-        self.tokens = torch.from_numpy(windows.tokens)
-        self.operation = torch.from_numpy(windows.operation_type)
-
-    def __len__(self) -> int:
-        return len(self.continuous)
-
-    def __getitem__(self, i: int):
-        return self.continuous[i], self.categorical[i], self.tokens[i], self.operation[i]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 Grammar of a line (max_tokens positions, the last always EOS):
     commands+ params* EOS
     - position 0 is a command; NONE only there and alone;
-    - a command appears at most once; no command after the first parameter;
+    - a command appears at most once, at most one motion command (G0-G3); no command after the first parameter;
     - parameter letters strictly follow the canonical order (so each letter at most once);
     - a parameter is either zero (+, exponent 0, 0000) or normalised (first digit 1..9).
 At each step the head logits are masked to what the grammar allows, then the highest-scoring token is taken;
@@ -19,8 +19,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cnc_gcode.tokenizer import (EOS, EXP_MIN, NONE_COMMAND, PAD, SOS, TYPE_COMMAND, TYPE_EOS, TYPE_PARAM,
-                                 Vocabulary)
+from cnc_gcode.gcode import MOTION_CODES
+from cnc_gcode.tokenizer import EOS, EXP_MIN, NONE_COMMAND, PAD, SOS, TYPE_COMMAND, TYPE_EOS, TYPE_PARAM, Vocabulary
 
 NEG = -1e9
 
@@ -36,6 +36,7 @@ class Grammar:
     def __init__(self, vocab: Vocabulary, batch: int) -> None:
         self.vocab = vocab
         self.none_index = vocab.commands.index(NONE_COMMAND)
+        self.is_motion = np.array([c in MOTION_CODES for c in vocab.commands])
         self.step = 0
         self.used_commands = np.zeros((batch, vocab.n_commands), dtype=bool)
         self.in_params = np.zeros(batch, dtype=bool)
@@ -50,6 +51,8 @@ class Grammar:
         letter_of_ptype = np.arange(vocab.n_param_types) // 2
         ptype_ok = letter_of_ptype[None] > self.last_letter[:, None]  # [B,2L]
         command_ok = ~self.used_commands & ~self.in_params[:, None] & ~self.has_none[:, None]
+        has_motion = (self.used_commands & self.is_motion[None]).any(1)
+        command_ok &= ~(has_motion[:, None] & self.is_motion[None])
         command_ok[:, self.none_index] &= self.step == 0
         if self.step > 0:
             command_ok[:, self.none_index] = False

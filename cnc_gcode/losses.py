@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.losses import focal_loss
 from cnc_gcode.tokenizer import IGNORE, TYPE_PAD, TYPE_SOS, TYPE_UNK, Vocabulary
+from common.losses import focal_loss
 
 
 def token_targets(vocab: Vocabulary, tokens: np.ndarray) -> dict[str, Tensor]:

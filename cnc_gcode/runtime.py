@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import UserError
-from common.config import to_dict
 from cnc_gcode.config import CncConfig, DecoderConfig, EncoderConfig
 from cnc_gcode.data import Windows, load_windows
 from cnc_gcode.model import MMDTAELSTM, SensorMultiHeadDecoder, build_decoder, build_encoder
 from cnc_gcode.tokenizer import Vocabulary, load_vocabulary
+from common.checkpoint import find_checkpoint, load_checkpoint
+from common.cli import UserError
+from common.config import to_dict
 
 log = logging.getLogger(__name__)
 ENCODER_DIR, DECODER_DIR = "encoder", "decoder"

@@ -22,11 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
+from cnc_gcode.simulator import (
+    CATEGORICAL_CHANNELS,
+    CATEGORICAL_DIMS,
+    CHANNEL_GROUPS,
+    CHANNELS,
+    CUTTING_OPS,
+    OPERATIONS,
+    MachineConfig,
+    execute,
+    generate_program,
+    record,
+    windows,
+)
+from cnc_gcode.tokenizer import Vocabulary
 from common.cli import UserError, guarded_main
 from common.io import atomic_write, atomic_write_text, write_json
-from cnc_gcode.simulator import (CATEGORICAL_CHANNELS, CATEGORICAL_DIMS, CHANNEL_GROUPS, CHANNELS, CUTTING_OPS,
-                                 OPERATIONS, MachineConfig, execute, generate_program, record, windows)
-from cnc_gcode.tokenizer import Vocabulary
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -34,20 +45,21 @@ SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 
 
 def split_programs(kinds: list[str], seed: int) -> dict[str, list[int]]:
-    """Program ids per split, stratified by kind: each kind's programs are shuffled and cut 70/15/15
-    (at least one in val and test when a kind has three or more programs)."""
+    """Program ids per split, stratified by kind: programs are shuffled within each kind and interleaved across
+    kinds (first of every kind, then second, ...); val takes the first 15 %, test the next 15 % (at least one
+    each), train the rest, so every split sees the kinds in proportion."""
     rng = np.random.default_rng(seed)
-    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    per_kind = []
     for kind in sorted(set(kinds)):
         ids = [i for i, k in enumerate(kinds) if k == kind]
         rng.shuffle(ids)
-        n = len(ids)
-        n_val = max(1, round(n * SPLIT_FRACTIONS[1])) if n >= 3 else 0
-        n_test = max(1, round(n * SPLIT_FRACTIONS[2])) if n >= 3 else 0
-        out["val"] += ids[:n_val]
-        out["test"] += ids[n_val:n_val + n_test]
-        out["train"] += ids[n_val + n_test:]
-    return {s: sorted(v) for s, v in out.items()}
+        per_kind.append(ids)
+    interleaved = [ids[r] for r in range(max(map(len, per_kind))) for ids in per_kind if r < len(ids)]
+    n = len(interleaved)
+    n_val = max(1, round(n * SPLIT_FRACTIONS[1]))
+    n_test = max(1, round(n * SPLIT_FRACTIONS[2]))
+    return {"val": sorted(interleaved[:n_val]), "test": sorted(interleaved[n_val:n_val + n_test]),
+            "train": sorted(interleaved[n_val + n_test:])}
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -79,7 +91,7 @@ def simulate_program(program_id: int, kind: str, seed: int, machine: MachineConf
 
 
 def make_dataset(out_dir: str | Path, n_programs: int = 60, seed: int = 0, window: int = 64, stride: int = 16,
-                 max_per_line: int = 3, grid_mm: float = 0.5) -> dict:
+                 max_per_line: int = 3, grid_mm: float = 5.0) -> dict:
     """Simulate `n_programs` programs and write the three splits. Returns the manifest."""
     if n_programs < 3:
         raise UserError(f"--programs {n_programs}: need at least 3 programs (one per split)")
@@ -129,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--stride", type=int, default=16)
     parser.add_argument("--max-per-line", type=int, default=3)
-    parser.add_argument("--grid", type=float, default=0.5, help="coordinate grid of generated programs (mm)")
+    parser.add_argument("--grid", type=float, default=5.0, help="coordinate grid of generated programs (mm)")
     return parser
 
 

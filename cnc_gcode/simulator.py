@@ -66,6 +66,7 @@ CATEGORICAL_DIMS = (3, 3, 3, 3)
 TOOL_RPM = {"face_mill": 3000, "pocket": 6000, "contour": 8000, "circular_pocket": 10000, "drill": 2000,
             "slot": 5000, "engrave": 15000}
 STOCK_TOP_MM = 0.0
+Z_GRID_MM = 0.5
 PROXIMITY_RANGE_MM = 10.0
 
 
@@ -105,7 +106,12 @@ class ProgramWriter:
         self.pos = np.array([0.0, 0.0, 10.0])
 
     def snap(self, value: float) -> float:
+        """XY coordinates and feature sizes on the program's grid."""
         return round(round(value / self.grid) * self.grid, 3)
+
+    @staticmethod
+    def snap_z(value: float) -> float:
+        return round(round(value / Z_GRID_MM) * Z_GRID_MM, 3)
 
     def move(self, op: str, code: str, x=None, y=None, z=None, feed=None, radius=None) -> None:
         target = self.pos.copy()
@@ -129,12 +135,12 @@ class ProgramWriter:
         self.ops.append(OPERATIONS.index(op))
 
 
-def _feed(rng, low, high, step=50.0) -> float:
+def _feed(rng, low, high, step=100.0) -> float:
     return float(rng.integers(int(low / step), int(high / step) + 1) * step)
 
 
 def _op_face(w: ProgramWriter, cx, cy, depth, feed):
-    width, height, step = w.snap(w.rng.uniform(15, 35)), w.snap(w.rng.uniform(10, 25)), w.snap(w.rng.uniform(3, 6))
+    width, height, step = w.snap(w.rng.uniform(15, 35)), w.snap(w.rng.uniform(10, 25)), max(w.grid, w.snap(w.rng.uniform(3, 6)))
     x0, y0 = w.snap(cx - width / 2), w.snap(cy - height / 2)
     w.move("face_mill", "G1", z=depth, feed=feed)
     y, direction = y0, 1
@@ -145,7 +151,7 @@ def _op_face(w: ProgramWriter, cx, cy, depth, feed):
 
 def _op_pocket(w: ProgramWriter, cx, cy, depth, feed):
     half_w, half_h = w.snap(w.rng.uniform(6, 15)), w.snap(w.rng.uniform(5, 12))
-    step = w.snap(w.rng.uniform(2, 4))
+    step = max(w.grid, w.snap(w.rng.uniform(2, 4)))
     w.move("pocket", "G1", z=depth, feed=feed)
     while half_w > 0 and half_h > 0:
         for x, y in ((cx + half_w, cy - half_h), (cx + half_w, cy + half_h), (cx - half_w, cy + half_h),
@@ -156,7 +162,7 @@ def _op_pocket(w: ProgramWriter, cx, cy, depth, feed):
 
 def _op_contour(w: ProgramWriter, cx, cy, depth, feed):
     half_w, half_h = w.snap(w.rng.uniform(8, 20)), w.snap(w.rng.uniform(6, 15))
-    r = float(w.rng.choice([2.0, 3.0, 4.0, 5.0]))
+    r = float(w.rng.choice([1.0, 2.0])) * max(w.grid, 2.5)
     w.move("contour", "G1", x=cx - half_w + r, y=cy - half_h, feed=feed)
     w.move("contour", "G1", z=depth, feed=feed)
     corners = [((cx + half_w - r, cy - half_h), (cx + half_w, cy - half_h + r)),
@@ -169,7 +175,7 @@ def _op_contour(w: ProgramWriter, cx, cy, depth, feed):
 
 
 def _op_circular(w: ProgramWriter, cx, cy, depth, feed):
-    radius = float(w.rng.choice([3.0, 5.0, 8.0, 10.0, 12.0]))
+    radius = float(w.rng.choice([1, 2, 3, 4])) * max(w.grid, 2.5)
     w.move("circular_pocket", "G1", x=cx + radius, y=cy, feed=feed)
     w.move("circular_pocket", "G1", z=depth, feed=feed)
     for _ in range(int(w.rng.integers(1, 3))):
@@ -192,7 +198,7 @@ def _op_slot(w: ProgramWriter, cx, cy, depth, feed):
     w.move("slot", "G1", x=x0, y=cy, feed=feed)
     z, forward = 0.0, True
     while z > depth + 1e-9:
-        z = max(w.snap(z - 1.0), depth)
+        z = max(w.snap_z(z - 1.0), depth)
         w.move("slot", "G1", z=z, feed=feed / 2)
         w.move("slot", "G1", x=x1 if forward else x0, feed=feed)
         forward = not forward
@@ -212,7 +218,7 @@ OP_WRITERS = {"face_mill": (_op_face, (-1.0, -0.5), (800, 2000)), "pocket": (_op
 CUTTING_OPS = tuple(OP_WRITERS)
 
 
-def generate_program(rng: np.random.Generator, kind: str, n_ops: int = 3, grid_mm: float = 0.5) -> tuple[list[str], list[int]]:
+def generate_program(rng: np.random.Generator, kind: str, n_ops: int = 3, grid_mm: float = 5.0) -> tuple[list[str], list[int]]:
     """A random program whose first cutting operation is `kind`. Returns (lines, operation index per line)."""
     w = ProgramWriter(rng, grid_mm)
     w.raw("approach", "G53 G0 Z0")
@@ -220,7 +226,7 @@ def generate_program(rng: np.random.Generator, kind: str, n_ops: int = 3, grid_m
     for op in ops:
         writer, (dmin, dmax), (fmin, fmax) = OP_WRITERS[op]
         cx, cy = w.snap(rng.uniform(30, 70)), w.snap(rng.uniform(30, 70))
-        depth = w.snap(rng.uniform(dmin, dmax))
+        depth = w.snap_z(rng.uniform(dmin, dmax))
         feed = _feed(rng, fmin, fmax)
         w.move("approach", "G0", z=5.0)
         w.move("approach", "G0", x=cx, y=cy)
@@ -339,7 +345,9 @@ def record(segments: list[Segment], ops: list[int], cfg: MachineConfig, rng: np.
     for i in range(n):
         current_rpm = TOOL_RPM.get(op_names[i], current_rpm)
         rpm[i] = current_rpm
-    rpm[(line_index >= line_index.max() - 1)] = 0.0  # spindle stops for the final retract and M30
+    cutting_lines = [i for i, op in enumerate(ops) if OPERATIONS[op] in TOOL_RPM]
+    if cutting_lines:
+        rpm[line_index > cutting_lines[-1] + 1] = 0.0  # spindle stops after the retract that follows the last cut
     first_cut = next((i for i, name in enumerate(op_names) if name in TOOL_RPM), 0)
     rpm[:first_cut] = TOOL_RPM.get(op_names[first_cut], 0.0)
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cnc_gcode.gcode import ModalState, ParsedLine, parse_line
 from common.cli import UserError
-from cnc_gcode.gcode import ParsedLine, parse_line, ModalState
 
 PAD, UNK, SOS, EOS = 0, 1, 2, 3
 SPECIAL_TOKENS = ("PAD", "UNK", "SOS", "EOS")

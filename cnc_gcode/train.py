@@ -18,20 +18,28 @@ import logging
 import numpy as np
 import torch
 
+from cnc_gcode.config import CncConfig
+from cnc_gcode.data import batches, epoch_order
+from cnc_gcode.losses import multihead_loss, token_targets
+from cnc_gcode.metrics import teacher_forced_predictions, token_metrics
+from cnc_gcode.model import build_decoder, decoder_inputs
+from cnc_gcode.runtime import (
+    DECODER_DIR,
+    Pipeline,
+    cap_windows,
+    decoder_meta,
+    encoder_path,
+    load_encoder,
+    load_split,
+    set_threads,
+)
+from cnc_gcode.tokenizer import load_vocabulary
 from common.checkpoint import CheckpointManager, load_checkpoint
 from common.cli import UserError, config_main
 from common.config import save_resolved_config
 from common.logs import MetricsWriter, setup_logging
 from common.seed import get_rng_state, seed_everything, set_rng_state
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
-from cnc_gcode.config import CncConfig
-from cnc_gcode.data import batches, epoch_order
-from cnc_gcode.losses import multihead_loss, token_targets
-from cnc_gcode.metrics import teacher_forced_predictions, token_metrics
-from cnc_gcode.model import build_decoder, decoder_inputs
-from cnc_gcode.runtime import (DECODER_DIR, Pipeline, cap_windows, decoder_meta, encoder_path, load_encoder,
-                               load_split, set_threads)
-from cnc_gcode.tokenizer import load_vocabulary
 
 log = logging.getLogger(__name__)
 

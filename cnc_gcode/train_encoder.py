@@ -10,22 +10,25 @@ validation loss) is what the decoder stage freezes. `encoder_train.resume=auto` 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import CheckpointManager, load_checkpoint
-from common.cli import config_main
-from common.config import save_resolved_config
-from common.logs import MetricsWriter, setup_logging
-from common.seed import get_rng_state, seed_everything, set_rng_state
-from common.training import EarlyStopping, cosine_with_warmup, param_groups
 from cnc_gcode.config import CncConfig
 from cnc_gcode.data import batches, channel_stats, epoch_order
 from cnc_gcode.model import build_encoder
 from cnc_gcode.runtime import ENCODER_DIR, cap_windows, encoder_meta, load_split, set_threads
 from cnc_gcode.tokenizer import load_vocabulary
+from common.checkpoint import CheckpointManager, load_checkpoint
+from common.cli import config_main
+from common.config import save_resolved_config
+from common.io import write_json
+from common.logs import MetricsWriter, setup_logging
+from common.metrics import macro_f1
+from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.training import EarlyStopping, cosine_with_warmup, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,36 @@ def train_encoder(cfg: CncConfig) -> int:
         manager.save(encoder, state, epoch, is_best=improved, meta={**meta, **val_metrics})
     metrics.close()
     log.info("encoder best val_loss %.4f -> %s", stopper.best, manager.best)
+    if Path(cfg.data.test_path).is_file():
+        report_test(cfg, manager.best, train, vocab)
     return 0
+
+
+@torch.no_grad()
+def report_test(cfg: CncConfig, best: Path, train, vocab) -> dict:
+    """Operation accuracy of the best encoder on the test split vs the majority baseline, plus a confusion plot."""
+    from cnc_gcode.evaluate import confusion_plot, operation_names
+
+    encoder = build_encoder(cfg.encoder, train.continuous.shape[2])
+    load_checkpoint(best, encoder)
+    encoder.eval()
+    test = load_split(cfg, "test", vocab, continuous_dim=train.continuous.shape[2])
+    predictions = []
+    for idx in batches(len(test), 256):
+        _, op_logits = encoder(torch.from_numpy(test.continuous[idx]), torch.from_numpy(test.categorical[idx]))
+        predictions.append(op_logits.argmax(1).numpy())
+    predicted = np.concatenate(predictions)
+    majority = np.bincount(train.operation_type).argmax()
+    result = {"split": "test", "n_windows": len(test), "operation_acc": float((predicted == test.operation_type).mean()),
+              "majority_operation_acc": float((test.operation_type == majority).mean()),
+              "macro_f1": macro_f1(test.operation_type, predicted), "checkpoint": str(best)}
+    reports = cfg.run.run_dir / "reports"
+    write_json(reports / "encoder_results_test.json", result)
+    confusion_plot(test.operation_type, predicted, operation_names(cfg.encoder.n_operations),
+                   reports / "encoder_confusion_test.png", f"encoder operations, test (acc {result['operation_acc']:.3f})")
+    log.info("encoder test: operation_acc %.4f (majority %.4f)", result["operation_acc"],
+             result["majority_operation_acc"])
+    return result
 
 
 main = config_main(CncConfig, train_encoder, __doc__, prog="python -m cnc_gcode.train_encoder")
@@ -122,5 +154,3 @@ main = config_main(CncConfig, train_encoder, __doc__, prog="python -m cnc_gcode.
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-__all__ = ["main", "train_encoder", "corrupt", "np"]

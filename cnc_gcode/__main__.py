@@ -1,0 +1,24 @@
+"""`python -m cnc_gcode` lists the stages."""
+
+from common.cli import list_stages
+
+STAGES = {
+    "sample_data": "simulate machining programs -> sensor-window NPZ splits (OUT folder)",
+    "build_vocab": "vocabulary from a G-code corpus + parse / round-trip report",
+    "ingest_umich": "UMich CNC mill CSV logs -> sensor-window NPZ splits by experiment",
+    "train_encoder": "train the MMDTAELSTM encoder (operations + denoising reconstruction)",
+    "train": "train the SensorMultiHeadDecoder over the frozen encoder",
+    "evaluate": "operation / token / digit metrics vs baselines, confusion plot",
+    "predict": "sensor NPZ -> G-code text (constrained greedy decoding)",
+    "export_onnx": "encoder + cached decoder step to ONNX, onnxruntime parity",
+    "ablation_gamma": "focal-gamma table (CE, +label smoothing, gamma 1/2/3)",
+    "ablation_modality": "sensor-modality table (remove each channel group)",
+}
+
+
+def main() -> int:
+    return list_stages("cnc_gcode", STAGES)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

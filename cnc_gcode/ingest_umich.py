@@ -1,0 +1,139 @@
+"""Ingest the University of Michigan CNC mill logs into the sensor-window NPZ layout, split by experiment.
+
+    python -m cnc_gcode.ingest_umich --config configs/cnc_gcode/umich.yaml
+    python -m cnc_gcode.train_encoder --config configs/cnc_gcode/umich.yaml       # machining-phase accuracy
+
+Input: experiment_XX.csv (100 ms rows; 48 signals; `Machining_Process` phase; `M1_sequence_number`), from
+umich.data_dir or $REAL_DATA_DIR/cnc_umich_toolwear. Output in umich.out_dir: train/val/test.npz with
+    continuous [N,64,C] float32   every numeric signal except program number and sequence number (C = 45)
+    categorical [N,64,4] int64    direction of X, Y, Z command velocity and spindle state (0 still, 1 -, 2 +)
+    operation_type [N] int64      the phase at the window's last row, one of PHASES (9)
+    tokens [N,7] int64            the NONE line (the G-code program is not part of the dataset, so there are no
+                                  token targets: this data trains and evaluates the encoder only)
+    sequence_number, experiment [N] int64
+Experiments, not windows, are split (umich.val_experiments / umich.test_experiments), so no run is in two splits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from cnc_gcode.config import CncConfig
+from cnc_gcode.sample_data import SPLITS, save_npz
+from cnc_gcode.tokenizer import NONE_COMMAND, Vocabulary
+from common.cli import UserError, config_main
+from common.io import write_json
+from common.logs import setup_logging
+
+log = logging.getLogger(__name__)
+PHASES = ("Prep", "Layer 1 Up", "Layer 1 Down", "Repositioning", "Layer 2 Up", "Layer 2 Down", "Layer 3 Up",
+          "Layer 3 Down", "End")
+PHASE_ALIASES = {"starting": "Prep", "end": "End"}
+LABEL_COLUMNS = ("Machining_Process", "M1_sequence_number", "M1_CURRENT_PROGRAM_NUMBER", "tool_condition")
+DIRECTION_COLUMNS = ("X1_CommandVelocity", "Y1_CommandVelocity", "Z1_CommandVelocity", "S1_CommandVelocity")
+STILL_SPEED = 1e-3
+
+
+def default_data_dir() -> Path:
+    root = os.environ.get("REAL_DATA_DIR")
+    base = Path(root) if root else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return base / "cnc_umich_toolwear"
+
+
+def read_experiment(path: Path):
+    """One CSV -> (signals DataFrame of numeric sensor columns, phase ids [S], sequence numbers [S])."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read CSV ({exc}); expected the UMich experiment_XX.csv layout") from exc
+    for column in ("Machining_Process", "M1_sequence_number", *DIRECTION_COLUMNS):
+        if column not in frame.columns:
+            raise UserError(f"{path}: column '{column}' is missing; expected the UMich CNC mill tool-wear layout")
+    phase_names = frame["Machining_Process"].astype(str).str.strip()
+    phase_names = phase_names.map(lambda p: PHASE_ALIASES.get(p.lower(), p))
+    unknown = sorted(set(phase_names) - set(PHASES))
+    if unknown:
+        raise UserError(f"{path}: column 'Machining_Process' holds unknown phases {unknown}; expected {PHASES}")
+    phases = phase_names.map(PHASES.index).to_numpy(np.int64)
+    signals = frame.drop(columns=[c for c in frame.columns if c in LABEL_COLUMNS or c.startswith("Unnamed")])
+    signals = signals.apply(pd.to_numeric, errors="coerce")
+    return signals, phases, frame["M1_sequence_number"].to_numpy()
+
+
+def categorical_channels(signals) -> np.ndarray:
+    """[S,4]: 0 still, 1 negative, 2 positive command velocity of X, Y, Z and the spindle."""
+    velocity = signals[list(DIRECTION_COLUMNS)].to_numpy(np.float64)
+    return np.where(np.abs(velocity) < STILL_SPEED, 0, np.where(velocity < 0, 1, 2)).astype(np.int64)
+
+
+def ingest(cfg: CncConfig) -> int:
+    setup_logging()
+    uc = cfg.umich
+    data_dir = Path(uc.data_dir) if uc.data_dir else default_data_dir()
+    files = sorted(data_dir.glob("experiment_*.csv"))
+    if not files:
+        raise UserError(f"config key 'umich.data_dir': no experiment_XX.csv in {data_dir}; point it at the UMich "
+                        f"CNC mill tool-wear folder (or set REAL_DATA_DIR)")
+    vocab = Vocabulary()
+    none_line = [vocab.command_id(NONE_COMMAND), 3] + [0] * (vocab.max_tokens - 2)
+    split_of = {e: "val" for e in uc.val_experiments} | {e: "test" for e in uc.test_experiments}
+    parts: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    channel_names: list[str] | None = None
+    for path in files:
+        number = int(re.search(r"(\d+)", path.stem).group(1))
+        signals, phases, sequence = read_experiment(path)
+        if channel_names is None:
+            channel_names = list(signals.columns)
+        elif list(signals.columns) != channel_names:
+            raise UserError(f"{path}: signal columns differ from {files[0].name}; every experiment needs the same 48")
+        if len(signals) < uc.window:
+            log.warning("%s: %d rows, shorter than one window of %d; skipped", path, len(signals), uc.window)
+            continue
+        continuous = signals.to_numpy(np.float32)
+        categorical = categorical_channels(signals)
+        ends = np.arange(uc.window - 1, len(signals), uc.stride)
+        index = ends[:, None] - np.arange(uc.window - 1, -1, -1)[None]
+        parts[split_of.get(number, "train")].append({
+            "continuous": continuous[index], "categorical": categorical[index],
+            "operation_type": phases[ends], "tokens": np.tile(np.asarray(none_line, np.int64), (len(ends), 1)),
+            "sequence_number": sequence[ends].astype(np.int64), "experiment": np.full(len(ends), number, np.int64)})
+    out = Path(uc.out_dir)
+    manifest = {"source": str(data_dir), "window": uc.window, "stride": uc.stride, "phases": list(PHASES),
+                "splits": {}}
+    for split in SPLITS:
+        if not parts[split]:
+            raise UserError(f"split '{split}' got no experiments; check umich.val_experiments/test_experiments")
+        arrays = {k: np.concatenate([p[k] for p in parts[split]]) for k in parts[split][0]}
+        arrays["channel_names"] = np.asarray(channel_names)
+        save_npz(out / f"{split}.npz", arrays)
+        manifest["splits"][split] = {"experiments": sorted(set(arrays["experiment"].tolist())),
+                                     "windows": len(arrays["operation_type"]),
+                                     "phase_counts": np.bincount(arrays["operation_type"], minlength=9).tolist()}
+    groups: dict[str, list[str]] = {}
+    for name in channel_names:
+        prefix = name.split("_")[0]
+        kind = "controller" if prefix == "M1" else ("spindle" if prefix == "S1" else
+                                                    ("position" if "Position" in name else
+                                                     "velocity" if "Velocity" in name else
+                                                     "acceleration" if "Acceleration" in name else "motor_current"))
+        groups.setdefault(kind, []).append(name)
+    write_json(out / "channels.json", {"continuous": channel_names, "groups": groups,
+                                       "categorical": ["x_direction", "y_direction", "z_direction", "spindle_state"],
+                                       "categorical_dims": [3, 3, 3, 3]})
+    write_json(out / "manifest.json", manifest)
+    log.info("UMich: %s", {s: v["windows"] for s, v in manifest["splits"].items()})
+    print(f"umich: {out} {({s: v['windows'] for s, v in manifest['splits'].items()})}")
+    return 0
+
+
+main = config_main(CncConfig, ingest, __doc__, prog="python -m cnc_gcode.ingest_umich")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

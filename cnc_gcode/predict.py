@@ -1,0 +1,70 @@
+"""Turn a sensor file into G-code text with the trained pipeline.
+
+    python -m cnc_gcode.predict --config configs/cnc_gcode/sample.yaml predict.input=data/cnc_gcode/sample/test.npz
+
+The input NPZ needs `continuous [N,T,C]` and `categorical [N,T,K]` (labels are not needed), windows in time
+order. Each window is decoded with the constrained greedy decoder; consecutive windows that decode to the same
+line are merged, so the output reads as a program. Writes the .nc file (default
+<run_dir>/predictions/<input stem>.nc) and a CSV with one row per window (operation, decoded line).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+from cnc_gcode.config import CncConfig
+from cnc_gcode.data import load_windows
+from cnc_gcode.evaluate import operation_names, predict_windows
+from cnc_gcode.runtime import load_models, set_threads
+from common.cli import UserError, config_main
+from common.io import atomic_write_text
+from common.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def windows_to_program(lines: list[str]) -> list[str]:
+    """Merge runs of identical consecutive lines (several windows see the same executing line)."""
+    program = []
+    for line in lines:
+        if not program or program[-1] != line:
+            program.append(line)
+    return program
+
+
+def predict(cfg: CncConfig) -> int:
+    set_threads(cfg)
+    setup_logging()
+    if not cfg.predict.input:
+        raise UserError("config key 'predict.input' is empty; pass predict.input=PATH/TO/windows.npz")
+    encoder, decoder, vocab, meta = load_models(cfg)
+    windows = load_windows(cfg.predict.input, categorical_dims=cfg.encoder.categorical_dims,
+                           nan_policy=cfg.data.nan_policy, labels=False, continuous_dim=int(meta["continuous_dim"]))
+    op_pred, token_pred = predict_windows(encoder, decoder, vocab, windows)
+    lines = [vocab.decode_line(row) for row in token_pred]
+    names = operation_names(cfg.encoder.n_operations)
+    out = Path(cfg.predict.output) if cfg.predict.output else \
+        cfg.run.run_dir / "predictions" / f"{Path(cfg.predict.input).stem}.nc"
+    program = windows_to_program(lines)
+    header = f"(predicted by cnc_gcode from {Path(cfg.predict.input).name}: {len(windows)} windows)"
+    if windows.skipped_nan:
+        header += f"\n(skipped {windows.skipped_nan} windows holding NaN/inf sensor values)"
+    atomic_write_text(out, header + "\n" + "\n".join(program) + "\n")
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["window", "operation", "gcode"])
+    for i, (op, line) in enumerate(zip(op_pred, lines)):
+        writer.writerow([i, names[int(op)], line])
+    atomic_write_text(out.with_suffix(".csv"), table.getvalue())
+    log.info("wrote %d program lines from %d windows to %s", len(program), len(windows), out)
+    print(out)
+    return 0
+
+
+main = config_main(CncConfig, predict, __doc__, prog="python -m cnc_gcode.predict")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

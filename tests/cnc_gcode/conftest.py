@@ -1,0 +1,34 @@
+"""Session fixtures: a small simulated dataset and a tiny trained pipeline shared by the slower tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cnc_gcode import train, train_encoder
+from cnc_gcode.sample_data import make_dataset
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "cnc_gcode" / "tiny.yaml"
+
+
+def stage_args(data: Path, runs: Path, name: str = "t", *extra: str) -> list[str]:
+    return ["--config", str(TINY), f"run.out_dir={runs}", f"run.name={name}", f"data.train_path={data / 'train.npz'}",
+            f"data.val_path={data / 'val.npz'}", f"data.test_path={data / 'test.npz'}", *extra]
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cnc_sample")
+    make_dataset(out, n_programs=14, seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(sample_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """(runs dir, common argv) of a tiny encoder + decoder trained on the sample data."""
+    runs = tmp_path_factory.mktemp("cnc_runs")
+    args = stage_args(sample_dir, runs, "t", "encoder_train.epochs=2", "train.epochs=2")
+    assert train_encoder.main(args) == 0
+    assert train.main(args) == 0
+    return runs, args

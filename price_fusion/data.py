@@ -67,7 +67,7 @@ def read_catalog(path: str | Path, require_price: bool, bad_price: str = "skip")
         raise UserError(f"{path}: catalogue CSV not found; expected columns {ID_COL},{TEXT_COL},{IMAGE_COL}"
                         f"{',' + PRICE_COL if require_price else ''} (create one with python -m price_fusion.sample_data)")
     try:
-        frame = pd.read_csv(path, dtype={ID_COL: str}, keep_default_na=False)
+        frame = pd.read_csv(path, dtype={ID_COL: str, PRICE_COL: str}, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not a readable CSV ({exc}); fix the file") from exc
     needed = [ID_COL, TEXT_COL] + ([PRICE_COL] if require_price else [])
@@ -82,7 +82,7 @@ def read_catalog(path: str | Path, require_price: bool, bad_price: str = "skip")
     dup = pd.Series(ids).duplicated()
     if dup.any():
         first = int(np.flatnonzero(dup.to_numpy())[0])
-        raise UserError(f"{path}: row {first + 2}: {ID_COL} {ids[first]!r} appears more than once; ids must be unique")
+        raise UserError(f"{path}: row {first + 2}: {ID_COL} {str(ids[first])!r} appears more than once; ids must be unique")
     texts = frame[TEXT_COL].astype(str).tolist()
     links = frame[IMAGE_COL].astype(str).tolist() if IMAGE_COL in frame.columns else [""] * len(frame)
     prices = None
@@ -110,7 +110,8 @@ def read_catalog(path: str | Path, require_price: bool, bad_price: str = "skip")
 
 # ----------------------------------------------------------------------------------------------- structural features
 def _normalise_unit(unit: str) -> str:
-    return re.sub(r"[^a-z0-9 ]+", "", unit.lower()).strip() or UNKNOWN_UNIT
+    unit = re.sub(r"\(.*?\)", " ", unit.lower())  # "Count (Pack of 2)" -> "count"
+    return " ".join(re.sub(r"[^a-z0-9 ]+", "", unit).split()) or UNKNOWN_UNIT
 
 
 def parse_structure(text: str) -> tuple[float, str, int]:

@@ -1,0 +1,98 @@
+"""Training end to end on the sample data: learning, outputs, kill-and-resume, K-fold, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import metrics
+from price_fusion import train
+from price_fusion.embeddings import load_embeddings, write_embeddings
+
+
+def test_training_learns_and_writes_its_outputs(trained_run, sample_env):
+    run = trained_run["run_dir"]
+    for path in ("config.yaml", "split.json", "metrics.jsonl", "training_history.json", "done.json",
+                 "checkpoints/best/model.safetensors", "checkpoints/latest/train_state.pt",
+                 "predictions/val_predictions.csv", "reports/train_summary.json"):
+        assert (run / path).exists(), path
+    history = json.loads((run / "training_history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 26))
+    assert {"train_loss", "val_smape", "val_mae", "val_rmse", "val_r2", "lr"} <= set(history[0])
+    val = pd.read_csv(run / "predictions" / "val_predictions.csv", dtype={"sample_id": str})
+    assert len(val) == 48  # 20% of 240, stratified
+    train_prices = pd.read_csv(sample_env["train_csv"], dtype={"sample_id": str}).set_index("sample_id").price
+    median_smape = metrics.smape(val.actual, np.full(len(val), np.median(train_prices.drop(val.sample_id))))
+    fused_smape = metrics.smape(val.actual, val.price)
+    # the price depends on text, structure and image in a known way; a working pipeline beats the median by far
+    assert fused_smape < 0.6 * median_smape, (fused_smape, median_smape)
+    assert min(h["val_smape"] for h in history) == pytest.approx(fused_smape, rel=1e-3)  # best checkpoint was used
+
+
+def test_kill_and_resume_gives_identical_weights(sample_env, tmp_path):
+    common = ["run_name=r", "train.epochs=6", "train.resume=auto", "model.name=advanced_moe", "train.patience=50"]
+    assert train.main(sample_env["args"](tmp_path / "straight", *common)) == 0
+    # the same run stopped after 2 and then 2 more epochs (each process exits as a kill would), then resumed to the end
+    for _ in range(2):
+        assert train.main(sample_env["args"](tmp_path / "resumed", *common, "train.max_epochs_this_run=2")) == 0
+    assert not (tmp_path / "resumed" / "r" / "done.json").exists()
+    assert train.main(sample_env["args"](tmp_path / "resumed", *common)) == 0
+    a = load_file(tmp_path / "straight" / "r" / "checkpoints" / "latest" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "r" / "checkpoints" / "latest" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    hist_a = json.loads((tmp_path / "straight" / "r" / "training_history.json").read_text())
+    hist_b = json.loads((tmp_path / "resumed" / "r" / "training_history.json").read_text())
+    assert hist_a == hist_b
+    lines = (tmp_path / "resumed" / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 7))
+
+
+def test_kfold_writes_out_of_fold_predictions_for_every_row(sample_env, tmp_path):
+    args = sample_env["args"](tmp_path, "run_name=k", "train.kfold=3", "train.epochs=3", "train.loss=hybrid_focal_smape")
+    assert train.main(args) == 0
+    oof = pd.read_csv(tmp_path / "k" / "predictions" / "oof_predictions.csv", dtype={"sample_id": str})
+    ids = pd.read_csv(sample_env["train_csv"], dtype={"sample_id": str}).sample_id
+    assert sorted(oof.sample_id) == sorted(ids) and (oof.price > 0).all()
+    split = json.loads((tmp_path / "k" / "split.json").read_text())
+    assert sum(len(v) for v in split["val_ids"]) == len(ids)
+    for k in range(3):
+        assert (tmp_path / "k" / f"fold_{k}" / "checkpoints" / "best" / "meta.json").exists()
+
+
+def test_bad_prices_are_skipped_and_counted(sample_env, tmp_path, caplog):
+    frame = pd.read_csv(sample_env["train_csv"], dtype={"sample_id": str})
+    frame["price"] = frame["price"].astype(object)
+    frame.loc[[0, 1, 2, 3, 4], "price"] = ["", "abc", 0, -5, "nan"]
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    args = sample_env["args"](tmp_path, "run_name=b", "train.epochs=1", f"data.train_csv={tmp_path / 'train.csv'}")
+    assert train.main(args) == 0
+    assert "skipped 5 row(s)" in caplog.text and "235 training products (5 skipped" in caplog.text
+    assert train.main([*args, "data.bad_price=error"]) == 2
+
+
+def test_dimension_mismatch_names_both_numbers(sample_env, tmp_path, capsys):
+    assert train.main(sample_env["args"](tmp_path, "train.epochs=1", "model.text_dim=1024")) == 2
+    assert "model.text_dim=1024 but the embeddings are 384-d" in capsys.readouterr().err
+
+
+def test_misaligned_embeddings_name_the_first_ids(sample_env, tmp_path, capsys):
+    emb = load_embeddings(sample_env["embeddings"] / "train")
+    ids = emb.sample_ids.copy()
+    ids[:3] = ["x1", "x2", "x3"]
+    write_embeddings(tmp_path / "emb" / "train", ids, emb.image, emb.image_mask, emb.text, emb.struct, {})
+    assert train.main(sample_env["args"](tmp_path, "train.epochs=1", f"data.embeddings_dir={tmp_path / 'emb'}")) == 2
+    err = capsys.readouterr().err
+    assert "3 of 240 sample ids have no embedding, first ['100000', '100001', '100002']" in err
+    assert "'x1'" in err
+
+
+def test_unknown_config_key_suggests_the_right_one(sample_env, tmp_path, capsys):
+    assert train.main(sample_env["args"](tmp_path, "train.pateince=3")) == 2
+    assert "did you mean 'train.patience'" in capsys.readouterr().err

@@ -277,3 +277,43 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None, map_locati
     state = torch.load(ckpt / STATE_FILE, map_location=map_location, weights_only=True)
     meta = json.loads((ckpt / META_FILE).read_text(encoding="utf-8"))
     return state, meta
+
+
+def capture_train_state(epoch: int, optimizer: Any = None, scheduler: Any = None, early_stopping: Any = None,
+                        scaler: Any = None, **extra: Any) -> dict[str, Any]:
+    """The training state a resume needs: counters, RNG streams and the `state_dict()` of each object given.
+
+    `extra` holds anything else the loop keeps (history lists, sampler position, best metric); it must be made of
+    tensors, python scalars, strings, lists and dicts so it loads with `weights_only=True`.
+    """
+    from common.seed import get_rng_state
+
+    state: dict[str, Any] = {"epoch": epoch, "rng": get_rng_state(), **extra}
+    for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("early_stopping", early_stopping),
+                     ("scaler", scaler)):
+        if obj is not None:
+            state[key] = obj.state_dict()
+    return state
+
+
+def resume_from_checkpoint(manager: CheckpointManager, resume: str | bool | Path | None, model: nn.Module,
+                           optimizer: Any = None, scheduler: Any = None, early_stopping: Any = None,
+                           scaler: Any = None) -> dict[str, Any] | None:
+    """Resolve `resume` (auto | path | false); if a checkpoint is found, restore the model, each object given and
+    the RNG streams, and return its training state (`state["epoch"]` is the last completed epoch). None: fresh start.
+    """
+    from common.seed import set_rng_state
+
+    path = manager.resolve_resume(resume)
+    if path is None:
+        return None
+    state, meta = load_checkpoint(path, model)
+    for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("early_stopping", early_stopping),
+                     ("scaler", scaler)):
+        if obj is not None:
+            if key not in state:
+                raise UserError(f"checkpoint {path} has no {key} state; resume=false starts a fresh run")
+            obj.load_state_dict(state[key])
+    set_rng_state(state["rng"])
+    state["_resumed_from"] = str(path)
+    return state

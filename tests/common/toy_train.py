@@ -21,7 +21,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common import checkpoint as ckpt_mod  # noqa: E402
-from common.checkpoint import CheckpointManager, load_checkpoint  # noqa: E402
+from common.checkpoint import CheckpointManager, capture_train_state, resume_from_checkpoint  # noqa: E402
 from common.cli import config_main  # noqa: E402
 from common.config import save_resolved_config  # noqa: E402
 from common.distributed import (  # noqa: E402
@@ -32,7 +32,7 @@ from common.distributed import (  # noqa: E402
     wrap_ddp,
 )
 from common.logs import MetricsWriter  # noqa: E402
-from common.seed import get_rng_state, seed_everything, set_rng_state  # noqa: E402
+from common.seed import seed_everything  # noqa: E402
 from common.training import EarlyStopping, cosine_with_warmup, param_groups  # noqa: E402
 
 
@@ -89,18 +89,11 @@ def train(cfg: ToyConfig) -> int:
     scheduler = cosine_with_warmup(optimizer, warmup_steps=5, total_steps=cfg.epochs * len(loader))
     stopper = EarlyStopping(patience=cfg.patience, mode="min")
     manager = CheckpointManager(run_dir / "checkpoints", keep_last_n=2, every_n_epochs=cfg.every_n_epochs)
-    start_epoch = 0
-    resume_from = manager.resolve_resume(cfg.resume)
-    if resume_from is not None:
-        state, _ = load_checkpoint(resume_from, model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stopper.load_state_dict(state["early_stopping"])
-        set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
+    resumed = resume_from_checkpoint(manager, cfg.resume, model, optimizer, scheduler, stopper)
+    start_epoch = resumed["epoch"] + 1 if resumed else 0
     if info.is_main:
         save_resolved_config(cfg, run_dir)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=resumed["epoch"] if resumed else None)
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         ddp_model.train()
@@ -115,9 +108,7 @@ def train(cfg: ToyConfig) -> int:
         mean_loss = float(all_reduce_mean(total / len(loader)))
         improved = stopper.step(mean_loss)
         metrics.write({"epoch": epoch, "loss": mean_loss})
-        manager.save(model, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "early_stopping": stopper.state_dict(), "rng": get_rng_state(), "epoch": epoch},
-                     epoch=epoch, is_best=improved)
+        manager.save(model, capture_train_state(epoch, optimizer, scheduler, stopper), epoch=epoch, is_best=improved)
         time.sleep(cfg.epoch_sleep)
         if stopper.should_stop:
             break

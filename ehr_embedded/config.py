@@ -155,7 +155,8 @@ class TrainingConfig:
     num_workers: int = 0
     save_every: int = 10
     keep_last_n: int = 3
-    resume: str = "auto"
+    resume: str | bool = "auto"
+    """`auto` (continue from checkpoints/latest when it exists), false, or a checkpoint directory."""
     device: str = "cpu"
     num_threads: int = 0
     """torch.set_num_threads when > 0."""

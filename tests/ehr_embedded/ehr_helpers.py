@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from common.config import load_config
+from ehr_embedded import meds_io
 from ehr_embedded.config import Stage1Config, TrainConfig
+from ehr_embedded.storage import load_dataset_table, open_split
 
 N_SUBJECTS = 160
 TINY_MODEL = ["model.model_dim=32", "model.n_heads=2", "model.n_layers=1", "model.max_length=64",
@@ -40,3 +44,35 @@ def train_config(store: Path, run_dir: Path, *extra: str, model_type: str = "tra
         f"training.output_dir={run_dir}", f"training.task={task}", "training.batch_size=16",
         "training.learning_rate=0.003", "training.epochs=3", "training.save_every=0", "training.class_weights=auto",
         "evaluate.n_bootstrap=100", *extra])
+
+
+def expected_sequences(meds_dir: Path, labels_path: Path, max_length: int) -> dict:
+    """Independent re-derivation of every stored sequence, straight from the raw shards with pandas: the codes of
+    the label's last `max_length` events strictly before prediction_time, static (null-time) events first."""
+    events = meds_io.read_all_events(meds_dir).to_pandas()
+    labels = meds_io.read_labels(labels_path)
+    by_subject = dict(tuple(events.groupby("subject_id", sort=False)))
+    out = {}
+    for lab in labels.itertuples():
+        ev = by_subject.get(lab.subject_id)
+        if ev is None:
+            continue
+        static = ev[ev["time"].isna()]
+        timed = ev[ev["time"].notna() & (ev["time"] < lab.prediction_time)].sort_values("time", kind="stable")
+        if timed.empty:
+            continue
+        keep = list(static["code"]) + list(timed["code"])[-(max_length - len(static)):]
+        out[(lab.subject_id, pd.Timestamp(lab.prediction_time))] = keep
+    return out
+
+
+def stored_codes(store_dir: Path) -> dict:
+    """(subject_id, prediction_time) -> the code strings a compact store holds for that label."""
+    codes = load_dataset_table(store_dir).vocab["code"].to_numpy()
+    out = {}
+    for split in meds_io.SPLITS:
+        store = open_split(store_dir, split)
+        for i in range(len(store)):
+            row = store.sequences.iloc[i]
+            out[(row["subject_id"], pd.Timestamp(row["prediction_time"]))] = list(codes[store[i]["token_ids"]])
+    return out

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from ehr_helpers import stage1_config
+from ehr_helpers import expected_sequences, stage1_config, stored_codes
 
 from ehr_embedded import meds_io
 from ehr_embedded.create_embeddings import STATIC_TIME, create_embeddings, cut_indices, time_gaps_hours
@@ -19,40 +19,11 @@ from ehr_embedded.storage import UNK_ID, CodeTable, SequenceStore, export_pt, lo
 H = 3_600_000_000  # microseconds per hour
 
 
-def expected_sequences(meds_dir, max_length):
-    """Independent re-derivation: for each label, the codes of its last `max_length` events strictly before
-    prediction_time (static events first), straight from the raw shards."""
-    events = meds_io.read_all_events(meds_dir).to_pandas()
-    labels = meds_io.read_labels(meds_dir / "labels" / "infection")
-    out = {}
-    for lab in labels.itertuples():
-        ev = events[events["subject_id"] == lab.subject_id]
-        static = ev[ev["time"].isna()]
-        timed = ev[ev["time"].notna() & (ev["time"] < lab.prediction_time)].sort_values("time", kind="stable")
-        if timed.empty:
-            continue
-        keep = list(static["code"]) + list(timed["code"])[-(max_length - len(static)):]
-        out[(lab.subject_id, pd.Timestamp(lab.prediction_time))] = keep
-    return out
-
-
-def stored_codes(built):
-    table = load_dataset_table(built.store)
-    codes = table.vocab["code"].to_numpy()
-    out = {}
-    for split in meds_io.SPLITS:
-        store = open_split(built.store, split)
-        for i in range(len(store)):
-            row = store.sequences.iloc[i]
-            out[(row["subject_id"], pd.Timestamp(row["prediction_time"]))] = list(codes[store[i]["token_ids"]])
-    return out
-
-
 def test_nothing_at_or_after_prediction_time_enters(built):
     """The leakage test: every stored sequence equals an independent cut strictly before prediction_time, and the
     sample's trap codes (planted exactly at and after prediction_time for positives) never appear."""
-    expected = expected_sequences(built.meds, max_length=64)
-    got = stored_codes(built)
+    expected = expected_sequences(built.meds, built.meds / "labels" / "infection", max_length=64)
+    got = stored_codes(built.store)
     assert got.keys() == expected.keys()
     for key, codes in got.items():
         assert codes == expected[key], key

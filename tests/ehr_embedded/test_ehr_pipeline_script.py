@@ -1,0 +1,45 @@
+"""scripts/ehr_embedded/run_embedded_pipeline.sh with three configs, as in the original."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "ehr_embedded" / "run_embedded_pipeline.sh"
+
+
+@pytest.mark.slow
+def test_pipeline_script_runs_all_stages(sample_meds, tmp_path):
+    meds = sample_meds
+    stage1 = {"data": {"data_dir": str(meds), "labels_filepath": str(meds / "labels" / "infection"),
+                       "vocab_embedding_path": str(tmp_path / "vocab"),
+                       "embedding_output_dir": str(tmp_path / "store")},
+              "vocab": {"min_count": 2}, "sequences": {"max_length": 32}}
+    model = {"model_dim": 16, "n_heads": 2, "n_layers": 1, "max_length": 32}
+    pre = {"model": {**model, "type": "transformer_decoder_embedded"},
+           "data": {"embedding_output_dir": str(tmp_path / "store")},
+           "training": {"task": "autoregressive", "output_dir": str(tmp_path / "pre"), "epochs": 1}}
+    fine = {"model": {**model, "type": "transformer_decoder_embedded"},
+            "data": {"embedding_output_dir": str(tmp_path / "store")},
+            "training": {"output_dir": str(tmp_path / "fine"), "epochs": 1, "pretrained_checkpoint":
+                         str(tmp_path / "pre")}, "evaluate": {"n_bootstrap": 50}}
+    paths = []
+    for name, cfg in (("create.yaml", stage1), ("pre.yaml", pre), ("fine.yaml", fine)):
+        (tmp_path / name).write_text(yaml.safe_dump(cfg))
+        paths.append(str(tmp_path / name))
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["bash", str(SCRIPT), *paths], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "fine" / "reports" / "eval_held_out.json").read_text())
+    assert 0.0 <= report["auroc"]["value"] <= 1.0
+    assert (tmp_path / "pre" / "checkpoints" / "best" / "model.safetensors").is_file()
+    bad = subprocess.run(["bash", str(SCRIPT), paths[0], "none"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr

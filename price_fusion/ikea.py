@@ -108,15 +108,15 @@ def ikea(cfg: PriceFusionConfig) -> int:
     ridge_pred, ridge_params = ridge_baseline(train_x, train_price, test_x)
     struct_x = np.hstack([train_x, np.asarray(train_emb.struct)]), np.hstack([test_x, np.asarray(test_emb.struct)])
     ridge_struct_pred, ridge_struct_params = ridge_baseline(struct_x[0], train_price, struct_x[1])
-    rows = [("median price", median_baseline(train_price, len(truth)), {}),
-            ("kNN on text embeddings", knn_pred, knn_params),
-            ("ridge on text embeddings", ridge_pred, ridge_params),
-            ("ridge on text embeddings + struct (extra)", ridge_struct_pred, ridge_struct_params),
-            (f"fusion {cfg.model.name} (image branch masked)", fused, {"loss": cfg.train.loss})]
-    results = [{"method": name, "smape": metrics.smape(truth, pred), "mae": metrics.mae(truth, pred),
+    rows = [("median", "median price", median_baseline(train_price, len(truth)), {}),
+            ("knn", "kNN on text embeddings", knn_pred, knn_params),
+            ("ridge", "ridge on text embeddings", ridge_pred, ridge_params),
+            ("ridge_struct", "ridge on text embeddings + struct (extra)", ridge_struct_pred, ridge_struct_params),
+            ("fusion", f"fusion {cfg.model.name} (image branch masked)", fused, {"loss": cfg.train.loss})]
+    results = [{"key": key, "method": name, "smape": metrics.smape(truth, pred), "mae": metrics.mae(truth, pred),
                 "r2": metrics.r2(truth, pred), "params": params,
                 "smape_ci95": list(metrics.bootstrap_ci(metrics.smape, truth, pred, n_boot=500, seed=0)[1:])}
-               for name, pred, params in rows]
+               for key, name, pred, params in rows]
     required = [r["smape"] for r in results[:3]]
     beats = bool(results[-1]["smape"] < min(required))
     write_json(run_dir / "reports" / "ikea_results.json", {"n_train": len(train_rows), "n_test": len(test_rows),

@@ -207,6 +207,7 @@ class BaselineConfig:
 
     embedding_output_dir: Path = Path("embeddings/patients")
     output_dir: Path = Path("runs/ehr_embedded/baseline_counts")
+    features: Literal["counts", "mean_embedding"] = "counts"
     max_length: int | None = None
     """Count only each sequence's most recent `max_length` events (match the model's max_length); null = all."""
     c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])

@@ -25,6 +25,7 @@ from common.cli import UserError, config_main
 from common.io import write_json
 from common.logs import setup_logging
 from ehr_embedded.config import BaselineConfig
+from ehr_embedded.data import kept_indices
 from ehr_embedded.evaluate import binary_metrics, choose_threshold, write_predictions
 from ehr_embedded.storage import SequenceStore, load_dataset_table, open_split
 
@@ -32,12 +33,15 @@ log = logging.getLogger(__name__)
 
 
 def count_features(store: SequenceStore, n_codes: int, max_length: int | None = None) -> sp.csr_matrix:
-    """`[S, n_codes]` sparse log(1 + count of each code) over each sequence's most recent `max_length` events."""
-    rows = np.repeat(np.arange(len(store)), store.lengths)
-    from_end = np.repeat(store.offsets[1:], store.lengths) - 1 - np.arange(len(rows))  # 0 = most recent event
-    keep = from_end < max_length if max_length else np.ones(len(rows), bool)
-    counts = sp.csr_matrix((np.ones(int(keep.sum()), np.float32),
-                            (rows[keep], np.asarray(store.token_ids, np.int64)[keep])), shape=(len(store), n_codes))
+    """`[S, n_codes]` sparse log(1 + count of each code) over the events a model with `max_length` sees."""
+    rows, cols = [], []
+    for i in range(len(store)):
+        ids = np.asarray(store[i]["token_ids"], np.int64)[kept_indices(int(store.lengths[i]), int(store.n_static[i]),
+                                                                       max_length)]
+        rows.append(np.full(len(ids), i))
+        cols.append(ids)
+    rows_flat, cols_flat = np.concatenate(rows), np.concatenate(cols)
+    counts = sp.csr_matrix((np.ones(len(rows_flat), np.float32), (rows_flat, cols_flat)), shape=(len(store), n_codes))
     counts.sum_duplicates()
     counts.data = np.log1p(counts.data)
     return counts
@@ -47,8 +51,8 @@ def mean_embedding_features(store: SequenceStore, embeddings: np.ndarray, max_le
     """`[S, D]` mean of the frozen code-description embeddings over each sequence's most recent events."""
     out = np.zeros((len(store), embeddings.shape[1]), np.float32)
     for i in range(len(store)):
-        ids = np.asarray(store[i]["token_ids"], np.int64)[-max_length:] if max_length else store[i]["token_ids"]
-        out[i] = embeddings[np.asarray(ids, np.int64)].mean(0)
+        keep = kept_indices(int(store.lengths[i]), int(store.n_static[i]), max_length)
+        out[i] = embeddings[np.asarray(store[i]["token_ids"], np.int64)[keep]].mean(0)
     return out
 
 

@@ -136,6 +136,7 @@ def create_embeddings(cfg: Stage1Config) -> dict:
                 n_before = int(np.searchsorted(times, pred_us, side="left"))
                 buf.rows.append({"subject_id": int(subject_id), "prediction_time": label.prediction_time,
                                  "label": int(label.label), "n_events_before_cut": n_before,
+                                 "n_static": int((kept_times == STATIC_TIME).sum()),
                                  "hours_last_event_to_prediction": float(hours_to_pred)})
                 buf.token_ids.append(ids)
                 buf.values.append(values[idx])
@@ -170,7 +171,7 @@ def create_embeddings(cfg: Stage1Config) -> dict:
         table.save(tmp / CODE_TABLE_DIR)
         for split, buf in buffers.items():
             seqs = pd.DataFrame(buf.rows, columns=["subject_id", "prediction_time", "label", "n_events_before_cut",
-                                                   "hours_last_event_to_prediction"])
+                                                   "n_static", "hours_last_event_to_prediction"])
             seqs["prediction_time"] = seqs["prediction_time"].astype("datetime64[us]")
             write_split(tmp / split, seqs, buf.token_ids, buf.values, buf.gaps)
             report[split] = {"sequences": len(buf.rows), "events": int(sum(len(t) for t in buf.token_ids)),

@@ -25,6 +25,15 @@ from ehr_embedded.storage import PAD_ID, CodeTable, SequenceStore
 VALUE_CLIP = 10.0
 
 
+def kept_indices(n: int, n_static: int, max_length: int | None) -> np.ndarray:
+    """Indices of a stored sequence of `n` events a model with `max_length` sees: the static events (stored first),
+    then the most recent events."""
+    if max_length is None or n <= max_length:
+        return np.arange(n)
+    static = min(n_static, max_length)
+    return np.concatenate([np.arange(static), np.arange(n - (max_length - static), n)])
+
+
 class EventSequenceDataset(Dataset):
     """Items of one split: numpy arrays per sequence, with values normalised by the code table's statistics."""
 
@@ -45,13 +54,13 @@ class EventSequenceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.store[i]
-        # keep the most recent events if the store was built with a longer max_length than the model takes
-        ids = np.array(item["token_ids"][-self.max_length:], dtype=np.int64)
-        values = np.asarray(item["values"][-self.max_length:], dtype=np.float32)
         gaps = np.array(item["time_gaps"], dtype=np.float32)  # a copy: memory-mapped slices are read-only
         # hours before prediction: the gap after the last event plus every later gap
         hours_before = item["hours_last_event_to_prediction"] + (gaps.sum(dtype=np.float64) - np.cumsum(gaps, dtype=np.float64))
-        gaps, hours_before = gaps[-self.max_length:].copy(), hours_before[-self.max_length:].astype(np.float32)
+        keep = kept_indices(len(gaps), item["n_static"], self.max_length)
+        ids = np.asarray(item["token_ids"], dtype=np.int64)[keep]
+        values = np.asarray(item["values"], dtype=np.float32)[keep]
+        gaps, hours_before = gaps[keep], hours_before[keep].astype(np.float32)
         has_value = np.isfinite(values)
         z = (values - self.value_mean[ids]) / self.value_std[ids]
         z = np.where(has_value, np.clip(z, -VALUE_CLIP, VALUE_CLIP), 0.0).astype(np.float32)

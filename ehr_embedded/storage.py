@@ -12,7 +12,7 @@ Sequence store (`<dir>/<split>/`), one row per label, events flattened across ro
     time_gaps.npy   float32 [E]     hours since the previous stored event (0 for the first and for static events)
     offsets.npy     int64   [S+1]   events of sequence i are [offsets[i], offsets[i+1])
     sequences.parquet               subject_id, prediction_time, label, n_events, n_events_before_cut,
-                                    hours_last_event_to_prediction
+                                    n_static (static events, stored first), hours_last_event_to_prediction
 
 12 bytes per event instead of 4 * D + 8 for the original's per-patient tensors (D = 384 or 768); arrays are
 memory-mapped, so an epoch reads only what it touches. Embeddings are gathered from the table by token id on the
@@ -173,6 +173,8 @@ class SequenceStore:
         self.lengths = np.diff(self.offsets)
         self.labels = self.sequences["label"].to_numpy(np.int64)
         self.hours_to_prediction = self.sequences["hours_last_event_to_prediction"].to_numpy(np.float32)
+        self.n_static = (self.sequences["n_static"].to_numpy(np.int64) if "n_static" in self.sequences
+                         else np.zeros(len(self.lengths), np.int64))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -180,7 +182,8 @@ class SequenceStore:
     def __getitem__(self, i: int) -> dict:
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
         return {"token_ids": self.token_ids[lo:hi], "values": self.values[lo:hi], "time_gaps": self.time_gaps[lo:hi],
-                "hours_last_event_to_prediction": float(self.hours_to_prediction[i]), "label": int(self.labels[i])}
+                "hours_last_event_to_prediction": float(self.hours_to_prediction[i]), "label": int(self.labels[i]),
+                "n_static": int(self.n_static[i])}
 
     def nbytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.directory.iterdir() if f.is_file())

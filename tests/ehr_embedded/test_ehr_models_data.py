@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.cli import UserError
-from ehr_embedded.data import EventSequenceDataset, LengthBucketBatchSampler, collate
+from ehr_embedded.data import EventSequenceDataset, LengthBucketBatchSampler, collate, kept_indices
 from ehr_embedded.models import TransformerDecoderEmbedded, TransformerEncoderEmbedded, build_model
 from ehr_embedded.storage import load_dataset_table, open_split
 
@@ -119,8 +119,11 @@ def test_dataset_items_and_collate(built):
     store = open_split(built.store, "train")
     ds = EventSequenceDataset(store, table, max_length=8)
     item = ds[0]
-    assert len(item["token_ids"]) == min(8, store.lengths[0])
-    np.testing.assert_array_equal(item["token_ids"], np.asarray(store[0]["token_ids"])[-8:])
+    stored = np.asarray(store[0]["token_ids"])
+    n_static = store[0]["n_static"]
+    assert n_static == 1 and len(stored) > 8  # the sample's GENDER event is static
+    # a model with a shorter max_length still sees the static events, then the most recent ones
+    np.testing.assert_array_equal(item["token_ids"], np.concatenate([stored[:1], stored[-7:]]))
     assert item["hours_before_pred"][-1] == pytest.approx(store.hours_to_prediction[0])
     assert np.all(np.diff(item["hours_before_pred"]) <= 1e-4)  # later events are closer to prediction_time
     assert set(np.unique(item["has_value"])) <= {0.0, 1.0}
@@ -129,3 +132,11 @@ def test_dataset_items_and_collate(built):
     assert batch["token_ids"].shape == (2, 12)
     assert batch["padding_mask"].sum(1).tolist() == [12 - len(ds[0]["token_ids"]), 12 - len(ds[1]["token_ids"])]
     assert (batch["token_ids"][batch["padding_mask"]] == 0).all()
+
+
+def test_kept_indices_keep_static_then_recent():
+    assert kept_indices(5, 2, 10).tolist() == [0, 1, 2, 3, 4]
+    assert kept_indices(10, 2, 5).tolist() == [0, 1, 7, 8, 9]
+    assert kept_indices(10, 0, 3).tolist() == [7, 8, 9]
+    assert kept_indices(10, 6, 4).tolist() == [0, 1, 2, 3]
+    assert kept_indices(10, 2, None).tolist() == list(range(10))

@@ -21,6 +21,7 @@ from ehr_embedded.config import BaselineConfig
 from ehr_embedded.engine import load_pretrained, model_for
 from ehr_embedded.evaluate import PREDICTION_SCHEMA
 from ehr_embedded.finetune import finetune
+from ehr_embedded.predict import predict_split
 from ehr_embedded.pretrain import next_event_targets, pretrain
 from ehr_embedded.storage import load_dataset_table
 
@@ -53,7 +54,9 @@ def test_finetune_encoder_learns_and_writes_meds_predictions(built, tmp_path):
     assert (run / "plots" / "calibration_held_out.png").stat().st_size > 1000
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == list(range(1, len(lines) + 1))
-    assert (run / "config.yaml").is_file()
+    # the run directory alone is enough to reload the model (predict.load_run) and reproduce the predictions
+    again = predict_split(run, "held_out")
+    np.testing.assert_allclose(again["predicted_boolean_probability"].to_numpy(), probs, rtol=1e-5, atol=1e-6)
 
 
 class Killed(Exception):

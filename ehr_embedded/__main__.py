@@ -12,6 +12,7 @@ STAGES = {
     "finetune": "encoder or decoder classifier; threshold on tuning; held_out score",
     "evaluate": "AUROC/AUPRC/F1/accuracy/Brier with bootstrap CIs, calibration plot, MEDS predictions",
     "baseline": "count features + logistic regression on the same sequences and splits",
+    "demo": "the whole chain on generated sample data (OUT_DIR), about a minute on 2 cores",
 }
 
 if __name__ == "__main__":

@@ -73,6 +73,9 @@ class SequenceConfig:
     label_column: Literal["auto", "boolean_value", "integer_value"] = "auto"
     embed_unseen_codes: bool = True
     """Codes outside the training vocabulary get rows embedded from their descriptions (else they map to [UNK])."""
+    pretrain_windows: bool = False
+    """Also write a `pretrain` split: every training-split subject's whole timeline in consecutive max_length
+    windows (far more next-event data than the label cuts; other splits are never touched)."""
     export_pt: bool = False
     """Also write the original per-patient .pt files under `<embedding_output_dir>/pt/<split>/`."""
 
@@ -121,6 +124,8 @@ class ModelConfig:
 @dataclass
 class TrainDataConfig:
     embedding_output_dir: Path = Path("embeddings/patients")
+    pretrain_split: str = "train"
+    """pretrain's training split: `train` (the label cuts) or `pretrain` (sequences.pretrain_windows=true)."""
 
 
 @dataclass

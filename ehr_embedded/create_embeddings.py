@@ -31,6 +31,7 @@ from ehr_embedded.descriptions import TextEncoder
 from ehr_embedded.storage import (
     CODE_TABLE_DIR,
     FORMAT_VERSION,
+    PRETRAIN_SPLIT,
     UNK_ID,
     US_PER_HOUR,
     CodeTable,
@@ -60,6 +61,16 @@ def cut_indices(times_us: np.ndarray, prediction_us: int, max_length: int) -> np
     static_kept = min(n_static, max_length)
     timed_start = max(n_static, n_before - (max_length - static_kept))
     return np.concatenate([np.arange(static_kept), np.arange(timed_start, n_before)]).astype(np.int64)
+
+
+def window_indices(times_us: np.ndarray, max_length: int) -> list[np.ndarray]:
+    """A whole timeline cut into consecutive windows for next-event pretraining: each window holds the static
+    events, then the next `max_length - n_static` timed events (every timed event lands in exactly one window)."""
+    n_static = min(int(np.searchsorted(times_us, STATIC_TIME, side="right")), max_length - 1)
+    step = max_length - n_static
+    static = np.arange(n_static)
+    return [np.concatenate([static, np.arange(start, min(start + step, len(times_us)))])
+            for start in range(n_static, len(times_us), step)]
 
 
 def time_gaps_hours(times_us: np.ndarray) -> np.ndarray:
@@ -99,13 +110,16 @@ def create_embeddings(cfg: Stage1Config) -> dict:
     max_length = cfg.sequences.max_length
     extension: dict[str, int] = {}
     buffers = {s: _SplitBuffer() for s in meds_io.SPLITS}
+    windows = _SplitBuffer()  # pretraining windows over whole training-split timelines (no labels involved)
+    train_subjects = {sid for sid, split in split_of.items() if split == meds_io.SPLITS[0]}
+    wanted = set(labels_by_subject) | (train_subjects if cfg.sequences.pretrain_windows else set())
     seen_subjects: set[int] = set()
 
     for path in meds_io.data_files(Path(cfg.data.data_dir)):
         events = meds_io.read_events(path).to_pandas()
         # NaT (a static event) becomes int64 min, so static events sort first and count as known at any time.
         events["time_us"] = events["time"].to_numpy("datetime64[us]").astype(np.int64)
-        events = events[events["subject_id"].isin(labels_by_subject)]
+        events = events[events["subject_id"].isin(wanted)]
         events = events.sort_values(["subject_id", "time_us"], kind="stable")
         for subject_id, ev in events.groupby("subject_id", sort=False):
             if subject_id in seen_subjects:
@@ -116,13 +130,9 @@ def create_embeddings(cfg: Stage1Config) -> dict:
             codes = ev["code"].to_numpy(object)
             known_ids = ev["code"].map(code_to_id).fillna(-1).to_numpy(np.int64)  # -1: outside the vocabulary
             values = ev["numeric_value"].to_numpy(np.float32)
-            buf = buffers[split_of[subject_id]]
-            for label in labels_by_subject[subject_id].itertuples(index=False):
-                pred_us = int(np.datetime64(label.prediction_time, "us").astype(np.int64))
-                idx = cut_indices(times, pred_us, max_length)
-                if not (times[idx] != STATIC_TIME).any():  # static events alone are not a history
-                    counts["skipped_no_events_before_prediction"] += 1
-                    continue
+
+            def token_ids(idx: np.ndarray, known_ids=known_ids, codes=codes) -> np.ndarray:
+                """Code-table rows of events `idx`; codes outside the vocabulary get description-only rows."""
                 ids = known_ids[idx].astype(np.int32)
                 for j in np.flatnonzero(ids < 0):
                     if cfg.sequences.embed_unseen_codes:
@@ -130,6 +140,24 @@ def create_embeddings(cfg: Stage1Config) -> dict:
                     else:
                         ids[j] = UNK_ID
                         counts["events_mapped_to_unk"] += 1
+                return ids
+
+            if cfg.sequences.pretrain_windows and subject_id in train_subjects:
+                for idx in window_indices(times, max_length):
+                    windows.rows.append({"subject_id": int(subject_id), "prediction_time": pd.Timestamp(
+                        int(times[idx[-1]]) + 1, unit="us"), "label": 0, "n_events_before_cut": len(idx),
+                        "n_static": int((times[idx] == STATIC_TIME).sum()), "hours_last_event_to_prediction": 0.0})
+                    windows.token_ids.append(token_ids(idx))
+                    windows.values.append(values[idx])
+                    windows.gaps.append(time_gaps_hours(times[idx]))
+            buf = buffers[split_of[subject_id]]
+            for label in labels_by_subject.get(subject_id, pd.DataFrame()).itertuples(index=False):
+                pred_us = int(np.datetime64(label.prediction_time, "us").astype(np.int64))
+                idx = cut_indices(times, pred_us, max_length)
+                if not (times[idx] != STATIC_TIME).any():  # static events alone are not a history
+                    counts["skipped_no_events_before_prediction"] += 1
+                    continue
+                ids = token_ids(idx)
                 kept_times = times[idx]
                 last_timed = kept_times[kept_times != STATIC_TIME]
                 hours_to_pred = (pred_us - last_timed[-1]) / US_PER_HOUR if len(last_timed) else 0.0
@@ -145,6 +173,8 @@ def create_embeddings(cfg: Stage1Config) -> dict:
                 counts["sequences_truncated"] += int(n_before > len(idx))
 
     no_events = labels[~labels["subject_id"].isin(seen_subjects)]
+    if cfg.sequences.pretrain_windows:
+        counts["pretrain_windows"] = len(windows.rows)
     counts["skipped_no_events_before_prediction"] += len(no_events)
     table = vocab_table
     if extension:
@@ -176,6 +206,13 @@ def create_embeddings(cfg: Stage1Config) -> dict:
             write_split(tmp / split, seqs, buf.token_ids, buf.values, buf.gaps)
             report[split] = {"sequences": len(buf.rows), "events": int(sum(len(t) for t in buf.token_ids)),
                              "positives": int(sum(r["label"] > 0 for r in buf.rows))}
+        if cfg.sequences.pretrain_windows:
+            seqs = pd.DataFrame(windows.rows, columns=["subject_id", "prediction_time", "label", "n_events_before_cut",
+                                                       "n_static", "hours_last_event_to_prediction"])
+            seqs["prediction_time"] = seqs["prediction_time"].astype("datetime64[us]")
+            write_split(tmp / PRETRAIN_SPLIT, seqs, windows.token_ids, windows.values, windows.gaps)
+            report[PRETRAIN_SPLIT] = {"sequences": len(windows.rows),
+                                      "events": int(sum(len(t) for t in windows.token_ids))}
         report["seconds"] = round(time.time() - started, 2)
         write_json(tmp / "report.json", report)
     if cfg.sequences.export_pt:

@@ -79,7 +79,8 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
     setup_logging(run_dir)
     save_resolved_config(cfg, run_dir)
     device = pick_device(tc.device)
-    table, data = load_splits(cfg, ("train", "tuning"))
+    table, data = load_splits(cfg, (cfg.data.pretrain_split, "tuning"))
+    data["train"] = data[cfg.data.pretrain_split]
     vocab_size = table.lm_vocab_size
     model = model_for(cfg, table, "autoregressive").to(device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.learning_rate), lr=tc.learning_rate)

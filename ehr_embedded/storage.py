@@ -40,6 +40,7 @@ PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
 UNK_DESCRIPTION = "unknown clinical event"
 CODE_TABLE_DIR = "code_table"
+PRETRAIN_SPLIT = "pretrain"  # optional: windows over whole training-split timelines, for next-event pretraining
 FORMAT_VERSION = 1
 ARRAYS = {"token_ids": np.int32, "values": np.float32, "time_gaps": np.float32}
 US_PER_HOUR = 3_600_000_000

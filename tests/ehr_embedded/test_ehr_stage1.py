@@ -128,3 +128,33 @@ def test_compact_store_and_pt_export_round_trip(built, tmp_path):
     assert int(item["label"]) == store[3]["label"]
     pt_bytes = sum(f.stat().st_size for f in (tmp_path / "pt").iterdir())
     assert pt_bytes > 50 * store.nbytes_on_disk()
+
+
+def test_pretrain_windows_cover_each_training_timeline_once(built, tmp_path):
+    from ehr_helpers import train_config
+
+    from ehr_embedded.pretrain import pretrain
+    from ehr_embedded.storage import PRETRAIN_SPLIT
+
+    cfg = stage1_config(built.meds, tmp_path, "sequences.pretrain_windows=true", "sequences.max_length=16",
+                        f"data.vocab_embedding_path={built.vocab}")
+    report = create_embeddings(cfg)
+    windows = open_split(tmp_path / "store", PRETRAIN_SPLIT)
+    assert report["counts"]["pretrain_windows"] == len(windows) > 0
+    codes = load_dataset_table(tmp_path / "store").vocab["code"].to_numpy()
+    splits = pd.read_parquet(built.meds / "metadata" / "subject_splits.parquet")
+    train = set(splits.loc[splits["split"] == "train", "subject_id"])
+    assert set(windows.sequences["subject_id"]) == train  # every training subject, no other split
+    events = meds_io.read_all_events(built.meds).to_pandas()
+    for subject_id in sorted(train)[:5]:
+        ev = events[events["subject_id"] == subject_id]
+        rows = np.flatnonzero(windows.sequences["subject_id"].to_numpy() == subject_id)
+        timed = []
+        for i in rows:
+            item = codes[np.asarray(windows[i]["token_ids"])]
+            assert len(item) <= 16 and list(item[:windows[i]["n_static"]]) == list(ev.loc[ev["time"].isna(), "code"])
+            timed += list(item[windows[i]["n_static"]:])
+        assert timed == list(ev.loc[ev["time"].notna()].sort_values("time", kind="stable")["code"])
+    run = train_config(tmp_path / "store", tmp_path / "pre", "training.epochs=1", "data.pretrain_split=pretrain",
+                       "model.max_length=16", model_type="transformer_decoder_embedded", task="autoregressive")
+    assert np.isfinite(pretrain(run)["loss"])

@@ -38,6 +38,11 @@ class FusionTensors:
     def inputs(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, ...]:
         return self.image[rows], self.image_mask[rows], self.text[rows], self.struct[rows]
 
+    def to(self, device: torch.device | str) -> FusionTensors:
+        """All tensors on `device` (the whole training set fits in GPU memory: 75k x 1795 float32 is 540 MB)."""
+        return FusionTensors(self.sample_ids, self.image.to(device), self.image_mask.to(device), self.text.to(device),
+                             self.struct.to(device), None if self.log_price is None else self.log_price.to(device))
+
     def subset(self, rows: np.ndarray) -> FusionTensors:
         index = torch.as_tensor(rows, dtype=torch.long)
         return FusionTensors(self.sample_ids[rows], self.image[index], self.image_mask[index], self.text[index],
@@ -69,7 +74,7 @@ def load_split(embeddings_dir: str | Path, split: str, csv_path: str | Path, lab
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[torch.Tensor]:
     """Row-index batches [<= batch_size] of a permutation of range(n) that depends only on (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator)  # on CPU, so the order is the same on every device
     yield from order.split(batch_size)
 
 
@@ -80,4 +85,4 @@ def predict_log_price(model: torch.nn.Module, data: FusionTensors, batch_size: i
     model.eval()
     out = [model(*data.inputs(slice(i, i + batch_size))) for i in range(0, len(data), batch_size)]
     model.train(was_training)
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
+    return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)

@@ -114,6 +114,8 @@ class TrainConfig:
     kfold: int = 0
     # torch intra-op threads; 0 leaves torch's default.
     num_threads: int = 0
+    # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
     # Stop after this many epochs of this process (testing kill-and-resume); 0 = no limit.
     max_epochs_this_run: int = 0
 

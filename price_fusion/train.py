@@ -51,19 +51,22 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     model = build_model(cfg.model, train_data.image.shape[1], train_data.text.shape[1], train_data.struct.shape[1])
     model.branches.set_struct_stats(train_data.struct)
     init_output_bias(model, float(train_data.log_price.mean()))
+    device = resolve_device(tc.device)
+    model.to(device)
+    train_data, val_data = train_data.to(device), val_data.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr), lr=tc.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=tc.plateau_factor,
                                                            patience=tc.plateau_patience)
     stopper = EarlyStopping(tc.patience, mode="min")
     manager = CheckpointManager(fold_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.checkpoint_every)
     loss_fn = build_loss(tc)
-    val_price = val_data.log_price.double().exp().numpy()
+    val_price = val_data.log_price.double().exp().cpu().numpy()
     history: list[dict] = []
     start_epoch = 1
 
     resume_from = manager.resolve_resume(tc.resume)
     if resume_from is not None:
-        state, _ = load_checkpoint(resume_from, model)
+        state, _ = load_checkpoint(resume_from, model, map_location=device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         stopper.load_state_dict(state["early_stopping"])
@@ -115,6 +118,13 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
                                       "stopped_early": stopper.should_stop})
     log.info("finished %s: best val SMAPE %.3f after %d epochs", fold_dir, stopper.best, history[-1]["epoch"])
     return best_val
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto": CUDA when available, else CPU. Bit-identical resume is guaranteed (and tested) on CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _model_meta(cfg: PriceFusionConfig, data: FusionTensors) -> dict:

@@ -96,3 +96,37 @@ def test_misaligned_embeddings_name_the_first_ids(sample_env, tmp_path, capsys):
 def test_unknown_config_key_suggests_the_right_one(sample_env, tmp_path, capsys):
     assert train.main(sample_env["args"](tmp_path, "train.pateince=3")) == 2
     assert "did you mean 'train.patience'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_identical_weights(sample_env, tmp_path):
+    """A real `kill -9` of `python -m price_fusion.train` while it writes checkpoints, then resume=auto."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["run_name=r", "train.epochs=40", "train.resume=auto", "train.patience=100"]
+    killed_args = sample_env["args"](tmp_path / "killed", *common)
+    proc = subprocess.Popen([sys.executable, "-m", "price_fusion.train", *killed_args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    meta = tmp_path / "killed" / "r" / "checkpoints" / "latest" / "meta.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(meta.read_text())["epoch"] >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "r" / "done.json").exists()
+    assert train.main(killed_args) == 0
+    assert train.main(sample_env["args"](tmp_path / "straight", *common)) == 0
+    a = load_file(tmp_path / "straight" / "r" / "checkpoints" / "latest" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "r" / "checkpoints" / "latest" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hist = json.loads((tmp_path / "killed" / "r" / "training_history.json").read_text())
+    assert [h["epoch"] for h in hist] == list(range(1, 41))

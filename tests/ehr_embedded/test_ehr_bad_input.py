@@ -86,6 +86,7 @@ def test_text_model_dimension_disagreement_exit_2(built, tmp_path, capsys):
 
 
 CONFIG_CLASSES = {"create_embeddings": Stage1Config, "mimic_create_embeddings": Stage1Config,
+                  "mimic_create_embeddings_windows": Stage1Config,
                   "baseline": BaselineConfig, "mimic_baseline": BaselineConfig, "export_pt": ExportConfig,
                   "mimic_convert": ConvertConfig}
 

@@ -84,6 +84,7 @@ def ikea(cfg: PriceFusionConfig) -> int:
     train_frame, test_frame = frame.iloc[train_rows], frame.iloc[test_rows]
     atomic_write(data_dir / "train.csv", lambda tmp: train_frame.to_csv(tmp, index=False))
     atomic_write(data_dir / "test.csv", lambda tmp: test_frame.drop(columns="price").to_csv(tmp, index=False))
+    atomic_write(data_dir / "test_labels.csv", lambda tmp: test_frame[["sample_id", "price"]].to_csv(tmp, index=False))
     log.info("IKEA: %d products, %d train / %d held-out test", len(frame), len(train_rows), len(test_rows))
 
     cfg = dataclasses.replace(

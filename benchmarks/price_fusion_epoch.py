@@ -47,7 +47,7 @@ def make_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, ...]:
 
 def tensor_batches(data: FusionTensors, batch_size: int, epoch: int):
     for rows in epoch_batches(len(data), batch_size, seed=0, epoch=epoch):
-        yield (*data.inputs(rows), data.log_price[rows])
+        yield (*data.inputs(rows), data.target(rows))
 
 
 def loader_batches(loader: DataLoader, epoch: int):

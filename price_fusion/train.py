@@ -84,7 +84,7 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
         loss_sum, n_seen = 0.0, 0
         for rows in epoch_batches(len(train_data), tc.batch_size, tc.seed, epoch):
             pred_log = model(*train_data.inputs(rows))
-            loss = loss_fn(pred_log, train_data.log_price[rows]) + tc.load_balance_weight * model.aux_loss()
+            loss = loss_fn(pred_log, train_data.target(rows)) + tc.load_balance_weight * model.aux_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import metrics
-from price_fusion import train
+from price_fusion import evaluate, predict, train
 from price_fusion.embeddings import load_embeddings, write_embeddings
 
 
@@ -64,6 +64,12 @@ def test_kfold_writes_out_of_fold_predictions_for_every_row(sample_env, tmp_path
     assert sum(len(v) for v in split["val_ids"]) == len(ids)
     for k in range(3):
         assert (tmp_path / "k" / f"fold_{k}" / "checkpoints" / "best" / "meta.json").exists()
+    # predict averages the 3 fold models; evaluate scores the out-of-fold file
+    assert predict.main(args) == 0 and evaluate.main(args) == 0
+    test_out = pd.read_csv(tmp_path / "k" / "predictions" / "test_out.csv", dtype={"sample_id": str})
+    assert len(test_out) == 60 and (test_out.price > 0).all()
+    summary = json.loads((tmp_path / "k" / "reports" / "evaluation_summary.json").read_text())
+    assert summary["n"] == len(ids) and summary["smape"] == pytest.approx(metrics.smape(oof.actual, oof.price), rel=1e-4)
 
 
 def test_bad_prices_are_skipped_and_counted(sample_env, tmp_path, caplog):

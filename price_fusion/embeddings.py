@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -68,7 +69,10 @@ def write_embeddings(out_dir: Path, sample_ids: np.ndarray, image: np.ndarray, i
     for name, arr in arrays.items():
         if len(arr) != n:
             raise ValueError(f"{name} has {len(arr)} rows, sample_ids has {n}")
-    manifest = {"format_version": FORMAT_VERSION, "n": n, "image_dim": int(arrays["image"].shape[1]),
+    id_digest = hashlib.sha256("\n".join(arrays["sample_ids"].tolist()).encode()).hexdigest()
+    manifest = {"format_version": FORMAT_VERSION, "n": n, "row_order": "sample_ids.npy",
+                "sample_ids_sha256": id_digest, "first_ids": arrays["sample_ids"][:3].tolist(),
+                "image_dim": int(arrays["image"].shape[1]),
                 "text_dim": int(arrays["text"].shape[1]), "struct_dim": int(arrays["struct"].shape[1]),
                 "n_missing_images": int(n - arrays["image_mask"].sum()), **info}
     out_dir = Path(out_dir)

@@ -134,6 +134,8 @@ class EvaluateConfig:
     checkpoint: str = "best"
     # Score this prediction CSV (sample_id,price of labelled train products, e.g. out-of-fold) instead of the run.
     predictions: str = ""
+    # True prices (sample_id,price, or a train-format CSV) for `predictions`; "" = data.train_csv.
+    labels: str = ""
     # Price bins in dollars for the per-bin table ($0-5, $5-10, ...); the last bin is open-ended.
     bin_edges: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0])
     # Low < range_edges[0] <= Medium < range_edges[1] <= High.

@@ -55,7 +55,7 @@ def _normalise_ids(values: pd.Series) -> np.ndarray:
     return values.astype(str).str.strip().to_numpy(dtype=str)
 
 
-def read_catalog(path: str | Path, require_price: bool, bad_price: str = "skip") -> Catalog:
+def read_catalog(path: str | Path, require_price: bool, bad_price: str = "skip", require_text: bool = True) -> Catalog:
     """Read a challenge-format CSV.
 
     Prices that are empty, non-numeric, zero, negative, NaN or infinite are skipped with a logged count
@@ -70,7 +70,7 @@ def read_catalog(path: str | Path, require_price: bool, bad_price: str = "skip")
         frame = pd.read_csv(path, dtype={ID_COL: str, PRICE_COL: str}, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not a readable CSV ({exc}); fix the file") from exc
-    needed = [ID_COL, TEXT_COL] + ([PRICE_COL] if require_price else [])
+    needed = [ID_COL] + ([TEXT_COL] if require_text else []) + ([PRICE_COL] if require_price else [])
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}; "
@@ -83,7 +83,7 @@ def read_catalog(path: str | Path, require_price: bool, bad_price: str = "skip")
     if dup.any():
         first = int(np.flatnonzero(dup.to_numpy())[0])
         raise UserError(f"{path}: row {first + 2}: {ID_COL} {str(ids[first])!r} appears more than once; ids must be unique")
-    texts = frame[TEXT_COL].astype(str).tolist()
+    texts = frame[TEXT_COL].astype(str).tolist() if TEXT_COL in frame.columns else [""] * len(frame)
     links = frame[IMAGE_COL].astype(str).tolist() if IMAGE_COL in frame.columns else [""] * len(frame)
     prices = None
     n_bad = 0

@@ -3,9 +3,11 @@
     python -m price_fusion.evaluate --config configs/price_fusion/demo.yaml
     python -m price_fusion.evaluate --config configs/price_fusion/demo.yaml evaluate.checkpoint=latest
     python -m price_fusion.evaluate --config ... evaluate.predictions=runs/price_fusion/gbt/predictions/oof_predictions.csv
+    python -m price_fusion.evaluate --config ... evaluate.predictions=test_out.csv evaluate.labels=test_labels.csv
 
 Single-split runs are re-predicted from `checkpoints/<evaluate.checkpoint>` on the validation ids in split.json;
-K-fold runs (and `evaluate.predictions=FILE`) are scored from an out-of-fold prediction CSV against train.csv prices.
+K-fold runs are scored from their out-of-fold prediction CSV against train.csv prices; `evaluate.predictions=FILE`
+scores any prediction CSV against `evaluate.labels` (default train.csv), writing into <FILE's folder>/eval_<stem>/.
 Writes <run>/reports/: evaluation_results.csv (every product), evaluation_by_bin.csv, evaluation_by_range.csv,
 worst_predictions.csv, best_predictions.csv, evaluation_summary.json; <run>/plots/: pred_vs_actual.png,
 smape_by_bin.png.
@@ -131,13 +133,15 @@ def held_out_predictions(cfg: PriceFusionConfig, run_dir: Path) -> tuple[np.ndar
 
 
 def _from_file(cfg: PriceFusionConfig, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score a prediction CSV against `evaluate.labels` (sample_id,price), default the training CSV's prices."""
     preds = read_predictions(path)
-    catalog = read_catalog(cfg.data.train_csv, require_price=True, bad_price=cfg.data.bad_price)
+    labels = cfg.evaluate.labels or cfg.data.train_csv
+    catalog = read_catalog(labels, require_price=True, bad_price=cfg.data.bad_price, require_text=False)
     price_of = dict(zip(catalog.sample_ids.tolist(), catalog.prices.tolist()))
     unknown = [sid for sid in preds.sample_id if sid not in price_of]
     if unknown:
-        raise UserError(f"{path}: {len(unknown)} sample ids have no valid price in {cfg.data.train_csv}, first "
-                        f"{unknown[:5]}; evaluate predictions of labelled products only")
+        raise UserError(f"{path}: {len(unknown)} sample ids have no valid price in {labels}, first "
+                        f"{unknown[:5]}; evaluate predictions of labelled products only (evaluate.labels=FILE)")
     return preds.sample_id.to_numpy(), preds.price.to_numpy(), np.array([price_of[s] for s in preds.sample_id])
 
 
@@ -146,7 +150,8 @@ def evaluate(cfg: PriceFusionConfig) -> int:
     setup_logging()
     if cfg.evaluate.predictions:
         ids, predicted, actual = _from_file(cfg, Path(cfg.evaluate.predictions))
-        out_dir = Path(cfg.evaluate.predictions).resolve().parent.parent
+        # beside the file, so scoring e.g. test_out.csv never overwrites the run's own held-out reports
+        out_dir = Path(cfg.evaluate.predictions).parent / f"eval_{Path(cfg.evaluate.predictions).stem}"
     else:
         ids, predicted, actual = held_out_predictions(cfg, run_dir)
         out_dir = run_dir

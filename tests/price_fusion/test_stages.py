@@ -48,6 +48,12 @@ def test_predict_writes_one_positive_price_per_test_id(trained_run, sample_env):
     assert out.sample_id.tolist() == test_ids.tolist() and np.isfinite(out.price).all() and (out.price > 0).all()
     truth = pd.read_csv(sample_env["test_labels"], dtype={"sample_id": str}).price
     assert metrics.smape(truth, out.price) < 0.6 * metrics.smape(truth, np.full(len(truth), truth.median()))
+    # scoring the test predictions once labels exist, without touching the run's own held-out reports
+    test_out = trained_run["run_dir"] / "predictions" / "test_out.csv"
+    assert evaluate.main([*trained_run["args"], f"evaluate.predictions={test_out}",
+                          f"evaluate.labels={sample_env['test_labels']}"]) == 0
+    summary = json.loads((test_out.parent / "eval_test_out" / "reports" / "evaluation_summary.json").read_text())
+    assert summary["n"] == 60 and summary["smape"] == pytest.approx(metrics.smape(truth, out.price), rel=1e-4)
 
 
 def test_prediction_validation_rejects_bad_files(tmp_path):

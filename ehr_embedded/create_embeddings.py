@@ -181,7 +181,7 @@ def create_embeddings(cfg: Stage1Config) -> dict:
         resolver, _ = build_resolver(cfg)
         ext_codes = list(extension)
         descriptions, sources, coverage = resolver.resolve_all(ext_codes)
-        encoder = TextEncoder(vocab_table.meta.get("model_path") or cfg.model.name, cfg.device,
+        encoder = TextEncoder(vocab_table.meta.get("model_name") or cfg.model.name, cfg.device,
                               cfg.model.batch_size, bool(vocab_table.meta.get("normalize", cfg.model.normalize)))
         if encoder.dim != vocab_table.dim:
             raise UserError(f"{cfg.data.vocab_embedding_path}: the code table is {vocab_table.dim}-d but "

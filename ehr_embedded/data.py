@@ -99,13 +99,15 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 pool_batches: int = 50, bucket: bool = True) -> None:
+                 pool_batches: int = 50, bucket: bool = True, rank: int = 0, world_size: int = 1) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.pool_batches = pool_batches
         self.bucket = bucket
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -129,15 +131,25 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        """This rank's batches: every rank draws the same batch list and takes every world_size-th batch; the last
+        `len % world_size` batches are dropped so all ranks take the same number of steps (DDP needs that)."""
+        batches = self.batches()
+        if self.world_size > 1:
+            usable = len(batches) - len(batches) % self.world_size
+            batches = batches[self.rank:usable:self.world_size]
+        return iter(batches)
 
     def __len__(self) -> int:
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        n = (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        return n // self.world_size if self.world_size > 1 else n
 
 
 def make_loader(dataset: EventSequenceDataset, batch_size: int, shuffle: bool, seed: int = 0, bucket: bool = True,
-                pad_to: int | None = None, num_workers: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader with the length-bucketing batch sampler; call `loader.batch_sampler.set_epoch(e)` each epoch."""
-    sampler = LengthBucketBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, bucket=bucket)
+                pad_to: int | None = None, num_workers: int = 0, rank: int = 0,
+                world_size: int = 1) -> torch.utils.data.DataLoader:
+    """A DataLoader with the length-bucketing batch sampler; call `loader.batch_sampler.set_epoch(e)` each epoch.
+    Under DDP pass rank / world_size: each rank gets its share of the same seeded batch list."""
+    sampler = LengthBucketBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed, bucket=bucket,
+                                       rank=rank, world_size=world_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        collate_fn=functools.partial(collate, pad_to=pad_to))

@@ -23,6 +23,7 @@ from common import metrics
 from common.checkpoint import CheckpointManager, load_checkpoint, load_weights
 from common.cli import UserError, config_main
 from common.config import save_resolved_config
+from common.distributed import all_reduce_sum, cleanup_distributed, setup_distributed, wrap_ddp
 from common.io import write_json
 from common.logs import MetricsWriter, setup_logging
 from common.losses import focal_loss
@@ -68,8 +69,10 @@ def finetune(cfg: TrainConfig) -> dict:
     seed_everything(tc.seed)
     run_dir = Path(tc.output_dir)
     setup_logging(run_dir)
-    save_resolved_config(cfg, run_dir)
-    device = pick_device(tc.device)
+    dist_info = setup_distributed(tc.device)  # torchrun: one process per device; alone: world size 1
+    device = dist_info.device if dist_info.world_size > 1 else pick_device(tc.device)
+    if dist_info.is_main:
+        save_resolved_config(cfg, run_dir)
     table, data = load_splits(cfg, ("train", "tuning"))
     train_labels = data["train"].store.labels
     if len(data["train"]) == 0 or len(data["tuning"]) == 0:
@@ -104,9 +107,13 @@ def finetune(cfg: TrainConfig) -> dict:
     elif tc.pretrained_checkpoint is not None:
         load_pretrained(model, tc.pretrained_checkpoint, table, Path(cfg.data.embedding_output_dir) / CODE_TABLE_DIR)
 
+    # DDP wraps the model for training steps only; evaluation and checkpoints use the bare module
+    # (a decoder's next-event head is unused here; the frozen code table is identical on every rank)
+    train_model = wrap_ddp(model, dist_info, find_unused_parameters=hasattr(model, "lm_head"), broadcast_buffers=False)
     writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
     loader = make_loader(data["train"], tc.batch_size, shuffle=True, seed=tc.seed, bucket=tc.bucket_by_length,
-                         pad_to=cfg.model.max_length if tc.pad_to_max_length else None, num_workers=tc.num_workers)
+                         pad_to=cfg.model.max_length if tc.pad_to_max_length else None, num_workers=tc.num_workers,
+                         rank=dist_info.rank, world_size=dist_info.world_size)
     log.info("finetune %s (%d params) on %d train / %d tuning sequences", cfg.model.type,
              sum(p.numel() for p in model.parameters()), len(data["train"]), len(data["tuning"]))
     for epoch in range(start_epoch, tc.epochs + 1):
@@ -118,7 +125,7 @@ def finetune(cfg: TrainConfig) -> dict:
         loss_sum, n_seen = 0.0, 0
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(batch)
+            logits = train_model(batch)
             loss = focal_loss(logits, batch["labels"], gamma=tc.focal_gamma, alpha=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -128,6 +135,8 @@ def finetune(cfg: TrainConfig) -> dict:
             loss_sum += loss.item() * len(logits)  # .item() syncs with the device; once per step is cheap here
             n_seen += len(logits)
 
+        loss_sum, n_seen = all_reduce_sum(loss_sum), all_reduce_sum(n_seen)
+        # every rank scores the whole (small) tuning split, so plateau and early-stopping decisions agree
         tuning = tuning_scores(model, data["tuning"], cfg, device)
         scheduler.step(tuning[metric])
         improved = early.step(tuning[metric])
@@ -142,13 +151,17 @@ def finetune(cfg: TrainConfig) -> dict:
                  {k: round(v, 4) for k, v in tuning.items()}, " *" if improved else "")
     writer.close()
 
-    # threshold on tuning from the best checkpoint, then the held-out score
+    if not dist_info.is_main:
+        cleanup_distributed()
+        return {}
+    # threshold on tuning from the best checkpoint, then the held-out score (main process only)
     load_weights(ckpts.best, model)
     probs, y, _ = predict_probs(model, data["tuning"], tc.eval_batch_size, device)
     threshold = choose_threshold(y, probs[:, 1]) if probs.shape[1] == 2 else 0.5
     write_json(run_dir / "reports" / "threshold.json", {"threshold": threshold, "chosen_on": "tuning",
                                                          "criterion": "max F1"})
     report = evaluate(cfg, "held_out") if cfg.model.num_classes == 2 else {}
+    cleanup_distributed()
     return report
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from common.checkpoint import CheckpointManager, load_checkpoint
 from common.cli import UserError, config_main
 from common.config import save_resolved_config
+from common.distributed import all_reduce_sum, cleanup_distributed, setup_distributed, wrap_ddp
 from common.logs import MetricsWriter, setup_logging
 from common.seed import get_rng_state, seed_everything, set_rng_state
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
@@ -47,8 +48,10 @@ def lm_loss(model, batch: dict[str, torch.Tensor], vocab_size: int) -> tuple[tor
     """(mean cross-entropy over real targets, number of targets, top-10 hits)."""
     logits = model(batch, task="autoregressive")
     targets = next_event_targets(batch["token_ids"], batch["padding_mask"], vocab_size)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
     valid = targets != IGNORE
+    if not valid.any():  # a batch of one-event sequences has nothing to predict: a zero loss keeps DDP ranks in step
+        return logits.sum() * 0.0, 0, 0
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
     hits = (logits.topk(min(TOP_K, vocab_size), -1).indices == targets.unsqueeze(-1)).any(-1) & valid
     return loss, int(valid.sum()), int(hits.sum())
 
@@ -77,15 +80,17 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
     seed_everything(tc.seed)
     run_dir = Path(tc.output_dir)
     setup_logging(run_dir)
-    save_resolved_config(cfg, run_dir)
-    device = pick_device(tc.device)
+    dist_info = setup_distributed(tc.device)  # torchrun: one process per device; alone: world size 1
+    device = dist_info.device if dist_info.world_size > 1 else pick_device(tc.device)
+    if dist_info.is_main:
+        save_resolved_config(cfg, run_dir)
     table, data = load_splits(cfg, (cfg.data.pretrain_split, "tuning"))
     data["train"] = data[cfg.data.pretrain_split]
     vocab_size = table.lm_vocab_size
     model = model_for(cfg, table, "autoregressive").to(device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.learning_rate), lr=tc.learning_rate)
     loader = make_loader(data["train"], tc.batch_size, shuffle=True, seed=tc.seed, bucket=tc.bucket_by_length,
-                         num_workers=tc.num_workers)
+                         num_workers=tc.num_workers, rank=dist_info.rank, world_size=dist_info.world_size)
     total_steps = max(1, len(loader) * tc.epochs)
     scheduler = cosine_with_warmup(optimizer, tc.warmup_steps, total_steps, tc.min_learning_rate / tc.learning_rate)
     early = EarlyStopping(tc.early_stopping_patience, mode="min")
@@ -101,6 +106,9 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
         set_rng_state(state["rng"])
         start_epoch = int(state["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    # DDP wraps the model for training steps only; evaluation and checkpoints use the bare module
+    # the classifier head is unused here; the frozen code table is identical on every rank, so no buffer broadcast
+    train_model = wrap_ddp(model, dist_info, find_unused_parameters=True, broadcast_buffers=False)
     writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
     log.info("pretrain decoder (%d params, vocabulary %d) on %d sequences", sum(p.numel() for p in model.parameters()),
              vocab_size, len(data["train"]))
@@ -114,10 +122,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
         loss_sum, n_targets = 0.0, 0
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss, count, _ = lm_loss(model, batch, vocab_size)
-            if count == 0:  # a batch of one-event sequences has nothing to predict
-                scheduler.step()
-                continue
+            loss, count, _ = lm_loss(train_model, batch, vocab_size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
@@ -126,6 +131,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
             scheduler.step()
             loss_sum += loss.item() * count
             n_targets += count
+        loss_sum, n_targets = all_reduce_sum(loss_sum), all_reduce_sum(n_targets)
         tuning = tuning_loss(model, data["tuning"], cfg, device, vocab_size)
         improved = early.step(tuning["loss"])
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -138,6 +144,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
         log.info("epoch %d train_loss %.4f tuning %s%s", epoch, record["train_loss"],
                  {k: round(v, 4) for k, v in tuning.items()}, " *" if improved else "")
     writer.close()
+    cleanup_distributed()
     return tuning
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from common.cli import UserError
 from ehr_embedded.storage import PAD_ID, CodeTable, SequenceStore
 
 VALUE_CLIP = 10.0
@@ -42,7 +43,7 @@ class EventSequenceDataset(Dataset):
         self.max_length = max_length
         self.value_mean, self.value_std = table.value_stats()
         if len(store) and int(store.token_ids.max(initial=0)) >= len(table.vocab):
-            raise ValueError(f"{store.directory}: token ids exceed the code table ({len(table.vocab)} rows); "
+            raise UserError(f"{store.directory}: token ids exceed the code table ({len(table.vocab)} rows); "
                              f"the store and the table come from different runs of create_embeddings")
 
     def __len__(self) -> int:

@@ -93,7 +93,7 @@ def predict_probs(model: torch.nn.Module, dataset: EventSequenceDataset, batch_s
     total, count = 0.0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch, task="classification") if hasattr(model, "lm_head") else model(batch)
+        logits = model(batch)  # models built for classification default to their classification head
         total += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
         count += len(logits)
         p = torch.softmax(logits.float(), -1).cpu().numpy()

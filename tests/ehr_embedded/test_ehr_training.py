@@ -35,11 +35,11 @@ def same_weights(a, b):
 
 
 def test_finetune_encoder_learns_and_writes_meds_predictions(built, tmp_path):
-    cfg = train_config(built.store, tmp_path / "enc", "training.epochs=8", "training.early_stopping_patience=8")
+    cfg = train_config(built.store, tmp_path / "enc", "training.epochs=6", "training.early_stopping_patience=6")
     report = finetune(cfg)
     run = tmp_path / "enc"
     # the sample label is learnable from events before prediction_time (a broken cut or model sits near 0.5)
-    assert report["auroc"]["value"] > 0.8
+    assert report["auroc"]["value"] > 0.8, report["auroc"]
     assert report["auroc"]["low"] <= report["auroc"]["value"] <= report["auroc"]["high"]
     for name in ("auprc", "f1", "accuracy", "brier"):
         assert 0.0 <= report[name]["value"] <= 1.0

@@ -39,7 +39,7 @@ DONE_FILE = "done.json"
 def regression_metrics(pred_log: np.ndarray, price: np.ndarray) -> dict[str, float]:
     """SMAPE (percent), MAE / RMSE (dollars) and R2 of dollar predictions."""
     pred = log_to_price(pred_log)
-    return {"smape": metrics.smape(pred, price), "mae": metrics.mae(price, pred), "rmse": metrics.rmse(price, pred),
+    return {"smape": metrics.smape(price, pred), "mae": metrics.mae(price, pred), "rmse": metrics.rmse(price, pred),
             "r2": metrics.r2(price, pred)}
 
 

@@ -50,19 +50,32 @@ def encode_images(paths: list[Path | None], clip_dir: str, batch_size: int) -> t
     import torch
     import transformers
     from PIL import Image, UnidentifiedImageError
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import AutoConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
     folder = Path(clip_dir)
     if not (folder / "config.json").is_file():
         raise UserError(f"embed.clip_model={clip_dir}: no config.json there; give a local CLIP directory saved with "
                         "save_pretrained (CLIPModel or CLIPVisionModelWithProjection); nothing is downloaded")
-    model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval()
-    size = model.config.image_size
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if config.model_type == "clip":
+        # A full CLIPModel (e.g. openai/clip-vit-large-patch14): its projection size lives in the top-level config,
+        # so loading it as CLIPVisionModelWithProjection would re-initialise visual_projection at the default size.
+        model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+        size, dim, name = config.vision_config.image_size, config.projection_dim, config._name_or_path
+
+        def image_features(pixels: torch.Tensor) -> torch.Tensor:
+            out = model.get_image_features(pixel_values=pixels)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+    else:
+        model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True).eval()
+        size, dim, name = model.config.image_size, model.config.projection_dim, model.config._name_or_path
+
+        def image_features(pixels: torch.Tensor) -> torch.Tensor:
+            return model(pixel_values=pixels).image_embeds
     if (folder / "preprocessor_config.json").is_file():
         processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
     else:
         processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    dim = model.config.projection_dim
     vectors = np.zeros((len(paths), dim), dtype=np.float32)
     mask = np.zeros(len(paths), dtype=bool)
     n_unreadable = 0
@@ -80,9 +93,9 @@ def encode_images(paths: list[Path | None], clip_dir: str, batch_size: int) -> t
         if images:
             with torch.no_grad():
                 pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-                vectors[rows] = model(pixel_values=pixels).image_embeds.float().numpy()
+                vectors[rows] = image_features(pixels).float().numpy()
             mask[rows] = True
-    info = {"name": model.config._name_or_path or folder.name, "path": str(folder), "dim": dim,
+    info = {"name": name or folder.name, "path": str(folder), "dim": dim, "model_type": config.model_type,
             "transformers": transformers.__version__, "n_unreadable": n_unreadable,
             "n_absent": len(paths) - len(present)}
     return vectors, mask, info

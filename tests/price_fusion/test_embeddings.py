@@ -136,3 +136,25 @@ def test_import_with_missing_ids_names_them(sample_env, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "embeddings not aligned with the CSV" in err and "first ['100000'" in err
     assert not (tmp_path / "emb" / "train").exists()
+
+
+def test_full_clip_model_checkpoint_uses_its_own_projection(tmp_path):
+    """A saved CLIPModel (the usual openai/clip-vit-* layout) keeps its top-level projection_dim."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=12)).eval()
+    model.save_pretrained(tmp_path / "clip")
+    Image.new("RGB", (40, 50), (200, 30, 90)).save(tmp_path / "a.png")
+    vectors, mask, info = embed.encode_images([tmp_path / "a.png"], str(tmp_path / "clip"), batch_size=1)
+    assert vectors.shape == (1, 12) and info["dim"] == 12 and mask.tolist() == [True]
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pixels = processor(images=[Image.open(tmp_path / "a.png").convert("RGB")], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    np.testing.assert_allclose(vectors, expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -199,12 +199,13 @@ def _embed(cfg: PriceFusionConfig) -> int:
     if "train" in cfg.embed.splits:
         catalog = read_catalog(cfg.data.train_csv, require_price=False)
         vocab = fit_unit_vocab(catalog.texts, cfg.embed.min_unit_count)
-        save_unit_vocab(vocab, vocab_path)
-        log.info("unit vocabulary fitted on %s: %d units -> %s", cfg.data.train_csv, len(vocab) - 1, vocab_path)
+        log.info("unit vocabulary fitted on %s: %d units", cfg.data.train_csv, len(vocab) - 1)
     else:
         vocab = load_unit_vocab(vocab_path)
     for split in sorted(cfg.embed.splits, key=lambda s: s != "train"):
         embed_split(cfg, split, vocab)
+        if split == "train":  # saved only once the train split it belongs to is complete
+            save_unit_vocab(vocab, vocab_path)
     return 0
 
 

@@ -59,7 +59,7 @@ def encode_images(paths: list[Path | None], clip_dir: str, batch_size: int) -> t
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if config.model_type == "clip":
         # A full CLIPModel (e.g. openai/clip-vit-large-patch14): its projection size lives in the top-level config,
-        # so loading it as CLIPVisionModelWithProjection would re-initialise visual_projection at the default size.
+        # so loading it as CLIPVisionModelWithProjection fails on a visual_projection size mismatch.
         model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
         size, dim, name = config.vision_config.image_size, config.projection_dim, config._name_or_path
 

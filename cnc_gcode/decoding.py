@@ -127,13 +127,13 @@ def _to_numpy(logits: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 def decode_cached(decoder, memory: torch.Tensor, vocab: Vocabulary) -> np.ndarray:
     """Greedy decoding with the key/value cache: one position per decoder call. memory [B,T,S] -> ids [B,L]."""
     batch = memory.shape[0]
-    cross = decoder.cross_kv(memory)
+    cross, context = decoder.cross_kv(memory), decoder.step_context(memory)
     state = {"cache": decoder.empty_cache(batch, memory.device)}
 
     def step(previous: np.ndarray, position: int) -> dict[str, np.ndarray]:
         token = torch.from_numpy(previous).to(memory.device).view(batch, 1)
         logits, state["cache"] = decoder.step(token, torch.tensor([position], device=memory.device),
-                                              state["cache"], cross)
+                                              state["cache"], cross, context)
         return _to_numpy(logits)
 
     return greedy_decode(step, vocab, batch)

@@ -4,8 +4,8 @@
 
 Writes <run_dir>/onnx/encoder.onnx, decoder_step.onnx, vocab.json and parity.json. Graphs:
     encoder.onnx       continuous [B,T,C] f32, categorical [B,T,K] i64
-                       -> memory [B,T,H], op_logits [B,9], cross_kv [layers,2,B,heads,T,hd]
-    decoder_step.onnx  token [B,1] i64, position [1] i64, cache [layers,2,B,heads,L,hd], cross_kv
+                       -> memory [B,T,H], op_logits [B,9], cross_kv [layers,2,B,heads,T,hd], context [B,1,D]
+    decoder_step.onnx  token [B,1] i64, position [1] i64, cache [layers,2,B,heads,L,hd], cross_kv, context
                        -> type, command, ptype, exponent [B,.], digits [B,4,10], new_cache
 The decoder's cross-attention keys/values are computed once inside the encoder graph, so each step only
 attends. Parity: max |onnxruntime - PyTorch| over memory, operation logits and every step's logits along the
@@ -41,7 +41,7 @@ class EncoderGraph(nn.Module):
 
     def forward(self, continuous, categorical):
         memory, op_logits = self.encoder(continuous, categorical)
-        return memory, op_logits, self.decoder.cross_kv(memory)
+        return memory, op_logits, self.decoder.cross_kv(memory), self.decoder.step_context(memory)
 
 
 class StepGraph(nn.Module):
@@ -49,8 +49,8 @@ class StepGraph(nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, token, position, cache, cross_kv):
-        logits, new_cache = self.decoder.step(token, position, cache, cross_kv)
+    def forward(self, token, position, cache, cross_kv, context):
+        logits, new_cache = self.decoder.step(token, position, cache, cross_kv, context)
         return (*[logits[h][:, 0] for h in HEADS], new_cache)
 
 
@@ -63,20 +63,22 @@ def export(encoder, decoder, out_dir: Path, opset: int, window: int, channels: i
     enc_graph = EncoderGraph(encoder, decoder).eval()
     tmp = out_dir / f".{ENCODER_FILE}.tmp"
     torch.onnx.export(enc_graph, (continuous, categorical), str(tmp), opset_version=opset, dynamo=False,
-                      input_names=["continuous", "categorical"], output_names=["memory", "op_logits", "cross_kv"],
+                      input_names=["continuous", "categorical"],
+                      output_names=["memory", "op_logits", "cross_kv", "context"],
                       dynamic_axes={"continuous": {0: "batch", 1: "time"}, "categorical": {0: "batch", 1: "time"},
                                     "memory": {0: "batch", 1: "time"}, "op_logits": {0: "batch"},
-                                    "cross_kv": {2: "batch", 4: "time"}})
+                                    "cross_kv": {2: "batch", 4: "time"}, "context": {0: "batch"}})
     tmp.replace(out_dir / ENCODER_FILE)
     with torch.no_grad():
-        _, _, cross = enc_graph(continuous, categorical)
+        _, _, cross, context = enc_graph(continuous, categorical)
     step_graph = StepGraph(decoder).eval()
-    args = (torch.full((2, 1), 2, dtype=torch.long), torch.tensor([0]), decoder.empty_cache(2), cross)
+    args = (torch.full((2, 1), 2, dtype=torch.long), torch.tensor([0]), decoder.empty_cache(2), cross, context)
     tmp = out_dir / f".{STEP_FILE}.tmp"
     torch.onnx.export(step_graph, args, str(tmp), opset_version=opset, dynamo=False,
-                      input_names=["token", "position", "cache", "cross_kv"],
+                      input_names=["token", "position", "cache", "cross_kv", "context"],
                       output_names=[*HEADS, "new_cache"],
                       dynamic_axes={"token": {0: "batch"}, "cache": {2: "batch"}, "cross_kv": {2: "batch", 4: "time"},
+                                    "context": {0: "batch"},
                                     **{h: {0: "batch"} for h in HEADS}, "new_cache": {2: "batch"}})
     tmp.replace(out_dir / STEP_FILE)
 
@@ -94,8 +96,6 @@ class OnnxPipeline:
         self.encoder = ort.InferenceSession(str(Path(onnx_dir) / ENCODER_FILE), options, providers=providers)
         self.step = ort.InferenceSession(str(Path(onnx_dir) / STEP_FILE), options, providers=providers)
         self.vocab = vocab
-        cache_shape = self.step.get_inputs()[2].shape
-        self.cache_dims = [d for d in cache_shape]
 
     def encode(self, continuous: np.ndarray, categorical: np.ndarray):
         return self.encoder.run(None, {"continuous": continuous.astype(np.float32),
@@ -103,16 +103,16 @@ class OnnxPipeline:
 
     def decode(self, continuous: np.ndarray, categorical: np.ndarray, record: list | None = None) -> np.ndarray:
         """Greedy constrained ids [B,L]; `record` (a list) receives each step's logits for parity checks."""
-        _, _, cross = self.encode(continuous, categorical)
+        _, _, cross, context = self.encode(continuous, categorical)
         batch = continuous.shape[0]
-        layers, two, _, heads, length, head_dim = cross.shape[0], 2, batch, cross.shape[3], \
-            self.vocab.max_tokens, cross.shape[5]
-        state = {"cache": np.zeros((layers, two, batch, heads, length, head_dim), dtype=np.float32)}
+        layers = self.step.get_inputs()[2].shape[0]  # static: the decoder's layer count
+        heads, head_dim = cross.shape[3], cross.shape[5]
+        state = {"cache": np.zeros((layers, 2, batch, heads, self.vocab.max_tokens, head_dim), dtype=np.float32)}
 
         def step(previous: np.ndarray, position: int) -> dict[str, np.ndarray]:
             outputs = self.step.run(None, {"token": previous.reshape(batch, 1).astype(np.int64),
                                            "position": np.array([position], dtype=np.int64),
-                                           "cache": state["cache"], "cross_kv": cross})
+                                           "cache": state["cache"], "cross_kv": cross, "context": context})
             state["cache"] = outputs[-1]
             logits = dict(zip(HEADS, outputs[:-1]))
             if record is not None:
@@ -126,16 +126,16 @@ class OnnxPipeline:
 def parity(encoder, decoder, vocab, pipeline: OnnxPipeline, continuous: np.ndarray, categorical: np.ndarray) -> dict:
     """Max abs differences between onnxruntime and PyTorch, and whether greedy outputs agree."""
     memory, op_logits = encoder(torch.from_numpy(continuous), torch.from_numpy(categorical))
-    ort_memory, ort_ops, _ = pipeline.encode(continuous, categorical)
+    ort_memory, ort_ops, _, _ = pipeline.encode(continuous, categorical)
     torch_ids = decode_cached(decoder, memory, vocab)
     recorded: list = []
     ort_ids = pipeline.decode(continuous, categorical, recorded)
     # Replay PyTorch along the onnxruntime path to compare step logits position by position.
-    cross, cache = decoder.cross_kv(memory), decoder.empty_cache(len(continuous))
+    cross, cache, context = decoder.cross_kv(memory), decoder.empty_cache(len(continuous)), decoder.step_context(memory)
     previous = torch.full((len(continuous), 1), 2, dtype=torch.long)
     step_diff = 0.0
     for position, ort_logits in enumerate(recorded):
-        logits, cache = decoder.step(previous, torch.tensor([position]), cache, cross)
+        logits, cache = decoder.step(previous, torch.tensor([position]), cache, cross, context)
         for head in HEADS:
             step_diff = max(step_diff, float(np.abs(logits[head][:, 0].numpy() - ort_logits[head]).max()))
         previous = torch.from_numpy(ort_ids[:, position:position + 1].copy())  # PAD for finished rows, as ORT saw

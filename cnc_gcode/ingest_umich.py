@@ -7,7 +7,8 @@ Input: experiment_XX.csv (100 ms rows; 48 signals; `Machining_Process` phase; `M
 umich.data_dir or $REAL_DATA_DIR/cnc_umich_toolwear. Output in umich.out_dir: train/val/test.npz with
     continuous [N,64,C] float32   every numeric signal except program number and sequence number (C = 45)
     categorical [N,64,4] int64    direction of X, Y, Z command velocity and spindle state (0 still, 1 -, 2 +)
-    operation_type [N] int64      the phase at the window's last row, one of PHASES (9)
+    operation_type [N] int64      the phase at the window's last row, one of PHASES (9), or of COARSE_PHASES (4)
+                                  with umich.phase_grouping=coarse
     tokens [N,7] int64            the NONE line (the G-code program is not part of the dataset, so there are no
                                   token targets: this data trains and evaluates the encoder only)
     sequence_number, experiment [N] int64
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 PHASES = ("Prep", "Layer 1 Up", "Layer 1 Down", "Repositioning", "Layer 2 Up", "Layer 2 Down", "Layer 3 Up",
           "Layer 3 Down", "End")
 PHASE_ALIASES = {"starting": "Prep", "end": "End"}
+# phase_grouping=coarse: prep / cutting a layer (any layer, up or down) / repositioning / end.
+COARSE_PHASES = ("Prep", "Layer cutting", "Repositioning", "End")
+COARSE_OF_PHASE = np.array([0, 1, 1, 2, 1, 1, 1, 1, 3])
 LABEL_COLUMNS = ("Machining_Process", "M1_sequence_number", "M1_CURRENT_PROGRAM_NUMBER", "tool_condition")
 DIRECTION_COLUMNS = ("X1_CommandVelocity", "Y1_CommandVelocity", "Z1_CommandVelocity", "S1_CommandVelocity")
 STILL_SPEED = 1e-3
@@ -96,17 +100,24 @@ def ingest(cfg: CncConfig) -> int:
         if len(signals) < uc.window:
             log.warning("%s: %d rows, shorter than one window of %d; skipped", path, len(signals), uc.window)
             continue
+        if uc.relative_positions:
+            # Each experiment has its own work offset: positions relative to the run's lowest point are comparable
+            # across runs (the layers are cut at successive depths below it). Uses no labels.
+            for column in [c for c in signals.columns if "Position" in c and not c.startswith("S1")]:
+                signals[column] = signals[column] - signals[column].min()
         continuous = signals.to_numpy(np.float32)
         categorical = categorical_channels(signals)
         ends = np.arange(uc.window - 1, len(signals), uc.stride)
         index = ends[:, None] - np.arange(uc.window - 1, -1, -1)[None]
+        labels = COARSE_OF_PHASE[phases] if uc.phase_grouping == "coarse" else phases
         parts[split_of.get(number, "train")].append({
             "continuous": continuous[index], "categorical": categorical[index],
-            "operation_type": phases[ends], "tokens": np.tile(np.asarray(none_line, np.int64), (len(ends), 1)),
+            "operation_type": labels[ends], "tokens": np.tile(np.asarray(none_line, np.int64), (len(ends), 1)),
             "sequence_number": sequence[ends].astype(np.int64), "experiment": np.full(len(ends), number, np.int64)})
     out = Path(uc.out_dir)
-    manifest = {"source": str(data_dir), "window": uc.window, "stride": uc.stride, "phases": list(PHASES),
-                "splits": {}}
+    names = COARSE_PHASES if uc.phase_grouping == "coarse" else PHASES
+    manifest = {"source": str(data_dir), "window": uc.window, "stride": uc.stride, "phases": list(names),
+                "phase_grouping": uc.phase_grouping, "splits": {}}
     for split in SPLITS:
         if not parts[split]:
             raise UserError(f"split '{split}' got no experiments; check umich.val_experiments/test_experiments")
@@ -115,7 +126,8 @@ def ingest(cfg: CncConfig) -> int:
         save_npz(out / f"{split}.npz", arrays)
         manifest["splits"][split] = {"experiments": sorted(set(arrays["experiment"].tolist())),
                                      "windows": len(arrays["operation_type"]),
-                                     "phase_counts": np.bincount(arrays["operation_type"], minlength=9).tolist()}
+                                     "phase_counts": np.bincount(arrays["operation_type"],
+                                                                 minlength=len(names)).tolist()}
     groups: dict[str, list[str]] = {}
     for name in channel_names:
         prefix = name.split("_")[0]

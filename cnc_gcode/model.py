@@ -53,11 +53,12 @@ class MMDTAELSTM(nn.Module):
 
     def __init__(self, continuous_dim: int, categorical_dims: list[int], hidden_dim: int = 128,
                  categorical_embed_dim: int = 4, lstm_layers: int = 2, dropout: float = 0.1,
-                 n_operations: int = 9) -> None:
+                 n_operations: int = 9, residual: bool = True) -> None:
         super().__init__()
         if hidden_dim % 2:
             raise ValueError(f"encoder.hidden_dim must be even (two LSTM directions), got {hidden_dim}")
         self.continuous_dim = continuous_dim
+        self.residual = residual
         self.categorical_dims = list(categorical_dims)
         self.register_buffer("channel_mean", torch.zeros(continuous_dim))
         self.register_buffer("channel_std", torch.ones(continuous_dim))
@@ -67,6 +68,7 @@ class MMDTAELSTM(nn.Module):
                                               nn.LayerNorm(hidden_dim), nn.ReLU())
         self.lstm = nn.LSTM(hidden_dim, hidden_dim // 2, num_layers=lstm_layers, batch_first=True,
                             bidirectional=True, dropout=dropout if lstm_layers > 1 else 0.0)
+        self.value_skip = nn.Linear(continuous_dim, hidden_dim) if residual else None
         self.dropout = nn.Dropout(dropout)
         self.operation_head = nn.Linear(hidden_dim, n_operations)
         self.reconstruction_head = nn.Linear(hidden_dim, continuous_dim)
@@ -83,6 +85,11 @@ class MMDTAELSTM(nn.Module):
         cat = torch.cat([emb(categorical[..., i]) for i, emb in enumerate(self.categorical_embeds)], dim=-1)
         fused = cont + self.categorical_proj(cat)  # additive fusion, as in the original
         memory, _ = self.lstm(self.dropout(fused))
+        if self.value_skip is not None:
+            # The BiLSTM and the LayerNorm/ReLU fusion summarise context but blur exact values (reconstruction
+            # error ~5 mm on X without this); the decoder must read coordinates and feeds to four significant
+            # digits, so the fused features and a linear view of the normalised channels are added back.
+            memory = memory + fused + self.value_skip(normalized)
         op_logits = self.operation_head(memory.mean(dim=1))
         return memory, op_logits
 
@@ -168,7 +175,8 @@ class SensorMultiHeadDecoder(nn.Module):
 
     def __init__(self, vocab: Vocabulary, sensor_dim: int = 128, d_model: int = 192, n_heads: int = 8,
                  n_layers: int = 4, ff_dim: int = 768, dropout: float = 0.1, max_seq_len: int = 32,
-                 share_cross_kv: bool = True) -> None:
+                 share_cross_kv: bool = True, max_memory_len: int = 256, last_step_context: bool = True,
+                 memory_norm: bool = True) -> None:
         super().__init__()
         if vocab.max_tokens + 1 > max_seq_len:
             raise ValueError(f"decoder.max_seq_len={max_seq_len} is shorter than max_tokens+1={vocab.max_tokens + 1}")
@@ -176,7 +184,15 @@ class SensorMultiHeadDecoder(nn.Module):
         self.param_base = vocab.param_base
         self.max_tokens = vocab.max_tokens
         self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, d_model // n_heads
-        self.memory_proj = nn.Sequential(nn.Linear(sensor_dim, d_model), nn.LayerNorm(d_model))
+        self.memory_proj = nn.Sequential(nn.Linear(sensor_dim, d_model),
+                                         nn.LayerNorm(d_model) if memory_norm else nn.Identity())
+        # The memory has no notion of time of its own; the executing line's values sit at the window's end, so
+        # cross-attention needs to know where that is: learned time-step embeddings are added to the memory.
+        self.memory_position = nn.Embedding(max_memory_len, d_model)
+        # The line being executed is the one at the window's last step: its memory vector is added to every token
+        # embedding, so the digit heads read it through the feed-forward layers without first learning a sharp
+        # cross-attention (which took many epochs on CPU; see README "design choices").
+        self.context_proj = nn.Linear(sensor_dim, d_model) if last_step_context else None
         self.type_embed = nn.Embedding(N_INPUT_TYPES, d_model)
         self.command_embed = nn.Embedding(self.n_commands + 1, d_model)  # last row: "not a command"
         self.ptype_embed = nn.Embedding(self.n_ptypes + 1, d_model)
@@ -228,9 +244,20 @@ class SensorMultiHeadDecoder(nn.Module):
         return {"type": self.type_head(x), "command": self.command_head(x), "ptype": self.ptype_head(x),
                 "exponent": self.exponent_head(x), "digits": digits.view(*digits.shape[:-1], N_DIGITS, 10)}
 
+    def context(self, memory: Tensor) -> Tensor | float:
+        """[B,1,D] projection of the last memory step (0.0 when disabled)."""
+        return self.context_proj(memory[:, -1:]) if self.context_proj is not None else 0.0
+
+    def step_context(self, memory: Tensor) -> Tensor:
+        """The per-window context input of `step`: [B,1,D] (zeros when disabled)."""
+        if self.context_proj is None:
+            return memory.new_zeros(memory.shape[0], 1, self.position_embed.embedding_dim)
+        return self.context_proj(memory[:, -1:])
+
     def cross_kv(self, memory: Tensor) -> Tensor:
         """memory [B,T,sensor_dim] -> cross-attention keys/values [layers (1 when shared), 2, B, H, T, hd]"""
-        projected = self.memory_proj(memory)
+        steps = torch.arange(memory.shape[1], device=memory.device)
+        projected = self.memory_proj(memory) + self.memory_position(steps)[None]
         if self.shared_cross is not None:
             return torch.stack(self.shared_cross.keys_values(projected))[None]
         return torch.stack([torch.stack(layer.cross_attn.keys_values(projected)) for layer in self.layers])
@@ -243,7 +270,7 @@ class SensorMultiHeadDecoder(nn.Module):
         """Teacher-forced pass: memory [B,T,S], input_ids [B,L] (SOS first) -> head logits at each of L positions."""
         length = input_ids.shape[1]
         positions = torch.arange(length, device=input_ids.device)
-        x = self.embed(input_ids, positions)
+        x = self.embed(input_ids, positions) + self.context(memory)
         causal = torch.triu(torch.full((length, length), float("-inf"), device=x.device), diagonal=1)
         cross = self.cross_kv(memory)
         for i, layer in enumerate(self.layers):
@@ -254,13 +281,15 @@ class SensorMultiHeadDecoder(nn.Module):
         """Zero self-attention cache [layers, 2, B, H, max_tokens, hd]."""
         return torch.zeros(self.n_layers, 2, batch, self.n_heads, self.max_tokens, self.head_dim, device=device)
 
-    def step(self, token: Tensor, position: Tensor, cache: Tensor, cross: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def step(self, token: Tensor, position: Tensor, cache: Tensor, cross: Tensor,
+             context: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """One cached decoding step. token [B,1] int64 (the previous output, SOS first), position [1] int64 (0-based),
-        cache from `empty_cache` / the previous step, cross from `cross_kv`. Returns (head logits [B,1,...], cache)."""
+        cache from `empty_cache` / the previous step, cross from `cross_kv`, context [B,1,D] from `step_context`.
+        Returns (head logits [B,1,...], cache)."""
         slots = torch.arange(self.max_tokens, device=token.device)
         slot = (slots == position).to(cache.dtype).view(1, 1, -1, 1)
         cache_bias = torch.where(slots <= position, 0.0, float("-inf")).to(cache.dtype).view(1, 1, 1, -1)
-        x = self.embed(token, position)
+        x = self.embed(token, position) + context
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer.step(x, cache[i], slot, cache_bias, *self._cross(cross, i))
@@ -270,12 +299,13 @@ class SensorMultiHeadDecoder(nn.Module):
 
 def build_encoder(cfg: EncoderConfig, continuous_dim: int) -> MMDTAELSTM:
     return MMDTAELSTM(continuous_dim, cfg.categorical_dims, cfg.hidden_dim, cfg.categorical_embed_dim,
-                      cfg.lstm_layers, cfg.dropout, cfg.n_operations)
+                      cfg.lstm_layers, cfg.dropout, cfg.n_operations, cfg.residual)
 
 
 def build_decoder(cfg: DecoderConfig, vocab: Vocabulary, sensor_dim: int) -> SensorMultiHeadDecoder:
     return SensorMultiHeadDecoder(vocab, sensor_dim, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.ff_dim,
-                                  cfg.dropout, cfg.max_seq_len, cfg.share_cross_kv)
+                                  cfg.dropout, cfg.max_seq_len, cfg.share_cross_kv, cfg.max_memory_len,
+                                  cfg.last_step_context, cfg.memory_norm)
 
 
 def decoder_inputs(tokens: Tensor) -> Tensor:

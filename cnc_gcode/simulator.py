@@ -10,7 +10,7 @@ Continuous channels (C = 27; names and units in `CHANNELS`, groups in `CHANNEL_G
     position        actual_x/y/z            mm      servo lag 2 samples, encoder noise 2 um
     controller      command_x/y/z           mm      interpolator output
                     dtg_x/y/z               mm      distance to go to the line's end point (LinuxCNC `dtg`)
-                    feed_command            mm/min  programmed feed (rapid rate during G0)
+                    feed_command            mm/min  programmed (modal) feed F, also during G0 rapids
                     spindle_command         rpm
     velocity        velocity_x/y/z          mm/s
     acceleration    acceleration_x/y/z      mm/s^2
@@ -314,7 +314,8 @@ def execute(lines: list[str], cfg: MachineConfig) -> tuple[list[Segment], list[P
             s = _trapezoid(length, speed, cfg.accel_mm_s2, cfg.dt_s)
             xyz = pos[None] + (target - pos)[None] * (s / length)[:, None]
             mode = 0 if rapid else 1
-        segments.append(Segment(xyz, target, cfg.rapid_mm_min if rapid else feed, mode, index))
+        # Like a real controller's programmed-feed signal, feed_command keeps the modal F during rapids.
+        segments.append(Segment(xyz, target, feed, mode, index))
         pos = target
     return segments, parsed
 

@@ -17,6 +17,12 @@ def stage_args(data: Path, runs: Path, name: str = "t", *extra: str) -> list[str
             f"data.val_path={data / 'val.npz'}", f"data.test_path={data / 'test.npz'}", *extra]
 
 
+@pytest.fixture(name="stage_args")
+def stage_args_fixture():
+    """The argv builder, for tests: stage_args(data_dir, runs_dir, name, *overrides)."""
+    return stage_args
+
+
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cnc_sample")
@@ -28,7 +34,7 @@ def sample_dir(tmp_path_factory) -> Path:
 def trained_run(sample_dir, tmp_path_factory) -> tuple[Path, list[str]]:
     """(runs dir, common argv) of a tiny encoder + decoder trained on the sample data."""
     runs = tmp_path_factory.mktemp("cnc_runs")
-    args = stage_args(sample_dir, runs, "t", "encoder_train.epochs=2", "train.epochs=2")
+    args = stage_args(sample_dir, runs, "t", "encoder_train.epochs=2", "train.epochs=2", "data.max_train_windows=300")
     assert train_encoder.main(args) == 0
     assert train.main(args) == 0
     return runs, args

@@ -31,10 +31,10 @@ def test_cached_step_matches_full_forward(share):
     targets = torch.tensor([tokenize_text(vocab, t) for t in ("G1 X1 Y2 F300", "G0 Z5", "M30", "G3 X1 R2 F10")])
     with torch.no_grad():
         full = dec(memory, decoder_inputs(targets))
-        cache, cross = dec.empty_cache(4), dec.cross_kv(memory)
+        cache, cross, context = dec.empty_cache(4), dec.cross_kv(memory), dec.step_context(memory)
         previous = torch.full((4, 1), SOS)
         for position in range(vocab.max_tokens):
-            step, cache = dec.step(previous, torch.tensor([position]), cache, cross)
+            step, cache = dec.step(previous, torch.tensor([position]), cache, cross, context)
             for head in full:
                 assert torch.allclose(step[head][:, 0], full[head][:, position], atol=1e-5)
             previous = targets[:, position:position + 1]

@@ -1,0 +1,76 @@
+"""Every shipped config parses; the tokenizer and the UMich ingestion on the real shared data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnc_gcode import build_vocab, ingest_umich
+from cnc_gcode.__main__ import STAGES
+from cnc_gcode.config import CncConfig
+from common.config import load_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "cnc_gcode"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_config_parses(path):
+    cfg = load_config(CncConfig, path)
+    assert cfg.decoder.d_model % cfg.decoder.n_heads == 0 and cfg.run.name
+
+
+def test_every_listed_stage_has_a_main():
+    import importlib
+
+    for stage in STAGES:
+        assert callable(importlib.import_module(f"cnc_gcode.{stage}").main), stage
+
+
+@pytest.mark.real_data
+def test_pygcode_corpus_round_trips_completely(real_data_dir, tmp_path):
+    out = tmp_path / "vocab.json"
+    assert build_vocab.main([f"build_vocab.corpus=[{real_data_dir / 'gcode_pygcode'}]", f"build_vocab.out={out}",
+                             "build_vocab.max_tokens=10"]) == 0
+    report = json.loads((tmp_path / "vocab_report.json").read_text())
+    assert report["files"] == 42 and report["tokenized_lines"] > 7000
+    assert report["round_trip_ok"] == report["tokenized_lines"] and not report["round_trip_failures"]
+
+
+@pytest.mark.real_data
+def test_linuxcnc_corpus_never_crashes_and_counts_reasons(real_data_dir, tmp_path):
+    out = tmp_path / "vocab.json"
+    assert build_vocab.main([f"build_vocab.corpus=[{real_data_dir / 'gcode_linuxcnc'}]", f"build_vocab.out={out}",
+                             "build_vocab.max_tokens=10"]) == 0
+    report = json.loads((tmp_path / "vocab_report.json").read_text())
+    reasons = report["parse"]["unsupported_by_reason"]
+    assert report["files"] == 247
+    assert reasons["[ ] expression"] > 1000 and reasons["# parameter"] > 100 and reasons["o-word subroutine/control flow"] > 100
+    assert report["parse"]["lines"] == report["parse"]["executable"] + report["parse"]["empty"] + sum(reasons.values())
+    assert report["round_trip_ok"] == report["tokenized_lines"]
+
+
+@pytest.mark.real_data
+def test_umich_ingestion_splits_by_experiment(real_data_dir, tmp_path):
+    out = tmp_path / "umich"
+    assert ingest_umich.main([f"umich.data_dir={real_data_dir / 'cnc_umich_toolwear'}", f"umich.out_dir={out}",
+                              "umich.stride=32"]) == 0
+    experiments = {}
+    for split in ("train", "val", "test"):
+        with np.load(out / f"{split}.npz") as d:
+            n, t, c = d["continuous"].shape
+            assert (t, c) == (64, 45) and d["categorical"].shape == (n, 64, 4)
+            assert d["categorical"].max() <= 2 and 0 <= d["operation_type"].min() and d["operation_type"].max() <= 8
+            assert np.isfinite(d["continuous"]).all()
+            experiments[split] = set(d["experiment"].tolist())
+    assert experiments["test"] == {2, 9, 13, 17} and experiments["val"] == {3, 8, 14}
+    assert not experiments["train"] & (experiments["val"] | experiments["test"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(c > 0 for c in manifest["splits"]["test"]["phase_counts"])
+
+
+def test_umich_missing_folder_is_exit_2(tmp_path, capsys):
+    assert ingest_umich.main([f"umich.data_dir={tmp_path}", f"umich.out_dir={tmp_path / 'o'}"]) == 2
+    assert "no experiment_XX.csv" in capsys.readouterr().err

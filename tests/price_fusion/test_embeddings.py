@@ -158,3 +158,14 @@ def test_full_clip_model_checkpoint_uses_its_own_projection(tmp_path):
     with torch.no_grad():
         expected = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
     np.testing.assert_allclose(vectors, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_test_split_alone_reuses_the_train_vocabulary(sample_env, copy_of, tmp_path):
+    emb_dir = copy_of(sample_env["embeddings"], "emb")
+    (emb_dir / "test" / "manifest.json").unlink()
+    args = sample_env["args"](tmp_path / "runs", f"data.embeddings_dir={emb_dir}", "embed.splits=[test]")
+    assert embed.main(args) == 0
+    again, first = load_embeddings(emb_dir / "test"), load_embeddings(sample_env["embeddings"] / "test")
+    np.testing.assert_array_equal(again.struct, first.struct)
+    (emb_dir / "unit_vocab.json").unlink()
+    assert embed.main(args) == 2  # no train vocabulary: a clear error, not a vocabulary fitted on test

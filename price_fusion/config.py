@@ -178,6 +178,8 @@ class GbtConfig:
     max_leaf_nodes: int = 31
     l2_regularization: float = 1.0
     early_stopping_rounds: int = 20
+    # OpenMP threads for the trees and faiss; 0 keeps the libraries' default (1 is fastest on a busy 2-core machine).
+    num_threads: int = 0
 
 
 @dataclass

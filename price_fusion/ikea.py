@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from common import metrics
 from common.cli import UserError, config_main
@@ -107,10 +108,12 @@ def ikea(cfg: PriceFusionConfig) -> int:
     train_emb, test_emb = load_embeddings(run_dir / "embeddings" / "train"), load_embeddings(run_dir / "embeddings" / "test")
     train_x, test_x = np.asarray(train_emb.text), np.asarray(test_emb.text)
     train_price = train_frame.price.to_numpy()
-    knn_pred, knn_params = knn_baseline(train_x, train_price, test_x, cfg.data.split_seed)
-    ridge_pred, ridge_params = ridge_baseline(train_x, train_price, test_x)
-    struct_x = np.hstack([train_x, np.asarray(train_emb.struct)]), np.hstack([test_x, np.asarray(test_emb.struct)])
-    ridge_struct_pred, ridge_struct_params = ridge_baseline(struct_x[0], train_price, struct_x[1])
+    # BLAS threads for the baselines follow train.num_threads (0: library default)
+    with threadpool_limits(limits=cfg.train.num_threads or None):
+        knn_pred, knn_params = knn_baseline(train_x, train_price, test_x, cfg.data.split_seed)
+        ridge_pred, ridge_params = ridge_baseline(train_x, train_price, test_x)
+        struct_x = np.hstack([train_x, np.asarray(train_emb.struct)]), np.hstack([test_x, np.asarray(test_emb.struct)])
+        ridge_struct_pred, ridge_struct_params = ridge_baseline(struct_x[0], train_price, struct_x[1])
     rows = [("median", "median price", median_baseline(train_price, len(truth)), {}),
             ("knn", "kNN on text embeddings", knn_pred, knn_params),
             ("ridge", "ridge on text embeddings", ridge_pred, ridge_params),

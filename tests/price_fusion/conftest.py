@@ -13,7 +13,7 @@ N_TRAIN, N_TEST = 240, 60
 # Small network and few epochs: the suite must stay within a few minutes on 2 shared cores.
 MODEL_OVERRIDES = ["model.image_dim=16", "model.text_dim=384", "model.branch_dim=32", "model.head_dims=[32,16,8]",
                    "model.num_heads=4", "model.dropout=0.1", "train.batch_size=32", "train.lr=0.003",
-                   "train.num_threads=1", "embed.num_threads=1", "train.resume=false"]
+                   "train.num_threads=1", "embed.num_threads=1", "gbt.num_threads=1", "train.resume=false"]
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,8 @@ def run_demo(out_dir: Path) -> list[dict]:
     make_dataset(data, n_programs=DEMO_PROGRAMS, seed=0)
     common = ["--config", str(TINY_CONFIG), f"run.out_dir={out_dir / 'runs'}", "run.name=demo",
               f"data.train_path={data / 'train.npz'}", f"data.val_path={data / 'val.npz'}",
-              f"data.test_path={data / 'test.npz'}", "encoder_train.epochs=4", "train.epochs=6", "eval.max_windows=0"]
+              f"data.test_path={data / 'test.npz'}", "encoder_train.epochs=3", "train.epochs=3",
+              "data.max_train_windows=400", "eval.max_windows=300"]
     run_dir = out_dir / "runs" / "demo"
     rows = []
     _run(build_vocab, [*common, f"build_vocab.corpus=[{data / 'programs'}]", f"build_vocab.out={out_dir / 'vocab.json'}"])

@@ -35,7 +35,8 @@ def test_training_learns_and_writes_its_outputs(trained_run, sample_env):
 
 
 def test_kill_and_resume_gives_identical_weights(sample_env, tmp_path):
-    common = ["run_name=r", "train.epochs=6", "train.resume=auto", "model.name=advanced_moe", "train.patience=50"]
+    common = ["run_name=r", "train.epochs=6", "train.resume=auto", "model.name=advanced_moe", "train.patience=50",
+              "train.checkpoint_every=2", "train.keep_last_n=2"]
     assert train.main(sample_env["args"](tmp_path / "straight", *common)) == 0
     # the same run stopped after 2 and then 2 more epochs (each process exits as a kill would), then resumed to the end
     for _ in range(2):
@@ -50,6 +51,8 @@ def test_kill_and_resume_gives_identical_weights(sample_env, tmp_path):
     hist_a = json.loads((tmp_path / "straight" / "r" / "training_history.json").read_text())
     hist_b = json.loads((tmp_path / "resumed" / "r" / "training_history.json").read_text())
     assert hist_a == hist_b
+    periodic = sorted(p.name for p in (tmp_path / "resumed" / "r" / "checkpoints").glob("epoch_*"))
+    assert periodic == ["epoch_4", "epoch_6"]  # every 2 epochs, the last 2 kept
     lines = (tmp_path / "resumed" / "r" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 7))
 

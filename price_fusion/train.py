@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from common import metrics
-from common.checkpoint import CheckpointManager, load_checkpoint, load_weights
+from common.checkpoint import CheckpointManager, capture_train_state, load_weights, resume_from_checkpoint
 from common.cli import config_main
 from common.config import save_resolved_config, to_dict
 from common.logs import MetricsWriter, setup_logging, write_json
-from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.seed import seed_everything
 from common.training import EarlyStopping, param_groups
 
 from .batching import FusionTensors, epoch_batches, load_split, predict_log_price
@@ -64,17 +64,13 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     history: list[dict] = []
     start_epoch = 1
 
-    resume_from = manager.resolve_resume(tc.resume)
-    if resume_from is not None:
-        state, _ = load_checkpoint(resume_from, model, map_location=device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stopper.load_state_dict(state["early_stopping"])
-        set_rng_state(state["rng"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"]) + 1
-        log.info("resumed from %s at epoch %d (best val SMAPE %.3f)", resume_from, start_epoch, stopper.best)
-    writer = MetricsWriter(fold_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+    resumed = resume_from_checkpoint(manager, tc.resume, model, optimizer, scheduler, stopper)
+    if resumed is not None:
+        history = list(resumed["history"])
+        start_epoch = int(resumed["epoch"]) + 1
+        log.info("resumed from %s at epoch %d (best val SMAPE %.3f)", resumed["_resumed_from"], start_epoch,
+                 stopper.best)
+    writer = MetricsWriter(fold_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
 
     epochs_this_run = 0
     for epoch in range(start_epoch, tc.epochs + 1):
@@ -102,8 +98,7 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
         log.info("epoch %d  loss %.4f  val SMAPE %.2f%%  MAE %.2f  RMSE %.2f  R2 %.3f  lr %.2e%s", epoch,
                  record["train_loss"], val_metrics["smape"], val_metrics["mae"], val_metrics["rmse"],
                  val_metrics["r2"], record["lr"], "  *best*" if improved else "")
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "early_stopping": stopper.state_dict(), "rng": get_rng_state(), "history": history, "epoch": epoch}
+        state = capture_train_state(epoch, optimizer, scheduler, stopper, history=history)
         manager.save(model, state, epoch, is_best=improved, meta=_model_meta(cfg, train_data))
         write_json(fold_dir / "training_history.json", history)
         epochs_this_run += 1

@@ -20,14 +20,19 @@ import numpy as np
 import torch
 
 from common import metrics
-from common.checkpoint import CheckpointManager, load_checkpoint, load_weights
+from common.checkpoint import (
+    CheckpointManager,
+    capture_train_state,
+    load_weights,
+    resume_from_checkpoint,
+)
 from common.cli import UserError, config_main
 from common.config import save_resolved_config
 from common.distributed import all_reduce_sum, cleanup_distributed, setup_distributed, wrap_ddp
 from common.io import write_json
 from common.logs import MetricsWriter, setup_logging
 from common.losses import focal_loss
-from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.seed import seed_everything
 from common.training import EarlyStopping, param_groups
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import make_loader
@@ -95,22 +100,17 @@ def finetune(cfg: TrainConfig) -> dict:
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.save_every)
 
     start_epoch = 1
-    resume_from = ckpts.resolve_resume(tc.resume)
-    if resume_from is not None:
-        state, _ = load_checkpoint(resume_from, model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        early.load_state_dict(state["early_stopping"])
-        set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"]) + 1
-        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    resumed = resume_from_checkpoint(ckpts, tc.resume, model, optimizer, scheduler, early)
+    if resumed is not None:
+        start_epoch = int(resumed["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
     elif tc.pretrained_checkpoint is not None:
         load_pretrained(model, tc.pretrained_checkpoint, table, Path(cfg.data.embedding_output_dir) / CODE_TABLE_DIR)
 
     # DDP wraps the model for training steps only; evaluation and checkpoints use the bare module
     # (a decoder's next-event head is unused here; the frozen code table is identical on every rank)
     train_model = wrap_ddp(model, dist_info, find_unused_parameters=hasattr(model, "lm_head"), broadcast_buffers=False)
-    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
     loader = make_loader(data["train"], tc.batch_size, shuffle=True, seed=tc.seed, bucket=tc.bucket_by_length,
                          pad_to=cfg.model.max_length if tc.pad_to_max_length else None, num_workers=tc.num_workers,
                          rank=dist_info.rank, world_size=dist_info.world_size)
@@ -140,9 +140,7 @@ def finetune(cfg: TrainConfig) -> dict:
         tuning = tuning_scores(model, data["tuning"], cfg, device)
         scheduler.step(tuning[metric])
         improved = early.step(tuning[metric])
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "early_stopping": early.state_dict(), "epoch": epoch, "rng": get_rng_state()}
-        ckpts.save(model, state, epoch, is_best=improved, meta={"tuning": tuning, "model_type": cfg.model.type})
+        ckpts.save(model, capture_train_state(epoch, optimizer, scheduler, early), epoch, is_best=improved, meta={"tuning": tuning, "model_type": cfg.model.type})
         record = {"epoch": epoch, "train_loss": loss_sum / max(n_seen, 1),
                   **{f"tuning_{k}": v for k, v in tuning.items()}, "lr": optimizer.param_groups[0]["lr"],
                   "best": improved, "seconds": round(time.time() - started, 2)}

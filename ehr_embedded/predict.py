@@ -12,13 +12,11 @@ of another width is refused); the decision threshold is the one finetune chose o
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from common.checkpoint import find_checkpoint, load_weights
 from common.cli import UserError
@@ -35,12 +33,7 @@ def run_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{path}: not found; pass the output_dir of a finetune run")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    data.pop("_meta", None)
-    with tempfile.TemporaryDirectory() as tmp:
-        clean = Path(tmp) / "config.yaml"
-        clean.write_text(yaml.safe_dump(data), encoding="utf-8")
-        return load_config(TrainConfig, clean)
+    return load_config(TrainConfig, path)
 
 
 def load_run(run_dir: Path, checkpoint: str = "best", dataset_dir: Path | None = None,

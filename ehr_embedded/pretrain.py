@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import CheckpointManager, load_checkpoint
+from common.checkpoint import CheckpointManager, capture_train_state, resume_from_checkpoint
 from common.cli import UserError, config_main
 from common.config import save_resolved_config
 from common.distributed import all_reduce_sum, cleanup_distributed, setup_distributed, wrap_ddp
 from common.logs import MetricsWriter, setup_logging
-from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.seed import seed_everything
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import make_loader
@@ -97,19 +97,14 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.save_every)
 
     start_epoch = 1
-    resume_from = ckpts.resolve_resume(tc.resume)
-    if resume_from is not None:
-        state, _ = load_checkpoint(resume_from, model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        early.load_state_dict(state["early_stopping"])
-        set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"]) + 1
-        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+    resumed = resume_from_checkpoint(ckpts, tc.resume, model, optimizer, scheduler, early)
+    if resumed is not None:
+        start_epoch = int(resumed["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
     # DDP wraps the model for training steps only; evaluation and checkpoints use the bare module
     # the classifier head is unused here; the frozen code table is identical on every rank, so no buffer broadcast
     train_model = wrap_ddp(model, dist_info, find_unused_parameters=True, broadcast_buffers=False)
-    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
     log.info("pretrain decoder (%d params, vocabulary %d) on %d sequences", sum(p.numel() for p in model.parameters()),
              vocab_size, len(data["train"]))
     tuning: dict[str, float] = {}
@@ -134,9 +129,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
         loss_sum, n_targets = all_reduce_sum(loss_sum), all_reduce_sum(n_targets)
         tuning = tuning_loss(model, data["tuning"], cfg, device, vocab_size)
         improved = early.step(tuning["loss"])
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "early_stopping": early.state_dict(), "epoch": epoch, "rng": get_rng_state()}
-        ckpts.save(model, state, epoch, is_best=improved, meta={"tuning": tuning, "model_type": cfg.model.type})
+        ckpts.save(model, capture_train_state(epoch, optimizer, scheduler, early), epoch, is_best=improved, meta={"tuning": tuning, "model_type": cfg.model.type})
         record = {"epoch": epoch, "train_loss": loss_sum / max(n_targets, 1),
                   **{f"tuning_{k}": v for k, v in tuning.items()}, "lr": optimizer.param_groups[0]["lr"],
                   "best": improved, "seconds": round(time.time() - started, 2)}

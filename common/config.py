@@ -25,6 +25,7 @@ import yaml
 from common.cli import UserError
 
 T = TypeVar("T")
+META_KEY = "_meta"  # provenance block of a resolved config.yaml (version, commit, time); not a config key
 
 
 class ConfigError(UserError):
@@ -183,6 +184,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     and malformed files.
     """
     data: dict[str, Any] = _fix_yaml_floats(_read_file(Path(path))) if path else {}
+    data.pop(META_KEY, None)  # a run's resolved config.yaml loads back as it is
     source = f"{path}: " if path else ""
     for text in overrides:
         key, value = parse_override(text)
@@ -191,6 +193,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         return _build(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{source}{exc}") from exc
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build `cls` from a plain mapping with the same checks as a file (the `_meta` block is ignored)."""
+    return _build(cls, {k: v for k, v in _fix_yaml_floats(dict(data)).items() if k != META_KEY})
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -224,7 +231,7 @@ def save_resolved_config(cfg: Any, run_dir: str | Path) -> Path:
     from common.io import atomic_write_text
 
     payload = to_dict(cfg)
-    payload["_meta"] = {
+    payload[META_KEY] = {
         "package_version": __version__,
         "git_commit": git_commit(),
         "written_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),

@@ -6,7 +6,9 @@ Focal loss (Lin et al., 2017), multi-class with label smoothing::
     loss_i = - sum_c q_c * alpha_c * (1 - p_c)^gamma * log p_c
 
 With eps = 0 this is the familiar  -alpha_y (1 - p_y)^gamma log p_y ; with gamma = 0 and alpha = 1 it is
-cross-entropy. "mean" averages over the targets that are not `ignore_index`.
+cross-entropy. "mean" averages over the targets that are not `ignore_index` (a plain count, as torchvision's
+sigmoid focal loss does; torch's weighted cross-entropy instead divides by the sum of the targets' weights, so with
+alpha given and gamma = 0 the two differ by that normalisation).
 
 SMAPE (Amazon ML Challenge 2025), in percent, 0 to 200::
 

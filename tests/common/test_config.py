@@ -136,3 +136,14 @@ def test_cli_internal_errors_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert config_main(ExampleConfig, boom)([]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "kaboom" in err
+
+
+def test_from_dict_and_resolved_config_reload(tmp_path: Path) -> None:
+    from common.config import from_dict
+
+    cfg = from_dict(ExampleConfig, {"epochs": 2, "optim": {"lr": "1e-2"}, "_meta": {"git_commit": "x"}})
+    assert cfg.epochs == 2 and cfg.optim.lr == 0.01
+    with pytest.raises(ConfigError, match="unknown config key 'epoch'"):
+        from_dict(ExampleConfig, {"epoch": 2})
+    path = save_resolved_config(cfg, tmp_path)
+    assert load_config(ExampleConfig, path) == cfg  # a run's config.yaml loads back despite its _meta block

@@ -34,11 +34,11 @@ from cnc_gcode.runtime import (
     set_threads,
 )
 from cnc_gcode.tokenizer import load_vocabulary
-from common.checkpoint import CheckpointManager, load_checkpoint
+from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
 from common.cli import UserError, config_main
 from common.config import save_resolved_config
 from common.logs import MetricsWriter, setup_logging
-from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.seed import seed_everything
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
 
 log = logging.getLogger(__name__)
@@ -90,18 +90,15 @@ def train(cfg: CncConfig) -> int:
     manager = CheckpointManager(out / "checkpoints", every_n_epochs=tc.save_every)
     meta = decoder_meta(cfg, vocab, enc_ckpt, enc_meta)
     start_epoch = 1
-    resume_from = manager.resolve_resume(tc.resume)
-    if resume_from is not None:
-        state, old_meta = load_checkpoint(resume_from)
-        vocab.check_matches(old_meta.get("vocab", {}), str(resume_from))
-        load_checkpoint(resume_from, pipeline)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stopper.load_state_dict(state["early_stopping"])
-        set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"]) + 1
-        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+    resume_path = manager.resolve_resume(tc.resume)
+    if resume_path is not None:  # refuse a checkpoint of another vocabulary before touching any weights
+        _, old_meta = load_checkpoint(resume_path)
+        vocab.check_matches(old_meta.get("vocab", {}), str(resume_path))
+    resumed = resume_from_checkpoint(manager, resume_path, pipeline, optimizer, scheduler, stopper)
+    if resumed is not None:
+        start_epoch = int(resumed["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
 
     cont, cat = torch.from_numpy(train_windows.continuous), torch.from_numpy(train_windows.categorical)
     tokens = torch.from_numpy(train_windows.tokens)
@@ -134,9 +131,7 @@ def train(cfg: CncConfig) -> int:
         metrics.write(record)
         log.info("decoder epoch %d: loss %.4f val_token_acc %.4f val_line_exact %.4f", epoch,
                  record["train_loss"], val["val_token_acc"], val["val_line_exact"])
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "early_stopping": stopper.state_dict(), "rng": get_rng_state(), "epoch": epoch}
-        manager.save(pipeline, state, epoch, is_best=improved, meta={**meta, **val})
+        manager.save(pipeline, capture_train_state(epoch, optimizer, scheduler, stopper), epoch, is_best=improved, meta={**meta, **val})
         epochs_run += 1
         if tc.stop_after_epochs and epochs_run >= tc.stop_after_epochs:
             log.info("stopping after %d epochs in this process (train.stop_after_epochs)", epochs_run)

@@ -11,6 +11,10 @@ from safetensors import safe_open
 
 from common.checkpoint import WEIGHTS_FILE, find_checkpoint
 from common.cli import UserError
+from common.config import save_resolved_config
+from common.distributed import DistInfo, setup_distributed
+from common.logs import setup_logging
+from common.seed import seed_everything
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import EventSequenceDataset, make_loader
 from ehr_embedded.models import build_model
@@ -24,6 +28,24 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"training.device={name!r} but CUDA is not available; use training.device=cpu")
     return torch.device(name)
+
+
+def start_run(cfg: TrainConfig) -> tuple[Path, DistInfo, torch.device]:
+    """Shared start of pretrain and finetune: threads, seed, logging, process group, resolved config.
+
+    Returns (run_dir, dist_info, device); under torchrun each process gets its own device.
+    """
+    tc = cfg.training
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    seed_everything(tc.seed)
+    run_dir = Path(tc.output_dir)
+    setup_logging(run_dir)
+    dist_info = setup_distributed(tc.device)  # torchrun: one process per device; alone: world size 1
+    device = dist_info.device if dist_info.world_size > 1 else pick_device(tc.device)
+    if dist_info.is_main:
+        save_resolved_config(cfg, run_dir)
+    return run_dir, dist_info, device
 
 
 def load_splits(cfg: TrainConfig, splits: tuple[str, ...]) -> tuple[CodeTable, dict[str, EventSequenceDataset]]:

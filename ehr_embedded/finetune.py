@@ -27,16 +27,14 @@ from common.checkpoint import (
     resume_from_checkpoint,
 )
 from common.cli import UserError, config_main
-from common.config import save_resolved_config
-from common.distributed import all_reduce_sum, cleanup_distributed, setup_distributed, wrap_ddp
+from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
 from common.io import write_json
-from common.logs import MetricsWriter, setup_logging
+from common.logs import MetricsWriter
 from common.losses import focal_loss
-from common.seed import seed_everything
 from common.training import EarlyStopping, param_groups
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import make_loader
-from ehr_embedded.engine import load_pretrained, load_splits, model_for, pick_device, predict_probs
+from ehr_embedded.engine import load_pretrained, load_splits, model_for, predict_probs, start_run
 from ehr_embedded.evaluate import choose_threshold, evaluate
 from ehr_embedded.storage import CODE_TABLE_DIR
 
@@ -69,15 +67,7 @@ def tuning_scores(model, dataset, cfg: TrainConfig, device) -> dict[str, float]:
 
 def finetune(cfg: TrainConfig) -> dict:
     tc = cfg.training
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    seed_everything(tc.seed)
-    run_dir = Path(tc.output_dir)
-    setup_logging(run_dir)
-    dist_info = setup_distributed(tc.device)  # torchrun: one process per device; alone: world size 1
-    device = dist_info.device if dist_info.world_size > 1 else pick_device(tc.device)
-    if dist_info.is_main:
-        save_resolved_config(cfg, run_dir)
+    run_dir, dist_info, device = start_run(cfg)
     table, data = load_splits(cfg, ("train", "tuning"))
     train_labels = data["train"].store.labels
     if len(data["train"]) == 0 or len(data["tuning"]) == 0:

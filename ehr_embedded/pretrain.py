@@ -13,21 +13,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from common.checkpoint import CheckpointManager, capture_train_state, resume_from_checkpoint
 from common.cli import UserError, config_main
-from common.config import save_resolved_config
-from common.distributed import all_reduce_sum, cleanup_distributed, setup_distributed, wrap_ddp
-from common.logs import MetricsWriter, setup_logging
-from common.seed import seed_everything
+from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
+from common.logs import MetricsWriter
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import make_loader
-from ehr_embedded.engine import load_splits, model_for, pick_device
+from ehr_embedded.engine import load_splits, model_for, start_run
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -75,15 +72,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
     tc = cfg.training
     if cfg.model.type != "transformer_decoder_embedded":
         raise UserError(f"pretrain trains model.type=transformer_decoder_embedded, got {cfg.model.type!r}")
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    seed_everything(tc.seed)
-    run_dir = Path(tc.output_dir)
-    setup_logging(run_dir)
-    dist_info = setup_distributed(tc.device)  # torchrun: one process per device; alone: world size 1
-    device = dist_info.device if dist_info.world_size > 1 else pick_device(tc.device)
-    if dist_info.is_main:
-        save_resolved_config(cfg, run_dir)
+    run_dir, dist_info, device = start_run(cfg)
     table, data = load_splits(cfg, (cfg.data.pretrain_split, "tuning"))
     data["train"] = data[cfg.data.pretrain_split]
     vocab_size = table.lm_vocab_size

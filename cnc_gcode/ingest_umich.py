@@ -13,6 +13,16 @@ umich.data_dir or $REAL_DATA_DIR/cnc_umich_toolwear. Output in umich.out_dir: tr
                                   token targets: this data trains and evaluates the encoder only)
     sequence_number, experiment [N] int64
 Experiments, not windows, are split (umich.val_experiments / umich.test_experiments), so no run is in two splits.
+
+Label canonicalisation: 'Starting' (one row at the start of experiment 01) is merged into 'Prep' and 'end'
+(experiment 01) into 'End'; whitespace is stripped. Nothing else is renamed.
+
+Data check (manifest.json "experiments", one warning per run): in this copy of the dataset only experiment 01 is
+a continuous recording. In the other 17 the rows come in 1 s blocks (10 rows) in shuffled order while the
+`Machining_Process` column stays in file order, so a block's signals (Z height, feed direction, spindle) do not
+match its phase label: every "Layer k" label holds rows at all depths and above the part. `continuity_report`
+measures this without labels: the share of steps where an axis moves farther than its reported velocity allows
+and the median length of the continuous stretches (about 10 rows in a shuffled run, tens of rows in 01).
 """
 
 from __future__ import annotations
@@ -41,6 +51,13 @@ COARSE_OF_PHASE = np.array([0, 1, 1, 2, 1, 1, 1, 1, 3])
 LABEL_COLUMNS = ("Machining_Process", "M1_sequence_number", "M1_CURRENT_PROGRAM_NUMBER", "tool_condition")
 DIRECTION_COLUMNS = ("X1_CommandVelocity", "Y1_CommandVelocity", "Z1_CommandVelocity", "S1_CommandVelocity")
 STILL_SPEED = 1e-3
+SAMPLE_S = 0.1  # one row every 100 ms
+# A step "jumps" when an axis moves more than twice what its reported velocity allows in one sample, plus slack
+# for the position channel's own lag and quantisation (mm).
+JUMP_VELOCITY_FACTOR = 2.0
+JUMP_SLACK_MM = 0.5
+# A run whose continuous stretches have a median length this short (rows) is block-shuffled (the blocks are 10).
+SHUFFLED_MEDIAN_SEGMENT = 20
 
 
 def default_data_dir() -> Path:
@@ -71,6 +88,25 @@ def read_experiment(path: Path):
     return signals, phases, frame["M1_sequence_number"].to_numpy()
 
 
+def continuity_report(signals) -> dict:
+    """Labels-free check that a run is one continuous recording.
+
+    signals: DataFrame with X1/Y1/Z1 ActualPosition (mm) and ActualVelocity (mm/s) at 100 ms.
+    Returns {"jump_rate": share of steps where an axis moves farther than its velocity allows,
+    "median_segment_rows": median length of the stretches between jumps, "shuffled": bool}.
+    """
+    jumps = np.zeros(len(signals), bool)
+    for axis in "XYZ":
+        moved = np.abs(np.diff(signals[f"{axis}1_ActualPosition"].to_numpy(np.float64), prepend=np.nan))
+        speed = np.abs(signals[f"{axis}1_ActualVelocity"].to_numpy(np.float64))
+        allowed = np.maximum(speed, np.roll(speed, 1)) * SAMPLE_S * JUMP_VELOCITY_FACTOR + JUMP_SLACK_MM
+        jumps |= np.nan_to_num(moved, nan=0.0) > allowed
+    segments = np.diff(np.r_[0, np.flatnonzero(jumps), len(signals)])
+    median = float(np.median(segments[segments > 0]))
+    return {"jump_rate": round(float(jumps.mean()), 4), "median_segment_rows": median,
+            "shuffled": bool(median <= SHUFFLED_MEDIAN_SEGMENT)}
+
+
 def categorical_channels(signals) -> np.ndarray:
     """[S,4]: 0 still, 1 negative, 2 positive command velocity of X, Y, Z and the spindle."""
     velocity = signals[list(DIRECTION_COLUMNS)].to_numpy(np.float64)
@@ -90,6 +126,7 @@ def ingest(cfg: CncConfig) -> int:
     split_of = {e: "val" for e in uc.val_experiments} | {e: "test" for e in uc.test_experiments}
     parts: dict[str, list[dict]] = {s: [] for s in SPLITS}
     channel_names: list[str] | None = None
+    checks: dict[int, dict] = {}
     for path in files:
         number = int(re.search(r"(\d+)", path.stem).group(1))
         signals, phases, sequence = read_experiment(path)
@@ -97,6 +134,11 @@ def ingest(cfg: CncConfig) -> int:
             channel_names = list(signals.columns)
         elif list(signals.columns) != channel_names:
             raise UserError(f"{path}: signal columns differ from {files[0].name}; every experiment needs the same 48")
+        checks[number] = continuity_report(signals)
+        if checks[number]["shuffled"]:
+            log.warning("%s: rows are in shuffled ~1 s blocks (median continuous stretch %.0f rows); its phase labels "
+                        "do not follow its signals (see the module docstring)", path.name,
+                        checks[number]["median_segment_rows"])
         if len(signals) < uc.window:
             log.warning("%s: %d rows, shorter than one window of %d; skipped", path, len(signals), uc.window)
             continue
@@ -117,7 +159,8 @@ def ingest(cfg: CncConfig) -> int:
     out = Path(uc.out_dir)
     names = COARSE_PHASES if uc.phase_grouping == "coarse" else PHASES
     manifest = {"source": str(data_dir), "window": uc.window, "stride": uc.stride, "phases": list(names),
-                "phase_grouping": uc.phase_grouping, "splits": {}}
+                "phase_grouping": uc.phase_grouping,
+                "label_aliases": PHASE_ALIASES, "experiments": {str(k): v for k, v in checks.items()}, "splits": {}}
     for split in SPLITS:
         if not parts[split]:
             raise UserError(f"split '{split}' got no experiments; check umich.val_experiments/test_experiments")

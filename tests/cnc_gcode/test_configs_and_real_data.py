@@ -69,6 +69,25 @@ def test_umich_ingestion_splits_by_experiment(real_data_dir, tmp_path):
     assert not experiments["train"] & (experiments["val"] | experiments["test"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(c > 0 for c in manifest["splits"]["test"]["phase_counts"])
+    # Only experiment 01 is one continuous recording; the others are shuffled in ~1 s blocks (see ingest_umich).
+    checks = manifest["experiments"]
+    assert len(checks) == 18 and not checks["1"]["shuffled"] and checks["1"]["median_segment_rows"] > 30
+    assert all(checks[str(e)]["shuffled"] for e in range(2, 19))
+    assert manifest["label_aliases"] == {"starting": "Prep", "end": "End"}
+
+
+@pytest.mark.real_data
+def test_umich_phase_labels_follow_z_only_in_the_continuous_run(real_data_dir):
+    """Experiment 01: every 'Layer 3' row is cut at the lowest depths, 'Layer 1' above them; in a shuffled run the
+    'Layer 1' label holds rows at all depths and above the part, which is why no model beats the majority there."""
+    path = real_data_dir / "cnc_umich_toolwear"
+    signals, phases, _ = ingest_umich.read_experiment(path / "experiment_01.csv")
+    z = signals["Z1_ActualPosition"].to_numpy()
+    layer1, layer3 = [ingest_umich.PHASES.index(f"Layer {k} Down") for k in (1, 3)]
+    assert z[phases == layer3].max() < z[phases == layer1].min()
+    signals, phases, _ = ingest_umich.read_experiment(path / "experiment_12.csv")
+    z = signals["Z1_ActualPosition"].to_numpy()
+    assert z[phases == layer1].min() <= z[phases == layer3].min() and z[phases == layer1].max() > 40
 
 
 def test_umich_missing_folder_is_exit_2(tmp_path, capsys):

@@ -21,13 +21,13 @@ from cnc_gcode.data import batches, channel_stats, epoch_order
 from cnc_gcode.model import build_encoder
 from cnc_gcode.runtime import ENCODER_DIR, cap_windows, encoder_meta, load_split, set_threads
 from cnc_gcode.tokenizer import load_vocabulary
-from common.checkpoint import CheckpointManager, load_checkpoint
+from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
 from common.cli import config_main
 from common.config import save_resolved_config
 from common.io import write_json
 from common.logs import MetricsWriter, setup_logging
 from common.metrics import macro_f1
-from common.seed import get_rng_state, seed_everything, set_rng_state
+from common.seed import seed_everything
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
 
 log = logging.getLogger(__name__)
@@ -75,16 +75,11 @@ def train_encoder(cfg: CncConfig) -> int:
     manager = CheckpointManager(out / "checkpoints")
     meta = encoder_meta(cfg, train.continuous.shape[2], train.channel_names)
     start_epoch = 1
-    resume_from = manager.resolve_resume(tc.resume)
-    if resume_from is not None:
-        state, _ = load_checkpoint(resume_from, encoder)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stopper.load_state_dict(state["early_stopping"])
-        set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"]) + 1
-        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resume_from else None)
+    resumed = resume_from_checkpoint(manager, tc.resume, encoder, optimizer, scheduler, stopper)
+    if resumed is not None:
+        start_epoch = int(resumed["epoch"]) + 1
+        log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
 
     cont, cat = torch.from_numpy(train.continuous), torch.from_numpy(train.categorical)
     ops = torch.from_numpy(train.operation_type)
@@ -112,9 +107,7 @@ def train_encoder(cfg: CncConfig) -> int:
                   "lr": scheduler.get_last_lr()[0]}
         metrics.write(record)
         log.info("encoder epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "early_stopping": stopper.state_dict(), "rng": get_rng_state(), "epoch": epoch}
-        manager.save(encoder, state, epoch, is_best=improved, meta={**meta, **val_metrics})
+        manager.save(encoder, capture_train_state(epoch, optimizer, scheduler, stopper), epoch, is_best=improved, meta={**meta, **val_metrics})
     metrics.close()
     log.info("encoder best val_loss %.4f -> %s", stopper.best, manager.best)
     if Path(cfg.data.test_path).is_file():

@@ -154,14 +154,21 @@ class UmichConfig:
     val_experiments: list[int] = field(default_factory=lambda: [3, 8, 14])
     test_experiments: list[int] = field(default_factory=lambda: [2, 9, 13, 17])
     relative_positions: bool = True
+    """Subtract each experiment's minimum from its X/Y/Z position channels (per-run work offsets differ)."""
     phase_grouping: str = "fine"
     """fine: the 9 Machining_Process phases; coarse: prep / layer cutting / repositioning / end (set
-    encoder.n_operations=4 to train on it)."""
+    encoder.n_operations=4 to train on it). Recorded labels only."""
+    label_source: str = "recorded"
+    """recorded: the Machining_Process column; machine_state: each row's phase derived from its own signals
+    (spindle, feed, Z depth, X/Y direction; ingest_umich.machine_state_phases; 8 classes, encoder.n_operations=8)."""
 
     def __post_init__(self) -> None:
         if self.phase_grouping not in ("fine", "coarse"):
             raise ValueError(f"umich.phase_grouping must be 'fine' or 'coarse', got {self.phase_grouping!r}")
-    """Subtract each experiment's minimum from its X/Y/Z position channels (per-run work offsets differ)."""
+        if self.label_source not in ("recorded", "machine_state"):
+            raise ValueError(f"umich.label_source must be 'recorded' or 'machine_state', got {self.label_source!r}")
+        if self.label_source == "machine_state" and self.phase_grouping != "fine":
+            raise ValueError("umich.phase_grouping=coarse applies to recorded labels only; use label_source=recorded")
 
 
 @dataclass

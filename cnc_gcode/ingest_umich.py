@@ -8,7 +8,10 @@ umich.data_dir or $REAL_DATA_DIR/cnc_umich_toolwear. Output in umich.out_dir: tr
     continuous [N,64,C] float32   every numeric signal except program number and sequence number (C = 45)
     categorical [N,64,4] int64    direction of X, Y, Z command velocity and spindle state (0 still, 1 -, 2 +)
     operation_type [N] int64      the phase at the window's last row, one of PHASES (9), or of COARSE_PHASES (4)
-                                  with umich.phase_grouping=coarse
+                                  with umich.phase_grouping=coarse, or with umich.label_source=machine_state
+                                  one of MACHINE_STATE_PHASES (8), derived from each row's own signals
+                                  (machine_state_phases; manifest.json records its agreement with the recorded
+                                  labels per run)
     tokens [N,7] int64            the NONE line (the G-code program is not part of the dataset, so there are no
                                   token targets: this data trains and evaluates the encoder only)
     sequence_number, experiment [N] int64
@@ -59,6 +62,25 @@ JUMP_SLACK_MM = 0.5
 # A run whose continuous stretches have a median length this short (rows) is block-shuffled (the blocks are 10).
 SHUFFLED_MEDIAN_SEGMENT = 20
 
+# umich.label_source=machine_state: a row's phase from its own signals. Class i has the meaning of PHASES[i] for
+# i = 1..7; class 0 is every spindle-off row (the recorded Prep and the idle part of End cannot be told apart from
+# one row: before and after the program look the same). machine-state class of each recorded phase:
+MACHINE_STATE_PHASES = ("Spindle off", "Layer 1 Up", "Layer 1 Down", "Repositioning", "Layer 2 Up", "Layer 2 Down",
+                        "Layer 3 Up", "Layer 3 Down")
+MACHINE_STATE_OF_PHASE = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0])
+# Depth of the deepest (third) pass in machine Z, mm. Experiment 01 cuts at 29.5 / 28.5 / 27.5; the other runs at
+# the same levels or 0.2 mm higher. Not the run's own lowest Z: runs 04, 05 and 16 stop after the first pass
+# (lowest cut 29.5-29.7 mm), and a run-relative reference would call that pass layer 3.
+LOWEST_LAYER_Z_MM = 27.5
+LAYER_STEP_MM = 1.0
+N_LAYERS = 3
+LAYER_UP_CLASS = np.array([-1, 1, 4, 6])  # class id of "Layer k Up", indexed by k
+LAYER_Z_TOLERANCE_MM = 0.5  # the 0.2 mm offset between runs plus the position channel's 0.1 mm quantisation
+SPINDLE_ON = 1.0  # S1_CommandVelocity above this: spindle turning (53.3 while cutting)
+MOVING_MM_S = 0.5  # |command velocity| above this: the axis moves (cutting moves read 3-20, the programmed feed)
+MACHINE_STATE_COLUMNS = ("Z1_ActualPosition", "M1_CURRENT_FEEDRATE", "S1_CommandVelocity", "X1_CommandVelocity",
+                         "Y1_CommandVelocity")
+
 
 def default_data_dir() -> Path:
     root = os.environ.get("REAL_DATA_DIR")
@@ -107,6 +129,30 @@ def continuity_report(signals) -> dict:
             "shuffled": bool(median <= SHUFFLED_MEDIAN_SEGMENT)}
 
 
+def machine_state_phases(signals) -> np.ndarray:
+    """[S] int64 ids into MACHINE_STATE_PHASES, each from its own row's signals (no labels, no neighbouring rows).
+
+    cutting   = spindle on, feed below the run's highest programmed feed (the positioning feed, 50), and Z within
+                LAYER_Z_TOLERANCE_MM of one of the N_LAYERS pass depths (LOWEST_LAYER_Z_MM + 0/1/2 mm)
+    layer     = 1 at the highest pass depth ... 3 at the lowest (Z rounded to the nearest pass)
+    direction = Up when the Y command velocity is positive, Down when negative; when Y is still, the sign of the
+                X command velocity; when both are still (plunge, dwell), Up
+    otherwise = Spindle off (class 0) or, with the spindle on, Repositioning (class 3)
+    """
+    z = signals["Z1_ActualPosition"].to_numpy(np.float64)
+    feed = signals["M1_CURRENT_FEEDRATE"].to_numpy(np.float64)
+    spindle_on = signals["S1_CommandVelocity"].to_numpy(np.float64) > SPINDLE_ON
+    depth = (z - LOWEST_LAYER_Z_MM) / LAYER_STEP_MM
+    in_band = (depth > -LAYER_Z_TOLERANCE_MM) & (depth < N_LAYERS - 1 + LAYER_Z_TOLERANCE_MM)
+    cutting = spindle_on & in_band & (feed < np.nanmax(feed))
+    layer = N_LAYERS - np.clip(np.rint(np.nan_to_num(depth)), 0, N_LAYERS - 1).astype(np.int64)  # 1..3
+    vx = signals["X1_CommandVelocity"].to_numpy(np.float64)
+    vy = signals["Y1_CommandVelocity"].to_numpy(np.float64)
+    up = np.where(np.abs(vy) >= MOVING_MM_S, vy > 0, np.where(np.abs(vx) >= MOVING_MM_S, vx > 0, True))
+    layer_phase = LAYER_UP_CLASS[layer] + (~up).astype(np.int64)  # Layer k Down follows Layer k Up
+    return np.where(cutting, layer_phase, np.where(spindle_on, 3, 0)).astype(np.int64)
+
+
 def categorical_channels(signals) -> np.ndarray:
     """[S,4]: 0 still, 1 negative, 2 positive command velocity of X, Y, Z and the spindle."""
     velocity = signals[list(DIRECTION_COLUMNS)].to_numpy(np.float64)
@@ -142,6 +188,16 @@ def ingest(cfg: CncConfig) -> int:
         if len(signals) < uc.window:
             log.warning("%s: %d rows, shorter than one window of %d; skipped", path, len(signals), uc.window)
             continue
+        if uc.label_source == "machine_state":
+            missing = [c for c in MACHINE_STATE_COLUMNS if c not in signals.columns]
+            if missing:
+                raise UserError(f"{path}: umich.label_source=machine_state needs columns {missing}; use "
+                                f"label_source=recorded or add them")
+            labels = machine_state_phases(signals)  # before relative_positions: the rule reads machine Z
+            agreement = float((labels == MACHINE_STATE_OF_PHASE[phases]).mean())
+            checks[number]["machine_state_agreement"] = round(agreement, 4)
+        else:
+            labels = COARSE_OF_PHASE[phases] if uc.phase_grouping == "coarse" else phases
         if uc.relative_positions:
             # Each experiment has its own work offset: positions relative to the run's lowest point are comparable
             # across runs (the layers are cut at successive depths below it). Uses no labels.
@@ -151,15 +207,15 @@ def ingest(cfg: CncConfig) -> int:
         categorical = categorical_channels(signals)
         ends = np.arange(uc.window - 1, len(signals), uc.stride)
         index = ends[:, None] - np.arange(uc.window - 1, -1, -1)[None]
-        labels = COARSE_OF_PHASE[phases] if uc.phase_grouping == "coarse" else phases
         parts[split_of.get(number, "train")].append({
             "continuous": continuous[index], "categorical": categorical[index],
             "operation_type": labels[ends], "tokens": np.tile(np.asarray(none_line, np.int64), (len(ends), 1)),
             "sequence_number": sequence[ends].astype(np.int64), "experiment": np.full(len(ends), number, np.int64)})
     out = Path(uc.out_dir)
-    names = COARSE_PHASES if uc.phase_grouping == "coarse" else PHASES
+    names = (MACHINE_STATE_PHASES if uc.label_source == "machine_state" else
+             COARSE_PHASES if uc.phase_grouping == "coarse" else PHASES)
     manifest = {"source": str(data_dir), "window": uc.window, "stride": uc.stride, "phases": list(names),
-                "phase_grouping": uc.phase_grouping,
+                "phase_grouping": uc.phase_grouping, "label_source": uc.label_source,
                 "label_aliases": PHASE_ALIASES, "experiments": {str(k): v for k, v in checks.items()}, "splits": {}}
     for split in SPLITS:
         if not parts[split]:

@@ -30,13 +30,17 @@ def r2(y_true: object, y_pred: object) -> float:
     return float(skm.r2_score(_arr(y_true), _arr(y_pred)))
 
 
-def smape(y_true: object, y_pred: object) -> float:
-    """SMAPE in percent, 0 to 200: 100 * mean(|p - a| / ((|a| + |p|) / 2)); a term with a = p = 0 counts 0."""
+def smape_terms(y_true: object, y_pred: object) -> np.ndarray:
+    """Per-row SMAPE in percent, 0 to 200: 200 |p - a| / (|a| + |p|); a row with a = p = 0 counts 0."""
     a = _arr(y_true).astype(np.float64)
     p = _arr(y_pred).astype(np.float64)
-    denom = (np.abs(a) + np.abs(p)) / 2
-    terms = np.divide(np.abs(p - a), denom, out=np.zeros_like(denom), where=denom > 0)
-    return float(100.0 * terms.mean())
+    denom = np.abs(a) + np.abs(p)
+    return np.divide(200.0 * np.abs(p - a), denom, out=np.zeros_like(denom), where=denom > 0)
+
+
+def smape(y_true: object, y_pred: object) -> float:
+    """SMAPE in percent, 0 to 200: 100 * mean(|p - a| / ((|a| + |p|) / 2)); a term with a = p = 0 counts 0."""
+    return float(smape_terms(y_true, y_pred).mean())
 
 
 def accuracy(y_true: object, y_pred: object) -> float:

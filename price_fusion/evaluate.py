@@ -44,11 +44,6 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     return Path(which)
 
 
-def smape_terms(pred: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Per-product SMAPE in percent (0 to 200)."""
-    return 200.0 * np.abs(pred - actual) / (np.abs(pred) + np.abs(actual))
-
-
 def bin_labels(edges: list[float]) -> list[str]:
     """["$0-5", "$5-10", ..., "$250+"] for edges [0, 5, 10, ..., 250]."""
     return [f"${a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:])] + [f"${edges[-1]:g}+"]
@@ -71,7 +66,7 @@ def evaluate_predictions(ids: np.ndarray, predicted: np.ndarray, actual: np.ndar
     """Write every report and plot for one set of (predicted, actual) dollar prices; returns the summary."""
     edges = sorted(ec.bin_edges)
     frame = pd.DataFrame({"sample_id": ids, "actual": actual, "predicted": predicted,
-                          "smape": smape_terms(predicted, actual)})
+                          "smape": metrics.smape_terms(actual, predicted)})
     labels = bin_labels(edges)
     frame["price_bin"] = [labels[i] for i in np.clip(np.searchsorted(edges, actual, side="right") - 1, 0, None)]
     frame["price_range"] = [RANGE_NAMES[i] for i in np.searchsorted(sorted(ec.range_edges), actual, side="right")]

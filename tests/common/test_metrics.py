@@ -58,3 +58,9 @@ def test_bootstrap_ci() -> None:
     assert point == 1.0 and low <= high <= 1.0
     with pytest.raises(ValueError, match="equal length"):
         M.bootstrap_ci(M.mae, [1.0, 2.0], [1.0])
+
+
+def test_smape_terms_per_row() -> None:
+    terms = M.smape_terms([100.0, 0.0, 10.0], [110.0, 0.0, 0.0])
+    assert terms == pytest.approx([200 * 10 / 210, 0.0, 200.0])
+    assert M.smape([100.0, 0.0, 10.0], [110.0, 0.0, 0.0]) == pytest.approx(terms.mean())

@@ -37,13 +37,18 @@ def stage1_config(meds: Path, out: Path, *extra: str) -> Stage1Config:
     return load_config(Stage1Config, None, [*stage1_overrides(meds, out), *extra])
 
 
+def train_overrides(store: Path, run_dir: Path, *extra: str, model_type: str = "transformer_encoder_embedded",
+                    task: str = "classification") -> list[str]:
+    """The tests' tiny training setup as `dotted.key=value` overrides (in-process or on a command line)."""
+    return [*TINY_MODEL, f"model.type={model_type}", f"data.embedding_output_dir={store}",
+            f"training.output_dir={run_dir}", f"training.task={task}", "training.batch_size=16",
+            "training.learning_rate=0.003", "training.epochs=3", "training.save_every=0", "training.class_weights=auto",
+            "evaluate.n_bootstrap=100", *extra]
+
+
 def train_config(store: Path, run_dir: Path, *extra: str, model_type: str = "transformer_encoder_embedded",
                  task: str = "classification") -> TrainConfig:
-    return load_config(TrainConfig, None, [
-        *TINY_MODEL, f"model.type={model_type}", f"data.embedding_output_dir={store}",
-        f"training.output_dir={run_dir}", f"training.task={task}", "training.batch_size=16",
-        "training.learning_rate=0.003", "training.epochs=3", "training.save_every=0", "training.class_weights=auto",
-        "evaluate.n_bootstrap=100", *extra])
+    return load_config(TrainConfig, None, train_overrides(store, run_dir, *extra, model_type=model_type, task=task))
 
 
 def expected_sequences(meds_dir: Path, labels_path: Path, max_length: int) -> dict:

@@ -164,3 +164,35 @@ def test_training_stage_errors_exit_2(built, tmp_path, capsys, args, needle):
     main = pretrain_stage.main if "training.task=autoregressive" in args else finetune_stage.main
     assert main([*base, *args]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_finetune_sigkill_then_resume_is_bit_identical(built, tmp_path):
+    """A real `kill -9` of the finetune process after its first checkpoint, then resume=auto in a new process:
+    the same final weights as a run that was never interrupted (both in subprocesses, one thread each)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ehr_helpers import train_overrides
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def command(run_dir):
+        return [sys.executable, "-m", "ehr_embedded.finetune", *train_overrides(
+            built.store, run_dir, "training.selection_metric=loss", "training.epochs=4", "training.num_threads=1")]
+
+    subprocess.run(command(tmp_path / "a"), check=True, env=env, capture_output=True, timeout=300)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    proc = subprocess.Popen(command(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and proc.poll() is None:
+        assert time.monotonic() < deadline, "finetune made no progress"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run(command(tmp_path / "b"), check=True, env=env, capture_output=True, timeout=300)
+    assert same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert same_weights(weights(tmp_path / "a", "best"), weights(tmp_path / "b", "best"))

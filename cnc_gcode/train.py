@@ -37,7 +37,7 @@ from cnc_gcode.tokenizer import load_vocabulary
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
 from common.cli import UserError, config_main
 from common.config import save_resolved_config
-from common.logs import MetricsWriter, setup_logging
+from common.logs import MetricsWriter, progress, setup_logging
 from common.seed import seed_everything
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
 
@@ -104,7 +104,7 @@ def train(cfg: CncConfig) -> int:
     tokens = torch.from_numpy(train_windows.tokens)
     targets = token_targets(vocab, train_windows.tokens)
     epochs_run = 0
-    for epoch in range(start_epoch, tc.epochs + 1):
+    for epoch in progress(range(start_epoch, tc.epochs + 1), desc="epochs"):
         if stopper.should_stop:
             log.info("early stopping: no improvement in %d epochs", tc.patience)
             break

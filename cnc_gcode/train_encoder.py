@@ -25,7 +25,7 @@ from common.checkpoint import CheckpointManager, capture_train_state, load_check
 from common.cli import config_main
 from common.config import save_resolved_config
 from common.io import write_json
-from common.logs import MetricsWriter, setup_logging
+from common.logs import MetricsWriter, progress, setup_logging
 from common.metrics import macro_f1
 from common.seed import seed_everything
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
@@ -83,7 +83,7 @@ def train_encoder(cfg: CncConfig) -> int:
 
     cont, cat = torch.from_numpy(train.continuous), torch.from_numpy(train.categorical)
     ops = torch.from_numpy(train.operation_type)
-    for epoch in range(start_epoch, tc.epochs + 1):
+    for epoch in progress(range(start_epoch, tc.epochs + 1), desc="epochs"):
         if stopper.should_stop:
             break
         encoder.train()

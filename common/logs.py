@@ -9,12 +9,15 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common.io import to_jsonable, write_json
 
-__all__ = ["setup_logging", "MetricsWriter", "to_jsonable", "write_json"]
+__all__ = ["setup_logging", "MetricsWriter", "progress", "read_metrics", "to_jsonable", "write_json"]
+
+T = TypeVar("T")
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -97,3 +100,12 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a `metrics.jsonl` file."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def progress(iterable: Iterable[T], desc: str = "", total: int | None = None, **kwargs: Any) -> Iterable[T]:
+    """A tqdm bar on rank 0 when stderr is a terminal; the plain iterable otherwise (logs and CI stay clean)."""
+    if _rank() != 0 or not sys.stderr.isatty():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, **kwargs)

@@ -29,7 +29,7 @@ from common.checkpoint import (
 from common.cli import UserError, config_main
 from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
 from common.io import write_json
-from common.logs import MetricsWriter
+from common.logs import MetricsWriter, progress
 from common.losses import focal_loss
 from common.training import EarlyStopping, param_groups
 from ehr_embedded.config import TrainConfig
@@ -106,7 +106,7 @@ def finetune(cfg: TrainConfig) -> dict:
                          rank=dist_info.rank, world_size=dist_info.world_size)
     log.info("finetune %s (%d params) on %d train / %d tuning sequences", cfg.model.type,
              sum(p.numel() for p in model.parameters()), len(data["train"]), len(data["tuning"]))
-    for epoch in range(start_epoch, tc.epochs + 1):
+    for epoch in progress(range(start_epoch, tc.epochs + 1), desc="epochs"):
         if early.should_stop:
             break
         started = time.time()

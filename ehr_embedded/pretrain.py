@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from common.checkpoint import CheckpointManager, capture_train_state, resume_from_checkpoint
 from common.cli import UserError, config_main
 from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
-from common.logs import MetricsWriter
+from common.logs import MetricsWriter, progress
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import make_loader
@@ -97,7 +97,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
     log.info("pretrain decoder (%d params, vocabulary %d) on %d sequences", sum(p.numel() for p in model.parameters()),
              vocab_size, len(data["train"]))
     tuning: dict[str, float] = {}
-    for epoch in range(start_epoch, tc.epochs + 1):
+    for epoch in progress(range(start_epoch, tc.epochs + 1), desc="epochs"):
         if early.should_stop:
             break
         started = time.time()

@@ -21,7 +21,7 @@ from common import metrics
 from common.checkpoint import CheckpointManager, capture_train_state, load_weights, resume_from_checkpoint
 from common.cli import config_main
 from common.config import save_resolved_config, to_dict
-from common.logs import MetricsWriter, setup_logging, write_json
+from common.logs import MetricsWriter, progress, setup_logging, write_json
 from common.seed import seed_everything
 from common.training import EarlyStopping, param_groups
 
@@ -73,7 +73,7 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     writer = MetricsWriter(fold_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
 
     epochs_this_run = 0
-    for epoch in range(start_epoch, tc.epochs + 1):
+    for epoch in progress(range(start_epoch, tc.epochs + 1), desc="epochs"):
         if stopper.should_stop or (tc.max_epochs_this_run and epochs_this_run >= tc.max_epochs_this_run):
             break
         model.train()

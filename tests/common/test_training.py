@@ -92,3 +92,14 @@ def test_json_helpers_and_metrics_writer(tmp_path: Path) -> None:
         writer.write({"epoch": 2, "loss": 9.0})
     assert read_metrics(tmp_path / "m.jsonl") == [{"epoch": 0, "loss": 0.0}, {"epoch": 1, "loss": 0.5},
                                                   {"epoch": 2, "loss": 9.0}]
+
+
+def test_progress_is_quiet_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.logs import progress
+
+    items = range(3)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    assert progress(items, desc="epochs") is items  # logs and CI get no bar
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    bar = progress(items, desc="epochs")
+    assert bar is not items and list(bar) == [0, 1, 2]

@@ -18,7 +18,7 @@ from cnc_gcode.evaluate import predict_windows, score
 from cnc_gcode.runtime import DECODER_DIR, cap_windows, encoder_path, load_models, load_split, set_threads
 from cnc_gcode.train import train
 from common.cli import UserError, config_main
-from common.io import atomic_write_text, write_json
+from common.io import atomic_write, atomic_write_text, write_json
 from common.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,8 @@ def bar_chart(labels: list[str], values: list[float], path, ylabel: str, title: 
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -22,7 +22,7 @@ from cnc_gcode.metrics import baselines, token_metrics
 from cnc_gcode.runtime import cap_windows, load_models, load_split, set_threads, split_path
 from cnc_gcode.simulator import OPERATIONS
 from common.cli import config_main
-from common.io import atomic_write_text, write_json
+from common.io import atomic_write, atomic_write_text, write_json
 from common.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,8 @@ def confusion_plot(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], pa
     ax.set_ylabel("true operation")
     ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def operation_names(n: int) -> list[str]:

@@ -34,7 +34,7 @@ from cnc_gcode.runtime import (
     set_threads,
 )
 from cnc_gcode.tokenizer import load_vocabulary
-from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
+from common.checkpoint import CheckpointManager, capture_train_state, read_meta, resume_from_checkpoint
 from common.cli import UserError, config_main
 from common.config import save_resolved_config
 from common.logs import MetricsWriter, progress, setup_logging
@@ -92,8 +92,7 @@ def train(cfg: CncConfig) -> int:
     start_epoch = 1
     resume_path = manager.resolve_resume(tc.resume)
     if resume_path is not None:  # refuse a checkpoint of another vocabulary before touching any weights
-        _, old_meta = load_checkpoint(resume_path)
-        vocab.check_matches(old_meta.get("vocab", {}), str(resume_path))
+        vocab.check_matches(read_meta(resume_path).get("vocab", {}), str(resume_path))
     resumed = resume_from_checkpoint(manager, resume_path, pipeline, optimizer, scheduler, stopper)
     if resumed is not None:
         start_epoch = int(resumed["epoch"]) + 1

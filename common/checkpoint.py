@@ -251,6 +251,11 @@ def find_checkpoint(path: str | Path) -> Path:
                     f"use another checkpoint, e.g. checkpoints/best or an epoch_N directory")
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The `meta.json` of a complete checkpoint (to check compatibility before loading anything heavier)."""
+    return json.loads((find_checkpoint(path) / META_FILE).read_text(encoding="utf-8"))
+
+
 def load_weights(path: str | Path, model: nn.Module, strict: bool = True) -> None:
     """Load `model.safetensors` (a file, or a checkpoint directory) into `model` (unwrapped first)."""
     path = Path(path)
@@ -275,8 +280,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None, map_locati
     if model is not None:
         load_weights(ckpt, model, strict=strict)
     state = torch.load(ckpt / STATE_FILE, map_location=map_location, weights_only=True)
-    meta = json.loads((ckpt / META_FILE).read_text(encoding="utf-8"))
-    return state, meta
+    return state, read_meta(ckpt)
 
 
 def capture_train_state(epoch: int, optimizer: Any = None, scheduler: Any = None, early_stopping: Any = None,

@@ -10,8 +10,6 @@ and return log price [B] (natural log of dollars). Built by `build_model(cfg.mod
 
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,10 +160,10 @@ def init_output_bias(model: FusionModel, mean_log_price: float) -> None:
 
 def load_trained_model(ckpt_dir) -> tuple[FusionModel, dict]:
     """Rebuild the network a checkpoint was trained with (from its meta.json) and load its weights; eval mode."""
-    from common.checkpoint import find_checkpoint, load_weights
+    from common.checkpoint import find_checkpoint, load_weights, read_meta
 
     ckpt = find_checkpoint(ckpt_dir)
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = read_meta(ckpt)
     if "model" not in meta:
         raise UserError(f"{ckpt}: meta.json has no 'model' entry; not a price_fusion checkpoint")
     model = build_model(ModelConfig(**meta["model"]), meta["image_dim"], meta["text_dim"], meta["struct_dim"])

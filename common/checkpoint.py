@@ -33,6 +33,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.io import fsync_dir
+from common.runs import FINGERPRINT_KEY, FORCE, check_fingerprint
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -131,12 +132,16 @@ def is_complete(ckpt_dir: Path) -> bool:
 class CheckpointManager:
     """Writes latest / best / every-N checkpoints under `ckpt_dir`; only the main process writes."""
 
-    def __init__(self, ckpt_dir: str | Path, keep_last_n: int = 3, every_n_epochs: int = 0) -> None:
+    def __init__(self, ckpt_dir: str | Path, keep_last_n: int = 3, every_n_epochs: int = 0,
+                 fingerprint: dict[str, Any] | None = None) -> None:
+        """`fingerprint` (from `common.runs.make_fingerprint`) goes into every `meta.json` written, and `resume=auto`
+        refuses a `latest` whose recorded fingerprint differs (see `common.runs`)."""
         from common.distributed import is_main_process
 
         self.ckpt_dir = Path(ckpt_dir)
         self.keep_last_n = keep_last_n
         self.every_n_epochs = every_n_epochs
+        self.fingerprint = fingerprint
         self.is_writer = is_main_process()
         if self.is_writer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +206,8 @@ class CheckpointManager:
             return
         tensors = model_tensors(model)
         meta = {"epoch": epoch, **(meta or {})}
+        if self.fingerprint is not None:
+            meta[FINGERPRINT_KEY] = self.fingerprint
         # `best` first: if a kill lands after it, `latest` still names the previous epoch and the resumed
         # run redoes this epoch, rewriting `best` with the same content.
         if is_best:
@@ -216,15 +223,21 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
     def resolve_resume(self, resume: str | bool | Path | None) -> Path | None:
-        """`auto`: `latest` if it is complete, else None (a fresh start); `false`/None: None; a path: that checkpoint.
+        """`auto`: `latest` if it is complete, else None (a fresh start); `force`: the same, whatever the fingerprint;
+        `false`/None: None; a path: that checkpoint.
 
-        Raises UserError when an explicit path does not hold a complete checkpoint.
+        Raises UserError when an explicit path does not hold a complete checkpoint, and (for `auto`, when this manager
+        has a fingerprint) when `latest` was written by a run whose config or data differ from today's.
         """
         if resume is None or resume is False or str(resume).lower() in ("false", "none", "no", ""):
             return None
-        if str(resume).lower() == "auto":
+        if str(resume).lower() in ("auto", FORCE):
             latest = self.ckpt_dir / LATEST
-            return latest if is_complete(latest) else None
+            if not is_complete(latest):
+                return None
+            if self.fingerprint is not None:
+                check_fingerprint(latest, read_meta(latest).get(FINGERPRINT_KEY), self.fingerprint, resume)
+            return latest
         return find_checkpoint(resume)
 
     @property

@@ -48,11 +48,13 @@ def _run_guarded(body: Callable[[], int | None], debug: bool) -> int:
     return EXIT_OK if code is None else int(code)
 
 
-def stage_parser(description: str | None, prog: str | None = None) -> argparse.ArgumentParser:
-    """The shared parser: `--config FILE`, `--debug` and trailing `dotted.key=value` overrides."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
+def stage_parser(description: str | None, prog: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The shared parser: `--config FILE`, `--print-config`, `--debug` and trailing `dotted.key=value` overrides."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML or TOML file holding what differs from the defaults")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults + file + overrides) as YAML and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors too")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
     return parser
@@ -61,12 +63,20 @@ def stage_parser(description: str | None, prog: str | None = None) -> argparse.A
 def config_main(cfg_cls: type, body: Callable[[Any], int | None], description: str | None = None,
                 prog: str | None = None) -> Callable[[Sequence[str] | None], int]:
     """Build `main(argv=None) -> int` for a config-driven stage: load the config, then call `body(cfg)`."""
-    from common.config import load_config
+    from common.config import config_help, dump_config, load_config
 
     def main(argv: Sequence[str] | None = None) -> int:
-        parser = stage_parser(description, prog)
+        parser = stage_parser(description, prog, epilog=config_help(cfg_cls))
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-        return _run_guarded(lambda: body(load_config(cfg_cls, args.config, args.overrides)), args.debug)
+
+        def run() -> int | None:
+            cfg = load_config(cfg_cls, args.config, args.overrides)
+            if args.print_config:
+                print(dump_config(cfg), end="")
+                return EXIT_OK
+            return body(cfg)
+
+        return _run_guarded(run, args.debug)
 
     return main
 

@@ -29,7 +29,11 @@ META_KEY = "_meta"  # provenance block of a resolved config.yaml (version, commi
 
 
 class ConfigError(UserError):
-    """A config file or override that cannot be turned into the config dataclass."""
+    """A config file or override that cannot be turned into the config dataclass. `key`: the dotted key at fault."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -130,14 +134,19 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}", key=f"{prefix}{key}")
+        try:
+            kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+        except ConfigError as exc:
+            exc.key = exc.key or f"{prefix}{key}"
+            raise
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:  # __post_init__ validation
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"config section '{prefix.rstrip('.') or cls.__name__}': {exc}") from exc
+        raise ConfigError(f"config section '{prefix.rstrip('.') or cls.__name__}': {exc}",
+                          key=prefix.rstrip(".") or None) from exc
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -185,19 +194,87 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     """
     data: dict[str, Any] = _fix_yaml_floats(_read_file(Path(path))) if path else {}
     data.pop(META_KEY, None)  # a run's resolved config.yaml loads back as it is
-    source = f"{path}: " if path else ""
+    overridden: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
+        overridden[key] = text
     try:
         return _build(cls, data)
     except ConfigError as exc:
-        raise ConfigError(f"{source}{exc}") from exc
+        # Name what the user typed: the command-line override when the faulty key came from one, else the file.
+        culprit = next((text for key, text in reversed(overridden.items())
+                        if exc.key and (exc.key == key or exc.key.startswith(key + ".") or key.startswith(exc.key + "."))),
+                       None)
+        source = f"override '{culprit}' (command line): " if culprit else (f"{path}: " if path else "")
+        raise ConfigError(f"{source}{exc}", key=exc.key) from exc
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build `cls` from a plain mapping with the same checks as a file (the `_meta` block is ignored)."""
     return _build(cls, {k: v for k, v in _fix_yaml_floats(dict(data)).items() if k != META_KEY})
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: the string literal written under a field (as litgpt and PEP 257 do)."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_config(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every config key of `cls` as (dotted key, type, default, docstring), sections expanded, for `--help`."""
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    rows: list[tuple[str, str, str, str]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe_config(tp, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        default_text = yaml.safe_dump(to_dict(default), default_flow_style=True, width=10**6).strip()
+        default_text = default_text.removesuffix("...").strip()
+        type_text = str(tp).replace("typing.", "") if typing.get_origin(tp) else _type_name(tp)
+        rows.append((f"{prefix}{f.name}", type_text, default_text, docs.get(f.name, "")))
+    return rows
+
+
+def config_help(cls: type) -> str:
+    """The table of config keys that `--help` prints."""
+    rows = describe_config(cls)
+    width = max((len(r[0]) for r in rows), default=0)
+    lines = ["config keys (set in --config or as key=value; type, default, what it does):"]
+    for key, tp, default, doc in rows:
+        lines.append(f"  {key:<{width}}  {tp} = {default}" + (f"\n  {'':<{width}}    {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
+def dump_config(cfg: Any) -> str:
+    """The resolved config as YAML (what `--print-config` prints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -97,3 +97,26 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
     """Atomically write `obj` (after `to_jsonable`) as JSON."""
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=indent) + "\n")
+
+
+def require_finite(values: Any, source: str | Path, what: str = "row", row_ids: Any = None, fix: str = "") -> None:
+    """Raise UserError naming `source` and the first row holding NaN or inf, if any.
+
+    values: an array-like (numpy or torch) whose first axis is the row; row_ids (optional) names rows by id rather
+    than by index. `fix` is appended to the message (default: how to find and repair the row).
+    """
+    import numpy as np
+
+    from common.cli import UserError
+
+    array = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
+    if array.size == 0 or not np.issubdtype(array.dtype, np.floating):
+        return
+    finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1) if array.ndim else np.isfinite(array)[None]
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite)
+    first = int(bad[0])
+    name = f"{what} {first}" + (f" (id {row_ids[first]!r})" if row_ids is not None else "")
+    raise UserError(f"{source}: {name} holds NaN or inf ({len(bad)} bad {what}s in all); "
+                    f"{fix or 'repair or drop those rows and regenerate the file'}")

@@ -56,31 +56,26 @@ class EarlyStopping:
         self.bad_epochs = int(state["bad_epochs"])
 
 
-class _CosineWithWarmup:
-    """lr multiplier: linear 0 -> 1 over `warmup_steps`, then cosine 1 -> `min_lr_ratio` at `total_steps`.
-
-    A class rather than a closure so LambdaLR's state_dict records its settings.
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.min_lr_ratio = min_lr_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def cosine_with_warmup(optimizer: Optimizer, warmup_steps: int, total_steps: int,
                        min_lr_ratio: float = 0.0) -> LambdaLR:
-    """Linear warmup then cosine decay to `min_lr_ratio * base_lr`; call `.step()` once per optimizer step."""
+    """Linear warmup then cosine decay to `min_lr_ratio * base_lr`; call `.step()` once per optimizer step.
+
+    lr multiplier: linear 0 -> 1 over `warmup_steps`, then cosine 1 -> `min_lr_ratio` at `total_steps`. The multiplier
+    is a plain function on purpose: LambdaLR's state_dict then records only the step count, so a resumed run follows
+    the schedule of *its* config. Raising the epochs of a finished run stretches the schedule to the new length
+    instead of continuing at the old final lr (every other setting is pinned by the resume fingerprint).
+    """
     if total_steps < 1 or warmup_steps < 0 or warmup_steps > total_steps:
         raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) and total >= 1")
-    return LambdaLR(optimizer, _CosineWithWarmup(warmup_steps, total_steps, min_lr_ratio))
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, multiplier)
 
 
 _NO_DECAY_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Embedding)

@@ -31,9 +31,10 @@ META_KEY = "_meta"  # provenance block of a resolved config.yaml (version, commi
 class ConfigError(UserError):
     """A config file or override that cannot be turned into the config dataclass. `key`: the dotted key at fault."""
 
-    def __init__(self, message: str, key: str | None = None) -> None:
+    def __init__(self, message: str, key: str | None = None, section: bool = False) -> None:
         super().__init__(message)
         self.key = key
+        self.section = section  # `key` names a section whose __post_init__ refused its values
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -146,7 +147,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"config section '{prefix.rstrip('.') or cls.__name__}': {exc}",
-                          key=prefix.rstrip(".") or None) from exc
+                          key=prefix.rstrip("."), section=True) from exc
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -203,11 +204,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         return _build(cls, data)
     except ConfigError as exc:
         # Name what the user typed: the command-line override when the faulty key came from one, else the file.
-        culprit = next((text for key, text in reversed(overridden.items())
-                        if exc.key and (exc.key == key or exc.key.startswith(key + ".") or key.startswith(exc.key + "."))),
-                       None)
+        culprit = next((text for key, text in reversed(overridden.items()) if _caused_by(exc, key)), None)
         source = f"override '{culprit}' (command line): " if culprit else (f"{path}: " if path else "")
         raise ConfigError(f"{source}{exc}", key=exc.key) from exc
+
+
+def _caused_by(exc: ConfigError, key: str) -> bool:
+    """Whether the override of dotted `key` is what `exc` complains about."""
+    if exc.key is None:
+        return False
+    if exc.section:  # a section's validation: the override must sit in it and be named in the message
+        inside = exc.key == "" or key.startswith(exc.key + ".")
+        return inside and re.search(rf"\b{re.escape(key.rsplit('.', 1)[-1])}\b", str(exc)) is not None
+    return exc.key == key or exc.key.startswith(key + ".") or key.startswith(exc.key + ".")
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:

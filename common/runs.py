@@ -37,7 +37,7 @@ VOLATILE_KEYS = frozenset({
     "epochs", "max_epochs", "num_epochs", "max_steps", "max_epochs_this_run", "max_steps_this_run",
     "device", "num_threads", "threads", "num_workers", "pin_memory", "prefetch_factor",
     "resume", "debug", "log_every", "log_interval", "logging", "progress",
-    "runs_dir", "run_name", "out_dir", "output_dir", "name",
+    "runs_dir", "run_dir", "run_name", "out_dir", "output_dir",
     "checkpoint_every", "save_every", "keep_last_n",
 })
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,7 @@ class DataConfig:
 class ExampleConfig:
     name: str = "run"
     epochs: int = 3
+    """Passes over the training set."""
     debug_checks: bool = False
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -147,3 +149,34 @@ def test_from_dict_and_resolved_config_reload(tmp_path: Path) -> None:
         from_dict(ExampleConfig, {"epoch": 2})
     path = save_resolved_config(cfg, tmp_path)
     assert load_config(ExampleConfig, path) == cfg  # a run's config.yaml loads back despite its _meta block
+
+
+def test_errors_from_overrides_name_the_override(tmp_path: Path) -> None:
+    path = _write(tmp_path, "c.yaml", "epochs: 5\noptim:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(ExampleConfig, path, ["optim.lr=fast"])
+    assert str(info.value).startswith("override 'optim.lr=fast' (command line): ") and str(path) not in str(info.value)
+    with pytest.raises(ConfigError, match=r"^override 'epochs=0' \(command line\): config section"):
+        load_config(ExampleConfig, path, ["epochs=0"])  # __post_init__ validation of an overridden key
+    bad_file = _write(tmp_path, "bad.yaml", "optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(ExampleConfig, bad_file, ["epochs=2"])
+    assert str(info.value).startswith(f"{bad_file}: config key 'optim.lr'")
+
+
+def test_help_lists_every_key_and_print_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[ExampleConfig] = []
+    main = config_main(ExampleConfig, seen.append, "example stage")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("name", "epochs", "debug_checks", "optim.lr", "optim.betas", "optim.schedule", "data.path",
+                "data.columns", "data.max_rows", "lr_mults"):
+        assert f"\n  {key} " in out, key
+    assert re.search(r"\n  epochs +int = 3\n +Passes over the training set\.\n", out)
+    assert re.search(r"\n  optim\.schedule +Literal\['cosine', 'plateau'\] = cosine\n", out)
+    assert main(["--print-config", "optim.lr=0.5", "epochs=9"]) == 0
+    assert not seen  # the stage itself did not run
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_dict(load_config(ExampleConfig, None, ["optim.lr=0.5", "epochs=9"]))

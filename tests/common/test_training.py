@@ -103,3 +103,38 @@ def test_progress_is_quiet_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
     bar = progress(items, desc="epochs")
     assert bar is not items and list(bar) == [0, 1, 2]
+
+
+def test_cosine_schedule_follows_the_resumed_config() -> None:
+    """A scheduler restored from a state dict keeps its step but takes total_steps from the new config, so raising
+    the epochs of a finished run stretches the schedule instead of continuing at the final lr."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = cosine_with_warmup(opt, warmup_steps=0, total_steps=10)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    state = sched.state_dict()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    longer = cosine_with_warmup(opt2, warmup_steps=0, total_steps=20)
+    longer.load_state_dict(state)
+    opt2.step()
+    longer.step()  # step 11 of 20
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 20)))
+
+
+def test_require_finite_names_the_first_bad_row() -> None:
+    from common.cli import UserError
+    from common.io import require_finite
+
+    good = np.ones((4, 3), np.float32)
+    require_finite(good, "emb.npy")
+    require_finite(np.array(["a", "b"]), "ids.npy")  # non-float arrays have nothing to check
+    bad = good.copy()
+    bad[2, 1] = np.nan
+    bad[3, 0] = np.inf
+    with pytest.raises(UserError, match=r"^emb\.npy: row 2 holds NaN or inf \(2 bad rows in all\)"):
+        require_finite(bad, "emb.npy")
+    with pytest.raises(UserError, match=r"row 2 \(id 'c'\)"):
+        require_finite(torch.from_numpy(bad), "emb.npy", row_ids=["a", "b", "c", "d"])

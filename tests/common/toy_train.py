@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from common import checkpoint as ckpt_mod  # noqa: E402
 from common.checkpoint import CheckpointManager, capture_train_state, resume_from_checkpoint  # noqa: E402
 from common.cli import config_main  # noqa: E402
-from common.config import save_resolved_config  # noqa: E402
+from common.config import to_dict  # noqa: E402
 from common.distributed import (  # noqa: E402
     all_reduce_mean,
     cleanup_distributed,
@@ -32,6 +32,7 @@ from common.distributed import (  # noqa: E402
     wrap_ddp,
 )
 from common.logs import MetricsWriter  # noqa: E402
+from common.runs import make_fingerprint, open_run  # noqa: E402
 from common.seed import seed_everything  # noqa: E402
 from common.training import EarlyStopping, cosine_with_warmup, param_groups  # noqa: E402
 
@@ -88,11 +89,13 @@ def train(cfg: ToyConfig) -> int:
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.01, base_lr=cfg.lr))
     scheduler = cosine_with_warmup(optimizer, warmup_steps=5, total_steps=cfg.epochs * len(loader))
     stopper = EarlyStopping(patience=cfg.patience, mode="min")
-    manager = CheckpointManager(run_dir / "checkpoints", keep_last_n=2, every_n_epochs=cfg.every_n_epochs)
-    resumed = resume_from_checkpoint(manager, cfg.resume, model, optimizer, scheduler, stopper)
+    fingerprint = make_fingerprint(to_dict(cfg), volatile=["epoch_sleep", "every_n_epochs"])
+    start = open_run(run_dir, cfg, resume=cfg.resume, checkpoint_dirs=[run_dir / "checkpoints"],
+                     fingerprint=fingerprint, is_main=info.is_main)
+    manager = CheckpointManager(run_dir / "checkpoints", keep_last_n=2, every_n_epochs=cfg.every_n_epochs,
+                                fingerprint=start.fingerprint)
+    resumed = resume_from_checkpoint(manager, start.resume, model, optimizer, scheduler, stopper)
     start_epoch = resumed["epoch"] + 1 if resumed else 0
-    if info.is_main:
-        save_resolved_config(cfg, run_dir)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=resumed["epoch"] if resumed else None)
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)

@@ -26,7 +26,10 @@ def real_data_root() -> Path | None:
 def real_data_dir() -> Path:
     root = real_data_root()
     if root is None:
-        pytest.skip("real data not found: set REAL_DATA_DIR or place ../shared/data beside the repository")
+        reason = "real data not found: set REAL_DATA_DIR or place ../shared/data beside the repository"
+        if os.environ.get("REQUIRE_REAL_DATA") == "1":  # CI: a missing data set is a failure, never a silent skip
+            pytest.fail(f"REQUIRE_REAL_DATA=1 but {reason}")
+        pytest.skip(reason)
     return root
 
 

@@ -25,3 +25,64 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "./scripts/test.sh" in readme and "./scripts/test.sh" in ci
+
+
+_STAGE_CHECK = r'''
+import contextlib, importlib, io, json, sys
+results = {}
+for name in sys.argv[1:]:
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:  # reported, the test fails on it
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        continue
+    main = getattr(module, "main", None)
+    if not callable(main):
+        results[name] = {"error": "no main(argv)"}
+        continue
+    out = io.StringIO()
+    code = None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(["--help"])
+        except SystemExit as exc:
+            code = exc.code
+    results[name] = {"help_exit": code, "help": out.getvalue()}
+print(json.dumps(results))
+'''
+
+
+def _documented_stages() -> list[str]:
+    """Every `python -m <pkg>.<stage>` a README or script names, and every stage `python -m <pkg>` lists."""
+    import ast
+    import re
+
+    texts = [p.read_text() for p in [ROOT / "README.md", *ROOT.glob("*/README.md"), *(ROOT / "scripts").rglob("*")]
+             if p.is_file()]
+    pattern = re.compile(rf"python -m ((?:{'|'.join(PACKAGES)})\.[a-z_]+)")
+    stages = {m for text in texts for m in pattern.findall(text)}
+    for package in PACKAGES:
+        tree = ast.parse((ROOT / package / "__main__.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "STAGES" for t in node.targets):
+                stages |= {f"{package}.{k.value}" for k in node.value.keys}  # type: ignore[union-attr]
+    return sorted(stages)
+
+
+def test_every_documented_stage_has_a_main_and_a_full_help() -> None:
+    """`python -m <pkg>.<stage> --help` works for every stage the READMEs describe; a config-driven stage's help
+    lists its config keys with types and defaults (common.cli.config_main)."""
+    import json
+
+    stages = _documented_stages()
+    assert "ehr_embedded.predict" in stages and "price_fusion.train" in stages
+    proc = subprocess.run([sys.executable, "-c", _STAGE_CHECK, *stages], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    problems = {name: r["error"] for name, r in results.items() if "error" in r}
+    assert not problems, problems
+    for name, result in results.items():
+        assert result["help_exit"] == 0, f"{name} --help exited {result['help_exit']}"
+        if "--config" in result["help"]:
+            assert "config keys" in result["help"] and " = " in result["help"], f"{name}: --help lists no config keys"

@@ -4,6 +4,8 @@
     python benchmarks/price_fusion_epoch.py                  # 75k samples, data-only and full training epochs
     python benchmarks/price_fusion_epoch.py --n 5000 --threads 1
 
+Prints the table and writes it to --out (default runs/benchmarks/price_fusion_epoch.json).
+
 Two measurements, each the best of --repeats:
   data   : produce every batch of an epoch (shuffled), no model: the cost the batching design removes;
   train  : a full training epoch (forward, backward, AdamW step) of TwoBranchFusionModel at the original sizes.
@@ -13,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.io import write_json
 from price_fusion.batching import FusionTensors, epoch_batches
 from price_fusion.model import TwoBranchFusionModel
 
+REPO = Path(__file__).resolve().parents[1]
 IMAGE_DIM, TEXT_DIM, STRUCT_DIM = 768, 1024, 3
 
 
@@ -83,7 +88,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-train", action="store_true", help="only the data-only comparison")
+    parser.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "price_fusion_epoch.json"))
     args = parser.parse_args()
+    report = {"n": args.n, "batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats}
     torch.set_num_threads(args.threads)
     image, mask, text, struct, log_price = make_arrays(args.n)
     data = FusionTensors(np.arange(args.n).astype(str), torch.from_numpy(image), torch.from_numpy(mask),
@@ -96,10 +103,17 @@ def main() -> None:
     base = best_time(lambda r: run_epoch(loader_batches(loader, r)), args.repeats)
     print(f"data only   in-memory batching {ours:8.3f} s   Dataset+DataLoader {base:8.3f} s   "
           f"speed-up {base / ours:6.1f}x")
-    if args.skip_train:
-        return
+    report["data_only_s"] = {"in_memory": ours, "dataloader": base, "speedup": base / ours}
+    if not args.skip_train:
+        report["train_epoch_s"] = train_epochs(data, loader, args.batch_size)
+    write_json(args.out, report)
+    print(f"-> {args.out}")
+
+
+def train_epochs(data: FusionTensors, loader: DataLoader, batch_size: int) -> dict:
+    """One full training epoch (forward, backward, AdamW) of the original-size model, each way."""
     results = {}
-    for name, make in (("in-memory batching", lambda r: tensor_batches(data, args.batch_size, r)),
+    for name, make in (("in-memory batching", lambda r: tensor_batches(data, batch_size, r)),
                        ("Dataset+DataLoader", lambda r: loader_batches(loader, r))):
         torch.manual_seed(0)
         model = TwoBranchFusionModel(IMAGE_DIM, TEXT_DIM, STRUCT_DIM)
@@ -108,6 +122,7 @@ def main() -> None:
     ours, base = results["in-memory batching"], results["Dataset+DataLoader"]
     print(f"train epoch in-memory batching {ours:8.3f} s   Dataset+DataLoader {base:8.3f} s   "
           f"speed-up {base / ours:6.2f}x")
+    return {"in_memory": ours, "dataloader": base, "speedup": base / ours}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ against the median-price baseline on the same split.
     python benchmarks/price_fusion_full_run.py                       # 75k, 1 torch thread
     python benchmarks/price_fusion_full_run.py --n 5000 --threads 2  # quick check
 
+Prints the numbers and writes them to --out (default runs/benchmarks/price_fusion_full_run.json).
+
 The data are written with the package's own embedding store and trained with `python -m price_fusion.train`
 (the production path, checkpoints every epoch included) in a child process, whose peak RSS comes from
 getrusage(RUSAGE_CHILDREN). Synthetic rule: log price = 2.5 + 0.6 tanh(image . w_i) + 0.9 tanh(text . w_t)
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.io import write_json
 from price_fusion.embeddings import write_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +56,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=75_000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", default="", help="default: a temporary folder, removed afterwards")
+    parser.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "price_fusion_full_run.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pf_full_run_") as tmp:
         root = Path(args.workdir or tmp)
@@ -74,10 +78,16 @@ def main() -> None:
         train_prices = pd.read_csv(root / "train.csv").set_index("sample_id").price.drop(val.sample_id)
         median = float(np.median(train_prices))
         median_smape = float(np.mean(200 * np.abs(median - val.actual) / (median + val.actual)))
-        print(f"epochs {len(history)} (early stopped: {done['stopped_early']}), wall {wall:.0f} s "
+        best_epoch = min(history, key=lambda h: h["val_smape"])["epoch"]
+        print(f"epochs {len(history)} (early stopped: {done['stopped_early']}, best at {best_epoch}), wall {wall:.0f} s "
               f"({wall / len(history):.1f} s/epoch incl. validation and checkpoints), peak RSS {peak_mib:.0f} MiB")
         print(f"held-out SMAPE {done['best_val_smape']:.2f}% vs median-price baseline {median_smape:.2f}% "
               f"({len(val)} held-out products, {args.threads} torch thread(s))")
+        write_json(args.out, {"n": args.n, "threads": args.threads, "epochs": len(history),
+                              "stopped_early": done["stopped_early"], "best_epoch": best_epoch, "wall_s": wall, "s_per_epoch": wall / len(history),
+                              "peak_rss_mib": peak_mib, "held_out_smape": done["best_val_smape"],
+                              "median_baseline_smape": median_smape, "n_held_out": len(val)})
+        print(f"-> {args.out}")
 
 
 if __name__ == "__main__":

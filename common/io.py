@@ -117,6 +117,8 @@ def require_finite(values: Any, source: str | Path, what: str = "row", row_ids: 
         return
     bad = np.flatnonzero(~finite)
     first = int(bad[0])
-    name = f"{what} {first}" + (f" (id {row_ids[first]!r})" if row_ids is not None else "")
+    row_id = row_ids[first] if row_ids is not None else None
+    row_id = row_id.item() if hasattr(row_id, "item") else row_id  # numpy scalars print as np.str_('...') otherwise
+    name = f"{what} {first}" + (f" (id {row_id!r})" if row_ids is not None else "")
     raise UserError(f"{source}: {name} holds NaN or inf ({len(bad)} bad {what}s in all); "
                     f"{fix or 'repair or drop those rows and regenerate the file'}")

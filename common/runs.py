@@ -132,15 +132,17 @@ def is_force(resume: Any) -> bool:
 
 
 def check_fingerprint(checkpoint: Path, recorded: Mapping[str, Any] | None, current: Mapping[str, Any],
-                      resume: Any) -> list[str]:
+                      resume: Any, resume_key: str = "resume") -> list[str]:
     """Refuse (UserError, exit 2) to continue `checkpoint` when `current` differs from `recorded`, unless
-    `resume=force`. Returns the differences (empty when they agree)."""
+    `resume=force`. Returns the differences (empty when they agree). `resume_key`: the dotted config key the user
+    sets (e.g. `train.resume`), named in the message."""
     changes = fingerprint_changes(recorded, current)
     if changes and not is_force(resume):
         raise UserError(
-            f"{checkpoint}: resume=auto refused, this run's inputs changed since the checkpoint was written: "
+            f"{checkpoint}: {resume_key}=auto refused, this run's inputs changed since the checkpoint was written: "
             f"{'; '.join(changes)}. Nothing was written. To go on: pick a new run name for a new run, or set "
-            f"resume=false to start this run over, or resume=force to continue these weights anyway (logged)")
+            f"{resume_key}=false to start this run over, or {resume_key}=force to continue these weights anyway "
+            f"(logged)")
     return changes
 
 
@@ -165,13 +167,15 @@ def _latest_meta(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def open_run(run_dir: str | Path, cfg: Any, *, resume: str | bool | None, checkpoint_dirs: Sequence[str | Path],
-             fingerprint: dict[str, Any], write_config: bool = True, is_main: bool | None = None) -> RunStart:
+             fingerprint: dict[str, Any], write_config: bool = True, is_main: bool | None = None,
+             resume_key: str = "resume") -> RunStart:
     """Check `resume` against the checkpoints in `checkpoint_dirs`, then set up logging and write `config.yaml`.
 
     Order matters: the check comes first and raises UserError before anything is written (no log file, no
     config.yaml), so a refused resume leaves the run directory byte-identical. `config.yaml` is written only for a
     fresh run. `resume`: auto (continue when a complete `latest` exists and the fingerprint agrees), force (continue
     whatever changed; logged), false (start over), or an explicit checkpoint path (its differences are logged).
+    `resume_key` is the dotted key users set (e.g. `train.resume`), named in the refusal.
     """
     from common.config import save_resolved_config
     from common.distributed import is_main_process
@@ -184,7 +188,7 @@ def open_run(run_dir: str | Path, cfg: Any, *, resume: str | bool | None, checkp
         found = [m for m in (_latest_meta(Path(d)) for d in checkpoint_dirs) if m is not None]
     forced: list[str] = []
     for path, meta in found:
-        forced += check_fingerprint(path, meta.get(FINGERPRINT_KEY), fingerprint, resume_text)
+        forced += check_fingerprint(path, meta.get(FINGERPRINT_KEY), fingerprint, resume_text, resume_key)
     setup_logging(run_dir)
     if forced:
         log.warning("resume=force: continuing %s although its inputs changed: %s", run_dir, "; ".join(forced))

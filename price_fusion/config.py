@@ -21,17 +21,21 @@ class DataConfig:
     """Where the challenge-format CSVs and the embedding store live (paths relative to the working directory)."""
 
     train_csv: str = "data/train.csv"
+    """Labelled catalogue: sample_id, catalog_content, image_link, price (dollars)."""
     test_csv: str = "data/test.csv"
-    # Folder that relative `image_link` values (and URL basenames) are resolved against.
+    """Unlabelled catalogue to predict: sample_id, catalog_content, image_link."""
     image_dir: str = "data/images"
-    # Output of `embed`, input of `train` / `gbt` / `predict`: <embeddings_dir>/<split>/...
+    """Folder that relative `image_link` values (and URL basenames) are resolved against."""
     embeddings_dir: str = "embeddings"
-    # Rows whose price is empty, non-numeric, zero, negative or NaN: "skip" (counted and logged) or "error".
+    """Output of `embed`, input of `train` / `gbt` / `predict`: <embeddings_dir>/<split>/ + unit_vocab.json."""
     bad_price: str = "skip"
+    """Rows whose price is empty, non-numeric, zero, negative or NaN: "skip" (counted and logged) or "error"."""
     val_fraction: float = 0.2
-    # Stratification of the split / folds: quantile bins of log price.
+    """Share of the training rows held out for early stopping and the best checkpoint (single-split runs)."""
     n_price_bins: int = 10
+    """Stratification of the split / folds: this many quantile bins of log price."""
     split_seed: int = 42
+    """Seed of the train / validation split and of the K folds."""
 
     def __post_init__(self) -> None:
         if self.bad_price not in BAD_PRICE_POLICIES:
@@ -44,22 +48,26 @@ class DataConfig:
 class EmbedConfig:
     """Encoders (local paths only, nothing is downloaded) and what to embed."""
 
-    # Local HF directory of a CLIP model (CLIPModel or CLIPVisionModelWithProjection); "" = no image branch input.
     clip_model: str = ""
-    # Local sentence-transformers directory (Qwen3-Embedding in production). "minilm" = packaged all-MiniLM-L6-v2.
+    """Local HF directory of a CLIP model (CLIPModel or CLIPVisionModelWithProjection); "" = no image input."""
     text_model: str = "minilm"
+    """Local sentence-transformers directory (Qwen3-Embedding in production); "minilm" = packaged all-MiniLM-L6-v2."""
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    """Which CSVs to embed: train and/or test (test alone reuses the unit vocabulary fitted on train)."""
     image_batch_size: int = 32
+    """Images per CLIP forward pass."""
     text_batch_size: int = 64
-    # Units seen fewer times than this in train map to the unknown-unit index 0.
+    """Texts per sentence-encoder forward pass."""
     min_unit_count: int = 2
-    # Import the original's inputs instead of encoding: a directory of CLIP embeddings and a pickle of Qwen vectors.
+    """Units seen fewer times than this in train map to the unknown-unit index 0."""
     import_clip_dir: str = ""
+    """Import the original's CLIP vectors instead of encoding: a folder ({split} is replaced by train / test)."""
     import_qwen_pickle: str = ""
-    # The original's Qwen vectors are 1027-d: 1024 text + 3 structural features appended at the end.
+    """Import the original's Qwen vectors instead of encoding: a pickle ({split} replaced); trusted files only."""
     qwen_has_struct: bool = True
-    # torch intra-op threads while encoding; 0 leaves torch's default (1 is fastest on a busy 2-core machine).
+    """The original's Qwen vectors are 1027-d: 1024 text + 3 structural features appended at the end."""
     num_threads: int = 0
+    """torch intra-op threads while encoding; 0 leaves torch's default (1 is fastest on a busy 2-core machine)."""
 
 
 @dataclass
@@ -67,16 +75,25 @@ class ModelConfig:
     """`TwoBranchFusionModel` / `AdvancedMoEFusionModel` sizes. Null dims are taken from the embedding manifest."""
 
     name: str = "two_branch"
+    """two_branch (concat + MLP head) or advanced_moe (attention over the 2 tokens + gated experts)."""
     image_dim: int | None = 768
+    """Width of the image embeddings (768 for CLIP ViT-L/14); null = take it from the files."""
     text_dim: int | None = 1024
+    """Width of the text embeddings (1024 for Qwen3-Embedding-0.6B); null = take it from the files."""
     struct_dim: int = 3
+    """Structural features appended to the text: log1p(value), unit index, log1p(pack quantity)."""
     branch_dim: int = 512
+    """Output width of the image branch and of the text + struct branch."""
     head_dims: list[int] = field(default_factory=lambda: [512, 256, 128])
+    """Hidden widths of the regression head (each expert's head for advanced_moe), before the 1-d output."""
     dropout: float = 0.2
+    """Dropout after each hidden layer."""
     num_experts: int = 3
+    """advanced_moe: experts behind the softmax gate."""
     num_heads: int = 8
-    # False trains with the image branch masked for every sample (text-only data such as the IKEA catalogue).
+    """advanced_moe: attention heads over the image and text tokens (must divide branch_dim)."""
     use_image: bool = True
+    """False trains with the image branch masked for every sample (text-only data such as the IKEA catalogue)."""
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
@@ -88,36 +105,55 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """Optimisation, loss and checkpointing of `train` (also the seed of `gbt`)."""
+
     seed: int = 0
+    """Seed of initialisation, dropout and the per-epoch shuffle (epoch order = f(seed, epoch))."""
     epochs: int = 1000
+    """Most epochs; raising it on a finished run and resuming continues that run."""
     batch_size: int = 256
+    """Products per optimiser step."""
     lr: float = 1e-3
+    """AdamW learning rate (reduced on validation plateaus)."""
     weight_decay: float = 1e-4
+    """AdamW weight decay (not applied to biases and norms)."""
     loss: str = "weighted_smape"
-    # weighted_smape: price tiers (dollars) and their weights; len(weights) == len(edges) + 1.
+    """One of weighted_smape, focal_smape, hybrid_focal_smape, log_smape, huber, mse, mae (all on log price)."""
     tier_edges: list[float] = field(default_factory=lambda: [10.0, 50.0])
+    """weighted_smape: price tier edges in dollars."""
     tier_weights: list[float] = field(default_factory=lambda: [2.0, 1.0, 1.5])
+    """weighted_smape: weight of each tier; len(tier_weights) == len(tier_edges) + 1."""
     smape_gamma: float = 2.0
+    """focal_smape / hybrid_focal_smape: exponent on each SMAPE term (1 = plain SMAPE; larger favours big errors)."""
     hybrid_alpha: float = 0.5
+    """hybrid_focal_smape: alpha x focal SMAPE + (1 - alpha) x Huber on log price."""
     huber_delta: float = 1.0
-    # Weight of the mixture-of-experts load-balancing term (advanced_moe only).
+    """huber: the delta (in log price) where the loss turns from quadratic to linear."""
     load_balance_weight: float = 0.01
+    """Weight of the mixture-of-experts load-balancing term (advanced_moe only)."""
     grad_clip: float = 1.0
+    """Clip the gradient's global L2 norm to this."""
     patience: int = 15
+    """Early stopping: epochs without a better validation SMAPE before the run stops."""
     plateau_factor: float = 0.5
+    """ReduceLROnPlateau: multiply the learning rate by this on a plateau."""
     plateau_patience: int = 5
+    """ReduceLROnPlateau: epochs without improvement before the learning rate drops."""
     checkpoint_every: int = 100
+    """Also keep checkpoints/epoch_N every this many epochs (latest and best are written every epoch)."""
     keep_last_n: int = 3
-    # "auto" continues from checkpoints/latest when it exists; false starts fresh; a path resumes from there.
+    """How many of the periodic epoch_N checkpoints to keep."""
     resume: str | bool = "auto"
-    # 0 = one stratified 80/20 split; K >= 2 = K-fold, writing out-of-fold predictions.
+    """auto: continue from checkpoints/latest if its fingerprint (config + data) matches, else exit 2 naming what
+    changed; force: continue anyway (logged); false: start over; a path: resume from that checkpoint."""
     kfold: int = 0
-    # torch intra-op threads; 0 leaves torch's default.
+    """0 = one stratified split (data.val_fraction held out); K >= 2 = K folds with out-of-fold predictions."""
     num_threads: int = 0
-    # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    """torch intra-op threads; 0 leaves torch's default."""
     device: str = "auto"
-    # Stop after this many epochs of this process (testing kill-and-resume); 0 = no limit.
+    """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..."""
     max_epochs_this_run: int = 0
+    """Stop after this many epochs of this process (testing kill-and-resume); 0 = no limit."""
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_NAMES:
@@ -131,34 +167,46 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
+    """What `evaluate` scores and how it groups the errors."""
+
     checkpoint: str = "best"
-    # Score this prediction CSV (sample_id,price of labelled train products, e.g. out-of-fold) instead of the run.
+    """best, latest, epoch_N (inside the run's checkpoints/) or a checkpoint path."""
     predictions: str = ""
-    # True prices (sample_id,price, or a train-format CSV) for `predictions`; "" = data.train_csv.
+    """Score this prediction CSV (sample_id,price of labelled products, e.g. out-of-fold) instead of the run."""
     labels: str = ""
-    # Price bins in dollars for the per-bin table ($0-5, $5-10, ...); the last bin is open-ended.
+    """True prices (sample_id,price, or a train-format CSV) for `predictions`; "" = data.train_csv."""
     bin_edges: list[float] = field(default_factory=lambda: [0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0])
-    # Low < range_edges[0] <= Medium < range_edges[1] <= High.
+    """Price bins in dollars for the per-bin table ($0-5, $5-10, ...); the last bin is open-ended."""
     range_edges: list[float] = field(default_factory=lambda: [10.0, 50.0])
+    """Low < range_edges[0] <= Medium < range_edges[1] <= High."""
     top_n: int = 20
+    """Rows in worst_predictions.csv and best_predictions.csv."""
 
 
 @dataclass
 class PredictConfig:
+    """What `predict` writes."""
+
     checkpoint: str = "best"
+    """best, latest, epoch_N or a checkpoint path (for K-fold runs: the same name in every fold)."""
     split: str = "test"
-    # Default: <run_dir>/predictions/test_out.csv
+    """test (data.test_csv) or train (data.train_csv), read from <embeddings_dir>/<split>/."""
     output: str = ""
+    """Prediction CSV to write; "" = <run_dir>/predictions/test_out.csv."""
 
 
 @dataclass
 class EnsembleConfig:
-    # Prediction CSVs (sample_id,price) to combine, all for the same ids.
+    """How `ensemble` combines prediction files."""
+
     inputs: list[str] = field(default_factory=list)
+    """Prediction CSVs (sample_id,price) to combine, all for the same ids."""
     method: str = "mean"
-    # method=fitted: out-of-fold prediction CSVs (sample_id,price) of the same models, in the same order as inputs.
+    """mean (equal weights) or fitted (simplex weights minimising SMAPE on oof_inputs)."""
     oof_inputs: list[str] = field(default_factory=list)
+    """method=fitted: out-of-fold prediction CSVs (sample_id,price) of the same models, in the order of inputs."""
     output: str = "runs/price_fusion/ensemble/test_out.csv"
+    """The combined CSV; the weights go to <output stem>.weights.json beside it."""
 
     def __post_init__(self) -> None:
         if self.method not in ENSEMBLE_METHODS:
@@ -170,33 +218,48 @@ class GbtConfig:
     """HistGradientBoosting on (PCA-reduced) embeddings + structural + out-of-fold kNN price features."""
 
     folds: int = 5
+    """Outer folds: out-of-fold predictions for every training row; the test prediction averages the fold models."""
     knn_k: int = 10
-    # PCA components per embedding before the trees (trees on 1800 raw dims are slow); 0 = raw dims.
+    """Neighbours (cosine on text embeddings) behind the kNN price features."""
     pca_dims: int = 32
+    """PCA components per embedding before the trees (trees on 1800 raw dims are slow); 0 = raw dims."""
     max_iter: int = 300
+    """Most boosting iterations."""
     learning_rate: float = 0.05
+    """Boosting learning rate."""
     max_leaf_nodes: int = 31
+    """Leaves per tree."""
     l2_regularization: float = 1.0
+    """L2 penalty on leaf values."""
     early_stopping_rounds: int = 20
-    # OpenMP threads for the trees and faiss; 0 keeps the libraries' default (1 is fastest on a busy 2-core machine).
+    """Stop boosting after this many iterations without improvement on a 10% inner validation (N >= 100)."""
     num_threads: int = 0
+    """OpenMP threads for the trees and faiss; 0 keeps the libraries' default (1 is fastest on a busy 2-core machine)."""
 
 
 @dataclass
 class IkeaConfig:
     """The real-data benchmark (python -m price_fusion.ikea)."""
 
-    # Relative to $REAL_DATA_DIR (default ../shared/data beside the repository).
     source: str = "products_ikea/ikea_sa_2020.csv"
-    # 0 = every product; a smaller number draws a seeded subset (the real_data test uses a few hundred).
+    """The catalogue, relative to $REAL_DATA_DIR (default ../shared/data beside the repository)."""
     max_products: int = 0
+    """0 = every product; a smaller number draws a seeded subset (the real_data test uses 400)."""
     test_fraction: float = 0.2
+    """Share of the products held out as the test set, stratified by price."""
+    extras: bool = False
+    """True: skip the benchmark and train the variants (advanced_moe, gbt, 5-fold, ensembles) on the split and
+    embeddings of the finished benchmark run of the same run_name; writes reports/ikea_extras.{json,md}."""
 
 
 @dataclass
 class PriceFusionConfig:
+    """Every price_fusion stage reads this one tree; each stage uses the sections it needs."""
+
     run_name: str = "default"
+    """The run directory's name: <runs_dir>/<run_name>/."""
     runs_dir: str = "runs/price_fusion"
+    """Where run directories go."""
     data: DataConfig = field(default_factory=DataConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

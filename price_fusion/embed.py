@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.cli import UserError, config_main
+from common.io import require_finite
 from common.logs import setup_logging
 
 from .config import PriceFusionConfig
@@ -152,8 +153,7 @@ def embed_split(cfg: PriceFusionConfig, split: str, vocab: list[str]) -> Path:
     if ec.import_clip_dir:
         source = ec.import_clip_dir.format(split=split)
         image = _imported(*import_clip_dir(Path(source)), ids, source)
-        mask = np.isfinite(image).all(1) & (np.abs(image).sum(1) > 0)
-        image = np.where(mask[:, None], image, 0.0).astype(np.float32)
+        mask = np.abs(image).sum(1) > 0  # the original stored a missing image as an all-zero vector
         info["image_encoder"] = {"imported_from": source, "dim": int(image.shape[1])}
     elif ec.clip_model:
         paths = [resolve_image_path(link, Path(cfg.data.image_dir)) for link in catalog.image_links]
@@ -172,8 +172,10 @@ def embed_split(cfg: PriceFusionConfig, split: str, vocab: list[str]) -> Path:
     else:
         text, info["text_encoder"] = encode_texts(catalog.texts, ec.text_model, ec.text_batch_size)
 
-    if not (np.isfinite(image).all() and np.isfinite(text).all() and np.isfinite(struct).all()):
-        raise UserError(f"{split}: embeddings contain NaN or inf; check the encoder / imported files")
+    for part, values in (("image", image), ("text", text), ("struct", struct)):
+        # imported files were checked row by row on reading; this catches an encoder that produced NaN
+        require_finite(values, f"{csv_path} ({split} {part} embeddings)", row_ids=ids.tolist(),
+                       fix="check the encoder and that product's input")
     out = write_embeddings(Path(cfg.data.embeddings_dir) / split, ids, image, mask, text, struct, info)
     log.info("%s: %d products -> %s (image %d-d, %d masked; text %d-d) in %.1f s", split, n, out, image.shape[1],
              int(n - mask.sum()), text.shape[1], time.perf_counter() - started)

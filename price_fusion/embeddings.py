@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import UserError
+from common.io import require_finite
 
 MANIFEST = "manifest.json"
 PARTS = ("image", "image_mask", "text", "struct")
@@ -97,7 +98,8 @@ def write_embeddings(out_dir: Path, sample_ids: np.ndarray, image: np.ndarray, i
 
 
 def load_embeddings(split_dir: Path, mmap: bool = True) -> EmbeddingSet:
-    """Open one split; raises `UserError` naming the folder when a file is missing or row counts disagree."""
+    """Open one split; raises `UserError` naming the file when one is missing, row counts disagree, or a row of
+    image / text / struct holds NaN or inf (the first such row by index and sample id)."""
     split_dir = Path(split_dir)
     if not (split_dir / MANIFEST).is_file():
         raise UserError(f"{split_dir}: no {MANIFEST}; create the embeddings with `python -m price_fusion.embed` "
@@ -113,6 +115,10 @@ def load_embeddings(split_dir: Path, mmap: bool = True) -> EmbeddingSet:
         if len(arrays[name]) != manifest["n"]:
             raise UserError(f"{path}: {len(arrays[name])} rows but {MANIFEST} says {manifest['n']}; "
                             "re-run python -m price_fusion.embed")
+    for name in ("image", "text", "struct"):
+        # one pass over the (memory-mapped) file: ~0.3 s for a 75k x 1795 split, before any training
+        require_finite(arrays[name], split_dir / f"{name}.npy", row_ids=arrays["sample_ids"].tolist(),
+                       fix="re-run python -m price_fusion.embed (or repair the imported vectors of that product)")
     return EmbeddingSet(arrays["sample_ids"], arrays["image"], arrays["image_mask"], arrays["text"],
                         arrays["struct"], manifest)
 
@@ -169,6 +175,8 @@ def import_clip_dir(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         vectors = np.stack([np.load(f, allow_pickle=False).reshape(-1) for f in files])
     if vectors.ndim != 2 or len(vectors) != len(ids):
         raise UserError(f"{folder}: {vectors.shape} embeddings for {len(ids)} sample ids; expected [N, D] with N ids")
+    source = folder / "embeddings.npy" if (folder / "embeddings.npy").is_file() else folder
+    require_finite(vectors, source, row_ids=ids.tolist(), fix="a product without an image takes an all-zero vector (masked)")
     return ids, vectors.astype(np.float32)
 
 
@@ -195,4 +203,5 @@ def import_qwen_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: unsupported pickle content {type(obj).__name__}; expected a dict or DataFrame")
     if vectors.ndim != 2 or len(vectors) != len(ids):
         raise UserError(f"{path}: {vectors.shape} embeddings for {len(ids)} sample ids; expected [N, D]")
+    require_finite(vectors.astype(np.float32), path, row_ids=ids.astype(str).tolist())
     return ids.astype(str), vectors.astype(np.float32)

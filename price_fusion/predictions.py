@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from common.cli import UserError
-from common.io import atomic_write
+from common.io import atomic_write, require_finite
 
 # Predictions are clipped into this dollar range before writing: the challenge rejects non-positive prices,
 # and exp() of an extreme log-price would otherwise overflow to inf.
@@ -60,6 +60,8 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
     if not {"sample_id", "price"} <= set(frame.columns):
         raise UserError(f"{path}: expected columns sample_id,price; found {list(frame.columns)}")
     prices = pd.to_numeric(frame["price"], errors="coerce").to_numpy(dtype=float)
+    require_finite(prices, path, row_ids=frame["sample_id"].astype(str).tolist(),
+                   fix="every price must be a finite number; regenerate the prediction file")
     validate_predictions(frame["sample_id"].to_numpy(), prices, None, str(path))
     frame["price"] = prices
     return frame

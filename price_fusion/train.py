@@ -6,11 +6,18 @@
 
 Writes runs/price_fusion/<run_name>/: config.yaml, split.json, [fold_k/]checkpoints/{latest,best,epoch_N},
 [fold_k/]metrics.jsonl, [fold_k/]training_history.json, predictions/val_predictions.csv (or oof_predictions.csv).
-A killed run continues where it stopped with resume=auto (the default) and ends with identical weights.
+
+Resume: a killed run continues where it stopped with train.resume=auto (the default) and ends with identical
+weights; raising train.epochs continues a finished run. Every checkpoint records a fingerprint of what decides the
+weights (the data / model / train config less epochs, threads, device and paths, plus the size and SHA-256 of the
+training CSV and of the embedding files); resume=auto refuses (exit 2, nothing written) to continue a run whose
+fingerprint differs, naming each changed key or file. resume=force continues anyway (logged), resume=false starts
+over. A resumed run keeps its config.yaml and split.json: the held-out ids are read back, never re-drawn.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -19,21 +26,24 @@ import torch
 
 from common import metrics
 from common.checkpoint import CheckpointManager, capture_train_state, load_weights, resume_from_checkpoint
-from common.cli import config_main
-from common.config import save_resolved_config, to_dict
-from common.logs import MetricsWriter, progress, setup_logging, write_json
+from common.cli import UserError, config_main
+from common.config import to_dict
+from common.logs import MetricsWriter, progress, write_json
+from common.runs import make_fingerprint, open_run
 from common.seed import seed_everything
 from common.training import EarlyStopping, param_groups
 
 from .batching import FusionTensors, epoch_batches, load_split, predict_log_price
 from .config import PriceFusionConfig
 from .data import stratified_folds, stratified_split
+from .embeddings import load_embeddings
 from .losses import build_loss
 from .model import build_model, init_output_bias
 from .predictions import log_to_price, write_predictions
 
 log = logging.getLogger(__name__)
 DONE_FILE = "done.json"
+SPLIT_FILE = "split.json"
 
 
 def regression_metrics(pred_log: np.ndarray, price: np.ndarray) -> dict[str, float]:
@@ -43,9 +53,11 @@ def regression_metrics(pred_log: np.ndarray, price: np.ndarray) -> dict[str, flo
             "r2": metrics.r2(price, pred)}
 
 
-def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, val_data: FusionTensors) -> np.ndarray:
+def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, val_data: FusionTensors,
+            fingerprint: dict, resume: str | bool) -> np.ndarray:
     """Train on `train_data` with early stopping on `val_data` SMAPE; returns [N_val] log-price predictions of
-    the best checkpoint. Resumes from `fold_dir/checkpoints/latest` when `train.resume` says so."""
+    the best checkpoint. Resumes from `fold_dir/checkpoints/latest` when `resume` (from `open_run`) says so; every
+    checkpoint records `fingerprint`."""
     tc = cfg.train
     seed_everything(tc.seed)
     model = build_model(cfg.model, train_data.image.shape[1], train_data.text.shape[1], train_data.struct.shape[1])
@@ -58,13 +70,14 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=tc.plateau_factor,
                                                            patience=tc.plateau_patience)
     stopper = EarlyStopping(tc.patience, mode="min")
-    manager = CheckpointManager(fold_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.checkpoint_every)
+    manager = CheckpointManager(fold_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.checkpoint_every,
+                                fingerprint=fingerprint)
     loss_fn = build_loss(tc)
     val_price = val_data.log_price.double().exp().cpu().numpy()
     history: list[dict] = []
     start_epoch = 1
 
-    resumed = resume_from_checkpoint(manager, tc.resume, model, optimizer, scheduler, stopper)
+    resumed = resume_from_checkpoint(manager, resume, model, optimizer, scheduler, stopper)
     if resumed is not None:
         history = list(resumed["history"])
         start_epoch = int(resumed["epoch"]) + 1
@@ -128,37 +141,78 @@ def _model_meta(cfg: PriceFusionConfig, data: FusionTensors) -> dict:
             "struct_dim": int(data.struct.shape[1]), "use_image": cfg.model.use_image}
 
 
+# Config keys that decide where files are, not what the weights are: the data files they name are fingerprinted by
+# content instead (moving the data does not invalidate a run; changing it does).
+PATH_KEYS = ("data.train_csv", "data.test_csv", "data.image_dir", "data.embeddings_dir")
+
+
+def run_fingerprint(cfg: PriceFusionConfig) -> dict:
+    """What decides the weights of a training run: the data / model / train sections (less epochs, threads, device,
+    resume and checkpoint cadence; `common.runs.VOLATILE_KEYS`), the training CSV and the train embedding files by
+    size and SHA-256, and the embedding store's digest of its id order."""
+    emb_dir = Path(cfg.data.embeddings_dir) / "train"
+    manifest = load_embeddings(emb_dir).manifest
+    sections = {name: to_dict(getattr(cfg, name)) for name in ("data", "model", "train")}
+    return make_fingerprint(sections, data={"train_csv": cfg.data.train_csv, "train_embeddings": emb_dir},
+                            digests={"train_embedding_ids": manifest.get("sample_ids_sha256", "")}, volatile=PATH_KEYS)
+
+
 def train(cfg: PriceFusionConfig) -> int:
-    run_dir = Path(cfg.runs_dir) / cfg.run_name
-    setup_logging(run_dir)
     previous_threads = torch.get_num_threads()
     if cfg.train.num_threads:
         # Small MLPs on a shared CPU: 1 thread was 10x faster than 2 here (threads contend with other processes).
         torch.set_num_threads(cfg.train.num_threads)
     try:
-        return _train(cfg, run_dir)
+        return _train(cfg, Path(cfg.runs_dir) / cfg.run_name)
     finally:
         torch.set_num_threads(previous_threads)
 
 
+def _checkpoint_dirs(run_dir: Path, kfold: int) -> list[Path]:
+    """Every checkpoint folder this run (or an earlier run under the same name, single-split or K-fold) may hold."""
+    dirs = [run_dir / "checkpoints", *(run_dir / f"fold_{k}" / "checkpoints" for k in range(kfold))]
+    dirs += [d for d in sorted(run_dir.glob("fold_*/checkpoints")) if d not in dirs]
+    return dirs
+
+
+def _read_split(run_dir: Path, sample_ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train rows, val rows) of each fold recorded in split.json by the run being resumed."""
+    path = run_dir / SPLIT_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: missing, but {run_dir} holds checkpoints to resume; restore the file or start "
+                        "over with train.resume=false")
+    folds = []
+    for val_ids in json.loads(path.read_text())["val_ids"]:
+        is_val = np.isin(sample_ids, np.asarray(val_ids, dtype=str))
+        folds.append((np.flatnonzero(~is_val), np.flatnonzero(is_val)))
+    return folds
+
+
 def _train(cfg: PriceFusionConfig, run_dir: Path) -> int:
-    save_resolved_config(cfg, run_dir)
+    # The fingerprint is checked against every checkpoint before anything is written (config.yaml, train.log).
+    start = open_run(run_dir, cfg, resume=cfg.train.resume, checkpoint_dirs=_checkpoint_dirs(run_dir, cfg.train.kfold),
+                     fingerprint=run_fingerprint(cfg), resume_key="train.resume")
     catalog, data = load_split(cfg.data.embeddings_dir, "train", cfg.data.train_csv, labelled=True,
                                bad_price=cfg.data.bad_price, use_image=cfg.model.use_image)
     log.info("%d training products (%d skipped for bad prices), %d with images", len(data), catalog.n_bad_prices,
              int(data.image_mask.sum()))
 
-    if cfg.train.kfold:
-        folds = stratified_folds(catalog.prices, cfg.train.kfold, cfg.data.n_price_bins, cfg.data.split_seed)
+    if start.resuming:
+        folds = _read_split(run_dir, catalog.sample_ids)  # never re-drawn under a resumed run
     else:
-        folds = [stratified_split(catalog.prices, cfg.data.val_fraction, cfg.data.n_price_bins, cfg.data.split_seed)]
-    write_json(run_dir / "split.json", {"kfold": cfg.train.kfold,
-                                        "val_ids": [catalog.sample_ids[val].tolist() for _, val in folds]})
+        if cfg.train.kfold:
+            folds = stratified_folds(catalog.prices, cfg.train.kfold, cfg.data.n_price_bins, cfg.data.split_seed)
+        else:
+            folds = [stratified_split(catalog.prices, cfg.data.val_fraction, cfg.data.n_price_bins,
+                                      cfg.data.split_seed)]
+        write_json(run_dir / SPLIT_FILE, {"kfold": cfg.train.kfold,
+                                          "val_ids": [catalog.sample_ids[val].tolist() for _, val in folds]})
 
     out_of_fold = np.full(len(data), np.nan)
     for k, (train_rows, val_rows) in enumerate(folds):
         fold_dir = run_dir / f"fold_{k}" if cfg.train.kfold else run_dir
-        out_of_fold[val_rows] = fit_one(cfg, fold_dir, data.subset(train_rows), data.subset(val_rows))
+        out_of_fold[val_rows] = fit_one(cfg, fold_dir, data.subset(train_rows), data.subset(val_rows),
+                                        start.fingerprint, start.resume)
         if np.isnan(out_of_fold[val_rows]).any():
             log.info("stopped after train.max_epochs_this_run=%d epochs; run again to resume",
                      cfg.train.max_epochs_this_run)

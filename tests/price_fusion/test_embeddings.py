@@ -104,7 +104,10 @@ def test_corrupt_image_is_masked_not_a_crash(sample_env, tmp_path):
     vectors, mask, info = embed.encode_images([images / "a.png", images / "b.png", None],
                                               str(sample_env["clip_model"]), batch_size=2)
     assert mask.tolist() == [False, True, False] and info["n_unreadable"] == 1 and info["n_absent"] == 1
-    assert np.all(vectors[0] == 0) and np.any(vectors[1] != 0)
+    assert np.all(vectors[0] == 0) and np.all(vectors[2] == 0)
+    alone, _, _ = embed.encode_images([images / "b.png"], str(sample_env["clip_model"]), batch_size=2)
+    np.testing.assert_allclose(vectors[1], alone[0], rtol=1e-5, atol=1e-6)  # the readable image keeps its own row
+    assert np.abs(alone[0]).sum() > 0
 
 
 def test_embed_imports_the_original_files(sample_env, tmp_path):
@@ -112,8 +115,8 @@ def test_embed_imports_the_original_files(sample_env, tmp_path):
     train = load_embeddings(sample_env["embeddings"] / "train")
     clip_dir = tmp_path / "clip" / "train"
     clip_dir.mkdir(parents=True)
-    np.save(clip_dir / "embeddings.npy", np.asarray(train.image))
-    np.save(clip_dir / "sample_ids.npy", train.sample_ids[::-1][::-1])
+    np.save(clip_dir / "embeddings.npy", np.asarray(train.image)[::-1])  # reversed: rows are matched by id
+    np.save(clip_dir / "sample_ids.npy", train.sample_ids[::-1])
     full = np.hstack([train.text, train.struct])
     with open(tmp_path / "qwen_train.pkl", "wb") as fh:
         pickle.dump({sid: vec for sid, vec in zip(train.sample_ids[::-1], full[::-1])}, fh)  # any order
@@ -124,6 +127,7 @@ def test_embed_imports_the_original_files(sample_env, tmp_path):
     imported = load_embeddings(tmp_path / "emb" / "train")
     np.testing.assert_array_equal(imported.text, train.text)
     np.testing.assert_array_equal(imported.struct, train.struct)
+    np.testing.assert_array_equal(imported.image, train.image)
     np.testing.assert_array_equal(imported.image_mask, train.image_mask)
 
 

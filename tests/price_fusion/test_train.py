@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 from common import metrics
 from price_fusion import evaluate, predict, train
+from price_fusion.batching import load_split, predict_log_price
 from price_fusion.embeddings import load_embeddings, write_embeddings
+from price_fusion.model import load_trained_model
 
 
 def test_training_learns_and_writes_its_outputs(trained_run, sample_env):
@@ -38,7 +40,8 @@ def test_kill_and_resume_gives_identical_weights(sample_env, tmp_path):
     common = ["run_name=r", "train.epochs=6", "train.resume=auto", "model.name=advanced_moe", "train.patience=50",
               "train.checkpoint_every=2", "train.keep_last_n=2"]
     assert train.main(sample_env["args"](tmp_path / "straight", *common)) == 0
-    # the same run stopped after 2 and then 2 more epochs (each process exits as a kill would), then resumed to the end
+    # the same run stopped cleanly at an epoch end after 2 and then 2 more epochs (train.max_epochs_this_run), then
+    # resumed to the end; the test with a real SIGKILL at a random moment is test_sigkill_mid_run_... below
     for _ in range(2):
         assert train.main(sample_env["args"](tmp_path / "resumed", *common, "train.max_epochs_this_run=2")) == 0
     assert not (tmp_path / "resumed" / "r" / "done.json").exists()
@@ -70,7 +73,13 @@ def test_kfold_writes_out_of_fold_predictions_for_every_row(sample_env, tmp_path
     # predict averages the 3 fold models; evaluate scores the out-of-fold file
     assert predict.main(args) == 0 and evaluate.main(args) == 0
     test_out = pd.read_csv(tmp_path / "k" / "predictions" / "test_out.csv", dtype={"sample_id": str})
-    assert len(test_out) == 60 and (test_out.price > 0).all()
+    # the test prediction is the geometric mean of the 3 fold models (their mean log price), computed here
+    _, test_data = load_split(sample_env["embeddings"], "test", sample_env["test_csv"], labelled=False)
+    fold_logs = [predict_log_price(load_trained_model(tmp_path / "k" / f"fold_{k}" / "checkpoints" / "best")[0],
+                                   test_data) for k in range(3)]
+    assert test_out.sample_id.tolist() == test_data.sample_ids.tolist()
+    np.testing.assert_allclose(test_out.price, np.exp(np.mean(fold_logs, axis=0)), rtol=1e-5)
+    assert not np.allclose(fold_logs[0], fold_logs[1])  # three different models were averaged
     summary = json.loads((tmp_path / "k" / "reports" / "evaluation_summary.json").read_text())
     assert summary["n"] == len(ids) and summary["smape"] == pytest.approx(metrics.smape(oof.actual, oof.price), rel=1e-4)
 
@@ -109,8 +118,10 @@ def test_unknown_config_key_suggests_the_right_one(sample_env, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_identical_weights(sample_env, tmp_path):
-    """A real `kill -9` of `python -m price_fusion.train` while it writes checkpoints, then resume=auto."""
+    """A real `kill -9` of `python -m price_fusion.train` at a random moment (mid-epoch, mid-checkpoint-write or
+    between), then resume=auto: the same weights and history as the run that was never interrupted."""
     import os
+    import random
     import signal
     import subprocess
     import sys
@@ -121,21 +132,34 @@ def test_sigkill_mid_run_then_resume_gives_identical_weights(sample_env, tmp_pat
     proc = subprocess.Popen([sys.executable, "-m", "price_fusion.train", *killed_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     meta = tmp_path / "killed" / "r" / "checkpoints" / "latest" / "meta.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def epoch_on_disk() -> int:
         try:
-            if json.loads(meta.read_text())["epoch"] >= 3:
-                break
+            return int(json.loads(meta.read_text())["epoch"])
         except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
+            return 0
+
+    deadline, first_seen = time.monotonic() + 120, {}
+    while time.monotonic() < deadline and proc.poll() is None and epoch_on_disk() < 3:
+        first_seen.setdefault(epoch_on_disk(), time.monotonic())
+        time.sleep(0.002)
+    first_seen.setdefault(epoch_on_disk(), time.monotonic())
+    # the epoch time measured here (epoch 1 -> 3 on disk), then a uniformly random delay of up to ~6 epochs: the
+    # kill lands anywhere in the loop (forward/backward, the checkpoint writes, metrics.jsonl) with equal chance
+    per_epoch = (first_seen[max(first_seen)] - first_seen.get(1, first_seen[max(first_seen)])) / 2 or 0.05
+    seed = int.from_bytes(os.urandom(4), "little")
+    delay = random.Random(seed).uniform(0.0, 6 * per_epoch)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert proc.wait() == -signal.SIGKILL, f"the run finished before it could be killed (seed {seed})"
     assert not (tmp_path / "killed" / "r" / "done.json").exists()
-    assert train.main(killed_args) == 0
+    assert epoch_on_disk() < 40
+    assert train.main(killed_args) == 0, f"resume after SIGKILL failed (seed {seed}, delay {delay:.3f} s)"
     assert train.main(sample_env["args"](tmp_path / "straight", *common)) == 0
     a = load_file(tmp_path / "straight" / "r" / "checkpoints" / "latest" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "r" / "checkpoints" / "latest" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ (seed {seed}, delay {delay:.3f} s)"
     hist = json.loads((tmp_path / "killed" / "r" / "training_history.json").read_text())
+    assert hist == json.loads((tmp_path / "straight" / "r" / "training_history.json").read_text())
     assert [h["epoch"] for h in hist] == list(range(1, 41))
+    assert not list((tmp_path / "killed" / "r" / "checkpoints").glob(".tmp-*"))  # a torn write was cleaned up

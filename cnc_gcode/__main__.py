@@ -6,6 +6,7 @@ STAGES = {
     "sample_data": "simulate machining programs -> sensor-window NPZ splits (OUT folder)",
     "build_vocab": "vocabulary from a G-code corpus + parse / round-trip report",
     "ingest_umich": "UMich CNC mill CSV logs -> sensor-window NPZ splits by experiment",
+    "baseline_umich": "UMich phase labels: tree models on per-row machine state vs file position",
     "train_encoder": "train the MMDTAELSTM encoder (operations + denoising reconstruction)",
     "train": "train the SensorMultiHeadDecoder over the frozen encoder",
     "evaluate": "operation / token / digit metrics vs baselines, confusion plot",

@@ -15,7 +15,9 @@ class RunConfig:
     name: str = "default"
     """Run directory: <out_dir>/<name>/ (encoder/ and decoder/ subfolders, reports/, predictions/)."""
     out_dir: str = "runs/cnc_gcode"
+    """Folder holding the run directories."""
     seed: int = 0
+    """Seed of weight initialisation, dropout, noise and each epoch's order (an epoch's order is (seed, epoch))."""
     num_threads: int = 0
     """torch CPU threads (0 leaves torch's default; use 1 for long runs on a shared machine)."""
 
@@ -27,8 +29,11 @@ class RunConfig:
 @dataclass
 class DataConfig:
     train_path: str = "data/cnc_gcode/sample/train.npz"
+    """Training windows NPZ: continuous [N,T,C] float32, categorical [N,T,K] int64, tokens [N,L], operation_type [N]."""
     val_path: str = "data/cnc_gcode/sample/val.npz"
+    """Validation windows NPZ (model selection, early stopping), same layout."""
     test_path: str = "data/cnc_gcode/sample/test.npz"
+    """Test windows NPZ (reports only), same layout; its folder holds channels.json for the modality ablation."""
     vocab_path: str = ""
     """Vocabulary JSON from build_vocab; empty = the default (original) vocabulary."""
     nan_policy: str = "skip"
@@ -44,11 +49,17 @@ class DataConfig:
 @dataclass
 class EncoderConfig:
     hidden_dim: int = 128
+    """Width of the fused sensor features and of the BiLSTM output (hidden_dim / 2 per direction)."""
     categorical_dims: list[int] = field(default_factory=lambda: [3, 3, 3, 3])
+    """Number of values of each categorical channel (motion mode, spindle, coolant, motion phase)."""
     categorical_embed_dim: int = 4
+    """Embedding width of each categorical channel."""
     lstm_layers: int = 2
+    """BiLSTM layers."""
     dropout: float = 0.1
+    """Dropout on the fused features before the BiLSTM and between its layers."""
     n_operations: int = 9
+    """Operation classes (9 for the simulator, 9 or 4 or 8 for UMich phases; see umich.*)."""
     residual: bool = True
     """memory = BiLSTM(fused) + fused + Linear(x): keeps exact per-step values readable for the digit heads."""
 
@@ -56,66 +67,95 @@ class EncoderConfig:
 @dataclass
 class EncoderTrainConfig:
     epochs: int = 15
+    """Encoder training epochs; raising it on a finished run continues that run."""
     batch_size: int = 64
+    """Windows per optimizer step."""
     lr: float = 2e-3
+    """AdamW peak learning rate (cosine decay after warmup)."""
     weight_decay: float = 1e-4
+    """AdamW weight decay (not on biases, norms and embeddings)."""
     warmup_epochs: int = 1
+    """Linear warmup length in epochs."""
     patience: int = 5
+    """Early stopping: epochs without a lower validation loss before stopping."""
     denoise: bool = True
     """Train as a denoising autoencoder too (the DTAE): reconstruct clean channels from corrupted input."""
     noise_std: float = 0.1
+    """DTAE corruption: Gaussian noise std on the normalised channels."""
     mask_prob: float = 0.1
+    """DTAE corruption: share of (time, channel) entries zeroed."""
     recon_weight: float = 0.5
+    """Weight of the reconstruction MSE beside the operation cross-entropy."""
     grad_clip: float = 1.0
-    resume: str = "auto"
+    """Gradient-norm clipping threshold."""
+    resume: str | bool = "auto"
+    """auto: continue checkpoints/latest if its config and data match (else exit 2, naming what changed); force:
+    continue whatever changed (logged); false: start over; or a checkpoint path."""
 
 
 @dataclass
 class DecoderConfig:
     d_model: int = 192
+    """Token embedding and transformer width."""
     n_heads: int = 8
+    """Attention heads (d_model must divide by it)."""
     n_layers: int = 4
+    """Pre-norm decoder layers (self-attention, cross-attention to the encoder memory, FFN)."""
     ff_dim: int = 768
+    """Feed-forward hidden width."""
     dropout: float = 0.1
+    """Dropout in attention and feed-forward blocks."""
     max_seq_len: int = 32
+    """Longest token sequence the learned positions cover (at least the vocabulary's max_tokens)."""
     share_cross_kv: bool = True
+    """One key/value projection of the encoder memory for all layers (4x fewer cross-attention FLOPs on CPU)."""
     max_memory_len: int = 256
     """Longest encoder memory (window length) the decoder's time-step embeddings cover."""
     last_step_context: bool = True
     """Add a projection of the last memory step (the executing line) to every token embedding."""
     memory_norm: bool = True
     """LayerNorm after the memory projection."""
-    """One key/value projection of the encoder memory for all layers (4x fewer cross-attention FLOPs on CPU)."""
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 50
+    """Decoder training epochs; raising it on a finished run continues that run."""
     batch_size: int = 32
+    """Windows per optimizer step."""
     lr: float = 5e-4
+    """AdamW peak learning rate (cosine decay after warmup)."""
     weight_decay: float = 1e-2
+    """AdamW weight decay (not on biases, norms and embeddings)."""
     warmup_epochs: int = 5
+    """Linear warmup length in epochs."""
     patience: int = 10
+    """Early stopping: epochs without a higher validation token accuracy before stopping."""
     focal_gamma: float = 3.0
+    """Focal-loss gamma of every head (0 = cross-entropy)."""
     label_smoothing: float = 0.1
+    """Label smoothing of every head's targets."""
     grad_clip: float = 1.0
+    """Gradient-norm clipping threshold."""
     encoder_checkpoint: str = ""
     """Frozen encoder checkpoint; empty = <run_dir>/encoder/checkpoints/best."""
-    resume: str = "auto"
+    resume: str | bool = "auto"
+    """auto: continue checkpoints/latest if its config, data and encoder match (else exit 2, naming what changed);
+    force: continue whatever changed (logged); false: start over; or a checkpoint path."""
     save_every: int = 0
     """Also keep checkpoints/epoch_N every N epochs (0 = only latest and best)."""
-    stop_after_epochs: int = 0
-    """Stop (as if killed) after this many epochs in this process; for resume tests (0 = off)."""
 
 
 @dataclass
 class EvalConfig:
     split: str = "test"
+    """Split to evaluate: train, val or test."""
     checkpoint: str = ""
     """Decoder checkpoint; empty = <run_dir>/decoder/checkpoints/best."""
     batch_size: int = 128
+    """Windows decoded at once."""
     max_windows: int = 0
-    """Evaluate on at most this many windows (0 = all)."""
+    """Evaluate on at most this many windows (0 = all), a seeded random subset."""
 
 
 @dataclass
@@ -131,7 +171,9 @@ class ExportConfig:
     out_dir: str = ""
     """empty = <run_dir>/onnx"""
     opset: int = 17
+    """ONNX opset of both graphs."""
     parity_windows: int = 8
+    """Test windows decoded by both PyTorch and onnxruntime for parity.json."""
 
 
 @dataclass
@@ -149,10 +191,15 @@ class UmichConfig:
     data_dir: str = ""
     """Folder of experiment_XX.csv; empty = $REAL_DATA_DIR/cnc_umich_toolwear (default ../shared/data)."""
     out_dir: str = "data/cnc_gcode/umich"
+    """Where the train/val/test NPZ, channels.json and manifest.json go."""
     window: int = 64
+    """Rows (100 ms each) per window; a window takes the label of its last row."""
     stride: int = 8
+    """Rows between consecutive window ends."""
     val_experiments: list[int] = field(default_factory=lambda: [3, 8, 14])
+    """Experiments held out for validation (the rest not in test are training)."""
     test_experiments: list[int] = field(default_factory=lambda: [2, 9, 13, 17])
+    """Experiments held out for testing."""
     relative_positions: bool = True
     """Subtract each experiment's minimum from its X/Y/Z position channels (per-run work offsets differ)."""
     phase_grouping: str = "fine"
@@ -176,8 +223,11 @@ class BuildVocabConfig:
     corpus: list[str] = field(default_factory=list)
     """G-code files or folders (searched for .nc .ngc .tap .gcode .cnc)."""
     out: str = "data/cnc_gcode/vocab.json"
+    """Vocabulary JSON to write (pass it to the other stages as data.vocab_path)."""
     min_count: int = 1
+    """Commands and letters seen fewer times than this stay out of the vocabulary."""
     max_tokens: int = 7
+    """Ids per line (commands + parameters + EOS + PAD); the original uses 7."""
     report: str = ""
     """Per-line report JSON; empty = next to `out` as <stem>_report.json."""
 

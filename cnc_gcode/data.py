@@ -21,6 +21,7 @@ import torch
 
 from cnc_gcode.tokenizer import Vocabulary
 from common.cli import UserError
+from common.io import require_finite
 
 log = logging.getLogger(__name__)
 REQUIRED_SENSOR_KEYS = ("continuous", "categorical")
@@ -120,8 +121,8 @@ def load_windows(path: str | Path, vocab: Vocabulary | None = None, categorical_
     if not finite.all():
         n_bad = int((~finite).sum())
         if nan_policy == "error":
-            raise UserError(f"{path}: key 'continuous' holds NaN/inf in {n_bad} windows (first: window "
-                            f"{int(np.flatnonzero(~finite)[0])}); clean the data or set data.nan_policy=skip")
+            require_finite(windows.continuous, f"{path}: key 'continuous'", what="window",
+                           fix="clean the data or set data.nan_policy=skip to drop and count those windows")
         log.warning("%s: skipped %d of %d windows holding NaN/inf sensor values", path, n_bad, len(finite))
         windows = windows.subset(np.flatnonzero(finite))
         windows.skipped_nan = n_bad

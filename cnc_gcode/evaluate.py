@@ -10,7 +10,9 @@ baselines), confusion_<split>.png (operations) and samples_<split>.txt (target v
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,7 +83,14 @@ def confusion_plot(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], pa
     plt.close(fig)
 
 
-def operation_names(n: int) -> list[str]:
+def operation_names(n: int, data_path: str | Path | None = None) -> list[str]:
+    """Names of the n operation classes: the `phases` of the manifest.json beside the data (ingest_umich writes
+    them) when it lists n, else the simulator's operations, else op0..op{n-1}."""
+    manifest = Path(data_path).parent / "manifest.json" if data_path else None
+    if manifest is not None and manifest.is_file():
+        phases = json.loads(manifest.read_text(encoding="utf-8")).get("phases")
+        if isinstance(phases, list) and len(phases) == n:
+            return [str(p) for p in phases]
     return list(OPERATIONS) if n == len(OPERATIONS) else [f"op{i}" for i in range(n)]
 
 
@@ -101,7 +110,7 @@ def evaluate(cfg: CncConfig) -> int:
     majority_op = np.bincount(train.operation_type).argmax()
     results["majority_operation_acc"] = float((windows.operation_type == majority_op).mean())
     write_json(reports / f"results_{cfg.eval.split}.json", results)
-    names = operation_names(cfg.encoder.n_operations)
+    names = operation_names(cfg.encoder.n_operations, cfg.data.train_path)
     confusion_plot(windows.operation_type, op_pred, names, reports / f"confusion_{cfg.eval.split}.png",
                    f"operations, {cfg.eval.split} split (acc {results['operation_acc']:.3f})")
     lines = [f"{'target':<40} | decoded"]

@@ -41,7 +41,7 @@ from cnc_gcode.config import CncConfig
 from cnc_gcode.sample_data import SPLITS, save_npz
 from cnc_gcode.tokenizer import NONE_COMMAND, Vocabulary
 from common.cli import UserError, config_main
-from common.io import write_json
+from common.io import require_finite, write_json
 from common.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,15 @@ def default_data_dir() -> Path:
     root = os.environ.get("REAL_DATA_DIR")
     base = Path(root) if root else Path(__file__).resolve().parents[1].parent / "shared" / "data"
     return base / "cnc_umich_toolwear"
+
+
+def experiment_files(data_dir: Path) -> list[tuple[int, Path]]:
+    """(experiment number, path) of every experiment_XX.csv in `data_dir`, in order; UserError when there is none."""
+    files = sorted(Path(data_dir).glob("experiment_*.csv"))
+    if not files:
+        raise UserError(f"config key 'umich.data_dir': no experiment_XX.csv in {data_dir}; point it at the UMich "
+                        f"CNC mill tool-wear folder (or set REAL_DATA_DIR)")
+    return [(int(re.search(r"(\d+)", path.stem).group(1)), path) for path in files]
 
 
 def read_experiment(path: Path):
@@ -153,6 +162,24 @@ def machine_state_phases(signals) -> np.ndarray:
     return np.where(cutting, layer_phase, np.where(spindle_on, 3, 0)).astype(np.int64)
 
 
+def machine_state_agreement(derived: np.ndarray, recorded: np.ndarray) -> dict[str, float | None]:
+    """How far machine-state labels agree with the recorded ones (both as machine-state classes, [S]): overall,
+    cutting vs not, the layer on the recorded layer rows, and Up/Down on the rows where both give the same layer.
+    Written to manifest.json per experiment."""
+    layer_of = np.array([0, 1, 1, 0, 2, 2, 3, 3])  # 0 = not cutting
+    cutting_d, cutting_r = layer_of[derived] > 0, layer_of[recorded] > 0
+    same_layer = cutting_r & (layer_of[derived] == layer_of[recorded])
+
+    def share(hits: np.ndarray, rows: np.ndarray) -> float | None:
+        return round(float(hits[rows].mean()), 4) if rows.any() else None
+
+    everything = np.ones(len(derived), dtype=bool)
+    return {"machine_state_agreement": share(derived == recorded, everything),
+            "cutting_agreement": share(cutting_d == cutting_r, everything),
+            "layer_agreement": share(same_layer, cutting_r),
+            "direction_agreement": share(derived == recorded, same_layer)}
+
+
 def categorical_channels(signals) -> np.ndarray:
     """[S,4]: 0 still, 1 negative, 2 positive command velocity of X, Y, Z and the spindle."""
     velocity = signals[list(DIRECTION_COLUMNS)].to_numpy(np.float64)
@@ -163,19 +190,19 @@ def ingest(cfg: CncConfig) -> int:
     setup_logging()
     uc = cfg.umich
     data_dir = Path(uc.data_dir) if uc.data_dir else default_data_dir()
-    files = sorted(data_dir.glob("experiment_*.csv"))
-    if not files:
-        raise UserError(f"config key 'umich.data_dir': no experiment_XX.csv in {data_dir}; point it at the UMich "
-                        f"CNC mill tool-wear folder (or set REAL_DATA_DIR)")
+    numbered = experiment_files(data_dir)
+    files = [path for _, path in numbered]
     vocab = Vocabulary()
     none_line = [vocab.command_id(NONE_COMMAND), 3] + [0] * (vocab.max_tokens - 2)
     split_of = {e: "val" for e in uc.val_experiments} | {e: "test" for e in uc.test_experiments}
     parts: dict[str, list[dict]] = {s: [] for s in SPLITS}
     channel_names: list[str] | None = None
     checks: dict[int, dict] = {}
-    for path in files:
-        number = int(re.search(r"(\d+)", path.stem).group(1))
+    for number, path in numbered:
         signals, phases, sequence = read_experiment(path)
+        if cfg.data.nan_policy == "error":  # with skip, windows holding NaN/inf are dropped and counted at loading
+            require_finite(signals.to_numpy(np.float64), path, what="data row",
+                           fix="repair those rows, or set data.nan_policy=skip to drop the windows that hold them")
         if channel_names is None:
             channel_names = list(signals.columns)
         elif list(signals.columns) != channel_names:
@@ -194,8 +221,7 @@ def ingest(cfg: CncConfig) -> int:
                 raise UserError(f"{path}: umich.label_source=machine_state needs columns {missing}; use "
                                 f"label_source=recorded or add them")
             labels = machine_state_phases(signals)  # before relative_positions: the rule reads machine Z
-            agreement = float((labels == MACHINE_STATE_OF_PHASE[phases]).mean())
-            checks[number]["machine_state_agreement"] = round(agreement, 4)
+            checks[number].update(machine_state_agreement(labels, MACHINE_STATE_OF_PHASE[phases]))
         else:
             labels = COARSE_OF_PHASE[phases] if uc.phase_grouping == "coarse" else phases
         if uc.relative_positions:

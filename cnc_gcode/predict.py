@@ -45,7 +45,7 @@ def predict(cfg: CncConfig) -> int:
                            nan_policy=cfg.data.nan_policy, labels=False, continuous_dim=int(meta["continuous_dim"]))
     op_pred, token_pred = predict_windows(encoder, decoder, vocab, windows)
     lines = [vocab.decode_line(row) for row in token_pred]
-    names = operation_names(cfg.encoder.n_operations)
+    names = operation_names(cfg.encoder.n_operations, cfg.data.train_path)
     out = Path(cfg.predict.output) if cfg.predict.output else \
         cfg.run.run_dir / "predictions" / f"{Path(cfg.predict.input).stem}.nc"
     program = windows_to_program(lines)

@@ -15,6 +15,7 @@ from cnc_gcode.tokenizer import Vocabulary, load_vocabulary
 from common.checkpoint import find_checkpoint, load_checkpoint
 from common.cli import UserError
 from common.config import to_dict
+from common.runs import make_fingerprint
 
 log = logging.getLogger(__name__)
 ENCODER_DIR, DECODER_DIR = "encoder", "decoder"
@@ -36,6 +37,30 @@ def split_path(cfg: CncConfig, split: str) -> str:
 def load_split(cfg: CncConfig, split: str, vocab: Vocabulary, continuous_dim: int | None = None) -> Windows:
     return load_windows(split_path(cfg, split), vocab, cfg.encoder.categorical_dims, cfg.encoder.n_operations,
                         cfg.data.nan_policy, continuous_dim=continuous_dim)
+
+
+# Data paths are volatile in the fingerprint: the files they name are recorded by size and SHA-256 instead, so a moved
+# data folder resumes and a changed file is refused. The encoder checkpoint of the decoder stage likewise.
+PATH_KEYS = ("data.train_path", "data.val_path", "data.test_path", "data.vocab_path", "train.encoder_checkpoint")
+
+
+def stage_fingerprint(cfg: CncConfig, sections: tuple[str, ...], data: dict[str, str | Path]) -> dict:
+    """The fingerprint a checkpoint of this stage records (common.runs): the config `sections` that decide its
+    weights plus run.seed, and the identity of the files in `data` (the training/validation windows, the vocabulary
+    file when one is configured, the frozen encoder's weights). Epochs, threads, names and paths are left out."""
+    full = to_dict(cfg)
+    config = {"run": {"seed": cfg.run.seed}, **{name: full[name] for name in sections}}
+    files = dict(data)
+    if cfg.data.vocab_path:
+        files["vocab"] = cfg.data.vocab_path
+    return make_fingerprint(config, data=files, volatile=PATH_KEYS)
+
+
+def log_windows(train: Windows, val: Windows) -> None:
+    """One log line per split read (after open_run, so it reaches the run's train.log)."""
+    for name, windows in (("train", train), ("val", val)):
+        log.info("%s: %d windows from %s (%d skipped: NaN/inf)", name, len(windows), windows.source,
+                 windows.skipped_nan)
 
 
 def cap_windows(windows: Windows, limit: int, seed: int) -> Windows:

@@ -9,6 +9,9 @@ too, so it is all `evaluate`, `predict` and `export_onnx` need. Loss: focal loss
 smoothing; AdamW with a cosine schedule and warmup; early stopping on validation token accuracy (teacher-forced).
 `train.resume=auto` continues from checkpoints/latest with the optimizer, scheduler, early-stopping and RNG
 state, and each epoch's order comes from (seed, epoch), so a killed and resumed run ends with the same weights.
+It refuses (exit 2, nothing written) a run whose config (data, encoder, decoder, train sections, run.seed), data files
+or frozen encoder weights changed since its checkpoint; epochs, threads, names and paths may change, so raising
+`train.epochs` on a finished run continues it. `train.resume=force` continues anyway (logged); `false` starts over.
 """
 
 from __future__ import annotations
@@ -31,13 +34,21 @@ from cnc_gcode.runtime import (
     encoder_path,
     load_encoder,
     load_split,
+    log_windows,
     set_threads,
+    stage_fingerprint,
 )
 from cnc_gcode.tokenizer import load_vocabulary
-from common.checkpoint import CheckpointManager, capture_train_state, read_meta, resume_from_checkpoint
+from common.checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointManager,
+    capture_train_state,
+    read_meta,
+    resume_from_checkpoint,
+)
 from common.cli import UserError, config_main
-from common.config import save_resolved_config
-from common.logs import MetricsWriter, progress, setup_logging
+from common.logs import MetricsWriter, progress
+from common.runs import open_run
 from common.seed import seed_everything
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
 
@@ -71,14 +82,19 @@ def train(cfg: CncConfig) -> int:
     set_threads(cfg)
     tc = cfg.train
     out = cfg.run.run_dir / DECODER_DIR
-    setup_logging(out)
-    seed_everything(cfg.run.seed)
     vocab = load_vocabulary(cfg.data.vocab_path)
     encoder, enc_meta, enc_ckpt = load_encoder(encoder_path(cfg))
     dim = int(enc_meta["continuous_dim"])
     train_windows = cap_windows(load_split(cfg, "train", vocab, dim), cfg.data.max_train_windows, cfg.run.seed)
     val_windows = load_split(cfg, "val", vocab, dim)
-    save_resolved_config(cfg, out)
+    # Refuses (exit 2, nothing written) to resume a run whose config, data or frozen encoder changed.
+    fingerprint = stage_fingerprint(cfg, ("data", "encoder", "decoder", "train"),
+                                    {"train": cfg.data.train_path, "val": cfg.data.val_path,
+                                     "encoder_weights": enc_ckpt / WEIGHTS_FILE})
+    start = open_run(out, cfg, resume=tc.resume, checkpoint_dirs=[out / "checkpoints"], fingerprint=fingerprint,
+                     resume_key="train.resume")
+    log_windows(train_windows, val_windows)
+    seed_everything(cfg.run.seed)
 
     decoder = build_decoder(cfg.decoder, vocab, encoder.lstm.hidden_size * 2)
     pipeline = Pipeline(encoder, decoder)  # saved together; only the decoder trains
@@ -87,10 +103,10 @@ def train(cfg: CncConfig) -> int:
     scheduler = cosine_with_warmup(optimizer, min(tc.warmup_epochs, tc.epochs) * steps_per_epoch,
                                    tc.epochs * steps_per_epoch)
     stopper = EarlyStopping(tc.patience, mode="max")
-    manager = CheckpointManager(out / "checkpoints", every_n_epochs=tc.save_every)
+    manager = CheckpointManager(out / "checkpoints", every_n_epochs=tc.save_every, fingerprint=start.fingerprint)
     meta = decoder_meta(cfg, vocab, enc_ckpt, enc_meta)
     start_epoch = 1
-    resume_path = manager.resolve_resume(tc.resume)
+    resume_path = manager.resolve_resume(start.resume)
     if resume_path is not None:  # refuse a checkpoint of another vocabulary before touching any weights
         vocab.check_matches(read_meta(resume_path).get("vocab", {}), str(resume_path))
     resumed = resume_from_checkpoint(manager, resume_path, pipeline, optimizer, scheduler, stopper)
@@ -102,7 +118,6 @@ def train(cfg: CncConfig) -> int:
     cont, cat = torch.from_numpy(train_windows.continuous), torch.from_numpy(train_windows.categorical)
     tokens = torch.from_numpy(train_windows.tokens)
     targets = token_targets(vocab, train_windows.tokens)
-    epochs_run = 0
     for epoch in progress(range(start_epoch, tc.epochs + 1), desc="epochs"):
         if stopper.should_stop:
             log.info("early stopping: no improvement in %d epochs", tc.patience)
@@ -131,10 +146,6 @@ def train(cfg: CncConfig) -> int:
         log.info("decoder epoch %d: loss %.4f val_token_acc %.4f val_line_exact %.4f", epoch,
                  record["train_loss"], val["val_token_acc"], val["val_line_exact"])
         manager.save(pipeline, capture_train_state(epoch, optimizer, scheduler, stopper), epoch, is_best=improved, meta={**meta, **val})
-        epochs_run += 1
-        if tc.stop_after_epochs and epochs_run >= tc.stop_after_epochs:
-            log.info("stopping after %d epochs in this process (train.stop_after_epochs)", epochs_run)
-            break
     metrics.close()
     if stopper.best is None:
         raise UserError(f"train.epochs={tc.epochs}: no epoch ran (already finished? see {manager.latest})")

@@ -4,7 +4,11 @@
     python -m cnc_gcode.train_encoder --config configs/cnc_gcode/tiny.yaml encoder_train.epochs=2   # CPU smoke run
 
 Writes <run_dir>/encoder/{config.yaml, metrics.jsonl, checkpoints/{latest,best}}. The best checkpoint (lowest
-validation loss) is what the decoder stage freezes. `encoder_train.resume=auto` continues an interrupted run.
+validation loss) is what the decoder stage freezes. `encoder_train.resume=auto` continues an interrupted run, and
+refuses (exit 2, nothing written) one whose config or data changed since its checkpoint (common.runs: data, encoder
+and encoder_train sections, run.seed, and the train/val files by content; epochs, threads and paths may change);
+`resume=force` continues anyway (logged), `resume=false` starts over. Raising `encoder_train.epochs` on a finished run
+continues it.
 """
 
 from __future__ import annotations
@@ -19,14 +23,22 @@ import torch.nn.functional as F
 from cnc_gcode.config import CncConfig
 from cnc_gcode.data import batches, channel_stats, epoch_order
 from cnc_gcode.model import build_encoder
-from cnc_gcode.runtime import ENCODER_DIR, cap_windows, encoder_meta, load_split, set_threads
+from cnc_gcode.runtime import (
+    ENCODER_DIR,
+    cap_windows,
+    encoder_meta,
+    load_split,
+    log_windows,
+    set_threads,
+    stage_fingerprint,
+)
 from cnc_gcode.tokenizer import load_vocabulary
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
 from common.cli import config_main
-from common.config import save_resolved_config
 from common.io import write_json
-from common.logs import MetricsWriter, progress, setup_logging
+from common.logs import MetricsWriter, progress
 from common.metrics import macro_f1
+from common.runs import open_run
 from common.seed import seed_everything
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
 
@@ -59,12 +71,16 @@ def train_encoder(cfg: CncConfig) -> int:
     set_threads(cfg)
     tc = cfg.encoder_train
     out = cfg.run.run_dir / ENCODER_DIR
-    setup_logging(out)
-    seed_everything(cfg.run.seed)
     vocab = load_vocabulary(cfg.data.vocab_path)
     train = cap_windows(load_split(cfg, "train", vocab), cfg.data.max_train_windows, cfg.run.seed)
     val = load_split(cfg, "val", vocab, continuous_dim=train.continuous.shape[2])
-    save_resolved_config(cfg, out)
+    # Refuses (exit 2, nothing written) to resume a run whose config or data changed; writes config.yaml when fresh.
+    fingerprint = stage_fingerprint(cfg, ("data", "encoder", "encoder_train"),
+                                    {"train": cfg.data.train_path, "val": cfg.data.val_path})
+    start = open_run(out, cfg, resume=tc.resume, checkpoint_dirs=[out / "checkpoints"], fingerprint=fingerprint,
+                     resume_key="encoder_train.resume")
+    log_windows(train, val)
+    seed_everything(cfg.run.seed)
 
     encoder = build_encoder(cfg.encoder, train.continuous.shape[2])
     encoder.set_normalization(*channel_stats(train.continuous))
@@ -72,10 +88,10 @@ def train_encoder(cfg: CncConfig) -> int:
     steps_per_epoch = -(-len(train) // tc.batch_size)
     scheduler = cosine_with_warmup(optimizer, tc.warmup_epochs * steps_per_epoch, tc.epochs * steps_per_epoch)
     stopper = EarlyStopping(tc.patience, mode="min")
-    manager = CheckpointManager(out / "checkpoints")
+    manager = CheckpointManager(out / "checkpoints", fingerprint=start.fingerprint)
     meta = encoder_meta(cfg, train.continuous.shape[2], train.channel_names)
     start_epoch = 1
-    resumed = resume_from_checkpoint(manager, tc.resume, encoder, optimizer, scheduler, stopper)
+    resumed = resume_from_checkpoint(manager, start.resume, encoder, optimizer, scheduler, stopper)
     if resumed is not None:
         start_epoch = int(resumed["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
@@ -117,7 +133,8 @@ def train_encoder(cfg: CncConfig) -> int:
 
 @torch.no_grad()
 def report_test(cfg: CncConfig, best: Path, train, vocab) -> dict:
-    """Operation accuracy of the best encoder on the test split vs the majority baseline, plus a confusion plot."""
+    """Operation accuracy and macro F1 of the best encoder on the test split vs the majority baseline, the confusion
+    matrix (rows true, columns predicted) in reports/encoder_results_test.json, and a confusion plot."""
     from cnc_gcode.evaluate import confusion_plot, operation_names
 
     encoder = build_encoder(cfg.encoder, train.continuous.shape[2])
@@ -130,12 +147,16 @@ def report_test(cfg: CncConfig, best: Path, train, vocab) -> dict:
         predictions.append(op_logits.argmax(1).numpy())
     predicted = np.concatenate(predictions)
     majority = np.bincount(train.operation_type).argmax()
+    names = operation_names(cfg.encoder.n_operations, cfg.data.train_path)
+    confusion = np.zeros((len(names), len(names)), dtype=np.int64)  # rows: true operation, columns: predicted
+    np.add.at(confusion, (test.operation_type, predicted), 1)
     result = {"split": "test", "n_windows": len(test), "operation_acc": float((predicted == test.operation_type).mean()),
               "majority_operation_acc": float((test.operation_type == majority).mean()),
-              "macro_f1": macro_f1(test.operation_type, predicted), "checkpoint": str(best)}
+              "macro_f1": macro_f1(test.operation_type, predicted), "checkpoint": str(best),
+              "operations": names, "confusion": confusion.tolist()}
     reports = cfg.run.run_dir / "reports"
     write_json(reports / "encoder_results_test.json", result)
-    confusion_plot(test.operation_type, predicted, operation_names(cfg.encoder.n_operations),
+    confusion_plot(test.operation_type, predicted, names,
                    reports / "encoder_confusion_test.png", f"encoder operations, test (acc {result['operation_acc']:.3f})")
     log.info("encoder test: operation_acc %.4f (majority %.4f)", result["operation_acc"],
              result["majority_operation_acc"])

@@ -177,23 +177,34 @@ def open_run(run_dir: str | Path, cfg: Any, *, resume: str | bool | None, checkp
     whatever changed; logged), false (start over), or an explicit checkpoint path (its differences are logged).
     `resume_key` is the dotted key users set (e.g. `train.resume`), named in the refusal.
     """
+    from common.checkpoint import META_FILE, find_checkpoint
     from common.config import save_resolved_config
     from common.distributed import is_main_process
     from common.logs import setup_logging
 
     run_dir = Path(run_dir)
+    setup_logging(None)  # stderr only until the check passes: a refused resume must not touch any log file
     resume_text = str(resume).lower() if resume is not None else "false"
+    explicit = resume_text not in ("auto", FORCE, "false", "none", "no", "")
     found = []
     if resume_text in ("auto", FORCE):
         found = [m for m in (_latest_meta(Path(d)) for d in checkpoint_dirs) if m is not None]
     forced: list[str] = []
     for path, meta in found:
         forced += check_fingerprint(path, meta.get(FINGERPRINT_KEY), fingerprint, resume_text, resume_key)
+    explicit_changes: list[str] = []
+    if explicit:  # the user named a checkpoint: continue it, but say what differs from today's run
+        path = find_checkpoint(str(resume))
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        explicit_changes = fingerprint_changes(meta.get(FINGERPRINT_KEY), fingerprint)
     setup_logging(run_dir)
     if forced:
-        log.warning("resume=force: continuing %s although its inputs changed: %s", run_dir, "; ".join(forced))
+        log.warning("%s=force: continuing %s although its inputs changed: %s", resume_key, run_dir, "; ".join(forced))
+    if explicit_changes:
+        log.warning("%s=%s: that checkpoint was written with other inputs: %s", resume_key, resume,
+                    "; ".join(explicit_changes))
     main = is_main_process() if is_main is None else is_main
-    resuming = bool(found) or resume_text not in ("auto", FORCE, "false", "none", "no", "")
+    resuming = bool(found) or explicit
     if write_config and main and not resuming:
         save_resolved_config(cfg, run_dir)
     return RunStart(run_dir, fingerprint, resuming, resume if resume is not None else False, forced)

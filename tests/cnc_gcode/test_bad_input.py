@@ -59,8 +59,37 @@ def test_nan_windows_are_skipped_and_counted_or_refused(tmp_path):
     save_npz(tmp_path / "nan.npz", arrays)
     loaded = load_windows(tmp_path / "nan.npz", Vocabulary(), nan_policy="skip")
     assert len(loaded) == 3 and loaded.skipped_nan == 3 and np.isfinite(loaded.continuous).all()
-    with pytest.raises(UserError, match="NaN/inf in 3 windows"):
+    assert np.array_equal(loaded.continuous, arrays["continuous"][[0, 2, 3]])  # the clean windows, in order
+    with pytest.raises(UserError, match=r"nan.npz: key 'continuous': window 1 holds NaN or inf \(3 bad windows"):
         load_windows(tmp_path / "nan.npz", Vocabulary(), nan_policy="error")
+
+
+@pytest.mark.parametrize("stage", ["train_encoder", "train", "evaluate", "predict"])
+def test_nan_policy_error_is_exit_2_naming_file_and_window_in_every_stage(trained_run, sample_dir, tmp_path, capsys,
+                                                                          stage):
+    """Every stage that reads sensor windows refuses NaN/inf with data.nan_policy=error: exit 2, one line naming
+    the file and the first bad window, and nothing written for a training stage."""
+    from cnc_gcode import train
+
+    runs, args = trained_run
+    with np.load(sample_dir / "test.npz") as test:
+        arrays = {k: test[k] for k in test.files}
+    arrays["continuous"][[3, 7], 10, 4] = np.nan
+    bad = tmp_path / "bad.npz"
+    save_npz(bad, arrays)
+    key = {"train_encoder": "data.train_path", "train": "data.val_path", "evaluate": "data.test_path",
+           "predict": "predict.input"}[stage]
+    main = {"train_encoder": train_encoder.main, "train": train.main, "evaluate": evaluate.main,
+            "predict": predict.main}[stage]
+    out = tmp_path / "runs"
+    argv = [*args, f"{key}={bad}", "data.nan_policy=error", f"run.out_dir={out}",
+            f"train.encoder_checkpoint={runs / 't' / 'encoder' / 'checkpoints' / 'best'}",
+            f"eval.checkpoint={runs / 't' / 'decoder' / 'checkpoints' / 'best'}"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}: key 'continuous': window 3 holds NaN or inf (2 bad windows" in err, err
+    assert not out.exists()
 
 
 def test_cli_exit_code_2_for_bad_npz(tmp_path, capsys, stage_args):
@@ -69,7 +98,7 @@ def test_cli_exit_code_2_for_bad_npz(tmp_path, capsys, stage_args):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "train.npz" in err and "Traceback" not in err
-    assert not (tmp_path / "runs" / "t" / "encoder" / "checkpoints" / "latest").exists()
+    assert not (tmp_path / "runs").exists()  # the data is checked before the run directory is made
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys, stage_args):
@@ -92,6 +121,7 @@ def test_predict_rejects_wrong_channel_count(trained_run, tmp_path, capsys):
     assert predict.main([*args, f"predict.input={tmp_path / 's.npz'}"]) == 2
     assert "C=5 channels" in capsys.readouterr().err
     assert predict.main([*args, "predict.input="]) == 2
+    assert "config key 'predict.input' is empty" in capsys.readouterr().err
 
 
 def test_bad_gcode_is_counted_not_fatal(tmp_path, capsys):

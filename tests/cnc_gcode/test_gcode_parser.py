@@ -57,8 +57,12 @@ def test_unsupported_lines_get_a_reason_and_do_not_change_state(text, reason):
     assert report.unsupported == {reason: 1} and report.executable == 2
 
 
-def test_garbage_never_raises():
+def test_garbage_never_raises_and_each_line_gets_its_reason():
     garbage = "\x00\x01G1 X\n]]]\n((()\n\u00e9t\u00e9 G1\nG1 X1e5\n;;;\nN\n" + "G" * 1000
     lines = parse_program(garbage)
-    assert len(lines) == len(garbage.splitlines())
-    assert all(line.error is not None or line.is_empty or line.codes or line.params for line in lines)
+    assert [line.error for line in lines] == ["malformed word", REASON_EXPRESSION, "unclosed ( comment",
+                                              "non-ASCII characters", None, None, "malformed word", "malformed word"]
+    assert all(not line.codes and not line.params for line in lines if line.error)  # refused lines carry nothing
+    # `X1e5` is two words (X1, E5), as any letter+number is a word; `;;;` is a comment-only line
+    assert lines[4].codes == ("G1",) and lines[4].params == {"X": 1.0, "E": 5.0} and lines[4].motion == "G1"
+    assert lines[5].is_empty and not any(line.is_empty for line in lines[:5])

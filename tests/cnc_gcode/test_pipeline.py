@@ -3,35 +3,61 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cnc_gcode import ablation_gamma, ablation_modality, evaluate, export_onnx, predict, train, train_encoder
+from cnc_gcode import ablation_gamma, ablation_modality, evaluate, export_onnx, predict, train
 from cnc_gcode.gcode import parse_program
+from cnc_gcode.predict import windows_to_program
 from cnc_gcode.sample_data import save_npz
-from cnc_gcode.tokenizer import Vocabulary
+from cnc_gcode.tokenizer import PAD, Vocabulary
+from common.checkpoint import is_complete
+from common.logs import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_encoder_learns_operations(trained_run):
     runs, _ = trained_run
     result = json.loads((runs / "t" / "reports" / "encoder_results_test.json").read_text())
-    assert result["operation_acc"] > max(0.4, result["majority_operation_acc"] + 0.2), result
+    # measured 0.79, macro F1 0.73 (9 operations; the training majority class is absent from this test split, so
+    # the majority baseline scores 0.0 here; chance is about 0.11)
+    assert result["operation_acc"] > max(0.6, result["majority_operation_acc"] + 0.3), result
+    assert result["n_windows"] == 104 and result["macro_f1"] > 0.5, result
     assert (runs / "t" / "reports" / "encoder_confusion_test.png").stat().st_size > 1000
 
 
-def test_evaluate_writes_metrics_and_plot(trained_run):
+def test_evaluate_beats_the_baselines(trained_run, sample_dir):
     runs, args = trained_run
     assert evaluate.main(args) == 0
     results = json.loads((runs / "t" / "reports" / "results_test.json").read_text())
-    for key in ("operation_acc", "token_acc", "type_acc", "command_acc", "ptype_acc", "digit1_acc", "digit4_acc",
-                "line_exact_match", "random_token_acc", "majority_token_acc", "majority_operation_acc"):
-        assert 0.0 <= results[key] <= 1.0, key
+    encoder = json.loads((runs / "t" / "reports" / "encoder_results_test.json").read_text())
+    assert results["n_windows"] == encoder["n_windows"] == 104
+    # the decoder checkpoint carries the same frozen encoder the encoder stage reported on
+    assert results["operation_acc"] == encoder["operation_acc"]
+    # Learning thresholds, measured on this fixture: token 0.53 vs majority-per-position 0.35, line exact 0.20,
+    # command 1.0, type 0.91. An untrained or mis-wired decoder sits at or below the majority baseline.
+    assert results["token_acc"] > results["majority_token_acc"] + 0.1, results
+    assert results["line_exact_match"] > 0.1 and results["command_acc"] > 0.9 and results["type_acc"] > 0.85, results
     assert results["random_token_acc"] < 0.05  # over 10^6 ids a random guess is almost never right
-    assert results["type_acc"] > 0.5  # even a 2-epoch tiny decoder learns where lines end
-    assert (runs / "t" / "reports" / "confusion_test.png").is_file()
-    assert "target" in (runs / "t" / "reports" / "samples_test.txt").read_text()
+    # the majority baseline, recomputed here: the most frequent training id of each position, scored on non-PAD ids
+    with np.load(sample_dir / "train.npz") as train_npz, np.load(sample_dir / "test.npz") as test_npz:
+        train_tokens, test_tokens = train_npz["tokens"], test_npz["tokens"]
+    majority = np.array([np.bincount(column).argmax() for column in train_tokens.T])
+    valid = test_tokens != PAD
+    assert results["majority_token_acc"] == pytest.approx(float((test_tokens == majority)[valid].mean()))
+    assert (runs / "t" / "reports" / "confusion_test.png").stat().st_size > 1000
+    samples = (runs / "t" / "reports" / "samples_test.txt").read_text().splitlines()
+    assert samples[0].startswith("target") and len(samples) == 41
 
 
 def test_predict_writes_valid_gcode(trained_run, sample_dir, tmp_path):
@@ -44,7 +70,10 @@ def test_predict_writes_valid_gcode(trained_run, sample_dir, tmp_path):
     lines = [line for line in parse_program(out.read_text()) if not line.is_empty]
     assert lines and all(line.error is None for line in lines)
     assert all(vocab.encode_line(line) for line in lines)  # grammar-constrained output is always representable
-    assert len(out.with_suffix(".csv").read_text().splitlines()) == 13
+    rows = out.with_suffix(".csv").read_text().splitlines()[1:]
+    assert len(rows) == 12
+    # the program is the per-window lines with consecutive repeats merged
+    assert out.read_text().splitlines()[1:] == windows_to_program([row.split(",", 2)[2] for row in rows])
 
 
 def test_onnx_export_matches_pytorch(trained_run):
@@ -55,21 +84,60 @@ def test_onnx_export_matches_pytorch(trained_run):
     assert parity["greedy_identical"] is True
 
 
+def _metric_lines(path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _wait_for(predicate, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the training subprocess made no progress")
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
-def test_kill_and_resume_gives_identical_weights(trained_run, sample_dir, tmp_path, stage_args):
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(trained_run, sample_dir, tmp_path, stage_args):
+    """`kill -9` of a decoder training subprocess twice at random moments (a random delay after its first checkpoint,
+    then after one more epoch: mid-epoch, mid-checkpoint or between), resumed each time by resume=auto in a new
+    process: the final and best weights and every metrics record equal those of a run never interrupted, bit for bit."""
     runs, _ = trained_run
-    encoder = f"train.encoder_checkpoint={runs / 't' / 'encoder' / 'checkpoints' / 'best'}"
-    straight = stage_args(sample_dir, tmp_path, "straight", encoder, "train.epochs=3", "data.max_train_windows=200")
-    resumed = stage_args(sample_dir, tmp_path, "resumed", encoder, "train.epochs=3", "data.max_train_windows=200")
-    assert train.main(straight) == 0
-    assert train.main([*resumed, "train.stop_after_epochs=1"]) == 0  # "killed" after epoch 1
-    assert train.main([*resumed, "train.stop_after_epochs=1"]) == 0  # requeued: epoch 2, killed again
-    assert train.main(resumed) == 0  # requeued: finishes
-    a = load_file(str(tmp_path / "straight" / "decoder" / "checkpoints" / "latest" / "model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "decoder" / "checkpoints" / "latest" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "resumed" / "decoder" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3]
+    overrides = (f"train.encoder_checkpoint={runs / 't' / 'encoder' / 'checkpoints' / 'best'}", "train.epochs=8",
+                 "train.patience=8", "data.max_train_windows=300", "run.num_threads=1")
+    assert train.main(stage_args(sample_dir, tmp_path, "straight", *overrides)) == 0
+    command = [sys.executable, "-m", "cnc_gcode.train", *stage_args(sample_dir, tmp_path, "killed", *overrides)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed = tmp_path / "killed" / "decoder"
+    rng = random.Random(0)
+    for attempt in range(2):
+        seen = _metric_lines(killed / "metrics.jsonl")
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if attempt == 0:  # once the first checkpoint exists (a kill before it would simply start over)
+                _wait_for(lambda proc=proc: is_complete(killed / "checkpoints" / "latest") or proc.poll() is not None)
+            else:  # once this process has finished one more epoch than the last one
+                _wait_for(lambda seen=seen, proc=proc: _metric_lines(killed / "metrics.jsonl") > seen
+                          or proc.poll() is not None)
+            time.sleep(rng.uniform(0.0, 0.8 if attempt == 0 else 0.4))
+            assert proc.poll() is None, "the run finished before it could be killed; give it more epochs"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        latest = killed / "checkpoints" / "latest"
+        assert is_complete(latest) or any((killed / "checkpoints").glob(".old-latest-*"))
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stderr
+    for name in ("latest", "best"):
+        a = load_file(str(tmp_path / "straight" / "decoder" / "checkpoints" / name / "model.safetensors"))
+        b = load_file(str(killed / "checkpoints" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
+    straight = read_metrics(tmp_path / "straight" / "decoder" / "metrics.jsonl")
+    again = read_metrics(killed / "metrics.jsonl")
+    assert [r["epoch"] for r in again] == list(range(1, 9))
+    assert again == straight
 
 
 @pytest.mark.slow
@@ -79,16 +147,21 @@ def test_ablations_write_tables(trained_run):
     table = (runs / "t" / "reports" / "ablation_modality.md").read_text()
     assert "full model" in table and "- proximity" in table and "- pressure" in table
     rows = json.loads((runs / "t" / "reports" / "ablation_modality.json").read_text())
-    assert len(rows) == 10 and all(0 <= r["token_acc"] <= 1 for r in rows)
+    assert [r["removed"] for r in rows][:2] == ["full model", "- position"] and len(rows) == 10
+    # the full-model row is the evaluation itself (same windows, same decoding)
+    assert evaluate.main(args) == 0
+    results = json.loads((runs / "t" / "reports" / "results_test.json").read_text())
+    assert rows[0]["token_acc"] == results["token_acc"] and rows[0]["channels"] == 0
+    by_group = {r["removed"]: r for r in rows}
+    # the controller channels state the line's end point: removing them costs most (measured 0.477 vs 0.533)
+    assert by_group["- controller"]["token_acc"] < rows[0]["token_acc"] - 0.03
+    assert by_group["- controller"]["token_acc"] == min(r["token_acc"] for r in rows)
     assert ablation_gamma.main([*args, "ablation.gammas=[ce,2]", "ablation.epochs=1", "eval.max_windows=40"]) == 0
     gamma_rows = json.loads((runs / "t" / "reports" / "ablation_gamma.json").read_text())
     assert [(r["gamma"], r["label_smoothing"]) for r in gamma_rows] == [(0.0, 0.0), (2.0, 0.1)]
-    assert (runs / "t" / "reports" / "ablation_gamma.png").is_file()
-
-
-def test_encoder_resume_continues_from_latest(sample_dir, tmp_path, stage_args):
-    args = stage_args(sample_dir, tmp_path, "enc", "encoder_train.epochs=2", "data.max_train_windows=64")
-    assert train_encoder.main([*args, "encoder_train.epochs=1"]) == 0
-    assert train_encoder.main(args) == 0
-    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "enc" / "encoder" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2]
+    # each row trains its own decoder with its own loss: same start, different losses, different weights
+    ablations = runs / "t" / "ablations"
+    ce, focal = (load_file(str(ablations / name / "decoder" / "checkpoints" / "latest" / "model.safetensors"))
+                 for name in ("gamma_ce", "gamma_2.0"))
+    assert ce.keys() == focal.keys() and not all(np.array_equal(ce[k], focal[k]) for k in ce)
+    assert (runs / "t" / "reports" / "ablation_gamma.png").stat().st_size > 1000

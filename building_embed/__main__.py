@@ -1,6 +1,23 @@
-"""`python -m building_embed`: this package is a placeholder until its issue is opened; it has no stages yet."""
+"""`python -m building_embed` lists the stages."""
 
-import sys
+from common.cli import list_stages
 
-print("building_embed: no stages yet (placeholder package; see building_embed/README.md)")
-sys.exit(0)
+STAGES = {
+    "sample_data": "rendered facades -> 3D Street View style tar shards + manifest of injected traps (OUT folder)",
+    "pack_faces": "ORL faces (40 people x 10 views) -> tars of the same layout (real identities)",
+    "preprocess.process_tar": "stream tar shards -> parquet intermediates; unsafe / corrupt members counted",
+    "preprocess.fix_intermediate_schema": "cast intermediates written by older code to the current schema",
+    "generate.generate_embeddings": "DINOv2 / DINOv3 (timm or transformers, local weights) -> float16 parquet",
+    "preprocess.compute_fingerprints": "SHA-256 + perceptual hash of every image",
+    "preprocess.merge_and_split": "join, dedup, split by identity and place, cross-split leak audit",
+    "preprocess.summarize_ids": "images / identities / place groups per split",
+    "difficulty.compute_visual_neighbors": "exact kNN -> difficulty bands (difficulty_metadata.parquet)",
+}
+
+
+def main() -> int:
+    return list_stages("building_embed", STAGES)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -127,17 +127,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def config_key(f: dataclasses.Field) -> str:
+    """The key a field has in files and overrides: its name, or `metadata["key"]` where the name cannot be used
+    (e.g. `global_: GlobalConfig = field(..., metadata={"key": "global"})`, since `global` is a Python keyword)."""
+    return f.metadata.get("key", f.name)
+
+
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {config_key(f): f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}", key=f"{prefix}{key}")
+        name = fields[key].name
         try:
-            kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+            kwargs[name] = _coerce(value, hints[name], f"{prefix}{key}")
         except ConfigError as exc:
             exc.key = exc.key or f"{prefix}{key}"
             raise
@@ -256,7 +263,7 @@ def describe_config(cls: type, prefix: str = "") -> list[tuple[str, str, str, st
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows += describe_config(tp, f"{prefix}{f.name}.")
+            rows += describe_config(tp, f"{prefix}{config_key(f)}.")
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -267,7 +274,7 @@ def describe_config(cls: type, prefix: str = "") -> list[tuple[str, str, str, st
         default_text = yaml.safe_dump(to_dict(default), default_flow_style=True, width=10**6).strip()
         default_text = default_text.removesuffix("...").strip()
         type_text = str(tp).replace("typing.", "") if typing.get_origin(tp) else _type_name(tp)
-        rows.append((f"{prefix}{f.name}", type_text, default_text, docs.get(f.name, "")))
+        rows.append((f"{prefix}{config_key(f)}", type_text, default_text, docs.get(f.name, "")))
     return rows
 
 
@@ -290,7 +297,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     """A config dataclass as plain YAML-safe types (Paths as strings, tuples as lists)."""
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return {config_key(f): plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, dict):
             return {str(k): plain(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):

@@ -59,7 +59,7 @@ def _documented_stages() -> list[str]:
 
     texts = [p.read_text() for p in [ROOT / "README.md", *ROOT.glob("*/README.md"), *(ROOT / "scripts").rglob("*")]
              if p.is_file()]
-    pattern = re.compile(rf"python -m ((?:{'|'.join(PACKAGES)})\.[a-z_]+)")
+    pattern = re.compile(rf"python -m ((?:{'|'.join(PACKAGES)})(?:\.[a-z_]+)+)")
     stages = {m for text in texts for m in pattern.findall(text)}
     for package in PACKAGES:
         tree = ast.parse((ROOT / package / "__main__.py").read_text())

@@ -180,3 +180,14 @@ def test_help_lists_every_key_and_print_config(tmp_path: Path, capsys: pytest.Ca
     assert not seen  # the stage itself did not run
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed == to_dict(load_config(ExampleConfig, None, ["optim.lr=0.5", "epochs=9"]))
+
+
+def test_a_field_can_take_a_keyword_as_its_config_key() -> None:
+    @dataclasses.dataclass
+    class WithGlobal:
+        global_: OptimConfig = dataclasses.field(default_factory=OptimConfig, metadata={"key": "global"})
+
+    cfg = load_config(WithGlobal, None, ["global.lr=0.5"])
+    assert cfg.global_.lr == 0.5 and to_dict(cfg)["global"]["lr"] == 0.5
+    with pytest.raises(ConfigError, match="unknown config key 'global_'"):
+        load_config(WithGlobal, None, ["global_.lr=0.5"])

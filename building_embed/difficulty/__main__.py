@@ -1,0 +1,3 @@
+from building_embed.difficulty import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from building_embed.generate import main
+
+raise SystemExit(main())

@@ -1,0 +1,3 @@
+from building_embed.preprocess import main
+
+raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""generate_embeddings: values against a direct forward pass, ids, metadata, resume byte for byte, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from building_embed.config import BuildingEmbedConfig
+from building_embed.generate import backbone, generate_embeddings
+from building_embed.generate.generate_embeddings import read_embeddings, shards_for_rank
+from common.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _copy_inputs(pipeline: Path, root: Path) -> None:
+    shutil.copytree(pipeline / "inter", root / "inter")
+
+
+def test_embeddings_equal_a_direct_forward_pass_with_ids_in_shard_order(pipeline):
+    shard = pipeline / "inter" / "region_1-00001.parquet"
+    ids, values = read_embeddings(pipeline / "emb" / shard.name)
+    source = pq.read_table(shard, columns=["image_key", "identity", "image_bytes"])
+    assert ids.column("image_key").to_pylist() == source.column("image_key").to_pylist()
+    assert ids.column("identity").to_pylist() == source.column("identity").to_pylist()
+    cfg = load_config(BuildingEmbedConfig, None, TINY_MODEL)
+    torch.manual_seed(cfg.global_.seed)
+    model, preprocess, dim = backbone.build_backbone(cfg.embedding_model)
+    images = source.column("image_bytes").to_pylist()[:5]
+    with torch.no_grad():
+        expected = model(torch.stack([preprocess(b) for b in images])).numpy()
+    assert values.shape == (len(source), 24) and dim == 24
+    np.testing.assert_allclose(values[:5], expected.astype(np.float16).astype(np.float32), rtol=0, atol=0)
+    assert pq.read_schema(pipeline / "emb" / shard.name).field("embedding").type.value_type == "halffloat"
+    manifest = json.loads((pipeline / "emb" / "embeddings_manifest.json").read_text())
+    assert manifest["embedding_dim"] == 24 and manifest["rows"] == 278 and len(manifest["shards"]) == 9
+
+
+def test_preprocess_resizes_and_normalises():
+    from PIL import Image
+
+    from building_embed.sample_data import jpeg_bytes
+
+    prep = backbone.ImagePreprocess(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    out = prep(jpeg_bytes(Image.new("L", (20, 12), 255), quality=100))  # grey JPEG -> 3 channels
+    assert out.shape == (3, 8, 8) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.full((3, 8, 8), 2.0), atol=0.02, rtol=0)  # (1 - 0.5) / 0.25
+
+
+def test_shards_split_by_rank_cover_everything_once():
+    shards = [Path(f"s{i}") for i in range(7)]
+    parts = [shards_for_rank(shards, r, 3) for r in range(3)]
+    assert parts[0] == [Path("s0"), Path("s3"), Path("s6")]
+    assert sorted(p for part in parts for p in part) == shards
+
+
+def test_stopped_after_one_shard_resumes_to_identical_bytes(pipeline, tmp_path, stage_args):
+    root = tmp_path / "w"
+    _copy_inputs(pipeline, root)
+    assert generate_embeddings.main(stage_args(root, "embedding_model.max_shards_this_run=1")) == 0
+    assert [p.name for p in (root / "emb").glob("*.parquet")] == ["region_0-00000.parquet"]
+    assert not (root / "emb" / "embeddings_manifest.json").exists()
+    (root / "emb" / ".region_0-00001.parquet.abc.tmp").write_bytes(b"torn")  # a kill mid-write leaves this
+    assert generate_embeddings.main(stage_args(root)) == 0
+    names = sorted(p.name for p in (pipeline / "emb").glob("*.parquet"))
+    assert sorted(p.name for p in (root / "emb").glob("*.parquet")) == names
+    for name in names:
+        assert (root / "emb" / name).read_bytes() == (pipeline / "emb" / name).read_bytes(), name
+    assert not list((root / "emb").glob(".*.tmp"))
+
+
+def test_sigkill_mid_run_then_resume_gives_identical_bytes(pipeline, tmp_path, stage_args):
+    """A real SIGKILL once the first shard exists; the rerun completes the rest with the uninterrupted bytes."""
+    root = tmp_path / "k"
+    _copy_inputs(pipeline, root)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "building_embed.generate.generate_embeddings",
+                             *stage_args(root, "embedding_model.batch_size=1")], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (root / "emb" / "region_0-00000.parquet").exists() and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = len(list((root / "emb").glob("*.parquet")))
+    assert done_before < 9, "the run finished before the kill; the test proves nothing"
+    assert generate_embeddings.main(stage_args(root, "embedding_model.batch_size=1")) == 0
+    reference = tmp_path / "uninterrupted"
+    _copy_inputs(pipeline, reference)
+    assert generate_embeddings.main(stage_args(reference, "embedding_model.batch_size=1")) == 0
+    names = sorted(p.name for p in (reference / "emb").glob("*"))
+    assert sorted(p.name for p in (root / "emb").glob("*")) == names and len(names) == 10  # 9 shards + manifest
+    for name in names:
+        assert (root / "emb" / name).read_bytes() == (reference / "emb" / name).read_bytes(), name
+
+
+def test_changed_settings_under_a_resume_is_exit_2_naming_the_change(pipeline, tmp_path, stage_args, capsys):
+    root = tmp_path / "w"
+    _copy_inputs(pipeline, root)
+    shutil.copytree(pipeline / "emb", root / "emb")
+    before = (root / "emb" / "region_0-00000.parquet").read_bytes()
+    assert generate_embeddings.main(stage_args(root, "embedding_model.img_size=42")) == 2
+    err = capsys.readouterr().err
+    assert "region_0-00000.parquet" in err and "settings.img_size: 28 -> 42" in err and "global.resume" in err
+    assert (root / "emb" / "region_0-00000.parquet").read_bytes() == before
+
+
+class _NanAtRow(torch.nn.Module):
+    """Width-4 features, NaN in row 3 of the first batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.mean(dim=(2, 3)).repeat(1, 2)[:, :4].clone()
+        if len(out) > 3:
+            out[3, 1] = float("nan")
+        return out
+
+
+def test_non_finite_embeddings_are_exit_2_naming_shard_and_image(pipeline, tmp_path, stage_args, capsys,
+                                                                monkeypatch):
+    root = tmp_path / "w"
+    _copy_inputs(pipeline, root)
+    prep = backbone.ImagePreprocess(28, backbone.IMAGENET_MEAN, backbone.IMAGENET_STD)
+    monkeypatch.setattr(generate_embeddings, "build_backbone", lambda cfg: (_NanAtRow(), prep, 4))
+    assert generate_embeddings.main(stage_args(root)) == 2
+    err = capsys.readouterr().err
+    fourth = pq.read_table(root / "inter" / "region_0-00000.parquet", columns=["image_key"]).column(0)[3].as_py()
+    assert "region_0-00000.parquet" in err and "row 3" in err and fourth in err
+    assert not list((root / "emb").glob("*.parquet"))
+
+
+def test_missing_weights_are_exit_2_saying_what_to_provide(pipeline, tmp_path, stage_args, capsys):
+    root = tmp_path / "w"
+    _copy_inputs(pipeline, root)
+    assert generate_embeddings.main(stage_args(root, "embedding_model.random_init=false")) == 2
+    assert "embedding_model.weights" in capsys.readouterr().err
+    missing = tmp_path / "nope.safetensors"
+    assert generate_embeddings.main(stage_args(root, f"embedding_model.weights={missing}")) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_local_weights_file_is_loaded(pipeline, tmp_path, stage_args):
+    """timm weights from a local safetensors file through pretrained_cfg_overlay reproduce that model's output."""
+    from safetensors.torch import save_file
+
+    cfg = load_config(BuildingEmbedConfig, None, TINY_MODEL)
+    torch.manual_seed(123)
+    model, prep, _ = backbone.build_backbone(cfg.embedding_model)
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    cfg.embedding_model.random_init, cfg.embedding_model.weights = False, str(weights)
+    loaded, _, _ = backbone.build_backbone(cfg.embedding_model)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_split_the_shards_and_match_one_process(pipeline, tmp_path, stage_args):
+    root = tmp_path / "ddp"
+    _copy_inputs(pipeline, root)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
+                           "building_embed.generate.generate_embeddings", *stage_args(root)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stderr
+    assert "region_0-00000.parquet: 40 embeddings" in log  # rank 0 logs its shards; rank 1 logs warnings only
+    assert "region_0-00001.parquet: 40 embeddings" not in log
+    for path in sorted((pipeline / "emb").glob("*")):
+        assert (root / "emb" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_transformers_backend_loads_a_local_dinov2_directory(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    reference = Dinov2Model(Dinov2Config(hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=48, image_size=28, patch_size=14)).eval()
+    reference.save_pretrained(tmp_path / "tiny_dinov2")
+    cfg = load_config(BuildingEmbedConfig, None, ["embedding_model.backend=transformers", "embedding_model.img_size=28",
+                                                  f"embedding_model.weights={tmp_path / 'tiny_dinov2'}"])
+    model, _, dim = backbone.build_backbone(cfg.embedding_model)
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(pixel_values=x).pooler_output, rtol=0, atol=0)
+    assert dim == 24
+
+
+def test_decoding_workers_give_the_same_embeddings(pipeline):
+    cfg = load_config(BuildingEmbedConfig, None, TINY_MODEL)
+    torch.manual_seed(0)
+    model, prep, _ = backbone.build_backbone(cfg.embedding_model)
+    images = pq.read_table(pipeline / "inter" / "region_0-00001.parquet", columns=["image_bytes"]).column(0)
+    images = images.to_pylist()[:12]
+    cpu = torch.device("cpu")
+    in_process = generate_embeddings.embed_shard(model, prep, images, 5, 0, cpu, None)
+    workers = generate_embeddings.embed_shard(model, prep, images, 5, 2, cpu, None)
+    assert in_process.shape == (12, 24)
+    np.testing.assert_array_equal(workers, in_process)

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.io import write_json  # noqa: E402
 from ehr_embedded.data import EventSequenceDataset, make_loader  # noqa: E402
 from ehr_embedded.models import build_model  # noqa: E402
 from ehr_embedded.storage import SequenceStore, load_dataset_table, open_split, write_split  # noqa: E402
@@ -82,6 +83,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--synthetic-lengths", type=int, default=0, metavar="N",
                         help="replace the train split by N sequences with log-normal lengths (the table stays real)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON written with the results (default runs/ehr_embedded/benchmarks/ehr_bucketing"
+                             "[_synthetic].json)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -99,14 +103,21 @@ def main() -> int:
     print(f"{store_dir} train: {len(dataset)} sequences, length min/median/max {lengths.min()}/"
           f"{int(np.median(lengths))}/{lengths.max()}, max_length {args.max_length}, batch {args.batch_size}, "
           f"{args.threads} thread(s)")
-    results = {}
+    results, padding = {}, {}
     for name, mode in MODES.items():
         rate, pad = run_mode(dataset, table, args.max_length, args.batch_size, args.epochs, **mode)
-        results[name] = rate
+        results[name], padding[name] = rate, pad
         print(f"{name:32s} {rate:8.1f} sequences/s   padded positions {100 * pad:5.1f}%")
     base = results["pad to max_length (original)"]
     print(f"speed-up of length buckets: {results['length buckets'] / base:.2f}x vs pad to max_length, "
           f"{results['length buckets'] / results['random, pad to longest']:.2f}x vs random batches")
+    out = args.out or Path("runs/ehr_embedded/benchmarks/ehr_bucketing"
+                           f"{'_synthetic' if args.synthetic_lengths else ''}.json")
+    write_json(out, {"store": str(store_dir), "synthetic_lengths": args.synthetic_lengths,
+                     "max_length": args.max_length, "batch_size": args.batch_size, "threads": args.threads,
+                     "sequences_per_second": results, "padded_fraction": padding,
+                     "speedup_vs_pad_to_max_length": results["length buckets"] / base})
+    print(f"written: {out}")
     return 0
 
 

@@ -3,6 +3,7 @@ per-patient .pt files ({'embeddings': (N, D), 'token_ids': (N,), 'label'}) holdi
 
     python benchmarks/ehr_storage.py                                   # the MIMIC-IV demo store if built, else sample
     python benchmarks/ehr_storage.py --store runs/ehr_embedded/mimic/long_stay --split train
+    # prints the table and writes it to --out (default runs/ehr_embedded/benchmarks/ehr_storage.json)
 
 Both loaders produce the same model input per batch of 32: padded `[B, T, D]` float32 embeddings (ours gathers
 them from the code table by token id) plus labels. Also timed: what our training loop really loads (token ids,
@@ -25,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.io import write_json  # noqa: E402
 from ehr_embedded.data import EventSequenceDataset, collate  # noqa: E402
 from ehr_embedded.storage import export_pt, load_dataset_table, open_split  # noqa: E402
 
@@ -107,6 +109,7 @@ def main() -> int:
     parser.add_argument("--split", default="train")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sample-subjects", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=Path("runs/ehr_embedded/benchmarks/ehr_storage.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -152,6 +155,16 @@ def main() -> int:
               f"{t_ids:.3f} s   ratio vs .pt {t_pt / t_ids:.1f}x")
         print(f"epoch load, cold cache (our files evicted), same output:  compact {cold_ours:.3f} s   .pt {cold_pt:.3f} s"
               f"   ratio {cold_pt / cold_ours:.1f}x")
+        write_json(args.out, {"store": str(store_dir), "split": args.split, "sequences": len(store), "events": events,
+                              "bytes_per_event": {"compact": ours / events, "compact_plus_table":
+                                                  (ours + table_bytes) / events, "pt": pt_bytes / events},
+                              "megabytes": {"compact": ours / 1e6, "table": table_bytes / 1e6, "pt": pt_bytes / 1e6},
+                              "size_ratio_pt_over_compact": pt_bytes / ours,
+                              "epoch_seconds": {"compact_same_output": t_ours, "compact_training_inputs": t_ids,
+                                                "pt_warm": t_pt, "compact_cold": cold_ours, "pt_cold": cold_pt},
+                              "speedup": {"training_inputs_vs_pt": t_pt / t_ids, "same_output_warm": t_pt / t_ours,
+                                          "same_output_cold": cold_pt / cold_ours}})
+        print(f"written: {args.out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

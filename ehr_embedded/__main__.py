@@ -11,8 +11,10 @@ STAGES = {
     "pretrain": "causal decoder on next-event prediction",
     "finetune": "encoder or decoder classifier; threshold on tuning; held_out score",
     "evaluate": "AUROC/AUPRC/F1/accuracy/Brier with bootstrap CIs, calibration plot, MEDS predictions",
+    "predict": "a finetuned run's predictions on one split of a store (MEDS predictions parquet)",
     "baseline": "count features + logistic regression on the same sequences and splits",
-    "demo": "the whole chain on generated sample data (OUT_DIR), about a minute on 2 cores",
+    "summarize": "held-out reports of finished runs -> one markdown + JSON table (what the README quotes)",
+    "demo": "the whole chain on generated sample data (OUT_DIR), 1-3 minutes on 2 cores",
 }
 
 if __name__ == "__main__":

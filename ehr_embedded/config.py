@@ -33,12 +33,15 @@ class TextEncoderConfig:
     embedding_dim: int | None = None
     """Expected width; null reads it from the model. A mismatch is an error."""
     batch_size: int = 64
+    """Descriptions embedded per forward pass of the text model."""
     normalize: bool = True
     """L2-normalise the description embeddings (cosine geometry, as sentence-transformers intends)."""
 
 
 @dataclass
 class Stage1DataConfig:
+    """Where stage 1 reads MEDS (and the original's CSVs) and writes the vocabulary and the sequence store."""
+
     data_dir: Path = Path("data/meds")
     """MEDS root: `data/**/*.parquet` plus `metadata/`."""
     labels_filepath: Path | None = None
@@ -61,6 +64,8 @@ class Stage1DataConfig:
 
 @dataclass
 class VocabConfig:
+    """Which training codes enter the next-event vocabulary."""
+
     min_count: int = 1
     """A training-split code seen fewer times is left out of the next-event vocabulary (it still gets an
     embedding from its description when it appears in a sequence, see sequences.embed_unseen_codes)."""
@@ -68,9 +73,12 @@ class VocabConfig:
 
 @dataclass
 class SequenceConfig:
+    """How each label row becomes a stored sequence."""
+
     max_length: int = 512
     """Keep the most recent `max_length` events before prediction_time (static events always kept first)."""
     label_column: Literal["auto", "boolean_value", "integer_value"] = "auto"
+    """Label column of the labels file; `auto` takes boolean_value when present, else integer_value."""
     embed_unseen_codes: bool = True
     """Codes outside the training vocabulary get rows embedded from their descriptions (else they map to [UNK])."""
     pretrain_windows: bool = False
@@ -82,11 +90,14 @@ class SequenceConfig:
 
 @dataclass
 class Stage1Config:
+    """create_vocab_embeddings and create_embeddings (one file drives both, as in the original)."""
+
     model: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     data: Stage1DataConfig = field(default_factory=Stage1DataConfig)
     vocab: VocabConfig = field(default_factory=VocabConfig)
     sequences: SequenceConfig = field(default_factory=SequenceConfig)
     device: str = "cpu"
+    """Device of the text model: `cpu` or `cuda[:N]`."""
 
     def __post_init__(self) -> None:
         if self.vocab.min_count < 1:
@@ -100,15 +111,24 @@ class Stage1Config:
 
 @dataclass
 class ModelConfig:
+    """The transformer over event sequences (tiny values train on CPU in seconds)."""
+
     type: Literal["transformer_encoder_embedded", "transformer_decoder_embedded"] = "transformer_encoder_embedded"
+    """Bidirectional encoder (mean pooling) or causal decoder (next-event head + classification on the last event)."""
     embedding_dim: int | None = None
     """Null: the code-embedding table's width. A value that disagrees with the table is an error."""
     model_dim: int = 128
+    """Width of the transformer; the frozen code embeddings are projected from embedding_dim to it."""
     n_heads: int = 4
+    """Attention heads; must divide model_dim."""
     n_layers: int = 2
+    """Transformer blocks."""
     dropout: float = 0.1
+    """Dropout inside the blocks (0 disables it)."""
     max_length: int = 512
+    """Most events the model reads per sequence: the static events, then the most recent ones."""
     num_classes: int = 2
+    """Classes of the label (evaluate reports binary metrics, so 2 there)."""
     vocab_size: int | None = None
     """Next-event vocabulary size; null reads it from the code table."""
     use_values: bool = True
@@ -123,30 +143,48 @@ class ModelConfig:
 
 @dataclass
 class TrainDataConfig:
+    """The store pretrain / finetune / evaluate read."""
+
     embedding_output_dir: Path = Path("embeddings/patients")
+    """Folder written by create_embeddings: one compact store per split plus the code table."""
     pretrain_split: str = "train"
     """pretrain's training split: `train` (the label cuts) or `pretrain` (sequences.pretrain_windows=true)."""
 
 
 @dataclass
 class TrainingConfig:
+    """The training loop, checkpoints and resume."""
+
     task: Literal["autoregressive", "classification"] = "classification"
+    """`autoregressive` for pretrain (next-event prediction), `classification` for finetune."""
     output_dir: Path = Path("runs/ehr_embedded/finetune_encoder")
+    """Run directory: config.yaml, train.log, metrics.jsonl, checkpoints/, reports/, predictions/, plots/."""
     pretrained_checkpoint: Path | None = None
     """Finetune only: a pretrain run dir or checkpoint dir whose decoder weights initialise the model."""
     seed: int = 0
+    """Seeds model init, dropout and the batch order (drawn from seed + epoch)."""
     batch_size: int = 32
+    """Sequences per training step (per process under torchrun)."""
     eval_batch_size: int = 64
+    """Sequences per scoring step (tuning, evaluate, predict); may change across a resume."""
     epochs: int = 50
+    """Last epoch to train; raising it on a finished run and resuming trains the extra epochs."""
     learning_rate: float = 1e-4
+    """AdamW peak learning rate."""
     weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
     min_learning_rate: float = 1e-6
     """Pretrain: cosine floor. Finetune: ReduceLROnPlateau floor."""
     warmup_steps: int = 0
+    """Pretrain: linear warmup steps before the cosine decay."""
     grad_clip: float = 1.0
+    """Clip the gradient norm to this value (0 disables)."""
     early_stopping_patience: int = 10
+    """Stop after this many epochs without a better tuning selection_metric (pretrain: tuning loss)."""
     scheduler_patience: int = 3
+    """Finetune: epochs without improvement before ReduceLROnPlateau lowers the learning rate."""
     scheduler_factor: float = 0.5
+    """Finetune: ReduceLROnPlateau's multiplier."""
     class_weights: list[float] | Literal["auto"] | None = None
     """Per-class loss weights, `auto` (inverse training frequency) or null."""
     focal_gamma: float = 0.0
@@ -158,11 +196,16 @@ class TrainingConfig:
     pad_to_max_length: bool = False
     """Pad every batch to model.max_length (the original's behaviour; only for comparisons)."""
     num_workers: int = 0
+    """DataLoader worker processes (0 loads in the training process)."""
     save_every: int = 10
+    """Also keep checkpoints/epoch_N every N epochs (0: only latest and best)."""
     keep_last_n: int = 3
+    """How many epoch_N checkpoints to keep."""
     resume: str | bool = "auto"
-    """`auto` (continue from checkpoints/latest when it exists), false, or a checkpoint directory."""
+    """`auto` (continue from checkpoints/latest when it exists and its config/data fingerprint agrees; else exit 2
+    naming what changed), `force` (continue even so; logged), false (start over), or a checkpoint directory."""
     device: str = "cpu"
+    """`cpu` or `cuda[:N]`; under torchrun each process takes its local GPU."""
     num_threads: int = 0
     """torch.set_num_threads when > 0."""
 
@@ -175,12 +218,18 @@ class TrainingConfig:
 
 @dataclass
 class EvaluateConfig:
+    """What evaluate scores and how (it reads the run under training.output_dir)."""
+
     split: str = "held_out"
+    """Store split to score: train, tuning or held_out."""
     checkpoint: str = "best"
     """`best`, `latest`, or a checkpoint directory."""
     n_bootstrap: int = 1000
+    """Bootstrap resamples for the 95% intervals."""
     seed: int = 0
+    """Seed of the bootstrap resampling."""
     calibration_bins: int = 10
+    """Quantile bins of the calibration plot."""
 
 
 @dataclass
@@ -188,9 +237,13 @@ class TrainConfig:
     """pretrain, finetune and evaluate."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    """The store."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    """The loop, checkpoints and resume."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Scoring a finished run (not part of the resume fingerprint)."""
 
 
 # --------------------------------------------------------------------------------------------- extras
@@ -201,9 +254,13 @@ class ExportConfig:
     """export_pt: write the original per-patient .pt layout from a compact store."""
 
     embedding_output_dir: Path = Path("embeddings/patients")
+    """The compact store to export."""
     output_dir: Path = Path("embeddings/patients_pt")
+    """Where `<split>/patient_<i>.pt` files go."""
     splits: list[str] = field(default_factory=lambda: ["train", "tuning", "held_out"])
+    """Splits to export."""
     dtype: Literal["float32", "float16"] = "float32"
+    """dtype of the exported embeddings."""
 
 
 @dataclass
@@ -211,14 +268,19 @@ class BaselineConfig:
     """baseline: count features + logistic regression on the same stored sequences and splits."""
 
     embedding_output_dir: Path = Path("embeddings/patients")
+    """The store the transformers train on (same sequences, same splits)."""
     output_dir: Path = Path("runs/ehr_embedded/baseline_counts")
+    """Writes reports/baseline_held_out.json and predictions/held_out.parquet here."""
     features: Literal["counts", "mean_embedding"] = "counts"
+    """`counts`: log1p count of each code; `mean_embedding`: the mean frozen description embedding."""
     max_length: int | None = None
     """Count only each sequence's most recent `max_length` events (match the model's max_length); null = all."""
     c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
     """Inverse L2 strengths tried; the best on tuning AUROC is kept."""
     n_bootstrap: int = 1000
+    """Bootstrap resamples for the 95% intervals."""
     seed: int = 0
+    """Seed of the logistic regression and the bootstrap."""
 
 
 @dataclass
@@ -226,12 +288,39 @@ class ConvertConfig:
     """convert_mimic: the shared MIMIC-IV demo (MEDS-like) to canonical MEDS with real code descriptions and tasks."""
 
     events_filepath: Path = Path("../shared/data/ehr_mimic4demo_meds/mimic_iv_demo_meds_events.parquet")
+    """The shared MEDS-like events parquet of the MIMIC-IV demo."""
     raw_dir: Path = Path("../shared/data/ehr_mimic4demo_raw")
+    """The raw MIMIC-IV demo tables (hosp/, icu/) for descriptions and admissions."""
     output_dir: Path = Path("data/mimic4demo_meds")
+    """The canonical MEDS root written (data/, metadata/, labels/)."""
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
     """train / tuning / held_out fractions of subjects (the demo has only 100)."""
     seed: int = 0
+    """Seed of the subject split."""
     prediction_hours_after_admission: float = 24.0
+    """prediction_time = admission time + this many hours (both tasks)."""
     long_stay_days: float = 7.0
+    """long_stay label: length of stay above this many days."""
     subjects_limit: int = 0
     """Keep only the first N subjects (0 = all); for quick checks."""
+
+
+@dataclass
+class PredictConfig:
+    """predict: a finetuned run's predictions for one split of a store, in the MEDS predictions schema."""
+
+    run_dir: Path = Path("runs/ehr_embedded/finetune_encoder")
+    """A finetune run directory (its config.yaml gives the model, reports/threshold.json the threshold)."""
+    split: str = "held_out"
+    """Split of the store to predict: train, tuning or held_out."""
+    dataset_dir: Path | None = None
+    """Store to read (create_embeddings output); null = the one the run was trained on. Its code table must have
+    the width the checkpoint was trained on."""
+    checkpoint: str = "best"
+    """`best`, `latest`, or a checkpoint directory."""
+    output: Path | None = None
+    """Predictions parquet to write; null = `<run_dir>/predictions/predict_<split>.parquet`."""
+    batch_size: int = 64
+    """Sequences per forward pass."""
+    device: str = "cpu"
+    """`cpu` or `cuda[:N]`."""

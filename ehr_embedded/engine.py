@@ -9,19 +9,24 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from common.checkpoint import WEIGHTS_FILE, find_checkpoint
+from common.checkpoint import WEIGHTS_FILE, find_checkpoint, read_meta
 from common.cli import UserError
-from common.config import save_resolved_config
+from common.config import to_dict
 from common.distributed import DistInfo, setup_distributed
-from common.logs import setup_logging
+from common.runs import RunStart, make_fingerprint, open_run
 from common.seed import seed_everything
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import EventSequenceDataset, make_loader
 from ehr_embedded.models import build_model
-from ehr_embedded.storage import CodeTable, load_dataset_table, open_split
+from ehr_embedded.storage import CODE_TABLE_DIR, CodeTable, load_dataset_table, open_split
 
 log = logging.getLogger(__name__)
 PROJECTION_KEY = "event_embedding.projection.weight"
+# Config sections that decide a pretrain / finetune run's weights (`evaluate` only scores them).
+WEIGHT_SECTIONS = ("model", "data", "training")
+# Keys beyond common.runs.VOLATILE_KEYS that may change across a resume: where the store and the pretrained
+# checkpoint live (their contents are fingerprinted instead) and the batch size used only for scoring.
+RESUME_VOLATILE = ("data.embedding_output_dir", "training.pretrained_checkpoint", "training.eval_batch_size")
 
 
 def pick_device(name: str) -> torch.device:
@@ -30,22 +35,38 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def start_run(cfg: TrainConfig) -> tuple[Path, DistInfo, torch.device]:
-    """Shared start of pretrain and finetune: threads, seed, logging, process group, resolved config.
+def run_fingerprint(cfg: TrainConfig, splits: tuple[str, ...]) -> dict:
+    """What decides a pretrain / finetune run's weights: the model, data and training sections (less the keys that
+    may change across a resume), the code table and every split the run trains or selects on (size and SHA-256 of
+    their files), and the weights of the pretrained checkpoint a finetune run starts from."""
+    store = Path(cfg.data.embedding_output_dir)
+    data = {CODE_TABLE_DIR: store / CODE_TABLE_DIR, **{f"split_{s}": store / s for s in splits}}
+    digests = {}
+    if cfg.training.pretrained_checkpoint is not None:
+        meta = read_meta(pretrained_checkpoint_dir(cfg.training.pretrained_checkpoint))
+        digests["pretrained_checkpoint"] = meta["files"][WEIGHTS_FILE]["sha256"]
+    sections = {k: v for k, v in to_dict(cfg).items() if k in WEIGHT_SECTIONS}
+    return make_fingerprint(sections, data=data, digests=digests, volatile=RESUME_VOLATILE)
 
-    Returns (run_dir, dist_info, device); under torchrun each process gets its own device.
+
+def start_run(cfg: TrainConfig, fingerprint: dict) -> tuple[Path, DistInfo, torch.device, RunStart]:
+    """Shared start of pretrain and finetune: threads, seed, process group, then the resume guard.
+
+    `common.runs.open_run` refuses (exit 2, naming what changed, nothing written) to resume a run whose
+    `fingerprint` differs from the one its checkpoints record; only after that does it open `train.log` and, for a
+    fresh run only, write `config.yaml`. Returns (run_dir, dist_info, device, run_start); under torchrun each
+    process gets its own device.
     """
     tc = cfg.training
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
     run_dir = Path(tc.output_dir)
-    setup_logging(run_dir)
     dist_info = setup_distributed(tc.device)  # torchrun: one process per device; alone: world size 1
     device = dist_info.device if dist_info.world_size > 1 else pick_device(tc.device)
-    if dist_info.is_main:
-        save_resolved_config(cfg, run_dir)
-    return run_dir, dist_info, device
+    start = open_run(run_dir, cfg, resume=tc.resume, checkpoint_dirs=[run_dir / "checkpoints"],
+                     fingerprint=fingerprint, is_main=dist_info.is_main, resume_key="training.resume")
+    return run_dir, dist_info, device, start
 
 
 def load_splits(cfg: TrainConfig, splits: tuple[str, ...]) -> tuple[CodeTable, dict[str, EventSequenceDataset]]:

@@ -7,7 +7,10 @@
 
 Class-weighted loss (common.losses.focal_loss; gamma 0 = weighted cross-entropy), model selection, early stopping
 and ReduceLROnPlateau on the tuning split's `selection_metric`; then the F1-best decision threshold on tuning and a
-final score on held_out (through evaluate). `training.resume=auto` continues from checkpoints/latest bit for bit.
+final score on held_out (through evaluate). `training.resume=auto` continues from checkpoints/latest bit for bit; it
+refuses (exit 2, nothing written) a run whose config, store or pretrained checkpoint changed since (see
+engine.run_fingerprint), `training.resume=force` continues anyway and logs it, and raising `training.epochs` on a
+finished run trains the extra epochs. `config.yaml` is written by a fresh run only.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from common.losses import focal_loss
 from common.training import EarlyStopping, param_groups
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import make_loader
-from ehr_embedded.engine import load_pretrained, load_splits, model_for, predict_probs, start_run
+from ehr_embedded.engine import load_pretrained, load_splits, model_for, predict_probs, run_fingerprint, start_run
 from ehr_embedded.evaluate import choose_threshold, evaluate
 from ehr_embedded.storage import CODE_TABLE_DIR
 
@@ -67,7 +70,6 @@ def tuning_scores(model, dataset, cfg: TrainConfig, device) -> dict[str, float]:
 
 def finetune(cfg: TrainConfig) -> dict:
     tc = cfg.training
-    run_dir, dist_info, device = start_run(cfg)
     table, data = load_splits(cfg, ("train", "tuning"))
     train_labels = data["train"].store.labels
     if len(data["train"]) == 0 or len(data["tuning"]) == 0:
@@ -78,6 +80,7 @@ def finetune(cfg: TrainConfig) -> dict:
     if metric in ("auroc", "auprc") and len(np.unique(data["tuning"].store.labels)) < 2:
         raise UserError(f"training.selection_metric={metric} but the tuning split has one class only; "
                         f"use training.selection_metric=loss or a larger tuning split")
+    run_dir, dist_info, device, start = start_run(cfg, run_fingerprint(cfg, ("train", "tuning")))
 
     model = model_for(cfg, table, "classification").to(device)
     weights = class_weights(tc.class_weights, train_labels, cfg.model.num_classes)
@@ -87,10 +90,11 @@ def finetune(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=tc.scheduler_factor,
                                                            patience=tc.scheduler_patience, min_lr=tc.min_learning_rate)
     early = EarlyStopping(tc.early_stopping_patience, mode=mode)
-    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.save_every)
+    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.save_every,
+                              fingerprint=start.fingerprint)
 
     start_epoch = 1
-    resumed = resume_from_checkpoint(ckpts, tc.resume, model, optimizer, scheduler, early)
+    resumed = resume_from_checkpoint(ckpts, start.resume, model, optimizer, scheduler, early)
     if resumed is not None:
         start_epoch = int(resumed["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
@@ -130,11 +134,14 @@ def finetune(cfg: TrainConfig) -> dict:
         tuning = tuning_scores(model, data["tuning"], cfg, device)
         scheduler.step(tuning[metric])
         improved = early.step(tuning[metric])
-        ckpts.save(model, capture_train_state(epoch, optimizer, scheduler, early), epoch, is_best=improved, meta={"tuning": tuning, "model_type": cfg.model.type})
         record = {"epoch": epoch, "train_loss": loss_sum / max(n_seen, 1),
                   **{f"tuning_{k}": v for k, v in tuning.items()}, "lr": optimizer.param_groups[0]["lr"],
                   "best": improved, "seconds": round(time.time() - started, 2)}
+        # metrics first: a kill between the two leaves a record the resumed run drops and rewrites, never a
+        # checkpoint whose epoch is missing from metrics.jsonl
         writer.write(record)
+        ckpts.save(model, capture_train_state(epoch, optimizer, scheduler, early), epoch, is_best=improved,
+                   meta={"tuning": tuning, "model_type": cfg.model.type})
         log.info("epoch %d train_loss %.4f tuning %s%s", epoch, record["train_loss"],
                  {k: round(v, 4) for k, v in tuning.items()}, " *" if improved else "")
     writer.close()

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.cli import UserError
+from common.io import require_finite
 
 SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)  # ("train", "tuning", "held_out")
 EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value")
@@ -69,12 +70,17 @@ def read_events(path: Path) -> pa.Table:
     if table.column("code").null_count:
         row = int(np.flatnonzero(table.column("code").is_null().to_numpy(zero_copy_only=False))[0])
         raise UserError(f"{path}: row {row} has a null 'code'; every MEDS event needs a code")
-    return pa.table({
+    out = pa.table({
         "subject_id": table.column("subject_id").cast(pa.int64()),
         "time": table.column("time").cast(pa.timestamp("us")),
         "code": table.column("code").cast(pa.string()),
         "numeric_value": table.column("numeric_value").cast(pa.float32()),
     })
+    # null (NaN here) means "no value"; an infinite value would poison the per-code statistics and the z-scores
+    values = out.column("numeric_value").to_numpy(zero_copy_only=False)
+    require_finite(np.where(np.isinf(values), values, 0.0), path, what="row",
+                   fix="replace the infinite numeric_value by a finite number or null and re-write the shard")
+    return out
 
 
 def read_all_events(root: Path) -> pa.Table:

@@ -1,31 +1,44 @@
-"""Load a finetuned run for inference from its directory alone, and score a stored split.
+"""Predictions of a finetuned run on one split of a store, in the MEDS predictions schema; load a run for inference.
+
+    python -m ehr_embedded.predict run_dir=runs/ehr_embedded/mimic/finetune_encoder split=held_out
+    python -m ehr_embedded.predict run_dir=runs/ehr_embedded/sample/finetune_encoder \
+        dataset_dir=runs/ehr_embedded/new/patients split=held_out output=runs/ehr_embedded/new/predictions.parquet
+
+Reads the run directory alone: `config.yaml` gives the architecture, `checkpoints/<checkpoint>` the weights and
+`reports/threshold.json` the decision threshold finetune chose on tuning (0.5 when absent). The store is the one the
+run was trained on, or `dataset_dir` (e.g. built by create_embeddings from new MEDS data with the run's vocabulary: its
+description-only rows are embedded by the same text model; a table of another width is refused). Writes one row per
+label: subject_id, prediction_time, boolean_value, predicted_boolean_value, predicted_boolean_probability
+(default `<run_dir>/predictions/predict_<split>.parquet`).
 
     from ehr_embedded.predict import load_run, predict_split
     model, cfg, table, threshold = load_run("runs/ehr_embedded/mimic/finetune_encoder")
-    frame = predict_split("runs/ehr_embedded/mimic/finetune_encoder", split="held_out")   # MEDS prediction columns
-
-The run's `config.yaml` gives the architecture; the code table comes from the store it was trained on (or
-`dataset_dir`, e.g. a store rebuilt with newer codes: its rows are embedded by the same text model, and a table
-of another width is refused); the decision threshold is the one finetune chose on tuning.
+    frame = predict_split("runs/ehr_embedded/mimic/finetune_encoder", split="held_out")
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from common.checkpoint import find_checkpoint, load_weights
-from common.cli import UserError
+from common.cli import UserError, config_main
 from common.config import load_config
-from ehr_embedded.config import TrainConfig
-from ehr_embedded.engine import check_table_matches, model_for, predict_probs
+from common.io import atomic_write
+from common.logs import setup_logging
+from ehr_embedded.config import PredictConfig, TrainConfig
+from ehr_embedded.engine import check_table_matches, model_for, pick_device, predict_probs
+from ehr_embedded.evaluate import DEFAULT_THRESHOLD, PREDICTION_SCHEMA
 from ehr_embedded.storage import CODE_TABLE_DIR, CodeTable, load_dataset_table, open_split
 
-DEFAULT_THRESHOLD = 0.5
+log = logging.getLogger(__name__)
 
 
 def run_config(run_dir: Path) -> TrainConfig:
@@ -49,20 +62,46 @@ def load_run(run_dir: Path, checkpoint: str = "best", dataset_dir: Path | None =
     load_weights(ckpt, model)
     threshold_file = run_dir / "reports" / "threshold.json"
     threshold = json.loads(threshold_file.read_text())["threshold"] if threshold_file.is_file() else DEFAULT_THRESHOLD
-    return model.to(device).eval(), cfg, table, float(threshold)
+    return model.to(pick_device(device)).eval(), cfg, table, float(threshold)
 
 
 def predict_split(run_dir: Path, split: str = "held_out", dataset_dir: Path | None = None,
-                  checkpoint: str = "best") -> pd.DataFrame:
+                  checkpoint: str = "best", batch_size: int | None = None, device: str = "cpu") -> pd.DataFrame:
     """subject_id, prediction_time, boolean_value, predicted_boolean_value, predicted_boolean_probability."""
     from ehr_embedded.data import EventSequenceDataset
 
-    model, cfg, table, threshold = load_run(run_dir, checkpoint, dataset_dir)
+    model, cfg, table, threshold = load_run(run_dir, checkpoint, dataset_dir, device)
+    if cfg.model.num_classes != 2:
+        raise UserError(f"{run_dir}: model.num_classes={cfg.model.num_classes}; the MEDS predictions schema is binary")
     store = open_split(Path(dataset_dir) if dataset_dir is not None else Path(cfg.data.embedding_output_dir), split)
     probs, labels, _ = predict_probs(model, EventSequenceDataset(store, table, cfg.model.max_length),
-                                     cfg.training.eval_batch_size, torch.device("cpu"))
+                                     batch_size or cfg.training.eval_batch_size, pick_device(device))
     score = probs[:, 1]
     return pd.DataFrame({"subject_id": store.sequences["subject_id"].to_numpy(np.int64),
                          "prediction_time": store.sequences["prediction_time"], "boolean_value": labels.astype(bool),
                          "predicted_boolean_value": score >= threshold,
                          "predicted_boolean_probability": score.astype(np.float64)})
+
+
+def predict(cfg: PredictConfig) -> Path:
+    """Write the predictions parquet of `cfg.split`; returns its path."""
+    frame = predict_split(cfg.run_dir, cfg.split, cfg.dataset_dir, cfg.checkpoint, cfg.batch_size, cfg.device)
+    out = Path(cfg.output) if cfg.output is not None else Path(cfg.run_dir) / "predictions" / f"predict_{cfg.split}.parquet"
+    table = pa.Table.from_pandas(frame.astype({"prediction_time": "datetime64[us]"}), schema=PREDICTION_SCHEMA,
+                                 preserve_index=False)
+    atomic_write(out, lambda tmp: pq.write_table(table, tmp))
+    log.info("%s: %d predictions (%d predicted positive) -> %s", cfg.split, len(frame),
+             int(frame["predicted_boolean_value"].sum()), out)
+    return out
+
+
+def run(cfg: PredictConfig) -> int:
+    setup_logging()
+    predict(cfg)
+    return 0
+
+
+main = config_main(PredictConfig, run, __doc__)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,7 +5,9 @@
 
 Position t predicts the code of event t+1. Targets outside the next-event vocabulary (description-only rows) and
 padding are ignored. AdamW with cosine-with-warmup down to `min_learning_rate`; the best checkpoint by tuning
-loss is what finetune's `training.pretrained_checkpoint` picks up. `training.resume=auto` continues bit for bit.
+loss is what finetune's `training.pretrained_checkpoint` picks up. `training.resume=auto` continues bit for bit,
+and refuses (exit 2) a run whose config or data changed since its checkpoint (see engine.run_fingerprint); raising
+`training.epochs` on a finished run continues it (the cosine schedule stretches to the new length).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from common.logs import MetricsWriter, progress
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import make_loader
-from ehr_embedded.engine import load_splits, model_for, start_run
+from ehr_embedded.engine import load_splits, model_for, run_fingerprint, start_run
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -72,8 +74,9 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
     tc = cfg.training
     if cfg.model.type != "transformer_decoder_embedded":
         raise UserError(f"pretrain trains model.type=transformer_decoder_embedded, got {cfg.model.type!r}")
-    run_dir, dist_info, device = start_run(cfg)
-    table, data = load_splits(cfg, (cfg.data.pretrain_split, "tuning"))
+    splits = (cfg.data.pretrain_split, "tuning")
+    table, data = load_splits(cfg, splits)
+    run_dir, dist_info, device, start = start_run(cfg, run_fingerprint(cfg, splits))
     data["train"] = data[cfg.data.pretrain_split]
     vocab_size = table.lm_vocab_size
     model = model_for(cfg, table, "autoregressive").to(device)
@@ -83,10 +86,11 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
     total_steps = max(1, len(loader) * tc.epochs)
     scheduler = cosine_with_warmup(optimizer, tc.warmup_steps, total_steps, tc.min_learning_rate / tc.learning_rate)
     early = EarlyStopping(tc.early_stopping_patience, mode="min")
-    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.save_every)
+    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.save_every,
+                              fingerprint=start.fingerprint)
 
     start_epoch = 1
-    resumed = resume_from_checkpoint(ckpts, tc.resume, model, optimizer, scheduler, early)
+    resumed = resume_from_checkpoint(ckpts, start.resume, model, optimizer, scheduler, early)
     if resumed is not None:
         start_epoch = int(resumed["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
@@ -118,11 +122,14 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
         loss_sum, n_targets = all_reduce_sum(loss_sum), all_reduce_sum(n_targets)
         tuning = tuning_loss(model, data["tuning"], cfg, device, vocab_size)
         improved = early.step(tuning["loss"])
-        ckpts.save(model, capture_train_state(epoch, optimizer, scheduler, early), epoch, is_best=improved, meta={"tuning": tuning, "model_type": cfg.model.type})
         record = {"epoch": epoch, "train_loss": loss_sum / max(n_targets, 1),
                   **{f"tuning_{k}": v for k, v in tuning.items()}, "lr": optimizer.param_groups[0]["lr"],
                   "best": improved, "seconds": round(time.time() - started, 2)}
+        # metrics first: a kill between the two leaves a record the resumed run drops and rewrites, never a
+        # checkpoint whose epoch is missing from metrics.jsonl
         writer.write(record)
+        ckpts.save(model, capture_train_state(epoch, optimizer, scheduler, early), epoch, is_best=improved,
+                   meta={"tuning": tuning, "model_type": cfg.model.type})
         log.info("epoch %d train_loss %.4f tuning %s%s", epoch, record["train_loss"],
                  {k: round(v, 4) for k, v in tuning.items()}, " *" if improved else "")
     writer.close()

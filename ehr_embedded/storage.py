@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from common.cli import UserError
-from common.io import fsync_dir, write_json
+from common.io import fsync_dir, require_finite, write_json
 
 PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"
 PAD_ID, UNK_ID = 0, 1
@@ -136,6 +136,8 @@ class CodeTable:
         if embeddings.ndim != 2 or len(embeddings) != len(vocab):
             raise UserError(f"{files[1]}: shape {embeddings.shape} does not match {len(vocab)} vocabulary rows; "
                             f"rebuild the code table")
+        require_finite(embeddings, files[1], what="row", row_ids=vocab["code"].to_numpy(),
+                       fix="rebuild the code table with create_vocab_embeddings (and create_embeddings)")
         return cls(vocab, embeddings, meta)
 
 
@@ -176,6 +178,22 @@ class SequenceStore:
         self.hours_to_prediction = self.sequences["hours_last_event_to_prediction"].to_numpy(np.float32)
         self.n_static = (self.sequences["n_static"].to_numpy(np.int64) if "n_static" in self.sequences
                          else np.zeros(len(self.lengths), np.int64))
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        """UserError naming the file and the first sequence row holding inf in `values` (NaN there means "no
+        value"), or NaN / inf in `time_gaps` or the hours to prediction_time. One pass over the memory-mapped
+        arrays, which an epoch reads anyway."""
+        fix = "rebuild this split with create_embeddings (and check the MEDS numeric_value / time columns)"
+        row_ids = list(zip(self.sequences["subject_id"].to_numpy(), self.sequences["prediction_time"].astype(str)))
+        for name, bad in (("values", np.isinf(self.values)), ("time_gaps", ~np.isfinite(self.time_gaps))):
+            if bad.any():
+                rows = np.searchsorted(self.offsets, np.flatnonzero(bad), side="right") - 1
+                per_row = np.zeros(len(self), np.float32)
+                per_row[rows] = np.inf
+                require_finite(per_row, self.directory / f"{name}.npy", what="sequence", row_ids=row_ids, fix=fix)
+        require_finite(self.hours_to_prediction, self.directory / "sequences.parquet", what="sequence",
+                       row_ids=row_ids, fix=fix)
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -34,8 +34,14 @@ def test_original_loading_api_encoder():
     padding_mask = torch.zeros(12, dtype=torch.bool)
     with torch.no_grad():
         logits = model({"embeddings": embeddings.unsqueeze(0), "padding_mask": padding_mask.unsqueeze(0)})
+        # the same patient padded with garbage rows (padding_mask True) scores the same; other events score otherwise
+        padded = torch.cat([embeddings, 100 * torch.randn(4, 384)]).unsqueeze(0)
+        mask = torch.cat([padding_mask, torch.ones(4, dtype=torch.bool)]).unsqueeze(0)
+        again = model({"embeddings": padded, "padding_mask": mask})
+        other = model({"embeddings": torch.randn(1, 12, 384), "padding_mask": padding_mask.unsqueeze(0)})
     assert logits.shape == (1, 2)
-    assert logits.argmax(-1).shape == (1,)
+    assert torch.allclose(logits, again, atol=1e-5)
+    assert not torch.allclose(logits, other, atol=1e-3)
 
 
 def test_gather_by_token_id_equals_explicit_embeddings():

@@ -22,14 +22,16 @@ def test_pipeline_script_runs_all_stages(sample_meds, tmp_path):
                        "vocab_embedding_path": str(tmp_path / "vocab"),
                        "embedding_output_dir": str(tmp_path / "store")},
               "vocab": {"min_count": 2}, "sequences": {"max_length": 32}}
-    model = {"model_dim": 16, "n_heads": 2, "n_layers": 1, "max_length": 32}
+    model = {"model_dim": 32, "n_heads": 2, "n_layers": 1, "max_length": 32}
     pre = {"model": {**model, "type": "transformer_decoder_embedded"},
            "data": {"embedding_output_dir": str(tmp_path / "store")},
-           "training": {"task": "autoregressive", "output_dir": str(tmp_path / "pre"), "epochs": 1}}
+           "training": {"task": "autoregressive", "output_dir": str(tmp_path / "pre"), "epochs": 2,
+                        "batch_size": 16, "learning_rate": 0.003}}
     fine = {"model": {**model, "type": "transformer_decoder_embedded"},
             "data": {"embedding_output_dir": str(tmp_path / "store")},
-            "training": {"output_dir": str(tmp_path / "fine"), "epochs": 1, "pretrained_checkpoint":
-                         str(tmp_path / "pre")}, "evaluate": {"n_bootstrap": 50}}
+            "training": {"output_dir": str(tmp_path / "fine"), "epochs": 12, "batch_size": 16, "learning_rate": 0.003,
+                         "class_weights": "auto", "pretrained_checkpoint": str(tmp_path / "pre")},
+            "evaluate": {"n_bootstrap": 50}}
     paths = []
     for name, cfg in (("create.yaml", stage1), ("pre.yaml", pre), ("fine.yaml", fine)):
         (tmp_path / name).write_text(yaml.safe_dump(cfg))
@@ -39,7 +41,8 @@ def test_pipeline_script_runs_all_stages(sample_meds, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "fine" / "reports" / "eval_held_out.json").read_text())
-    assert 0.0 <= report["auroc"]["value"] <= 1.0
-    assert (tmp_path / "pre" / "checkpoints" / "best" / "model.safetensors").is_file()
+    # the decoder, started from the pretrain run the script wrote, learns the label (measured AUROC 0.92; chance 0.5)
+    assert report["auroc"]["value"] > 0.8, report["auroc"]
+    assert "initialised from pretrained" in (tmp_path / "fine" / "train.log").read_text()
     bad = subprocess.run(["bash", str(SCRIPT), paths[0], "none"], cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr

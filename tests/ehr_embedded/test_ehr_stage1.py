@@ -158,3 +158,6 @@ def test_pretrain_windows_cover_each_training_timeline_once(built, tmp_path):
     run = train_config(tmp_path / "store", tmp_path / "pre", "training.epochs=1", "data.pretrain_split=pretrain",
                        "model.max_length=16", model_type="transformer_decoder_embedded", task="autoregressive")
     assert np.isfinite(pretrain(run)["loss"])
+    # data.pretrain_split=pretrain really trains on the windows, not on the label cuts of `train`
+    assert f"on {len(windows)} sequences" in (tmp_path / "pre" / "train.log").read_text()
+    assert len(windows) != len(open_split(tmp_path / "store", "train"))

@@ -19,7 +19,6 @@ new one, never a torn one, and a torn one never loads (the hashes would not matc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.cli import UserError
-from common.io import fsync_dir
+from common.io import fsync_dir, sha256_file
 from common.runs import FINGERPRINT_KEY, FORCE, check_fingerprint
 
 WEIGHTS_FILE = "model.safetensors"
@@ -68,14 +67,6 @@ def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
                     changed = True
         out[key] = value
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -122,7 +113,7 @@ def is_complete(ckpt_dir: Path) -> bool:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         for name, info in meta["files"].items():
             path = Path(ckpt_dir) / name
-            if not path.is_file() or path.stat().st_size != info["size"] or _sha256(path) != info["sha256"]:
+            if not path.is_file() or path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
                 return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -176,7 +167,7 @@ class CheckpointManager:
         files = {}
         for fname in (WEIGHTS_FILE, STATE_FILE):
             _fsync_file(tmp / fname)
-            files[fname] = {"size": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
+            files[fname] = {"size": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname)}
         full_meta = {"format_version": FORMAT_VERSION, "name": name, "files": files,
                      "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, default=str), encoding="utf-8")

@@ -30,6 +30,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
     """Call `write_fn(tmp_path)`, fsync, then rename onto `path`. The temporary file is removed on failure."""
     path = Path(path)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import UserError
+from common.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,7 @@ def file_identity(path: str | Path) -> dict[str, Any]:
     """`{"path", "size", "sha256"}` of a file, or of a directory (digest over relative names, sizes and contents)."""
     path = Path(path)
     if path.is_file():
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return {"path": str(path), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+        return {"path": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
     if path.is_dir():
         digest = hashlib.sha256()
         total = 0

@@ -20,7 +20,6 @@ NaN / inf embeddings (also float16 overflow) stop the run (exit 2) naming the sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from contextlib import nullcontext
@@ -37,7 +36,7 @@ from building_embed.generate.backbone import ImagePreprocess, build_backbone
 from building_embed.preprocess.schema import IDENTITY, IMAGE_BYTES, IMAGE_KEY
 from common.cli import UserError, config_main
 from common.distributed import barrier, cleanup_distributed, setup_distributed
-from common.io import atomic_write, require_finite, write_json
+from common.io import atomic_write, require_finite, sha256_file, write_json
 from common.logs import progress, setup_logging
 
 log = logging.getLogger(__name__)
@@ -64,14 +63,6 @@ class JpegDataset(Dataset):
 def shards_for_rank(shards: list[Path], rank: int, world_size: int) -> list[Path]:
     """Rank r takes shards r, r + W, r + 2W, ... (sorted by name), so ranks never share a shard."""
     return shards[rank::world_size]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_precision(autocast: str, device: torch.device) -> torch.dtype | None:

@@ -12,6 +12,9 @@ STAGES = {
     "preprocess.merge_and_split": "join, dedup, split by identity and place, cross-split leak audit",
     "preprocess.summarize_ids": "images / identities / place groups per split",
     "difficulty.compute_visual_neighbors": "exact kNN -> difficulty bands (difficulty_metadata.parquet)",
+    "train.train": "projection head: triplet loss, P x K batches, UCB1-chosen difficulty band; head vs frozen report",
+    "train.optuna_worker": "one Optuna worker on a shared RDB study (run several at once), pruned on val mAP@R",
+    "train.fetch_best_and_train": "the study's best trial's params -> the final training run",
 }
 
 

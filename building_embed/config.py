@@ -7,8 +7,8 @@ overrides go on the command line, e.g.
 
     python -m building_embed.preprocess.process_tar --config configs/building_embed/config.toml paths.tar_dir=/data/tars
 
-Each stage reads the sections it needs. `[training_model]` and `[training]` are declared now (the trainer is the next
-part of the issue) so that one file describes a whole experiment.
+Each stage reads the sections it needs; `[training_model]` and `[training]` drive train.train, train.optuna_worker and
+train.fetch_best_and_train.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ RESUME_CHOICES = ("auto", "false", "force")
 @dataclass
 class GlobalConfig:
     seed: int = 42
-    """Seed of the train / val / test split and (later) of training."""
+    """Seed of the train / val / test split and of training (head init, batch order, dropout)."""
     run_name: str = "default"
     """Name of the run directory under paths.runs_dir (training stages)."""
     resume: str | bool = "auto"
@@ -55,7 +55,8 @@ class PathsConfig:
     difficulty_dir: str = "data/building_embed/difficulty"
     """compute_visual_neighbors output: difficulty_metadata.parquet and difficulty_report.json."""
     runs_dir: str = "runs/building_embed"
-    """Training run directories (next part of the issue)."""
+    """Training run directories: paths.runs_dir/<global.run_name>/ (config.yaml, metrics.jsonl, checkpoints/,
+    reports/)."""
 
 
 @dataclass
@@ -101,18 +102,71 @@ class TrainingModelConfig:
     """Dropout inside the projection head."""
 
 
+MINER_CHOICES = ("all", "hard", "semihard", "easy", "none")
+
+
 @dataclass
 class TrainingConfig:
     epochs: int = 20
-    """Training epochs (trainer: next part of the issue)."""
+    """Training epochs (an epoch is training.batches_per_epoch P x K batches; may be raised to continue a run)."""
     lr: float = 1e-3
     """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (not on biases and norms)."""
     margin: float = 0.2
-    """Triplet-loss margin on cosine distance."""
+    """Triplet-loss margin on cosine distance (pytorch-metric-learning TripletMarginLoss, CosineSimilarity)."""
     identities_per_batch: int = 16
-    """P of a P x K batch."""
+    """P of a P x K batch (capped at the number of training identities)."""
     views_per_identity: int = 4
-    """K of a P x K batch."""
+    """K of a P x K batch (identities with fewer images repeat views)."""
+    negative_share: float = 0.5
+    """Share of the P identities of a batch drawn as negatives from the difficulty band the bandit chose; the rest
+    are anchor identities taken in a seeded order that visits every identity once per epoch."""
+    batches_per_epoch: int = 0
+    """Batches per epoch; 0 = training images // (P * K), at least 1."""
+    miner: str = "all"
+    """pytorch-metric-learning TripletMarginMiner type_of_triplets (all = every triplet violating the margin, hard,
+    semihard, easy) or none (every triplet of the batch)."""
+    ucb_exploration: float = 0.1
+    """UCB1 exploration constant c: score of a band = mean reward + c * sqrt(2 ln t / n_band). Rewards (relative
+    loss decreases of one step) are typically a few percent, so the textbook c = 1 would pull every band evenly."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 = off)."""
+    patience: int = 5
+    """Early stopping: epochs without a better validation mAP@R."""
+    keep_last_n: int = 2
+    """Periodic checkpoints kept (with training.save_every)."""
+    save_every: int = 0
+    """Also keep checkpoints/epoch_N every this many epochs (0 = only latest and best)."""
+    optuna_storage: str = "sqlite:///runs/building_embed/optuna.db"
+    """optuna_worker: RDB storage URL of the study (SQLite file, or PostgreSQL when several nodes share it)."""
+    optuna_study: str = "building_embed"
+    """optuna_worker / fetch_best_and_train: study name; trial runs go to
+    paths.runs_dir/optuna/<study>/trial_<n>."""
+    optuna_trials: int = 10
+    """optuna_worker: trials this worker runs."""
+    optuna_total_trials: int = 0
+    """optuna_worker: stop every worker once the study holds this many trials (0 = no cap)."""
+    optuna_epochs: int = 5
+    """optuna_worker: epochs of each (short) trial run; the median pruner judges val mAP@R after each."""
+    optuna_warmup_epochs: int = 1
+    """optuna_worker: epochs a trial runs before it may be pruned."""
+    optuna_hidden_dims: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    """optuna_worker: choices of training_model.hidden_dim (lr, margin, dropout and weight_decay are searched on
+    log / linear ranges fixed in optuna_worker.search_space)."""
+
+    def __post_init__(self) -> None:
+        if self.miner not in MINER_CHOICES:
+            raise ValueError(f"training.miner must be one of {MINER_CHOICES}, got {self.miner!r}")
+        if self.identities_per_batch < 2 or self.views_per_identity < 2:
+            raise ValueError(f"training.identities_per_batch ({self.identities_per_batch}) and "
+                             f"training.views_per_identity ({self.views_per_identity}) must be at least 2")
+        if not 0.0 < self.negative_share < 1.0:
+            raise ValueError(f"training.negative_share must be in (0, 1), got {self.negative_share}")
+        if self.lr <= 0 or self.margin < 0:
+            raise ValueError(f"training.lr ({self.lr}) must be > 0 and training.margin ({self.margin}) >= 0")
+        if self.patience < 1:
+            raise ValueError(f"training.patience must be >= 1, got {self.patience}")
 
 
 @dataclass
@@ -201,9 +255,11 @@ class LoggingConfig:
     level: str = "INFO"
     """Python logging level on rank 0."""
     tensorboard: bool = False
-    """Also write TensorBoard scalars during training (when installed; trainer: next part)."""
+    """Also write TensorBoard scalars to <run>/tensorboard (needs the tensorboard package; exit 2 when missing)."""
     wandb: bool = False
-    """Also log to W&B in offline mode during training (when installed; trainer: next part)."""
+    """Also log to W&B in offline mode under <run>/wandb (needs the wandb package; exit 2 when missing)."""
+    wandb_project: str = "building_embed"
+    """W&B project name of the offline run."""
 
 
 SECTIONS: dict[str, type] = {

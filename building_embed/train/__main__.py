@@ -1,0 +1,3 @@
+from building_embed.train import main
+
+raise SystemExit(main())

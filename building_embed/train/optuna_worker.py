@@ -1,0 +1,138 @@
+"""Stage 6a: one Optuna worker; start several (processes, nodes, SLURM array tasks) on the same storage.
+
+    python -m building_embed.train.optuna_worker --config configs/building_embed/sample.toml &
+    python -m building_embed.train.optuna_worker --config configs/building_embed/sample.toml &
+    python -m building_embed.train.optuna_worker --config configs/building_embed/config.toml \
+        training.optuna_storage=postgresql://user@db/optuna training.optuna_trials=20
+
+The study `training.optuna_study` lives in the RDB storage `training.optuna_storage` (SQLite by default; PostgreSQL
+when several nodes share it); each worker runs `training.optuna_trials` trials and all stop once the study holds
+`training.optuna_total_trials` (0 = no cap). Creating the study is serialised: two workers creating one SQLite
+study at once would kill one with a UNIQUE constraint error, so creation holds an exclusive lock on `<db>.lock`
+(SQLite) and any worker that still loses the race loads the study the winner created.
+
+A trial is a short training run (`training.optuna_epochs`) in its own run directory
+`paths.runs_dir/optuna/<study>/trial_<number>` (resume=false; no test-split report: the search never looks at test). It
+reports val mAP@R after every epoch; the median pruner (after `training.optuna_warmup_epochs`) stops trials below
+the median of earlier trials at the same epoch. The objective is the best val mAP@R. Parameters are stored under
+their dotted config keys (`training.lr`, `training_model.hidden_dim`, ...), which is how fetch_best_and_train
+applies them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import logging
+from pathlib import Path
+from typing import Any
+
+from building_embed.config import BuildingEmbedConfig
+from building_embed.train.train import run_training
+from common.cli import UserError, config_main
+
+log = logging.getLogger(__name__)
+
+
+def search_space(trial: Any, cfg: BuildingEmbedConfig) -> dict[str, Any]:
+    """The sampled parameters, keyed by dotted config key."""
+    return {
+        "training.lr": trial.suggest_float("training.lr", 1e-4, 1e-2, log=True),
+        "training.margin": trial.suggest_float("training.margin", 0.05, 0.5),
+        "training.weight_decay": trial.suggest_float("training.weight_decay", 1e-6, 1e-2, log=True),
+        "training_model.dropout": trial.suggest_float("training_model.dropout", 0.0, 0.3),
+        "training_model.hidden_dim": trial.suggest_categorical("training_model.hidden_dim",
+                                                               list(cfg.training.optuna_hidden_dims)),
+    }
+
+
+def apply_params(cfg: BuildingEmbedConfig, params: dict[str, Any]) -> BuildingEmbedConfig:
+    """A copy of `cfg` with each dotted `section.key` of `params` set (UserError for a key the config lacks)."""
+    out = copy.deepcopy(cfg)
+    for dotted, value in params.items():
+        section_name, _, key = dotted.partition(".")
+        try:
+            section = out.section(section_name)
+        except AttributeError:
+            section = None
+        if section is None or not hasattr(section, key):
+            raise UserError(f"study parameter {dotted!r} is not a config key; was the study made by another version?")
+        setattr(section, key, value)
+    return out
+
+
+@contextlib.contextmanager
+def creation_lock(storage: str):
+    """Exclusive file lock beside a SQLite database while the study is created; a no-op for other storages."""
+    prefix = "sqlite:///"
+    if not storage.startswith(prefix):
+        yield
+        return
+    db = Path(storage[len(prefix):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_study(cfg: BuildingEmbedConfig, create: bool = True):
+    import optuna
+
+    tc = cfg.training
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=tc.optuna_warmup_epochs)
+    if not create:
+        try:
+            return optuna.load_study(study_name=tc.optuna_study, storage=tc.optuna_storage, pruner=pruner)
+        except KeyError as exc:
+            raise UserError(f"training.optuna_storage={tc.optuna_storage}: no study named {tc.optuna_study!r}; run "
+                            "python -m building_embed.train.optuna_worker first") from exc
+    with creation_lock(tc.optuna_storage):
+        try:
+            return optuna.create_study(study_name=tc.optuna_study, storage=tc.optuna_storage, direction="maximize",
+                                       pruner=pruner, load_if_exists=True)
+        except optuna.exceptions.DuplicatedStudyError:  # another node created it between the check and the insert
+            return optuna.load_study(study_name=tc.optuna_study, storage=tc.optuna_storage, pruner=pruner)
+
+
+def trial_config(cfg: BuildingEmbedConfig, params: dict[str, Any], number: int) -> BuildingEmbedConfig:
+    out = apply_params(cfg, params)
+    out.global_.run_name = f"optuna/{cfg.training.optuna_study}/trial_{number:04d}"
+    out.global_.resume = "false"
+    out.training.epochs = cfg.training.optuna_epochs
+    return out
+
+
+def worker(cfg: BuildingEmbedConfig) -> int:
+    import optuna
+
+    study = open_study(cfg)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial_cfg = trial_config(cfg, search_space(trial, cfg), trial.number)
+        trial.set_user_attr("run_dir", str(Path(trial_cfg.paths.runs_dir) / trial_cfg.global_.run_name))
+
+        def report(epoch: int, record: dict[str, Any]) -> None:
+            trial.report(record["val_map@r"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val mAP@R {record['val_map@r']:.4f} at epoch {epoch}")
+
+        return float(run_training(trial_cfg, on_epoch=report, final_report=False)["best_val_map@r"])
+
+    callbacks = []
+    if cfg.training.optuna_total_trials:
+        callbacks.append(optuna.study.MaxTrialsCallback(cfg.training.optuna_total_trials, states=None))
+    study.optimize(objective, n_trials=cfg.training.optuna_trials, callbacks=callbacks, catch=())
+    states = [t.state.name for t in study.trials]
+    log.info("study %s: %d trials (%s)", study.study_name, len(states),
+             {s: states.count(s) for s in sorted(set(states))})
+    return 0
+
+
+main = config_main(BuildingEmbedConfig, worker, __doc__, prog="python -m building_embed.train.optuna_worker")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

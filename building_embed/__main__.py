@@ -15,6 +15,11 @@ STAGES = {
     "train.train": "projection head: triplet loss, P x K batches, UCB1-chosen difficulty band; head vs frozen report",
     "train.optuna_worker": "one Optuna worker on a shared RDB study (run several at once), pruned on val mAP@R",
     "train.fetch_best_and_train": "the study's best trial's params -> the final training run",
+    "publish.convert_to_hf": "trainer checkpoint + config -> Hugging Face directory (safetensors, auto_map, remote code)",
+    "publish.generate_embeddings_from_hf": "images -> backbone -> published head -> float32 embeddings parquet",
+    "publish.generate_embeddings_from_parquet": "stored backbone embeddings -> published head -> parquet, ids kept",
+    "publish.demo_usage": "load a published model, embed stored embeddings, print nearest neighbours",
+    "publish.estimate_model_size": "parameters, fp32 / fp16 bytes, safetensors size of a published model",
 }
 
 

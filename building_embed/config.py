@@ -193,7 +193,7 @@ class DataConfig:
     """Share of images (by whole place groups) in the test split."""
     neighbors_k: int = 50
     """compute_visual_neighbors: neighbours kept per embedding (self excluded)."""
-    knn_method: str = "faiss"
+    knn_method: str = "torch"
     """faiss (IndexFlatIP, exact) or torch (blocked matrix products)."""
     band_by: str = "rank"
     """Difficulty band of a neighbour of another identity: by its rank (band_edges are ranks, 1 = nearest) or by

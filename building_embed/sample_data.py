@@ -134,8 +134,9 @@ def make_dataset(out_dir: str | Path, n_regions: int = 3, targets_per_region: in
     """Write the tars and the manifest. Returns the manifest (also OUT/manifest.json)."""
     if not 1 <= n_regions <= len(REGION_ORIGINS):
         raise UserError(f"--regions {n_regions}: expected 1 to {len(REGION_ORIGINS)}")
-    if targets_per_region < 6 or views_per_target < 3:
-        raise UserError("need at least 6 targets per region and 3 views per target (the traps use them)")
+    if targets_per_region < 9 or views_per_target < 4:
+        raise UserError(f"--targets {targets_per_region} --views {views_per_target}: need at least 9 targets per region "
+                        f"and 4 views per target (the injected traps use targets 6-9 and view index 3)")
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     skips: Counter[str] = Counter()

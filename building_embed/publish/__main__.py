@@ -1,0 +1,3 @@
+from building_embed.publish import main
+
+raise SystemExit(main())

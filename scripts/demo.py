@@ -4,13 +4,14 @@
     python scripts/demo.py --out demo_output --packages price_fusion,cnc_gcode
 
 Each package exposes `<pkg>.demo.run_demo(out_dir) -> list[dict]` with rows
-`{"package", "stage", "metric", "value", "output"}`.
+`{"package", "stage", "metric", "value", "output"}`; all rows also go to `<out>/demo_table.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
 import traceback
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"[demo] {package}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         rows.extend(package_rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "demo_table.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     headers = ("package", "stage", "metric", "value", "output")
     table = [[_fmt(row.get(h, "")) for h in headers] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(headers)]

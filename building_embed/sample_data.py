@@ -134,9 +134,13 @@ def make_dataset(out_dir: str | Path, n_regions: int = 3, targets_per_region: in
     """Write the tars and the manifest. Returns the manifest (also OUT/manifest.json)."""
     if not 1 <= n_regions <= len(REGION_ORIGINS):
         raise UserError(f"--regions {n_regions}: expected 1 to {len(REGION_ORIGINS)}")
-    if targets_per_region < 9 or views_per_target < 4:
-        raise UserError(f"--targets {targets_per_region} --views {views_per_target}: need at least 9 targets per region "
-                        f"and 4 views per target (the injected traps use targets 6-9 and view index 3)")
+    # The traps of one region use targets up to 6 and 3 views; the cross-region copies take view index 3 of region
+    # 0's targets 6 and 7 and file them under targets 8 and 9 of the other regions.
+    need_targets, need_views = (9, 4) if n_regions > 1 else (6, 3)
+    if targets_per_region < need_targets or views_per_target < need_views:
+        raise UserError(f"--targets {targets_per_region} --views {views_per_target}: {n_regions} region(s) need at least "
+                        f"{need_targets} targets per region and {need_views} views per target (the injected traps use "
+                        f"them)")
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     skips: Counter[str] = Counter()

@@ -95,3 +95,12 @@ def test_sample_data_is_deterministic(tmp_path):
     c = make_dataset(tmp_path / "c", n_regions=1, targets_per_region=6, views_per_target=3, image_size=32, seed=6)
     assert (tmp_path / "c/tars/region_0.tar").read_bytes() != (tmp_path / "a/tars/region_0.tar").read_bytes()
     assert c["expected_skips"] == a["expected_skips"]
+
+
+def test_sample_data_refuses_sizes_its_traps_cannot_fit(tmp_path):
+    from common.cli import UserError
+
+    with pytest.raises(UserError, match="need at least 9 targets per region and 4 views"):
+        make_dataset(tmp_path / "x", n_regions=3, targets_per_region=8, views_per_target=4, image_size=32)
+    smallest = make_dataset(tmp_path / "y", n_regions=3, targets_per_region=9, views_per_target=4, image_size=32)
+    assert len(smallest["cross_identity_copies"]) == 2  # region 0's targets 6 and 7, copied once into another region

@@ -103,6 +103,7 @@ def main() -> int:
     same = {name: bool((outputs[name] == outputs["eager"]).all()) for name in outputs}
     print(f"identical greedy outputs vs eager: {same}")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"source": source, "threads": args.threads, "results": results,
                                               "identical_outputs": same}, indent=2))
     return 0

@@ -32,7 +32,7 @@ from torch import nn
 
 from common.cli import UserError
 from common.io import fsync_dir, sha256_file
-from common.runs import FINGERPRINT_KEY, FORCE, check_fingerprint
+from common.runs import FINGERPRINT_KEY, FORCE, check_fingerprint, resume_mode
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -104,20 +104,26 @@ def _pid_alive(pid_text: str) -> bool:
     return True
 
 
-def is_complete(ckpt_dir: Path) -> bool:
-    """True when `ckpt_dir/meta.json` exists and every file it lists has the recorded size and hash."""
+def complete_meta(ckpt_dir: Path) -> dict[str, Any] | None:
+    """The `meta.json` of `ckpt_dir` when it exists and every file it lists has the recorded size and hash, else
+    None. One hash pass: callers that need both the check and the metadata use this rather than twice over."""
     meta_path = Path(ckpt_dir) / META_FILE
     if not meta_path.is_file():
-        return False
+        return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         for name, info in meta["files"].items():
             path = Path(ckpt_dir) / name
             if not path.is_file() or path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
-                return False
+                return None
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return True
+        return None
+    return meta
+
+
+def is_complete(ckpt_dir: Path) -> bool:
+    """True when `ckpt_dir/meta.json` exists and every file it lists has the recorded size and hash."""
+    return complete_meta(ckpt_dir) is not None
 
 
 class CheckpointManager:
@@ -220,14 +226,16 @@ class CheckpointManager:
         Raises UserError when an explicit path does not hold a complete checkpoint, and (for `auto`, when this manager
         has a fingerprint) when `latest` was written by a run whose config or data differ from today's.
         """
-        if resume is None or resume is False or str(resume).lower() in ("false", "none", "no", ""):
+        mode = resume_mode(resume)
+        if mode == "off":
             return None
-        if str(resume).lower() in ("auto", FORCE):
+        if mode in ("auto", FORCE):
             latest = self.ckpt_dir / LATEST
-            if not is_complete(latest):
+            meta = complete_meta(latest)
+            if meta is None:
                 return None
             if self.fingerprint is not None:
-                check_fingerprint(latest, read_meta(latest).get(FINGERPRINT_KEY), self.fingerprint, resume)
+                check_fingerprint(latest, meta.get(FINGERPRINT_KEY), self.fingerprint, mode)
             return latest
         return find_checkpoint(resume)
 

@@ -6,8 +6,10 @@ SHA-256 of each input file, or a digest the package already keeps, e.g. of the i
 run only when today's fingerprint is the same; otherwise it stops with exit 2 *before anything is written*, naming
 each key that differs (old -> new) or the data file that changed. `resume=force` continues anyway and logs it.
 
+    fingerprint = make_fingerprint({"model": to_dict(cfg.model), "train": to_dict(cfg.train)},
+                                   data={"train_embeddings": path})
     start = open_run(run_dir, cfg, resume=cfg.train.resume, checkpoint_dirs=[run_dir / "checkpoints"],
-                     config=to_dict(cfg)["train"] | ..., data={"train_embeddings": path})
+                     fingerprint=fingerprint, resume_key="train.resume")
     manager = CheckpointManager(run_dir / "checkpoints", fingerprint=start.fingerprint)
     resumed = resume_from_checkpoint(manager, start.resume, model, optimizer, ...)
     if not start.resuming: write split files ...
@@ -124,8 +126,18 @@ def fingerprint_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -
     return changes
 
 
+def resume_mode(resume: Any) -> str:
+    """`off` (false / none / no / empty / None), `auto`, `force`, or `path` (anything else names a checkpoint)."""
+    if resume is None or resume is False:
+        return "off"
+    text = str(resume).lower()
+    if text in ("false", "none", "no", ""):
+        return "off"
+    return text if text in ("auto", FORCE) else "path"
+
+
 def is_force(resume: Any) -> bool:
-    return str(resume).lower() == FORCE
+    return resume_mode(resume) == FORCE
 
 
 def check_fingerprint(checkpoint: Path, recorded: Mapping[str, Any] | None, current: Mapping[str, Any],
@@ -154,15 +166,6 @@ class RunStart:
     forced_changes: list[str] = field(default_factory=list)
 
 
-def _latest_meta(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    from common.checkpoint import LATEST, META_FILE, is_complete
-
-    latest = Path(ckpt_dir) / LATEST
-    if not is_complete(latest):
-        return None
-    return latest, json.loads((latest / META_FILE).read_text(encoding="utf-8"))
-
-
 def open_run(run_dir: str | Path, cfg: Any, *, resume: str | bool | None, checkpoint_dirs: Sequence[str | Path],
              fingerprint: dict[str, Any], write_config: bool = True, is_main: bool | None = None,
              resume_key: str = "resume") -> RunStart:
@@ -174,26 +177,24 @@ def open_run(run_dir: str | Path, cfg: Any, *, resume: str | bool | None, checkp
     whatever changed; logged), false (start over), or an explicit checkpoint path (its differences are logged).
     `resume_key` is the dotted key users set (e.g. `train.resume`), named in the refusal.
     """
-    from common.checkpoint import META_FILE, find_checkpoint
+    from common.checkpoint import LATEST, complete_meta, read_meta
     from common.config import save_resolved_config
     from common.distributed import is_main_process
     from common.logs import setup_logging
 
     run_dir = Path(run_dir)
     setup_logging(None)  # stderr only until the check passes: a refused resume must not touch any log file
-    resume_text = str(resume).lower() if resume is not None else "false"
-    explicit = resume_text not in ("auto", FORCE, "false", "none", "no", "")
+    mode = resume_mode(resume)
     found = []
-    if resume_text in ("auto", FORCE):
-        found = [m for m in (_latest_meta(Path(d)) for d in checkpoint_dirs) if m is not None]
+    if mode in ("auto", FORCE):
+        found = [(latest, meta) for latest in (Path(d) / LATEST for d in checkpoint_dirs)
+                 if (meta := complete_meta(latest)) is not None]
     forced: list[str] = []
     for path, meta in found:
-        forced += check_fingerprint(path, meta.get(FINGERPRINT_KEY), fingerprint, resume_text, resume_key)
+        forced += check_fingerprint(path, meta.get(FINGERPRINT_KEY), fingerprint, mode, resume_key)
     explicit_changes: list[str] = []
-    if explicit:  # the user named a checkpoint: continue it, but say what differs from today's run
-        path = find_checkpoint(str(resume))
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        explicit_changes = fingerprint_changes(meta.get(FINGERPRINT_KEY), fingerprint)
+    if mode == "path":  # the user named a checkpoint: continue it, but say what differs from today's run
+        explicit_changes = fingerprint_changes(read_meta(str(resume)).get(FINGERPRINT_KEY), fingerprint)
     setup_logging(run_dir)
     if forced:
         log.warning("%s=force: continuing %s although its inputs changed: %s", resume_key, run_dir, "; ".join(forced))
@@ -201,7 +202,7 @@ def open_run(run_dir: str | Path, cfg: Any, *, resume: str | bool | None, checkp
         log.warning("%s=%s: that checkpoint was written with other inputs: %s", resume_key, resume,
                     "; ".join(explicit_changes))
     main = is_main_process() if is_main is None else is_main
-    resuming = bool(found) or explicit
+    resuming = bool(found) or mode == "path"
     if write_config and main and not resuming:
         save_resolved_config(cfg, run_dir)
     return RunStart(run_dir, fingerprint, resuming, resume if resume is not None else False, forced)

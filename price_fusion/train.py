@@ -36,7 +36,7 @@ from common.training import EarlyStopping, param_groups
 from .batching import FusionTensors, epoch_batches, load_split, predict_log_price
 from .config import PriceFusionConfig
 from .data import stratified_folds, stratified_split
-from .embeddings import load_embeddings
+from .embeddings import MANIFEST
 from .losses import build_loss
 from .model import build_model, init_output_bias
 from .predictions import log_to_price, write_predictions
@@ -149,9 +149,10 @@ PATH_KEYS = ("data.train_csv", "data.test_csv", "data.image_dir", "data.embeddin
 def run_fingerprint(cfg: PriceFusionConfig) -> dict:
     """What decides the weights of a training run: the data / model / train sections (less epochs, threads, device,
     resume and checkpoint cadence; `common.runs.VOLATILE_KEYS`), the training CSV and the train embedding files by
-    size and SHA-256, and the embedding store's digest of its id order."""
+    size and SHA-256, and the embedding store's digest of its id order. Call it after `load_split` has validated
+    the embedding folder (its manifest is read here as is)."""
     emb_dir = Path(cfg.data.embeddings_dir) / "train"
-    manifest = load_embeddings(emb_dir).manifest
+    manifest = json.loads((emb_dir / MANIFEST).read_text())
     sections = {name: to_dict(getattr(cfg, name)) for name in ("data", "model", "train")}
     return make_fingerprint(sections, data={"train_csv": cfg.data.train_csv, "train_embeddings": emb_dir},
                             digests={"train_embedding_ids": manifest.get("sample_ids_sha256", "")}, volatile=PATH_KEYS)
@@ -189,11 +190,12 @@ def _read_split(run_dir: Path, sample_ids: np.ndarray) -> list[tuple[np.ndarray,
 
 
 def _train(cfg: PriceFusionConfig, run_dir: Path) -> int:
-    # The fingerprint is checked against every checkpoint before anything is written (config.yaml, train.log).
-    start = open_run(run_dir, cfg, resume=cfg.train.resume, checkpoint_dirs=_checkpoint_dirs(run_dir, cfg.train.kfold),
-                     fingerprint=run_fingerprint(cfg), resume_key="train.resume")
+    # Inputs are read and validated (ids, prices, NaN/inf) and the fingerprint is checked against every checkpoint
+    # before anything is written (config.yaml, train.log).
     catalog, data = load_split(cfg.data.embeddings_dir, "train", cfg.data.train_csv, labelled=True,
                                bad_price=cfg.data.bad_price, use_image=cfg.model.use_image)
+    start = open_run(run_dir, cfg, resume=cfg.train.resume, checkpoint_dirs=_checkpoint_dirs(run_dir, cfg.train.kfold),
+                     fingerprint=run_fingerprint(cfg), resume_key="train.resume")
     log.info("%d training products (%d skipped for bad prices), %d with images", len(data), catalog.n_bad_prices,
              int(data.image_mask.sum()))
 

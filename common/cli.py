@@ -48,10 +48,28 @@ def _run_guarded(body: Callable[[], int | None], debug: bool) -> int:
     return EXIT_OK if code is None else int(code)
 
 
-def stage_parser(description: str | None, prog: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
-    """The shared parser: `--config FILE`, `--print-config`, `--debug` and trailing `dotted.key=value` overrides."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+class _ConfigStageParser(argparse.ArgumentParser):
+    """A stage parser whose help ends with the table of config keys of `cfg_cls`. The table is built (an `ast` pass
+    over the config sources, ~60 ms) only when help is printed, not at every start of the stage."""
+
+    def __init__(self, cfg_cls: type | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._cfg_cls = cfg_cls
+
+    def format_help(self) -> str:
+        if self._cfg_cls is not None and self.epilog is None:
+            from common.config import config_help
+
+            self.epilog = config_help(self._cfg_cls)
+        return super().format_help()
+
+
+def stage_parser(description: str | None, prog: str | None = None,
+                 cfg_cls: type | None = None) -> argparse.ArgumentParser:
+    """The shared parser: `--config FILE`, `--print-config`, `--debug` and trailing `dotted.key=value` overrides;
+    with `cfg_cls`, `--help` also lists every config key (type, default, docstring)."""
+    parser = _ConfigStageParser(cfg_cls, prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML or TOML file holding what differs from the defaults")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (defaults + file + overrides) as YAML and exit")
@@ -63,10 +81,10 @@ def stage_parser(description: str | None, prog: str | None = None, epilog: str |
 def config_main(cfg_cls: type, body: Callable[[Any], int | None], description: str | None = None,
                 prog: str | None = None) -> Callable[[Sequence[str] | None], int]:
     """Build `main(argv=None) -> int` for a config-driven stage: load the config, then call `body(cfg)`."""
-    from common.config import config_help, dump_config, load_config
+    from common.config import dump_config, load_config
 
     def main(argv: Sequence[str] | None = None) -> int:
-        parser = stage_parser(description, prog, epilog=config_help(cfg_cls))
+        parser = stage_parser(description, prog, cfg_cls)
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
         def run() -> int | None:

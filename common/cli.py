@@ -96,6 +96,7 @@ def config_main(cfg_cls: type, body: Callable[[Any], int | None], description: s
 
         return _run_guarded(run, args.debug)
 
+    main.config_class = cfg_cls  # type: ignore[attr-defined]  # what `--help` documents (checked by tests/test_repo.py)
     return main
 
 

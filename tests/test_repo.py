@@ -47,7 +47,12 @@ for name in sys.argv[1:]:
             main(["--help"])
         except SystemExit as exc:
             code = exc.code
-    results[name] = {"help_exit": code, "help": out.getvalue()}
+    undocumented = []
+    config_class = getattr(main, "config_class", None)
+    if config_class is not None:
+        from common.config import describe_config
+        undocumented = [key for key, _, _, doc in describe_config(config_class) if not doc]
+    results[name] = {"help_exit": code, "help": out.getvalue(), "undocumented": undocumented}
 print(json.dumps(results))
 '''
 
@@ -71,7 +76,7 @@ def _documented_stages() -> list[str]:
 
 def test_every_documented_stage_has_a_main_and_a_full_help() -> None:
     """`python -m <pkg>.<stage> --help` works for every stage the READMEs describe; a config-driven stage's help
-    lists its config keys with types and defaults (common.cli.config_main)."""
+    lists its config keys with types and defaults (common.cli.config_main), and every key has a docstring."""
     import json
 
     stages = _documented_stages()
@@ -86,3 +91,4 @@ def test_every_documented_stage_has_a_main_and_a_full_help() -> None:
         assert result["help_exit"] == 0, f"{name} --help exited {result['help_exit']}"
         if "--config" in result["help"]:
             assert "config keys" in result["help"] and " = " in result["help"], f"{name}: --help lists no config keys"
+        assert result["undocumented"] == [], f"{name}: config keys without a docstring: {result['undocumented']}"

@@ -152,24 +152,16 @@ def test_infinite_meds_numeric_value_exit_2_names_shard_and_row(built, tmp_path,
     assert not (tmp_path / "out" / "vocab").exists()
 
 
-def test_every_stage_has_a_main_and_every_config_key_a_docstring():
-    """`python -m ehr_embedded.<stage>` works for every stage `python -m ehr_embedded` lists (and the README's stage
-    table names), and `--help` explains every config key."""
-    import importlib
+def test_readme_stage_table_lists_only_real_stages():
+    """The README's stage table names only stages `python -m ehr_embedded` lists (tests/test_repo.py checks every
+    listed stage has a `main` and a docstring for every config key)."""
     import re
 
-    from common.config import describe_config
     from ehr_embedded.__main__ import STAGES
-    from ehr_embedded.config import PredictConfig
 
     readme = (Path(__file__).resolve().parents[2] / "ehr_embedded" / "README.md").read_text()
     in_readme = set(re.findall(r"^\| `(\w+)` \|", readme, flags=re.M))
     assert in_readme and in_readme <= set(STAGES), in_readme - set(STAGES)
-    for stage in STAGES:
-        assert callable(importlib.import_module(f"ehr_embedded.{stage}").main), stage
-    for cls in (Stage1Config, TrainConfig, ExportConfig, BaselineConfig, ConvertConfig, PredictConfig):
-        undocumented = [key for key, _, _, doc in describe_config(cls) if not doc]
-        assert not undocumented, (cls.__name__, undocumented)
 
 
 def test_summarize_table_quotes_the_reports(tmp_path, capsys):

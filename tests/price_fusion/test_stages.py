@@ -169,21 +169,14 @@ def test_shipped_config_list_is_complete():
     assert {p.name for p in CONFIGS} >= {"base.yaml", "demo.yaml", "moe.yaml", "ikea.yaml"}
 
 
-def test_every_readme_stage_has_a_main_and_help_documents_every_key(capsys):
-    """Each `python -m price_fusion.<stage>` the README names is a module with `main(argv)`; `--help` lists every
-    config key with its type, default and docstring."""
-    import importlib
+def test_readme_names_every_stage_and_help_documents_keys(capsys):
+    """The README names every price_fusion stage (tests/test_repo.py checks each named stage has a `main` and a
+    docstring for every config key); `--help` shows a key with its type, default and docstring."""
     import re
-
-    from common.config import describe_config
 
     readme = (Path(__file__).resolve().parents[2] / "price_fusion" / "README.md").read_text()
     stages = set(re.findall(r"python -m price_fusion\.(\w+)", readme))
     assert {"sample_data", "embed", "train", "evaluate", "predict", "gbt", "ensemble", "ikea"} <= stages
-    for stage in stages:
-        assert callable(importlib.import_module(f"price_fusion.{stage}").main), stage
-    undocumented = [key for key, _, _, doc in describe_config(PriceFusionConfig) if not doc]
-    assert undocumented == []
     with pytest.raises(SystemExit) as exited:
         evaluate.main(["--help"])
     out = capsys.readouterr().out

@@ -38,6 +38,7 @@ from common.cli import UserError, config_main
 from common.distributed import barrier, cleanup_distributed, setup_distributed
 from common.io import atomic_write, require_finite, sha256_file, write_json
 from common.logs import progress, setup_logging
+from common.runs import fingerprint_changes, flatten
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +186,10 @@ def generate(cfg: BuildingEmbedConfig) -> int:
 
 
 def _differences(previous: dict | None, current: dict) -> str:
+    """`settings.img_size: 28 -> 42; ...`: the dotted keys of a shard's recorded metadata that differ (common.runs)."""
     if previous is None:
         return "no building_embed metadata"
-    flat_old = {**{f"settings.{k}": v for k, v in previous.get("settings", {}).items()},
-                **{k: v for k, v in previous.items() if k != "settings"}}
-    flat_new = {**{f"settings.{k}": v for k, v in current["settings"].items()},
-                **{k: v for k, v in current.items() if k != "settings"}}
-    changed = [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in sorted(set(flat_old) | set(flat_new))
-               if flat_old.get(k) != flat_new.get(k)]
-    return "; ".join(changed)
+    return "; ".join(fingerprint_changes({"config": flatten(previous)}, {"config": flatten(current)}))
 
 
 def _write_manifest(shards: list[Path], out_dir: Path, dim: int, settings: dict) -> None:

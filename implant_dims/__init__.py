@@ -1,1 +1,1 @@
-"""implant_dims: dental implant length and diameter (mm) from radiographs. Placeholder until its issue lands."""
+"""implant_dims: dental implant length and diameter (mm) from radiographs with company and model-type embeddings."""

@@ -1,0 +1,328 @@
+"""Typed configuration of every implant_dims stage. A config file states only what differs from these defaults.
+
+One YAML file describes an experiment: the data, the two ViT classifiers, the visual backbone, the regressors, HPO
+and prediction; each stage reads the sections it needs. Run layout under `<run.out_dir>/<run.name>/`:
+
+    classifier_company/      train_classifier classifier.target=company   (checkpoints/, metrics.jsonl, reports/)
+    classifier_model_type/   train_classifier classifier.target=model_type
+    single_<embedding>/      train_regression (the single-embedding baseline)
+    <regression.out_subdir>/ train_dual (default dual/; ablations set their own subdir)
+    hpo/                     hpo studies (optuna.db) and analyze_tuning_results reports
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODEL_SIZES = ("tiny", "small", "base", "large")
+TARGETS = ("company", "model_type")
+ATTENTION_TYPES = ("dual", "triple", "hierarchical", "cross", "concat")
+RESUME_CHOICES = ("auto", "force", "false")
+
+
+def _check_choice(value: object, choices: tuple, key: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    """Run directory: <out_dir>/<name>/ (one folder per stage inside, see the module docstring)."""
+    out_dir: str = "runs/implant_dims"
+    """Folder holding the run directories."""
+    seed: int = 0
+    """Seed of weight initialisation, dropout, augmentation and each epoch's order."""
+    device: str = "auto"
+    """auto (cuda when present, else cpu), cpu, cuda, cuda:1 ... Under torchrun each rank takes its local GPU."""
+    amp: str = "auto"
+    """Mixed precision: auto (bf16 autocast on CUDA, off on CPU), off, bf16, fp16 (fp16 uses a GradScaler)."""
+    num_threads: int = 0
+    """torch CPU threads (0 leaves torch's default)."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.amp, ("auto", "off", "bf16", "fp16"), "run.amp")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclass
+class DataConfig:
+    train_json: str = "data/implant_dims/sample/augmented_train.json"
+    """Training records: a JSON list of {image_path, company, model_type, length, diameter[, thread_type, group]}."""
+    val_json: str = "data/implant_dims/sample/augmented_val.json"
+    """Validation records (model selection, early stopping, HPO objective), same layout."""
+    test_json: str = "data/implant_dims/sample/test.json"
+    """Held-out records of company / model-type combinations seen in training (reports only; '' = none)."""
+    unseen_json: str = "data/implant_dims/sample/unseen_test.json"
+    """Held-out records of combinations never seen in training (reported separately; '' = none)."""
+    image_root: str = ""
+    """Folder relative image paths resolve against ('' = each JSON file's folder)."""
+    img_size: int = 64
+    """Square model input side: each image is letterboxed (aspect kept, never stretched) to it."""
+    catalogue_csv: str = ""
+    """Manufacturer catalogue (company, model_type, length, diameter): predictions can snap to its sizes."""
+
+
+@dataclass
+class VitConfig:
+    model_size: str = "tiny"
+    """tiny (from scratch: tests, demo, sample data) | small | base | large (timm vit_<size>_patch16_224)."""
+    patch_size: int = 8
+    """Patch side in pixels (tiny only; small/base/large keep 16)."""
+    embed_dim: int = 64
+    """Token width (tiny only)."""
+    depth: int = 3
+    """Transformer blocks (tiny only)."""
+    num_heads: int = 4
+    """Attention heads (tiny only)."""
+    drop_rate: float = 0.0
+    """Dropout inside the ViT."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth inside the ViT."""
+    global_pool: str = "token"
+    """Image feature: token (class token, as pretrained ViTs) | avg (mean of patch tokens: trains much faster from
+    scratch on small data; the tiny configs use it)."""
+    weights: str = ""
+    """Local pretrained weights file for small/base/large (timm pretrained_cfg_overlay); nothing is downloaded."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.model_size, MODEL_SIZES, "model_size")
+        _check_choice(self.global_pool, ("token", "avg"), "global_pool")
+
+
+@dataclass
+class ClassifierConfig:
+    target: str = "company"
+    """What train_classifier learns: company or model_type (each becomes a frozen embedding model)."""
+    vit: VitConfig = field(default_factory=VitConfig)
+    """The classifier's ViT backbone."""
+    embedding_dim: int = 256
+    """Width of the embedding layer the regressors reuse (the original's 256-d features)."""
+    dropout: float = 0.1
+    """Dropout after the embedding layer."""
+    epochs: int = 30
+    """Training epochs; raising it on a finished run continues that run."""
+    batch_size: int = 64
+    """Images per optimizer step."""
+    lr: float = 1e-3
+    """AdamW peak learning rate (cosine decay after a linear warmup)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not on biases, norms, position embeddings)."""
+    warmup_epochs: int = 2
+    """Linear warmup in epochs."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    augment: bool = True
+    """Training augmentation (small rotation, flips, contrast, noise; never scaling)."""
+    patience: int = 10
+    """Early stopping: epochs without a better validation accuracy."""
+    top_k: int = 3
+    """k of the reported top-k accuracy."""
+    resume: str | bool = "auto"
+    """auto: continue checkpoints/latest when its config and data match (else exit 2 naming the change); force;
+    false (start over); or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.target, TARGETS, "classifier.target")
+
+
+@dataclass
+class VisualConfig:
+    vit: VitConfig = field(default_factory=VitConfig)
+    """The visual-feature ViT of the regressors (the original's ViT-Base, 768-d)."""
+    init: str = "scratch"
+    """scratch (or vit.weights when given) | company | model_type: start from that classifier's trained backbone."""
+    frozen_in_stage0: bool = False
+    """Freeze the visual backbone with the embedding models during the head-only epochs (true for a pretrained
+    backbone; a from-scratch one must train from the start)."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.init, ("scratch", "company", "model_type"), "visual.init")
+
+
+@dataclass
+class RegressionConfig:
+    attention_type: str = "triple"
+    """Fusion of visual, company and model features: dual | triple | hierarchical | cross | concat."""
+    embedding: str = "company"
+    """train_regression only: which single classifier's embedding the baseline uses (company | model_type)."""
+    company_checkpoint: str = ""
+    """Company classifier checkpoint ('' = <run_dir>/classifier_company/checkpoints/best)."""
+    model_checkpoint: str = ""
+    """Model-type classifier checkpoint ('' = <run_dir>/classifier_model_type/checkpoints/best)."""
+    out_subdir: str = "dual"
+    """train_dual writes <run_dir>/<out_subdir>/ (ablations use their own, e.g. dual_cross)."""
+    fusion_dim: int = 128
+    """Width each input is projected to before the attention fusion."""
+    head_hidden: int = 128
+    """Hidden width of the regression head."""
+    dropout: float = 0.1
+    """Dropout in the fusion and the head (also what Monte Carlo dropout samples)."""
+    aux_thread_weight: float = 0.0
+    """Weight of the auxiliary thread-type cross-entropy (0 = no thread head)."""
+    loss: str = "smooth_l1"
+    """Loss on standardised (length, diameter): l1 | smooth_l1 | mse."""
+    epochs: int = 60
+    """Training epochs; raising it on a finished run continues that run."""
+    batch_size: int = 64
+    """Images per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum * world size)."""
+    lr: float = 1e-3
+    """Base learning rate of the fusion and head (AdamW, cosine with warmup)."""
+    embedder_lr_mult: float = 0.1
+    """Learning rate of the embedding models as a fraction of lr (the original: 10%)."""
+    visual_lr_mult: float = 1.0
+    """Learning rate of the visual backbone as a fraction of lr."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not on biases, norms, position embeddings)."""
+    warmup_epochs: int = 2
+    """Linear warmup in epochs."""
+    unfreeze_half_epoch: int = 20
+    """From this epoch (0-based) the last half of each embedding model's blocks train (the original: 20)."""
+    unfreeze_all_epoch: int = 40
+    """From this epoch both embedding models train whole (the original: 40)."""
+    unfreeze_fraction: float = 0.5
+    """Share of each embedding model's blocks (the last ones) unfrozen at unfreeze_half_epoch."""
+    augment: bool = False
+    """Training augmentation (rotation, flips, contrast, noise; never scaling, which would change the mm scale)."""
+    cache_features: bool = True
+    """While every feature extractor is frozen and augmentation is off, compute their features once and reuse
+    them (the head-only epochs then skip the ViTs)."""
+    patience: int = 20
+    """Early stopping on validation mean MAE (counted only after the last unfreezing step)."""
+    mc_samples: int = 30
+    """Monte Carlo dropout passes for the uncertainty reported on held-out data."""
+    interval: float = 0.9
+    """Nominal coverage of the reported prediction intervals (mean ± z * std)."""
+    resume: str | bool = "auto"
+    """auto: continue checkpoints/latest when its config and data match (else exit 2 naming the change); force;
+    false (start over); or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.attention_type, ATTENTION_TYPES, "regression.attention_type")
+        _check_choice(self.embedding, TARGETS, "regression.embedding")
+        _check_choice(self.loss, ("l1", "smooth_l1", "mse"), "regression.loss")
+        if not 0 <= self.unfreeze_half_epoch <= self.unfreeze_all_epoch:
+            raise ValueError("regression.unfreeze_half_epoch must be between 0 and regression.unfreeze_all_epoch")
+
+
+@dataclass
+class HpoConfig:
+    kind: str = "dual"
+    """Which study: classifier (maximise validation accuracy of classifier.target) or dual (minimise validation mean
+    MAE of length and diameter)."""
+    study_name: str = ""
+    """Optuna study name ('' = implant_classifier_<classifier.target> or implant_dual)."""
+    storage: str = ""
+    """Optuna RDB storage URL shared by the workers ('' = sqlite:///<run_dir>/hpo/optuna.db)."""
+    n_trials: int = 20
+    """Finished (complete or pruned) trials the study should hold, over all workers and re-runs (the original: 20);
+    re-running with a larger number continues the study."""
+    n_workers: int = 4
+    """Parallel worker processes this command starts (the original: 4 parallel jobs); 1 = run in-process."""
+    worker_index: int = 0
+    """Index of this worker (set by the parent for the workers it starts; it seeds the worker's sampler)."""
+    trial_epochs: int = 0
+    """Epochs per trial (0 = the stage's own epochs: classifier.epochs or regression.epochs)."""
+    pruner: str = "median"
+    """median | hyperband | none: stop unpromising trials from their per-epoch validation score."""
+    pruner_warmup_epochs: int = 2
+    """Epochs every trial runs before the median pruner may stop it."""
+    sampler_seed: int = 0
+    """TPE sampler seed (each worker adds its index, and each trial the number of trials already in the study)."""
+    heartbeat_interval: int = 60
+    """Seconds between a running trial's heartbeats in the storage."""
+    grace_period: int = 180
+    """A running trial whose last heartbeat is older than this (its worker was killed) is marked failed and
+    re-queued with the same parameters by the next worker or re-run."""
+    max_retries: int = 2
+    """How often a trial whose worker died is re-queued."""
+    max_failures: int = 5
+    """A worker stops (exit 1) after this many of its trials failed in a row (0 = never)."""
+    classifier_model_sizes: list[str] = field(default_factory=lambda: ["tiny"])
+    """kind=classifier: ViT sizes to try (small / base / large need a GPU and local weights)."""
+    classifier_lr: list[float] = field(default_factory=lambda: [1e-4, 3e-3])
+    """kind=classifier: [low, high] of the log-uniform classifier.lr."""
+    classifier_batch_sizes: list[int] = field(default_factory=lambda: [16, 32, 64])
+    """kind=classifier: classifier.batch_size choices."""
+    fusion_dims: list[int] = field(default_factory=lambda: [128, 256, 512])
+    """kind=dual: regression.fusion_dim choices, the original's embedding dimension 128 / 256 / 512 (the width each
+    embedding is projected to before fusion; the classifiers' own embedding layers are fixed once trained)."""
+    attention_types: list[str] = field(default_factory=lambda: ["dual", "triple", "hierarchical"])
+    """kind=dual: regression.attention_type choices."""
+    unfreeze_schedules: list[list[int]] = field(default_factory=lambda: [[10, 30], [20, 40], [30, 50]])
+    """kind=dual: [regression.unfreeze_half_epoch, regression.unfreeze_all_epoch] pairs to try."""
+    regression_lr: list[float] = field(default_factory=lambda: [1e-4, 3e-3])
+    """kind=dual: [low, high] of the log-uniform regression.lr."""
+    embedder_lr_mult: list[float] = field(default_factory=lambda: [0.01, 0.3])
+    """kind=dual: [low, high] of the log-uniform regression.embedder_lr_mult."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.kind, ("classifier", "dual"), "hpo.kind")
+        _check_choice(self.pruner, ("median", "hyperband", "none"), "hpo.pruner")
+        for key in ("n_trials", "n_workers", "heartbeat_interval", "grace_period"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"hpo.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("worker_index", "trial_epochs", "pruner_warmup_epochs", "max_retries", "max_failures"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"hpo.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("classifier_lr", "regression_lr", "embedder_lr_mult"):
+            bounds = getattr(self, key)
+            if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+                raise ValueError(f"hpo.{key} must be [low, high] with 0 < low <= high, got {bounds}")
+        for key in ("classifier_model_sizes", "classifier_batch_sizes", "fusion_dims", "attention_types",
+                    "unfreeze_schedules"):
+            if not getattr(self, key):
+                raise ValueError(f"hpo.{key} must list at least one choice")
+        for size in self.classifier_model_sizes:
+            _check_choice(size, MODEL_SIZES, "hpo.classifier_model_sizes[]")
+        for attention in self.attention_types:
+            _check_choice(attention, ATTENTION_TYPES, "hpo.attention_types[]")
+        for key in ("classifier_batch_sizes", "fusion_dims"):
+            if any(v < 1 for v in getattr(self, key)):
+                raise ValueError(f"hpo.{key} must hold positive integers, got {getattr(self, key)}")
+        for pair in self.unfreeze_schedules:
+            if len(pair) != 2 or not 0 <= pair[0] <= pair[1]:
+                raise ValueError(f"hpo.unfreeze_schedules: each entry is [half_epoch, all_epoch] with "
+                                 f"0 <= half_epoch <= all_epoch, got {pair}")
+
+
+@dataclass
+class PredictConfig:
+    input: str = ""
+    """An image (PNG, JPEG, DICOM), a folder of them, or a JSON list of records."""
+    checkpoint: str = ""
+    """Regressor checkpoint ('' = <run_dir>/<regression.out_subdir>/checkpoints/best)."""
+    out: str = ""
+    """Output CSV ('' = <run_dir>/predictions/<input stem>.csv)."""
+    mc_samples: int = 30
+    """Monte Carlo dropout passes per image (0 = a single deterministic pass, no uncertainty)."""
+    interval: float = 0.9
+    """Coverage of the written interval columns (mean ± z * std)."""
+    snap_to_catalogue: bool = False
+    """Also write the nearest catalogue size (data.catalogue_csv) of the predicted company / model type."""
+    batch_size: int = 64
+    """Images per forward pass."""
+
+
+@dataclass
+class ImplantConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run name, output folder, seed, device, mixed precision."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Record files, image root, input size, catalogue."""
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    """train_classifier: the company or model-type ViT classifier."""
+    visual: VisualConfig = field(default_factory=VisualConfig)
+    """The regressors' visual-feature backbone."""
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
+    """train_regression / train_dual: fusion, head, unfreezing schedule, optimisation."""
+    hpo: HpoConfig = field(default_factory=HpoConfig)
+    """Optuna studies."""
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    """predict: input, checkpoint, uncertainty, catalogue snapping."""

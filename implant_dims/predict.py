@@ -1,0 +1,159 @@
+"""Stage 6: implant length and diameter (mm) with an uncertainty for each image, from a trained regressor.
+
+    python -m implant_dims.predict --config configs/implant_dims/sample.yaml predict.input=path/to/crop.png
+    python -m implant_dims.predict --config configs/implant_dims/sample.yaml predict.input=data/real_crops/records.json
+    python -m implant_dims.predict --config ... predict.input=scans/ predict.snap_to_catalogue=true
+
+Input: one image (PNG, JPEG or DICOM), a folder of them, or a JSON list of records (the training layout; unknown
+sizes allowed). Output: a CSV (predict.out, default <run_dir>/predictions/<input stem>.csv) with one row per image:
+length_mm, diameter_mm (the Monte Carlo dropout mean over predict.mc_samples passes), their std, the
+predict.interval interval (mean ± z·std, the std scaled by the factor fitted on validation data when the run's
+reports/results_val.json has one), the company and model type the embedding models' classifier heads read, the
+nearest catalogue size when predict.snap_to_catalogue is set, and the true sizes when the records have them.
+Images that cannot be read are skipped, counted and logged; nothing usable is an error (exit 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.cli import UserError, config_main
+from common.io import atomic_write_text
+from common.logs import setup_logging
+from implant_dims.config import ImplantConfig
+from implant_dims.data import ImplantRecord, check_image, is_dicom, load_records
+from implant_dims.engine import Runtime, start_runtime
+from implant_dims.models import mc_dropout_predict
+from implant_dims.regression import (
+    DIMS,
+    load_catalogue,
+    make_dataset,
+    predict_dataset,
+    predicted_keys,
+    regressor_from_checkpoint,
+    snap,
+    z_for,
+)
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+
+
+def input_records(path: Path) -> list[ImplantRecord]:
+    """Records for predict.input: a JSON list, one image, or every image in a folder (unreadable ones skipped)."""
+    if not path.exists():
+        raise UserError(f"predict.input: {path} does not exist; give an image, a folder of images or a records JSON")
+    if path.is_file() and path.suffix.lower() == ".json":
+        records, _ = load_records(path, require_labels=False)
+        return records
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and (
+        p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p)))
+    records, skipped = [], {}
+    for i, file in enumerate(files):
+        problem = check_image(file)
+        if problem is not None:
+            skipped.setdefault(problem, []).append(file.name)
+            continue
+        records.append(ImplantRecord(image_path=file.resolve(), company=None, model_type=None, length=None,
+                                     diameter=None, index=i))
+    for reason, names in skipped.items():
+        log.warning("skipped %d image(s), %s: %s", len(names), reason, ", ".join(names[:5]))
+    if not records:
+        detail = "; ".join(f"{r}: {', '.join(n[:3])}" for r, n in skipped.items()) or "no image files found"
+        raise UserError(f"predict.input: nothing to predict in {path} ({detail})")
+    return records
+
+
+def val_std_scale(checkpoint: Path) -> np.ndarray | None:
+    """The std multiplier train_dual fitted on validation data (reports/results_val.json beside the checkpoints)."""
+    report = checkpoint.resolve().parents[1] / "reports" / "results_val.json"
+    if report.is_file():
+        scale = json.loads(report.read_text()).get("std_scale_fitted_on_val")
+        if scale is not None:
+            return np.asarray(scale, dtype=np.float64)
+    return None
+
+
+def predict(cfg: ImplantConfig) -> Path:
+    pc = cfg.predict
+    setup_logging(None)
+    source = Path(pc.input)
+    checkpoint = Path(pc.checkpoint) if pc.checkpoint else \
+        cfg.run.run_dir / cfg.regression.out_subdir / "checkpoints" / "best"
+    if not checkpoint.exists():
+        raise UserError(f"predict.checkpoint: no regressor checkpoint at {checkpoint}; run `python -m "
+                        f"implant_dims.train_dual` first or set predict.checkpoint")
+    records = input_records(source)
+    rt: Runtime = start_runtime(cfg)
+    model, meta = regressor_from_checkpoint(checkpoint)
+    model.to(rt.device)
+    dataset = make_dataset(records, meta, int(meta["img_size"]))
+    det = predict_dataset(model, dataset, rt)
+    if pc.mc_samples > 0:
+        means, stds = [], []
+        for start in range(0, len(dataset), pc.batch_size):
+            idx = range(start, min(start + pc.batch_size, len(dataset)))
+            images = torch.stack([dataset[i]["image"] for i in idx]).to(rt.device)
+            mean, std = mc_dropout_predict(model, images, n_samples=pc.mc_samples, generator_seed=cfg.run.seed)
+            means.append(mean.cpu().numpy())
+            stds.append(std.cpu().numpy())
+        pred, std = np.concatenate(means), np.concatenate(stds)
+    else:
+        pred, std = det["pred_mm"], np.zeros_like(det["pred_mm"])
+    scale = val_std_scale(checkpoint)
+    half = z_for(pc.interval) * std * (scale if scale is not None else 1.0)
+    keys = predicted_keys(det, meta, records)
+    snapped = None
+    if pc.snap_to_catalogue:
+        if not cfg.data.catalogue_csv:
+            raise UserError("predict.snap_to_catalogue=true needs data.catalogue_csv (company, model_type, length, "
+                            "diameter)")
+        train_std = np.asarray(model.target_std.cpu().numpy(), dtype=np.float64)
+        snapped = snap(pred, keys, load_catalogue(cfg.data.catalogue_csv), train_std)
+    out = Path(pc.out) if pc.out else cfg.run.run_dir / "predictions" / f"{source.stem}.csv"
+    rows = []
+    for i, r in enumerate(records):
+        row = {"image_path": str(r.image_path), "company_pred": keys[i][0], "model_type_pred": keys[i][1]}
+        for k, dim in enumerate(DIMS):
+            row[f"{dim}_mm"] = round(float(pred[i, k]), 4)
+            row[f"{dim}_std_mm"] = round(float(std[i, k]), 4)
+            row[f"{dim}_low_mm"] = round(float(pred[i, k] - half[i, k]), 4)
+            row[f"{dim}_high_mm"] = round(float(pred[i, k] + half[i, k]), 4)
+            if snapped is not None:
+                row[f"{dim}_catalogue_mm"] = float(snapped[i, k])
+            true = getattr(r, dim)
+            row[f"{dim}_true_mm"] = "" if true is None else float(true)
+        rows.append(row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, _csv_text(rows))
+    log.info("wrote %d predictions to %s (%s; interval %.0f%%%s)", len(rows), out,
+             f"{pc.mc_samples} MC-dropout passes" if pc.mc_samples else "deterministic", 100 * pc.interval,
+             ", std scaled by the validation fit" if scale is not None else "")
+    return out
+
+
+def _csv_text(rows: list[dict]) -> str:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _main(cfg: ImplantConfig) -> int:
+    predict(cfg)
+    return 0
+
+
+main = config_main(ImplantConfig, _main, __doc__, prog="python -m implant_dims.predict")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

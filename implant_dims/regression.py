@@ -1,0 +1,464 @@
+"""The regressor training loop shared by train_dual (company + model-type embeddings) and train_regression (one
+embedding, the baseline), and the held-out report both write.
+
+The loop, per epoch (1-based; the unfreezing epochs of the config are 0-based like the original's "epoch 0-20"):
+stage 0 trains the fusion and heads on frozen embedding models (and a frozen visual backbone when
+`visual.frozen_in_stage0`); stage 1, from `unfreeze_half_epoch`, also the last half of each embedding model's
+blocks; stage 2, from `unfreeze_all_epoch`, everything. While every feature extractor is frozen and augmentation is
+off their features are computed once per stage and reused (`regression.cache_features`), which changes no number:
+the frozen parts run in eval mode and draw no random numbers. Micro-batches accumulate `grad_accum` times per
+optimizer step; autocast follows run.amp; under torchrun the model is DDP-wrapped (re-wrapped when the set of
+trainable parameters changes, as DDP fixes it at construction).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, read_meta, resume_from_checkpoint
+from common.cli import UserError
+from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
+from common.io import write_json
+from common.logs import MetricsWriter, progress
+from common.runs import open_run
+from common.seed import seed_everything
+from common.training import EarlyStopping, cosine_with_warmup
+from implant_dims.config import ImplantConfig
+from implant_dims.data import ImplantDataset, ImplantRecord, check_class_lists, class_list
+from implant_dims.engine import Runtime, collate, epoch_batches, scatter_plot, start_runtime
+from implant_dims.models import EmbeddingClassifier, ImplantRegressor, build_vit, mc_dropout_predict
+from implant_dims.runtime import (
+    autocast,
+    build_classifier_from_meta,
+    class_indices,
+    classifier_checkpoint,
+    load_classifier,
+    load_split,
+    optional_splits,
+    set_threads,
+    stage_fingerprint,
+    vit_spec,
+)
+
+log = logging.getLogger(__name__)
+DIMS = ("length", "diameter")
+
+
+def stage_for(epoch: int, cfg: ImplantConfig) -> int:
+    """Unfreezing stage of 1-based `epoch` (the config's epochs are 0-based: epoch 1 is the original's epoch 0)."""
+    rc = cfg.regression
+    zero_based = epoch - 1
+    return 2 if zero_based >= rc.unfreeze_all_epoch else 1 if zero_based >= rc.unfreeze_half_epoch else 0
+
+
+class _Step(torch.nn.Module):
+    """One module for DDP to wrap: runs the regressor from images, or from cached features."""
+
+    def __init__(self, model: ImplantRegressor) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor | None = None, feats: dict | None = None) -> dict:
+        return self.model.forward_features(feats) if feats is not None else self.model(images)
+
+
+def regression_loss(pred_std: torch.Tensor, target_std: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "l1":
+        return F.l1_loss(pred_std, target_std)
+    if kind == "mse":
+        return F.mse_loss(pred_std, target_std)
+    return F.smooth_l1_loss(pred_std, target_std, beta=0.5)
+
+
+def build_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attention_type: str,
+                    train_records: list[ImplantRecord]) -> tuple[ImplantRegressor, dict, dict[str, str]]:
+    """The regressor on the trained classifiers: (model, the meta a checkpoint records to rebuild it, the SHA-256 of
+    each classifier's weights for the resume fingerprint). Refuses a classifier whose class list misses a company or
+    model type of the training data."""
+    rc = cfg.regression
+    embedders: dict[str, EmbeddingClassifier] = {}
+    metas, digests = {}, {}
+    for name in embedder_names:
+        path = classifier_checkpoint(cfg, name)
+        model, meta, sha = load_classifier(path, name)
+        check_class_lists(meta["classes"], class_list(train_records, name), name, str(path))
+        embedders[name], metas[name], digests[f"classifier_{name}"] = model, meta, sha
+    if cfg.visual.init == "scratch":
+        spec = vit_spec(cfg.visual.vit, cfg.data.img_size)
+        visual = build_vit(spec)
+        visual_spec = spec
+    else:  # start from a trained classifier's backbone (no pretrained image weights can be had here)
+        source = embedders.get(cfg.visual.init)
+        if source is None:
+            source, _, _ = load_classifier(classifier_checkpoint(cfg, cfg.visual.init), cfg.visual.init)
+        visual = copy.deepcopy(source.backbone)
+        visual_spec = source.spec
+    thread_classes = class_list(train_records, "thread_type") if rc.aux_thread_weight > 0 else []
+    model = ImplantRegressor(embedders, visual, attention_type=attention_type, fusion_dim=rc.fusion_dim,
+                             head_hidden=rc.head_hidden, dropout=rc.dropout, n_thread_classes=len(thread_classes))
+    targets = np.array([[r.length, r.diameter] for r in train_records], dtype=np.float64)
+    model.set_target_stats(torch.tensor(targets.mean(0), dtype=torch.float32),
+                           torch.tensor(targets.std(0) + 1e-6, dtype=torch.float32))
+    meta = {"kind": "regressor", "attention_type": attention_type, "embedders": {n: metas[n] for n in embedder_names},
+            "visual_spec": {**dataclasses.asdict(visual_spec), "weights": ""}, "fusion_dim": rc.fusion_dim,
+            "head_hidden": rc.head_hidden, "dropout": rc.dropout, "thread_classes": thread_classes,
+            "img_size": cfg.data.img_size}
+    return model, meta, digests
+
+
+def regressor_from_checkpoint(path: str | Path) -> tuple[ImplantRegressor, dict]:
+    """Rebuild a trained regressor from its checkpoint alone (meta.json holds every shape)."""
+    meta = read_meta(path)
+    if meta.get("kind") != "regressor":
+        raise UserError(f"{path}: not a regressor checkpoint (kind={meta.get('kind')!r}); use "
+                        f"<run>/<regression.out_subdir>/checkpoints/best")
+    from implant_dims.models import VitSpec
+
+    embedders = {n: build_classifier_from_meta(m) for n, m in meta["embedders"].items()}
+    model = ImplantRegressor(embedders, build_vit(VitSpec(**meta["visual_spec"])),
+                             attention_type=meta["attention_type"], fusion_dim=meta["fusion_dim"],
+                             head_hidden=meta["head_hidden"], dropout=meta["dropout"],
+                             n_thread_classes=len(meta["thread_classes"]))
+    load_checkpoint(path, model)
+    model.eval()
+    return model, meta
+
+
+def make_dataset(records: list[ImplantRecord], meta_or_classes: dict, img_size: int, augment: bool = False,
+                 seed: int = 0) -> ImplantDataset:
+    embedders = meta_or_classes["embedders"]
+    company = embedders["company"]["classes"] if "company" in embedders else []
+    model_type = embedders["model_type"]["classes"] if "model_type" in embedders else []
+    return ImplantDataset(records, img_size, company, model_type, meta_or_classes.get("thread_classes") or None,
+                          augment=augment, seed=seed)
+
+
+@torch.no_grad()
+def compute_features(model: ImplantRegressor, dataset: ImplantDataset, rt: Runtime, batch_size: int = 128
+                     ) -> dict[str, torch.Tensor]:
+    """The feature extractors' outputs for every image (in dataset order), on the training device."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for idx in epoch_batches(len(dataset), batch_size, 0, 0, shuffle=False):
+        batch = collate(dataset, idx, rt.device)
+        with autocast(rt.device, rt.amp_dtype):
+            feats = model.features(batch["image"])
+        for k, v in feats.items():
+            parts.setdefault(k, []).append(v.float())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def predict_dataset(model: ImplantRegressor, dataset: ImplantDataset, rt: Runtime, feats: dict | None = None,
+                    batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Deterministic (eval-mode) predictions in mm, with the embedders' class logits for catalogue snapping."""
+    was_training = model.training
+    model.eval()
+    preds, class_logits = [], {n: [] for n in model.embedders}
+    for idx in epoch_batches(len(dataset), batch_size, 0, 0, shuffle=False):
+        if feats is not None:
+            f = {k: v[torch.as_tensor(idx, device=v.device)] for k, v in feats.items()}
+        else:
+            with autocast(rt.device, rt.amp_dtype):
+                f = model.features(collate(dataset, idx, rt.device)["image"])
+            f = {k: v.float() for k, v in f.items()}
+        out = model.forward_features(f)
+        preds.append(out["pred_mm"].float().cpu().numpy())
+        for n, emb in model.embedders.items():
+            class_logits[n].append(emb.classifier(f[n]).float().cpu().numpy())
+    model.train(was_training)
+    return {"pred_mm": np.concatenate(preds), **{f"logits_{n}": np.concatenate(v) for n, v in class_logits.items()}}
+
+
+def mae_report(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    err = np.abs(true - pred)
+    return {"length_mae": float(err[:, 0].mean()), "diameter_mae": float(err[:, 1].mean()),
+            "mean_mae": float(err.mean())}
+
+
+def train_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attention_type: str, out: Path,
+                    epoch_callback: Callable[[int, dict], None] | None = None) -> dict:
+    """Train one regressor into `out`; returns the best checkpoint's validation report (HPO minimises its
+    mean_mae). `epoch_callback(epoch, val_metrics)` runs after each epoch's checkpoint (HPO pruning raises there)."""
+    set_threads(cfg)
+    rc = cfg.regression
+    rt = start_runtime(cfg)
+    train_records, _ = load_split(cfg, "train")
+    val_records, _ = load_split(cfg, "val")
+    model, meta, digests = build_regressor(cfg, embedder_names, attention_type, train_records)
+    fingerprint = stage_fingerprint(cfg, ("regression", "visual"), {"train": train_records, "val": val_records},
+                                    digests={**digests, "embedders": ",".join(embedder_names),
+                                             "attention": attention_type})
+    start = open_run(out, cfg, resume=rc.resume, checkpoint_dirs=[out / "checkpoints"], fingerprint=fingerprint,
+                     is_main=rt.is_main, resume_key="regression.resume")
+    seed_everything(cfg.run.seed)
+    # the head's initial weights come from run.seed alone, whatever the classifiers' loading consumed
+    model, meta, _ = build_regressor(cfg, embedder_names, attention_type, train_records)
+    model.to(rt.device)
+    train_set = make_dataset(train_records, meta, cfg.data.img_size, rc.augment, cfg.run.seed)
+    val_set = make_dataset(val_records, meta, cfg.data.img_size)
+    target_mean, target_std = model.target_mean, model.target_std
+    log.info("regressor %s (%s): %d train / %d val images, target mean %s std %s, %.2fM parameters, device %s",
+             attention_type, "+".join(embedder_names), len(train_set), len(val_set),
+             np.round(target_mean.cpu().numpy(), 3), np.round(target_std.cpu().numpy(), 3),
+             sum(p.numel() for p in model.parameters()) / 1e6, rt.device)
+
+    optimizer = torch.optim.AdamW(model.param_groups(rc.lr, rc.embedder_lr_mult, rc.visual_lr_mult,
+                                                     rc.weight_decay), lr=rc.lr)
+    micro = len(epoch_batches(len(train_set), rc.batch_size, 0, 0, rank=rt.dist.rank, world_size=rt.dist.world_size))
+    steps = math.ceil(micro / rc.grad_accum)
+    scheduler = cosine_with_warmup(optimizer, min(rc.warmup_epochs, rc.epochs) * steps, max(rc.epochs, 1) * steps)
+    scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
+    stopper = EarlyStopping(rc.patience, mode="min")
+    manager = CheckpointManager(out / "checkpoints", fingerprint=start.fingerprint)
+    resumed = resume_from_checkpoint(manager, start.resume, model, optimizer, scheduler, stopper, scaler)
+    start_epoch = 1 if resumed is None else int(resumed["epoch"]) + 1
+    if resumed is not None:
+        log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
+    writer = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None) \
+        if rt.is_main else None
+
+    current_stage, step_module, cache = None, None, None
+    best: dict = {}
+    for epoch in progress(range(start_epoch, rc.epochs + 1), desc="regressor epochs"):
+        stage = stage_for(epoch, cfg)
+        if stopper.should_stop and stage == 2 and epoch - 1 >= rc.unfreeze_all_epoch + rc.patience:
+            break
+        started = time.time()
+        if stage != current_stage:
+            model.set_stage(stage, rc.unfreeze_fraction, cfg.visual.frozen_in_stage0)
+            step_module = wrap_ddp(_Step(model), rt.dist, find_unused_parameters=True, broadcast_buffers=False)
+            use_cache = rc.cache_features and not rc.augment and model.frozen_feature_parts
+            cache = None
+            if use_cache:
+                cache = {"train": compute_features(model, train_set, rt), "val": compute_features(model, val_set, rt),
+                         "train_target": torch.tensor(train_set.targets, dtype=torch.float32, device=rt.device),
+                         "train_thread": torch.as_tensor(class_indices(train_records, "thread_type",
+                                                                       meta["thread_classes"]), device=rt.device)}
+            log.info("epoch %d: unfreezing stage %d (%d trainable parameters)%s", epoch, stage,
+                     sum(p.numel() for p in model.parameters() if p.requires_grad),
+                     ", features cached" if cache else "")
+            current_stage = stage
+        train_set.set_epoch(epoch)
+        model.train()
+        loss_sum, seen = run_epoch(model, step_module, train_set, cache, optimizer, scheduler, scaler, cfg, rt, epoch)
+        val = mae_report(val_set.targets, predict_dataset(model, val_set, rt, cache["val"] if cache else None)["pred_mm"])
+        improved = stopper.step(val["mean_mae"])
+        if improved:
+            best = {"epoch": epoch, **val}
+        record = {"epoch": epoch, "stage": stage, "train_loss": loss_sum / max(seen, 1),
+                  **{f"val_{k}": v for k, v in val.items()}, "lr": scheduler.get_last_lr()[0], "best": improved,
+                  "cached_features": cache is not None, "seconds": round(time.time() - started, 2)}
+        if writer is not None:
+            writer.write(record)  # before the checkpoint: a kill between leaves a line the resume rewrites
+        manager.save(model, capture_train_state(epoch, optimizer, scheduler, stopper, scaler, best=best), epoch,
+                     is_best=improved, meta={**meta, "val": val})
+        log.info("epoch %d stage %d: loss %.4f val length %.3f diameter %.3f mean %.3f mm%s", epoch, stage,
+                 record["train_loss"], val["length_mae"], val["diameter_mae"], val["mean_mae"],
+                 " *" if improved else "")
+        if epoch_callback is not None:
+            epoch_callback(epoch, val)
+    if writer is not None:
+        writer.close()
+    results = report_regressor(cfg, out, rt) if rt.is_main else {}
+    cleanup_distributed()
+    return results.get("val", best)
+
+
+def run_epoch(model, step_module, dataset, cache, optimizer, scheduler, scaler, cfg: ImplantConfig, rt: Runtime,
+              epoch: int) -> tuple[float, int]:
+    """One pass over this rank's share of the training set with gradient accumulation."""
+    rc = cfg.regression
+    batches = epoch_batches(len(dataset), rc.batch_size, cfg.run.seed, epoch, rank=rt.dist.rank,
+                            world_size=rt.dist.world_size)
+    mean, std = model.target_mean, model.target_std
+    loss_sum, seen = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for i, idx in enumerate(batches):
+        if cache is not None:
+            index = torch.as_tensor(idx, device=rt.device)
+            feats = {k: v[index] for k, v in cache["train"].items()}
+            batch = {"target": cache["train_target"][index], "thread_type": cache["train_thread"][index]}
+            images = None
+        else:
+            batch = collate(dataset, idx, rt.device)
+            feats, images = None, batch["image"]
+        last_of_step = (i + 1) % rc.grad_accum == 0 or i + 1 == len(batches)
+        sync = step_module.no_sync() if (hasattr(step_module, "no_sync") and not last_of_step) else _null()
+        with sync, autocast(rt.device, rt.amp_dtype):
+            out = step_module(images=images, feats=feats)
+            loss = regression_loss(out["pred_std"].float(), (batch["target"] - mean) / std, rc.loss)
+            if "thread_logits" in out and rc.aux_thread_weight > 0:
+                thread = batch["thread_type"]
+                if (thread >= 0).any():
+                    loss = loss + rc.aux_thread_weight * F.cross_entropy(out["thread_logits"].float(), thread,
+                                                                         ignore_index=-1)
+            scaler.scale(loss / rc.grad_accum).backward()
+        if last_of_step:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.item() * len(idx)
+        seen += len(idx)
+    return float(all_reduce_sum(loss_sum)), int(all_reduce_sum(seen))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# held-out report
+
+
+def z_for(coverage: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + coverage / 2))
+
+
+def load_catalogue(path: str | Path) -> dict[tuple[str, str], np.ndarray]:
+    """(company, model_type) -> [K, 2] catalogue sizes (length, diameter) from a CSV with those four columns."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"data.catalogue_csv: cannot read {path} ({exc})") from exc
+    missing = {"company", "model_type", "length", "diameter"} - set(frame.columns)
+    if missing:
+        raise UserError(f"{path}: catalogue lacks column(s) {sorted(missing)}; it needs company, model_type, "
+                        f"length, diameter")
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for (company, model_type), rows in frame.groupby(["company", "model_type"]):
+        out[(str(company), str(model_type))] = rows[["length", "diameter"]].to_numpy(np.float64)
+    return out
+
+
+def snap(pred: np.ndarray, keys: list[tuple[str, str]], catalogue: dict, scale: np.ndarray) -> np.ndarray:
+    """Nearest catalogue size (distance in units of the training std per dimension) of each prediction's
+    (company, model type); the whole catalogue when that combination is not listed."""
+    everything = np.unique(np.concatenate(list(catalogue.values())), axis=0)
+    out = np.empty_like(pred)
+    for i, (p, key) in enumerate(zip(pred, keys)):
+        options = catalogue.get(key, everything)
+        out[i] = options[np.argmin((((options - p) / scale) ** 2).sum(1))]
+    return out
+
+
+def group_bootstrap(err: np.ndarray, groups: list, seed: int = 0, n_boot: int = 1000) -> tuple[float, float]:
+    """95% interval of the mean absolute error when whole groups (implants / patients) are resampled."""
+    uniq, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    sums = np.bincount(inverse, weights=err, minlength=len(uniq))
+    counts = np.bincount(inverse, minlength=len(uniq))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
+    stats = sums[draws].sum(1) / counts[draws].sum(1)
+    low, high = np.quantile(stats, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime) -> dict:
+    """The best checkpoint on val and each held-out split: MAE per dimension with group-bootstrap intervals beside
+    the mean- and median-predictor baselines, Monte Carlo dropout interval coverage (raw, and with the std scale
+    fitted on val), catalogue snapping, the predicted-vs-true plot; reports/results_<split>.json + results.json."""
+    rc = cfg.regression
+    best = out / "checkpoints" / "best"
+    model, meta = regressor_from_checkpoint(best)
+    model.to(rt.device)
+    train_records, _ = load_split(cfg, "train")
+    train_targets = np.array([[r.length, r.diameter] for r in train_records])
+    mean_pred, median_pred = train_targets.mean(0), np.median(train_targets, 0)
+    catalogue = load_catalogue(cfg.data.catalogue_csv) if cfg.data.catalogue_csv else None
+    z = z_for(rc.interval)
+    summary: dict = {"checkpoint": str(best), "attention_type": meta["attention_type"],
+                     "embedders": list(meta["embedders"]), "interval": rc.interval, "splits": {}}
+    val_scale = None
+    for split in ["val", *optional_splits(cfg)]:
+        records, _ = load_split(cfg, split)
+        dataset = make_dataset(records, meta, cfg.data.img_size)
+        true = dataset.targets
+        det = predict_dataset(model, dataset, rt)
+        pred = det["pred_mm"]
+        rep = {"split": split, "n": len(records), **mae_report(true, pred)}
+        for name, constant in (("mean", mean_pred), ("median", median_pred)):
+            base = mae_report(true, np.broadcast_to(constant, true.shape))
+            rep.update({f"{name}_baseline_{k}": v for k, v in base.items()})
+        rep["mae_ratio_to_mean_baseline"] = rep["mean_mae"] / rep["mean_baseline_mean_mae"]
+        groups = [r.group if r.group is not None else str(r.index) for r in records]
+        for k, dim in enumerate(DIMS):
+            rep[f"{dim}_mae_ci95"] = group_bootstrap(np.abs(true[:, k] - pred[:, k]), groups, cfg.run.seed)
+        if rc.mc_samples > 0:
+            mc_mean, mc_std = mc_on_dataset(model, dataset, rt, rc.mc_samples, cfg.run.seed)
+            if split == "val":  # the std multiplier that gives nominal coverage on val, applied to every split
+                ratio = np.abs(true - mc_mean) / np.maximum(mc_std, 1e-6)
+                val_scale = np.quantile(ratio, rc.interval, axis=0) / z
+            inside = np.abs(true - mc_mean) <= z * mc_std
+            rep.update({"mc_samples": rc.mc_samples, "mc_mean_std_mm": mc_std.mean(0).tolist(),
+                        "mc_mae": mae_report(true, mc_mean),
+                        "interval_coverage_raw": inside.mean(0).tolist(),
+                        "interval_width_raw_mm": (2 * z * mc_std).mean(0).tolist()})
+            if val_scale is not None:
+                inside_cal = np.abs(true - mc_mean) <= z * mc_std * val_scale
+                rep.update({"std_scale_fitted_on_val": val_scale.tolist(),
+                            "interval_coverage_calibrated": inside_cal.mean(0).tolist(),
+                            "interval_width_calibrated_mm": (2 * z * mc_std * val_scale).mean(0).tolist()})
+        if catalogue is not None:
+            keys = predicted_keys(det, meta, records)
+            snapped = snap(pred, keys, catalogue, train_targets.std(0))
+            exact = np.isclose(snapped, true, atol=1e-6)
+            rep.update({"snapped": mae_report(true, snapped), "exact_size_accuracy": float(exact.all(1).mean()),
+                        "exact_length_accuracy": float(exact[:, 0].mean()),
+                        "exact_diameter_accuracy": float(exact[:, 1].mean())})
+        for name in meta["embedders"]:
+            labels = class_indices(records, name, meta["embedders"][name]["classes"])
+            if (labels >= 0).any():
+                rep[f"{name}_accuracy"] = float((det[f"logits_{name}"].argmax(1) == labels)[labels >= 0].mean())
+        write_json(out / "reports" / f"results_{split}.json", rep)
+        scatter_plot(true, pred, DIMS, out / "reports" / f"pred_vs_true_{split}.png",
+                     f"{meta['attention_type']} ({'+'.join(meta['embedders'])}), {split}")
+        log.info("%s: length MAE %.3f diameter MAE %.3f mean %.3f mm (mean-predictor %.3f, ratio %.2f)", split,
+                 rep["length_mae"], rep["diameter_mae"], rep["mean_mae"], rep["mean_baseline_mean_mae"],
+                 rep["mae_ratio_to_mean_baseline"])
+        summary["splits"][split] = rep
+    write_json(out / "reports" / "results.json", summary)
+    return summary["splits"]
+
+
+def predicted_keys(det: dict, meta: dict, records: list[ImplantRecord]) -> list[tuple[str, str]]:
+    """(company, model type) per image: the regressor's own classifier heads where it has them, else the record's."""
+    keys = []
+    names = {n: m["classes"] for n, m in meta["embedders"].items()}
+    for i, r in enumerate(records):
+        company = names["company"][int(det["logits_company"][i].argmax())] if "company" in names else r.company
+        model_type = (names["model_type"][int(det["logits_model_type"][i].argmax())] if "model_type" in names
+                      else r.model_type)
+        keys.append((str(company), str(model_type)))
+    return keys
+
+
+def mc_on_dataset(model: ImplantRegressor, dataset: ImplantDataset, rt: Runtime, n_samples: int, seed: int,
+                  batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    means, stds = [], []
+    for idx in epoch_batches(len(dataset), batch_size, 0, 0, shuffle=False):
+        images = collate(dataset, idx, rt.device)["image"]
+        mean, std = mc_dropout_predict(model, images, n_samples=n_samples, generator_seed=seed)
+        means.append(mean.float().cpu().numpy())
+        stds.append(std.float().cpu().numpy())
+    return np.concatenate(means), np.concatenate(stds)

@@ -1,0 +1,32 @@
+"""Stage 2: the single-embedding regressor, the baseline of the dual one: one classifier's embedding model
+(regression.embedding: company or model_type) fused with visual ViT features, predicting length and diameter (mm).
+
+    python -m implant_dims.train_regression --config configs/implant_dims/sample.yaml regression.embedding=company
+
+Same loop, unfreezing schedule, reports and resume rules as train_dual (see implant_dims/regression.py). With one
+embedding the fusion is `triple`-style attention over (visual, embedding) when regression.attention_type is triple,
+else plain concatenation. Writes <run_dir>/single_<embedding>/ (metrics.jsonl, checkpoints/, reports/).
+"""
+
+from __future__ import annotations
+
+from common.cli import config_main
+from implant_dims.config import ImplantConfig
+from implant_dims.regression import train_regressor
+
+
+def train_single(cfg: ImplantConfig) -> dict:
+    rc = cfg.regression
+    attention = "triple" if rc.attention_type == "triple" else "concat"
+    return train_regressor(cfg, (rc.embedding,), attention, cfg.run.run_dir / f"single_{rc.embedding}")
+
+
+def _main(cfg: ImplantConfig) -> int:
+    train_single(cfg)
+    return 0
+
+
+main = config_main(ImplantConfig, _main, __doc__, prog="python -m implant_dims.train_regression")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""implant_dims.data: record loading and skip reasons, image decoding (Pillow, DICOM), letterbox, the Dataset."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.cli import UserError
+from implant_dims.data import (
+    ImageError,
+    ImplantDataset,
+    ImplantRecord,
+    check_class_lists,
+    class_list,
+    letterbox,
+    load_records,
+    read_image,
+    window_to_uint8,
+)
+from implant_dims.sample_data import write_dicom
+
+
+def _png(path: Path, value: int = 128, shape: tuple[int, int] = (32, 32)) -> Path:
+    rng = np.random.default_rng(value)
+    array = np.clip(rng.normal(value, 20, size=shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _row(image: str, company="Apexa", model_type="tapered", length=10.0, diameter=4.1, **extra) -> dict:
+    return {"image_path": image, "company": company, "model_type": model_type, "length": length,
+            "diameter": diameter, **extra}
+
+
+@pytest.fixture()
+def bad_rows_json(tmp_path: Path) -> Path:
+    _png(tmp_path / "images" / "good0.png", 100)
+    _png(tmp_path / "images" / "good1.png", 150)
+    (tmp_path / "images" / "text.png").write_text("this is not an image\n")
+    write_dicom(tmp_path / "images" / "empty.dcm", None, 0.1)
+    rows = [
+        _row("images/good0.png", thread_type="v", group="p1"),
+        _row("images/good1.png", length="10.5", diameter=" 4.8 "),  # numeric strings are accepted
+        _row("images/good0.png", company=""),
+        _row("images/good0.png", length="abc"),
+        _row("images/good0.png", diameter=-3),
+        _row("images/good0.png", length=0),
+        _row("images/good0.png", length="nan"),
+        _row("images/missing.png"),
+        _row("images/text.png"),
+        _row("images/empty.dcm"),
+    ]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_load_records_skips_each_bad_row_for_its_reason(bad_rows_json: Path) -> None:
+    records, skipped = load_records(bad_rows_json)
+    assert [r.index for r in records] == [0, 1]
+    assert skipped == collections.Counter({
+        "empty company": 1, "non-numeric length": 1, "non-positive diameter": 1, "non-positive length": 1,
+        "non-finite length": 1, "missing image": 1, "unreadable image": 1, "no pixel data": 1})
+    first, second = records
+    assert first.image_path == (bad_rows_json.parent / "images" / "good0.png").resolve()
+    assert first.image_path.is_absolute()
+    assert (first.company, first.model_type, first.length, first.diameter) == ("Apexa", "tapered", 10.0, 4.1)
+    assert (first.thread_type, first.group) == ("v", "p1")
+    assert (second.length, second.diameter) == (10.5, 4.8)
+    assert second.thread_type is None and second.group is None
+
+
+def test_load_records_without_labels_keeps_unknowns_and_checks_only_images(bad_rows_json: Path) -> None:
+    records, skipped = load_records(bad_rows_json, require_labels=False)
+    assert skipped == collections.Counter({"missing image": 1, "unreadable image": 1, "no pixel data": 1})
+    assert len(records) == 7
+    by_index = {r.index: r for r in records}
+    assert by_index[2].company is None
+    assert by_index[3].length is None and by_index[4].diameter is None and by_index[6].length is None
+
+
+def test_load_records_image_root_and_no_image_check(tmp_path: Path) -> None:
+    _png(tmp_path / "elsewhere" / "a.png")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([_row("a.png"), _row("not_there.png")]))
+    records, skipped = load_records(path, image_root=tmp_path / "elsewhere")
+    assert len(records) == 1 and skipped == collections.Counter({"missing image": 1})
+    records, skipped = load_records(path, check_images=False)
+    assert len(records) == 2 and not skipped
+
+
+def test_load_records_errors_name_the_file(tmp_path: Path) -> None:
+    only_bad = tmp_path / "only_bad.json"
+    only_bad.write_text(json.dumps([_row("x.png", company=""), _row("x.png", length="abc")]))
+    with pytest.raises(UserError, match="only_bad.json.*all 2 rows were skipped.*empty company"):
+        load_records(only_bad)
+    not_list = tmp_path / "not_list.json"
+    not_list.write_text(json.dumps({"image_path": "x.png"}))
+    with pytest.raises(UserError, match="not_list.json.*JSON list"):
+        load_records(not_list)
+    not_object = tmp_path / "not_object.json"
+    not_object.write_text(json.dumps([_row("x.png"), "oops"]))
+    with pytest.raises(UserError, match="not_object.json: row 1"):
+        load_records(not_object, check_images=False)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("[{")
+    with pytest.raises(UserError, match="bad.json: not valid JSON"):
+        load_records(bad_json)
+    with pytest.raises(UserError, match="missing.json: record file not found"):
+        load_records(tmp_path / "missing.json")
+
+
+def test_read_image_modes_and_errors(tmp_path: Path) -> None:
+    rgb = np.zeros((10, 12, 3), dtype=np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    out = read_image(tmp_path / "rgb.png")
+    assert out.shape == (10, 12) and out.dtype == np.uint8 and 50 < out.mean() < 70  # luminance of red
+    wide = (np.arange(100, dtype=np.uint16)[None].repeat(5, 0) * 600)
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+    out = read_image(tmp_path / "deep.png")
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(ImageError, match="junk.png"):
+        read_image(tmp_path / "junk.png")
+    write_dicom(tmp_path / "empty.dcm", None, 0.1)
+    with pytest.raises(ImageError, match="empty.dcm.*no pixel data"):
+        read_image(tmp_path / "empty.dcm")
+    with pytest.raises(ImageError, match="nothing.png: no such file"):
+        read_image(tmp_path / "nothing.png")
+
+
+@pytest.mark.parametrize("monochrome1", [False, True])
+def test_write_dicom_round_trips(tmp_path: Path, monochrome1: bool) -> None:
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(20, 230, size=(40, 56), dtype=np.uint8)
+    # no .dcm suffix: detected by the DICM preamble
+    path = write_dicom(tmp_path / "img.bin", pixels, 0.1667, monochrome1=monochrome1)
+    out = read_image(path)
+    assert out.shape == pixels.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - pixels.astype(int)).max() <= 1
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("name, shape", [("RG3_J2KR.dcm", (1760, 1760)), ("RG1_J2KI.dcm", (1955, 1841))])
+def test_read_real_monochrome1_jpeg2000_dicom(real_data_dir: Path, name: str, shape: tuple[int, int]) -> None:
+    import pydicom
+
+    path = real_data_dir / "radiographs_nema_cr" / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    ours = read_image(path)
+    assert ours.shape == shape and ours.dtype == np.uint8
+    assert ours.std() > 20
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    raw = window_to_uint8(ds.pixel_array.astype(np.float64))  # the same window, without the inversion
+    assert np.abs(ours.astype(int) - (255 - raw.astype(int))).max() <= 1
+    assert abs(ours.mean() - (255 - raw.mean())) < 1.0
+    assert abs(ours.mean() - raw.mean()) > 5  # the inversion is visible (not a symmetric image)
+
+
+def test_letterbox_keeps_aspect_and_pads_black() -> None:
+    image = np.zeros((100, 60), dtype=np.uint8)
+    image[10:90, 10:50] = 255  # 80 tall x 40 wide
+    out = letterbox(image, 50)
+    assert out.shape == (50, 50) and out.dtype == np.uint8
+    ys, xs = np.nonzero(out > 128)
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    assert height == pytest.approx(2 * width, rel=0.1)
+    assert height == pytest.approx(40, abs=1)  # scaled by 50 / 100, like the width
+    assert out[:, :5].max() == 0 and out[:, -5:].max() == 0  # padding is black
+    square = np.arange(64 * 64, dtype=np.int64).reshape(64, 64).astype(np.uint8)
+    assert np.array_equal(letterbox(square, 64), square)
+
+
+def _records(tmp_path: Path) -> list[ImplantRecord]:
+    specs = [("Apexa", "tapered", 10.0, 4.1, "v"), ("Boneline", "parallel", 8.0, 3.3, "square"),
+             ("Zeta", "tapered", None, None, None), ("Apexa", None, 13.0, 5.5, "v")]
+    records = []
+    for i, (company, model, length, diameter, thread) in enumerate(specs):
+        path = _png(tmp_path / f"{i}.png", 60 + 40 * i, shape=(30 + 4 * i, 24))
+        records.append(ImplantRecord(path, company, model, length, diameter, thread, f"g{i}", i))
+    return records
+
+
+def test_dataset_items(tmp_path: Path) -> None:
+    records = _records(tmp_path)
+    ds = ImplantDataset(records, 32, ["Apexa", "Boneline"], ["parallel", "tapered"], ["square", "v"])
+    assert len(ds) == 4
+    item = ds[1]
+    assert set(item) == {"image", "company", "model_type", "thread_type", "target", "index"}
+    assert item["image"].shape == (1, 32, 32) and item["image"].dtype == torch.float32
+    expected = letterbox(read_image(records[1].image_path), 32).astype(np.float32)
+    assert torch.allclose(item["image"][0], torch.from_numpy((expected / 255 - 0.5) / 0.5))
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    assert [int(ds[i]["company"]) for i in range(4)] == [0, 1, -1, 0]
+    assert [int(ds[i]["model_type"]) for i in range(4)] == [1, 0, 1, -1]
+    assert [int(ds[i]["thread_type"]) for i in range(4)] == [1, 0, -1, 1]
+    assert all(ds[i]["company"].dtype == torch.int64 and ds[i]["index"].dtype == torch.int64 for i in range(4))
+    assert int(ds[3]["index"]) == 3
+    assert item["target"].dtype == torch.float32 and item["target"].tolist() == pytest.approx([8.0, 3.3])
+    assert torch.isnan(ds[2]["target"]).all()
+    targets = ds.targets
+    assert targets.shape == (4, 2) and np.isnan(targets[2]).all() and targets[0].tolist() == [10.0, 4.1]
+    no_threads = ImplantDataset(records, 32, ["Apexa"], ["tapered"], cache=False)
+    assert int(no_threads[0]["thread_type"]) == -1 and int(no_threads[1]["company"]) == -1
+    assert torch.equal(no_threads[1]["image"], item["image"])  # cache or not, the same pixels
+    assert torch.equal(ds[1]["image"], item["image"])  # no augmentation: repeated access is identical
+    ds.set_epoch(5)
+    assert torch.equal(ds[1]["image"], item["image"])
+    assert class_list(records, "company") == ["Apexa", "Boneline", "Zeta"]
+    assert class_list(records, "model_type") == ["parallel", "tapered"]
+
+
+def test_dataset_augmentation_is_reproducible(tmp_path: Path) -> None:
+    records = _records(tmp_path)
+    plain = ImplantDataset(records, 32, ["Apexa"], ["tapered"])
+    a = ImplantDataset(records, 32, ["Apexa"], ["tapered"], augment=True, seed=7)
+    b = ImplantDataset(records, 32, ["Apexa"], ["tapered"], augment=True, seed=7, cache=False)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    first = [a[i]["image"] for i in range(4)]
+    assert all(torch.equal(x, a[i]["image"]) for i, x in enumerate(first))  # same (seed, epoch, index)
+    assert all(torch.equal(x, b[i]["image"]) for i, x in enumerate(first))  # another instance agrees
+    assert not all(torch.equal(x, plain[i]["image"]) for i, x in enumerate(first))  # it does augment
+    a.set_epoch(4)
+    assert all(not torch.equal(x, a[i]["image"]) for i, x in enumerate(first))  # a new epoch differs
+    c = ImplantDataset(records, 32, ["Apexa"], ["tapered"], augment=True, seed=8)
+    c.set_epoch(3)
+    assert not torch.equal(c[0]["image"], first[0])
+    assert all(x.shape == (1, 32, 32) and x.min() >= -1 and x.max() <= 1 for x in first)
+    # no zoom: a centred bright square keeps its area under augmentation (rotation +-5 degrees, flip)
+    image = np.zeros((32, 32), dtype=np.uint8)
+    image[8:24, 12:20] = 255
+    Image.fromarray(image).save(tmp_path / "sq.png")
+    rec = [ImplantRecord(tmp_path / "sq.png", "Apexa", "tapered", 1.0, 1.0)]
+    aug = ImplantDataset(rec, 32, ["Apexa"], ["tapered"], augment=True)
+    for epoch in range(5):
+        aug.set_epoch(epoch)
+        x = aug[0]["image"][0]
+        assert abs(int((x > x.mean()).sum()) - 128) < 40
+
+
+def test_check_class_lists() -> None:
+    check_class_lists(["Apexa", "Boneline"], ["Apexa"], "companies", "runs/cls/best")
+    with pytest.raises(UserError, match=r"runs/cls/best knows companies \['Apexa'\].*\['Foo'\].*rows 'Foo': 3, 9"):
+        check_class_lists(["Apexa"], ["Apexa", "Foo"], "companies", "runs/cls/best", rows={"Foo": [3, 9]})

@@ -1,0 +1,140 @@
+"""implant_dims.sample_data: determinism, held-out combinations, DICOM copies, and that the pictures carry the
+sizes (a physics check a broken renderer fails)."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.cli import UserError
+from implant_dims.data import class_list, load_records, read_image
+from implant_dims.sample_data import COMPANIES, HELD_OUT, MODEL_TYPES, SPLIT_FILES, catalogue, main, make_dataset
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("implant_sample")
+    meta = make_dataset(out, n_train=80, n_val=10, n_test=10, n_unseen=12, size=128, seed=3, dicom_every=4)
+    return out, meta
+
+
+def _rows(out: Path, split: str) -> list[dict]:
+    return json.loads((out / SPLIT_FILES[split]).read_text())
+
+
+def test_layout_and_meta(sample: tuple[Path, dict]) -> None:
+    out, meta = sample
+    for name in [*SPLIT_FILES.values(), "catalogue.csv", "README.txt", "meta.json"]:
+        assert (out / name).is_file(), name
+    assert meta == json.loads((out / "meta.json").read_text())
+    assert meta["px_per_mm"] == 6.0 and meta["counts"] == {"train": 80, "val": 10, "test": 10, "unseen": 12}
+    assert sorted(map(tuple, meta["held_out_combinations"])) == sorted(HELD_OUT)
+    rows = _rows(out, "train")
+    assert set(rows[0]) == {"image_path", "company", "model_type", "length", "diameter", "thread_type", "group"}
+    all_rows = [r for split in SPLIT_FILES for r in _rows(out, split)]
+    assert len({r["group"] for r in all_rows}) == len(all_rows)  # one implant id per image
+    assert all(r["thread_type"] == COMPANIES[r["company"]].thread_type for r in all_rows)
+    sizes = catalogue()
+    assert all(len(v) >= 4 for v in sizes.values())
+    assert all((r["length"], r["diameter"]) in sizes[(r["company"], r["model_type"])] for r in all_rows)
+    lines = (out / "catalogue.csv").read_text().splitlines()
+    assert lines[0] == "company,model_type,length,diameter" and len(lines) == 1 + sum(map(len, sizes.values()))
+    # every record loads with all labels, images included
+    for split in SPLIT_FILES:
+        records, skipped = load_records(out / SPLIT_FILES[split])
+        assert len(records) == meta["counts"][split] and not skipped
+
+
+def test_held_out_combinations(sample: tuple[Path, dict]) -> None:
+    out, _ = sample
+    held = set(HELD_OUT)
+    for split in ("train", "val", "test"):
+        assert not {(r["company"], r["model_type"]) for r in _rows(out, split)} & held, split
+    unseen = {(r["company"], r["model_type"]) for r in _rows(out, "unseen")}
+    assert unseen == held
+    train, _ = load_records(out / SPLIT_FILES["train"])
+    assert class_list(train, "company") == sorted(COMPANIES)
+    assert class_list(train, "model_type") == sorted(MODEL_TYPES)
+
+
+def test_dicom_copies(sample: tuple[Path, dict]) -> None:
+    out, meta = sample
+    test_rows = _rows(out, "test")
+    dicoms = [r for r in test_rows if r["image_path"].endswith(".dcm")]
+    assert len(dicoms) == meta["n_dicom"] == 2
+    for r in dicoms:
+        png = out / r["image_path"].replace(".dcm", ".png")
+        assert np.array_equal(read_image(out / r["image_path"]), read_image(png))
+        import pydicom
+
+        ds = pydicom.dcmread(out / r["image_path"])
+        assert ds.PhotometricInterpretation == "MONOCHROME2"
+        assert float(ds.PixelSpacing[0]) == pytest.approx(1 / 6.0, rel=1e-4)
+
+
+def test_same_seed_same_bytes(tmp_path: Path) -> None:
+    kwargs = dict(n_train=6, n_val=2, n_test=3, n_unseen=2, size=96, dicom_every=2)
+    make_dataset(tmp_path / "a", seed=11, **kwargs)
+    make_dataset(tmp_path / "b", seed=11, **kwargs)
+    make_dataset(tmp_path / "c", seed=12, **kwargs)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 15
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    png = Path("images/000000.png")
+    assert (tmp_path / "a" / png).read_bytes() != (tmp_path / "c" / png).read_bytes()
+    # a rerun into the same folder replaces what it owns, leaving no stale images
+    make_dataset(tmp_path / "a", seed=11, n_train=2, n_val=1, n_test=1, n_unseen=1, size=96)
+    assert len(list((tmp_path / "a" / "images").iterdir())) == 5
+
+
+def _extents(image: np.ndarray) -> tuple[float, float]:
+    """(vertical extent in rows, median bright width per row) of the bright (metal) region."""
+    a = image.astype(np.float64)
+    threshold = 0.5 * (np.median(a) + np.percentile(a, 99.5))
+    per_row = (a > threshold).sum(axis=1)
+    rows = per_row >= 2
+    return float(rows.sum()), float(np.median(per_row[rows]))
+
+
+def test_drawn_size_follows_the_label(sample: tuple[Path, dict]) -> None:
+    out, meta = sample
+    rows = _rows(out, "train")[:60]
+    extents = np.asarray([_extents(read_image(out / r["image_path"])) for r in rows])
+    lengths = np.asarray([r["length"] for r in rows])
+    diameters = np.asarray([r["diameter"] for r in rows])
+    assert np.corrcoef(lengths, extents[:, 0])[0, 1] > 0.9
+    assert np.corrcoef(diameters, extents[:, 1])[0, 1] > 0.8
+    # and at the stated scale: vertical extent ~ length * px_per_mm (rotation <= 6 degrees, blur)
+    ratio = extents[:, 0] / (lengths * meta["px_per_mm"])
+    assert 0.9 < np.median(ratio) < 1.15
+
+
+def test_company_not_predictable_from_size_alone(sample: tuple[Path, dict]) -> None:
+    out, _ = sample
+    rows = _rows(out, "train")
+    for key in ("length", "diameter"):
+        by_value: dict[float, collections.Counter] = collections.defaultdict(collections.Counter)
+        for r in rows:
+            by_value[r[key]][r["company"]] += 1
+        best = sum(max(c.values()) for c in by_value.values()) / len(rows)  # in-sample majority per value
+        assert best < 0.5, key
+    # several sizes per combination: neither size is a function of the class
+    for combo, sizes in catalogue().items():
+        assert len({s[0] for s in sizes}) >= 3 and len({s[1] for s in sizes}) >= 2, combo
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [str(tmp_path / "cli"), "--n-train", "3", "--n-val", "1", "--n-test", "1", "--n-unseen", "1",
+            "--size", "64"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["counts"]["train"] == 3 and printed["px_per_mm"] == 3.0
+    assert main([str(tmp_path / "bad"), "--n-train", "0"]) == 2
+    assert "--n-train 0" in capsys.readouterr().err
+    with pytest.raises(UserError):
+        make_dataset(tmp_path / "small", size=16)

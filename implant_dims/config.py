@@ -86,12 +86,19 @@ class VitConfig:
     global_pool: str = "token"
     """Image feature: token (class token, as pretrained ViTs) | avg (mean of patch tokens: trains much faster from
     scratch on small data; the tiny configs use it)."""
+    stem: str = "patch"
+    """tiny only: patch (standard patch embedding) | conv (stride-2 3x3 convolutions with BatchNorm down to the patch
+    grid, 'early convolutions': a from-scratch ViT learns much sooner on small data; BatchNorm statistics are per
+    rank under torchrun)."""
     weights: str = ""
     """Local pretrained weights file for small/base/large (timm pretrained_cfg_overlay); nothing is downloaded."""
 
     def __post_init__(self) -> None:
         _check_choice(self.model_size, MODEL_SIZES, "model_size")
         _check_choice(self.global_pool, ("token", "avg"), "global_pool")
+        _check_choice(self.stem, ("patch", "conv"), "stem")
+        if self.stem == "conv" and self.model_size != "tiny":
+            raise ValueError("stem=conv is for tiny ViTs trained from scratch; pretrained sizes keep their patch stem")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, read_meta, resume_from_checkpoint
 from common.cli import UserError
 from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
-from common.io import write_json
+from common.io import atomic_write_text, write_json
 from common.logs import MetricsWriter, progress
 from common.runs import open_run
 from common.seed import seed_everything
@@ -44,6 +44,7 @@ from implant_dims.runtime import (
     classifier_checkpoint,
     load_classifier,
     load_split,
+    log_skipped,
     optional_splits,
     set_threads,
     stage_fingerprint,
@@ -157,6 +158,17 @@ def compute_features(model: ImplantRegressor, dataset: ImplantDataset, rt: Runti
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def feature_cache(model: ImplantRegressor, train_set: ImplantDataset, val_set: ImplantDataset,
+                  thread_classes: list[str], rt: Runtime) -> dict:
+    """What `run_epoch` and `predict_dataset` reuse while every feature extractor is frozen: the features of the
+    train and val sets ("train", "val") and the training targets and thread-type indices ("train_target",
+    "train_thread"), all on the training device."""
+    return {"train": compute_features(model, train_set, rt), "val": compute_features(model, val_set, rt),
+            "train_target": torch.tensor(train_set.targets, dtype=torch.float32, device=rt.device),
+            "train_thread": torch.as_tensor(class_indices(train_set.records, "thread_type", thread_classes),
+                                            device=rt.device)}
+
+
 @torch.no_grad()
 def predict_dataset(model: ImplantRegressor, dataset: ImplantDataset, rt: Runtime, feats: dict | None = None,
                     batch_size: int = 128) -> dict[str, np.ndarray]:
@@ -192,14 +204,15 @@ def train_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attenti
     set_threads(cfg)
     rc = cfg.regression
     rt = start_runtime(cfg)
-    train_records, _ = load_split(cfg, "train")
-    val_records, _ = load_split(cfg, "val")
+    train_records, train_skipped = load_split(cfg, "train")
+    val_records, val_skipped = load_split(cfg, "val")
     model, meta, digests = build_regressor(cfg, embedder_names, attention_type, train_records)
     fingerprint = stage_fingerprint(cfg, ("regression", "visual"), {"train": train_records, "val": val_records},
                                     digests={**digests, "embedders": ",".join(embedder_names),
                                              "attention": attention_type})
     start = open_run(out, cfg, resume=rc.resume, checkpoint_dirs=[out / "checkpoints"], fingerprint=fingerprint,
                      is_main=rt.is_main, resume_key="regression.resume")
+    log_skipped(cfg, {"train": (train_records, train_skipped), "val": (val_records, val_skipped)})
     seed_everything(cfg.run.seed)
     # the head's initial weights come from run.seed alone, whatever the classifiers' loading consumed
     model, meta, _ = build_regressor(cfg, embedder_names, attention_type, train_records)
@@ -236,14 +249,11 @@ def train_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attenti
         started = time.time()
         if stage != current_stage:
             model.set_stage(stage, rc.unfreeze_fraction, cfg.visual.frozen_in_stage0)
-            step_module = wrap_ddp(_Step(model), rt.dist, find_unused_parameters=True, broadcast_buffers=False)
+            step_module = wrap_ddp(_Step(model), rt.dist, find_unused_parameters=True)
             use_cache = rc.cache_features and not rc.augment and model.frozen_feature_parts
             cache = None
             if use_cache:
-                cache = {"train": compute_features(model, train_set, rt), "val": compute_features(model, val_set, rt),
-                         "train_target": torch.tensor(train_set.targets, dtype=torch.float32, device=rt.device),
-                         "train_thread": torch.as_tensor(class_indices(train_records, "thread_type",
-                                                                       meta["thread_classes"]), device=rt.device)}
+                cache = feature_cache(model, train_set, val_set, meta["thread_classes"], rt)
             log.info("epoch %d: unfreezing stage %d (%d trainable parameters)%s", epoch, stage,
                      sum(p.numel() for p in model.parameters() if p.requires_grad),
                      ", features cached" if cache else "")
@@ -355,7 +365,7 @@ def snap(pred: np.ndarray, keys: list[tuple[str, str]], catalogue: dict, scale: 
     """Nearest catalogue size (distance in units of the training std per dimension) of each prediction's
     (company, model type); the whole catalogue when that combination is not listed."""
     everything = np.unique(np.concatenate(list(catalogue.values())), axis=0)
-    out = np.empty_like(pred)
+    out = np.empty(pred.shape, dtype=np.float64)  # catalogue sizes exactly (pred may be float32)
     for i, (p, key) in enumerate(zip(pred, keys)):
         options = catalogue.get(key, everything)
         out[i] = options[np.argmin((((options - p) / scale) ** 2).sum(1))]
@@ -431,6 +441,7 @@ def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime) -> dict:
             if (labels >= 0).any():
                 rep[f"{name}_accuracy"] = float((det[f"logits_{name}"].argmax(1) == labels)[labels >= 0].mean())
         write_json(out / "reports" / f"results_{split}.json", rep)
+        write_predictions(out / "reports" / f"predictions_{split}.csv", records, true, pred)
         scatter_plot(true, pred, DIMS, out / "reports" / f"pred_vs_true_{split}.png",
                      f"{meta['attention_type']} ({'+'.join(meta['embedders'])}), {split}")
         log.info("%s: length MAE %.3f diameter MAE %.3f mean %.3f mm (mean-predictor %.3f, ratio %.2f)", split,
@@ -439,6 +450,15 @@ def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime) -> dict:
         summary["splits"][split] = rep
     write_json(out / "reports" / "results.json", summary)
     return summary["splits"]
+
+
+def write_predictions(path: Path, records: list[ImplantRecord], true: np.ndarray, pred: np.ndarray) -> None:
+    """Per-image predictions of a report split (what implant_dims.compare pairs across models)."""
+    lines = ["image_path,group,length_true,diameter_true,length_pred,diameter_pred"]
+    for r, t, p in zip(records, true, pred):
+        lines.append(f"{r.image_path},{r.group if r.group is not None else r.index},{t[0]:.4f},{t[1]:.4f},"
+                     f"{p[0]:.4f},{p[1]:.4f}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def predicted_keys(det: dict, meta: dict, records: list[ImplantRecord]) -> list[tuple[str, str]]:

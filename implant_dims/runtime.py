@@ -65,7 +65,8 @@ def set_threads(cfg: ImplantConfig) -> None:
 def vit_spec(vit: VitConfig, img_size: int) -> VitSpec:
     return VitSpec(model_size=vit.model_size, img_size=img_size, patch_size=vit.patch_size, embed_dim=vit.embed_dim,
                    depth=vit.depth, num_heads=vit.num_heads, drop_rate=vit.drop_rate,
-                   drop_path_rate=vit.drop_path_rate, global_pool=vit.global_pool, weights=vit.weights)
+                   drop_path_rate=vit.drop_path_rate, global_pool=vit.global_pool, stem=vit.stem,
+                   weights=vit.weights)
 
 
 def split_path(cfg: ImplantConfig, split: str) -> str:
@@ -79,6 +80,17 @@ def load_split(cfg: ImplantConfig, split: str, require_labels: bool = True) -> t
     if not path:
         raise UserError(f"data.{split}_json is empty; set it to a records JSON file")
     return load_records(path, cfg.data.image_root or None, require_labels=require_labels)
+
+
+def log_skipped(cfg: ImplantConfig, splits: dict[str, tuple[list[ImplantRecord], Counter]]) -> None:
+    """Repeat each split's skip counts by reason once the run's train.log exists (load_records logs them before
+    open_run, i.e. to stderr only)."""
+    for split, (records, skipped) in splits.items():
+        if skipped:
+            n_skipped = sum(skipped.values())
+            counts = "; ".join(f"{reason} x{n}" for reason, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+            log.warning("data.%s_json %s: skipped %d of %d rows: %s", split, split_path(cfg, split), n_skipped,
+                        len(records) + n_skipped, counts)
 
 
 def optional_splits(cfg: ImplantConfig) -> list[str]:

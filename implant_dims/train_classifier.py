@@ -48,6 +48,7 @@ from implant_dims.runtime import (
     classifier_dir,
     classifier_meta,
     load_split,
+    log_skipped,
     optional_splits,
     set_threads,
     stage_fingerprint,
@@ -94,14 +95,15 @@ def train_classifier(cfg: ImplantConfig, epoch_callback: Callable[[int, dict], N
     target = cc.target
     out = classifier_dir(cfg, target)
     rt = start_runtime(cfg)
-    train_records, _ = load_split(cfg, "train")
-    val_records, _ = load_split(cfg, "val")
+    train_records, train_skipped = load_split(cfg, "train")
+    val_records, val_skipped = load_split(cfg, "val")
     classes = class_list(train_records, target)
     if len(classes) < 2:
         raise UserError(f"{cfg.data.train_json}: only {len(classes)} distinct {target} value(s); a classifier needs 2+")
     fingerprint = stage_fingerprint(cfg, ("classifier",), {"train": train_records, "val": val_records})
     start = open_run(out, cfg, resume=cc.resume, checkpoint_dirs=[out / "checkpoints"], fingerprint=fingerprint,
                      is_main=rt.is_main, resume_key="classifier.resume")
+    log_skipped(cfg, {"train": (train_records, train_skipped), "val": (val_records, val_skipped)})
     seed_everything(cfg.run.seed)
     spec = vit_spec(cc.vit, cfg.data.img_size)
     train_set = ImplantDataset(train_records, cfg.data.img_size, classes if target == "company" else [],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILT = ("price_fusion", "ehr_embedded", "cnc_gcode", "building_embed")
+BUILT = ("price_fusion", "ehr_embedded", "cnc_gcode", "implant_dims", "building_embed")
 
 
 def _number(value: object) -> float:
@@ -57,3 +57,15 @@ def test_demo_runs_every_package_and_each_model_beats_its_baseline(tmp_path: Pat
     head = value[("building_embed", "train", "test_recall@1_head")]
     assert head > value[("building_embed", "train", "test_recall@1_frozen")] + 0.08, head
     assert value[("building_embed", "train", "test_map@r_head")] > value[("building_embed", "train", "test_map@r_frozen")]
+    # implant_dims: the classifiers read company / model type above chance (4 classes each), and the dual regressor's
+    # length and diameter errors are a fraction of the train-mean predictor's, on seen and unseen combinations.
+    for target, margin in (("company", 0.2), ("model_type", 0.05)):
+        stage = f"train_classifier ({target})"
+        assert value[("implant_dims", stage, "test accuracy")] > value[("implant_dims", stage, "test chance accuracy")] \
+            + margin, target
+    for split, fraction in (("test", 0.4), ("unseen", 0.6)):
+        for dim in ("length", "diameter"):
+            metric = f"{split} {dim} MAE mm"
+            model = value[("implant_dims", "train_dual (triple)", metric)]
+            assert model < fraction * value[("implant_dims", "baseline (train mean)", metric)], (metric, model)
+    assert value[("implant_dims", "predict", "rows (PNG + DICOM)")] == 150

@@ -399,3 +399,30 @@ def test_regressor_learns_rectangle_sizes():
         mae = (model(x)["pred_mm"] - y).abs().mean()
     baseline = (y - y.mean(0)).abs().mean()
     assert mae < 0.3 * baseline, (float(mae), float(baseline))
+
+
+def test_conv_stem_replaces_the_patch_projection_on_the_same_grid() -> None:
+    """stem=conv: stride-2 convolutions down to the patch grid, so the token count and output width are unchanged,
+    the stem really is convolutional (a 1-pixel change moves only nearby patch tokens), and bad sizes are refused."""
+    import pytest
+
+    from implant_dims.config import VitConfig
+
+    torch.manual_seed(0)
+    patch = build_vit(VitSpec(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, stem="patch"))
+    conv = build_vit(VitSpec(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, stem="conv"))
+    strides = [m.stride[0] for m in conv.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [2, 2, 2] and any(isinstance(m, torch.nn.BatchNorm2d) for m in conv.patch_embed.proj)
+    x = torch.randn(2, 1, 32, 32)
+    assert conv.patch_embed(x).shape == patch.patch_embed(x).shape == (2, 16, 32)
+    assert conv(x).shape == (2, conv.num_features)
+    conv.eval()
+    y = x.clone()
+    y[:, :, 0, 0] += 5.0  # top-left pixel: only the first patch token's receptive field holds it
+    with torch.no_grad():
+        moved = (conv.patch_embed(y) - conv.patch_embed(x)).abs().sum(-1)[0]
+    assert moved[0] > 0 and torch.all(moved[[3, 12, 15]] == 0)
+    with pytest.raises(ValueError, match="power of 2"):
+        build_vit(VitSpec(img_size=36, patch_size=6, embed_dim=32, depth=1, num_heads=2, stem="conv"))
+    with pytest.raises(ValueError, match="stem=conv"):
+        VitConfig(model_size="base", stem="conv")

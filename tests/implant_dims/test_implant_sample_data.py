@@ -93,12 +93,11 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
 
 
 def _extents(image: np.ndarray) -> tuple[float, float]:
-    """(vertical extent in rows, median bright width per row) of the bright (metal) region."""
-    a = image.astype(np.float64)
-    threshold = 0.5 * (np.median(a) + np.percentile(a, 99.5))
-    per_row = (a > threshold).sum(axis=1)
-    rows = per_row >= 2
-    return float(rows.sum()), float(np.median(per_row[rows]))
+    """(extent along, extent across the principal axis) in px of the bright (metal) blob: the caliper baseline's
+    measurement (an Otsu threshold over the brighter half copes with the dimmer, less radiopaque companies)."""
+    from implant_dims.baselines import measure_blob
+
+    return measure_blob(image)
 
 
 def test_drawn_size_follows_the_label(sample: tuple[Path, dict]) -> None:

@@ -12,7 +12,8 @@ on the same val / test / unseen records, so the regressors' MAE has something to
                   class; Otsu over all pixels splits soft tissue from bone instead), keep the largest 8-connected
                   bright component (holes filled), take its extent along its principal axis (length) and across
                   it (diameter) in px, then a straight line px -> mm per dimension fitted on train;
-  caliper_native  the same on the image as stored (no letterbox resize: more pixels per mm where images are large).
+  caliper_native  the same on the image as stored (no letterbox resize: more pixels per mm where images are large);
+  caliper_catalogue  (with data.catalogue_csv) the caliper snapped to the nearest size in the whole catalogue.
 A caliper image without any bright component gets the training median measurement (counted in the report).
 
 Writes <run_dir>/baselines/results_<split>.json ({"split", "n", "baselines": {name: {length_mae, diameter_mae,
@@ -34,7 +35,7 @@ from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 from implant_dims.config import ImplantConfig
 from implant_dims.data import ImplantRecord, letterbox, read_image
-from implant_dims.regression import mae_report
+from implant_dims.regression import load_catalogue, mae_report, snap
 from implant_dims.runtime import load_split, optional_splits
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,11 @@ class Caliper:
         return np.stack([np.polyval(self.coef[d], px[:, d]) for d in range(2)], axis=1)
 
 
-def fit_baselines(train_y: np.ndarray, train_pix: np.ndarray, train_px: np.ndarray, train_native_px: np.ndarray
-                  ) -> tuple[dict[str, Callable[[dict], np.ndarray]], dict]:
-    """Each baseline as predict(features of a split) -> [N, 2] mm, and what was fitted."""
+def fit_baselines(train_y: np.ndarray, train_pix: np.ndarray, train_px: np.ndarray, train_native_px: np.ndarray,
+                  catalogue: dict | None = None) -> tuple[dict[str, Callable[[dict], np.ndarray]], dict]:
+    """Each baseline as predict(features of a split) -> [N, 2] mm, and what was fitted. With a catalogue, also
+    `caliper_catalogue`: the caliper's measurement snapped to the nearest catalogue size of any company / model
+    (the regressors snap within the company / model type their classifier heads read)."""
     from sklearn.linear_model import RidgeCV
     from sklearn.neighbors import KNeighborsRegressor
     from sklearn.pipeline import make_pipeline
@@ -138,6 +141,10 @@ def fit_baselines(train_y: np.ndarray, train_pix: np.ndarray, train_px: np.ndarr
         "caliper": lambda f: caliper.predict(f["px"]),
         "caliper_native": lambda f: native.predict(f["native_px"]),
     }
+    if catalogue is not None:  # the caliper snapped to the nearest size anyone sells: catalogue knowledge, no classes
+        scale = train_y.std(0)
+        models["caliper_catalogue"] = lambda f: snap(caliper.predict(f["px"]), [(None, None)] * len(f["pix"]),
+                                                     catalogue, scale)
     fit = {"train_mean": mean.tolist(), "train_median": median.tolist(),
            "ridge_alpha": float(ridge[-1].alpha_), "ridge_alphas": [float(RIDGE_ALPHAS[0]), float(RIDGE_ALPHAS[-1])],
            "knn_k": int(knn.n_neighbors), "pixels": PIXELS,
@@ -165,7 +172,8 @@ def run_baselines(cfg: ImplantConfig) -> dict[str, dict]:
     """Fit on train, score val and the held-out splits; returns {split: report} (also written, see the module)."""
     out = cfg.run.run_dir / "baselines"
     _, train = split_features(cfg, "train")
-    models, fit = fit_baselines(train["y"], train["pix"], train["px"], train["native_px"])
+    catalogue = load_catalogue(cfg.data.catalogue_csv) if cfg.data.catalogue_csv else None
+    models, fit = fit_baselines(train["y"], train["pix"], train["px"], train["native_px"], catalogue)
     fit["caliper_missing_train"] = int((~np.isfinite(train["px"]).all(1)).sum())
     reports, texts = {}, []
     for split in ["val", *optional_splits(cfg)]:

@@ -119,7 +119,7 @@ def predict(cfg: ImplantConfig) -> Path:
     out = Path(pc.out) if pc.out else cfg.run.run_dir / "predictions" / f"{source.stem}.csv"
     rows = []
     for i, r in enumerate(records):
-        row = {"image_path": str(r.image_path), "company_pred": keys[i][0], "model_type_pred": keys[i][1]}
+        row = {"image_path": str(r.image_path), "company_pred": keys[i][0] or "", "model_type_pred": keys[i][1] or ""}
         for k, dim in enumerate(DIMS):
             row[f"{dim}_mm"] = round(float(pred[i, k]), 4)
             row[f"{dim}_std_mm"] = round(float(std[i, k]), 4)

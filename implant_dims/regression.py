@@ -361,13 +361,17 @@ def load_catalogue(path: str | Path) -> dict[tuple[str, str], np.ndarray]:
     return out
 
 
-def snap(pred: np.ndarray, keys: list[tuple[str, str]], catalogue: dict, scale: np.ndarray) -> np.ndarray:
-    """Nearest catalogue size (distance in units of the training std per dimension) of each prediction's
-    (company, model type); the whole catalogue when that combination is not listed."""
+def snap(pred: np.ndarray, keys: list[tuple[str | None, str | None]], catalogue: dict, scale: np.ndarray
+         ) -> np.ndarray:
+    """Nearest catalogue size (distance in units of the training std per dimension) among the sizes of each
+    prediction's (company, model type); a None part matches every value (a single-embedding regressor reads only
+    one of the two), and a combination the catalogue does not list falls back to the whole catalogue."""
     everything = np.unique(np.concatenate(list(catalogue.values())), axis=0)
     out = np.empty(pred.shape, dtype=np.float64)  # catalogue sizes exactly (pred may be float32)
-    for i, (p, key) in enumerate(zip(pred, keys)):
-        options = catalogue.get(key, everything)
+    for i, (p, (company, model_type)) in enumerate(zip(pred, keys)):
+        matches = [sizes for (c, m), sizes in catalogue.items()
+                   if company in (None, c) and model_type in (None, m)]
+        options = np.concatenate(matches) if matches else everything
         out[i] = options[np.argmin((((options - p) / scale) ** 2).sum(1))]
     return out
 
@@ -461,15 +465,16 @@ def write_predictions(path: Path, records: list[ImplantRecord], true: np.ndarray
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def predicted_keys(det: dict, meta: dict, records: list[ImplantRecord]) -> list[tuple[str, str]]:
-    """(company, model type) per image: the regressor's own classifier heads where it has them, else the record's."""
-    keys = []
+def predicted_keys(det: dict, meta: dict, records: list[ImplantRecord]) -> list[tuple[str | None, str | None]]:
+    """(company, model type) per image as the regressor's own classifier heads read them; None for the one a
+    single-embedding regressor lacks (never the record's label: snapping must not see the answer)."""
     names = {n: m["classes"] for n, m in meta["embedders"].items()}
-    for i, r in enumerate(records):
-        company = names["company"][int(det["logits_company"][i].argmax())] if "company" in names else r.company
+    keys: list[tuple[str | None, str | None]] = []
+    for i in range(len(records)):
+        company = names["company"][int(det["logits_company"][i].argmax())] if "company" in names else None
         model_type = (names["model_type"][int(det["logits_model_type"][i].argmax())] if "model_type" in names
-                      else r.model_type)
-        keys.append((str(company), str(model_type)))
+                      else None)
+        keys.append((company, model_type))
     return keys
 
 

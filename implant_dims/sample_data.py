@@ -191,12 +191,13 @@ def _smooth_noise(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render(rng: np.random.Generator, size: int, company: str, model_type: str, length_mm: float,
-           diameter_mm: float) -> tuple[np.ndarray, dict]:
-    """Render one implant crop; returns (uint8 [size, size], drawn geometry in px)."""
+           diameter_mm: float, magnification_sd: float = 0.02) -> tuple[np.ndarray, dict]:
+    """Render one implant crop; returns (uint8 [size, size], drawn geometry in px). The implant is drawn at
+    label x px_per_mm x magnification, magnification ~ 1 + N(0, magnification_sd)."""
     ppm = px_per_mm(size)
     scale = size / 128.0
     comp, model = COMPANIES[company], MODEL_TYPES[model_type]
-    magnification = 1.0 + 0.02 * rng.standard_normal()
+    magnification = 1.0 + magnification_sd * rng.standard_normal()
     length_px = length_mm * ppm * magnification
     radius = 0.5 * diameter_mm * ppm * magnification
     angle = math.radians(rng.uniform(-6.0, 6.0))
@@ -312,7 +313,7 @@ def _assign_combos(rng: np.random.Generator, combos: list[tuple[str, str]], n: i
 
 
 def make_dataset(out: str | Path, n_train: int = 800, n_val: int = 200, n_test: int = 200, n_unseen: int = 150,
-                 size: int = 128, seed: int = 0, dicom_every: int = 0) -> dict:
+                 size: int = 128, seed: int = 0, dicom_every: int = 0, magnification_sd: float = 0.02) -> dict:
     """Render and write the data set under `out`; returns the meta (also written to out/meta.json)."""
     counts = {"train": n_train, "val": n_val, "test": n_test, "unseen": n_unseen}
     for split, n in counts.items():
@@ -322,6 +323,8 @@ def make_dataset(out: str | Path, n_train: int = 800, n_val: int = 200, n_test: 
         raise UserError(f"--n-train {n_train}: need at least one training image")
     if size < 48:
         raise UserError(f"--size {size}: too small to draw an implant; use 48 or more (default 128)")
+    if not 0 <= magnification_sd <= 0.2:
+        raise UserError(f"--magnification-sd {magnification_sd}: use a value in [0, 0.2] (default 0.02)")
     if dicom_every < 0:
         raise UserError(f"--dicom-every {dicom_every}: must be >= 0 (0 = no DICOM files)")
     out = Path(out)
@@ -343,7 +346,7 @@ def make_dataset(out: str | Path, n_train: int = 800, n_val: int = 200, n_test: 
         for j, (company, model_type) in enumerate(combos):
             length, diameter = sizes[(company, model_type)][int(plan_rng.integers(len(sizes[(company, model_type)])))]
             rng = np.random.default_rng([seed, 1, image_id])
-            pixels, _ = render(rng, size, company, model_type, length, diameter)
+            pixels, _ = render(rng, size, company, model_type, length, diameter, magnification_sd)
             name = f"{image_id:06d}"
             (images / f"{name}.png").write_bytes(png_bytes(pixels))
             image_path = f"images/{name}.png"
@@ -365,10 +368,10 @@ def make_dataset(out: str | Path, n_train: int = 800, n_val: int = 200, n_test: 
         for length, diameter in combo_sizes:
             writer.writerow([company, model_type, length, diameter])
     atomic_write_text(out / "catalogue.csv", buf.getvalue())
-    atomic_write_text(out / "README.txt", _readme(size, ppm))
+    atomic_write_text(out / "README.txt", _readme(size, ppm, magnification_sd))
     meta = {
         "seed": seed, "size": size, "px_per_mm": ppm, "mm_per_px": 1.0 / ppm,
-        "magnification_sd": 0.02,
+        "magnification_sd": magnification_sd,
         "companies": {name: asdict(c) for name, c in COMPANIES.items()},
         "model_types": {name: asdict(m) for name, m in MODEL_TYPES.items()},
         "lengths_mm": list(LENGTHS_MM), "diameters_mm": list(DIAMETERS_MM),
@@ -382,7 +385,7 @@ def make_dataset(out: str | Path, n_train: int = 800, n_val: int = 200, n_test: 
     return meta
 
 
-def _readme(size: int, ppm: float) -> str:
+def _readme(size: int, ppm: float, magnification_sd: float = 0.02) -> str:
     held = ", ".join(f"{c}/{m}" for c, m in HELD_OUT)
     return (
         f"Synthetic dental implant radiograph crops ({size}x{size} px grayscale PNG, {ppm:g} px/mm, so 1 px = "
@@ -392,7 +395,8 @@ def _readme(size: int, ppm: float) -> str:
         "the collar (polished / flared / microthread / platform switch); the model type (tapered, parallel, "
         "conical_apex, wide_neck) sets the body taper, the apex (rounded / flat / pointed / dome) and the neck. "
         "Length and diameter labels (mm) are catalogue sizes (catalogue.csv); the implant is drawn at label x "
-        "px_per_mm x a per-image magnification 1 + N(0, 0.02), with position jitter, rotation up to 6 degrees, "
+        f"px_per_mm x a per-image magnification 1 + N(0, {magnification_sd:g}), with position jitter, rotation up "
+        "to 6 degrees, "
         "blur, contrast changes and noise. augmented_train.json, augmented_val.json and test.json hold the seen "
         f"company/model combinations; unseen_test.json holds only the held-out combinations ({held}). "
         "meta.json lists the factors, counts and seed.\n"
@@ -402,7 +406,8 @@ def _readme(size: int, ppm: float) -> str:
 def _body(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     meta = make_dataset(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                        n_unseen=args.n_unseen, size=args.size, seed=args.seed, dicom_every=args.dicom_every)
+                        n_unseen=args.n_unseen, size=args.size, seed=args.seed, dicom_every=args.dicom_every,
+                        magnification_sd=args.magnification_sd)
     print(json.dumps({"out": str(args.out), "counts": meta["counts"], "px_per_mm": meta["px_per_mm"],
                       "held_out": meta["held_out_combinations"], "n_dicom": meta["n_dicom"]}))
     return 0
@@ -418,6 +423,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-unseen", type=int, default=150, help="images of the held-out combinations")
     parser.add_argument("--size", type=int, default=128, help="image side in px (pixel scale 6 px/mm at 128)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--magnification-sd", type=float, default=0.02,
+                        help="per-image magnification spread (radiographic projection): 0.02 near-fixed scale, "
+                             "~0.08 like panoramic radiographs, where a caliper needs a reference of known size")
     parser.add_argument("--dicom-every", type=int, default=0,
                         help="K > 0: every K-th test image is also written as DICOM and its record points to it")
     return parser

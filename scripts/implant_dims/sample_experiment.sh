@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The sample-data experiment behind the implant_dims README tables: data -> both classifiers -> the single-embedding
-# baselines -> the dual regressor with each attention type, + the thread head -> simple baselines -> one table.
+# baselines -> the dual regressor with each attention type, + the thread head, + 4 px patches -> simple baselines ->
+# one table.
 #   scripts/implant_dims/sample_experiment.sh [configs/implant_dims/sample.yaml] [dotted.key=value ...]
-# About 25 minutes on 2 CPU cores. Every stage resumes, so a re-run after a kill continues where it stopped.
+# About 35 minutes on 2 CPU cores. Every stage resumes, so a re-run after a kill continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=${1:-configs/implant_dims/sample.yaml}
@@ -22,5 +23,6 @@ for attention in dual hierarchical cross; do
 done
 $PY -m implant_dims.train_dual --config "$CONFIG" regression.aux_thread_weight=0.3 \
     regression.out_subdir=dual_triple_thread "$@"
+$PY -m implant_dims.train_dual --config "$CONFIG" visual.vit.patch_size=4 regression.out_subdir=dual_patch4 "$@"
 $PY -m implant_dims.baselines --config "$CONFIG" "$@"
 $PY -m implant_dims.compare --config "$CONFIG" "$@"

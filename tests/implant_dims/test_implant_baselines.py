@@ -13,7 +13,7 @@ from implant_dims import baselines
 from implant_dims.baselines import measure_blob, otsu_threshold
 
 SPLITS = ("val", "test", "unseen")
-NAMES = ("mean", "median", "ridge_pixels", "knn_pixels", "caliper", "caliper_native")
+NAMES = ("mean", "median", "ridge_pixels", "knn_pixels", "caliper", "caliper_native", "caliper_catalogue")
 
 
 def test_otsu_threshold_separates_two_levels() -> None:
@@ -61,6 +61,10 @@ def test_baselines_stage_on_the_sample_data(implant_data, stage_args, tmp_path) 
             assert reports[split][name]["length_mae"] < 0.8 * mean_length, (split, name, reports[split])
     # the caliper measures, it does not remember combinations: it holds up on the unseen ones too
     assert reports["unseen"]["caliper"]["length_mae"] < 0.5 * reports["unseen"]["mean"]["length_mae"]
+    # catalogue lengths are >= 1.5 mm apart, so snapping a fair measurement to the nearest one removes most of its
+    # error (a snap that ignored the measurement, or a wrong catalogue, would not)
+    for split in SPLITS:
+        assert reports[split]["caliper_catalogue"]["length_mae"] < reports[split]["caliper"]["length_mae"]
     fit = json.loads((out / "fit.json").read_text())
     assert fit["caliper_mm_per_px"]["length"][0] > 0 and fit["ridge_alpha"] > 0
     table = (out / "results.md").read_text()

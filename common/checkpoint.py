@@ -121,6 +121,20 @@ def complete_meta(ckpt_dir: Path) -> dict[str, Any] | None:
     return meta
 
 
+def effective_meta(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(path, meta) of the checkpoint `ckpt_dir` stands for once an interrupted swap is undone: itself when complete,
+    else the complete `.old-<name>-<pid>` copy of a dead writer (a kill between the two renames of a save), which is
+    what `CheckpointManager` puts back when it opens. Reads only: the resume guard checks it before anything moves."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = complete_meta(ckpt_dir)
+    if meta is not None:
+        return ckpt_dir, meta
+    for old in sorted(ckpt_dir.parent.glob(f".old-{ckpt_dir.name}-*")):
+        if not _pid_alive(old.name.rsplit("-", 1)[-1]) and (meta := complete_meta(old)) is not None:
+            return old, meta
+    return None
+
+
 def is_complete(ckpt_dir: Path) -> bool:
     """True when `ckpt_dir/meta.json` exists and every file it lists has the recorded size and hash."""
     return complete_meta(ckpt_dir) is not None

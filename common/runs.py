@@ -177,7 +177,7 @@ def open_run(run_dir: str | Path, cfg: Any, *, resume: str | bool | None, checkp
     whatever changed; logged), false (start over), or an explicit checkpoint path (its differences are logged).
     `resume_key` is the dotted key users set (e.g. `train.resume`), named in the refusal.
     """
-    from common.checkpoint import LATEST, complete_meta, read_meta
+    from common.checkpoint import LATEST, effective_meta, read_meta
     from common.config import save_resolved_config
     from common.distributed import is_main_process
     from common.logs import setup_logging
@@ -187,8 +187,10 @@ def open_run(run_dir: str | Path, cfg: Any, *, resume: str | bool | None, checkp
     mode = resume_mode(resume)
     found = []
     if mode in ("auto", FORCE):
-        found = [(latest, meta) for latest in (Path(d) / LATEST for d in checkpoint_dirs)
-                 if (meta := complete_meta(latest)) is not None]
+        # a kill between the two renames of a save leaves `latest` missing and its previous copy in .old-latest-*:
+        # that copy is what the run resumes from, so it is what the fingerprint is checked against
+        found = [found_latest for found_latest in (effective_meta(Path(d) / LATEST) for d in checkpoint_dirs)
+                 if found_latest is not None]
     forced: list[str] = []
     for path, meta in found:
         forced += check_fingerprint(path, meta.get(FINGERPRINT_KEY), fingerprint, mode, resume_key)

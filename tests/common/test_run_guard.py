@@ -128,3 +128,26 @@ def test_open_run_refuses_before_writing(tmp_path: Path) -> None:
                      fingerprint=make_fingerprint({"lr": 2.0}), write_config=False)
     assert not fresh.resuming
     json.dumps(fresh.fingerprint)  # JSON-serialisable, as meta.json needs
+
+
+def test_a_kill_between_the_two_renames_of_a_save_is_still_guarded(tmp_path: Path, finished_run: Path) -> None:
+    """A kill after `latest` moved aside and before its replacement moved in leaves only `.old-latest-<pid>`: the
+    run resumes from that copy (CheckpointManager puts it back), so the guard must check that copy's fingerprint
+    instead of taking the run for a fresh one (which would skip the check and rewrite config.yaml)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    ckpts = run / "checkpoints"
+    (ckpts / "latest").rename(ckpts / ".old-latest-999999999")  # no such process: a dead writer
+    before = tree_digest(run)
+    proc = _run(run, "epochs=4", "lr=0.1")
+    assert proc.returncode == 2, proc.stderr
+    assert "lr: 0.01 -> 0.1" in proc.stderr.strip().splitlines()[-1]
+    assert tree_digest(run) == before  # refused before anything moved or was written
+    config_before = (run / "config.yaml").read_bytes()
+    proc = _run(run, "epochs=5")  # same settings: resumes from the restored copy, config.yaml kept
+    assert proc.returncode == 0, proc.stderr
+    assert (ckpts / "latest").is_dir() and not list(ckpts.glob(".old-*"))
+    assert (run / "config.yaml").read_bytes() == config_before
+    assert [m["epoch"] for m in read_metrics(run / "metrics.jsonl")] == list(range(5))

@@ -112,7 +112,8 @@ def check_regressor_reports(out: Path, implant_data: Path, embedders: list[str],
         records, _ = load_records(implant_data / SPLIT_FILES[split])
         true = np.array([[r.length, r.diameter] for r in records])
         assert rep["n"] == len(records)
-        pred = predict_dataset(model, make_dataset(records, meta, 32), CPU)["pred_mm"]
+        det = predict_dataset(model, make_dataset(records, meta, 32), CPU)
+        pred = det["pred_mm"]
         err = np.abs(true - pred)
         assert rep["length_mae"] == pytest.approx(err[:, 0].mean(), abs=1e-4)
         assert rep["diameter_mae"] == pytest.approx(err[:, 1].mean(), abs=1e-4)
@@ -130,13 +131,32 @@ def check_regressor_reports(out: Path, implant_data: Path, embedders: list[str],
             for key in ("interval_coverage_raw", "interval_coverage_calibrated"):
                 assert len(rep[key]) == 2 and all(0.0 <= c <= 1.0 for c in rep[key]), (split, key)
             assert all(s >= 0 for s in rep["mc_mean_std_mm"])
-        if catalogue:
-            for key in ("exact_size_accuracy", "exact_length_accuracy", "exact_diameter_accuracy"):
-                assert 0.0 <= rep[key] <= 1.0
-            assert rep["exact_size_accuracy"] <= min(rep["exact_length_accuracy"], rep["exact_diameter_accuracy"])
-            assert {"length_mae", "diameter_mae", "mean_mae"} <= set(rep["snapped"])
+        # each embedding model's classifier head, read inside the regressor: its accuracy on the labelled rows
+        heads = {}
         for name in embedders:
-            assert 0.0 <= rep[f"{name}_accuracy"] <= 1.0
+            classes = meta["embedders"][name]["classes"]
+            labels = class_indices(records, name, classes)
+            heads[name] = [classes[int(i)] for i in det[f"logits_{name}"].argmax(1)]
+            known = labels >= 0
+            expected = float((det[f"logits_{name}"].argmax(1) == labels)[known].mean())
+            assert rep[f"{name}_accuracy"] == pytest.approx(expected), (split, name)
+        if catalogue:
+            # nearest catalogue size (per-dimension train std as the unit) among the sizes of the company / model
+            # type the heads read (a part the regressor lacks matches any value), recomputed from catalogue.csv
+            rows = [line.split(",") for line in (implant_data / "catalogue.csv").read_text().splitlines()[1:]]
+            scale = train_targets.std(0)
+            snapped = np.empty_like(true)
+            for i in range(len(records)):
+                company = heads["company"][i] if "company" in heads else None
+                model_type = heads["model_type"][i] if "model_type" in heads else None
+                options = np.array([[float(r[2]), float(r[3])] for r in rows
+                                    if company in (None, r[0]) and model_type in (None, r[1])])
+                snapped[i] = options[np.argmin((((options - pred[i]) / scale) ** 2).sum(1))]
+            exact = np.isclose(snapped, true)
+            assert rep["exact_size_accuracy"] == pytest.approx(exact.all(1).mean()), split
+            assert rep["exact_length_accuracy"] == pytest.approx(exact[:, 0].mean()), split
+            assert rep["exact_diameter_accuracy"] == pytest.approx(exact[:, 1].mean()), split
+            assert rep["snapped"]["mean_mae"] == pytest.approx(np.abs(snapped - true).mean(), abs=1e-4), split
         png = out / "reports" / f"pred_vs_true_{split}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert summary["splits"][split] == rep

@@ -36,7 +36,7 @@ from common.training import EarlyStopping, cosine_with_warmup
 from implant_dims.config import ImplantConfig
 from implant_dims.data import ImplantDataset, ImplantRecord, check_class_lists, class_list
 from implant_dims.engine import Runtime, collate, epoch_batches, scatter_plot, start_runtime
-from implant_dims.models import EmbeddingClassifier, ImplantRegressor, build_vit, mc_dropout_predict
+from implant_dims.models import ImplantRegressor, build_vit, mc_dropout_predict
 from implant_dims.runtime import (
     autocast,
     build_classifier_from_meta,
@@ -46,6 +46,7 @@ from implant_dims.runtime import (
     load_split,
     log_skipped,
     optional_splits,
+    read_classifier,
     set_threads,
     stage_fingerprint,
     vit_spec,
@@ -81,27 +82,32 @@ def regression_loss(pred_std: torch.Tensor, target_std: torch.Tensor, kind: str)
     return F.smooth_l1_loss(pred_std, target_std, beta=0.5)
 
 
-def build_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attention_type: str,
-                    train_records: list[ImplantRecord]) -> tuple[ImplantRegressor, dict, dict[str, str]]:
-    """The regressor on the trained classifiers: (model, the meta a checkpoint records to rebuild it, the SHA-256 of
-    each classifier's weights for the resume fingerprint). Refuses a classifier whose class list misses a company or
-    model type of the training data."""
-    rc = cfg.regression
-    embedders: dict[str, EmbeddingClassifier] = {}
-    metas, digests = {}, {}
+def read_classifiers(cfg: ImplantConfig, embedder_names: tuple[str, ...], train_records: list[ImplantRecord]
+                     ) -> dict[str, tuple[Path, dict, str]]:
+    """name -> (checkpoint, meta, weights SHA-256) of each classifier the regressor builds on, read without loading
+    weights (cheap enough for the resume guard). Refuses a classifier whose class list misses a company or model type
+    of the training data."""
+    classifiers = {}
     for name in embedder_names:
-        path = classifier_checkpoint(cfg, name)
-        model, meta, sha = load_classifier(path, name)
-        check_class_lists(meta["classes"], class_list(train_records, name), name, str(path))
-        embedders[name], metas[name], digests[f"classifier_{name}"] = model, meta, sha
+        ckpt, meta, sha = read_classifier(classifier_checkpoint(cfg, name), name)
+        check_class_lists(meta["classes"], class_list(train_records, name), name, str(ckpt))
+        classifiers[name] = (ckpt, meta, sha)
+    return classifiers
+
+
+def build_regressor(cfg: ImplantConfig, attention_type: str, train_records: list[ImplantRecord],
+                    classifiers: dict[str, tuple[Path, dict, str]]) -> tuple[ImplantRegressor, dict]:
+    """The regressor on the trained classifiers (from read_classifiers): (model, the meta a checkpoint records to
+    rebuild it)."""
+    rc = cfg.regression
+    embedders = {name: load_classifier(ckpt, name) for name, (ckpt, _, _) in classifiers.items()}
     if cfg.visual.init == "scratch":
-        spec = vit_spec(cfg.visual.vit, cfg.data.img_size)
-        visual = build_vit(spec)
-        visual_spec = spec
+        visual_spec = vit_spec(cfg.visual.vit, cfg.data.img_size)
+        visual = build_vit(visual_spec)
     else:  # start from a trained classifier's backbone (no pretrained image weights can be had here)
         source = embedders.get(cfg.visual.init)
         if source is None:
-            source, _, _ = load_classifier(classifier_checkpoint(cfg, cfg.visual.init), cfg.visual.init)
+            source = load_classifier(classifier_checkpoint(cfg, cfg.visual.init), cfg.visual.init)
         visual = copy.deepcopy(source.backbone)
         visual_spec = source.spec
     thread_classes = class_list(train_records, "thread_type") if rc.aux_thread_weight > 0 else []
@@ -110,11 +116,12 @@ def build_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attenti
     targets = np.array([[r.length, r.diameter] for r in train_records], dtype=np.float64)
     model.set_target_stats(torch.tensor(targets.mean(0), dtype=torch.float32),
                            torch.tensor(targets.std(0) + 1e-6, dtype=torch.float32))
-    meta = {"kind": "regressor", "attention_type": attention_type, "embedders": {n: metas[n] for n in embedder_names},
+    meta = {"kind": "regressor", "attention_type": attention_type,
+            "embedders": {name: meta for name, (_, meta, _) in classifiers.items()},
             "visual_spec": {**dataclasses.asdict(visual_spec), "weights": ""}, "fusion_dim": rc.fusion_dim,
             "head_hidden": rc.head_hidden, "dropout": rc.dropout, "thread_classes": thread_classes,
             "img_size": cfg.data.img_size}
-    return model, meta, digests
+    return model, meta
 
 
 def regressor_from_checkpoint(path: str | Path) -> tuple[ImplantRegressor, dict]:
@@ -206,16 +213,16 @@ def train_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attenti
     rt = start_runtime(cfg)
     train_records, train_skipped = load_split(cfg, "train")
     val_records, val_skipped = load_split(cfg, "val")
-    model, meta, digests = build_regressor(cfg, embedder_names, attention_type, train_records)
+    classifiers = read_classifiers(cfg, embedder_names, train_records)
+    digests = {f"classifier_{name}": sha for name, (_, _, sha) in classifiers.items()}
     fingerprint = stage_fingerprint(cfg, ("regression", "visual"), {"train": train_records, "val": val_records},
                                     digests={**digests, "embedders": ",".join(embedder_names),
                                              "attention": attention_type})
     start = open_run(out, cfg, resume=rc.resume, checkpoint_dirs=[out / "checkpoints"], fingerprint=fingerprint,
                      is_main=rt.is_main, resume_key="regression.resume")
     log_skipped(cfg, {"train": (train_records, train_skipped), "val": (val_records, val_skipped)})
-    seed_everything(cfg.run.seed)
-    # the head's initial weights come from run.seed alone, whatever the classifiers' loading consumed
-    model, meta, _ = build_regressor(cfg, embedder_names, attention_type, train_records)
+    seed_everything(cfg.run.seed)  # the fresh modules' initial weights come from run.seed alone
+    model, meta = build_regressor(cfg, attention_type, train_records, classifiers)
     model.to(rt.device)
     train_set = make_dataset(train_records, meta, cfg.data.img_size, rc.augment, cfg.run.seed)
     val_set = make_dataset(val_records, meta, cfg.data.img_size)

@@ -9,7 +9,6 @@ import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -63,10 +62,8 @@ def set_threads(cfg: ImplantConfig) -> None:
 
 
 def vit_spec(vit: VitConfig, img_size: int) -> VitSpec:
-    return VitSpec(model_size=vit.model_size, img_size=img_size, patch_size=vit.patch_size, embed_dim=vit.embed_dim,
-                   depth=vit.depth, num_heads=vit.num_heads, drop_rate=vit.drop_rate,
-                   drop_path_rate=vit.drop_path_rate, global_pool=vit.global_pool, stem=vit.stem,
-                   weights=vit.weights)
+    """The model layer's spec of a config `vit` section (same fields) at the data's image size."""
+    return VitSpec(img_size=img_size, **dataclasses.asdict(vit))
 
 
 def split_path(cfg: ImplantConfig, split: str) -> str:
@@ -144,24 +141,28 @@ def build_classifier_from_meta(meta: dict) -> EmbeddingClassifier:
                                embedding_dim=int(meta["embedding_dim"]), dropout=float(meta["dropout"]))
 
 
-def load_classifier(path: str | Path, target: str) -> tuple[EmbeddingClassifier, dict, str]:
-    """(classifier with its trained weights, its meta, the SHA-256 of its weights) from a classifier checkpoint."""
+def read_classifier(path: str | Path, target: str) -> tuple[Path, dict, str]:
+    """(checkpoint dir, meta, SHA-256 of its weights) of a `target` classifier checkpoint, without loading weights:
+    what the resume fingerprint and the class-list check need."""
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
     if meta.get("kind") != "classifier" or meta.get("target") != target:
         raise UserError(f"{ckpt}: not a {target} classifier checkpoint (kind={meta.get('kind')!r}, "
                         f"target={meta.get('target')!r}); point the regression.*_checkpoint key at "
                         f"<run>/classifier_{target}/checkpoints/best")
+    weights_sha = next((v["sha256"] for k, v in meta.get("files", {}).items() if k.endswith(".safetensors")), "")
+    return ckpt, meta, weights_sha
+
+
+def load_classifier(path: str | Path, target: str) -> EmbeddingClassifier:
+    """A classifier with its trained weights, from a checkpoint (checked by read_classifier)."""
+    ckpt, meta, _ = read_classifier(path, target)
     model = build_classifier_from_meta(meta)
     load_weights(ckpt, model)
-    weights_sha = next((v["sha256"] for k, v in meta.get("files", {}).items() if k.endswith(".safetensors")), "")
-    return model, meta, weights_sha
+    return model
 
 
 def class_indices(records: list[ImplantRecord], attr: str, classes: list[str]) -> np.ndarray:
     lookup = {c: i for i, c in enumerate(classes)}
     return np.array([lookup.get(getattr(r, attr), -1) for r in records], dtype=np.int64)
 
-
-def jsonable_config(cfg: ImplantConfig) -> dict[str, Any]:
-    return to_dict(cfg)

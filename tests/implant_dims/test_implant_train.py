@@ -21,7 +21,13 @@ from implant_dims import train_classifier, train_dual, train_regression
 from implant_dims.config import ImplantConfig
 from implant_dims.data import class_list, load_records
 from implant_dims.engine import Runtime
-from implant_dims.regression import build_regressor, make_dataset, predict_dataset, regressor_from_checkpoint
+from implant_dims.regression import (
+    build_regressor,
+    make_dataset,
+    predict_dataset,
+    read_classifiers,
+    regressor_from_checkpoint,
+)
 from implant_dims.runtime import build_classifier_from_meta, class_indices
 from implant_dims.sample_data import write_dicom
 
@@ -262,7 +268,8 @@ def test_cross_attention_with_the_thread_head(trained_run, implant_data, stage_a
     # the auxiliary loss is the thread head's only gradient: it must have moved from its initial weights
     cfg = load_config(ImplantConfig, args[1], args[2:])
     seed_everything(cfg.run.seed)
-    initial, _, _ = build_regressor(cfg, ("company", "model_type"), "cross", train_records)
+    classifiers = read_classifiers(cfg, ("company", "model_type"), train_records)
+    initial, _ = build_regressor(cfg, "cross", train_records, classifiers)
     assert not torch.equal(initial.thread_head.weight.detach(), weights["thread_head.weight"])
     # (and the same init seen through a tensor the aux loss does not decide alone: the shapes agree)
     assert initial.thread_head.weight.shape == weights["thread_head.weight"].shape

@@ -21,7 +21,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.cli import UserError, config_main
 from common.io import atomic_write_text
@@ -29,11 +28,11 @@ from common.logs import setup_logging
 from implant_dims.config import ImplantConfig
 from implant_dims.data import ImplantRecord, check_image, is_dicom, load_records
 from implant_dims.engine import Runtime, start_runtime
-from implant_dims.models import mc_dropout_predict
 from implant_dims.regression import (
     DIMS,
     load_catalogue,
     make_dataset,
+    mc_on_dataset,
     predict_dataset,
     predicted_keys,
     regressor_from_checkpoint,
@@ -96,14 +95,7 @@ def predict(cfg: ImplantConfig) -> Path:
     dataset = make_dataset(records, meta, int(meta["img_size"]))
     det = predict_dataset(model, dataset, rt)
     if pc.mc_samples > 0:
-        means, stds = [], []
-        for start in range(0, len(dataset), pc.batch_size):
-            idx = range(start, min(start + pc.batch_size, len(dataset)))
-            images = torch.stack([dataset[i]["image"] for i in idx]).to(rt.device)
-            mean, std = mc_dropout_predict(model, images, n_samples=pc.mc_samples, generator_seed=cfg.run.seed)
-            means.append(mean.cpu().numpy())
-            stds.append(std.cpu().numpy())
-        pred, std = np.concatenate(means), np.concatenate(stds)
+        pred, std = mc_on_dataset(model, dataset, rt, pc.mc_samples, cfg.run.seed, pc.batch_size)
     else:
         pred, std = det["pred_mm"], np.zeros_like(det["pred_mm"])
     scale = val_std_scale(checkpoint)

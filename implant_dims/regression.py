@@ -13,6 +13,7 @@ trainable parameters changes, as DDP fixes it at construction).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -310,7 +311,7 @@ def run_epoch(model, step_module, dataset, cache, optimizer, scheduler, scaler, 
             batch = collate(dataset, idx, rt.device)
             feats, images = None, batch["image"]
         last_of_step = (i + 1) % rc.grad_accum == 0 or i + 1 == len(batches)
-        sync = step_module.no_sync() if (hasattr(step_module, "no_sync") and not last_of_step) else _null()
+        sync = step_module.no_sync() if (hasattr(step_module, "no_sync") and not last_of_step) else contextlib.nullcontext()
         with sync, autocast(rt.device, rt.amp_dtype):
             out = step_module(images=images, feats=feats)
             loss = regression_loss(out["pred_std"].float(), (batch["target"] - mean) / std, rc.loss)
@@ -330,14 +331,6 @@ def run_epoch(model, step_module, dataset, cache, optimizer, scheduler, scaler, 
         loss_sum += loss.item() * len(idx)
         seen += len(idx)
     return float(all_reduce_sum(loss_sum)), int(all_reduce_sum(seen))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,6 +480,7 @@ def predicted_keys(det: dict, meta: dict, records: list[ImplantRecord]) -> list[
 
 def mc_on_dataset(model: ImplantRegressor, dataset: ImplantDataset, rt: Runtime, n_samples: int, seed: int,
                   batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Monte Carlo dropout mean and std (mm) per image, in dataset order (reports and predict)."""
     means, stds = [], []
     for idx in epoch_batches(len(dataset), batch_size, 0, 0, shuffle=False):
         images = collate(dataset, idx, rt.device)["image"]

@@ -287,7 +287,7 @@ def train_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attenti
             epoch_callback(epoch, val)
     if writer is not None:
         writer.close()
-    results = report_regressor(cfg, out, rt) if rt.is_main else {}
+    results = report_regressor(cfg, out, rt, train_records, val_set) if rt.is_main else {}
     cleanup_distributed()
     return results.get("val", best)
 
@@ -388,15 +388,16 @@ def group_bootstrap(err: np.ndarray, groups: list, seed: int = 0, n_boot: int = 
     return float(low), float(high)
 
 
-def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime) -> dict:
+def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime, train_records: list[ImplantRecord],
+                     val_set: ImplantDataset) -> dict:
     """The best checkpoint on val and each held-out split: MAE per dimension with group-bootstrap intervals beside
     the mean- and median-predictor baselines, Monte Carlo dropout interval coverage (raw, and with the std scale
-    fitted on val), catalogue snapping, the predicted-vs-true plot; reports/results_<split>.json + results.json."""
+    fitted on val), catalogue snapping, the predicted-vs-true plot; reports/results_<split>.json + results.json.
+    `train_records` and `val_set` are the ones training used (not read or decoded again)."""
     rc = cfg.regression
     best = out / "checkpoints" / "best"
     model, meta = regressor_from_checkpoint(best)
     model.to(rt.device)
-    train_records, _ = load_split(cfg, "train")
     train_targets = np.array([[r.length, r.diameter] for r in train_records])
     mean_pred, median_pred = train_targets.mean(0), np.median(train_targets, 0)
     catalogue = load_catalogue(cfg.data.catalogue_csv) if cfg.data.catalogue_csv else None
@@ -405,8 +406,11 @@ def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime) -> dict:
                      "embedders": list(meta["embedders"]), "interval": rc.interval, "splits": {}}
     val_scale = None
     for split in ["val", *optional_splits(cfg)]:
-        records, _ = load_split(cfg, split)
-        dataset = make_dataset(records, meta, cfg.data.img_size)
+        if split == "val":
+            records, dataset = val_set.records, val_set
+        else:
+            records = load_split(cfg, split)[0]
+            dataset = make_dataset(records, meta, cfg.data.img_size)
         true = dataset.targets
         det = predict_dataset(model, dataset, rt)
         pred = det["pred_mm"]

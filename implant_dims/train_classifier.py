@@ -173,13 +173,15 @@ def train_classifier(cfg: ImplantConfig, epoch_callback: Callable[[int, dict], N
         writer.close()
     result = {}
     if rt.is_main:
-        result = report_splits(cfg, out, classes, majority, rt)
+        result = report_splits(cfg, out, classes, majority, rt, val_set)
     cleanup_distributed()
     return result.get("val", report)
 
 
-def report_splits(cfg: ImplantConfig, out, classes: list[str], majority: int, rt: Runtime) -> dict:
-    """Reports of the best checkpoint on val and each held-out split the config names."""
+def report_splits(cfg: ImplantConfig, out, classes: list[str], majority: int, rt: Runtime,
+                  val_set: ImplantDataset) -> dict:
+    """Reports of the best checkpoint on val (`val_set`, as training used it) and each held-out split the config
+    names."""
     best = out / "checkpoints" / "best"
     model = build_classifier_from_meta(read_meta(best))
     load_checkpoint(best, model)
@@ -187,9 +189,12 @@ def report_splits(cfg: ImplantConfig, out, classes: list[str], majority: int, rt
     target = cfg.classifier.target
     results = {}
     for split in ["val", *optional_splits(cfg)]:
-        records, _ = load_split(cfg, split)
-        dataset = ImplantDataset(records, cfg.data.img_size, classes if target == "company" else [],
-                                 classes if target == "model_type" else [])
+        if split == "val":
+            records, dataset = val_set.records, val_set
+        else:
+            records = load_split(cfg, split)[0]
+            dataset = ImplantDataset(records, cfg.data.img_size, classes if target == "company" else [],
+                                     classes if target == "model_type" else [])
         rep = classification_report(predict_logits(model, dataset, rt), class_indices(records, target, classes), classes,
                                     majority, cfg.classifier.top_k)
         rep.update(split=split, checkpoint=str(best), target=target)

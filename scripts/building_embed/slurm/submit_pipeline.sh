@@ -10,6 +10,7 @@
 # CONFIG (default configs/building_embed/sample.toml) and every key=value override reach every stage (sbatch exports
 # the environment). Prints one "stage job_id" line per job; SBATCH (default sbatch) names the submit command.
 set -euo pipefail
+shopt -s inherit_errexit  # a failed sbatch inside $(submit ...) stops the chain instead of submitting the rest
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SBATCH="${SBATCH:-sbatch}"
 export CONFIG="${CONFIG:-configs/building_embed/sample.toml}"
@@ -36,6 +37,10 @@ submit() {
     local out
     out="$("$SBATCH" "${args[@]}" "$@" "$HERE/$stage.sbatch" "${OVERRIDES[@]}")"
     local id="${out%%;*}"
+    if ! [[ "$id" =~ ^[0-9]+$ ]]; then
+        echo "submit_pipeline.sh: $stage: sbatch printed no job id (${out:-nothing}); nothing after it was submitted" >&2
+        exit 1
+    fi
     echo "$stage $id" >&2
     echo "$id"
 }

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+VALUE_MODES = ("exact", "seed4")
+
 
 @dataclass
 class RunConfig:
@@ -230,6 +232,18 @@ class BuildVocabConfig:
     """Ids per line (commands + parameters + EOS + PAD); the original uses 7."""
     report: str = ""
     """Per-line report JSON; empty = next to `out` as <stem>_report.json."""
+    value_mode: str = "exact"
+    """How parameter values become tokens: 'exact' (as written; a value longer than n_digits is refused) or
+    'seed4' (the original's 4 significant digits, rounded). The report covers both modes either way."""
+    n_digits: int = 0
+    """Significant digits per value in the exact mode; 0 = as many as the corpus's longest value needs, at least
+    10 (4 decimals in mm / 5 in inch with 6 / 5 integer digits) and at most 15."""
+
+    def __post_init__(self) -> None:
+        if self.value_mode not in VALUE_MODES:
+            raise ValueError(f"build_vocab.value_mode={self.value_mode!r}; use one of {', '.join(VALUE_MODES)}")
+        if self.n_digits and not 1 <= self.n_digits <= 15:
+            raise ValueError(f"build_vocab.n_digits={self.n_digits}; use 1..15, or 0 to fit the corpus")
 
 
 @dataclass

@@ -5,7 +5,9 @@
 
 Bad files raise UserError naming the file, the key, what was expected and the fix: missing keys, wrong
 rank or dtype, mismatched N, categorical values outside `categorical_dims`, token ids outside the vocabulary,
-token rows longer than the vocabulary's `max_tokens`. Windows holding NaN/inf are skipped and counted
+token rows longer than the vocabulary's `max_tokens`, and tokens written with another vocabulary: every tokenized
+file names its vocabulary by `vocab_digest` (`Vocabulary.digest()`), and a missing or different digest is refused,
+because ids of another vocabulary would load and decode to other words. Windows holding NaN/inf are skipped and counted
 (`nan_policy: skip`) or refused (`nan_policy: error`).
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnc_gcode.tokenizer import Vocabulary
+from cnc_gcode.tokenizer import VOCAB_DIGEST_KEY, Vocabulary
 from common.cli import UserError
 from common.io import require_finite
 
@@ -100,6 +102,7 @@ def load_windows(path: str | Path, vocab: Vocabulary | None = None, categorical_
         _check(operation.shape == (len(cont),), path, "operation_type", f"must be [N={len(cont)}], got {operation.shape}")
         _check(np.issubdtype(operation.dtype, np.integer), path, "operation_type", f"must be int64, got {operation.dtype}")
         if vocab is not None:
+            check_vocab_digest(data, path, vocab)
             _check(tokens.shape[1] == vocab.max_tokens, path, "tokens",
                    f"rows have {tokens.shape[1]} tokens, the vocabulary has max_tokens={vocab.max_tokens}")
             try:
@@ -113,7 +116,8 @@ def load_windows(path: str | Path, vocab: Vocabulary | None = None, categorical_
                    f"(encoder.n_operations)")
     names = [str(x) for x in data["channel_names"]] if "channel_names" in data else \
         [f"channel_{i}" for i in range(cont.shape[2])]
-    extra = {k: v for k, v in data.items() if k not in needed + ("channel_names",) and v.shape[:1] == (len(cont),)}
+    extra = {k: v for k, v in data.items()
+             if k not in needed + ("channel_names", VOCAB_DIGEST_KEY) and v.shape[:1] == (len(cont),)}
     windows = Windows(cont.astype(np.float32, copy=False), cat.astype(np.int64, copy=False),
                       None if tokens is None else tokens.astype(np.int64),
                       None if operation is None else operation.astype(np.int64), names, extra, 0, str(path))
@@ -129,6 +133,20 @@ def load_windows(path: str | Path, vocab: Vocabulary | None = None, categorical_
         if len(windows) == 0:
             raise UserError(f"{path}: every window holds NaN/inf sensor values; nothing left to use")
     return windows
+
+
+def check_vocab_digest(data: dict[str, np.ndarray], path: Path, vocab: Vocabulary) -> None:
+    """UserError unless the file's `vocab_digest` names `vocab` (its tokens were made by this vocabulary)."""
+    if VOCAB_DIGEST_KEY not in data:
+        raise UserError(f"{path}: key '{VOCAB_DIGEST_KEY}' is missing, so nothing says which vocabulary made its "
+                        f"tokens; re-create the file (cnc_gcode.sample_data / ingest_umich) or save it with "
+                        f"{VOCAB_DIGEST_KEY}=vocab.digest() of the vocabulary that tokenized it")
+    stored = str(data[VOCAB_DIGEST_KEY])
+    if stored != vocab.digest():
+        raise UserError(f"{path}: its tokens were made with vocabulary {stored}, the configured vocabulary is "
+                        f"{vocab.digest()} ({vocab.n_commands} commands, {len(vocab.letters)} letters, values "
+                        f"{vocab.mode}); pass the vocab.json written with the data (data.vocab_path=...) or "
+                        f"re-create the data with this vocabulary")
 
 
 def channel_stats(continuous: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,7 @@ class Grammar:
         self.done = np.zeros(batch, dtype=bool)
 
     def choose(self, logits: dict[str, np.ndarray]) -> np.ndarray:
-        """logits: type [B,4], command [B,C], ptype [B,2L], exponent [B,E], digits [B,4,10] -> ids [B]."""
+        """logits: type [B,4], command [B,C], ptype [B,2L], exponent [B,E], digits [B,K,10] -> ids [B]."""
         vocab, batch = self.vocab, len(self.done)
         n_letters = len(vocab.letters)
         letter_of_ptype = np.arange(vocab.n_param_types) // 2
@@ -68,7 +68,7 @@ class Grammar:
         command = np.where(command_ok, logits["command"], NEG).argmax(1)
         lp_ptype = np.where(ptype_ok, _log_softmax(logits["ptype"]), NEG)
         lp_exp = _log_softmax(logits["exponent"])
-        lp_digits = _log_softmax(logits["digits"])  # [B,4,10]
+        lp_digits = _log_softmax(logits["digits"])  # [B,K,10]
         # non-zero: best allowed ptype, best exponent, first digit 1..9, free remaining digits
         ptype_nz = lp_ptype.argmax(1)
         exp_nz = lp_exp.argmax(1)
@@ -76,7 +76,7 @@ class Grammar:
         rest = lp_digits[:, 1:].argmax(2)
         score_nz = (lp_ptype[np.arange(batch), ptype_nz] + lp_exp[np.arange(batch), exp_nz]
                     + lp_digits[np.arange(batch), 0, first] + lp_digits[:, 1:].max(2).sum(1))
-        # zero: positive sign of the best allowed letter, exponent 0, digits 0000
+        # zero: positive sign of the best allowed letter, exponent 0, all digits 0
         positive = lp_ptype[:, 0::2]
         ptype_zero = positive.argmax(1) * 2
         zero_exp = -EXP_MIN

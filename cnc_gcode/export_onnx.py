@@ -6,7 +6,7 @@ Writes <run_dir>/onnx/encoder.onnx, decoder_step.onnx, vocab.json and parity.jso
     encoder.onnx       continuous [B,T,C] f32, categorical [B,T,K] i64
                        -> memory [B,T,H], op_logits [B,9], cross_kv [layers,2,B,heads,T,hd], context [B,1,D]
     decoder_step.onnx  token [B,1] i64, position [1] i64, cache [layers,2,B,heads,L,hd], cross_kv, context
-                       -> type, command, ptype, exponent [B,.], digits [B,4,10], new_cache
+                       -> type, command, ptype, exponent [B,.], digits [B,K,10], new_cache
 The decoder's cross-attention keys/values are computed once inside the encoder graph, so each step only
 attends. Parity: max |onnxruntime - PyTorch| over memory, operation logits and every step's logits along the
 greedy path, and whether the constrained greedy outputs are identical.

@@ -3,8 +3,11 @@
 Handles what CAM post-processors and hand-written mill programs use: comments in `( )` and after `;`,
 `%` delimiters, N-numbers, leading-zero codes (`G00`, `M03`), several codes on one line, modal motion
 (`G0/G1/G2/G3`, cancelled by `G80`) carried to following lines that only hold axis words, plane (`G17-19`),
-units (`G20/21`), distance mode (`G90/91`), machine coordinates (`G53`), and any letter+number word
-(X Y Z, I J K, R, F, S, T, H, P, ...).
+units (`G20/21`), distance mode (`G90/91`), tool length offset (`G43 H..` / `G49`), machine coordinates (`G53`), and
+any letter+number word (X Y Z, I J K, R, F, S, T, H, P, ...). Values are kept twice: `values` holds them exactly as
+written (`Decimal`, so `I3519.5012` stays 3519.5012), `params` as floats for arithmetic.
+A comment (also one holding non-ASCII text) is removed before the line is read, so it never costs the command
+before it.
 
 LinuxCNC's programming-language layer is out of scope: O-word subroutines and loops, `#` parameters and
 `[ ]` expressions. Such a line is never a crash: it comes back with `error` set to a short reason, and
@@ -20,11 +23,15 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 MOTION_CODES = ("G0", "G1", "G2", "G3")
 PLANE_CODES = ("G17", "G18", "G19")
 UNIT_CODES = ("G20", "G21")
 DISTANCE_CODES = ("G90", "G91")
+TOOL_LENGTH_CODES = ("G43", "G43.1", "G43.2", "G49")
+# The modal state a program starts in (LinuxCNC's defaults); lines only state what differs from it.
+DEFAULT_PLANE, DEFAULT_UNITS, DEFAULT_DISTANCE, DEFAULT_TOOL_LENGTH = "G17", "G21", "G90", "G49"
 MOTION_CANCEL = "G80"
 AXIS_LETTERS = frozenset("XYZABCUVW")
 # Letters that are program structure, never a parameter of a command.
@@ -51,11 +58,13 @@ class ParsedLine:
     """One source line after parsing.
 
     codes: G/M codes in source order, normalised (`G00` -> `G0`, `M03` -> `M3`, `G91.1` kept).
-    params: the other words, letter -> value as written (units follow `units`; no unit conversion here).
+    params: the other words, letter -> float value (units follow `units`; no unit conversion here).
+    values: the same words as exact decimals, as written (`Decimal("3519.5012")`).
     motion: the motion mode this line executes with: its own G0-G3 or the modal one carried from earlier
         lines when the line holds axis words; None when the line does not move.
     carried: True when `motion` came from an earlier line.
-    plane / units / distance: the modal state in force on this line ("G17", "G21", "G90", ...).
+    plane / units / distance / tool_length: the modal state in force on this line ("G17", "G21", "G90", "G49").
+    tool_offset: the H word of the G43 in force (None when G43 came without H, or under G49).
     error: None, or the reason this line is unsupported (then codes/params are empty).
     """
 
@@ -70,11 +79,19 @@ class ParsedLine:
     distance: str = "G90"
     line_number: int | None = None
     error: str | None = None
+    tool_length: str = "G49"
+    tool_offset: Decimal | None = None
+    values: dict[str, Decimal] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
         """Comment-only, blank or `%` lines: nothing to execute, nothing to tokenize."""
         return self.error is None and not self.codes and not self.params
+
+    @property
+    def modal_state(self) -> tuple:
+        """(units, distance, plane, tool_length, tool_offset): what the line's words mean besides themselves."""
+        return self.units, self.distance, self.plane, self.tool_length, self.tool_offset
 
     @property
     def moves(self) -> bool:
@@ -124,9 +141,11 @@ class ModalState:
     """What G-code remembers between lines."""
 
     motion: str | None = None
-    plane: str = "G17"
-    units: str = "G21"
-    distance: str = "G90"
+    plane: str = DEFAULT_PLANE
+    units: str = DEFAULT_UNITS
+    distance: str = DEFAULT_DISTANCE
+    tool_length: str = DEFAULT_TOOL_LENGTH
+    tool_offset: Decimal | None = None
 
 
 def _strip_comments(text: str) -> tuple[str, str | None]:
@@ -143,13 +162,14 @@ def _strip_comments(text: str) -> tuple[str, str | None]:
 
 def parse_line(text: str, lineno: int, state: ModalState) -> ParsedLine:
     """Parse one line and update `state` in place (only when the line is accepted)."""
-    base = {"lineno": lineno, "text": text, "plane": state.plane, "units": state.units, "distance": state.distance}
+    base = {"lineno": lineno, "text": text, "plane": state.plane, "units": state.units, "distance": state.distance,
+            "tool_length": state.tool_length, "tool_offset": state.tool_offset}
     stripped = text.strip()
     if not stripped or stripped == "%":
         return ParsedLine(**base)
-    if not stripped.isascii():
-        return ParsedLine(**base, error=REASON_NON_ASCII)
     body, error = _strip_comments(stripped)
+    if not body.isascii():  # only the code part counts: `F500 ;<no-break space>feed` keeps its F
+        return ParsedLine(**base, error=REASON_NON_ASCII)
     if error:
         return ParsedLine(**base, error=error)
     body = body.upper().strip()
@@ -170,7 +190,7 @@ def parse_line(text: str, lineno: int, state: ModalState) -> ParsedLine:
         return ParsedLine(**base)
 
     codes: list[str] = []
-    params: dict[str, float] = {}
+    values: dict[str, Decimal] = {}
     line_number = None
     position = 0
     for match in _WORD.finditer(body):
@@ -184,10 +204,10 @@ def parse_line(text: str, lineno: int, state: ModalState) -> ParsedLine:
             line_number = int(float(number))
         elif letter == "O":
             return ParsedLine(**base, error=REASON_OWORD)
-        elif letter in params:
+        elif letter in values:
             return ParsedLine(**base, error=REASON_REPEATED)
         else:
-            params[letter] = float(number)
+            values[letter] = Decimal(number)
     if body[position:].strip():
         return ParsedLine(**base, error=REASON_MALFORMED)
 
@@ -204,6 +224,10 @@ def parse_line(text: str, lineno: int, state: ModalState) -> ParsedLine:
             state.distance = code
         elif code == MOTION_CANCEL:
             state.motion = None
+        elif code in TOOL_LENGTH_CODES:
+            state.tool_length = code
+            state.tool_offset = values.get("H") if code == "G43" else None
+    params = {k: float(v) for k, v in values.items()}
     carried = False
     if explicit_motion:
         state.motion = explicit_motion[0]
@@ -213,7 +237,8 @@ def parse_line(text: str, lineno: int, state: ModalState) -> ParsedLine:
     else:
         motion = None
     return ParsedLine(lineno=lineno, text=text, codes=tuple(codes), params=params, motion=motion, carried=carried,
-                      plane=state.plane, units=state.units, distance=state.distance, line_number=line_number)
+                      plane=state.plane, units=state.units, distance=state.distance, line_number=line_number,
+                      tool_length=state.tool_length, tool_offset=state.tool_offset, values=values)
 
 
 def parse_program(text: str) -> list[ParsedLine]:

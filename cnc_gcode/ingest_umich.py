@@ -14,6 +14,7 @@ umich.data_dir or $REAL_DATA_DIR/cnc_umich_toolwear. Output in umich.out_dir: tr
                                   labels per run)
     tokens [N,7] int64            the NONE line (the G-code program is not part of the dataset, so there are no
                                   token targets: this data trains and evaluates the encoder only)
+    vocab_digest [] str           the default vocabulary's digest (cnc_gcode.data checks it on load)
     sequence_number, experiment [N] int64
 Experiments, not windows, are split (umich.val_experiments / umich.test_experiments), so no run is in two splits.
 
@@ -39,7 +40,7 @@ import numpy as np
 
 from cnc_gcode.config import CncConfig
 from cnc_gcode.sample_data import SPLITS, save_npz
-from cnc_gcode.tokenizer import NONE_COMMAND, Vocabulary
+from cnc_gcode.tokenizer import NONE_COMMAND, VOCAB_DIGEST_KEY, Vocabulary
 from common.cli import UserError, config_main
 from common.io import require_finite, write_json
 from common.logs import setup_logging
@@ -248,6 +249,7 @@ def ingest(cfg: CncConfig) -> int:
             raise UserError(f"split '{split}' got no experiments; check umich.val_experiments/test_experiments")
         arrays = {k: np.concatenate([p[k] for p in parts[split]]) for k in parts[split][0]}
         arrays["channel_names"] = np.asarray(channel_names)
+        arrays[VOCAB_DIGEST_KEY] = np.asarray(vocab.digest())
         save_npz(out / f"{split}.npz", arrays)
         manifest["splits"][split] = {"experiments": sorted(set(arrays["experiment"].tolist())),
                                      "windows": len(arrays["operation_type"]),

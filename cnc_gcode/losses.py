@@ -1,6 +1,6 @@
 """Multi-head token loss: focal loss (common.losses.focal_loss) summed over the decoder's heads.
 
-    L = FL(type) + FL(command) + FL(ptype) + FL(exponent) + FL(digits, over the 4 positions)
+    L = FL(type) + FL(command) + FL(ptype) + FL(exponent) + FL(digits, over the K digit positions)
     FL = -sum_c q_c (1 - p_c)^gamma log p_c,  q = one-hot smoothed by `label_smoothing`
 
 Each head averages over the positions where it applies (command only at command tokens, ptype/exponent/digits
@@ -18,7 +18,7 @@ from common.losses import focal_loss
 
 
 def token_targets(vocab: Vocabulary, tokens: np.ndarray) -> dict[str, Tensor]:
-    """Target ids [N,L] -> per-head targets: type/command/ptype/exponent [N,L], digits [N,L,4] (IGNORE = -100)."""
+    """Target ids [N,L] -> per-head targets: type/command/ptype/exponent [N,L], digits [N,L,K] (IGNORE = -100)."""
     fields = vocab.fields(tokens)
     kind = fields["type"].copy()
     kind[np.isin(kind, (TYPE_PAD, TYPE_SOS, TYPE_UNK))] = IGNORE
@@ -29,7 +29,7 @@ def token_targets(vocab: Vocabulary, tokens: np.ndarray) -> dict[str, Tensor]:
 
 def multihead_loss(logits: dict[str, Tensor], targets: dict[str, Tensor], gamma: float,
                    label_smoothing: float) -> tuple[Tensor, dict[str, float]]:
-    """logits from SensorMultiHeadDecoder.forward ([B,L,C] per head, digits [B,L,4,10]); targets from
+    """logits from SensorMultiHeadDecoder.forward ([B,L,C] per head, digits [B,L,K,10]); targets from
     `token_targets` for the same rows. Returns (total loss, per-head values for logging)."""
     parts = {}
     for head in ("type", "command", "ptype", "exponent", "digits"):

@@ -22,9 +22,7 @@ from torch import Tensor, nn
 
 from cnc_gcode.config import DecoderConfig, EncoderConfig
 from cnc_gcode.tokenizer import (
-    DIGIT_BASE,
     EOS,
-    N_DIGITS,
     N_INPUT_TYPES,
     N_TYPES,
     PAD,
@@ -39,6 +37,7 @@ from cnc_gcode.tokenizer import (
     UNK,
     Vocabulary,
 )
+from common.cli import UserError
 
 HEADS = ("type", "command", "ptype", "exponent", "digits")
 
@@ -165,23 +164,58 @@ class DecoderLayer(nn.Module):
         return x + self.ff(self.norm3(x)), torch.stack([keys, values])
 
 
+def seed_sizes_vocabulary(vocab: Vocabulary | None, **sizes: int | None) -> Vocabulary:
+    """The vocabulary a decoder is built for, checked against the original's size arguments (n_types,
+    n_commands, n_param_types; None = not given). Raises UserError on a size the vocabulary does not have."""
+    given = {k: v for k, v in sizes.items() if v is not None}
+    if vocab is None:
+        vocab = Vocabulary.seed()
+        source = ("no vocab was passed, so the original's (G0 G1 G3 G53 M30 NONE; F R X Y Z, 4 digits); pass "
+                  "vocab=load_vocabulary(<vocab.json>) (or seed_vocab.load_seed_vocabulary(<original json>)"
+                  ".vocabulary()) for another one")
+    else:
+        source = "the vocab passed; the sizes follow from it, so drop the argument or pass the matching vocabulary"
+    actual = {"n_types": N_TYPES, "n_commands": vocab.n_commands, "n_param_types": vocab.n_param_types}
+    for name, value in given.items():
+        if value != actual[name]:
+            raise UserError(f"SensorMultiHeadDecoder({name}={value!r}): the vocabulary has {name}={actual[name]} "
+                            f"({source})")
+    return vocab
+
+
 class SensorMultiHeadDecoder(nn.Module):
     """Transformer decoder over encoder memory with separate heads for each field of a token.
 
     Token ids are split into fields inside the model (so ONNX takes plain ids) and embedded as the sum of
     type, command, parameter-type, exponent and per-position digit embeddings plus a learned position.
-    Heads: type [.,4], command [.,C], ptype [.,2L], exponent [.,E], digits [.,4,10].
+    Heads: type [.,4], command [.,C], ptype [.,2L], exponent [.,E], digits [.,K,10] (K = vocab.n_digits).
+
+    The original's constructor call is accepted as it was written,
+    `SensorMultiHeadDecoder(sensor_dim=128, d_model=192, n_heads=8, n_layers=4, n_operations=9, n_types=4,
+    n_commands=6, n_param_types=10, max_seq_len=32, dropout=0.3)`: without `vocab` its sizes must be the original
+    vocabulary's (6 commands, 10 parameter types), which gives `Vocabulary.seed()`; with `vocab` they must equal
+    that vocabulary's. A size that differs raises UserError naming the argument, both values and the fix (the
+    sizes follow from the vocabulary here, so they cannot be chosen apart from it). `n_operations` is accepted and
+    recorded only: the operation head is the encoder's (`MMDTAELSTM(n_operations=...)`).
     """
 
-    def __init__(self, vocab: Vocabulary, sensor_dim: int = 128, d_model: int = 192, n_heads: int = 8,
+    def __init__(self, vocab: Vocabulary | None = None, sensor_dim: int = 128, d_model: int = 192, n_heads: int = 8,
                  n_layers: int = 4, ff_dim: int = 768, dropout: float = 0.1, max_seq_len: int = 32,
                  share_cross_kv: bool = True, max_memory_len: int = 256, last_step_context: bool = True,
-                 memory_norm: bool = True) -> None:
+                 memory_norm: bool = True, *, n_types: int | None = None, n_commands: int | None = None,
+                 n_param_types: int | None = None, n_operations: int | None = None) -> None:
         super().__init__()
+        vocab = seed_sizes_vocabulary(vocab, n_types=n_types, n_commands=n_commands, n_param_types=n_param_types)
+        if n_operations is not None and (not isinstance(n_operations, int) or n_operations < 1):
+            raise UserError(f"SensorMultiHeadDecoder(n_operations={n_operations!r}): expected a positive number of "
+                            f"operation classes (it is recorded only; the encoder classifies operations)")
+        self.n_operations = n_operations
+        self.vocab = vocab
         if vocab.max_tokens + 1 > max_seq_len:
             raise ValueError(f"decoder.max_seq_len={max_seq_len} is shorter than max_tokens+1={vocab.max_tokens + 1}")
         self.n_commands, self.n_ptypes, self.n_exponents = vocab.n_commands, vocab.n_param_types, vocab.n_exponents
         self.param_base = vocab.param_base
+        self.n_digits, self.digit_base = vocab.n_digits, vocab.digit_base
         self.max_tokens = vocab.max_tokens
         self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, d_model // n_heads
         self.memory_proj = nn.Sequential(nn.Linear(sensor_dim, d_model),
@@ -197,7 +231,7 @@ class SensorMultiHeadDecoder(nn.Module):
         self.command_embed = nn.Embedding(self.n_commands + 1, d_model)  # last row: "not a command"
         self.ptype_embed = nn.Embedding(self.n_ptypes + 1, d_model)
         self.exponent_embed = nn.Embedding(self.n_exponents + 1, d_model)
-        self.digit_embed = nn.Embedding(N_DIGITS * 11, d_model)  # 10 digits + "not a parameter" per position
+        self.digit_embed = nn.Embedding(self.n_digits * 11, d_model)  # 10 digits + "not a parameter" per position
         self.position_embed = nn.Embedding(max_seq_len, d_model)
         # share_cross_kv: one key/value projection of the memory serves all layers (each keeps its own queries and
         # output projection). Projecting 64 memory steps per layer was ~3/4 of the decoder's training FLOPs on CPU.
@@ -210,7 +244,7 @@ class SensorMultiHeadDecoder(nn.Module):
         self.command_head = nn.Linear(d_model, self.n_commands)
         self.ptype_head = nn.Linear(d_model, self.n_ptypes)
         self.exponent_head = nn.Linear(d_model, self.n_exponents)
-        self.digit_head = nn.Linear(d_model, N_DIGITS * 10)
+        self.digit_head = nn.Linear(d_model, self.n_digits * 10)
 
     def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
         """ids [B,L] int64, positions [L] -> [B,L,D]"""
@@ -225,15 +259,15 @@ class SensorMultiHeadDecoder(nn.Module):
         kind = torch.where(is_param, torch.full_like(ids, TYPE_PARAM), kind)
         command = torch.where(is_cmd, ids - n_special, torch.full_like(ids, self.n_commands))
         rel = torch.where(is_param, ids - self.param_base, torch.zeros_like(ids))
-        digit_value = torch.remainder(rel, DIGIT_BASE)
-        exponent = torch.remainder(torch.div(rel, DIGIT_BASE, rounding_mode="floor"), self.n_exponents)
-        ptype = torch.div(rel, DIGIT_BASE * self.n_exponents, rounding_mode="floor")
+        digit_value = torch.remainder(rel, self.digit_base)
+        exponent = torch.remainder(torch.div(rel, self.digit_base, rounding_mode="floor"), self.n_exponents)
+        ptype = torch.div(rel, self.digit_base * self.n_exponents, rounding_mode="floor")
         exponent = torch.where(is_param, exponent, torch.full_like(ids, self.n_exponents))
         ptype = torch.where(is_param, ptype, torch.full_like(ids, self.n_ptypes))
         x = (self.type_embed(kind) + self.command_embed(command) + self.ptype_embed(ptype)
              + self.exponent_embed(exponent) + self.position_embed(positions)[None])
-        for i in range(N_DIGITS):
-            digit = torch.remainder(torch.div(digit_value, 10 ** (N_DIGITS - 1 - i), rounding_mode="floor"), 10)
+        for i in range(self.n_digits):
+            digit = torch.remainder(torch.div(digit_value, 10 ** (self.n_digits - 1 - i), rounding_mode="floor"), 10)
             digit = torch.where(is_param, digit, torch.full_like(ids, 10))
             x = x + self.digit_embed(digit + 11 * i)
         return x
@@ -242,7 +276,7 @@ class SensorMultiHeadDecoder(nn.Module):
         x = self.final_norm(x)
         digits = self.digit_head(x)
         return {"type": self.type_head(x), "command": self.command_head(x), "ptype": self.ptype_head(x),
-                "exponent": self.exponent_head(x), "digits": digits.view(*digits.shape[:-1], N_DIGITS, 10)}
+                "exponent": self.exponent_head(x), "digits": digits.view(*digits.shape[:-1], self.n_digits, 10)}
 
     def context(self, memory: Tensor) -> Tensor | float:
         """[B,1,D] projection of the last memory step (0.0 when disabled)."""

@@ -5,7 +5,8 @@
 Writes OUT/train.npz, val.npz, test.npz with
     continuous      [N, 64, C] float32   C = 27 simulated channels (see channels.json / cnc_gcode.simulator)
     categorical     [N, 64, 4] int64     motion_mode, spindle_state, coolant, motion_phase (3 values each)
-    tokens          [N, 7]     int64     the executing line in the default 4-digit hybrid vocabulary
+    tokens          [N, 7]     int64     the executing line in the default (exact) vocabulary, written as OUT/vocab.json
+    vocab_digest    []         str       Vocabulary.digest() of that vocabulary (checked whenever tokens are loaded)
     operation_type  [N]        int64     one of 9 operations (simulator.OPERATIONS)
     program_id, line_index [N] int64     provenance of each window
     channel_names   [C]        str
@@ -35,7 +36,7 @@ from cnc_gcode.simulator import (
     record,
     windows,
 )
-from cnc_gcode.tokenizer import Vocabulary
+from cnc_gcode.tokenizer import VOCAB_DIGEST_KEY, Vocabulary
 from common.cli import UserError, guarded_main
 from common.io import atomic_write, atomic_write_text, write_json
 
@@ -91,13 +92,18 @@ def simulate_program(program_id: int, kind: str, seed: int, machine: MachineConf
 
 
 def make_dataset(out_dir: str | Path, n_programs: int = 60, seed: int = 0, window: int = 64, stride: int = 16,
-                 max_per_line: int = 3, grid_mm: float = 5.0) -> dict:
-    """Simulate `n_programs` programs and write the three splits. Returns the manifest."""
+                 max_per_line: int = 3, grid_mm: float = 5.0, value_mode: str = "exact") -> dict:
+    """Simulate `n_programs` programs and write the three splits. Returns the manifest.
+
+    value_mode 'exact' tokenizes with the default vocabulary, 'seed4' with the seed's 4-digit one
+    (`Vocabulary.seed()`; then pass data.vocab_path=OUT/vocab.json to the other stages)."""
     if n_programs < 3:
         raise UserError(f"--programs {n_programs}: need at least 3 programs (one per split)")
     out = Path(out_dir)
     machine = MachineConfig(seed=seed)
-    vocab = Vocabulary()
+    if value_mode not in ("exact", "seed4"):
+        raise UserError(f"--value-mode {value_mode!r}: use exact or seed4")
+    vocab = Vocabulary.seed() if value_mode == "seed4" else Vocabulary()
     kinds = [CUTTING_OPS[i % len(CUTTING_OPS)] for i in range(n_programs)]
     splits = split_programs(kinds, seed)
     per_program = {}
@@ -107,11 +113,13 @@ def make_dataset(out_dir: str | Path, n_programs: int = 60, seed: int = 0, windo
                           f"(cnc_gcode simulator program {pid}: {kind})\n" + "\n".join(lines) + "\n")
         per_program[pid] = arrays
     manifest = {"n_programs": n_programs, "seed": seed, "window": window, "stride": stride, "grid_mm": grid_mm,
-                "dt_s": machine.dt_s, "operations": list(OPERATIONS), "program_kinds": kinds, "splits": {}}
+                "dt_s": machine.dt_s, "operations": list(OPERATIONS), "program_kinds": kinds,
+                "vocab_digest": vocab.digest(), "value_mode": value_mode, "splits": {}}
     for split in SPLITS:
         parts = [per_program[p] for p in splits[split]]
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         arrays["channel_names"] = np.asarray(CHANNELS)
+        arrays[VOCAB_DIGEST_KEY] = np.asarray(vocab.digest())
         save_npz(out / f"{split}.npz", arrays)
         manifest["splits"][split] = {"programs": splits[split], "windows": int(len(arrays["tokens"]))}
     write_json(out / "channels.json", {"continuous": list(CHANNELS), "groups": {k: list(v) for k, v in
@@ -126,7 +134,7 @@ def make_dataset(out_dir: str | Path, n_programs: int = 60, seed: int = 0, windo
 def _body(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = make_dataset(args.out, args.programs, args.seed, args.window, args.stride, args.max_per_line,
-                            args.grid)
+                            args.grid, args.value_mode)
     counts = {s: v["windows"] for s, v in manifest["splits"].items()}
     print(json.dumps({"out": str(args.out), "windows": counts, "channels": len(CHANNELS)}))
     return 0
@@ -142,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=int, default=16)
     parser.add_argument("--max-per-line", type=int, default=3)
     parser.add_argument("--grid", type=float, default=5.0, help="coordinate grid of generated programs (mm)")
+    parser.add_argument("--value-mode", choices=("exact", "seed4"), default="exact",
+                        help="token values exact (default vocabulary) or the seed's 4 significant digits "
+                             "(then pass data.vocab_path=OUT/vocab.json)")
     return parser
 
 

@@ -19,7 +19,7 @@ def windows(n=6, t=8, c=5, **overrides):
     arrays = {"continuous": np.random.default_rng(0).normal(size=(n, t, c)).astype(np.float32),
               "categorical": np.zeros((n, t, 4), dtype=np.int64),
               "tokens": np.tile(np.asarray(tokenize_text(vocab, "G1 X1 F100"), dtype=np.int64), (n, 1)),
-              "operation_type": np.zeros(n, dtype=np.int64)}
+              "operation_type": np.zeros(n, dtype=np.int64), "vocab_digest": np.asarray(vocab.digest())}
     arrays.update(overrides)
     return arrays
 
@@ -29,7 +29,7 @@ def windows(n=6, t=8, c=5, **overrides):
     ({"continuous": np.zeros((6, 8, 5), np.int64)}, "must be float32"),
     ({"categorical": np.zeros((6, 8, 4), np.float32)}, "must be int64"),
     ({"categorical": np.full((6, 8, 4), 7, np.int64)}, "outside 0..2"),
-    ({"tokens": np.full((6, 7), 10**9, np.int64)}, "outside this vocabulary"),
+    ({"tokens": np.full((6, 7), 10**15, np.int64)}, "outside this vocabulary"),
     ({"tokens": np.zeros((6, 9), np.int64)}, "max_tokens=7"),
     ({"operation_type": np.zeros(5, np.int64)}, "operation_type"),
     ({"operation_type": np.full(6, 12, np.int64)}, "outside 0..8"),

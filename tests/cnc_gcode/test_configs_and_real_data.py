@@ -13,6 +13,7 @@ import yaml
 from cnc_gcode import build_vocab, ingest_umich
 from cnc_gcode.__main__ import STAGES
 from cnc_gcode.config import CncConfig
+from cnc_gcode.tokenizer import REASON_H_CONFLICT
 from common.config import describe_config, load_config, to_dict
 from common.runs import flatten
 
@@ -67,23 +68,30 @@ def test_print_config_prints_the_resolved_yaml(capsys):
 def test_pygcode_corpus_round_trips_completely(real_data_dir, tmp_path):
     out = tmp_path / "vocab.json"
     assert build_vocab.main([f"build_vocab.corpus=[{real_data_dir / 'gcode_pygcode'}]", f"build_vocab.out={out}",
-                             "build_vocab.max_tokens=10"]) == 0
+                             "build_vocab.max_tokens=16"]) == 0
     report = json.loads((tmp_path / "vocab_report.json").read_text())
-    assert report["files"] == 42 and report["tokenized_lines"] > 7000
-    assert report["round_trip_ok"] == report["tokenized_lines"] and not report["round_trip_failures"]
+    assert report["files"] == 42 and report["parse"]["executable"] == 7889 and report["n_digits"] == 10
+    # every accepted line is representable and comes back with every value exact (the README's numbers)
+    assert report["tokenized_lines"] == report["round_trip_ok"] == report["values_exact"] == 7889
+    assert not report["round_trip_failures"] and not report["not_representable"]
+    # the seed's 4-digit mode on the same commands and letters: ids round-trip, values mostly do not
+    assert report["other_mode"]["round_trip_ok"] == 7889 and report["other_mode"]["values_exact"] == 3087
 
 
 @pytest.mark.real_data
 def test_linuxcnc_corpus_never_crashes_and_counts_reasons(real_data_dir, tmp_path):
     out = tmp_path / "vocab.json"
     assert build_vocab.main([f"build_vocab.corpus=[{real_data_dir / 'gcode_linuxcnc'}]", f"build_vocab.out={out}",
-                             "build_vocab.max_tokens=10"]) == 0
+                             "build_vocab.max_tokens=16"]) == 0
     report = json.loads((tmp_path / "vocab_report.json").read_text())
     reasons = report["parse"]["unsupported_by_reason"]
     assert report["files"] == 247
     assert reasons["[ ] expression"] > 1000 and reasons["# parameter"] > 100 and reasons["o-word subroutine/control flow"] > 100
     assert report["parse"]["lines"] == report["parse"]["executable"] + report["parse"]["empty"] + sum(reasons.values())
-    assert report["round_trip_ok"] == report["tokenized_lines"]
+    assert report["parse"]["executable"] == 12600 and report["n_digits"] == 15  # R46.5833333333333 (G6.2 NURBS)
+    assert report["not_representable"] == {REASON_H_CONFLICT: 2}  # lathe G76 ... h3 under a bare G43
+    assert report["tokenized_lines"] == report["round_trip_ok"] == report["values_exact"] == 12598
+    assert report["other_mode"]["values_exact"] == 3715
 
 
 @pytest.mark.real_data

@@ -42,11 +42,11 @@ def test_cached_step_matches_full_forward(share):
                        torch.from_numpy(decode_uncached(dec, memory, vocab)))
 
 
-def test_constrained_decoding_always_gives_valid_lines():
-    vocab = Vocabulary()
+@pytest.mark.parametrize("vocab", [Vocabulary(), Vocabulary.seed()], ids=["exact", "seed4"])
+def test_constrained_decoding_always_gives_valid_lines(vocab):
     rng = np.random.default_rng(0)
     shapes = {"type": (4,), "command": (vocab.n_commands,), "ptype": (vocab.n_param_types,),
-              "exponent": (vocab.n_exponents,), "digits": (4, 10)}
+              "exponent": (vocab.n_exponents,), "digits": (vocab.n_digits, 10)}
     batch = 64
 
     def random_step(previous, position):
@@ -69,6 +69,7 @@ def test_grammar_forces_eos_at_the_last_position():
     vocab = Vocabulary(max_tokens=3)
     grammar = Grammar(vocab, 1)
     always_command = {"type": np.array([[0.0, -9.0, 9.0, 0.0]]), "command": np.zeros((1, vocab.n_commands)),
-                      "ptype": np.zeros((1, 10)), "exponent": np.zeros((1, 11)), "digits": np.zeros((1, 4, 10))}
+                      "ptype": np.zeros((1, 10)), "exponent": np.zeros((1, 11)),
+                      "digits": np.zeros((1, vocab.n_digits, 10))}
     out = [int(grammar.choose(always_command)[0]) for _ in range(3)]
     assert out[2] == EOS and out[0] != out[1]  # a command is never repeated

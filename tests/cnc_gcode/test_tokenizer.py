@@ -1,4 +1,4 @@
-"""The 4-digit hybrid vocabulary: quantisation, id fields, line round trips, files and mismatches."""
+"""The hybrid vocabulary (exact and seed 4-digit modes): quantisation, id fields, round trips, files, mismatches."""
 
 from __future__ import annotations
 
@@ -24,30 +24,43 @@ from common.cli import UserError
 
 @pytest.mark.parametrize("value, text", [(12.5, "12.5"), (-0.025, "-0.025"), (0.0, "0"), (198.5, "198.5"),
                                          (3.58514, "3.585"), (9.99962, "10"), (24000, "24000"), (0.0001, "0.0001")])
-def test_quantize_keeps_four_significant_digits(value, text):
-    assert format_number(dequantize(*quantize(value))) == text
+def test_seed_mode_keeps_four_significant_digits(value, text):
+    assert format_number(dequantize(*quantize(value, 4, exact=False), n_digits=4)) == text
 
 
-def test_quantize_rejects_out_of_range():
-    with pytest.raises(TokenizeError):
+@pytest.mark.parametrize("text", ["3519.5012", "-0.00125", "0.0001", "198.54", "999999.9999", "-12.34567", "24000",
+                                  "0.00001"])
+def test_exact_mode_keeps_the_written_value(text):
+    assert dequantize(*quantize(Decimal(text))) == Decimal(text)
+
+
+def test_quantize_rejects_out_of_range_and_too_many_digits():
+    with pytest.raises(TokenizeError, match="exponent range"):
         quantize(2e6)
-    with pytest.raises(TokenizeError):
+    with pytest.raises(TokenizeError, match="not finite"):
         quantize(float("nan"))
+    with pytest.raises(TokenizeError, match="significant digits"):
+        quantize(Decimal("46.5833333333333"))  # 15 digits: refused, never rounded
+    assert quantize(Decimal("46.5833333333333"), 4, exact=False) == (0, 4658, 6)
 
 
 def test_default_vocabulary_matches_the_original_command_set():
     vocab = Vocabulary()
     assert vocab.commands == ["G0", "G1", "G3", "G53", "M30", "NONE"]
     assert sorted(vocab.letters) == ["F", "R", "X", "Y", "Z"]
-    assert vocab.n_param_types == 10 and vocab.size == 4 + 6 + 10 * vocab.n_exponents * 10_000
+    assert vocab.n_param_types == 10 and vocab.size == 4 + 6 + 10 * vocab.n_exponents * 10 ** 10
+    assert Vocabulary.seed().size == 4 + 6 + 10 * 11 * 10_000 and Vocabulary.seed().digest() != vocab.digest()
 
 
 def test_line_to_ids_and_back():
     vocab = Vocabulary()
     ids = tokenize_text(vocab, "G1 F400 Y-3 X12.5")
     assert len(ids) == vocab.max_tokens and ids[4] == EOS and ids[5:] == [PAD, PAD]
-    assert [vocab.token_str(i) for i in ids[:4]] == ["G1", "X+1250e1", "Y-3000e0", "F+4000e2"]
+    assert [vocab.token_str(i) for i in ids[:4]] == ["G1", "X+1250000000e1", "Y-3000000000e0", "F+4000000000e2"]
     assert vocab.decode_line(ids) == "G1 X12.5 Y-3 F400"
+    seed = Vocabulary.seed()
+    assert [seed.token_str(i) for i in tokenize_text(seed, "G1 F400 Y-3 X12.5")[1:4]] == ["X+1250e1", "Y-3000e0",
+                                                                                         "F+4000e2"]
 
 
 def test_fields_and_compose_are_inverse():
@@ -95,9 +108,19 @@ def test_vocabulary_file_round_trip_and_mismatch(tmp_path):
         Vocabulary.load(tmp_path / "bad.json")
     with pytest.raises(UserError, match="not found"):
         Vocabulary.load(tmp_path / "missing.json")
+    # a file of the first format (4 digits, no mode) loads in the seed mode it was written in
+    (tmp_path / "old.json").write_text('{"format": "cnc_gcode-4digit-hybrid/1", "commands": ["G0", "G1", "NONE"], '
+                                       '"letters": ["X", "F"], "max_tokens": 7, "exp_min": -5, "exp_max": 5, '
+                                       '"n_digits": 4}')
+    old = Vocabulary.load(tmp_path / "old.json")
+    assert (old.n_digits, old.exact) == (4, False) and old.size == 4 + 3 + 4 * 11 * 10_000
+    old.check_matches({k: v for k, v in old.fingerprint().items() if k != "exact"}, "old checkpoint")
 
 
 def test_decoded_values_are_exact_decimals():
     vocab = Vocabulary()
     _, params = vocab.decode_words(tokenize_text(vocab, "G1 X-0.0250 Z198.54"))
-    assert params == [("X", Decimal("-0.02500")), ("Z", Decimal("198.5"))]
+    assert params == [("X", Decimal("-0.025")), ("Z", Decimal("198.54"))]
+    seed = Vocabulary.seed()
+    _, params = seed.decode_words(tokenize_text(seed, "G1 X-0.0250 Z198.54"))
+    assert params == [("X", Decimal("-0.025")), ("Z", Decimal("198.5"))]

@@ -151,6 +151,13 @@ class TrainingConfig:
     """optuna_worker: epochs of each (short) trial run; the median pruner judges val mAP@R after each."""
     optuna_warmup_epochs: int = 1
     """optuna_worker: epochs a trial runs before it may be pruned."""
+    optuna_heartbeat_interval: int = 60
+    """optuna_worker: seconds between a running trial's heartbeats in the storage."""
+    optuna_grace_period: int = 180
+    """optuna_worker: a RUNNING trial without a heartbeat for this long (its worker was killed) is marked FAIL by the
+    next worker that starts a trial, and its parameters are queued again (training.optuna_max_retries times)."""
+    optuna_max_retries: int = 1
+    """optuna_worker: how often a killed trial's parameters are retried."""
     optuna_hidden_dims: list[int] = field(default_factory=lambda: [256, 512, 1024])
     """optuna_worker: choices of training_model.hidden_dim (lr, margin, dropout and weight_decay are searched on
     log / linear ranges fixed in optuna_worker.search_space)."""
@@ -167,6 +174,11 @@ class TrainingConfig:
             raise ValueError(f"training.lr ({self.lr}) must be > 0 and training.margin ({self.margin}) >= 0")
         if self.patience < 1:
             raise ValueError(f"training.patience must be >= 1, got {self.patience}")
+        if self.optuna_heartbeat_interval < 1 or self.optuna_grace_period <= self.optuna_heartbeat_interval:
+            raise ValueError(f"training.optuna_grace_period ({self.optuna_grace_period}) must exceed "
+                             f"training.optuna_heartbeat_interval ({self.optuna_heartbeat_interval}), which must be >= 1")
+        if self.optuna_max_retries < 0:
+            raise ValueError(f"training.optuna_max_retries must be >= 0, got {self.optuna_max_retries}")
 
 
 @dataclass

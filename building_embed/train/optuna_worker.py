@@ -17,6 +17,11 @@ reports val mAP@R after every epoch; the median pruner (after `training.optuna_w
 the median of earlier trials at the same epoch. The objective is the best val mAP@R. Parameters are stored under
 their dotted config keys (`training.lr`, `training_model.hidden_dim`, ...), which is how fetch_best_and_train
 applies them.
+
+A worker killed mid-trial (SIGKILL, node failure, a cancelled array task) leaves its trial RUNNING; it stops sending
+heartbeats (`training.optuna_heartbeat_interval`), and once `training.optuna_grace_period` has passed the next worker
+to start a trial marks it FAIL and queues its parameters again (`training.optuna_max_retries`); the retry runs in a
+fresh trial directory and records `failed_trial` (the killed trial's number) in its system attributes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import copy
 import fcntl
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +85,27 @@ def creation_lock(storage: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def open_storage(cfg: BuildingEmbedConfig):
+    """The study's RDB storage. Running trials send heartbeats; a trial whose worker died (no heartbeat for
+    training.optuna_grace_period) is marked FAIL by the next worker to start a trial and its parameters are queued
+    again, so the study survives a killed worker without a trial stuck RUNNING."""
+    import optuna
+
+    tc = cfg.training
+    engine_kwargs = {"connect_args": {"timeout": 120}} if tc.optuna_storage.startswith("sqlite:") else {}
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5 and have been stable since 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                tc.optuna_storage, engine_kwargs=engine_kwargs, heartbeat_interval=tc.optuna_heartbeat_interval,
+                grace_period=tc.optuna_grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=tc.optuna_max_retries))
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
+        raise UserError(f"training.optuna_storage={tc.optuna_storage}: cannot open the Optuna storage "
+                        f"({type(exc).__name__}: {exc}); give an RDB URL such as sqlite:///runs/optuna.db") from exc
+
+
 def open_study(cfg: BuildingEmbedConfig, create: bool = True):
     import optuna
 
@@ -86,16 +113,17 @@ def open_study(cfg: BuildingEmbedConfig, create: bool = True):
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=tc.optuna_warmup_epochs)
     if not create:
         try:
-            return optuna.load_study(study_name=tc.optuna_study, storage=tc.optuna_storage, pruner=pruner)
+            return optuna.load_study(study_name=tc.optuna_study, storage=open_storage(cfg), pruner=pruner)
         except KeyError as exc:
             raise UserError(f"training.optuna_storage={tc.optuna_storage}: no study named {tc.optuna_study!r}; run "
                             "python -m building_embed.train.optuna_worker first") from exc
     with creation_lock(tc.optuna_storage):
+        storage = open_storage(cfg)
         try:
-            return optuna.create_study(study_name=tc.optuna_study, storage=tc.optuna_storage, direction="maximize",
+            return optuna.create_study(study_name=tc.optuna_study, storage=storage, direction="maximize",
                                        pruner=pruner, load_if_exists=True)
         except optuna.exceptions.DuplicatedStudyError:  # another node created it between the check and the insert
-            return optuna.load_study(study_name=tc.optuna_study, storage=tc.optuna_storage, pruner=pruner)
+            return optuna.load_study(study_name=tc.optuna_study, storage=storage, pruner=pruner)
 
 
 def trial_config(cfg: BuildingEmbedConfig, params: dict[str, Any], number: int) -> BuildingEmbedConfig:

@@ -32,14 +32,14 @@ IMAGE_DIM, TEXT_DIM, STRUCT_DIM = 768, 1024, 3
 class PerItemDataset(Dataset):
     """The baseline: one product per __getitem__, converted to tensors there, stacked by the default collate."""
 
-    def __init__(self, image: np.ndarray, mask: np.ndarray, text: np.ndarray, struct: np.ndarray, log_price: np.ndarray):
-        self.image, self.mask, self.text, self.struct, self.log_price = image, mask, text, struct, log_price
+    def __init__(self, image: np.ndarray, has_image: np.ndarray, text: np.ndarray, struct: np.ndarray, log_price: np.ndarray):
+        self.image, self.has_image, self.text, self.struct, self.log_price = image, has_image, text, struct, log_price
 
     def __len__(self) -> int:
         return len(self.log_price)
 
     def __getitem__(self, i: int):
-        return (torch.from_numpy(self.image[i]), torch.tensor(self.mask[i]), torch.from_numpy(self.text[i]),
+        return (torch.from_numpy(self.image[i]), torch.tensor(self.has_image[i]), torch.from_numpy(self.text[i]),
                 torch.from_numpy(self.struct[i]), torch.tensor(self.log_price[i]))
 
 
@@ -62,9 +62,9 @@ def loader_batches(loader: DataLoader, epoch: int):
 
 def run_epoch(batches, model=None, optimizer=None) -> int:
     n = 0
-    for image, mask, text, struct, target in batches:
+    for image, has_image, text, struct, target in batches:
         if model is not None:
-            loss = torch.nn.functional.l1_loss(model(image, mask, text, struct), target)
+            loss = torch.nn.functional.l1_loss(model(image, has_image, text, struct), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -92,10 +92,10 @@ def main() -> None:
     args = parser.parse_args()
     report = {"n": args.n, "batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats}
     torch.set_num_threads(args.threads)
-    image, mask, text, struct, log_price = make_arrays(args.n)
-    data = FusionTensors(np.arange(args.n).astype(str), torch.from_numpy(image), torch.from_numpy(mask),
+    image, has_image, text, struct, log_price = make_arrays(args.n)
+    data = FusionTensors(np.arange(args.n).astype(str), torch.from_numpy(image), torch.from_numpy(has_image),
                          torch.from_numpy(text), torch.from_numpy(struct), torch.from_numpy(log_price))
-    loader = DataLoader(PerItemDataset(image, mask, text, struct, log_price), batch_size=args.batch_size, shuffle=True)
+    loader = DataLoader(PerItemDataset(image, has_image, text, struct, log_price), batch_size=args.batch_size, shuffle=True)
     print(f"{args.n} samples x ({IMAGE_DIM} + {TEXT_DIM} + {STRUCT_DIM}), batch {args.batch_size}, "
           f"{args.threads} torch thread(s)")
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MODEL_NAMES = ("two_branch", "advanced_moe")
-LOSS_NAMES = ("weighted_smape", "focal_smape", "hybrid_focal_smape", "log_smape", "huber", "mse", "mae")
+LOSS_NAMES = ("weighted_smape", "focal_smape", "hybrid_focal_smape", "smape", "huber", "mse", "mae")
+# Loss names that were renamed: old name -> new name (the old name is refused with the new one in the message).
+RENAMED_LOSSES = {"log_smape": "smape"}
+GROUP_KEYS = ("name", "none")
+BASELINE_METHODS = ("median", "knn", "ridge")
+IKEA_GROUPS = ("name", "item")
 BAD_PRICE_POLICIES = ("skip", "error")
 ENSEMBLE_METHODS = ("mean", "fitted")
 
@@ -33,11 +38,19 @@ class DataConfig:
     val_fraction: float = 0.2
     """Share of the training rows held out for early stopping and the best checkpoint (single-split runs)."""
     n_price_bins: int = 10
-    """Stratification of the split / folds: this many quantile bins of log price."""
+    """Stratification of the split / folds: this many quantile bins of (each group's median) log price."""
     split_seed: int = 42
     """Seed of the train / validation split and of the K folds."""
+    group_column: str = ""
+    """Column of the training CSV naming each product's group (product family): every split (validation, K folds,
+    inner splits) keeps a group on one side. "" = groups from data.group_key."""
+    group_key: str = "name"
+    """Groups when data.group_column is "": name (the normalised Item Name: size, pack, numbers and parentheses
+    removed, so variants of one product share a group) or none (every product its own group: row-level splits)."""
 
     def __post_init__(self) -> None:
+        if self.group_key not in GROUP_KEYS:
+            raise ValueError(f"data.group_key must be one of {GROUP_KEYS}, got {self.group_key!r}")
         if self.bad_price not in BAD_PRICE_POLICIES:
             raise ValueError(f"data.bad_price must be one of {BAD_PRICE_POLICIES}, got {self.bad_price!r}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -118,7 +131,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     """AdamW weight decay (not applied to biases and norms)."""
     loss: str = "weighted_smape"
-    """One of weighted_smape, focal_smape, hybrid_focal_smape, log_smape, huber, mse, mae (all on log price)."""
+    """One of weighted_smape, focal_smape, hybrid_focal_smape, smape (plain SMAPE of the prices, computed from log
+    prices), huber, mse, mae (the last three on log price)."""
     tier_edges: list[float] = field(default_factory=lambda: [10.0, 50.0])
     """weighted_smape: price tier edges in dollars."""
     tier_weights: list[float] = field(default_factory=lambda: [2.0, 1.0, 1.5])
@@ -147,7 +161,12 @@ class TrainConfig:
     """auto: continue from checkpoints/latest if its fingerprint (config + data) matches, else exit 2 naming what
     changed; force: continue anyway (logged); false: start over; a path: resume from that checkpoint."""
     kfold: int = 0
-    """0 = one stratified split (data.val_fraction held out); K >= 2 = K folds with out-of-fold predictions."""
+    """0 = one grouped split (data.val_fraction of the groups held out for early stopping); K >= 2 = K grouped folds
+    with out-of-fold predictions, each fold early-stopped on an inner grouped split of its own training rows."""
+    refit: bool = False
+    """After the early-stopped fit(s), train one more model on every training row for the number of epochs they chose
+    (median best epoch over the folds) with their learning-rate schedule; `predict` then uses it (<run>/refit/).
+    Validation / out-of-fold predictions stay those of the early-stopped models."""
     num_threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
     device: str = "auto"
@@ -156,6 +175,9 @@ class TrainConfig:
     """Stop after this many epochs of this process (testing kill-and-resume); 0 = no limit."""
 
     def __post_init__(self) -> None:
+        if self.loss in RENAMED_LOSSES:
+            raise ValueError(f"train.loss={self.loss} is now called {RENAMED_LOSSES[self.loss]} (it is SMAPE of the "
+                             f"prices, computed from log prices); set train.loss={RENAMED_LOSSES[self.loss]}")
         if self.loss not in LOSS_NAMES:
             raise ValueError(f"train.loss must be one of {LOSS_NAMES}, got {self.loss!r}")
         if len(self.tier_weights) != len(self.tier_edges) + 1:
@@ -202,9 +224,14 @@ class EnsembleConfig:
     inputs: list[str] = field(default_factory=list)
     """Prediction CSVs (sample_id,price) to combine, all for the same ids."""
     method: str = "mean"
-    """mean (equal weights) or fitted (simplex weights minimising SMAPE on oof_inputs)."""
+    """mean (equal weights) or fitted (simplex weights minimising SMAPE on oof_inputs; never worse there than the
+    best single input, which is one of the candidates)."""
     oof_inputs: list[str] = field(default_factory=list)
     """method=fitted: out-of-fold prediction CSVs (sample_id,price) of the same models, in the order of inputs."""
+    min_gain: float = 0.5
+    """method=fitted: keep the blend only if its out-of-fold SMAPE is at least this many points below the best single
+    input's; else use that input alone (on a few hundred products a smaller gain is noise, and blending for it made
+    the held-out score worse than the best baseline's)."""
     output: str = "runs/price_fusion/ensemble/test_out.csv"
     """The combined CSV; the weights go to <output stem>.weights.json beside it."""
 
@@ -238,6 +265,33 @@ class GbtConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """The simple methods of `python -m price_fusion.baselines`, each with out-of-fold and test predictions."""
+
+    methods: list[str] = field(default_factory=lambda: list(BASELINE_METHODS))
+    """Any of median (training median price), knn (cosine kNN on text embeddings), ridge (on text embeddings +
+    standardised structural features); each writes <run>/<method>/predictions/{oof_predictions,test_out}.csv."""
+    folds: int = 5
+    """Outer grouped folds for the out-of-fold predictions (the same folds as train.kfold / gbt.folds of equal K)."""
+    cv_folds: int = 5
+    """Grouped inner folds choosing k (knn) and alpha (ridge) on the training rows of each fit."""
+    knn_ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20, 40])
+    """Candidate neighbour counts (each uniform or distance-weighted)."""
+    ridge_alphas: list[float] = field(default_factory=lambda: [float(f"{a:.4g}") for a in
+                                                                [10 ** (e / 2) for e in range(-6, 7)]])
+    """Candidate ridge penalties."""
+    num_threads: int = 0
+    """BLAS threads; 0 keeps the library default (1 is fastest on a busy 2-core machine)."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in BASELINE_METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"baselines.methods must be a non-empty list of {BASELINE_METHODS}, got {self.methods}")
+        if self.folds < 2 or self.cv_folds < 2:
+            raise ValueError(f"baselines.folds and baselines.cv_folds must be >= 2, got {self.folds}, {self.cv_folds}")
+
+
+@dataclass
 class IkeaConfig:
     """The real-data benchmark (python -m price_fusion.ikea)."""
 
@@ -246,10 +300,22 @@ class IkeaConfig:
     max_products: int = 0
     """0 = every product; a smaller number draws a seeded subset (the real_data test uses 400)."""
     test_fraction: float = 0.2
-    """Share of the products held out as the test set, stratified by price."""
+    """Share of the product groups held out as the test set, stratified by the groups' median price."""
+    group: str = "name"
+    """Test-split groups: name (IKEA's product name, e.g. BILLY: its colours and sizes never straddle train and test)
+    or item (every item its own group: the earlier row-level split, where most test items had a same-name variant in
+    training). The training stages inside the benchmark group by the same key."""
+    kfold: int = 5
+    """Folds of the K-fold fusion run, the trees + kNN head and the baselines' out-of-fold predictions."""
     extras: bool = False
-    """True: skip the benchmark and train the variants (advanced_moe, gbt, 5-fold, ensembles) on the split and
-    embeddings of the finished benchmark run of the same run_name; writes reports/ikea_extras.{json,md}."""
+    """True: skip the benchmark and train the variants (advanced_moe, the mean of two_branch, advanced_moe and gbt) on
+    the split and embeddings of the finished benchmark run of the same run_name; writes reports/ikea_extras.{json,md}."""
+
+    def __post_init__(self) -> None:
+        if self.group not in IKEA_GROUPS:
+            raise ValueError(f"ikea.group must be one of {IKEA_GROUPS}, got {self.group!r}")
+        if self.kfold < 2:
+            raise ValueError(f"ikea.kfold must be >= 2, got {self.kfold}")
 
 
 @dataclass
@@ -268,4 +334,5 @@ class PriceFusionConfig:
     predict: PredictConfig = field(default_factory=PredictConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     gbt: GbtConfig = field(default_factory=GbtConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     ikea: IkeaConfig = field(default_factory=IkeaConfig)

@@ -8,7 +8,7 @@
 
 Writes <data.embeddings_dir>/<split>/ (see price_fusion/embeddings.py) and <data.embeddings_dir>/unit_vocab.json,
 fitted on the train split only and reused for test. Encoders load from local paths; nothing is downloaded.
-A product whose image is absent or unreadable gets image_mask=False and a zero vector (counted in the manifest).
+A product whose image is absent or unreadable gets has_image=False and a zero vector (counted in the manifest).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     <embeddings_dir>/<split>/
         sample_ids.npy   [N] unicode        row order of every other file
         image.npy        [N, D_img] float32 CLIP image embeddings (zeros where the image is missing)
-        image_mask.npy   [N] bool           True where the product had a readable image
+        has_image.npy    [N] bool           True where the product had a readable image (format 1: image_mask.npy)
         text.npy         [N, D_txt] float32 sentence embeddings of catalog_content
         struct.npy       [N, 3] float32     log1p(value), unit index / |vocab|, log1p(pack quantity)
         manifest.json    ids count, dims, encoder names and versions, struct feature names
@@ -27,8 +27,9 @@ from common.cli import UserError
 from common.io import require_finite
 
 MANIFEST = "manifest.json"
-PARTS = ("image", "image_mask", "text", "struct")
-FORMAT_VERSION = 1
+PARTS = ("image", "has_image", "text", "struct")
+FORMAT_VERSION = 2  # 2: image_mask.npy renamed has_image.npy (it is True where the image is present); 1 still loads
+LEGACY_NAMES = {"has_image": "image_mask"}
 MAX_IDS_IN_ERROR = 5
 
 
@@ -38,7 +39,7 @@ class EmbeddingSet:
 
     sample_ids: np.ndarray  # [N] str
     image: np.ndarray  # [N, D_img] float32
-    image_mask: np.ndarray  # [N] bool
+    has_image: np.ndarray  # [N] bool
     text: np.ndarray  # [N, D_txt] float32
     struct: np.ndarray  # [N, S] float32
     manifest: dict
@@ -54,18 +55,13 @@ class EmbeddingSet:
     def text_dim(self) -> int:
         return int(self.text.shape[1])
 
-    def take(self, rows: np.ndarray) -> EmbeddingSet:
-        """A copy with the given rows (materialised in memory)."""
-        return EmbeddingSet(self.sample_ids[rows], np.asarray(self.image[rows]), np.asarray(self.image_mask[rows]),
-                            np.asarray(self.text[rows]), np.asarray(self.struct[rows]), self.manifest)
 
-
-def write_embeddings(out_dir: Path, sample_ids: np.ndarray, image: np.ndarray, image_mask: np.ndarray,
+def write_embeddings(out_dir: Path, sample_ids: np.ndarray, image: np.ndarray, has_image: np.ndarray,
                      text: np.ndarray, struct: np.ndarray, info: dict) -> Path:
     """Write one split atomically: a temporary sibling folder is renamed over `out_dir` when complete."""
     n = len(sample_ids)
     arrays = {"sample_ids": np.asarray(sample_ids, dtype=str), "image": np.asarray(image, dtype=np.float32),
-              "image_mask": np.asarray(image_mask, dtype=bool), "text": np.asarray(text, dtype=np.float32),
+              "has_image": np.asarray(has_image, dtype=bool), "text": np.asarray(text, dtype=np.float32),
               "struct": np.asarray(struct, dtype=np.float32)}
     for name, arr in arrays.items():
         if len(arr) != n:
@@ -75,7 +71,7 @@ def write_embeddings(out_dir: Path, sample_ids: np.ndarray, image: np.ndarray, i
                 "sample_ids_sha256": id_digest, "first_ids": arrays["sample_ids"][:3].tolist(),
                 "image_dim": int(arrays["image"].shape[1]),
                 "text_dim": int(arrays["text"].shape[1]), "struct_dim": int(arrays["struct"].shape[1]),
-                "n_missing_images": int(n - arrays["image_mask"].sum()), **info}
+                "n_missing_images": int(n - arrays["has_image"].sum()), **info}
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
@@ -109,6 +105,8 @@ def load_embeddings(split_dir: Path, mmap: bool = True) -> EmbeddingSet:
     arrays = {}
     for name in ("sample_ids", *PARTS):
         path = split_dir / f"{name}.npy"
+        if not path.is_file() and name in LEGACY_NAMES:
+            path = split_dir / f"{LEGACY_NAMES[name]}.npy"  # a store written before the rename
         if not path.is_file():
             raise UserError(f"{path}: missing; the embedding folder is incomplete, re-run python -m price_fusion.embed")
         arrays[name] = np.load(path, mmap_mode=mode if name != "sample_ids" else None, allow_pickle=False)
@@ -119,7 +117,7 @@ def load_embeddings(split_dir: Path, mmap: bool = True) -> EmbeddingSet:
         # one pass over the (memory-mapped) file: ~0.3 s for a 75k x 1795 split, before any training
         require_finite(arrays[name], split_dir / f"{name}.npy", row_ids=arrays["sample_ids"].tolist(),
                        fix="re-run python -m price_fusion.embed (or repair the imported vectors of that product)")
-    return EmbeddingSet(arrays["sample_ids"], arrays["image"], arrays["image_mask"], arrays["text"],
+    return EmbeddingSet(arrays["sample_ids"], arrays["image"], arrays["has_image"], arrays["text"],
                         arrays["struct"], manifest)
 
 
@@ -138,18 +136,6 @@ def align_to_ids(emb: EmbeddingSet, sample_ids: np.ndarray, source: str) -> np.n
             f"first {missing[:MAX_IDS_IN_ERROR]}; ids only in the embeddings: {extra}; re-run python -m "
             f"price_fusion.embed on this CSV")
     return np.fromiter((position[sid] for sid in sample_ids.tolist()), dtype=np.int64, count=len(sample_ids))
-
-
-def check_same_ids(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
-    """Raise `UserError` naming the first position where two id sequences differ."""
-    if len(a) != len(b) or not np.array_equal(a, b):
-        n = min(len(a), len(b))
-        diff = np.flatnonzero(a[:n] != b[:n])
-        first = int(diff[0]) if len(diff) else n
-        shown_a = a[first:first + MAX_IDS_IN_ERROR].tolist()
-        shown_b = b[first:first + MAX_IDS_IN_ERROR].tolist()
-        raise UserError(f"sample ids of {name_a} ({len(a)} rows) and {name_b} ({len(b)} rows) disagree from row "
-                        f"{first}: {shown_a} vs {shown_b}; produce both from the same CSV")
 
 
 # ------------------------------------------------------------------------------------- the original's input formats

@@ -8,7 +8,20 @@
 The combination is a weighted arithmetic mean of dollar prices, sum_m w_m p_m with w >= 0 and sum w = 1 (the
 original averaged its models this way with equal weights). `fitted` picks w minimising SMAPE on the out-of-fold
 predictions of the same models (each model's OOF file must cover the same labelled ids, in any order), so the
-weights never see a price the models were trained on. Writes ensemble.output and <output>.weights.json.
+weights never see a price the models were trained on. Each single model (w one-hot) and the plain mean are
+candidates beside the optimiser's answer, so the fitted blend is never worse on those rows than the best input: with
+the baselines among the inputs (`python -m price_fusion.baselines`), never worse there than the best baseline. A
+blend that gains less than ensemble.min_gain SMAPE points there over the best single input is dropped for that input
+alone (small gains on a few hundred products are noise).
+Writes ensemble.output and <output>.weights.json.
+
+The recommended output of the package on a catalogue (all on the same grouped folds;
+scripts/price_fusion/recommended.sh CONFIG runs these):
+
+    python -m price_fusion.train ... train.kfold=5 && python -m price_fusion.predict ...
+    python -m price_fusion.gbt ... && python -m price_fusion.baselines ... run_name=<b>
+    python -m price_fusion.ensemble ... ensemble.method=fitted ensemble.inputs=[<the five test_out.csv>] \
+        ensemble.oof_inputs=[<their five oof_predictions.csv, same order>]
 """
 
 from __future__ import annotations
@@ -52,19 +65,27 @@ def load_aligned(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_weights(prices: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Weights [M] on the simplex minimising SMAPE(prices @ w, actual); softmax-parameterised Nelder-Mead."""
+    """Weights [M] on the simplex minimising SMAPE(prices @ w, actual): softmax-parameterised Nelder-Mead, started
+    from equal weights and from each model alone, against every single model and the plain mean as candidates.
+    SMAPE(prices @ w) <= min over m of SMAPE(prices[:, m]) always holds (a one-hot w is a candidate)."""
     n_models = prices.shape[1]
     if n_models == 1:
         return np.ones(1)
 
-    def objective(logits: np.ndarray) -> float:
+    def softmax(logits: np.ndarray) -> np.ndarray:
         w = np.exp(logits - logits.max())
-        return metrics.smape(actual, prices @ (w / w.sum()))
+        return w / w.sum()
 
-    best = minimize(objective, np.zeros(n_models), method="Nelder-Mead",
-                    options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 400 * n_models})
-    w = np.exp(best.x - best.x.max())
-    return w / w.sum()
+    def objective(logits: np.ndarray) -> float:
+        return metrics.smape(actual, prices @ softmax(logits))
+
+    candidates = [np.eye(n_models)[m] for m in range(n_models)] + [np.full(n_models, 1.0 / n_models)]
+    for start in [np.zeros(n_models)] + [3.0 * np.eye(n_models)[m] for m in range(n_models)]:
+        best = minimize(objective, start, method="Nelder-Mead",
+                        options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 400 * n_models})
+        candidates.append(softmax(best.x))
+    scores = [metrics.smape(actual, prices @ w) for w in candidates]
+    return candidates[int(np.argmin(scores))]
 
 
 def ensemble(cfg: PriceFusionConfig) -> int:
@@ -86,6 +107,13 @@ def ensemble(cfg: PriceFusionConfig) -> int:
         actual = np.array([price_of[s] for s in oof_ids])
         weights = fit_weights(oof, actual)
         report["oof_smape_per_model"] = [metrics.smape(actual, oof[:, m]) for m in range(oof.shape[1])]
+        best = int(np.argmin(report["oof_smape_per_model"]))
+        report["oof_smape_blend"] = metrics.smape(actual, oof @ weights)
+        report["blend_kept"] = bool(report["oof_smape_blend"] <= report["oof_smape_per_model"][best] - ec.min_gain)
+        if not report["blend_kept"]:
+            log.info("the fitted blend gains %.3f < ensemble.min_gain=%g SMAPE points over %s alone: using it alone",
+                     report["oof_smape_per_model"][best] - report["oof_smape_blend"], ec.min_gain, ec.inputs[best])
+            weights = np.eye(len(weights))[best]
         report["oof_smape_mean"] = metrics.smape(actual, oof.mean(1))
         report["oof_smape_fitted"] = metrics.smape(actual, oof @ weights)
         log.info("OOF SMAPE per model %s, mean %.3f, fitted %.3f", [f"{v:.3f}" for v in report["oof_smape_per_model"]],

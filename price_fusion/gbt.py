@@ -4,8 +4,9 @@ out-of-fold k-nearest-neighbour price features (faiss), with K-fold out-of-fold 
     python -m price_fusion.gbt --config configs/price_fusion/demo.yaml run_name=demo_gbt
     python -m price_fusion.evaluate --config configs/price_fusion/demo.yaml run_name=demo_gbt   # scores its OOF file
 
-For outer fold f with training rows T and held-out rows V: the kNN features of T come from inner folds of T (a row
-never sees its own price), those of V and of the test set from an index over all of T; PCA is fitted on T only.
+Outer and inner folds are grouped (data.group_column / data.group_key). For outer fold f with training rows T and
+held-out rows V: the kNN features of T come from inner grouped folds of T (a row never sees its own price or a
+same-group variant's), those of V and of the test set from an index over all of T; PCA is fitted on T only.
 The test prediction is the mean log price of the K fold models. Writes <run>/predictions/oof_predictions.csv,
 <run>/predictions/test_out.csv, <run>/split.json, <run>/reports/gbt_summary.json.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.model_selection import GroupKFold
 
 from common import metrics
 from common.cli import config_main
@@ -26,7 +28,7 @@ from common.logs import setup_logging, write_json
 
 from .batching import FusionTensors, load_split
 from .config import GbtConfig, PriceFusionConfig
-from .data import stratified_folds
+from .data import grouped_folds, product_groups
 from .predictions import log_to_price, write_predictions
 
 log = logging.getLogger(__name__)
@@ -58,12 +60,13 @@ def knn_features(sims: np.ndarray, neighbour_log_price: np.ndarray) -> np.ndarra
                             neighbour_log_price[:, 0], sims[:, 0], sims.mean(1)]).astype(np.float32)
 
 
-def oof_knn_features(vectors: np.ndarray, log_price: np.ndarray, k: int, folds: int, seed: int) -> np.ndarray:
-    """kNN features of every row from an index over the other folds only (no row sees its own price)."""
+def oof_knn_features(vectors: np.ndarray, log_price: np.ndarray, k: int, folds: int, seed: int,
+                     groups: np.ndarray) -> np.ndarray:
+    """kNN features of every row from an index over the other folds only; folds are whole groups (sklearn GroupKFold),
+    so no row sees its own price or a same-group variant's (which the held-out and test rows never can either)."""
     out = np.zeros((len(vectors), len(KNN_FEATURES)), dtype=np.float32)
-    order = np.random.default_rng(seed).permutation(len(vectors))
-    for part in np.array_split(order, folds):
-        rest = np.setdiff1d(order, part)
+    n_splits = min(folds, len(np.unique(groups)))
+    for rest, part in GroupKFold(n_splits, shuffle=True, random_state=seed).split(vectors, groups=groups):
         out[part] = knn_features(*knn_search(vectors[rest], log_price[rest], vectors[part], k))
     return out
 
@@ -78,14 +81,14 @@ class TreeFeatures:
         n = min(self.gc.pca_dims, x.shape[1], len(x) - 1)
         return PCA(n, random_state=self.seed).fit(x) if self.gc.pca_dims and n >= 1 else None
 
-    def fit_transform(self, data: FusionTensors) -> np.ndarray:
+    def fit_transform(self, data: FusionTensors, groups: np.ndarray) -> np.ndarray:
         text = unit_rows(data.text.numpy())
         self.text_pca = self._pca(text)
         self.base_text, self.base_log_price = text, data.log_price.numpy().astype(np.float64)
         image = unit_rows(data.image.numpy())
-        self.image_pca = self._pca(image[data.image_mask.numpy()]) if self.use_image and data.image_mask.sum() > 2 \
+        self.image_pca = self._pca(image[data.has_image.numpy()]) if self.use_image and data.has_image.sum() > 2 \
             else None
-        knn = oof_knn_features(text, self.base_log_price, self.gc.knn_k, self.gc.folds, self.seed)
+        knn = oof_knn_features(text, self.base_log_price, self.gc.knn_k, self.gc.folds, self.seed, groups)
         return self._assemble(data, knn)
 
     def transform(self, data: FusionTensors) -> np.ndarray:
@@ -97,7 +100,7 @@ class TreeFeatures:
         text = unit_rows(data.text.numpy())
         parts = [self.text_pca.transform(text) if self.text_pca else text, data.struct.numpy(), knn]
         if self.image_pca is not None:
-            mask = data.image_mask.numpy()
+            mask = data.has_image.numpy()
             image = np.where(mask[:, None], self.image_pca.transform(unit_rows(data.image.numpy())), np.nan)
             parts += [image, mask[:, None].astype(np.float32)]  # NaN: trees route missing images their own way
         return np.hstack(parts).astype(np.float32)
@@ -134,19 +137,21 @@ def _gbt(cfg: PriceFusionConfig) -> int:
     save_resolved_config(cfg, run_dir)
     gc, seed = cfg.gbt, cfg.train.seed
     catalog, data = load_split(cfg.data.embeddings_dir, "train", cfg.data.train_csv, labelled=True,
-                               bad_price=cfg.data.bad_price, use_image=cfg.model.use_image)
+                               bad_price=cfg.data.bad_price, use_image=cfg.model.use_image,
+                               group_column=cfg.data.group_column)
     test_catalog = None
     if Path(cfg.data.test_csv).is_file() and (Path(cfg.data.embeddings_dir) / "test").is_dir():
         test_catalog, test_data = load_split(cfg.data.embeddings_dir, "test", cfg.data.test_csv, labelled=False,
                                              use_image=cfg.model.use_image)
-    folds = stratified_folds(catalog.prices, gc.folds, cfg.data.n_price_bins, cfg.data.split_seed)
+    groups = product_groups(catalog, cfg.data.group_key)
+    folds = grouped_folds(catalog.prices, groups, gc.folds, cfg.data.n_price_bins, cfg.data.split_seed)
     write_json(run_dir / "split.json", {"kfold": gc.folds, "val_ids": [catalog.sample_ids[v].tolist() for _, v in folds]})
     y = data.log_price.numpy().astype(np.float64)
     oof, knn_oof = np.zeros(len(data)), np.zeros(len(data))
     test_log = np.zeros(len(test_catalog.sample_ids)) if test_catalog else None
     for k, (train_rows, val_rows) in enumerate(folds):
         features = TreeFeatures(gc, cfg.model.use_image, seed + k)
-        x_train = features.fit_transform(data.subset(train_rows))
+        x_train = features.fit_transform(data.subset(train_rows), groups[train_rows])
         trees = fit_trees(gc, x_train, y[train_rows], seed + k)
         x_val = features.transform(data.subset(val_rows))
         oof[val_rows] = trees.predict(x_val)
@@ -161,7 +166,7 @@ def _gbt(cfg: PriceFusionConfig) -> int:
     write_predictions(run_dir / "predictions" / "oof_predictions.csv", catalog.sample_ids, log_to_price(oof),
                       actual=catalog.prices)
     if test_catalog:
-        write_predictions(run_dir / "predictions" / "test_out.csv", test_catalog.sample_ids, log_to_price(test_log),
+        write_predictions(run_dir / "predictions" / "test_out.csv", test_data.sample_ids, log_to_price(test_log),
                           expected_ids=test_catalog.sample_ids)
     write_json(run_dir / "reports" / "gbt_summary.json", summary)
     log.info("GBT out-of-fold SMAPE %.3f%% (kNN weighted mean alone %.3f%%)", summary["oof_smape"],

@@ -1,19 +1,29 @@
-"""Real-data benchmark: the IKEA Saudi Arabia catalogue (2020), text only, fusion model vs three baselines.
+"""Real-data benchmark: the IKEA Saudi Arabia catalogue (2020), text only, on products whose name is unseen.
 
     python -m price_fusion.ikea --config configs/price_fusion/ikea.yaml
     python -m price_fusion.ikea --config configs/price_fusion/ikea.yaml ikea.max_products=600 train.epochs=30  # small
+    python -m price_fusion.ikea --config configs/price_fusion/ikea.yaml run_name=ikea_rows ikea.group=item  # old split
 
 Reads $REAL_DATA_DIR/products_ikea/ikea_sa_2020.csv (default ../shared/data beside the repository; never copied into
-the repository), keeps one row per item_id, and writes it in the challenge format under <run>/data/ (prices in SAR).
-A stratified test split (ikea.test_fraction) is held out from everything; the fusion model trains on the rest with
-its own inner 80/20 split for early stopping, with the image branch masked (no images), and the baselines fit on
-the same training rows. Text: the packaged all-MiniLM-L6-v2. Writes <run>/reports/ikea_results.{json,md}, the
-table price_fusion/README.md quotes, labels included (k, alpha and epochs are the ones this run chose).
+the repository), keeps one row per item_id, and writes it in the challenge format under <run>/data/ (prices in SAR)
+with a `group` column: IKEA's product name (ikea.group=name), so the colours and sizes of one name are all in train
+or all in test. A grouped test split (ikea.test_fraction of the names, stratified by their median price) is held out
+from everything, and every stage inside groups by the same column (data.group_column=group). On the rest:
+
+- fusion (single grouped split for early stopping; <run>), and fusion with train.kfold=ikea.kfold (test = mean of
+  the fold models; <run>_kfold), each fold early-stopped on an inner split of its own training rows;
+- the trees + kNN head (gbt, ikea.kfold folds; <run>_gbt);
+- the baselines (median, kNN, ridge; <run>_baselines), hyperparameters by grouped CV on the training rows;
+- the recommended blend: simplex weights fitted on the honest out-of-fold predictions of k-fold fusion, trees and
+  the three baselines (<run>_recommended).
+
+Text: the packaged all-MiniLM-L6-v2; the image branch is masked. 95% intervals: bootstrap over test groups (names),
+not rows. Writes <run>/reports/ikea_results.{json,md}, the table price_fusion/README.md quotes, labels included.
 
     python -m price_fusion.ikea --config configs/price_fusion/ikea.yaml ikea.extras=true   # after the above
 
-trains the variants (advanced_moe, gbt, 5-fold two_branch, two ensembles) on that run's split and embeddings and
-writes <run>/reports/ikea_extras.{json,md} (scripts/price_fusion/ikea_extras.sh runs both).
+trains advanced_moe on that run's split and embeddings and the mean of two_branch, advanced_moe and gbt, and writes
+<run>/reports/ikea_extras.{json,md} (scripts/price_fusion/ikea_extras.sh runs both).
 """
 
 from __future__ import annotations
@@ -26,23 +36,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from threadpoolctl import threadpool_limits
 
 from common import metrics
 from common.cli import UserError, config_main
 from common.io import atomic_write, atomic_write_text
 from common.logs import setup_logging, write_json
 
-from .baselines import knn_baseline, median_baseline, ridge_baseline
-from .config import PriceFusionConfig
-from .data import stratified_split
+from .baselines import baselines
+from .config import BASELINE_METHODS, PriceFusionConfig
+from .data import grouped_split
 from .embed import embed
-from .embeddings import load_embeddings
 from .ensemble import ensemble
 from .gbt import gbt
 from .predict import predict
 from .predictions import read_predictions
 from .train import DONE_FILE, train
+
+GROUP_COL = "group"
+N_BOOT = 1000
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +68,8 @@ def real_data_dir() -> Path:
 
 
 def ikea_catalog(path: Path) -> pd.DataFrame:
-    """The IKEA SA CSV as a challenge-format frame (sample_id, catalog_content, image_link, price), one row per item.
+    """The IKEA SA CSV as a challenge-format frame (sample_id, catalog_content, image_link, price) plus `name` (the
+    product family: IKEA's name), one row per item.
 
     Size goes into the structural lines as ``Value: <width> / Unit: cm`` when the width is known (furniture's analogue
     of the challenge's quantity); ``old_price`` is dropped (it would leak the price).
@@ -79,7 +91,7 @@ def ikea_catalog(path: Path) -> pd.DataFrame:
         return "\n".join(lines)
 
     frame = pd.DataFrame({"sample_id": raw.item_id.astype(str), "catalog_content": raw.apply(text, axis=1),
-                          "image_link": "", "price": raw.price.astype(float)})
+                          "image_link": "", "price": raw.price.astype(float), "name": raw["name"].astype(str)})
     frame.attrs["rows_in_file"] = len(rows_in_file)
     return frame
 
@@ -94,70 +106,125 @@ def ikea(cfg: PriceFusionConfig) -> int:
     rows_in_file = frame.attrs["rows_in_file"]
     if ic.max_products and ic.max_products < len(frame):
         frame = frame.sample(ic.max_products, random_state=cfg.data.split_seed).reset_index(drop=True)
-    train_rows, test_rows = stratified_split(frame.price.to_numpy(), ic.test_fraction, cfg.data.n_price_bins,
-                                             cfg.data.split_seed + 1)
+    frame[GROUP_COL] = frame["name"] if ic.group == "name" else frame["sample_id"]
+    frame = frame.drop(columns="name")
+    train_rows, test_rows = grouped_split(frame.price.to_numpy(), frame[GROUP_COL].to_numpy(str), ic.test_fraction,
+                                          cfg.data.n_price_bins, cfg.data.split_seed + 1)
     data_dir = run_dir / "data"
     train_frame, test_frame = frame.iloc[train_rows], frame.iloc[test_rows]
     atomic_write(data_dir / "train.csv", lambda tmp: train_frame.to_csv(tmp, index=False))
     atomic_write(data_dir / "test.csv", lambda tmp: test_frame.drop(columns="price").to_csv(tmp, index=False))
-    atomic_write(data_dir / "test_labels.csv", lambda tmp: test_frame[["sample_id", "price"]].to_csv(tmp, index=False))
-    log.info("IKEA: %d products, %d train / %d held-out test", len(frame), len(train_rows), len(test_rows))
+    atomic_write(data_dir / "test_labels.csv",
+                 lambda tmp: test_frame[["sample_id", "price", GROUP_COL]].to_csv(tmp, index=False))
+    seen_names = set(ikea_catalog_names(train_frame))
+    test_seen = float(np.mean([n in seen_names for n in ikea_catalog_names(test_frame)]))
+    log.info("IKEA: %d products in %d groups, %d train / %d held-out test (%.1f%% of test products share a name with "
+             "a training product)", len(frame), frame[GROUP_COL].nunique(), len(train_rows), len(test_rows),
+             100 * test_seen)
 
-    cfg = dataclasses.replace(
+    cfg = benchmark_config(cfg, run_dir)
+    runs = Path(cfg.runs_dir)
+    name = cfg.run_name
+    kfold = variant(cfg, "kfold", train={"kfold": ic.kfold})
+    trees = variant(cfg, "gbt", gbt={"folds": ic.kfold})
+    simple = variant(cfg, "baselines", baselines={"folds": ic.kfold, "num_threads": cfg.train.num_threads})
+    embed(cfg)
+    for stage_cfg in (cfg, kfold):
+        train(stage_cfg)
+        predict(stage_cfg)
+    gbt(trees)
+    baselines(simple)
+    members = [("fusion_kfold", runs / kfold.run_name / "predictions"), ("gbt", runs / trees.run_name / "predictions"),
+               *((m, runs / simple.run_name / m / "predictions") for m in BASELINE_METHODS)]
+    recommended = runs / f"{name}_recommended" / "test_out.csv"
+    ensemble(dataclasses.replace(cfg, ensemble=dataclasses.replace(
+        cfg.ensemble, method="fitted", inputs=[str(d / "test_out.csv") for _, d in members],
+        oof_inputs=[str(d / "oof_predictions.csv") for _, d in members], output=str(recommended))))
+    setup_logging(run_dir)
+
+    truth = test_frame.price.to_numpy()
+    groups = test_frame[GROUP_COL].to_numpy(str)
+    blend = json.loads(recommended.with_suffix(".weights.json").read_text())
+    done = json.loads((run_dir / DONE_FILE).read_text())
+    params = json.loads((runs / simple.run_name / "reports" / "baselines_summary.json").read_text())
+    oof = dict(zip([m for m, _ in members], blend["oof_smape_per_model"]))
+    oof["recommended"] = blend["oof_smape_fitted"]  # optimistic: the weights were fitted on these rows
+    weights = ", ".join(f"{w:.2f} {m}" for (m, _), w in zip(members, blend["weights"]) if w >= 0.005)
+    rows = [("median", "median price", runs / simple.run_name / "median" / "predictions" / "test_out.csv"),
+            ("knn", f"kNN on text embeddings ({knn_label(params['knn']['params'])} by grouped CV)",
+             runs / simple.run_name / "knn" / "predictions" / "test_out.csv"),
+            ("ridge", f"ridge on text embeddings + struct (alpha={params['ridge']['params']['alpha']:.2g} by grouped CV)",
+             runs / simple.run_name / "ridge" / "predictions" / "test_out.csv"),
+            ("gbt", f"trees + kNN head (`gbt`, {ic.kfold}-fold, test = mean of fold models)",
+             runs / trees.run_name / "predictions" / "test_out.csv"),
+            ("fusion", f"**fusion {cfg.model.name}** ({cfg.train.loss}, {done['epochs']} epochs"
+                       f"{', early stopped' if done['stopped_early'] else ''})", run_dir / "predictions" / "test_out.csv"),
+            ("fusion_kfold", f"**fusion {cfg.model.name}, {ic.kfold}-fold mean** (each fold early-stopped on an inner "
+                             "split)", runs / kfold.run_name / "predictions" / "test_out.csv"),
+            ("recommended", f"recommended: blend fitted on OOF ({weights})", recommended)]
+    results, preds = [], {}
+    for key, label, path in rows:
+        preds[key] = read_predictions(path).set_index("sample_id").price.loc[test_frame.sample_id].to_numpy()
+        pred = preds[key]
+        results.append({"key": key, "method": label, "file": str(path), "smape": metrics.smape(truth, pred),
+                        "mae": metrics.mae(truth, pred), "r2": metrics.r2(truth, pred),
+                        "smape_ci95": group_bootstrap_ci(truth, pred, groups), "oof_smape": oof.get(key)})
+    smape = {r["key"]: r["smape"] for r in results}
+    ci = {r["key"]: r["smape_ci95"] for r in results}
+    verdict = {f"{f}_beats_{b}": bool(smape[f] < smape[b]) for f in ("fusion", "fusion_kfold") for b in ("knn", "ridge")}
+    # paired: the difference of SMAPE on the same resampled test names, for the comparisons the benchmark is about
+    paired = {f"{a}_minus_{b}": [smape[a] - smape[b], *group_bootstrap_ci(truth, preds[a], groups, reference=preds[b])]
+              for a, b in (("fusion", "knn"), ("fusion", "ridge"), ("fusion_kfold", "knn"), ("fusion_kfold", "ridge"),
+                           ("fusion_kfold", "gbt"), ("recommended", "knn"), ("recommended", "ridge"))}
+    verdict["recommended_at_or_below_best_baseline"] = bool(
+        smape["recommended"] <= min(smape[b] for b in BASELINE_METHODS))
+    verdict["fusion_kfold_ci_below_knn_and_ridge"] = bool(ci["fusion_kfold"][1] < min(ci["knn"][0], ci["ridge"][0]))
+    write_json(run_dir / "reports" / "ikea_results.json", {
+        "rows_in_file": rows_in_file, "n_products": len(frame), "n_train": len(train_rows), "n_test": len(test_rows),
+        "group": ic.group, "n_groups": int(frame[GROUP_COL].nunique()), "n_test_groups": int(len(np.unique(groups))),
+        "test_share_with_name_in_train": test_seen, "price_min": float(frame.price.min()),
+        "price_max": float(frame.price.max()), "bootstrap": f"{N_BOOT} resamples of test groups ({GROUP_COL})",
+        "recommended_weights": dict(zip([m for m, _ in members], blend["weights"])), **verdict,
+        "paired_smape_difference_ci95": paired, "results": results})
+    table = ["| method | test SMAPE (%) | 95% CI (groups) | out-of-fold SMAPE (%) | MAE (SAR) | R2 |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        value = f"**{r['smape']:.2f}**" if r["key"].startswith("fusion") else f"{r['smape']:.2f}"
+        oof_text = "" if r["oof_smape"] is None else f"{r['oof_smape']:.2f}"
+        table.append(f"| {r['method']} | {value} | {r['smape_ci95'][0]:.1f}-{r['smape_ci95'][1]:.1f} | {oof_text} | "
+                     f"{r['mae']:.1f} | {r['r2']:.3f} |")
+    table += ["", "| paired difference (test names resampled together) | SMAPE points | 95% CI |", "|---|---|---|"]
+    table += [f"| {name.replace('_minus_', ' - ')} | {d:+.2f} | {lo:+.1f} to {hi:+.1f} |"
+              for name, (d, lo, hi) in paired.items()]
+    atomic_write_text(run_dir / "reports" / "ikea_results.md", "\n".join(table) + "\n")
+    print("\n".join(table))
+    log.info("%s -> %s", verdict, run_dir / "reports" / "ikea_results.md")
+    return 0
+
+
+def ikea_catalog_names(frame: pd.DataFrame) -> list[str]:
+    """IKEA's product name of each row (the first part of its Item Name line)."""
+    return [text.split("\n", 1)[0].removeprefix("Item Name: ").split(",", 1)[0] for text in frame.catalog_content]
+
+
+def benchmark_config(cfg: PriceFusionConfig, run_dir: Path) -> PriceFusionConfig:
+    """The config every stage of the benchmark runs with: the run's data, grouped by its `group` column, text only."""
+    data_dir = run_dir / "data"
+    return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, train_csv=str(data_dir / "train.csv"),
                                       test_csv=str(data_dir / "test.csv"), image_dir=str(data_dir),
-                                      embeddings_dir=str(run_dir / "embeddings")),
+                                      embeddings_dir=str(run_dir / "embeddings"), group_column=GROUP_COL),
         embed=dataclasses.replace(cfg.embed, clip_model="", import_clip_dir="", import_qwen_pickle=""),
         model=dataclasses.replace(cfg.model, use_image=False),
         # the split is rebuilt on every call, so a checkpoint of an earlier call may belong to other data
         train=dataclasses.replace(cfg.train, resume=False),
         predict=dataclasses.replace(cfg.predict, checkpoint="best", split="test", output=""))
-    embed(cfg)
-    train(cfg)
-    predict(cfg)
-    setup_logging(run_dir)
 
-    truth = test_frame.price.to_numpy()
-    fused = read_predictions(run_dir / "predictions" / "test_out.csv").set_index("sample_id").loc[
-        test_frame.sample_id, "price"].to_numpy()
-    train_emb, test_emb = load_embeddings(run_dir / "embeddings" / "train"), load_embeddings(run_dir / "embeddings" / "test")
-    train_x, test_x = np.asarray(train_emb.text), np.asarray(test_emb.text)
-    train_price = train_frame.price.to_numpy()
-    # BLAS threads for the baselines follow train.num_threads (0: library default)
-    with threadpool_limits(limits=cfg.train.num_threads or None):
-        knn_pred, knn_params = knn_baseline(train_x, train_price, test_x, cfg.data.split_seed)
-        ridge_pred, ridge_params = ridge_baseline(train_x, train_price, test_x)
-        struct_x = np.hstack([train_x, np.asarray(train_emb.struct)]), np.hstack([test_x, np.asarray(test_emb.struct)])
-        ridge_struct_pred, ridge_struct_params = ridge_baseline(struct_x[0], train_price, struct_x[1])
-    done = json.loads((run_dir / DONE_FILE).read_text())
-    rows = [("median", "median price", median_baseline(train_price, len(truth)), {}),
-            ("knn", f"kNN on text embeddings ({knn_label(knn_params)} by CV)", knn_pred, knn_params),
-            ("ridge", f"ridge on text embeddings (alpha={ridge_params['alpha']:.2g} by CV)", ridge_pred, ridge_params),
-            ("ridge_struct", "ridge on text embeddings + struct (extra, not required)", ridge_struct_pred,
-             ridge_struct_params),
-            ("fusion", f"**fusion {cfg.model.name}** ({cfg.train.loss}, {done['epochs']} epochs"
-                       f"{', early stopped' if done['stopped_early'] else ''})", fused, {"loss": cfg.train.loss, **done})]
-    results = [{"key": key, "method": name, "smape": metrics.smape(truth, pred), "mae": metrics.mae(truth, pred),
-                "r2": metrics.r2(truth, pred), "params": params, "smape_ci95": smape_ci(truth, pred)}
-               for key, name, pred, params in rows]
-    required = results[:3]
-    fusion = results[-1]
-    beats = bool(fusion["smape"] < min(r["smape"] for r in required))
-    apart = bool(fusion["smape_ci95"][1] < min(r["smape_ci95"][0] for r in required))
-    write_json(run_dir / "reports" / "ikea_results.json", {
-        "rows_in_file": rows_in_file, "n_products": len(frame), "n_train": len(train_rows), "n_test": len(test_rows),
-        "price_min": float(frame.price.min()), "price_max": float(frame.price.max()),
-        "fusion_beats_baselines": beats, "fusion_ci_below_baselines": apart, "results": results})
-    table = ["| method | test SMAPE (%) | 95% CI | MAE (SAR) | R2 |", "|---|---|---|---|---|"]
-    for r in results:
-        smape = f"**{r['smape']:.2f}**" if r["key"] == "fusion" else f"{r['smape']:.2f}"
-        table.append(f"| {r['method']} | {smape} | {r['smape_ci95'][0]:.1f}-{r['smape_ci95'][1]:.1f} | "
-                     f"{r['mae']:.1f} | {r['r2']:.3f} |")
-    atomic_write_text(run_dir / "reports" / "ikea_results.md", "\n".join(table) + "\n")
-    print("\n".join(table))
-    log.info("fusion beats median, kNN and ridge: %s (95%% interval below theirs: %s) -> %s", beats, apart,
-             run_dir / "reports" / "ikea_results.md")
-    return 0
+
+def variant(base: PriceFusionConfig, suffix: str, **sections: dict) -> PriceFusionConfig:
+    """`base` under run_name <run_name>_<suffix> with the given section fields replaced."""
+    changed = {k: dataclasses.replace(getattr(base, k), **v) for k, v in sections.items()}
+    return dataclasses.replace(base, run_name=f"{base.run_name}_{suffix}", **changed)
 
 
 def knn_label(params: dict) -> str:
@@ -165,79 +232,58 @@ def knn_label(params: dict) -> str:
     return f"cosine, k={params['n_neighbors']}{' distance-weighted' if params['weights'] == 'distance' else ''}"
 
 
-def smape_ci(truth: np.ndarray, pred: np.ndarray) -> list[float]:
-    """95% bootstrap interval of test SMAPE over test products (500 resamples, seed 0)."""
-    return list(metrics.bootstrap_ci(metrics.smape, truth, pred, n_boot=500, seed=0)[1:])
+def group_bootstrap_ci(truth: np.ndarray, pred: np.ndarray, groups: np.ndarray, n_boot: int = N_BOOT,
+                       seed: int = 0, reference: np.ndarray | None = None) -> list[float]:
+    """95% percentile bootstrap interval of SMAPE resampling whole groups with replacement (a resample holds every
+    product of each drawn group, once per draw), since products of one group are not independent. With `reference`:
+    the interval of SMAPE(pred) - SMAPE(reference) on the same resamples (paired; below 0 = `pred` is better)."""
+    _, group_of = np.unique(groups, return_inverse=True)
+    n_groups = int(group_of.max()) + 1
+    count = np.bincount(group_of, minlength=n_groups).astype(np.float64)
+    terms = metrics.smape_terms(truth, pred)  # in percent
+    if reference is not None:
+        terms = terms - metrics.smape_terms(truth, reference)
+    term_sum = np.bincount(group_of, weights=terms, minlength=n_groups)
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
+    times = np.stack([np.bincount(d, minlength=n_groups) for d in draws])  # [n_boot, G] draws of each group
+    stats = (times @ term_sum) / (times @ count)
+    return [float(v) for v in np.quantile(stats, [0.025, 0.975])]
 
 
 def extras(cfg: PriceFusionConfig, run_dir: Path) -> int:
-    """The variants table on the split and embeddings of a finished `ikea` run (ikea.extras=true).
-
-    advanced_moe (single split); the trees + kNN head (gbt, K-fold, test = mean of the fold models); the plain mean
-    of two_branch, advanced_moe and gbt; two_branch with train.kfold=5 (test = mean of the 5 fold models); and
-    weights fitted on the out-of-fold predictions of that 5-fold run and gbt. Each scored on the held-out test
-    labels; writes <run>/reports/ikea_extras.{json,md} (sibling runs <run_name>_moe, _gbt, _kfold, _mean, _fitted).
-    """
-    data_dir, runs = run_dir / "data", Path(cfg.runs_dir)
+    """The variants table on the split and embeddings of a finished `ikea` run (ikea.extras=true): advanced_moe
+    (single grouped split; <run_name>_moe) and the plain mean of two_branch, advanced_moe and the run's gbt
+    (<run_name>_mean), each scored on the held-out test labels with group-bootstrap intervals; writes
+    <run>/reports/ikea_extras.{json,md}."""
+    runs = Path(cfg.runs_dir)
     if not (run_dir / "reports" / "ikea_results.json").is_file():
         raise UserError(f"{run_dir}/reports/ikea_results.json not found; run python -m price_fusion.ikea --config "
                         f"configs/price_fusion/ikea.yaml first (ikea.extras reuses its split and embeddings)")
-    truth = read_predictions(data_dir / "test_labels.csv").set_index("sample_id").price
-    name = cfg.run_name
-    base = dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, train_csv=str(data_dir / "train.csv"),
-                                      test_csv=str(data_dir / "test.csv"), image_dir=str(data_dir),
-                                      embeddings_dir=str(run_dir / "embeddings")),
-        model=dataclasses.replace(cfg.model, use_image=False),
-        train=dataclasses.replace(cfg.train, resume=False),
-        predict=dataclasses.replace(cfg.predict, checkpoint="best", split="test", output=""))
-
-    def variant(suffix: str, **sections) -> PriceFusionConfig:
-        changed = {k: dataclasses.replace(getattr(base, k), **v) for k, v in sections.items()}
-        return dataclasses.replace(base, run_name=f"{name}_{suffix}", **changed)
-
-    def test_out(run: str) -> Path:
-        return runs / run / "predictions" / "test_out.csv"
-
-    moe = variant("moe", model={"name": "advanced_moe"})
+    labels = pd.read_csv(run_dir / "data" / "test_labels.csv", dtype={"sample_id": str, GROUP_COL: str})
+    base = benchmark_config(cfg, run_dir)
+    moe = variant(base, "moe", model={"name": "advanced_moe"})
     train(moe)
     predict(moe)
-    trees = variant("gbt")
-    gbt(trees)
-    kfold = variant("kfold", train={"kfold": 5})
-    train(kfold)
-    predict(kfold)
-    mean_out, fitted_out = runs / f"{name}_mean" / "test_out.csv", runs / f"{name}_fitted" / "test_out.csv"
+    test_out = {key: runs / run / "predictions" / "test_out.csv"
+                for key, run in (("two_branch", base.run_name), ("advanced_moe", moe.run_name),
+                                 ("gbt", f"{base.run_name}_gbt"))}
+    mean_out = runs / f"{base.run_name}_mean" / "test_out.csv"
     ensemble(dataclasses.replace(base, ensemble=dataclasses.replace(
-        base.ensemble, method="mean", inputs=[str(test_out(name)), str(test_out(moe.run_name)),
-                                              str(test_out(trees.run_name))], output=str(mean_out))))
-    ensemble(dataclasses.replace(base, ensemble=dataclasses.replace(
-        base.ensemble, method="fitted", inputs=[str(test_out(kfold.run_name)), str(test_out(trees.run_name))],
-        oof_inputs=[str(runs / r / "predictions" / "oof_predictions.csv") for r in (kfold.run_name, trees.run_name)],
-        output=str(fitted_out))))
+        base.ensemble, method="mean", inputs=[str(p) for p in test_out.values()], output=str(mean_out))))
     setup_logging(run_dir)
 
     moe_done = json.loads((runs / moe.run_name / DONE_FILE).read_text())
-    kfold_oof = json.loads((runs / kfold.run_name / "reports" / "train_summary.json").read_text())["smape"]
-    blend = json.loads(fitted_out.with_suffix(".weights.json").read_text())
-    w = blend["weights"]
-    rows = [("advanced_moe", f"`advanced_moe` (single split, {moe_done['epochs']} epochs"
-                             f"{', early stopped' if moe_done['stopped_early'] else ''})", test_out(moe.run_name)),
-            ("gbt", f"trees + kNN head (`gbt`, {cfg.gbt.folds}-fold, test = mean of fold models)",
-             test_out(trees.run_name)),
-            ("mean3", f"mean of {cfg.model.name}, advanced_moe, gbt", mean_out),
-            ("kfold", f"{cfg.model.name}, `train.kfold=5`, test = mean of the 5 fold models (OOF SMAPE {kfold_oof:.2f})",
-             test_out(kfold.run_name)),
-            ("fitted", f"weights fitted on OOF: {w[0]:.3f} x 5-fold {cfg.model.name} + {w[1]:.3f} x gbt "
-                       f"(OOF {min(blend['oof_smape_per_model']):.2f} -> {blend['oof_smape_fitted']:.2f})", fitted_out)]
+    rows = [("advanced_moe", f"`advanced_moe` (single grouped split, {moe_done['epochs']} epochs"
+                             f"{', early stopped' if moe_done['stopped_early'] else ''})", test_out["advanced_moe"]),
+            ("mean3", f"mean of {cfg.model.name}, advanced_moe, gbt", mean_out)]
+    truth, groups = labels.price.to_numpy(), labels[GROUP_COL].to_numpy(str)
     results = []
     for key, label, path in rows:
-        pred = read_predictions(path).set_index("sample_id").price.loc[truth.index].to_numpy()
-        results.append({"key": key, "variant": label, "file": str(path), "smape": metrics.smape(truth.to_numpy(), pred),
-                        "smape_ci95": smape_ci(truth.to_numpy(), pred)})
-    write_json(run_dir / "reports" / "ikea_extras.json", {"n_test": len(truth), "fitted_weights": w,
-                                                           "oof_smape": blend, "results": results})
-    table = ["| variant | test SMAPE (%) | 95% CI |", "|---|---|---|"]
+        pred = read_predictions(path).set_index("sample_id").price.loc[labels.sample_id].to_numpy()
+        results.append({"key": key, "variant": label, "file": str(path), "smape": metrics.smape(truth, pred),
+                        "smape_ci95": group_bootstrap_ci(truth, pred, groups)})
+    write_json(run_dir / "reports" / "ikea_extras.json", {"n_test": len(truth), "results": results})
+    table = ["| variant | test SMAPE (%) | 95% CI (groups) |", "|---|---|---|"]
     table += [f"| {r['variant']} | {r['smape']:.2f} | {r['smape_ci95'][0]:.1f}-{r['smape_ci95'][1]:.1f} |"
               for r in results]
     atomic_write_text(run_dir / "reports" / "ikea_extras.md", "\n".join(table) + "\n")

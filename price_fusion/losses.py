@@ -26,7 +26,8 @@ def build_loss(cfg: TrainConfig) -> LossFn:
         "focal_smape": partial(common_losses.focal_smape_loss, gamma=cfg.smape_gamma),
         "hybrid_focal_smape": partial(common_losses.hybrid_focal_smape_loss, gamma=cfg.smape_gamma,
                                       alpha=cfg.hybrid_alpha),
-        "log_smape": common_losses.log_smape_loss,
+        # common names it log_smape_loss: it takes log prices, but the value is the SMAPE of the prices
+        "smape": common_losses.log_smape_loss,
         "huber": partial(F.huber_loss, delta=cfg.huber_delta),
         "mse": F.mse_loss,
         "mae": F.l1_loss,

@@ -2,7 +2,7 @@
 
 Both models take
     image      [B, D_img] float  CLIP image embedding (any values where the image is missing)
-    image_mask [B] bool          True where the image exists; False routes a learned "missing image" vector instead
+    has_image  [B] bool          True where the image exists; False routes a learned "missing image" vector instead
     text       [B, D_txt] float  sentence embedding of catalog_content
     struct     [B, S] float      structural features (log1p value, unit index, log1p pack quantity)
 and return log price [B] (natural log of dollars). Built by `build_model(cfg.model, ...)`.
@@ -62,13 +62,13 @@ class FusionBranches(nn.Module):
         self.struct_mean.copy_(struct.mean(0))
         self.struct_std.copy_(struct.std(0).clamp_min(1e-6) if len(struct) > 1 else torch.ones_like(self.struct_std))
 
-    def forward(self, image: torch.Tensor, image_mask: torch.Tensor, text: torch.Tensor,
+    def forward(self, image: torch.Tensor, has_image: torch.Tensor, text: torch.Tensor,
                 struct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (image_h [B, H], text_h [B, H])."""
         struct = (struct - self.struct_mean) / self.struct_std
         text_h = self.text_branch(torch.cat([self.text_norm(text), struct], dim=-1))
         image_h = self.image_branch(self.image_norm(image))
-        image_h = torch.where(image_mask[:, None], image_h, self.missing_image.expand_as(image_h))
+        image_h = torch.where(has_image[:, None], image_h, self.missing_image.expand_as(image_h))
         return image_h, text_h
 
 
@@ -81,8 +81,8 @@ class TwoBranchFusionModel(nn.Module):
         self.branches = FusionBranches(image_dim, text_dim, struct_dim, branch_dim, dropout)
         self.head = nn.Sequential(mlp([2 * branch_dim, *head_dims], dropout), nn.Linear(head_dims[-1], 1))
 
-    def forward(self, image, image_mask, text, struct) -> torch.Tensor:
-        image_h, text_h = self.branches(image, image_mask, text, struct)
+    def forward(self, image, has_image, text, struct) -> torch.Tensor:
+        image_h, text_h = self.branches(image, has_image, text, struct)
         return self.head(torch.cat([image_h, text_h], dim=-1)).squeeze(-1)
 
     def aux_loss(self) -> torch.Tensor:
@@ -112,8 +112,8 @@ class AdvancedMoEFusionModel(nn.Module):
         self.num_experts = num_experts
         self._last_gate_mean: torch.Tensor | None = None
 
-    def forward(self, image, image_mask, text, struct) -> torch.Tensor:
-        image_h, text_h = self.branches(image, image_mask, text, struct)
+    def forward(self, image, has_image, text, struct) -> torch.Tensor:
+        image_h, text_h = self.branches(image, has_image, text, struct)
         tokens = torch.stack([image_h, text_h], dim=1) + self.modality_embedding  # [B, 2, H]
         attended, _ = self.attention(tokens, tokens, tokens, need_weights=False)
         fused = self.attention_norm(tokens + attended).flatten(1)  # [B, 2H]

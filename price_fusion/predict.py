@@ -3,8 +3,10 @@
     python -m price_fusion.predict --config configs/price_fusion/demo.yaml
     python -m price_fusion.predict --config configs/price_fusion/demo.yaml predict.checkpoint=latest predict.output=out.csv
 
-K-fold runs average the fold models' log prices (a geometric mean of dollar prices). Every test sample_id appears
-exactly once and every price is positive and finite, or nothing is written and the exit code is 2.
+K-fold runs average the fold models' log prices (a geometric mean of dollar prices); runs trained with
+train.refit=true use the refit model (refit/checkpoints/latest) instead. The ids written are those of the embedding
+rows predicted, checked against the ids of the CSV: every CSV sample_id appears exactly once and every price is
+positive and finite, or nothing is written and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -20,20 +22,26 @@ from common.logs import setup_logging
 
 from .batching import load_split, predict_log_price
 from .config import PriceFusionConfig
+from .data import read_catalog
 from .evaluate import checkpoint_path
 from .model import load_trained_model
 from .predictions import log_to_price, write_predictions
+from .train import REFIT_DIR
 
 log = logging.getLogger(__name__)
 
 
 def model_dirs(run_dir: Path, which: str) -> list[Path]:
-    """The checkpoint directory of each model of a run (one per fold for K-fold runs)."""
+    """The checkpoint directory of each model of a run: the refit model when the run has one, else one per fold for
+    K-fold runs, else the run's own."""
     split_file = run_dir / "split.json"
     if not split_file.is_file():
         raise UserError(f"{split_file} not found; train first (python -m price_fusion.train) with run_name "
                         f"{run_dir.name!r}")
-    k = json.loads(split_file.read_text())["kfold"]
+    split = json.loads(split_file.read_text())
+    if split.get("refit"):
+        return [checkpoint_path(run_dir / REFIT_DIR, "latest")]
+    k = split["kfold"]
     return [checkpoint_path(run_dir / f"fold_{i}", which) for i in range(k)] if k else [checkpoint_path(run_dir, which)]
 
 
@@ -56,7 +64,9 @@ def predict(cfg: PriceFusionConfig) -> int:
         log_sum = pred_log if log_sum is None else log_sum + pred_log
     prices = log_to_price(log_sum / len(dirs))
     out = Path(pc.output) if pc.output else run_dir / "predictions" / "test_out.csv"
-    write_predictions(out, catalog.sample_ids, prices, expected_ids=catalog.sample_ids)
+    # ids of the rows actually predicted, checked against the CSV read afresh (not against themselves)
+    expected = read_catalog(csv_path, require_price=False, require_text=False).sample_ids
+    write_predictions(out, data.sample_ids, prices, expected_ids=expected)
     log.info("%d predictions from %d model(s) -> %s (median $%.2f)", len(prices), len(dirs), out,
              float(np.median(prices)))
     return 0

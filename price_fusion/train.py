@@ -1,11 +1,18 @@
-"""Train a fusion model on log price: stratified 80/20 split, or K folds with out-of-fold predictions.
+"""Train a fusion model on log price: a grouped 80/20 split, or K grouped folds with out-of-fold predictions.
 
     python -m price_fusion.train --config configs/price_fusion/base.yaml
     python -m price_fusion.train --config configs/price_fusion/demo.yaml train.epochs=5     # CPU-sized
     python -m price_fusion.train --config configs/price_fusion/base.yaml train.kfold=5 model.name=advanced_moe
+    python -m price_fusion.train --config configs/price_fusion/base.yaml train.kfold=5 train.refit=true
+
+Splits keep each product group (data.group_column, else the normalised item name) on one side. K-fold: each fold
+early-stops and picks its best checkpoint on an inner grouped split of its own training rows (data.val_fraction of
+them), never on its out-of-fold rows, so oof_predictions.csv is an honest estimate that ensemble weights can be
+fitted on. train.refit=true then trains one model on every row for the median chosen epoch count (<run>/refit/).
 
 Writes runs/price_fusion/<run_name>/: config.yaml, split.json, [fold_k/]checkpoints/{latest,best,epoch_N},
-[fold_k/]metrics.jsonl, [fold_k/]training_history.json, predictions/val_predictions.csv (or oof_predictions.csv).
+[fold_k/]metrics.jsonl, [fold_k/]training_history.json, predictions/val_predictions.csv (or oof_predictions.csv),
+[refit/checkpoints/latest].
 
 Resume: a killed run continues where it stopped with train.resume=auto (the default) and ends with identical
 weights; raising train.epochs continues a finished run. Every checkpoint records a fingerprint of what decides the
@@ -17,6 +24,7 @@ over. A resumed run keeps its config.yaml and split.json: the held-out ids are r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -35,7 +43,7 @@ from common.training import EarlyStopping, param_groups
 
 from .batching import FusionTensors, epoch_batches, load_split, predict_log_price
 from .config import PriceFusionConfig
-from .data import stratified_folds, stratified_split
+from .data import grouped_folds, grouped_split, product_groups
 from .embeddings import MANIFEST
 from .losses import build_loss
 from .model import build_model, init_output_bias
@@ -44,6 +52,7 @@ from .predictions import log_to_price, write_predictions
 log = logging.getLogger(__name__)
 DONE_FILE = "done.json"
 SPLIT_FILE = "split.json"
+REFIT_DIR = "refit"
 
 
 def regression_metrics(pred_log: np.ndarray, price: np.ndarray) -> dict[str, float]:
@@ -53,11 +62,15 @@ def regression_metrics(pred_log: np.ndarray, price: np.ndarray) -> dict[str, flo
             "r2": metrics.r2(price, pred)}
 
 
-def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, val_data: FusionTensors,
-            fingerprint: dict, resume: str | bool) -> np.ndarray:
-    """Train on `train_data` with early stopping on `val_data` SMAPE; returns [N_val] log-price predictions of
-    the best checkpoint. Resumes from `fold_dir/checkpoints/latest` when `resume` (from `open_run`) says so; every
-    checkpoint records `fingerprint`."""
+def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, val_data: FusionTensors | None,
+            fingerprint: dict, resume: str | bool, lr_schedule: list[float] | None = None) -> torch.nn.Module | None:
+    """Train on `train_data`; returns the model with the weights to use, or None when this process stopped on purpose
+    (train.max_epochs_this_run) before the run finished.
+
+    With `val_data`: early stopping, ReduceLROnPlateau and the best checkpoint on its SMAPE; the best weights are
+    returned. Without (a refit): exactly train.epochs epochs at the learning rates `lr_schedule[epoch - 1]`, and the
+    last weights are returned. Resumes from `fold_dir/checkpoints/latest` when `resume` (from `open_run`) says so;
+    every checkpoint records `fingerprint`."""
     tc = cfg.train
     seed_everything(tc.seed)
     model = build_model(cfg.model, train_data.image.shape[1], train_data.text.shape[1], train_data.struct.shape[1])
@@ -65,7 +78,8 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     init_output_bias(model, float(train_data.log_price.mean()))
     device = resolve_device(tc.device)
     model.to(device)
-    train_data, val_data = train_data.to(device), val_data.to(device)
+    train_data = train_data.to(device)
+    val_data = None if val_data is None else val_data.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr), lr=tc.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=tc.plateau_factor,
                                                            patience=tc.plateau_patience)
@@ -73,7 +87,7 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     manager = CheckpointManager(fold_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.checkpoint_every,
                                 fingerprint=fingerprint)
     loss_fn = build_loss(tc)
-    val_price = val_data.log_price.double().exp().cpu().numpy()
+    val_price = None if val_data is None else val_data.log_price.double().exp().cpu().numpy()
     history: list[dict] = []
     start_epoch = 1
 
@@ -81,7 +95,7 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     if resumed is not None:
         history = list(resumed["history"])
         start_epoch = int(resumed["epoch"]) + 1
-        log.info("resumed from %s at epoch %d (best val SMAPE %.3f)", resumed["_resumed_from"], start_epoch,
+        log.info("resumed from %s at epoch %d (best val SMAPE %s)", resumed["_resumed_from"], start_epoch,
                  stopper.best)
     writer = MetricsWriter(fold_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
 
@@ -89,6 +103,9 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     for epoch in progress(range(start_epoch, tc.epochs + 1), desc="epochs"):
         if stopper.should_stop or (tc.max_epochs_this_run and epochs_this_run >= tc.max_epochs_this_run):
             break
+        if lr_schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_schedule[epoch - 1]
         model.train()
         loss_sum, n_seen = 0.0, 0
         for rows in epoch_batches(len(train_data), tc.batch_size, tc.seed, epoch):
@@ -101,16 +118,19 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
             loss_sum += loss.item() * len(rows)  # .item() syncs, harmless on CPU
             n_seen += len(rows)
 
-        val_metrics = regression_metrics(predict_log_price(model, val_data), val_price)
-        scheduler.step(val_metrics["smape"])
-        improved = stopper.step(val_metrics["smape"])
-        record = {"epoch": epoch, "train_loss": loss_sum / n_seen, **{f"val_{k}": v for k, v in val_metrics.items()},
-                  "lr": optimizer.param_groups[0]["lr"], "best_val_smape": stopper.best}
+        record = {"epoch": epoch, "train_loss": loss_sum / n_seen}
+        improved = False
+        if val_data is not None:
+            val_metrics = regression_metrics(predict_log_price(model, val_data), val_price)
+            scheduler.step(val_metrics["smape"])
+            improved = stopper.step(val_metrics["smape"])
+            record.update({f"val_{k}": v for k, v in val_metrics.items()})
+        record.update({"lr": optimizer.param_groups[0]["lr"], "best_val_smape": stopper.best})
         history.append(record)
         writer.write(record)
-        log.info("epoch %d  loss %.4f  val SMAPE %.2f%%  MAE %.2f  RMSE %.2f  R2 %.3f  lr %.2e%s", epoch,
-                 record["train_loss"], val_metrics["smape"], val_metrics["mae"], val_metrics["rmse"],
-                 val_metrics["r2"], record["lr"], "  *best*" if improved else "")
+        log.info("epoch %d  loss %.4f%s  lr %.2e%s", epoch, record["train_loss"], "" if val_data is None else
+                 "  val SMAPE {val_smape:.2f}%  MAE {val_mae:.2f}  RMSE {val_rmse:.2f}  R2 {val_r2:.3f}".format(**record),
+                 record["lr"], "  *best*" if improved else "")
         state = capture_train_state(epoch, optimizer, scheduler, stopper, history=history)
         manager.save(model, state, epoch, is_best=improved, meta=_model_meta(cfg, train_data))
         write_json(fold_dir / "training_history.json", history)
@@ -119,13 +139,26 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
 
     finished = stopper.should_stop or (history and history[-1]["epoch"] >= tc.epochs)
     if not finished:
-        return np.full(len(val_data), np.nan)  # stopped early on purpose (max_epochs_this_run): resume later
-    load_weights(manager.best, model)
-    best_val = predict_log_price(model, val_data)
+        return None  # stopped early on purpose (max_epochs_this_run): resume later
+    load_weights(manager.best if val_data is not None else manager.latest, model)
+    best_epoch = (min(history, key=lambda h: h["val_smape"])["epoch"] if val_data is not None else history[-1]["epoch"])
     write_json(fold_dir / DONE_FILE, {"best_val_smape": stopper.best, "epochs": history[-1]["epoch"],
-                                      "stopped_early": stopper.should_stop})
-    log.info("finished %s: best val SMAPE %.3f after %d epochs", fold_dir, stopper.best, history[-1]["epoch"])
-    return best_val
+                                      "best_epoch": best_epoch, "stopped_early": stopper.should_stop})
+    log.info("finished %s after %d epochs (best epoch %d, val SMAPE %s)", fold_dir, history[-1]["epoch"], best_epoch,
+             stopper.best)
+    return model
+
+
+def refit_plan(fold_dirs: list[Path], first_lr: float) -> tuple[int, list[float]]:
+    """(epochs, learning rate of each epoch) for the refit on every row: the median of the folds' best epochs, and the
+    schedule of the fold whose best epoch is nearest to it (the rate in force during each of its epochs)."""
+    done = [json.loads((d / DONE_FILE).read_text()) for d in fold_dirs]
+    best = [int(d["best_epoch"]) for d in done]
+    epochs = max(1, int(round(float(np.median(best)))))
+    chosen = fold_dirs[int(np.argmin([abs(b - epochs) for b in best]))]
+    history = json.loads((chosen / "training_history.json").read_text())
+    rates = [first_lr] + [h["lr"] for h in history]  # history[e]["lr"] is the rate after epoch e + 1's plateau step
+    return epochs, [rates[min(e, len(rates) - 1)] for e in range(epochs)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,61 +204,95 @@ def train(cfg: PriceFusionConfig) -> int:
 
 def _checkpoint_dirs(run_dir: Path, kfold: int) -> list[Path]:
     """Every checkpoint folder this run (or an earlier run under the same name, single-split or K-fold) may hold."""
-    dirs = [run_dir / "checkpoints", *(run_dir / f"fold_{k}" / "checkpoints" for k in range(kfold))]
+    dirs = [run_dir / "checkpoints", *(run_dir / f"fold_{k}" / "checkpoints" for k in range(kfold)),
+            run_dir / REFIT_DIR / "checkpoints"]
     dirs += [d for d in sorted(run_dir.glob("fold_*/checkpoints")) if d not in dirs]
     return dirs
 
 
-def _read_split(run_dir: Path, sample_ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The (train rows, val rows) of each fold recorded in split.json by the run being resumed."""
+def _read_split(run_dir: Path, sample_ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The (fit rows, early-stopping rows, held-out rows) of each fold recorded in split.json by the run resumed."""
     path = run_dir / SPLIT_FILE
     if not path.is_file():
         raise UserError(f"{path}: missing, but {run_dir} holds checkpoints to resume; restore the file or start "
                         "over with train.resume=false")
-    folds = []
-    for val_ids in json.loads(path.read_text())["val_ids"]:
-        is_val = np.isin(sample_ids, np.asarray(val_ids, dtype=str))
-        folds.append((np.flatnonzero(~is_val), np.flatnonzero(is_val)))
-    return folds
+    split = json.loads(path.read_text())
+    if "early_stopping_ids" not in split:
+        raise UserError(f"{path}: written before grouped splits (no early_stopping_ids); start over with "
+                        "train.resume=false or a new run_name")
+
+    def rows_of(ids: list[str]) -> np.ndarray:
+        return np.flatnonzero(np.isin(sample_ids, np.asarray(ids, dtype=str)))
+
+    fits = []
+    for val_ids, stop_ids in zip(split["val_ids"], split["early_stopping_ids"]):
+        held_out, stop = rows_of(val_ids), rows_of(stop_ids)
+        fits.append((np.setdiff1d(np.arange(len(sample_ids)), np.union1d(held_out, stop)), stop, held_out))
+    return fits
+
+
+def make_fits(cfg: PriceFusionConfig, prices: np.ndarray, groups: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """(fit rows, early-stopping rows, held-out rows) of each model. Single split: the held-out rows are the
+    early-stopping rows. K-fold: the held-out rows are the fold's out-of-fold rows, and early stopping uses an inner
+    grouped split of the fold's training rows (seeded data.split_seed + 1 + k)."""
+    dc = cfg.data
+    if not cfg.train.kfold:
+        fit, val = grouped_split(prices, groups, dc.val_fraction, dc.n_price_bins, dc.split_seed)
+        return [(fit, val, val)]
+    fits = []
+    for k, (rest, held_out) in enumerate(grouped_folds(prices, groups, cfg.train.kfold, dc.n_price_bins,
+                                                       dc.split_seed)):
+        inner_fit, inner_stop = grouped_split(prices[rest], groups[rest], dc.val_fraction, dc.n_price_bins,
+                                              dc.split_seed + 1 + k)
+        fits.append((rest[inner_fit], rest[inner_stop], held_out))
+    return fits
 
 
 def _train(cfg: PriceFusionConfig, run_dir: Path) -> int:
     # Inputs are read and validated (ids, prices, NaN/inf) and the fingerprint is checked against every checkpoint
     # before anything is written (config.yaml, train.log).
     catalog, data = load_split(cfg.data.embeddings_dir, "train", cfg.data.train_csv, labelled=True,
-                               bad_price=cfg.data.bad_price, use_image=cfg.model.use_image)
+                               bad_price=cfg.data.bad_price, use_image=cfg.model.use_image,
+                               group_column=cfg.data.group_column)
     start = open_run(run_dir, cfg, resume=cfg.train.resume, checkpoint_dirs=_checkpoint_dirs(run_dir, cfg.train.kfold),
                      fingerprint=run_fingerprint(cfg), resume_key="train.resume")
     log.info("%d training products (%d skipped for bad prices), %d with images", len(data), catalog.n_bad_prices,
-             int(data.image_mask.sum()))
+             int(data.has_image.sum()))
 
     if start.resuming:
-        folds = _read_split(run_dir, catalog.sample_ids)  # never re-drawn under a resumed run
+        fits = _read_split(run_dir, catalog.sample_ids)  # never re-drawn under a resumed run
     else:
-        if cfg.train.kfold:
-            folds = stratified_folds(catalog.prices, cfg.train.kfold, cfg.data.n_price_bins, cfg.data.split_seed)
-        else:
-            folds = [stratified_split(catalog.prices, cfg.data.val_fraction, cfg.data.n_price_bins,
-                                      cfg.data.split_seed)]
-        write_json(run_dir / SPLIT_FILE, {"kfold": cfg.train.kfold,
-                                          "val_ids": [catalog.sample_ids[val].tolist() for _, val in folds]})
+        groups = product_groups(catalog, cfg.data.group_key)
+        fits = make_fits(cfg, catalog.prices, groups)
+        write_json(run_dir / SPLIT_FILE, {
+            "kfold": cfg.train.kfold, "refit": cfg.train.refit, "n_groups": int(len(np.unique(groups))),
+            "groups": cfg.data.group_column or cfg.data.group_key,
+            "val_ids": [catalog.sample_ids[held_out].tolist() for _, _, held_out in fits],
+            "early_stopping_ids": [catalog.sample_ids[stop].tolist() for _, stop, _ in fits]})
 
     out_of_fold = np.full(len(data), np.nan)
-    for k, (train_rows, val_rows) in enumerate(folds):
-        fold_dir = run_dir / f"fold_{k}" if cfg.train.kfold else run_dir
-        out_of_fold[val_rows] = fit_one(cfg, fold_dir, data.subset(train_rows), data.subset(val_rows),
-                                        start.fingerprint, start.resume)
-        if np.isnan(out_of_fold[val_rows]).any():
+    fold_dirs = [run_dir / f"fold_{k}" if cfg.train.kfold else run_dir for k in range(len(fits))]
+    for fold_dir, (fit_rows, stop_rows, held_out) in zip(fold_dirs, fits):
+        model = fit_one(cfg, fold_dir, data.subset(fit_rows), data.subset(stop_rows), start.fingerprint, start.resume)
+        if model is None:
             log.info("stopped after train.max_epochs_this_run=%d epochs; run again to resume",
                      cfg.train.max_epochs_this_run)
             return 0
+        out_of_fold[held_out] = predict_log_price(model, data.subset(held_out))
+    if cfg.train.refit:
+        epochs, rates = refit_plan(fold_dirs, cfg.train.lr)
+        log.info("refit on all %d training rows for %d epochs", len(data), epochs)
+        refit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+        if fit_one(refit_cfg, run_dir / REFIT_DIR, data, None, start.fingerprint, start.resume, rates) is None:
+            log.info("stopped after train.max_epochs_this_run; run again to resume")
+            return 0
 
-    val_rows = np.sort(np.concatenate([v for _, v in folds]))
+    val_rows = np.sort(np.concatenate([held_out for _, _, held_out in fits]))
     name = "oof_predictions.csv" if cfg.train.kfold else "val_predictions.csv"
     write_predictions(run_dir / "predictions" / name, catalog.sample_ids[val_rows],
                       log_to_price(out_of_fold[val_rows]), actual=catalog.prices[val_rows])
     summary = regression_metrics(out_of_fold[val_rows], catalog.prices[val_rows])
-    write_json(run_dir / "reports" / "train_summary.json", {"n_train_rows": len(data), "folds": len(folds), **summary})
+    write_json(run_dir / "reports" / "train_summary.json", {"n_train_rows": len(data), "folds": len(fits), **summary})
     log.info("%s: SMAPE %.3f%%  MAE %.3f  RMSE %.3f  R2 %.4f", name, summary["smape"], summary["mae"],
              summary["rmse"], summary["r2"])
     return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# After `python -m price_fusion.ikea --config configs/price_fusion/ikea.yaml`: train the advanced_moe variant, the trees
-# head, a 5-fold two_branch run and two ensembles on the same IKEA split and embeddings, score each on the held-out
-# test labels, and write the variants table price_fusion/README.md quotes:
+# After `python -m price_fusion.ikea --config configs/price_fusion/ikea.yaml`: train the advanced_moe variant and the
+# mean of two_branch, advanced_moe and the trees head on the same grouped IKEA split and embeddings, score each on the
+# held-out test labels (intervals over test names), and write the variants table price_fusion/README.md quotes:
 #   runs/price_fusion/ikea/reports/ikea_extras.{md,json}
 #   scripts/price_fusion/ikea_extras.sh [key=value ...]
 set -euo pipefail

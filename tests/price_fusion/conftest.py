@@ -31,9 +31,9 @@ def sample_env(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def trained_run(sample_env, tmp_path_factory) -> dict:
-    """A finished single-split training run (25 epochs) on the sample data."""
+    """A finished single-split training run (30 epochs) on the sample data."""
     runs = tmp_path_factory.mktemp("pf_runs")
-    args = sample_env["args"](runs, "run_name=fit", "train.epochs=25")
+    args = sample_env["args"](runs, "run_name=fit", "train.epochs=30")
     assert train.main(args) == 0
     return {"runs": runs, "run_dir": runs / "fit", "args": args}
 

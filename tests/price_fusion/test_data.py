@@ -10,11 +10,11 @@ from common.cli import UserError
 from price_fusion.data import (
     UNKNOWN_UNIT,
     fit_unit_vocab,
+    grouped_folds,
+    grouped_split,
     parse_structure,
     price_bins,
     read_catalog,
-    stratified_folds,
-    stratified_split,
     structural_features,
 )
 
@@ -78,18 +78,18 @@ def test_duplicate_and_missing_columns_are_rejected(tmp_path):
 
 def test_split_is_stratified_by_price_and_reproducible():
     prices = np.exp(np.random.default_rng(0).normal(3, 1, size=1000))
-    train_idx, val_idx = stratified_split(prices, 0.2, 10, seed=1)
+    train_idx, val_idx = grouped_split(prices, None, 0.2, 10, seed=1)  # no groups: every product its own
     assert len(val_idx) == 200 and len(np.intersect1d(train_idx, val_idx)) == 0
     bins = price_bins(prices, 10)
     # each price decile is 20% of the validation set (+-1 for rounding): that is what stratification buys
     assert np.all(np.abs(np.bincount(bins[val_idx]) - 20) <= 1)
-    again = stratified_split(prices, 0.2, 10, seed=1)
+    again = grouped_split(prices, None, 0.2, 10, seed=1)
     assert np.array_equal(again[1], val_idx)
 
 
 def test_folds_partition_the_rows():
     prices = np.exp(np.random.default_rng(1).normal(3, 1, size=103))
-    folds = stratified_folds(prices, 5, 10, seed=0)
+    folds = grouped_folds(prices, None, 5, 10, seed=0)
     val = np.concatenate([v for _, v in folds])
     assert np.array_equal(np.sort(val), np.arange(103))
     for train_idx, val_idx in folds:

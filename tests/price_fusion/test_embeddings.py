@@ -13,7 +13,6 @@ from common.cli import UserError
 from price_fusion import embed
 from price_fusion.embeddings import (
     align_to_ids,
-    check_same_ids,
     import_clip_dir,
     import_qwen_pickle,
     load_embeddings,
@@ -46,8 +45,14 @@ def test_alignment_reorders_by_id_and_names_missing_ids(tmp_path):
     assert rows.tolist() == [3, 0]
     with pytest.raises(UserError, match=r"1 of 2 sample ids have no embedding, first \['zzz'\]"):
         align_to_ids(emb, np.array(["id1", "zzz"]), "train.csv")
-    with pytest.raises(UserError, match=r"disagree from row 1: \['b'\] vs \['x'\]"):
-        check_same_ids(np.array(["a", "b"]), np.array(["a", "x"]), "clip", "qwen")
+
+
+def test_store_written_before_the_has_image_rename_still_loads(tmp_path):
+    out, _ = _write(tmp_path)
+    written = np.load(out / "has_image.npy")
+    (out / "has_image.npy").rename(out / "image_mask.npy")  # the format-1 file name
+    np.testing.assert_array_equal(load_embeddings(out).has_image, written)
+    assert not written.all() and written.any()  # both values present, so a wrong file would show
 
 
 def test_truncated_store_is_reported(tmp_path):
@@ -86,7 +91,7 @@ def test_embed_stage_output(sample_env):
     assert train.image_dim == 16 and train.text_dim == 384 and train.struct.shape[1] == 3
     # products whose PNG was never drawn are masked, with zero vectors, and counted in the manifest
     drawn = np.array([(sample_env["image_dir"] / f"{sid}.png").is_file() for sid in csv.sample_id])
-    assert (~drawn).sum() > 0 and np.array_equal(train.image_mask, drawn)
+    assert (~drawn).sum() > 0 and np.array_equal(train.has_image, drawn)
     assert np.all(train.image[~drawn] == 0) and train.manifest["image_encoder"]["n_absent"] == (~drawn).sum()
     vocab = json.loads((sample_env["embeddings"] / "unit_vocab.json").read_text())["units"]
     assert set(vocab[1:]) == {"ounce", "fl oz", "count"}
@@ -128,7 +133,7 @@ def test_embed_imports_the_original_files(sample_env, tmp_path):
     np.testing.assert_array_equal(imported.text, train.text)
     np.testing.assert_array_equal(imported.struct, train.struct)
     np.testing.assert_array_equal(imported.image, train.image)
-    np.testing.assert_array_equal(imported.image_mask, train.image_mask)
+    np.testing.assert_array_equal(imported.has_image, train.has_image)
 
 
 def test_import_with_missing_ids_names_them(sample_env, tmp_path, capsys):

@@ -76,7 +76,7 @@ def test_changed_data_file_is_refused_naming_it_but_a_moved_copy_resumes(finishe
     emb = load_embeddings(sample_env["embeddings"] / "train")
     text = np.array(emb.text)
     text[3, 0] += 0.5
-    write_embeddings(tmp_path / "emb2" / "train", emb.sample_ids, emb.image, emb.image_mask, text, emb.struct,
+    write_embeddings(tmp_path / "emb2" / "train", emb.sample_ids, emb.image, emb.has_image, text, emb.struct,
                      dict(emb.manifest))  # manifest.json byte-identical: only text.npy differs
     assert train.main(args(f"data.embeddings_dir={tmp_path / 'emb2'}")) == 2
     err = capsys.readouterr().err
@@ -132,7 +132,7 @@ def test_non_finite_embedding_row_is_named_before_training(sample_env, tmp_path,
     emb = load_embeddings(sample_env["embeddings"] / "train")
     text = np.array(emb.text)
     text[5, 2] = np.nan
-    write_embeddings(tmp_path / "emb" / "train", emb.sample_ids, emb.image, emb.image_mask, text, emb.struct, {})
+    write_embeddings(tmp_path / "emb" / "train", emb.sample_ids, emb.image, emb.has_image, text, emb.struct, {})
     assert train.main(sample_env["args"](tmp_path / "runs", "run_name=n", "train.epochs=1",
                                          f"data.embeddings_dir={tmp_path / 'emb'}")) == 2
     err = capsys.readouterr().err

@@ -119,6 +119,7 @@ def test_gbt_and_ensembles(sample_env, trained_run, tmp_path):
     b_oof = pd.read_csv(oof_b, dtype={"sample_id": str}).set_index("sample_id").loc[a_oof.index]
     assert not np.allclose(a_oof.price, b_oof.price, rtol=0.02)  # genuinely different predictions
     fitted = [*args, f"ensemble.inputs=[{trees / 'predictions' / 'test_out.csv'},{test_b}]", "ensemble.method=fitted",
+              "ensemble.min_gain=0",
               f"ensemble.oof_inputs=[{oof_a},{oof_b}]", f"ensemble.output={tmp_path / 'fitted.csv'}"]
     assert ensemble.main(fitted) == 0
     report = json.loads((tmp_path / "fitted.weights.json").read_text())
@@ -148,7 +149,7 @@ def test_sample_data_cli_and_stage_list(tmp_path):
     assert list(train.columns) == ["sample_id", "catalog_content", "image_link", "price"] and len(train) == 20
     assert "price" not in pd.read_csv(tmp_path / "s" / "test.csv").columns
     out = subprocess.run([sys.executable, "-m", "price_fusion"], capture_output=True, text=True, check=True).stdout
-    for stage in ("embed", "train", "evaluate", "predict", "ensemble", "gbt", "sample_data", "ikea"):
+    for stage in ("embed", "train", "evaluate", "predict", "ensemble", "gbt", "baselines", "sample_data", "ikea"):
         assert f"python -m price_fusion.{stage}" in out
 
 
@@ -176,7 +177,7 @@ def test_readme_names_every_stage_and_help_documents_keys(capsys):
 
     readme = (Path(__file__).resolve().parents[2] / "price_fusion" / "README.md").read_text()
     stages = set(re.findall(r"python -m price_fusion\.(\w+)", readme))
-    assert {"sample_data", "embed", "train", "evaluate", "predict", "gbt", "ensemble", "ikea"} <= stages
+    assert {"sample_data", "embed", "train", "evaluate", "predict", "gbt", "baselines", "ensemble", "ikea"} <= stages
     with pytest.raises(SystemExit) as exited:
         evaluate.main(["--help"])
     out = capsys.readouterr().out

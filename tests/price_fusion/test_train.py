@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from common import metrics
 from price_fusion import evaluate, predict, train
 from price_fusion.batching import load_split, predict_log_price
+from price_fusion.data import grouped_split, product_groups, read_catalog
 from price_fusion.embeddings import load_embeddings, write_embeddings
 from price_fusion.model import load_trained_model
 
@@ -24,10 +25,16 @@ def test_training_learns_and_writes_its_outputs(trained_run, sample_env):
                  "predictions/val_predictions.csv", "reports/train_summary.json"):
         assert (run / path).exists(), path
     history = json.loads((run / "training_history.json").read_text())
-    assert [h["epoch"] for h in history] == list(range(1, 26))
+    assert [h["epoch"] for h in history] == list(range(1, 31))
     assert {"train_loss", "val_smape", "val_mae", "val_rmse", "val_r2", "lr"} <= set(history[0])
     val = pd.read_csv(run / "predictions" / "val_predictions.csv", dtype={"sample_id": str})
-    assert len(val) == 48  # 20% of 240, stratified
+    # the held-out rows are whole product groups (normalised names): 20% of the 48 groups, none also in training
+    catalog = read_catalog(sample_env["train_csv"], require_price=True)
+    groups = product_groups(catalog, "name")
+    assert len(np.unique(groups)) == 48  # 8 adjectives x 6 categories in the sample titles
+    _, val_rows = grouped_split(catalog.prices, groups, 0.2, 10, 42)
+    assert sorted(val.sample_id) == sorted(catalog.sample_ids[val_rows]) and len(np.unique(groups[val_rows])) == 10
+    assert not set(groups[val_rows]) & set(np.delete(groups, val_rows))
     train_prices = pd.read_csv(sample_env["train_csv"], dtype={"sample_id": str}).set_index("sample_id").price
     median_smape = metrics.smape(val.actual, np.full(len(val), np.median(train_prices.drop(val.sample_id))))
     fused_smape = metrics.smape(val.actual, val.price)
@@ -104,7 +111,7 @@ def test_misaligned_embeddings_name_the_first_ids(sample_env, tmp_path, capsys):
     emb = load_embeddings(sample_env["embeddings"] / "train")
     ids = emb.sample_ids.copy()
     ids[:3] = ["x1", "x2", "x3"]
-    write_embeddings(tmp_path / "emb" / "train", ids, emb.image, emb.image_mask, emb.text, emb.struct, {})
+    write_embeddings(tmp_path / "emb" / "train", ids, emb.image, emb.has_image, emb.text, emb.struct, {})
     assert train.main(sample_env["args"](tmp_path, "train.epochs=1", f"data.embeddings_dir={tmp_path / 'emb'}")) == 2
     err = capsys.readouterr().err
     assert "3 of 240 sample ids have no embedding, first ['100000', '100001', '100002']" in err

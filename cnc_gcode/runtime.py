@@ -15,6 +15,7 @@ from cnc_gcode.tokenizer import Vocabulary, load_vocabulary
 from common.checkpoint import find_checkpoint, load_checkpoint
 from common.cli import UserError
 from common.config import to_dict
+from common.distributed import DistInfo, is_distributed, setup_distributed
 from common.runs import make_fingerprint
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,32 @@ KIND_ENCODER, KIND_DECODER = "cnc_gcode.encoder", "cnc_gcode.decoder"
 def set_threads(cfg: CncConfig) -> None:
     if cfg.run.num_threads > 0:
         torch.set_num_threads(cfg.run.num_threads)
+
+
+def start_distributed() -> DistInfo:
+    """The torchrun process group, gloo (these stages train on the CPU); world size 1 without torchrun."""
+    return setup_distributed("cpu")
+
+
+def rank_rows(batch_rows: int, info: DistInfo) -> tuple[np.ndarray, float]:
+    """This rank's part of a global batch of `batch_rows` rows: (positions rank::world_size in it, share of the
+    batch's rows). `*.batch_size` is the global batch, so 1 and N processes take the same optimizer steps. A rank left
+    without rows (a last batch smaller than the world) runs row 0 with share 0: it must still join each gradient
+    all-reduce."""
+    positions = np.arange(info.rank, batch_rows, info.world_size)
+    if len(positions) == 0:
+        return np.zeros(1, dtype=np.int64), 0.0
+    return positions, len(positions) / batch_rows
+
+
+def main_rank_value(value):
+    """Rank 0's `value` on every rank (`value` itself in one process): validation is computed by rank 0 alone, and
+    early stopping and `best` must agree across ranks."""
+    if not is_distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def split_path(cfg: CncConfig, split: str) -> str:

@@ -2,6 +2,7 @@
 
     python -m cnc_gcode.train --config configs/cnc_gcode/sample.yaml
     python -m cnc_gcode.train --config configs/cnc_gcode/tiny.yaml train.epochs=2          # CPU smoke run
+    torchrun --nproc_per_node=2 -m cnc_gcode.train --config configs/cnc_gcode/sample.yaml  # DDP, gloo
 
 Reads the encoder from <run_dir>/encoder/checkpoints/best (or train.encoder_checkpoint) and writes
 <run_dir>/decoder/{config.yaml, metrics.jsonl, checkpoints/{latest,best}}; the checkpoint holds the frozen encoder
@@ -12,6 +13,10 @@ state, and each epoch's order comes from (seed, epoch), so a killed and resumed 
 It refuses (exit 2, nothing written) a run whose config (data, encoder, decoder, train sections, run.seed), data files
 or frozen encoder weights changed since its checkpoint; epochs, threads, names and paths may change, so raising
 `train.epochs` on a finished run continues it. `train.resume=force` continues anyway (logged); `false` starts over.
+
+Under torchrun (gloo, CPU) `train.batch_size` is the global batch: each rank takes every world_size-th window of it and
+weights each head's token mean by its share of that head's tokens in the batch, so N processes take the steps one
+process takes (up to float summation order; dropout is per rank). Rank 0 validates, logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from cnc_gcode.config import CncConfig
 from cnc_gcode.data import batches, epoch_order
 from cnc_gcode.losses import multihead_loss, token_targets
 from cnc_gcode.metrics import teacher_forced_predictions, token_metrics
-from cnc_gcode.model import build_decoder, decoder_inputs
+from cnc_gcode.model import HEADS, build_decoder, decoder_inputs
 from cnc_gcode.runtime import (
     DECODER_DIR,
     Pipeline,
@@ -35,10 +40,13 @@ from cnc_gcode.runtime import (
     load_encoder,
     load_split,
     log_windows,
+    main_rank_value,
+    rank_rows,
     set_threads,
     stage_fingerprint,
+    start_distributed,
 )
-from cnc_gcode.tokenizer import load_vocabulary
+from cnc_gcode.tokenizer import IGNORE, load_vocabulary
 from common.checkpoint import (
     WEIGHTS_FILE,
     CheckpointManager,
@@ -47,7 +55,9 @@ from common.checkpoint import (
     resume_from_checkpoint,
 )
 from common.cli import UserError, config_main
+from common.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, wrap_ddp
 from common.logs import MetricsWriter, progress
+from common.losses import focal_loss
 from common.runs import open_run
 from common.seed import seed_everything
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
@@ -57,6 +67,30 @@ log = logging.getLogger(__name__)
 
 def select(targets: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
     return {k: v[idx] for k, v in targets.items()}
+
+
+def rank_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], batch: np.ndarray, mine: np.ndarray,
+              share: float, info: DistInfo, gamma: float, label_smoothing: float
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """This rank's multi-head loss of rows `batch[mine]` (`logits` are theirs) within the global batch `batch`, and
+    its per-head contributions to the global batch's loss (their sum over ranks is that loss; logging only).
+
+    Each head averages over the tokens where it applies, and ranks hold different numbers of them: a head's mean on
+    this rank is weighted by world_size x its share of that head's tokens in the global batch, so DDP's average of the
+    gradients over ranks is the gradient of the global batch's loss. One process: `multihead_loss` itself."""
+    mine_targets = select(targets, batch[mine])
+    if info.world_size == 1:
+        return multihead_loss(logits, mine_targets, gamma, label_smoothing)
+    total, parts = torch.zeros(()), {}
+    for head in HEADS:
+        head_logits = logits[head]
+        mean = focal_loss(head_logits.reshape(-1, head_logits.shape[-1]), mine_targets[head].reshape(-1), gamma=gamma,
+                          label_smoothing=label_smoothing, ignore_index=IGNORE)
+        tokens_here = int((mine_targets[head] != IGNORE).sum()) if share > 0 else 0
+        head_share = tokens_here / max(int((targets[head][batch] != IGNORE).sum()), 1)
+        total = total + mean * (head_share * info.world_size)
+        parts[head] = mean.item() * head_share
+    return total, parts
 
 
 @torch.no_grad()
@@ -80,6 +114,7 @@ def validate(encoder, decoder, windows, vocab, cfg: CncConfig) -> dict:
 
 def train(cfg: CncConfig) -> int:
     set_threads(cfg)
+    dist_info = start_distributed()
     tc = cfg.train
     out = cfg.run.run_dir / DECODER_DIR
     vocab = load_vocabulary(cfg.data.vocab_path)
@@ -106,6 +141,7 @@ def train(cfg: CncConfig) -> int:
     manager = CheckpointManager(out / "checkpoints", every_n_epochs=tc.save_every, fingerprint=start.fingerprint)
     meta = decoder_meta(cfg, vocab, enc_ckpt, enc_meta)
     start_epoch = 1
+    barrier()  # rank 0's manager may have repaired an interrupted save that every rank is about to load
     resume_path = manager.resolve_resume(start.resume)
     if resume_path is not None:  # refuse a checkpoint of another vocabulary before touching any weights
         vocab.check_matches(read_meta(resume_path).get("vocab", {}), str(resume_path))
@@ -114,6 +150,9 @@ def train(cfg: CncConfig) -> int:
         start_epoch = int(resumed["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resume_path, start_epoch)
     metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
+    # after the resume (DDP starts from rank 0's weights); with share_cross_kv the shared cross-attention's query and
+    # output projections take no part in the forward, so DDP must look for unused parameters
+    train_decoder = wrap_ddp(decoder, dist_info, find_unused_parameters=True)
 
     cont, cat = torch.from_numpy(train_windows.continuous), torch.from_numpy(train_windows.categorical)
     tokens = torch.from_numpy(train_windows.tokens)
@@ -124,11 +163,15 @@ def train(cfg: CncConfig) -> int:
             break
         decoder.train()
         sums: dict[str, float] = {}
-        for idx in batches(len(train_windows), tc.batch_size, epoch_order(len(train_windows), cfg.run.seed, epoch)):
+        for batch in batches(len(train_windows), tc.batch_size,
+                             epoch_order(len(train_windows), cfg.run.seed, epoch)):
+            mine, share = rank_rows(len(batch), dist_info)
+            idx = batch[mine]
             with torch.no_grad():
                 memory, _ = encoder(cont[idx], cat[idx])  # frozen encoder, eval mode
-            logits = decoder(memory, decoder_inputs(tokens[idx]))
-            loss, parts = multihead_loss(logits, select(targets, idx), tc.focal_gamma, tc.label_smoothing)
+            logits = train_decoder(memory, decoder_inputs(tokens[idx]))
+            loss, parts = rank_loss(logits, targets, batch, mine, share, dist_info, tc.focal_gamma,
+                                    tc.label_smoothing)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at epoch {epoch}: {parts}")
             optimizer.zero_grad(set_to_none=True)
@@ -136,9 +179,10 @@ def train(cfg: CncConfig) -> int:
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), tc.grad_clip)
             optimizer.step()
             scheduler.step()
-            for key, value in {"loss": loss.item(), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value * len(idx)
-        val = validate(encoder, decoder, val_windows, vocab, cfg)
+            for key, value in {"loss": loss.item() / dist_info.world_size, **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value * len(batch)
+        sums = {key: all_reduce_sum(value) for key, value in sums.items()}
+        val = main_rank_value(validate(encoder, decoder, val_windows, vocab, cfg) if dist_info.is_main else None)
         improved = stopper.step(val["val_token_acc"])
         record = {"epoch": epoch, **{f"train_{k}": v / len(train_windows) for k, v in sums.items()}, **val,
                   "lr": scheduler.get_last_lr()[0]}
@@ -150,6 +194,7 @@ def train(cfg: CncConfig) -> int:
     if stopper.best is None:
         raise UserError(f"train.epochs={tc.epochs}: no epoch ran (already finished? see {manager.latest})")
     log.info("decoder best val_token_acc %.4f -> %s", stopper.best, manager.best)
+    cleanup_distributed()
     return 0
 
 

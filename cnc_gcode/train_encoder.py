@@ -2,6 +2,7 @@
 
     python -m cnc_gcode.train_encoder --config configs/cnc_gcode/sample.yaml
     python -m cnc_gcode.train_encoder --config configs/cnc_gcode/tiny.yaml encoder_train.epochs=2   # CPU smoke run
+    torchrun --nproc_per_node=2 -m cnc_gcode.train_encoder --config configs/cnc_gcode/sample.yaml    # DDP, gloo
 
 Writes <run_dir>/encoder/{config.yaml, metrics.jsonl, checkpoints/{latest,best}}. The best checkpoint (lowest
 validation loss) is what the decoder stage freezes. `encoder_train.resume=auto` continues an interrupted run, and
@@ -9,6 +10,11 @@ refuses (exit 2, nothing written) one whose config or data changed since its che
 and encoder_train sections, run.seed, and the train/val files by content; epochs, threads and paths may change);
 `resume=force` continues anyway (logged), `resume=false` starts over. Raising `encoder_train.epochs` on a finished run
 continues it.
+
+Under torchrun (gloo, CPU) `encoder_train.batch_size` is the global batch: each rank takes every world_size-th window
+of it, the whole batch's DTAE noise is drawn on every rank from the one seeded stream, and each rank's loss is weighted
+by its share of the batch, so N processes take the steps one process takes (up to float summation order; dropout is
+per rank). Rank 0 validates, logs and writes; every rank loads the checkpoint it resumes from.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cnc_gcode.config import CncConfig
 from cnc_gcode.data import batches, channel_stats, epoch_order
@@ -29,12 +36,16 @@ from cnc_gcode.runtime import (
     encoder_meta,
     load_split,
     log_windows,
+    main_rank_value,
+    rank_rows,
     set_threads,
     stage_fingerprint,
+    start_distributed,
 )
 from cnc_gcode.tokenizer import load_vocabulary
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
 from common.cli import config_main
+from common.distributed import all_reduce_sum, barrier, cleanup_distributed, wrap_ddp
 from common.io import write_json
 from common.logs import MetricsWriter, progress
 from common.metrics import macro_f1
@@ -50,6 +61,20 @@ def corrupt(x: torch.Tensor, noise_std: float, mask_prob: float) -> torch.Tensor
     noisy = x + noise_std * torch.randn_like(x)
     keep = (torch.rand_like(x) >= mask_prob).to(x.dtype)
     return noisy * keep
+
+
+class EncoderStep(nn.Module):
+    """The encoder's training forward as one module call, so DDP (which hooks `forward`) can wrap it:
+    normalised (corrupted) channels [B,T,C], categorical [B,T,K] -> operation logits [B,ops], reconstruction [B,T,C]
+    (None without the DTAE objective)."""
+
+    def __init__(self, encoder, reconstruct: bool) -> None:
+        super().__init__()
+        self.encoder, self.reconstruct = encoder, reconstruct
+
+    def forward(self, inputs: torch.Tensor, categorical: torch.Tensor):
+        memory, op_logits = self.encoder.encode_normalized(inputs, categorical)
+        return op_logits, self.encoder.reconstruct(memory) if self.reconstruct else None
 
 
 @torch.no_grad()
@@ -69,6 +94,7 @@ def evaluate_encoder(encoder, windows, batch_size: int, recon_weight: float) -> 
 
 def train_encoder(cfg: CncConfig) -> int:
     set_threads(cfg)
+    dist_info = start_distributed()
     tc = cfg.encoder_train
     out = cfg.run.run_dir / ENCODER_DIR
     vocab = load_vocabulary(cfg.data.vocab_path)
@@ -91,11 +117,14 @@ def train_encoder(cfg: CncConfig) -> int:
     manager = CheckpointManager(out / "checkpoints", fingerprint=start.fingerprint)
     meta = encoder_meta(cfg, train.continuous.shape[2], train.channel_names)
     start_epoch = 1
+    barrier()  # rank 0's manager may have repaired an interrupted save that every rank is about to load
     resumed = resume_from_checkpoint(manager, start.resume, encoder, optimizer, scheduler, stopper)
     if resumed is not None:
         start_epoch = int(resumed["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
     metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
+    # the reconstruction head takes no part without the DTAE objective: DDP must be told
+    step = wrap_ddp(EncoderStep(encoder, tc.denoise), dist_info, find_unused_parameters=not tc.denoise)
 
     cont, cat = torch.from_numpy(train.continuous), torch.from_numpy(train.categorical)
     ops = torch.from_numpy(train.operation_type)
@@ -104,20 +133,27 @@ def train_encoder(cfg: CncConfig) -> int:
             break
         encoder.train()
         loss_sum = 0.0
-        for idx in batches(len(train), tc.batch_size, epoch_order(len(train), cfg.run.seed, epoch)):
-            clean = encoder.normalize(cont[idx])
-            inputs = corrupt(clean, tc.noise_std, tc.mask_prob) if tc.denoise else clean
-            memory, op_logits = encoder.encode_normalized(inputs, cat[idx])
+        for batch in batches(len(train), tc.batch_size, epoch_order(len(train), cfg.run.seed, epoch)):
+            mine, share = rank_rows(len(batch), dist_info)
+            idx = batch[mine]
+            clean = encoder.normalize(cont[batch])
+            # noise for the whole global batch on every rank: one random stream, the one a single process draws
+            inputs = (corrupt(clean, tc.noise_std, tc.mask_prob) if tc.denoise else clean)[mine]
+            op_logits, reconstruction = step(inputs, cat[idx])
             loss = F.cross_entropy(op_logits, ops[idx])
             if tc.denoise:
-                loss = loss + tc.recon_weight * F.mse_loss(encoder.reconstruct(memory), clean)
+                loss = loss + tc.recon_weight * F.mse_loss(reconstruction, clean[mine])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over ranks; weighting each rank's batch mean by share x world_size makes that
+            # average the gradient of the global batch's mean (x1.0 in one process)
+            (loss * (share * dist_info.world_size)).backward()
             torch.nn.utils.clip_grad_norm_(encoder.parameters(), tc.grad_clip)
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.item() * len(idx)
-        val_metrics = evaluate_encoder(encoder, val, 256, tc.recon_weight if tc.denoise else 0.0)
+            loss_sum += loss.item() * share * len(batch)
+        loss_sum = all_reduce_sum(loss_sum)
+        val_metrics = main_rank_value(evaluate_encoder(encoder, val, 256, tc.recon_weight if tc.denoise else 0.0)
+                                      if dist_info.is_main else None)
         improved = stopper.step(val_metrics["val_loss"])
         record = {"epoch": epoch, "train_loss": loss_sum / len(train), **val_metrics,
                   "lr": scheduler.get_last_lr()[0]}
@@ -126,8 +162,9 @@ def train_encoder(cfg: CncConfig) -> int:
         manager.save(encoder, capture_train_state(epoch, optimizer, scheduler, stopper), epoch, is_best=improved, meta={**meta, **val_metrics})
     metrics.close()
     log.info("encoder best val_loss %.4f -> %s", stopper.best, manager.best)
-    if Path(cfg.data.test_path).is_file():
+    if dist_info.is_main and Path(cfg.data.test_path).is_file():
         report_test(cfg, manager.best, train, vocab)
+    cleanup_distributed()
     return 0
 
 

@@ -2,6 +2,7 @@
 
     python -m building_embed.train.train --config configs/building_embed/sample.toml
     python -m building_embed.train.train --config configs/building_embed/config.toml global.run_name=vitb-run1
+    torchrun --nproc_per_node=2 -m building_embed.train.train --config configs/building_embed/sample.toml  # DDP
 
 Reads paths.merged_dir/{train,val,test}.parquet (embeddings from generate_embeddings, split by merge_and_split) and
 paths.difficulty_dir/difficulty_metadata.parquet. Each step: a UCB1 bandit (train/bandit.py) picks a difficulty band;
@@ -20,6 +21,12 @@ batches come from (seed, epoch, batch), so a killed and resumed run ends with th
 refuses (exit 2, nothing written) when [training_model], [training] (less epochs, checkpoint cadence and the optuna_*
 keys), global.seed or the train / val / difficulty files changed; `force` continues anyway, `false` starts over.
 An embedding width other than training_model.input_dim is refused (exit 2) naming both widths and the file.
+
+Under torchrun (gloo on CPU, NCCL on GPU) each step is still one global P x K batch: rank 0's bandit picks the band and
+broadcasts it, every rank builds the same batch, embeds its contiguous part of it, and the loss (with mining) is taken
+over the whole gathered batch (train/ddp.py), so N processes take the steps one process takes up to float summation
+order (dropout draws per rank). Rank 0 validates and broadcasts the metrics, so early stopping agrees; it alone logs,
+writes checkpoints and the report; every rank loads the checkpoint it resumes from.
 """
 
 from __future__ import annotations
@@ -44,12 +51,14 @@ from building_embed.train.data import (
     pk_batch,
     split_paths,
 )
+from building_embed.train.ddp import global_batch_loss, main_rank_value
 from building_embed.train.evaluate import embed, markdown_table, retrieval_metrics
 from building_embed.train.losses import build_objective
-from building_embed.train.trackers import open_trackers, require_trackers
+from building_embed.train.trackers import Trackers, open_trackers, require_trackers
 from common.checkpoint import CheckpointManager, capture_train_state, load_weights, resume_from_checkpoint
 from common.cli import UserError, config_main
 from common.config import to_dict
+from common.distributed import barrier, cleanup_distributed, setup_distributed, wrap_ddp
 from common.io import atomic_write_text, write_json
 from common.logs import MetricsWriter, progress
 from common.runs import make_fingerprint, open_run
@@ -102,7 +111,9 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
     start = open_run(run_dir, cfg, resume=cfg.global_.resume, checkpoint_dirs=[run_dir / "checkpoints"],
                      fingerprint=run_fingerprint(cfg), resume_key="global.resume")
     logging.getLogger().setLevel(getattr(logging, cfg.logging.level.upper(), logging.INFO))
-    device = resolve_device(cfg.infrastructure.device)
+    wanted = resolve_device(cfg.infrastructure.device)
+    dist_info = setup_distributed(wanted.type)
+    device = dist_info.device if dist_info.world_size > 1 else wanted
     seed_everything(cfg.global_.seed)
 
     head = build_head(cfg.training_model).to(device)
@@ -112,6 +123,7 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
     objective = build_objective(tc)
     manager = CheckpointManager(run_dir / "checkpoints", keep_last_n=tc.keep_last_n, every_n_epochs=tc.save_every,
                                 fingerprint=start.fingerprint)
+    barrier()  # rank 0's manager may have repaired an interrupted save that every rank is about to load
     resumed = resume_from_checkpoint(manager, start.resume, head, optimizer, None, stopper)
     start_epoch = 1
     if resumed is not None:
@@ -119,7 +131,8 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
         start_epoch = int(resumed["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
-    trackers = open_trackers(cfg.logging, run_dir, to_dict(cfg))
+    trackers = open_trackers(cfg.logging, run_dir, to_dict(cfg)) if dist_info.is_main else Trackers([])
+    train_head = wrap_ddp(head, dist_info)  # after the resume: DDP starts from rank 0's weights
 
     index = IdentityIndex(train_split.identity)
     n_ids = min(tc.identities_per_batch, index.n_identities)
@@ -135,23 +148,26 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
                 break
             loss_sum, triplet_sum, band_pulls = 0.0, 0, [0] * bandit.n_arms
             for b, anchors in enumerate(anchor_schedule(index, n_anchor, n_batches, cfg.global_.seed, epoch)):
-                band = bandit.select()
+                band = main_rank_value(bandit.select())  # the bandit lives on rank 0 (one broadcast per step)
                 rows = torch.from_numpy(pk_batch(index, negatives, band, anchors, n_negative, tc.views_per_identity,
                                                  np.random.default_rng([cfg.global_.seed, epoch, b + 1])))
                 x, y = inputs[rows], labels[rows]
-                before = unmined_loss(head, objective, x, y)
+                before = unmined_loss(head, objective, x, y) if dist_info.is_main else 0.0
                 head.train()
-                loss, n_triplets = objective(head(x), y)
+                # .item() inside syncs with the GPU: once per step, the head is tiny anyway
+                loss, loss_value, n_triplets = global_batch_loss(train_head, objective, x, y, dist_info)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip:
                     torch.nn.utils.clip_grad_norm_(head.parameters(), tc.grad_clip)
                 optimizer.step()
-                bandit.update(band, learning_progress(before, unmined_loss(head, objective, x, y)))
-                loss_sum += loss.item()  # .item() syncs with the GPU: once per step, the head is tiny anyway
+                if dist_info.is_main:
+                    bandit.update(band, learning_progress(before, unmined_loss(head, objective, x, y)))
+                loss_sum += loss_value
                 triplet_sum += n_triplets
                 band_pulls[band] += 1
-            val = retrieval_metrics(embed(head, val_split.embeddings), val_split.identity, val_split.panorama)
+            val = main_rank_value(retrieval_metrics(embed(head, val_split.embeddings), val_split.identity,
+                                                    val_split.panorama) if dist_info.is_main else None)
             improved = stopper.step(val["map@r"])
             record = {"epoch": epoch, "train_loss": loss_sum / n_batches, "mined_triplets": triplet_sum / n_batches,
                       **{f"band{i}_pulls": n for i, n in enumerate(band_pulls)},
@@ -168,12 +184,15 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
     finally:
         metrics.close()
         trackers.close()
+    barrier()  # rank 0 has written its last checkpoint
     if not (manager.best / "model.safetensors").is_file():
         raise UserError(f"training.epochs={tc.epochs}: no epoch ran and {manager.best} does not exist")
-    load_weights(manager.best, head)
     summary = {"run_dir": str(run_dir), "best_val_map@r": stopper.best}
-    if final_report:
-        summary["results"] = write_report(run_dir, head, splits)
+    if dist_info.is_main:
+        load_weights(manager.best, head)
+        if final_report:
+            summary["results"] = write_report(run_dir, head, splits)
+    cleanup_distributed()
     return summary
 
 

@@ -59,7 +59,14 @@ def test_sbatch_is_valid_bash_and_runs_a_real_stage(stage):
     assert all(not line.startswith("#SBATCH") for line in text.splitlines()[first_command:])
     if stage == "generate_embeddings":
         assert "--gpus-per-node" in text and '--nproc_per_node="$NPROC"' in text
-        assert 'NPROC="${SLURM_GPUS_ON_NODE:-1}"' in text
+        # the process count: one per GPU of the node, NPROC overriding it, never 0 (a CPU node gets 1)
+        lines = "\n".join(line for line in text.splitlines() if line.startswith(("NPROC=", "[[ \"$NPROC\"")))
+        for env, expected in (({"SLURM_GPUS_ON_NODE": "4"}, "4"), ({}, "1"), ({"SLURM_GPUS_ON_NODE": "0"}, "1"),
+                              ({"SLURM_GPUS_ON_NODE": "0", "NPROC": "2"}, "2")):
+            clean = {k: v for k, v in os.environ.items() if k not in ("NPROC", "SLURM_GPUS_ON_NODE")}
+            done = subprocess.run(["bash", "-c", f'{lines}\necho "$NPROC"'], env={**clean, **env},
+                                  capture_output=True, text=True, check=True)
+            assert done.stdout.strip() == expected, (env, lines)
     if stage == "optuna_worker":
         assert any(d.startswith("#SBATCH --array=0-") for d in directives)
 

@@ -4,6 +4,7 @@ from common.cli import list_stages
 
 STAGES = {
     "sample_data": "simulate machining programs -> sensor-window NPZ splits (OUT folder)",
+    "simulate": "run your G-code programs on the virtual mill -> sensor-window NPZ + unsupported-line report",
     "build_vocab": "vocabulary from a G-code corpus + parse / round-trip report",
     "seed_vocab": "import the original's vocabulary_4digit_hybrid.json (and its NPZ token rows)",
     "ingest_umich": "UMich CNC mill CSV logs -> sensor-window NPZ splits by experiment",

@@ -247,6 +247,38 @@ class BuildVocabConfig:
 
 
 @dataclass
+class SimulateConfig:
+    input: str = ""
+    """A G-code program (.nc .ngc .tap .gcode .cnc) or a folder of them, run on the virtual mill."""
+    out: str = "data/cnc_gcode/simulated.npz"
+    """Sensor-window NPZ to write (the layout sample_data writes, vocab_digest included)."""
+    report: str = ""
+    """Report JSON (lines per unsupported reason, per file); empty = next to `out` as <stem>_report.json."""
+    vocab_path: str = ""
+    """Vocabulary JSON for the tokens; empty = the default commands and letters plus those the programs use,
+    written next to `out` as <stem>_vocab.json (pass it to the other stages as data.vocab_path)."""
+    max_tokens: int = 12
+    """Ids per line when the vocabulary is built here (`G83 X Y Z R Q F` + EOS is 8; inch, incremental or G98 state
+    adds one each)."""
+    on_unsupported: str = "skip"
+    """skip: leave unsupported lines out and count them by reason; error: exit 2 naming the file and line."""
+    window: int = 64
+    """Samples per window (50 Hz)."""
+    stride: int = 16
+    """Samples between window starts (every line's last sample also ends a window)."""
+    max_per_line: int = 3
+    """At most this many windows labelled with one line (chosen at random; 0 = all)."""
+    seed: int = 0
+    """Seed of the sensor noise and of the window choice."""
+
+    def __post_init__(self) -> None:
+        if self.on_unsupported not in ("skip", "error"):
+            raise ValueError(f"simulate.on_unsupported must be 'skip' or 'error', got {self.on_unsupported!r}")
+        if self.window < 1 or self.stride < 1 or self.max_per_line < 0 or self.max_tokens < 2:
+            raise ValueError("simulate.window and simulate.stride must be >= 1, max_per_line >= 0, max_tokens >= 2")
+
+
+@dataclass
 class CncConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -260,3 +292,4 @@ class CncConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
     umich: UmichConfig = field(default_factory=UmichConfig)
     build_vocab: BuildVocabConfig = field(default_factory=BuildVocabConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)

@@ -3,9 +3,16 @@
 Grammar of a line (max_tokens positions, the last always EOS):
     commands+ params* EOS
     - position 0 is a command; NONE only there and alone;
-    - a command appears at most once, at most one motion command (G0-G3); no command after the first parameter;
+    - a command appears at most once, at most one motion command (G0-G3, a canned cycle); no command after the first
+      parameter;
     - parameter letters strictly follow the canonical order (so each letter at most once);
-    - a parameter is either zero (+, exponent 0, 0000) or normalised (first digit 1..9).
+    - a parameter is either zero (+, exponent 0, 0000) or normalised (first digit 1..9);
+    - the words a motion needs to mean anything (LinuxCNC): an arc (G2/G3) has R or a centre offset of its plane
+      (I/J in G17, I/K with G18, J/K with G19; none of another plane, not R with offsets); a canned cycle has Z and
+      R, G73/G83 also Q, G82/G86/G89 also P. A command or parameter that would leave too few positions (or only
+      letters earlier in the canonical order) for the words still owed is masked, and EOS waits until they are
+      written; a motion whose words the vocabulary lacks is never chosen. At most one plane code, and a canned
+      cycle only in G17.
 At each step the head logits are masked to what the grammar allows, then the highest-scoring token is taken;
 for parameters the best non-zero composition is compared with the best zero one by summed log-probabilities.
 
@@ -19,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cnc_gcode.gcode import MOTION_CODES
+from cnc_gcode.gcode import ARC_CODES, ARC_OFFSETS, CYCLE_CODES, CYCLE_REQUIRED, MOTION_CODES, PLANE_CODES
 from cnc_gcode.tokenizer import EOS, EXP_MIN, NONE_COMMAND, PAD, SOS, TYPE_COMMAND, TYPE_EOS, TYPE_PARAM, Vocabulary
 
 NEG = -1e9
@@ -43,6 +50,35 @@ class Grammar:
         self.has_none = np.zeros(batch, dtype=bool)
         self.last_letter = np.full(batch, -1)
         self.done = np.zeros(batch, dtype=bool)
+        self.emitted = np.zeros((batch, len(vocab.letters)), dtype=bool)
+        # Words owed by a motion, as groups of letters of which one must be written: 0 the arc's centre (per
+        # plane), 1 Z, 2 R, 3 Q, 4 P of a canned cycle.
+        letters = list(vocab.letters)
+        n_groups = 5
+        self.plane_codes = list(PLANE_CODES)
+        self.command_plane = np.array([self.plane_codes.index(c) if c in PLANE_CODES else -1 for c in vocab.commands])
+        self.command_groups = np.zeros((vocab.n_commands, n_groups), dtype=bool)
+        for i, code in enumerate(vocab.commands):
+            if code in ARC_CODES:
+                self.command_groups[i, 0] = True
+            elif code in CYCLE_CODES:
+                for letter in CYCLE_REQUIRED[code]:
+                    self.command_groups[i, {"Z": 1, "R": 2, "Q": 3, "P": 4}[letter]] = True
+        self.group_letters = np.zeros((len(PLANE_CODES), n_groups, len(letters)), dtype=bool)  # [plane, group, L]
+        for p, plane in enumerate(PLANE_CODES):
+            for letter in (*ARC_OFFSETS[plane], "R"):
+                if letter in letters:
+                    self.group_letters[p, 0, letters.index(letter)] = True
+            for g, letter in enumerate("ZRQP", start=1):
+                if letter in letters:
+                    self.group_letters[p, g, letters.index(letter)] = True
+        self.offset_letter = np.array([k in "IJK" for k in letters])
+        self.off_plane = np.array([[k in "IJK" and k not in ARC_OFFSETS[plane] for k in letters]
+                                   for plane in PLANE_CODES])  # [plane, L]
+        self.r_letter = np.array([k == "R" for k in letters])
+        self.is_arc = np.array([c in ARC_CODES for c in vocab.commands])
+        self.is_cycle = np.array([c in CYCLE_CODES for c in vocab.commands])
+        self.is_other_plane = np.array([c in PLANE_CODES and c != "G17" for c in vocab.commands])
 
     def choose(self, logits: dict[str, np.ndarray]) -> np.ndarray:
         """logits: type [B,4], command [B,C], ptype [B,2L], exponent [B,E], digits [B,K,10] -> ids [B]."""
@@ -56,11 +92,12 @@ class Grammar:
         command_ok[:, self.none_index] &= self.step == 0
         if self.step > 0:
             command_ok[:, self.none_index] = False
+        command_ok, ptype_ok, owed = self._owed_words(command_ok, ptype_ok, letter_of_ptype)
         last = self.step >= vocab.max_tokens - 1
         type_ok = np.zeros((batch, 4), dtype=bool)
         type_ok[:, TYPE_COMMAND] = command_ok.any(1) & ~last
         type_ok[:, TYPE_PARAM] = ptype_ok.any(1) & (self.step > 0) & ~last & (self.last_letter < n_letters - 1)
-        type_ok[:, TYPE_EOS] = (self.step > 0) | last
+        type_ok[:, TYPE_EOS] = ((self.step > 0) | last) & ~owed
         type_ok[self.done] = False
         type_ok[self.done, TYPE_EOS] = True
 
@@ -94,10 +131,54 @@ class Grammar:
         self.has_none |= is_cmd & (command == self.none_index)
         self.in_params |= is_param
         self.last_letter = np.where(is_param & ~self.done, ptype // 2, self.last_letter)
+        rows = np.flatnonzero(is_param & ~self.done)
+        self.emitted[rows, ptype[rows] // 2] = True
         ids = np.where(self.done, PAD, ids)
         self.done |= kind == TYPE_EOS
         self.step += 1
         return ids
+
+    def _plane(self, used: np.ndarray) -> np.ndarray:
+        """Plane index per row (0 G17, 1 G18, 2 G19) from the plane code among `used` commands [B, C]."""
+        planes = np.where(used & (self.command_plane >= 0)[None], self.command_plane[None], -1).max(1)
+        return np.maximum(planes, 0)
+
+    def _owed_words(self, command_ok: np.ndarray, ptype_ok: np.ndarray, letter_of_ptype: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Mask commands and parameter types that would leave an arc's or a cycle's required words unwritable.
+
+        Returns (command_ok [B,C], ptype_ok [B,2L], owed [B]: words still owed now, so EOS must wait)."""
+        vocab = self.vocab
+        slots = vocab.max_tokens - 2 - self.step  # parameter positions left after this one (the last is EOS)
+        n_letters = len(vocab.letters)
+        order = np.arange(n_letters)
+        # commands: the groups each candidate would leave owed must fit the positions left and have letters
+        plane = self._plane(self.used_commands)
+        active = (self.used_commands[:, :, None] & self.command_groups[None]).any(1)  # [B,G]
+        cand_plane = np.where(self.command_plane[None] >= 0, self.command_plane[None], plane[:, None])  # [B,C]
+        cand_groups = active[:, None, :] | self.command_groups[None]  # [B,C,G]
+        has_letters = self.group_letters.any(2)[cand_plane]  # [B,C,G]
+        command_ok = command_ok & (cand_groups <= has_letters).all(2) & (cand_groups.sum(2) <= slots)
+        has_plane = (self.used_commands & (self.command_plane >= 0)[None]).any(1)
+        command_ok &= ~(has_plane[:, None] & (self.command_plane >= 0)[None])
+        has_cycle = (self.used_commands & self.is_cycle[None]).any(1)
+        has_other_plane = (self.used_commands & self.is_other_plane[None]).any(1)
+        command_ok &= ~(has_cycle[:, None] & self.is_other_plane[None])
+        command_ok &= ~(has_other_plane[:, None] & self.is_cycle[None])
+        # parameters: after writing letter l, every owed group needs a letter after l, and positions for each
+        letters = self.group_letters[plane]  # [B,G,L]
+        satisfied = (letters & self.emitted[:, None, :]).any(2)
+        owed_now = active & ~satisfied
+        sat_after = satisfied[:, None, :] | letters.transpose(0, 2, 1)  # [B,L,G]
+        owed_after = active[:, None, :] & ~sat_after
+        last_index = np.where(letters, order[None, None], -1).max(2)  # [B,G]
+        reachable = last_index[:, None, :] > order[None, :, None]  # [B,L,G]
+        letter_ok = (owed_after <= reachable).all(2) & (owed_after.sum(2) <= slots)
+        arc = (self.used_commands & self.is_arc[None]).any(1)
+        letter_ok &= ~(arc[:, None] & self.off_plane[plane])
+        offsets_written = (self.emitted & self.offset_letter[None]).any(1)
+        letter_ok &= ~((arc & offsets_written)[:, None] & self.r_letter[None])
+        return command_ok, ptype_ok & letter_ok[:, letter_of_ptype], owed_now.any(1)
 
 
 StepFn = Callable[[np.ndarray, int], dict[str, np.ndarray]]

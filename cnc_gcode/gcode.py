@@ -2,16 +2,20 @@
 
 Handles what CAM post-processors and hand-written mill programs use: comments in `( )` and after `;`,
 `%` delimiters, N-numbers, leading-zero codes (`G00`, `M03`), several codes on one line, modal motion
-(`G0/G1/G2/G3`, cancelled by `G80`) carried to following lines that only hold axis words, plane (`G17-19`),
-units (`G20/21`), distance mode (`G90/91`), tool length offset (`G43 H..` / `G49`), machine coordinates (`G53`), and
-any letter+number word (X Y Z, I J K, R, F, S, T, H, P, ...). Values are kept twice: `values` holds them exactly as
+(`G0/G1/G2/G3` and the canned cycles `G73 G74 G81-G86 G89`, cancelled by `G80`) carried to following lines that
+only hold axis words, a cycle's sticky Z/R/P/Q (kept until the motion mode changes, as LinuxCNC does), retract mode
+(`G98/99`), plane (`G17-19`), units (`G20/21`), distance mode (`G90/91`), tool length offset (`G43 H..` / `G49`),
+machine coordinates (`G53`), and any letter+number word (X Y Z, I J K, R, F, S, T, H, P, ...). Values are kept
+twice: `values` holds them exactly as
 written (`Decimal`, so `I3519.5012` stays 3519.5012), `params` as floats for arithmetic.
 A comment (also one holding non-ASCII text) is removed before the line is read, so it never costs the command
 before it.
 
 LinuxCNC's programming-language layer is out of scope: O-word subroutines and loops, `#` parameters and
-`[ ]` expressions. Such a line is never a crash: it comes back with `error` set to a short reason, and
-`ParseReport` counts the reasons.
+`[ ]` expressions. So are G87/G88. An arc without R or a centre offset of its plane and a cycle without its
+required words are refused too (what a controller would refuse from the words alone; checks that need positions
+or values belong to `simulator.check_line`). Such a line is never a crash: it comes back with `error` set to a
+short reason, and `ParseReport` counts the reasons.
 
     lines = parse_program(Path("part.nc").read_text())
     for line in lines:
@@ -22,16 +26,29 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
-MOTION_CODES = ("G0", "G1", "G2", "G3")
+ARC_CODES = ("G2", "G3")
+# Canned cycles (LinuxCNC's milling set). G87 (back boring) and G88 (manual retract) are parsed but refused.
+CYCLE_CODES = ("G73", "G74", "G81", "G82", "G83", "G84", "G85", "G86", "G89")
+UNSUPPORTED_CYCLES = ("G87", "G88")
+MOTION_CODES = ("G0", "G1", *ARC_CODES, *CYCLE_CODES)
+RETRACT_CODES = ("G98", "G99")
+# Words a cycle needs (written on the line, or sticky from the previous block of the same cycle).
+CYCLE_REQUIRED = {code: ("Z", "R") for code in CYCLE_CODES} | {"G73": ("Z", "R", "Q"), "G83": ("Z", "R", "Q"),
+                                                              "G82": ("Z", "R", "P"), "G86": ("Z", "R", "P"),
+                                                              "G89": ("Z", "R", "P")}
+CYCLE_STICKY = ("Z", "R", "P", "Q")
+# Arc centre offsets per plane: G17 I/J, G18 I/K (the plane's axes are Z, X), G19 J/K.
+ARC_OFFSETS = {"G17": ("I", "J"), "G18": ("I", "K"), "G19": ("J", "K")}
 PLANE_CODES = ("G17", "G18", "G19")
 UNIT_CODES = ("G20", "G21")
 DISTANCE_CODES = ("G90", "G91")
 TOOL_LENGTH_CODES = ("G43", "G43.1", "G43.2", "G49")
 # The modal state a program starts in (LinuxCNC's defaults); lines only state what differs from it.
 DEFAULT_PLANE, DEFAULT_UNITS, DEFAULT_DISTANCE, DEFAULT_TOOL_LENGTH = "G17", "G21", "G90", "G49"
+DEFAULT_RETRACT = "G99"  # canned cycles retract to the R plane unless G98 is programmed (EMC handbook)
 MOTION_CANCEL = "G80"
 AXIS_LETTERS = frozenset("XYZABCUVW")
 # Letters that are program structure, never a parameter of a command.
@@ -48,6 +65,12 @@ REASON_BLOCK_DELETE = "block delete /"
 REASON_NON_ASCII = "non-ASCII characters"
 REASON_POLAR = "polar coordinate @ ^ words"
 REASON_SELECTOR = "$ selector word"
+REASON_ARC_CENTRE = "arc without R or centre offsets in the active plane"
+REASON_ARC_MIXED = "arc with both R and I/J/K"
+REASON_ARC_PLANE = "arc centre offset outside the active plane"
+REASON_CYCLE_WORDS = "canned cycle without its Z/R (or P/Q) word"
+REASON_CYCLE_PLANE = "canned cycle outside G17"
+REASON_CYCLE_UNSUPPORTED = "G87/G88 canned cycle"
 
 _WORD = re.compile(r"([A-Z])\s*([+-]?\s*(?:\d+\.?\d*|\.\d+))")
 _INLINE_COMMENT = re.compile(r"\([^()]*\)")
@@ -60,11 +83,14 @@ class ParsedLine:
     codes: G/M codes in source order, normalised (`G00` -> `G0`, `M03` -> `M3`, `G91.1` kept).
     params: the other words, letter -> float value (units follow `units`; no unit conversion here).
     values: the same words as exact decimals, as written (`Decimal("3519.5012")`).
-    motion: the motion mode this line executes with: its own G0-G3 or the modal one carried from earlier
+    motion: the motion mode this line executes with: its own G0-G3 / cycle or the modal one carried from earlier
         lines when the line holds axis words; None when the line does not move.
     carried: True when `motion` came from an earlier line.
     plane / units / distance / tool_length: the modal state in force on this line ("G17", "G21", "G90", "G49").
     tool_offset: the H word of the G43 in force (None when G43 came without H, or under G49).
+    retract: canned-cycle retract mode in force ("G98" initial level, "G99" R plane, the default).
+    cycle_words: for a canned-cycle line, the Z, R (and P, Q) it runs with, written or sticky from the previous
+        block of the same cycle (LinuxCNC keeps them until the motion mode changes); empty otherwise.
     error: None, or the reason this line is unsupported (then codes/params are empty).
     """
 
@@ -82,6 +108,12 @@ class ParsedLine:
     tool_length: str = "G49"
     tool_offset: Decimal | None = None
     values: dict[str, Decimal] = field(default_factory=dict)
+    retract: str = DEFAULT_RETRACT
+    cycle_words: dict[str, Decimal] = field(default_factory=dict)
+
+    @property
+    def is_cycle(self) -> bool:
+        return self.motion in CYCLE_CODES
 
     @property
     def is_empty(self) -> bool:
@@ -146,6 +178,8 @@ class ModalState:
     distance: str = DEFAULT_DISTANCE
     tool_length: str = DEFAULT_TOOL_LENGTH
     tool_offset: Decimal | None = None
+    retract: str = DEFAULT_RETRACT
+    cycle_words: dict[str, Decimal] = field(default_factory=dict)
 
 
 def _strip_comments(text: str) -> tuple[str, str | None]:
@@ -211,34 +245,80 @@ def parse_line(text: str, lineno: int, state: ModalState) -> ParsedLine:
     if body[position:].strip():
         return ParsedLine(**base, error=REASON_MALFORMED)
 
+    if any(c in UNSUPPORTED_CYCLES for c in codes):
+        return ParsedLine(**base, error=REASON_CYCLE_UNSUPPORTED)
     explicit_motion = [c for c in codes if c in MOTION_CODES]
     if len(explicit_motion) > 1:
         return ParsedLine(**base, error=REASON_TWO_MOTIONS)
-    # Modal groups take effect on this line already (G91 X1 is incremental), so update state first.
+    # Modal groups take effect on this line already (G91 X1 is incremental), so update a copy of the state first
+    # and keep it only when the line is accepted.
+    new = replace(state, cycle_words=dict(state.cycle_words))
     for code in codes:
         if code in PLANE_CODES:
-            state.plane = code
+            new.plane = code
         elif code in UNIT_CODES:
-            state.units = code
+            new.units = code
         elif code in DISTANCE_CODES:
-            state.distance = code
+            new.distance = code
+        elif code in RETRACT_CODES:
+            new.retract = code
         elif code == MOTION_CANCEL:
-            state.motion = None
+            new.motion = None
+            new.cycle_words = {}
         elif code in TOOL_LENGTH_CODES:
-            state.tool_length = code
-            state.tool_offset = values.get("H") if code == "G43" else None
+            new.tool_length = code
+            new.tool_offset = values.get("H") if code == "G43" else None
     params = {k: float(v) for k, v in values.items()}
     carried = False
     if explicit_motion:
-        state.motion = explicit_motion[0]
         motion: str | None = explicit_motion[0]
-    elif any(k in AXIS_LETTERS for k in params) and state.motion is not None:
-        motion, carried = state.motion, True
+    elif any(k in AXIS_LETTERS for k in params) and new.motion is not None:
+        motion, carried = new.motion, True
     else:
         motion = None
+    cycle_words: dict[str, Decimal] = {}
+    error = _check_motion(motion, values, new)
+    if error:
+        return ParsedLine(**base, error=error)
+    if motion in CYCLE_CODES:
+        if new.motion != motion:  # a new cycle mode forgets the previous cycle's sticky words
+            new.cycle_words = {}
+        new.cycle_words.update({k: values[k] for k in CYCLE_STICKY if k in values})
+        cycle_words = dict(new.cycle_words)
+        if any(k not in cycle_words for k in CYCLE_REQUIRED[motion]):
+            return ParsedLine(**base, error=REASON_CYCLE_WORDS)
+    elif explicit_motion:
+        new.cycle_words = {}
+    if explicit_motion:
+        new.motion = explicit_motion[0]
+    for name in ("motion", "plane", "units", "distance", "tool_length", "tool_offset", "retract", "cycle_words"):
+        setattr(state, name, getattr(new, name))
     return ParsedLine(lineno=lineno, text=text, codes=tuple(codes), params=params, motion=motion, carried=carried,
                       plane=state.plane, units=state.units, distance=state.distance, line_number=line_number,
-                      tool_length=state.tool_length, tool_offset=state.tool_offset, values=values)
+                      tool_length=state.tool_length, tool_offset=state.tool_offset, values=values,
+                      retract=state.retract, cycle_words=cycle_words)
+
+
+def _check_motion(motion: str | None, values: dict[str, Decimal], state: ModalState) -> str | None:
+    """The reason a moving line cannot run as a controller would run it, or None.
+
+    Arcs (LinuxCNC): R, or at least one centre offset of the active plane; not both; no offset letter of another
+    plane. Canned cycles: XY plane only (their Z/R/P/Q are checked with the sticky words). Checks that need values
+    or positions (R above Z, Q > 0, L a positive integer, an R reaching the end point) are the machine's
+    (`simulator.MachineError`)."""
+    if motion in ARC_CODES:
+        in_plane = ARC_OFFSETS[state.plane]
+        offsets = [k for k in "IJK" if k in values]
+        if "R" in values and offsets:
+            return REASON_ARC_MIXED
+        if any(k not in in_plane for k in offsets):
+            return REASON_ARC_PLANE
+        if "R" not in values and not offsets:
+            return REASON_ARC_CENTRE
+    elif motion in CYCLE_CODES:
+        if state.plane != "G17":
+            return REASON_CYCLE_PLANE
+    return None
 
 
 def parse_program(text: str) -> list[ParsedLine]:

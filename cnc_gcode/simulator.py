@@ -1,9 +1,11 @@
 """A small machining simulator: G-code program -> sensor log of a virtual 3-axis mill.
 
 The machine executes each line with a trapezoidal velocity profile (acceleration limit, exact stop at the end
-of every line, as with G61), rapid moves at `rapid_mm_min`, feed moves at the programmed F, counter-clockwise
-arcs (G3 with R, XY plane). Sensors see the true motion with per-group delay (samples) and Gaussian noise;
-cutting load appears when the tool is below the stock top (Z < 0) on a feed move.
+of every move, as with G61), rapid moves at `rapid_mm_min`, feed moves at the programmed F, G2/G3 arcs from R or
+I/J/K in the active plane (`arc_path`), and canned cycles G73 G74 G81-G86 G89 with G98/G99 as LinuxCNC runs them
+(`cycle_moves`); `Machine` keeps position, feed, spindle, coolant and a cycle series' initial level between lines.
+Sensors see the true motion with per-group delay (samples) and Gaussian noise; cutting load appears when the tool
+is below the stock top (Z < 0) on a feed move.
 
 Continuous channels (C = 27; names and units in `CHANNELS`, groups in `CHANNEL_GROUPS`):
 
@@ -81,13 +83,21 @@ class MachineConfig:
 
 @dataclass
 class Segment:
-    """One executed line: its samples' commanded positions [S, 3] and context."""
+    """One executed line: its samples' commanded positions [S, 3] and context.
+
+    target: the end point of the move being interpolated, [3] or per sample [S, 3] (a canned cycle is several
+    moves: distance-to-go counts to the end of each). mode: 0 rapid/still, 1 linear feed, 2 arc; int or [S].
+    spindle_rpm / coolant: set by `execute` from the program's S, M3/M4/M5 and M7/M8/M9 words (None when the
+    program never states them, as in generated programs: then `record` uses each operation's tool).
+    """
 
     command_xyz: np.ndarray
     target: np.ndarray
     feed_mm_min: float
-    mode: int
+    mode: int | np.ndarray
     line_index: int
+    spindle_rpm: float | None = None
+    coolant: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------ programs ----
@@ -262,7 +272,8 @@ def _trapezoid(length: float, speed: float, accel: float, dt: float) -> np.ndarr
 
 
 def _arc_center(start: np.ndarray, end: np.ndarray, radius: float, ccw: bool) -> np.ndarray:
-    """Centre of the XY arc from start to end (R > 0: the shorter arc), as G2/G3 define it."""
+    """Centre of the arc from start to end in the plane's two coordinates (R > 0: the shorter arc), as G2/G3
+    define it."""
     mid = (start[:2] + end[:2]) / 2
     chord = end[:2] - start[:2]
     half = np.linalg.norm(chord) / 2
@@ -272,51 +283,251 @@ def _arc_center(start: np.ndarray, end: np.ndarray, radius: float, ccw: bool) ->
     return mid + sign * offset * normal
 
 
-def execute(lines: list[str], cfg: MachineConfig) -> tuple[list[Segment], list[ParsedLine]]:
-    """Run a program on the virtual mill. Returns one Segment per line (dwell samples for non-moving lines)."""
+# Axes of each plane: (first, second, normal). G3 turns counter-clockwise from the first towards the second axis
+# (LinuxCNC: G18's plane is Z-X, so seen from +Y), and the centre offsets are given in the same order.
+PLANE_AXES = {"G17": (0, 1, 2), "G18": (2, 0, 1), "G19": (1, 2, 0)}
+PLANE_OFFSET_LETTERS = {"G17": ("I", "J"), "G18": ("K", "I"), "G19": ("J", "K")}
+# LinuxCNC G83_RAPID_DELTA (0.010 in): how far above the hole bottom a peck cycle comes back down in rapid.
+PECK_RAPID_DELTA_MM = 0.254
+
+
+def arc_path(start: np.ndarray, end: np.ndarray, line: ParsedLine, scale: float, speed: float,
+             cfg: MachineConfig) -> np.ndarray:
+    """Commanded positions [S, 3] of a G2/G3 line from `start` to `end` (mm), sampled with a trapezoidal profile.
+
+    Centre: from R (the shorter arc for R > 0, the longer for R < 0) or from the plane's I/J/K offsets (relative to
+    the start, in the line's units). With offsets, end == start is a full circle; P turns adds P-1 full turns.
+    Motion along the plane's normal axis is linear in the swept angle (a helix)."""
+    a, b, c = PLANE_AXES[line.plane]
+    ccw = line.motion == "G3"
+    p0, p1 = np.array([start[a], start[b]]), np.array([end[a], end[b]])
+    if "R" in line.params:
+        center = _arc_center(p0, p1, line.params["R"] * scale, ccw=ccw)
+        radius = abs(line.params["R"]) * scale
+    else:
+        first, second = PLANE_OFFSET_LETTERS[line.plane]
+        center = p0 + np.array([line.params.get(first, 0.0), line.params.get(second, 0.0)]) * scale
+        radius = float(np.linalg.norm(p0 - center))
+    a0 = math.atan2(p0[1] - center[1], p0[0] - center[0])
+    a1 = math.atan2(p1[1] - center[1], p1[0] - center[0])
+    sweep = (a1 - a0) % (2 * math.pi) if ccw else -((a0 - a1) % (2 * math.pi))
+    if "R" not in line.params and abs(sweep) < 1e-9:
+        sweep = 2 * math.pi if ccw else -2 * math.pi  # centre format, end == start: a full circle
+    turns = int(line.params.get("P", 1))
+    sweep += (turns - 1) * 2 * math.pi * (1 if ccw else -1)
+    rise = end[c] - start[c]
+    length = math.hypot(abs(sweep) * radius, rise)
+    s = _trapezoid(length, speed, cfg.accel_mm_s2, cfg.dt_s)
+    fraction = s / max(s[-1], 1e-9)
+    angle = a0 + sweep * fraction if rise else a0 + np.sign(sweep) * s / radius
+    xyz = np.empty((len(s), 3))
+    xyz[:, a] = center[0] + radius * np.cos(angle)
+    xyz[:, b] = center[1] + radius * np.sin(angle)
+    xyz[:, c] = start[c] + rise * fraction
+    xyz[-1] = end
+    return xyz
+
+
+def cycle_moves(pos: np.ndarray, line: ParsedLine, initial_z: float, scale: float) -> tuple[list, float]:
+    """The moves of one canned-cycle block (G17, LinuxCNC semantics) from `pos`.
+
+    Returns ([(kind, target [3] or dwell seconds)], initial_z), kind in rapid / feed / dwell. Per repeat (L): rapid
+    in XY at the current height (first raised to R when the initial level is below it), rapid to R, then the cycle:
+    G81 feed to Z; G82 and G86 dwell P at the bottom; G73 / G83 pecks of Q (G73 backs off 0.254 mm after each,
+    G83 rapids out to R and back down to 0.254 mm above the bottom so far); G85 feeds out to R; G84 / G74 (tapping)
+    and G89 (dwell P) feed out. Then a rapid retract to R (G99) or to the initial level `initial_z`, the height
+    before the first block of this series, when that is above R (G98). In G91, X/Y are increments per repeat, R is
+    relative to the initial level and Z to R."""
+    words = {k: float(v) * scale for k, v in line.cycle_words.items()}
+    incremental = line.distance == "G91"
+    x, y = pos[0], pos[1]
+    if incremental:
+        r = initial_z + words["R"]
+        bottom = r + words["Z"]
+    else:
+        r, bottom = words["R"], words["Z"]
+        x = line.params["X"] * scale if "X" in line.params else x
+        y = line.params["Y"] * scale if "Y" in line.params else y
+    moves, here = [], pos.copy()
+
+    def go(kind: str, x_: float, y_: float, z_: float) -> None:
+        nonlocal here
+        here = np.array([x_, y_, z_])
+        moves.append((kind, here))
+
+    old = initial_z
+    if old < r:
+        go("rapid", here[0], here[1], r)
+        old = r
+    clear = r if line.retract == "G99" else old
+    for _ in range(int(line.params.get("L", 1))):
+        if incremental:
+            x += line.params.get("X", 0.0) * scale
+            y += line.params.get("Y", 0.0) * scale
+        go("rapid", x, y, here[2])
+        if here[2] != r:
+            go("rapid", x, y, r)
+        motion = line.motion
+        if motion in ("G73", "G83"):
+            depth = r - words["Q"]
+            while depth > bottom:
+                go("feed", x, y, depth)
+                if motion == "G83":
+                    go("rapid", x, y, r)
+                go("rapid", x, y, depth + PECK_RAPID_DELTA_MM)
+                depth -= words["Q"]
+        go("feed", x, y, bottom)
+        if motion in ("G82", "G86", "G89") or (motion in ("G74", "G84") and "P" in words):
+            moves.append(("dwell", words["P"] / scale))
+        if motion == "G85":
+            go("feed", x, y, r)
+            go("rapid", x, y, clear)
+        elif motion in ("G74", "G84", "G89"):
+            go("feed", x, y, clear)
+        else:
+            go("rapid", x, y, clear)
+    return moves, initial_z
+
+
+REASON_CYCLE_DEPTH = "canned cycle R below its Z"
+REASON_CYCLE_PECK = "canned cycle Q not positive"
+REASON_CYCLE_REPEAT = "canned cycle L not a positive integer"
+REASON_ARC_RADIUS = "arc R too small to reach the end point"
+ARC_RADIUS_TOLERANCE_MM = 0.001
+
+
+class MachineError(ValueError):
+    """A parsed line the controller refuses for its values or the machine's position; the message is the reason."""
+
+
+def check_line(pos: np.ndarray, target: np.ndarray, line: ParsedLine, scale: float) -> None:
+    """Raise MachineError when LinuxCNC would refuse the line at this position (before anything moves)."""
+    if line.is_cycle:
+        words = line.cycle_words
+        repeats = line.values.get("L")
+        if repeats is not None and (repeats != repeats.to_integral_value() or repeats < 1):
+            raise MachineError(REASON_CYCLE_REPEAT)
+        if line.motion in ("G73", "G83") and words["Q"] <= 0:
+            raise MachineError(REASON_CYCLE_PECK)
+        if line.distance == "G90" and words["R"] < words["Z"] or line.distance == "G91" and words["Z"] > 0:
+            raise MachineError(REASON_CYCLE_DEPTH)
+    elif line.motion in ("G2", "G3") and "R" in line.params:
+        a, b, _ = PLANE_AXES[line.plane]
+        half_chord = math.hypot(target[a] - pos[a], target[b] - pos[b]) / 2
+        if abs(line.params["R"]) * scale < half_chord - ARC_RADIUS_TOLERANCE_MM:
+            raise MachineError(REASON_ARC_RADIUS)
+
+
+class Machine:
+    """Executes parsed lines one by one on the virtual mill (position in mm, modal feed, spindle, coolant)."""
+
+    def __init__(self, cfg: MachineConfig) -> None:
+        self.cfg = cfg
+        self.pos = np.array([0.0, 0.0, 10.0])
+        self.feed = 500.0
+        self.rpm: float | None = None
+        self.coolant: int | None = None
+        self.spindle_speed = 0.0
+        self.initial_z: float | None = None  # canned-cycle initial level, kept while cycles follow each other
+        self.dwell_samples = max(1, int(cfg.dwell_s / cfg.dt_s))
+
+    def _straight(self, target: np.ndarray, speed: float) -> np.ndarray:
+        length = float(np.linalg.norm(target - self.pos))
+        if length <= 1e-12:
+            return self.pos[None].copy()
+        s = _trapezoid(length, speed, self.cfg.accel_mm_s2, self.cfg.dt_s)
+        return self.pos[None] + (target - self.pos)[None] * (s / length)[:, None]
+
+    def _segment(self, xyz, target, mode, index) -> Segment:
+        return Segment(xyz, target, self.feed, mode, index, self.rpm, self.coolant)
+
+    def _spindle_and_coolant(self, line: ParsedLine) -> None:
+        self.spindle_speed = line.params.get("S", self.spindle_speed)
+        codes = set(line.codes)
+        if codes & {"M3", "M4"}:
+            self.rpm = self.spindle_speed
+        elif "M5" in codes or (self.rpm is not None and codes & {"M2", "M30"}):
+            self.rpm = 0.0
+        elif "S" in line.params and self.rpm:
+            self.rpm = self.spindle_speed
+        if codes & {"M7", "M8"}:
+            self.coolant = 1 if "M7" in codes else 2
+        elif "M9" in codes:
+            self.coolant = 0
+
+    def run(self, line: ParsedLine, index: int) -> Segment:
+        """One accepted line -> its Segment (dwell samples at the current position for lines that do not move).
+
+        Raises MachineError, with nothing changed, for a line the controller would refuse here."""
+        cfg, pos = self.cfg, self.pos
+        scale = 25.4 if line.units == "G20" else 1.0
+        target = pos.copy()
+        if not line.is_cycle:
+            for axis, letter in enumerate("XYZ"):
+                if letter in line.params:
+                    value = line.params[letter] * scale
+                    target[axis] = pos[axis] + value if line.distance == "G91" else value
+            if "G53" in line.codes:
+                target[2] = 10.0 if "Z" in line.params else target[2]
+        if line.moves:
+            check_line(pos, target, line, scale)
+        self._spindle_and_coolant(line)
+        self.feed = line.params.get("F", self.feed)
+        if "G80" in line.codes or (line.moves and not line.is_cycle):
+            self.initial_z = None  # the next cycle starts a new series
+        if line.is_cycle and line.moves:
+            if self.initial_z is None:
+                self.initial_z = float(pos[2])
+            moves, self.initial_z = cycle_moves(pos, line, self.initial_z, scale)
+            parts, targets, modes = [], [], []
+            for kind, end in moves:
+                if kind == "dwell":
+                    xyz = np.repeat(self.pos[None], max(1, int(round(end / cfg.dt_s))), 0)
+                    end, mode = self.pos, 1
+                else:
+                    rapid = kind == "rapid"
+                    xyz = self._straight(end, (cfg.rapid_mm_min if rapid else self.feed) / 60.0)
+                    mode = 0 if rapid else 1
+                    self.pos = end
+                parts.append(xyz)
+                targets.append(np.repeat(np.asarray(end)[None], len(xyz), 0))
+                modes.append(np.full(len(xyz), mode))
+            return self._segment(np.concatenate(parts), np.concatenate(targets), np.concatenate(modes), index)
+        full_circle = line.motion in ("G2", "G3") and "R" not in line.params
+        if not line.moves or (np.allclose(target, pos) and not full_circle):
+            return self._segment(np.repeat(pos[None], self.dwell_samples, 0), target, 0, index)
+        rapid = line.motion == "G0"
+        speed = (cfg.rapid_mm_min if rapid else self.feed) / 60.0
+        if line.motion in ("G2", "G3"):
+            xyz, mode = arc_path(pos, target, line, scale, speed, cfg), 2
+        else:
+            xyz, mode = self._straight(target, speed), 0 if rapid else 1
+        # Like a real controller's programmed-feed signal, feed_command keeps the modal F during rapids.
+        self.pos = target
+        return self._segment(xyz, target, mode, index)
+
+
+def execute(lines: list[str], cfg: MachineConfig, skip_unsupported: bool = False
+            ) -> tuple[list[Segment], list[ParsedLine]]:
+    """Run a program on the virtual mill. Returns one Segment per line (dwell samples for non-moving lines).
+
+    An unsupported line (ParsedLine.error, or a MachineError) raises ValueError naming it, or with
+    skip_unsupported=True is left out of the segments (its ParsedLine is still returned)."""
     state = ModalState()
-    pos = np.array([0.0, 0.0, 10.0])
-    feed = 500.0
-    dwell_samples = max(1, int(cfg.dwell_s / cfg.dt_s))
+    machine = Machine(cfg)
     segments, parsed = [], []
     for index, text in enumerate(lines):
         line = parse_line(text, index + 1, state)
         parsed.append(line)
         if line.error is not None:
+            if skip_unsupported:
+                continue
             raise ValueError(f"line {index + 1} {text!r}: {line.error}")
-        feed = line.params.get("F", feed)
-        target = pos.copy()
-        for axis, letter in enumerate("XYZ"):
-            if letter in line.params:
-                value = line.params[letter] * (25.4 if line.units == "G20" else 1.0)
-                target[axis] = pos[axis] + value if line.distance == "G91" else value
-        if "G53" in line.codes:
-            target[2] = 10.0 if "Z" in line.params else target[2]
-        if not line.moves or np.allclose(target, pos):
-            segments.append(Segment(np.repeat(pos[None], dwell_samples, 0), target, feed, 0, index))
-            continue
-        rapid = line.motion == "G0"
-        speed = (cfg.rapid_mm_min if rapid else feed) / 60.0
-        if line.motion in ("G2", "G3") and "R" in line.params:
-            center = _arc_center(pos, target, line.params["R"], ccw=line.motion == "G3")
-            a0 = math.atan2(pos[1] - center[1], pos[0] - center[0])
-            a1 = math.atan2(target[1] - center[1], target[0] - center[0])
-            sweep = (a1 - a0) % (2 * math.pi) if line.motion == "G3" else -((a0 - a1) % (2 * math.pi))
-            radius = abs(line.params["R"])
-            s = _trapezoid(abs(sweep) * radius, speed, cfg.accel_mm_s2, cfg.dt_s)
-            angle = a0 + np.sign(sweep) * s / radius
-            xyz = np.stack([center[0] + radius * np.cos(angle), center[1] + radius * np.sin(angle),
-                            pos[2] + (target[2] - pos[2]) * s / max(s[-1], 1e-9)], axis=1)
-            xyz[-1] = target
-            mode = 2
-        else:
-            length = float(np.linalg.norm(target - pos))
-            s = _trapezoid(length, speed, cfg.accel_mm_s2, cfg.dt_s)
-            xyz = pos[None] + (target - pos)[None] * (s / length)[:, None]
-            mode = 0 if rapid else 1
-        # Like a real controller's programmed-feed signal, feed_command keeps the modal F during rapids.
-        segments.append(Segment(xyz, target, feed, mode, index))
-        pos = target
+        try:
+            segments.append(machine.run(line, index))
+        except MachineError as exc:
+            if not skip_unsupported:
+                raise ValueError(f"line {index + 1} {text!r}: {exc}") from exc
     return segments, parsed
 
 
@@ -335,9 +546,9 @@ def record(segments: list[Segment], ops: list[int], cfg: MachineConfig, rng: np.
     cmd = np.concatenate([s.command_xyz for s in segments])
     n = len(cmd)
     line_index = np.concatenate([np.full(len(s.command_xyz), s.line_index) for s in segments])
-    target = np.concatenate([np.repeat(s.target[None], len(s.command_xyz), 0) for s in segments])
+    target = np.concatenate([np.broadcast_to(s.target, s.command_xyz.shape) for s in segments])
     feed_cmd = np.concatenate([np.full(len(s.command_xyz), s.feed_mm_min) for s in segments])
-    mode = np.concatenate([np.full(len(s.command_xyz), s.mode) for s in segments])
+    mode = np.concatenate([np.broadcast_to(s.mode, len(s.command_xyz)) for s in segments])
     operation = np.asarray(ops)[line_index]
     op_names = [OPERATIONS[o] for o in operation]
     # The spindle runs with the tool of the operation being cut (approach/retract keep the neighbouring tool).
@@ -351,6 +562,8 @@ def record(segments: list[Segment], ops: list[int], cfg: MachineConfig, rng: np.
         rpm[line_index > cutting_lines[-1] + 1] = 0.0  # spindle stops after the retract that follows the last cut
     first_cut = next((i for i, name in enumerate(op_names) if name in TOOL_RPM), 0)
     rpm[:first_cut] = TOOL_RPM.get(op_names[first_cut], 0.0)
+    if any(s.spindle_rpm is not None for s in segments):  # a user program states its own spindle
+        rpm = np.concatenate([np.full(len(s.command_xyz), s.spindle_rpm or 0.0) for s in segments])
 
     dt = cfg.dt_s
     vel = np.gradient(cmd, dt, axis=0)
@@ -367,6 +580,8 @@ def record(segments: list[Segment], ops: list[int], cfg: MachineConfig, rng: np.
     proximity = np.clip(cmd[:, 2] - STOCK_TOP_MM, 0, PROXIMITY_RANGE_MM)
     proximity = _delay(proximity, 2) + rng.normal(0, 0.01, n)
     coolant_on = np.isin(operation, [OPERATIONS.index(o) for o in CUTTING_OPS])
+    if any(s.coolant is not None for s in segments):
+        coolant_on = np.concatenate([np.full(len(s.command_xyz), bool(s.coolant)) for s in segments])
     pressure = np.where(coolant_on, 4.0 + 1.5 * load, 0.0) + rng.normal(0, 0.05, n)
     t = np.arange(n) * dt
     vibration = ((0.05 + 0.5 * load)[:, None] * np.sin(2 * np.pi * (rpm / 60.0)[:, None] * t[:, None]

@@ -44,6 +44,7 @@ from cnc_gcode.gcode import (
     AXIS_LETTERS,
     DEFAULT_DISTANCE,
     DEFAULT_PLANE,
+    DEFAULT_RETRACT,
     DEFAULT_TOOL_LENGTH,
     DEFAULT_UNITS,
     ModalState,
@@ -144,18 +145,24 @@ def line_words(line: ParsedLine) -> tuple[list[str], dict[str, Decimal]]:
     """What a line's ids say: (commands, letter -> exact value).
 
     Commands: the modal state codes that differ from a program's start and that the line does not write itself
-    (units, distance mode, plane, tool length), then the carried motion, then the line's own codes. Values: the
-    line's words plus the H of a G43 in force, so a decoded line needs no earlier line to mean the same motion.
+    (units, distance mode, plane, tool length; G98 on a canned-cycle line), then the carried motion, then the
+    line's own codes. Values: the line's words plus the H of a G43 in force and a canned cycle's sticky Z/R/P/Q,
+    so a decoded line needs no earlier line to mean the same motion (`X5 Y5` after `G81 X1 Y1 Z-2 R1` is
+    `G81 X5 Y5 Z-2 R1`).
     """
     own = set(line.codes)
     state = [code for code, default in ((line.units, DEFAULT_UNITS), (line.distance, DEFAULT_DISTANCE),
                                         (line.plane, DEFAULT_PLANE), (line.tool_length, DEFAULT_TOOL_LENGTH))
              if code != default and code not in own]
+    if line.is_cycle and line.retract != DEFAULT_RETRACT and line.retract not in own:
+        state.append(line.retract)
     commands = state + ([line.motion] if line.carried and line.motion else []) + list(line.codes)
     values = dict(line.values) if line.values or not line.params else \
         {k: _as_decimal(v) for k, v in line.params.items()}
     if line.tool_length == "G43" and line.tool_offset is not None and "H" not in values:
         values["H"] = line.tool_offset
+    for letter, value in line.cycle_words.items():  # a cycle's sticky Z/R/P/Q, so the line runs alone
+        values.setdefault(letter, value)
     return commands or [NONE_COMMAND], values
 
 
@@ -414,6 +421,7 @@ def check_round_trip(vocab: Vocabulary, line: ParsedLine) -> tuple[bool, bool]:
     exact = decoded.keys() == expected.keys() and all(decoded[k] == expected[k] for k in expected)
     again = parse_line(words_text(commands, params), 1, ModalState())
     same = (again.error is None and again.modal_state == line.modal_state and again.motion == line.motion
+            and (not line.is_cycle or (again.retract, again.cycle_words) == (line.retract, line.cycle_words))
             and vocab.encode_line(again) == ids)
     if vocab.exact or not same:
         return same and exact, exact
@@ -432,7 +440,8 @@ def decode_program(vocab: Vocabulary, rows) -> str:
 
     Each row states its non-default modal state itself (`line_words`); where the program's running state differs
     from a row's (say an inch row after a G20 row), the codes that restore it (G21, G90, G17, G49) are written
-    before the row, and a row without motion whose axis words would pick up a running modal motion gets G80.
+    before the row (G99 before a cycle row after a G98 one), and a row without motion whose axis words would pick
+    up a running modal motion gets G80.
     """
     state, out = ModalState(), []
     for number, ids in enumerate(rows, start=1):
@@ -444,6 +453,8 @@ def decode_program(vocab: Vocabulary, rows) -> str:
         if (state.tool_offset != alone.tool_offset and alone.tool_length not in alone.codes
                 and alone.tool_length not in prefix):
             prefix.append(alone.tool_length)
+        if alone.is_cycle and state.retract != alone.retract and alone.retract not in alone.codes:
+            prefix.append(alone.retract)
         if alone.motion is None and state.motion is not None and any(k in AXIS_LETTERS for k in alone.values):
             prefix.append("G80")
         line_text = " ".join([*prefix, text]).strip()

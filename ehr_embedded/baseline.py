@@ -83,7 +83,8 @@ def fit_baseline(cfg: BaselineConfig) -> dict:
     score = clf.predict_proba(x["held_out"])[:, 1]
     name = "log1p code counts" if cfg.features == "counts" else "mean MiniLM code embedding"
     report = {"model": f"{name} + logistic regression", "features": cfg.features, "C": c, "max_length": cfg.max_length, "tuning_auroc": tuning_auroc,
-              "split": "held_out", **binary_metrics(y["held_out"], score, threshold, cfg.n_bootstrap, cfg.seed)}
+              "split": "held_out", **binary_metrics(y["held_out"], score, threshold, cfg.n_bootstrap, cfg.seed,
+                                                subject_ids=stores["held_out"].sequences["subject_id"].to_numpy())}
     out = Path(cfg.output_dir)
     write_json(out / "reports" / "baseline_held_out.json", report)
     write_predictions(out / "predictions" / "held_out.parquet", stores["held_out"].sequences, y["held_out"], score,

@@ -135,6 +135,19 @@ class ModelConfig:
     """Add each event's numeric value (z-scored per code on train, plus a has-value flag)."""
     use_time: bool = True
     """Add log hours since the previous event and log hours before prediction_time."""
+    input_scaling: Literal["balanced", "none"] = "balanced"
+    """`balanced`: code rows rescaled to unit RMS, log hours divided by log1p(720), positions initialised at
+    N(0, 0.02), so code, value, time and position enter on comparable scales. `none`: the earlier scales (unit-length
+    rows give ~0.04 per component against N(0, 1) positions; code identity is nearly invisible). Runs whose
+    config.yaml predates this key are loaded with `none`."""
+    code_embedding: Literal["frozen", "trainable"] = "frozen"
+    """`frozen`: each code is its projected description embedding. `trainable`: plus a learned per-code vector
+    (zero at init, weight-decayed) for the training vocabulary, i.e. a per-code embedding initialised from the
+    sentence embedding; codes unseen in training still use their description alone."""
+    pooling: Literal["mean", "max", "attention"] = "max"
+    """Encoder only: how the final event states become one vector. `max` (per feature over events) and `attention`
+    (learned softmax weight per event) let one decisive event decide; `mean` (the original; runs whose config.yaml
+    predates this key load with it) dilutes it by the sequence length. The decoder always reads its last event."""
 
     def __post_init__(self) -> None:
         if self.model_dim % self.n_heads:

@@ -99,8 +99,13 @@ def create_embeddings(cfg: Stage1Config) -> dict:
     splits = meds_io.read_splits(splits_path)
     split_of = dict(zip(splits["subject_id"], splits["split"]))
     labels = meds_io.read_labels(cfg.data.labels_filepath, cfg.sequences.label_column)
+    n_labels = len(labels)
+    labels, n_duplicates = meds_io.collapse_duplicate_labels(labels, cfg.data.labels_filepath)
+    if n_duplicates:
+        log.warning("%d repeated (subject_id, prediction_time) label rows with the same label: collapsed", n_duplicates)
     known = labels["subject_id"].isin(split_of)
-    counts: Counter = Counter(labels_total=len(labels), labels_unknown_subject=int((~known).sum()))
+    counts: Counter = Counter(labels_total=n_labels, labels_duplicate_collapsed=n_duplicates,
+                              labels_unknown_subject=int((~known).sum()))
     if counts["labels_unknown_subject"]:
         unknown = sorted(set(labels.loc[~known, "subject_id"]))[:5]
         log.warning("%d labels name subjects absent from %s (e.g. %s): skipped", counts["labels_unknown_subject"],

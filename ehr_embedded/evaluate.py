@@ -1,5 +1,5 @@
-"""Evaluate a finetuned run on one split: AUROC, AUPRC, F1, accuracy, Brier with bootstrap 95% intervals,
-a calibration plot, and predictions in the MEDS evaluation schema.
+"""Evaluate a finetuned run on one split: AUROC, AUPRC, F1, accuracy, Brier with bootstrap 95% intervals
+(subjects resampled, each with all its rows), a calibration plot, and predictions in the MEDS evaluation schema.
 
     python -m ehr_embedded.evaluate --config configs/ehr_embedded/finetune_encoder_embedded.yaml
     python -m ehr_embedded.evaluate --config configs/ehr_embedded/finetune_encoder_embedded.yaml evaluate.split=tuning
@@ -11,6 +11,7 @@ decision threshold finetune chose on the tuning split (reports/threshold.json). 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -53,9 +54,32 @@ def choose_threshold(y: np.ndarray, score: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1))])
 
 
-def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: int = 1000,
-                   seed: int = 0) -> dict[str, dict[str, float] | float | int]:
-    """Each metric as {value, low, high} (percentile bootstrap 95%); ranking metrics need both classes."""
+def subject_bootstrap_ci(fn, y: np.ndarray, score: np.ndarray, subject_ids: np.ndarray, n_boot: int,
+                         seed: int) -> tuple[float, float, float]:
+    """(value, low, high): percentile bootstrap 95% interval that resamples subjects, each with all its rows.
+
+    Rows of one subject are not independent (one MIMIC held_out subject holds 13 of 54 admissions), so resampling rows
+    gives intervals that are too narrow. `common.metrics.bootstrap_ci` resamples the subject indices here; each draw
+    scores the concatenated rows of the drawn subjects. With one row per subject this equals the row bootstrap.
+    """
+    _, subject_index = np.unique(np.asarray(subject_ids), return_inverse=True)
+    order = np.argsort(subject_index, kind="stable")
+    starts = np.searchsorted(subject_index[order], np.arange(subject_index.max() + 1))
+    rows_of = np.split(order, starts[1:])
+
+    def on_subjects(drawn: np.ndarray) -> float:
+        rows = np.concatenate([rows_of[g] for g in drawn])
+        return fn(y[rows], score[rows])
+
+    return metrics.bootstrap_ci(on_subjects, np.arange(len(rows_of)), n_boot=n_boot, seed=seed)
+
+
+def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0,
+                   subject_ids: np.ndarray | None = None) -> dict[str, dict[str, float] | float | int]:
+    """Each metric as {value, low, high} (percentile bootstrap 95%); ranking metrics need both classes.
+
+    With `subject_ids` the bootstrap resamples subjects (all rows of a drawn subject together), else rows.
+    """
     y = np.asarray(y).astype(int)
     score = np.asarray(score, dtype=np.float64)
     fns = {"f1": lambda a, s: _binary_f1(a, s >= threshold),
@@ -64,8 +88,15 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: i
     if len(np.unique(y)) == 2:
         fns = {"auroc": metrics.auroc, "auprc": metrics.auprc, **fns}
     out: dict = {"n": int(len(y)), "positives": int(y.sum()), "threshold": float(threshold)}
+    if subject_ids is not None:
+        out.update(n_subjects=int(len(np.unique(subject_ids))), bootstrap="subjects")
+    else:
+        out["bootstrap"] = "rows"
     for name, fn in fns.items():
-        value, low, high = metrics.bootstrap_ci(fn, y, score, n_boot=n_boot, seed=seed)
+        if subject_ids is not None:
+            value, low, high = subject_bootstrap_ci(fn, y, score, subject_ids, n_boot, seed)
+        else:
+            value, low, high = metrics.bootstrap_ci(fn, y, score, n_boot=n_boot, seed=seed)
         out[name] = {"value": value, "low": low, "high": high}
     return out
 
@@ -98,6 +129,21 @@ def write_predictions(path: Path, sequences, y: np.ndarray, score: np.ndarray, t
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def warn_if_model_differs_from_run(cfg: TrainConfig, run_dir: Path) -> None:
+    """Log a warning naming each `model` key where `cfg` differs from the run's config.yaml (read as predict reads
+    it, so a run written before `input_scaling` / `pooling` existed counts as `none` / `mean`): evaluate builds the
+    model from `cfg`, and a key such as input_scaling changes predictions without failing to load the weights."""
+    from ehr_embedded.predict import run_config  # predict imports this module
+
+    if not (run_dir / "config.yaml").is_file():
+        return
+    trained, given = dataclasses.asdict(run_config(run_dir).model), dataclasses.asdict(cfg.model)
+    changed = [f"model.{k}: {trained[k]!r} (run) vs {given[k]!r} (config)" for k in trained if trained[k] != given[k]]
+    if changed:
+        log.warning("%s/config.yaml differs from the evaluate config: %s; predictions use the evaluate config "
+                    "(python -m ehr_embedded.predict uses the run's)", run_dir, "; ".join(changed))
+
+
 def evaluate(cfg: TrainConfig, split: str | None = None) -> dict:
     """Score `split` (default evaluate.split) with the run's chosen checkpoint; returns the report."""
     split = split or cfg.evaluate.split
@@ -106,6 +152,7 @@ def evaluate(cfg: TrainConfig, split: str | None = None) -> dict:
     ckpt = find_checkpoint(run_dir / "checkpoints" / name if name in ("best", "latest") else Path(name))
     if cfg.model.num_classes != 2:
         raise UserError(f"model.num_classes={cfg.model.num_classes}: evaluate reports binary metrics; use 2 classes")
+    warn_if_model_differs_from_run(cfg, run_dir)
     table, datasets = load_splits(cfg, (split,))
     check_table_matches(ckpt, table, Path(cfg.data.embedding_output_dir) / CODE_TABLE_DIR)
     device = pick_device(cfg.training.device)
@@ -119,7 +166,8 @@ def evaluate(cfg: TrainConfig, split: str | None = None) -> dict:
     probs, y, loss = predict_probs(model, dataset, cfg.training.eval_batch_size, device)
     score = probs[:, 1]
     report = {"split": split, "checkpoint": str(ckpt), "loss": loss,
-              **binary_metrics(y, score, threshold, cfg.evaluate.n_bootstrap, cfg.evaluate.seed)}
+              **binary_metrics(y, score, threshold, cfg.evaluate.n_bootstrap, cfg.evaluate.seed,
+                               subject_ids=dataset.store.sequences["subject_id"].to_numpy())}
     write_json(run_dir / "reports" / f"eval_{split}.json", report)
     write_predictions(run_dir / "predictions" / f"{split}.parquet", dataset.store.sequences, y, score, threshold)
     if len(np.unique(y)) == 2:

@@ -214,6 +214,29 @@ def read_labels(path: Path | None, label_column: str = "auto") -> pd.DataFrame:
     return out.sort_values(["subject_id", "prediction_time"], kind="stable").reset_index(drop=True)
 
 
+def collapse_duplicate_labels(labels: pd.DataFrame, path: Path | None = None) -> tuple[pd.DataFrame, int]:
+    """(labels with one row per (subject_id, prediction_time), how many repeated rows were dropped).
+
+    A repeated row with the same label is collapsed (it would otherwise become a second, identical training sequence
+    and count twice in every metric). Rows that disagree are refused: raises UserError naming the subject, the time
+    and the labels.
+    """
+    key = ["subject_id", "prediction_time"]
+    repeated = labels.duplicated(key, keep=False)
+    if not repeated.any():
+        return labels, 0
+    distinct = labels[repeated].groupby(key)["label"].nunique()
+    conflicts = distinct[distinct > 1]
+    if len(conflicts):
+        subject_id, time = conflicts.index[0]
+        found = sorted(labels.loc[(labels["subject_id"] == subject_id) & (labels["prediction_time"] == time),
+                                  "label"].unique().tolist())
+        raise UserError(f"{path}: subject_id {subject_id} at prediction_time {time} has conflicting labels {found} "
+                        f"({len(conflicts)} such (subject, prediction_time) pairs); keep one row per pair")
+    collapsed = labels.drop_duplicates(key, keep="first").reset_index(drop=True)
+    return collapsed, int(len(labels) - len(collapsed))
+
+
 def time_to_int64_us(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """timestamp[us] -> int64 microseconds, with null (static events) mapped to int64 min so they sort first."""
     filled = pc.fill_null(column.cast(pa.int64()), np.iinfo(np.int64).min)

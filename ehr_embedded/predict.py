@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import yaml
 
 from common.checkpoint import find_checkpoint, load_weights
 from common.cli import UserError, config_main
@@ -39,14 +40,26 @@ from ehr_embedded.evaluate import DEFAULT_THRESHOLD, PREDICTION_SCHEMA
 from ehr_embedded.storage import CODE_TABLE_DIR, CodeTable, load_dataset_table, open_split
 
 log = logging.getLogger(__name__)
+# model keys added after runs were already written, with the behaviour those runs were trained with
+LEGACY_MODEL_KEYS = {"input_scaling": "none", "pooling": "mean", "code_embedding": "frozen"}
 
 
 def run_config(run_dir: Path) -> TrainConfig:
-    """The TrainConfig a run was trained with (its config.yaml, minus the `_meta` block)."""
+    """The TrainConfig a run was trained with (its config.yaml, minus the `_meta` block).
+
+    A config.yaml written before a model key existed describes a model built the old way, so each key of
+    `LEGACY_MODEL_KEYS` it lacks loads with its old value (today's default would feed that checkpoint inputs it never
+    saw, or pool its states another way).
+    """
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{path}: not found; pass the output_dir of a finetune run")
-    return load_config(TrainConfig, path)
+    cfg = load_config(TrainConfig, path)
+    written = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    for key, old_value in LEGACY_MODEL_KEYS.items():
+        if key not in written:
+            setattr(cfg.model, key, old_value)
+    return cfg
 
 
 def load_run(run_dir: Path, checkpoint: str = "best", dataset_dir: Path | None = None,

@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Five subject splits of the MIMIC-IV demo (ehr_embedded/README.md): split 0 comes from mimic_results.sh; splits
-# 1-4 are converted with their own seed and rebuild the vocabulary from their own train split; one counts baseline
-# and one encoder (seed 0) each. Writes runs/ehr_embedded/mimic_splits.{md,json} with the mean +- sd rows.
-#   scripts/ehr_embedded/mimic_results.sh && scripts/ehr_embedded/mimic_splits.sh
+# Five subject splits of the MIMIC-IV demo (ehr_embedded/README.md): split seeds 0-4, each converted with its own
+# seed (split 0 lives in runs/ehr_embedded/mimic, as mimic_results.sh writes it) and with the vocabulary rebuilt from
+# its own train split; one counts baseline and one encoder (seed 0, configs/ehr_embedded/mimic_finetune_encoder.yaml)
+# each. Writes runs/ehr_embedded/mimic_splits.{md,json} with the mean +- sd rows.
+# Conversion and stage 1 depend only on the split seed, so a split whose store exists ($R/long_stay/report.json;
+# create_embeddings writes the store atomically) is not rebuilt; delete the store to rebuild it.
+#   scripts/ehr_embedded/mimic_splits.sh            (PYTHON overrides the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY="${PYTHON:-python}"
 C=configs/ehr_embedded
-rows=("counts + LR=runs/ehr_embedded/mimic/baseline_counts/reports/baseline_held_out.json"
-      "encoder=runs/ehr_embedded/mimic/finetune_encoder/reports/eval_held_out.json")
-for s in 1 2 3 4; do
+rows=()
+for s in 0 1 2 3 4; do
     R=runs/ehr_embedded/mimic_split$s
-    "$PY" -m ehr_embedded.convert_mimic --config "$C/mimic_convert.yaml" seed=$s output_dir=$R/meds
+    [ "$s" = 0 ] && R=runs/ehr_embedded/mimic
     O=(data.data_dir=$R/meds data.labels_filepath=$R/meds/labels/long_stay data.vocab_embedding_path=$R/vocab
        data.embedding_output_dir=$R/long_stay)
-    "$PY" -m ehr_embedded.create_vocab_embeddings --config "$C/mimic_create_embeddings.yaml" "${O[@]}"
-    "$PY" -m ehr_embedded.create_embeddings --config "$C/mimic_create_embeddings.yaml" "${O[@]}"
+    if [ ! -f "$R/long_stay/report.json" ]; then
+        "$PY" -m ehr_embedded.convert_mimic --config "$C/mimic_convert.yaml" seed=$s output_dir=$R/meds
+        "$PY" -m ehr_embedded.create_vocab_embeddings --config "$C/mimic_create_embeddings.yaml" "${O[@]}"
+        "$PY" -m ehr_embedded.create_embeddings --config "$C/mimic_create_embeddings.yaml" "${O[@]}"
+    fi
     "$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/long_stay \
         output_dir=$R/baseline_counts
     "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder.yaml" data.embedding_output_dir=$R/long_stay \

@@ -68,6 +68,6 @@ def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(bui
     worst = max(float((ddp_w[k] - single_w[k]).abs().max()) for k in ddp_w)
     assert worst < 1e-3, worst
 
-    # and the 2-process run learned the label (measured held_out AUROC 0.93; chance is 0.5)
+    # and the 2-process run learned the label (measured held_out AUROC 0.98, 0.93 before issue 12; chance is 0.5)
     report = json.loads((ddp_run / "reports" / "eval_held_out.json").read_text())
     assert report["auroc"]["value"] > 0.8, report["auroc"]

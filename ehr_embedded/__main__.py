@@ -10,6 +10,8 @@ STAGES = {
     "export_pt": "write the original per-patient .pt files from a compact store",
     "pretrain": "causal decoder on next-event prediction",
     "finetune": "encoder or decoder classifier; threshold on tuning; held_out score",
+    "optuna_worker": "one Optuna worker tuning finetune on tuning AUROC (several share one RDB study; pruning)",
+    "fetch_best_and_train": "the study's best trial's parameters -> a full finetune run with its held_out report",
     "evaluate": "AUROC/AUPRC/F1/accuracy/Brier with bootstrap CIs, calibration plot, MEDS predictions",
     "predict": "a finetuned run's predictions on one split of a store (MEDS predictions parquet)",
     "baseline": "count features + logistic regression on the same sequences and splits",

@@ -246,6 +246,52 @@ class EvaluateConfig:
 
 
 @dataclass
+class OptunaConfig:
+    """optuna_worker and fetch_best_and_train: the shared hyperparameter study (not part of the resume fingerprint)."""
+
+    storage: str = "sqlite:///runs/ehr_embedded/optuna.db"
+    """RDB storage URL of the study (a SQLite file on one node; PostgreSQL when several nodes share it)."""
+    study: str = "ehr_embedded"
+    """Study name; trial runs go to `<parent of training.output_dir>/optuna/<study>/trial_<n>`."""
+    trials: int = 10
+    """optuna_worker: trials this worker runs."""
+    total_trials: int = 0
+    """optuna_worker: every worker stops once the study holds this many trials (0 = no cap)."""
+    epochs: int = 5
+    """optuna_worker: epochs of each (short) trial run; the median pruner judges tuning AUROC after each."""
+    warmup_epochs: int = 1
+    """optuna_worker: epochs a trial runs before it may be pruned."""
+    heartbeat_interval: int = 60
+    """optuna_worker: seconds between a running trial's heartbeats in the storage."""
+    grace_period: int = 180
+    """optuna_worker: a RUNNING trial without a heartbeat for this long (its worker was killed) is marked FAIL by the
+    next worker that starts a trial, and its parameters are queued again (optuna.max_retries times)."""
+    max_retries: int = 1
+    """optuna_worker: how often a killed trial's parameters are retried."""
+    model_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
+    """Choices of model.model_dim (each must be divisible by model.n_heads)."""
+    n_layers: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Choices of model.n_layers."""
+    poolings: list[str] = field(default_factory=lambda: ["max", "attention", "mean"])
+    """Choices of model.pooling (training.learning_rate, training.weight_decay and model.dropout are searched on
+    ranges fixed in optuna_worker.search_space)."""
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.epochs < 1 or self.total_trials < 0:
+            raise ValueError("optuna.trials and optuna.epochs must be >= 1 and optuna.total_trials >= 0")
+        if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"optuna.grace_period ({self.grace_period}) must exceed optuna.heartbeat_interval "
+                             f"({self.heartbeat_interval}), which must be >= 1")
+        if self.max_retries < 0:
+            raise ValueError(f"optuna.max_retries must be >= 0, got {self.max_retries}")
+        if not self.model_dims or not self.n_layers or not self.poolings:
+            raise ValueError("optuna.model_dims, optuna.n_layers and optuna.poolings each need at least one choice")
+        bad = [p for p in self.poolings if p not in ("mean", "max", "attention")]
+        if bad:
+            raise ValueError(f"optuna.poolings: {bad} are not poolings; choose from mean, max, attention")
+
+
+@dataclass
 class TrainConfig:
     """pretrain, finetune and evaluate."""
 
@@ -257,6 +303,8 @@ class TrainConfig:
     """The loop, checkpoints and resume."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Scoring a finished run (not part of the resume fingerprint)."""
+    optuna: OptunaConfig = field(default_factory=OptunaConfig)
+    """The hyperparameter study (optuna_worker, fetch_best_and_train; not part of the resume fingerprint)."""
 
 
 # --------------------------------------------------------------------------------------------- extras

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,11 @@ def tuning_scores(model, dataset, cfg: TrainConfig, device) -> dict[str, float]:
     return out
 
 
-def finetune(cfg: TrainConfig) -> dict:
+def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | None = None,
+             held_out: bool = True) -> dict:
+    """Train, pick the threshold on tuning, then score held_out (skipped with `held_out=False`, as inside an Optuna
+    trial). `on_epoch(epoch, tuning_auroc)` is called after each epoch's checkpoint (AUROC None when the tuning split
+    has one class); an exception it raises (e.g. optuna.TrialPruned) stops the run there."""
     tc = cfg.training
     table, data = load_splits(cfg, ("train", "tuning"))
     train_labels = data["train"].store.labels
@@ -144,6 +149,8 @@ def finetune(cfg: TrainConfig) -> dict:
                    meta={"tuning": tuning, "model_type": cfg.model.type})
         log.info("epoch %d train_loss %.4f tuning %s%s", epoch, record["train_loss"],
                  {k: round(v, 4) for k, v in tuning.items()}, " *" if improved else "")
+        if on_epoch is not None:
+            on_epoch(epoch, tuning.get("auroc"))
     writer.close()
 
     if not dist_info.is_main:
@@ -155,7 +162,7 @@ def finetune(cfg: TrainConfig) -> dict:
     threshold = choose_threshold(y, probs[:, 1]) if probs.shape[1] == 2 else 0.5
     write_json(run_dir / "reports" / "threshold.json", {"threshold": threshold, "chosen_on": "tuning",
                                                          "criterion": "max F1"})
-    report = evaluate(cfg, "held_out") if cfg.model.num_classes == 2 else {}
+    report = evaluate(cfg, "held_out") if cfg.model.num_classes == 2 and held_out else {}
     cleanup_distributed()
     return report
 

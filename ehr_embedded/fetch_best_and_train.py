@@ -1,0 +1,50 @@
+"""Read the best completed trial of the Optuna study and finetune the final model with its parameters.
+
+    python -m ehr_embedded.fetch_best_and_train --config configs/ehr_embedded/finetune_encoder_embedded.yaml
+    python -m ehr_embedded.fetch_best_and_train --config configs/ehr_embedded/mimic_finetune_encoder.yaml \
+        optuna.storage=postgresql://user@db/optuna training.output_dir=runs/ehr_embedded/mimic/tuned training.epochs=50
+
+Loads `optuna.study` from `optuna.storage`, sets each of the best trial's parameters (stored under their dotted
+config keys) on the config and runs a full finetune into `training.output_dir` (`training.epochs`, the configured
+resume, then the threshold on tuning and the held_out report, reports/eval_held_out.json, as a plain finetune does).
+Its config.yaml records the parameters used; reports/best_trial.json holds the trial's number, tuning AUROC and
+parameters beside the final held_out AUROC. Exit 2 when the study does not exist or has no completed trial.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from common.cli import UserError, config_main
+from common.io import write_json
+from ehr_embedded.config import TrainConfig
+from ehr_embedded.finetune import finetune
+from ehr_embedded.optuna_worker import apply_params, open_study
+
+log = logging.getLogger(__name__)
+
+
+def fetch_best_and_train(cfg: TrainConfig) -> int:
+    import optuna
+
+    if cfg.training.task != "classification":
+        raise UserError("fetch_best_and_train finetunes: it needs training.task=classification")
+    study = open_study(cfg, create=False)
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise UserError(f"study {cfg.optuna.study!r} in {cfg.optuna.storage} has no completed trial; run more "
+                        "python -m ehr_embedded.optuna_worker trials first")
+    best = study.best_trial
+    final_cfg = apply_params(cfg, best.params)
+    log.info("best trial %d (tuning AUROC %.4f): %s", best.number, best.value, best.params)
+    report = finetune(final_cfg)
+    write_json(Path(final_cfg.training.output_dir) / "reports" / "best_trial.json",
+               {"study": study.study_name, "number": best.number, "tuning_auroc": best.value, "params": best.params,
+                "final_held_out_auroc": (report.get("auroc") or {}).get("value")})
+    return 0
+
+
+main = config_main(TrainConfig, fetch_best_and_train, __doc__, prog="python -m ehr_embedded.fetch_best_and_train")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

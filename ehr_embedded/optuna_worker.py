@@ -1,0 +1,186 @@
+"""One Optuna worker tuning finetune on the tuning split's AUROC; start several on the same storage.
+
+    python -m ehr_embedded.optuna_worker --config configs/ehr_embedded/finetune_encoder_embedded.yaml &
+    python -m ehr_embedded.optuna_worker --config configs/ehr_embedded/finetune_encoder_embedded.yaml &
+    python -m ehr_embedded.optuna_worker --config configs/ehr_embedded/mimic_finetune_encoder.yaml \
+        optuna.storage=postgresql://user@db/optuna optuna.trials=20 optuna.epochs=10
+
+Every worker joins the study `optuna.study` in the RDB storage `optuna.storage` (SQLite by default, PostgreSQL when
+several nodes share one study) and runs `optuna.trials` trials; all of them stop once the study holds
+`optuna.total_trials` (0 = no cap). Creating the study is serialised with an exclusive lock on `<db>.lock` for
+SQLite (two workers creating one SQLite study at once would otherwise die on a UNIQUE constraint), and a worker that
+still loses the race loads the study the winner created.
+
+A trial is a short finetune run (`optuna.epochs`, no periodic epoch_N checkpoints) in its own run directory
+`<parent of training.output_dir>/optuna/<study>/trial_<number>` with resume off. After each epoch it reports the
+tuning split's AUROC; the median pruner (after `optuna.warmup_epochs`) stops a trial below the median of earlier
+trials at the same epoch. The objective (maximised) is the best tuning AUROC of the trial. The held_out split is never
+scored inside a trial: the search must not see it. The sampled parameters are stored under their dotted config keys
+(`training.learning_rate`, `training.weight_decay`, `model.dropout`, `model.n_layers`, `model.model_dim`,
+`model.pooling`), which is how fetch_best_and_train applies them.
+
+A worker killed mid-trial (SIGKILL, node failure, a cancelled or requeued array task) leaves its trial RUNNING; its
+heartbeats (`optuna.heartbeat_interval`) stop, and once `optuna.grace_period` has passed, the next worker to start a
+trial marks it FAIL and queues its parameters again (`optuna.max_retries` times); the retry runs in a fresh trial
+directory and records the killed trial's number as its `failed_trial` system attribute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from common.cli import UserError, config_main
+from ehr_embedded.config import TrainConfig
+from ehr_embedded.finetune import finetune
+
+log = logging.getLogger(__name__)
+
+
+def search_space(trial: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """The sampled parameters, keyed by their dotted config keys."""
+    oc = cfg.optuna
+    return {
+        "training.learning_rate": trial.suggest_float("training.learning_rate", 1e-4, 1e-2, log=True),
+        "training.weight_decay": trial.suggest_float("training.weight_decay", 1e-5, 1e-1, log=True),
+        "model.dropout": trial.suggest_float("model.dropout", 0.0, 0.3),
+        "model.n_layers": trial.suggest_categorical("model.n_layers", list(oc.n_layers)),
+        "model.model_dim": trial.suggest_categorical("model.model_dim", list(oc.model_dims)),
+        "model.pooling": trial.suggest_categorical("model.pooling", list(oc.poolings)),
+    }
+
+
+def apply_params(cfg: TrainConfig, params: dict[str, Any]) -> TrainConfig:
+    """A copy of `cfg` with each dotted `section.key` of `params` set, re-validated (UserError for a key the config
+    lacks or a combination it refuses, e.g. a model_dim that n_heads does not divide)."""
+    out = copy.deepcopy(cfg)
+    for dotted, value in params.items():
+        section_name, _, key = dotted.partition(".")
+        section = getattr(out, section_name, None)
+        if section is None or not hasattr(section, key):
+            raise UserError(f"study parameter {dotted!r} is not a config key; was the study made by another version?")
+        setattr(section, key, value)
+    for section in (out.model, out.training):
+        try:
+            section.__post_init__()
+        except ValueError as exc:
+            raise UserError(f"study parameters {params}: {exc}") from exc
+    return out
+
+
+@contextlib.contextmanager
+def creation_lock(storage: str):
+    """Exclusive file lock beside a SQLite database while the study is created; a no-op for other storages."""
+    prefix = "sqlite:///"
+    if not storage.startswith(prefix):
+        yield
+        return
+    db = Path(storage[len(prefix):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_storage(cfg: TrainConfig):
+    """The RDB storage with heartbeats: a trial whose worker died is failed and retried by the next worker."""
+    import optuna
+
+    oc = cfg.optuna
+    engine_kwargs = {"connect_args": {"timeout": 120}} if oc.storage.startswith("sqlite:") else {}
+    try:
+        with warnings.catch_warnings():  # heartbeats are marked experimental, yet stable since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                oc.storage, engine_kwargs=engine_kwargs, heartbeat_interval=oc.heartbeat_interval,
+                grace_period=oc.grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=oc.max_retries))
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
+        raise UserError(f"optuna.storage={oc.storage}: cannot open the Optuna storage ({type(exc).__name__}: {exc}); "
+                        "give an RDB URL such as sqlite:///runs/ehr_embedded/optuna.db") from exc
+
+
+def open_study(cfg: TrainConfig, create: bool = True):
+    """Create (or join) the study; `create=False` loads an existing one (UserError when there is none)."""
+    import optuna
+
+    oc = cfg.optuna
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=oc.warmup_epochs)
+    if not create:
+        try:
+            return optuna.load_study(study_name=oc.study, storage=open_storage(cfg), pruner=pruner)
+        except KeyError as exc:
+            raise UserError(f"optuna.storage={oc.storage}: no study named {oc.study!r}; run "
+                            "python -m ehr_embedded.optuna_worker first") from exc
+    with creation_lock(oc.storage):
+        storage = open_storage(cfg)
+        try:
+            return optuna.create_study(study_name=oc.study, storage=storage, direction="maximize", pruner=pruner,
+                                       load_if_exists=True)
+        except optuna.exceptions.DuplicatedStudyError:  # another node created it between the check and the insert
+            return optuna.load_study(study_name=oc.study, storage=storage, pruner=pruner)
+
+
+def trial_dir(cfg: TrainConfig, number: int) -> Path:
+    return Path(cfg.training.output_dir).parent / "optuna" / cfg.optuna.study / f"trial_{number:04d}"
+
+
+def trial_config(cfg: TrainConfig, params: dict[str, Any], number: int) -> TrainConfig:
+    out = apply_params(cfg, params)
+    out.training.output_dir = trial_dir(cfg, number)
+    out.training.resume = False
+    out.training.epochs = cfg.optuna.epochs
+    out.training.save_every = 0
+    return out
+
+
+def worker(cfg: TrainConfig) -> int:
+    import optuna
+
+    if cfg.training.task != "classification":
+        raise UserError("optuna_worker tunes finetune: it needs training.task=classification")
+    bad = [d for d in cfg.optuna.model_dims if d % cfg.model.n_heads]
+    if bad:
+        raise UserError(f"optuna.model_dims {bad} are not divisible by model.n_heads={cfg.model.n_heads}")
+    study = open_study(cfg)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial_cfg = trial_config(cfg, search_space(trial, cfg), trial.number)
+        trial.set_user_attr("run_dir", str(trial_cfg.training.output_dir))
+        seen: list[float] = []
+
+        def report(epoch: int, auroc: float | None) -> None:
+            if auroc is None:
+                raise UserError(f"{cfg.data.embedding_output_dir}: the tuning split has one class only, so it has "
+                                "no AUROC to tune on; use a larger tuning split")
+            seen.append(auroc)
+            trial.report(auroc, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"tuning AUROC {auroc:.4f} at epoch {epoch}")
+
+        finetune(trial_cfg, on_epoch=report, held_out=False)
+        return max(seen)
+
+    callbacks = []
+    if cfg.optuna.total_trials:
+        callbacks.append(optuna.study.MaxTrialsCallback(cfg.optuna.total_trials, states=None))
+    study.optimize(objective, n_trials=cfg.optuna.trials, callbacks=callbacks, catch=())
+    states = [t.state.name for t in study.trials]
+    log.info("study %s: %d trials (%s)", study.study_name, len(states),
+             {s: states.count(s) for s in sorted(set(states))})
+    return 0
+
+
+main = config_main(TrainConfig, worker, __doc__, prog="python -m ehr_embedded.optuna_worker")
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Optuna on finetune: two workers on one SQLite study, fetch_best_and_train with the best parameters, and a worker
+SIGKILLed mid-trial whose trial the next worker fails and retries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from ehr_helpers import train_overrides
+
+from ehr_embedded import fetch_best_and_train, optuna_worker
+
+pytestmark = pytest.mark.slow
+DONE = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+SPACE = ["optuna.model_dims=[16, 32]", "optuna.n_layers=[1, 2]", "optuna.poolings=[max, mean]",
+         "training.num_threads=1"]
+
+
+def study_args(built, tmp_path: Path, study: str, *extra: str) -> list[str]:
+    return train_overrides(built.store, tmp_path / "final", f"optuna.storage=sqlite:///{tmp_path / 'study.db'}",
+                           f"optuna.study={study}", *SPACE, *extra)
+
+
+def worker_process(args: list[str], repo_root: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ehr_embedded.optuna_worker", *args], cwd=repo_root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def load(tmp_path: Path, study: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / 'study.db'}").get_trials(deepcopy=False)
+
+
+def test_two_workers_share_one_study_then_the_best_params_finetune_the_final_model(built, tmp_path, repo_root):
+    args = study_args(built, tmp_path, "t", "optuna.trials=2", "optuna.total_trials=3", "optuna.epochs=2")
+    workers = [worker_process(args, repo_root) for _ in range(2)]
+    for proc in workers:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+
+    trials = load(tmp_path, "t")
+    assert 3 <= len(trials) <= 4  # each worker stops once the study holds 3; both may start a 3rd at once
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert {t.state for t in trials} <= DONE
+    run_dirs = [Path(t.user_attrs["run_dir"]) for t in trials]
+    assert sorted(p.name for p in (tmp_path / "optuna" / "t").iterdir()) == sorted(p.name for p in run_dirs)
+    assert len(set(run_dirs)) == len(trials)
+    for trial, run_dir in zip(trials, run_dirs):
+        assert run_dir.name == f"trial_{trial.number:04d}"
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        # what the pruner saw is the tuning AUROC of each epoch the trial trained
+        assert {r["epoch"]: r["tuning_auroc"] for r in records} == trial.intermediate_values
+        assert 1 <= len(records) <= 2
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert trial.value == max(r["tuning_auroc"] for r in records)
+        trial_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        for dotted, value in trial.params.items():
+            section, key = dotted.split(".")
+            assert trial_cfg[section][key] == value, dotted
+        assert trial_cfg["training"]["epochs"] == 2
+        # the search never scores held_out
+        assert not (run_dir / "reports" / "eval_held_out.json").exists()
+        assert not (run_dir / "predictions" / "held_out.parquet").exists()
+    assert set(trials[0].params) == {"training.learning_rate", "training.weight_decay", "model.dropout",
+                                     "model.n_layers", "model.model_dim", "model.pooling"}
+
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    best = study.best_trial
+    assert best.value == max(t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert fetch_best_and_train.main([*args, "training.epochs=2"]) == 0
+    final = tmp_path / "final"
+    config = yaml.safe_load((final / "config.yaml").read_text())
+    for dotted, value in best.params.items():
+        section, key = dotted.split(".")
+        assert config[section][key] == value, dotted
+    held_out = json.loads((final / "reports" / "eval_held_out.json").read_text())
+    assert held_out["split"] == "held_out" and 0.0 <= held_out["auroc"]["value"] <= 1.0
+    summary = json.loads((final / "reports" / "best_trial.json").read_text())
+    assert summary["number"] == best.number and summary["params"] == best.params
+    assert summary["final_held_out_auroc"] == held_out["auroc"]["value"]
+    assert len(load(tmp_path, "t")) == len(trials)  # fetching trains outside the study
+
+
+def test_a_trial_killed_with_its_worker_is_failed_and_retried_by_the_next_worker(built, tmp_path, repo_root):
+    base = study_args(built, tmp_path, "k", "optuna.heartbeat_interval=1", "optuna.grace_period=2",
+                      "optuna.max_retries=1")
+    proc = worker_process([*base, "optuna.trials=1", "optuna.epochs=200"], repo_root)  # long: the kill lands inside
+    metrics = tmp_path / "optuna" / "k" / "trial_0000" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the first trial wrote no epoch in 120 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert [t.state for t in load(tmp_path, "k")] == [optuna.trial.TrialState.RUNNING]  # left by the dead worker
+
+    time.sleep(3)  # past the grace period: the trial's last heartbeat is stale
+    assert optuna_worker.main([*base, "optuna.trials=2", "optuna.epochs=1"]) == 0
+
+    by_number = {t.number: t for t in load(tmp_path, "k")}
+    assert sorted(by_number) == [0, 1, 2]
+    assert by_number[0].state == optuna.trial.TrialState.FAIL
+    retry = by_number[1]
+    assert retry.system_attrs["failed_trial"] == 0 and retry.params == by_number[0].params
+    assert retry.user_attrs["run_dir"].endswith("trial_0001")
+    assert by_number[1].state in DONE and by_number[2].state in DONE
+    assert "failed_trial" not in by_number[2].system_attrs
+
+
+def test_bad_study_settings_exit_2(built, tmp_path, capsys):
+    args = study_args(built, tmp_path, "none")
+    assert fetch_best_and_train.main(args) == 2
+    assert "no study named 'none'" in capsys.readouterr().err
+    assert optuna_worker.main([*args, "model.n_heads=4", "optuna.model_dims=[18]"]) == 2
+    assert "not divisible by model.n_heads=4" in capsys.readouterr().err

@@ -108,10 +108,10 @@ def baselines(cfg: PriceFusionConfig) -> int:
     save_resolved_config(cfg, run_dir)
     bc, dc = cfg.baselines, cfg.data
     catalog, data = load_split(dc.embeddings_dir, "train", dc.train_csv, labelled=True, bad_price=dc.bad_price,
-                               use_image=cfg.model.use_image, group_column=dc.group_column)
+                               use_image=cfg.model.use_image, group_column=dc.group_column, structural=dc.structural)
     test_data, test_ids = None, None
     if Path(dc.test_csv).is_file() and (Path(dc.embeddings_dir) / "test").is_dir():
-        _, test_data = load_split(dc.embeddings_dir, "test", dc.test_csv, labelled=False)
+        _, test_data = load_split(dc.embeddings_dir, "test", dc.test_csv, labelled=False, structural=dc.structural)
         test_ids = read_catalog(dc.test_csv, require_price=False, require_text=False).sample_ids
     groups = product_groups(catalog, dc.group_key)
     folds = grouped_folds(catalog.prices, groups, bc.folds, dc.n_price_bins, dc.split_seed)

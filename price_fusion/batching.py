@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Catalog, read_catalog
+from common.cli import UserError
+
+from .data import STRUCT_NAMES, Catalog, read_catalog
 from .embeddings import EmbeddingSet, align_to_ids, load_embeddings
 
 # Per-epoch shuffling seed = seed * EPOCH_SEED_STRIDE + epoch, so every epoch's order is a pure function of
@@ -71,11 +73,19 @@ def to_tensors(emb: EmbeddingSet, rows: np.ndarray | None = None, prices: np.nda
 
 
 def load_split(embeddings_dir: str | Path, split: str, csv_path: str | Path, labelled: bool, bad_price: str = "skip",
-               use_image: bool = True, group_column: str = "") -> tuple[Catalog, FusionTensors]:
+               use_image: bool = True, group_column: str = "", structural: str = "") -> tuple[Catalog, FusionTensors]:
     """Read a CSV and its embeddings, aligned by sample id in CSV order (bad-price rows skipped or rejected); the
-    CSV's `group_column` (if given) is read into `Catalog.group_values`."""
+    CSV's `group_column` (if given) is read into `Catalog.group_values`. `structural` (data.structural), when given,
+    must be the setting the embeddings were written under, else `UserError` (a manifest without the key is legacy
+    when it names the legacy columns, as `embed` wrote them before the setting existed; else it is not checked)."""
     catalog = read_catalog(csv_path, require_price=labelled, bad_price=bad_price, group_column=group_column)
     emb = load_embeddings(Path(embeddings_dir) / split)
+    written = emb.manifest.get("structural",
+                               "legacy" if emb.manifest.get("struct_names") == list(STRUCT_NAMES) else structural)
+    if structural and written != structural:
+        raise UserError(f"{Path(embeddings_dir) / split}: structural features written with data.structural={written} "
+                        f"but the config says data.structural={structural}; run python -m price_fusion.embed with "
+                        f"this config, or set data.structural={written}")
     rows = align_to_ids(emb, catalog.sample_ids, str(csv_path))
     return catalog, to_tensors(emb, rows, catalog.prices, use_image)
 

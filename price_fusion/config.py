@@ -15,6 +15,7 @@ LOSS_NAMES = ("weighted_smape", "focal_smape", "hybrid_focal_smape", "smape", "h
 # Loss names that were renamed: old name -> new name (the old name is refused with the new one in the message).
 RENAMED_LOSSES = {"log_smape": "smape"}
 GROUP_KEYS = ("name", "none")
+STRUCTURAL_MODES = ("quantities", "legacy")
 BASELINE_METHODS = ("median", "knn", "ridge")
 IKEA_GROUPS = ("name", "item")
 BAD_PRICE_POLICIES = ("skip", "error")
@@ -47,8 +48,16 @@ class DataConfig:
     group_key: str = "name"
     """Groups when data.group_column is "": name (the normalised Item Name: size, pack, numbers and parentheses
     removed, so variants of one product share a group) or none (every product its own group: row-level splits)."""
+    structural: str = "quantities"
+    """Structural features that `embed` writes beside the text embedding (price_fusion/quantities.py):
+    quantities (amount x unit x pack normalised to grams / millilitres / centimetres / items, the dimension and the
+    unit one-hot, log1p total per dimension, an object's sizes: 13 + |unit vocabulary| columns) or legacy (the
+    original's 3 columns: log1p(Value) whatever its unit, the unit's frequency rank / |vocabulary|, log1p(pack)).
+    Part of the resume fingerprint; `train` refuses embeddings written under the other setting."""
 
     def __post_init__(self) -> None:
+        if self.structural not in STRUCTURAL_MODES:
+            raise ValueError(f"data.structural must be one of {STRUCTURAL_MODES}, got {self.structural!r}")
         if self.group_key not in GROUP_KEYS:
             raise ValueError(f"data.group_key must be one of {GROUP_KEYS}, got {self.group_key!r}")
         if self.bad_price not in BAD_PRICE_POLICIES:
@@ -78,7 +87,8 @@ class EmbedConfig:
     import_qwen_pickle: str = ""
     """Import the original's Qwen vectors instead of encoding: a pickle ({split} replaced); trusted files only."""
     qwen_has_struct: bool = True
-    """The original's Qwen vectors are 1027-d: 1024 text + 3 structural features appended at the end."""
+    """The original's Qwen vectors are 1027-d: 1024 text + 3 structural features appended at the end (used as the
+    structural features under data.structural=legacy; dropped and recomputed from the text under quantities)."""
     num_threads: int = 0
     """torch intra-op threads while encoding; 0 leaves torch's default (1 is fastest on a busy 2-core machine)."""
 
@@ -93,8 +103,9 @@ class ModelConfig:
     """Width of the image embeddings (768 for CLIP ViT-L/14); null = take it from the files."""
     text_dim: int | None = 1024
     """Width of the text embeddings (1024 for Qwen3-Embedding-0.6B); null = take it from the files."""
-    struct_dim: int = 3
-    """Structural features appended to the text: log1p(value), unit index, log1p(pack quantity)."""
+    struct_dim: int | None = None
+    """Width of the structural features appended to the text (3 under data.structural=legacy; 13 + |unit vocabulary|
+    under quantities); null = take it from the files."""
     branch_dim: int = 512
     """Output width of the image branch and of the text + struct branch."""
     head_dims: list[int] = field(default_factory=lambda: [512, 256, 128])
@@ -319,6 +330,60 @@ class IkeaConfig:
 
 
 @dataclass
+class OptunaConfig:
+    """Hyperparameter search (python -m price_fusion.optuna_worker, then price_fusion.fetch_best_and_train)."""
+
+    storage: str = "sqlite:///runs/price_fusion/optuna.db"
+    """RDB storage URL of the study (a SQLite file on one node; PostgreSQL when several nodes share the study)."""
+    study: str = "price_fusion"
+    """Study name; each trial trains in <runs_dir>/optuna/<study>/trial_<NNNN>."""
+    trials: int = 10
+    """Trials this worker runs."""
+    total_trials: int = 0
+    """Every worker stops once the study holds this many trials (0 = no cap)."""
+    epochs: int = 30
+    """Epochs of each (short, single-split) trial run; validation SMAPE after each goes to the median pruner."""
+    warmup_epochs: int = 3
+    """Epochs a trial runs before the median pruner may stop it."""
+    lr_range: list[float] = field(default_factory=lambda: [1e-4, 1e-2])
+    """train.lr is searched on this [low, high] range (log scale)."""
+    weight_decay_range: list[float] = field(default_factory=lambda: [1e-6, 1e-2])
+    """train.weight_decay is searched on this [low, high] range (log scale)."""
+    dropout_range: list[float] = field(default_factory=lambda: [0.0, 0.4])
+    """model.dropout is searched on this [low, high] range."""
+    branch_dims: list[int] = field(default_factory=lambda: [128, 256, 512])
+    """Choices of model.branch_dim (each must be divisible by model.num_heads)."""
+    model_names: list[str] = field(default_factory=lambda: ["two_branch", "advanced_moe"])
+    """Choices of model.name."""
+    heartbeat_interval: int = 60
+    """Seconds between a running trial's heartbeats in the storage."""
+    grace_period: int = 180
+    """A RUNNING trial without a heartbeat for this long (its worker was killed) is marked FAIL by the next worker
+    that starts a trial, and its parameters are run again (optuna.max_retries times)."""
+    max_retries: int = 1
+    """How often a killed trial's parameters are retried."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr_range", "weight_decay_range", "dropout_range"):
+            low_high = getattr(self, name)
+            if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1]:
+                raise ValueError(f"optuna.{name} must be [low, high] with 0 <= low <= high, got {low_high}")
+        if not self.branch_dims or not self.model_names:
+            raise ValueError("optuna.branch_dims and optuna.model_names must each hold at least one choice")
+        bad_names = [n for n in self.model_names if n not in MODEL_NAMES]
+        if bad_names:
+            raise ValueError(f"optuna.model_names must be a list of {MODEL_NAMES}, got {self.model_names}")
+        if self.trials < 1 or self.epochs < 1 or self.total_trials < 0:
+            raise ValueError(f"optuna.trials and optuna.epochs must be >= 1 and optuna.total_trials >= 0, got "
+                             f"{self.trials}, {self.epochs}, {self.total_trials}")
+        if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"optuna.grace_period ({self.grace_period}) must exceed optuna.heartbeat_interval "
+                             f"({self.heartbeat_interval}), which must be >= 1")
+        if self.max_retries < 0:
+            raise ValueError(f"optuna.max_retries must be >= 0, got {self.max_retries}")
+
+
+@dataclass
 class PriceFusionConfig:
     """Every price_fusion stage reads this one tree; each stage uses the sections it needs."""
 
@@ -336,3 +401,4 @@ class PriceFusionConfig:
     gbt: GbtConfig = field(default_factory=GbtConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     ikea: IkeaConfig = field(default_factory=IkeaConfig)
+    optuna: OptunaConfig = field(default_factory=OptunaConfig)

@@ -21,10 +21,11 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from common.cli import UserError
 
+from .quantities import UNKNOWN_UNIT, parse_quantity, quantity_feature_names, quantity_features
+
 log = logging.getLogger(__name__)
 
 ID_COL, TEXT_COL, IMAGE_COL, PRICE_COL = "sample_id", "catalog_content", "image_link", "price"
-UNKNOWN_UNIT = "<unk>"
 STRUCT_NAMES = ("log1p_value", "unit_index", "log1p_pack_qty")
 
 _VALUE_RE = re.compile(r"^\s*Value:\s*([-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+)", re.IGNORECASE | re.MULTILINE)
@@ -147,32 +148,50 @@ def parse_structure(text: str) -> tuple[float, str, int]:
     return min(value, MAX_VALUE), unit, pack
 
 
-def fit_unit_vocab(texts: list[str], min_count: int = 2) -> list[str]:
-    """Units seen at least `min_count` times in the training texts, most frequent first; index 0 is unknown."""
-    counts = Counter(parse_structure(t)[1] for t in texts)
+def fit_unit_vocab(texts: list[str], min_count: int = 2, structural: str = "legacy") -> list[str]:
+    """Units seen at least `min_count` times in the training texts, most frequent first; index 0 is unknown.
+    `structural` (data.structural) says whose unit words: legacy (the ``Unit:`` line as written) or quantities
+    (`parse_quantity`'s unit category, e.g. "fl oz" for "Fl. Oz" and "fluid ounces")."""
+    units = ((parse_quantity(t).unit for t in texts) if structural == "quantities"
+             else (parse_structure(t)[1] for t in texts))
+    counts = Counter(units)
     counts.pop(UNKNOWN_UNIT, None)
     kept = sorted((u for u, c in counts.items() if c >= min_count), key=lambda u: (-counts[u], u))
     return [UNKNOWN_UNIT, *kept]
 
 
-def save_unit_vocab(vocab: list[str], path: Path) -> None:
+def save_unit_vocab(vocab: list[str], path: Path, structural: str = "legacy") -> None:
     from common.logs import write_json
 
-    write_json(path, {"units": vocab})
+    write_json(path, {"units": vocab, "structural": structural})
 
 
-def load_unit_vocab(path: Path) -> list[str]:
+def load_unit_vocab(path: Path, structural: str = "legacy") -> list[str]:
+    """The vocabulary `embed` fitted on train; raises `UserError` when it is absent or was fitted under another
+    data.structural (a file without the key is legacy)."""
     if not path.is_file():
         raise UserError(f"{path}: unit vocabulary not found; run `python -m price_fusion.embed` with the train split "
                         "first (the vocabulary is fitted on train only)")
-    return list(json.loads(path.read_text())["units"])
+    saved = json.loads(path.read_text())
+    if saved.get("structural", "legacy") != structural:
+        raise UserError(f"{path}: fitted with data.structural={saved.get('structural', 'legacy')} but the config says "
+                        f"data.structural={structural}; embed the train split again (embed.splits=[train,test]) or "
+                        f"set data.structural={saved.get('structural', 'legacy')}")
+    return list(saved["units"])
 
 
-def structural_features(texts: list[str], vocab: list[str]) -> np.ndarray:
-    """[N, 3] float32: log1p(value), unit index / len(vocab) (0 = unknown unit), log1p(pack quantity).
+def struct_feature_names(vocab: list[str], structural: str) -> list[str]:
+    """Column names of `structural_features`."""
+    return quantity_feature_names(vocab) if structural == "quantities" else list(STRUCT_NAMES)
 
-    The unit becomes one scalar to keep the original's 1024 + 3 layout; the text embedding carries the unit word too.
+
+def structural_features(texts: list[str], vocab: list[str], structural: str = "legacy") -> np.ndarray:
+    """The structural features of `texts` under data.structural: quantities -> `quantities.quantity_features`
+    ([N, 13 + len(vocab)], the unit one-hot); legacy -> [N, 3] float32: log1p(value) whatever its unit, unit index /
+    len(vocab) (0 = unknown unit; an ordinal of frequency rank, kept to reproduce the original), log1p(pack quantity).
     """
+    if structural == "quantities":
+        return quantity_features(texts, vocab)
     index = {u: i for i, u in enumerate(vocab)}
     out = np.zeros((len(texts), len(STRUCT_NAMES)), dtype=np.float32)
     for row, text in enumerate(texts):

@@ -1,4 +1,4 @@
-"""Compute (or import) the embeddings the fusion model reads: CLIP image, sentence text, 3 structural features.
+"""Compute (or import) the embeddings the fusion model reads: CLIP image, sentence text, structural features.
 
     python -m price_fusion.embed --config configs/price_fusion/base.yaml \
         embed.clip_model=/models/clip-vit-large-patch14 embed.text_model=/models/Qwen3-Embedding-0.6B
@@ -7,7 +7,9 @@
         embed.import_clip_dir=embeddings_clip/{split} embed.import_qwen_pickle=embeddings_qwen/qwen3_embeddings_{split}.pkl
 
 Writes <data.embeddings_dir>/<split>/ (see price_fusion/embeddings.py) and <data.embeddings_dir>/unit_vocab.json,
-fitted on the train split only and reused for test. Encoders load from local paths; nothing is downloaded.
+fitted on the train split only and reused for test. The structural features follow data.structural (quantities:
+canonical amount x unit x pack with the unit one-hot; legacy: the original's 3 columns); the manifest names them.
+Encoders load from local paths; nothing is downloaded.
 A product whose image is absent or unreadable gets has_image=False and a zero vector (counted in the manifest).
 """
 
@@ -27,7 +29,15 @@ from common.io import require_finite
 from common.logs import setup_logging
 
 from .config import PriceFusionConfig
-from .data import STRUCT_NAMES, fit_unit_vocab, load_unit_vocab, read_catalog, save_unit_vocab, structural_features
+from .data import (
+    STRUCT_NAMES,
+    fit_unit_vocab,
+    load_unit_vocab,
+    read_catalog,
+    save_unit_vocab,
+    struct_feature_names,
+    structural_features,
+)
 from .embeddings import import_clip_dir, import_qwen_pickle, write_embeddings
 
 log = logging.getLogger(__name__)
@@ -145,9 +155,10 @@ def embed_split(cfg: PriceFusionConfig, split: str, vocab: list[str]) -> Path:
     csv_path = Path(cfg.data.train_csv if split == "train" else cfg.data.test_csv)
     catalog = read_catalog(csv_path, require_price=False)
     ids, n = catalog.sample_ids, len(catalog.sample_ids)
-    struct = structural_features(catalog.texts, vocab)
-    info: dict = {"split": split, "csv": str(csv_path), "struct_names": list(STRUCT_NAMES),
-                  "unit_vocab_size": len(vocab)}
+    structural = cfg.data.structural
+    struct = structural_features(catalog.texts, vocab, structural)
+    info: dict = {"split": split, "csv": str(csv_path), "structural": structural,
+                  "struct_names": struct_feature_names(vocab, structural), "unit_vocab_size": len(vocab)}
     started = time.perf_counter()
 
     if ec.import_clip_dir:
@@ -166,8 +177,12 @@ def embed_split(cfg: PriceFusionConfig, split: str, vocab: list[str]) -> Path:
         source = ec.import_qwen_pickle.format(split=split)
         text = _imported(*import_qwen_pickle(Path(source)), ids, source)
         if ec.qwen_has_struct:
-            text, struct = text[:, :-len(STRUCT_NAMES)], text[:, -len(STRUCT_NAMES):]
-            info["struct_names"] = ["imported_0", "imported_1", "imported_2"]
+            text, imported_struct = text[:, :-len(STRUCT_NAMES)], text[:, -len(STRUCT_NAMES):]
+            if structural == "legacy":
+                struct = imported_struct
+                info["struct_names"] = ["imported_0", "imported_1", "imported_2"]
+            else:
+                log.info("%s: the original's 3 structural columns dropped; quantities computed from the text", source)
         info["text_encoder"] = {"imported_from": source, "dim": int(text.shape[1])}
     else:
         text, info["text_encoder"] = encode_texts(catalog.texts, ec.text_model, ec.text_batch_size)
@@ -202,14 +217,14 @@ def _embed(cfg: PriceFusionConfig) -> int:
         raise UserError(f"embed.splits: unknown split(s) {unknown}; use train and/or test")
     if "train" in cfg.embed.splits:
         catalog = read_catalog(cfg.data.train_csv, require_price=False)
-        vocab = fit_unit_vocab(catalog.texts, cfg.embed.min_unit_count)
+        vocab = fit_unit_vocab(catalog.texts, cfg.embed.min_unit_count, cfg.data.structural)
         log.info("unit vocabulary fitted on %s: %d units", cfg.data.train_csv, len(vocab) - 1)
     else:
-        vocab = load_unit_vocab(vocab_path)
+        vocab = load_unit_vocab(vocab_path, cfg.data.structural)
     for split in sorted(cfg.embed.splits, key=lambda s: s != "train"):
         embed_split(cfg, split, vocab)
         if split == "train":  # saved only once the train split it belongs to is complete
-            save_unit_vocab(vocab, vocab_path)
+            save_unit_vocab(vocab, vocab_path, cfg.data.structural)
     return 0
 
 

@@ -5,7 +5,7 @@
         image.npy        [N, D_img] float32 CLIP image embeddings (zeros where the image is missing)
         has_image.npy    [N] bool           True where the product had a readable image (format 1: image_mask.npy)
         text.npy         [N, D_txt] float32 sentence embeddings of catalog_content
-        struct.npy       [N, 3] float32     log1p(value), unit index / |vocab|, log1p(pack quantity)
+        struct.npy       [N, S] float32     structural features of data.structural (names in the manifest)
         manifest.json    ids count, dims, encoder names and versions, struct feature names
 
 ``np.load(..., mmap_mode="r")`` opens a 75k x 1795 float32 split (~540 MB) in milliseconds; nothing is pickled.

@@ -138,11 +138,11 @@ def _gbt(cfg: PriceFusionConfig) -> int:
     gc, seed = cfg.gbt, cfg.train.seed
     catalog, data = load_split(cfg.data.embeddings_dir, "train", cfg.data.train_csv, labelled=True,
                                bad_price=cfg.data.bad_price, use_image=cfg.model.use_image,
-                               group_column=cfg.data.group_column)
+                               group_column=cfg.data.group_column, structural=cfg.data.structural)
     test_catalog = None
     if Path(cfg.data.test_csv).is_file() and (Path(cfg.data.embeddings_dir) / "test").is_dir():
         test_catalog, test_data = load_split(cfg.data.embeddings_dir, "test", cfg.data.test_csv, labelled=False,
-                                             use_image=cfg.model.use_image)
+                                             use_image=cfg.model.use_image, structural=cfg.data.structural)
     groups = product_groups(catalog, cfg.data.group_key)
     folds = grouped_folds(catalog.prices, groups, gc.folds, cfg.data.n_price_bins, cfg.data.split_seed)
     write_json(run_dir / "split.json", {"kfold": gc.folds, "val_ids": [catalog.sample_ids[v].tolist() for _, v in folds]})

@@ -4,7 +4,7 @@ Both models take
     image      [B, D_img] float  CLIP image embedding (any values where the image is missing)
     has_image  [B] bool          True where the image exists; False routes a learned "missing image" vector instead
     text       [B, D_txt] float  sentence embedding of catalog_content
-    struct     [B, S] float      structural features (log1p value, unit index, log1p pack quantity)
+    struct     [B, S] float      structural features (data.structural: quantities, with the unit one-hot, or legacy)
 and return log price [B] (natural log of dollars). Built by `build_model(cfg.model, ...)`.
 """
 

@@ -56,10 +56,12 @@ def predict(cfg: PriceFusionConfig) -> int:
         model, meta = load_trained_model(ckpt)
         catalog, data = load_split(cfg.data.embeddings_dir, pc.split, csv_path, labelled=False,
                                    use_image=meta.get("use_image", True))
-        if (data.image.shape[1], data.text.shape[1]) != (meta["image_dim"], meta["text_dim"]):
-            raise UserError(f"{cfg.data.embeddings_dir}/{pc.split}: embeddings are image {data.image.shape[1]}-d / "
-                            f"text {data.text.shape[1]}-d but {ckpt} was trained on {meta['image_dim']}-d / "
-                            f"{meta['text_dim']}-d; embed the test CSV with the training encoders")
+        found = (data.image.shape[1], data.text.shape[1], data.struct.shape[1])
+        if found != (meta["image_dim"], meta["text_dim"], meta["struct_dim"]):
+            raise UserError(f"{cfg.data.embeddings_dir}/{pc.split}: embeddings are image {found[0]}-d / text "
+                            f"{found[1]}-d / struct {found[2]}-d but {ckpt} was trained on {meta['image_dim']}-d / "
+                            f"{meta['text_dim']}-d / {meta['struct_dim']}-d; embed the test CSV with the training "
+                            "encoders and data.structural (the unit vocabulary fitted on train)")
         pred_log = predict_log_price(model, data)
         log_sum = pred_log if log_sum is None else log_sum + pred_log
     prices = log_to_price(log_sum / len(dirs))

@@ -11,6 +11,14 @@ The price rule, in dollars:
 where the category is named in the title (text), value/unit/pack are in the structural lines, premium products
 are drawn as a gold square instead of a grey circle (image only), and noise ~ lognormal(0, 0.08).
 A model that ignores the image cannot learn the premium factor; one that ignores the text cannot learn the category.
+
+With --quantities (`catalog="quantities"`) the products are Amazon-style quantities instead, and the rule is
+    price = BASE[category] * (total / REFERENCE[dimension]) ** 0.8 * (1.8 if premium else 1) * noise
+with total = amount x unit x pack in canonical units (grams, millilitres, items): each category is sold by mass,
+volume or count, in mixed units (g, kg, oz, lb; ml, l, fl oz; Count), with the pack written as "(Pack of 6)", as
+"2 x 500 g" or as "12 Count" beside a weight; the ``Value:`` / ``Unit:`` lines are missing for 30 % of products and
+hold the pack's total instead of one item's amount for half of the packs (as in the challenge data). So the raw
+``Value`` and a unit rank (data.structural=legacy) say little, and canonical quantities (quantities) say most.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ MISSING_IMAGE_RATE = 0.05
 IMAGE_SIZE = 32
 ADJECTIVES = ("classic", "organic", "family size", "value", "daily", "fresh", "natural", "original")
 IMAGE_URL = "https://m.media-amazon.com/images/I/{}.png"
+CATALOGS = ("default", "quantities")
 
 
 def draw_product(path: Path, premium: bool, rng: np.random.Generator) -> None:
@@ -54,27 +63,73 @@ def draw_product(path: Path, premium: bool, rng: np.random.Generator) -> None:
     img.save(path, format="PNG")
 
 
-def make_catalog(n: int, rng: np.random.Generator, image_dir: Path, id_offset: int) -> pd.DataFrame:
+def make_catalog(n: int, rng: np.random.Generator, image_dir: Path, id_offset: int,
+                 catalog: str = "default") -> pd.DataFrame:
     rows = []
     categories = list(BASE_PRICE)
     for i in range(n):
         sample_id = str(id_offset + i)
         category = categories[rng.integers(len(categories))]
-        unit = list(UNITS)[rng.integers(len(UNITS))]
-        value = float(rng.choice([4, 8, 12, 16, 24, 32, 48, 64]))
-        pack = int(rng.choice([1, 1, 1, 2, 3, 4, 6, 12]))
+        if catalog == "quantities":
+            suffix, lines, total = quantity_product(category, rng)
+            base, dimension = QUANTITY_CATEGORIES[category]
+            factor = (total / REFERENCE[dimension]) ** QUANTITY_ELASTICITY
+        else:
+            unit = list(UNITS)[rng.integers(len(UNITS))]
+            value = float(rng.choice([4, 8, 12, 16, 24, 32, 48, 64]))
+            pack = int(rng.choice([1, 1, 1, 2, 3, 4, 6, 12]))
+            suffix = f"{value:g} {unit}" + (f" (Pack of {pack})" if pack > 1 else "")
+            lines = f"Value: {value:.1f}\nUnit: {unit}\n"
+            base, factor = BASE_PRICE[category], (value * UNITS[unit] / 16) ** 0.5 * pack ** 0.9
         premium = bool(rng.random() < 0.35)
         adjective = ADJECTIVES[rng.integers(len(ADJECTIVES))]
-        title = f"{adjective.title()} {category}, {value:g} {unit}" + (f" (Pack of {pack})" if pack > 1 else "")
-        text = (f"Item Name: {title}\nBullet Point 1: {adjective} {category} for everyday use\n"
-                f"Value: {value:.1f}\nUnit: {unit}\n")
-        price = (BASE_PRICE[category] * (value * UNITS[unit] / 16) ** 0.5 * pack ** 0.9
-                 * (PREMIUM_FACTOR if premium else 1.0) * float(np.exp(rng.normal(0, NOISE_SIGMA))))
+        text = (f"Item Name: {adjective.title()} {category}, {suffix}\n"
+                f"Bullet Point 1: {adjective} {category} for everyday use\n{lines}")
+        price = (base * factor * (PREMIUM_FACTOR if premium else 1.0) * float(np.exp(rng.normal(0, NOISE_SIGMA))))
         if rng.random() >= MISSING_IMAGE_RATE:
             draw_product(image_dir / f"{sample_id}.png", premium, rng)
         rows.append({"sample_id": sample_id, "catalog_content": text, "image_link": IMAGE_URL.format(sample_id),
                      "price": round(price, 2)})
     return pd.DataFrame(rows)
+
+
+# --quantities: category -> (base price at the reference quantity, dimension); units -> factor into grams /
+# millilitres / items (the conversions the parser must find: 1 oz = 28.349523125 g, 1 lb = 453.59237 g,
+# 1 fl oz = 29.5735295625 ml); amounts offered per unit.
+QUANTITY_CATEGORIES = {"ground coffee": (9.0, "mass"), "dry dog food": (25.0, "mass"), "herbal shampoo": (6.0, "volume"),
+                       "extra virgin olive oil": (15.0, "volume"), "AA batteries": (12.0, "count"),
+                       "green tea bags": (4.0, "count")}
+QUANTITY_UNITS = {"mass": {"g": 1.0, "kg": 1000.0, "Ounce": 28.349523125, "Pound": 453.59237},
+                  "volume": {"ml": 1.0, "Liter": 1000.0, "Fl Oz": 29.5735295625},
+                  "count": {"Count": 1.0}}
+QUANTITY_AMOUNTS = {"g": (100, 250, 500, 750), "kg": (1, 2, 5), "Ounce": (4, 8, 12, 16, 32), "Pound": (1, 2, 5, 10),
+                    "ml": (100, 250, 500, 750), "Liter": (1, 2, 3), "Fl Oz": (4, 8, 12, 16, 32),
+                    "Count": (4, 8, 12, 24, 48, 100)}
+REFERENCE = {"mass": 450.0, "volume": 450.0, "count": 24.0}  # canonical total that costs BASE
+QUANTITY_ELASTICITY = 0.8
+NO_VALUE_LINES_RATE = 0.3
+
+
+def quantity_product(category: str, rng: np.random.Generator) -> tuple[str, str, float]:
+    """(title suffix, structural lines, canonical total) of one product of a --quantities catalogue."""
+    dimension = QUANTITY_CATEGORIES[category][1]
+    unit = list(QUANTITY_UNITS[dimension])[rng.integers(len(QUANTITY_UNITS[dimension]))]
+    amount = float(rng.choice(QUANTITY_AMOUNTS[unit]))
+    pack = int(rng.choice([1, 1, 1, 2, 3, 4, 6, 12]))
+    style = rng.integers(3)
+    if pack == 1:
+        suffix = f"{amount:g} {unit}"
+    elif dimension == "count" or style == 0:
+        suffix = f"{amount:g} {unit} (Pack of {pack})"
+    elif style == 1:
+        suffix = f"{pack} x {amount:g} {unit}"
+    else:
+        suffix = f"{amount:g} {unit}, {pack} Count"
+    lines = ""
+    if rng.random() >= NO_VALUE_LINES_RATE:
+        value = amount * pack if pack > 1 and rng.random() < 0.5 else amount
+        lines = f"Value: {value:.1f}\nUnit: {unit}\n"
+    return suffix, lines, amount * QUANTITY_UNITS[dimension][unit] * pack
 
 
 def write_tiny_clip(out_dir: Path, projection_dim: int = 16, seed: int = 0) -> Path:
@@ -92,13 +147,16 @@ def write_tiny_clip(out_dir: Path, projection_dim: int = 16, seed: int = 0) -> P
 
 
 def write_sample_data(out: Path, n_train: int = 800, n_test: int = 200, seed: int = 0,
-                      tiny_clip: bool = False) -> dict[str, Path]:
-    """Write the synthetic catalogue (and optionally a tiny CLIP) under `out`; returns the paths written."""
+                      tiny_clip: bool = False, catalog: str = "default") -> dict[str, Path]:
+    """Write the synthetic catalogue (and optionally a tiny CLIP) under `out`; returns the paths written.
+    `catalog`: "default" (the first rule) or "quantities" (the amount x unit x pack rule; see the module docstring)."""
+    if catalog not in CATALOGS:
+        raise ValueError(f"catalog must be one of {CATALOGS}, got {catalog!r}")
     rng = np.random.default_rng(seed)
     image_dir = out / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    train = make_catalog(n_train, rng, image_dir, id_offset=100000)
-    test = make_catalog(n_test, rng, image_dir, id_offset=200000)
+    train = make_catalog(n_train, rng, image_dir, id_offset=100000, catalog=catalog)
+    test = make_catalog(n_test, rng, image_dir, id_offset=200000, catalog=catalog)
     paths = {"train_csv": out / "train.csv", "test_csv": out / "test.csv", "test_labels": out / "test_labels.csv",
              "image_dir": image_dir}
     atomic_write(paths["train_csv"], lambda tmp: train.to_csv(tmp, index=False))
@@ -110,7 +168,8 @@ def write_sample_data(out: Path, n_train: int = 800, n_test: int = 200, seed: in
 
 
 def _body(args: argparse.Namespace) -> int:
-    paths = write_sample_data(Path(args.out), args.n_train, args.n_test, args.seed, args.tiny_clip)
+    paths = write_sample_data(Path(args.out), args.n_train, args.n_test, args.seed, args.tiny_clip,
+                              "quantities" if args.quantities else "default")
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -124,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny-clip", action="store_true", help="also write a tiny random CLIP to OUT/tiny_clip")
+    parser.add_argument("--quantities", action="store_true",
+                        help="Amazon-style quantities (mixed units, pack forms) priced by amount x unit x pack")
     return parser
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,14 +64,16 @@ def regression_metrics(pred_log: np.ndarray, price: np.ndarray) -> dict[str, flo
 
 
 def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, val_data: FusionTensors | None,
-            fingerprint: dict, resume: str | bool, lr_schedule: list[float] | None = None) -> torch.nn.Module | None:
+            fingerprint: dict, resume: str | bool, lr_schedule: list[float] | None = None,
+            on_epoch: Callable[[int, float], None] | None = None) -> torch.nn.Module | None:
     """Train on `train_data`; returns the model with the weights to use, or None when this process stopped on purpose
     (train.max_epochs_this_run) before the run finished.
 
     With `val_data`: early stopping, ReduceLROnPlateau and the best checkpoint on its SMAPE; the best weights are
     returned. Without (a refit): exactly train.epochs epochs at the learning rates `lr_schedule[epoch - 1]`, and the
     last weights are returned. Resumes from `fold_dir/checkpoints/latest` when `resume` (from `open_run`) says so;
-    every checkpoint records `fingerprint`."""
+    every checkpoint records `fingerprint`. `on_epoch(epoch, val_smape)`, when given, is called after each epoch's
+    checkpoint (runs with `val_data` only); it may raise to stop the run (an Optuna pruner does)."""
     tc = cfg.train
     seed_everything(tc.seed)
     model = build_model(cfg.model, train_data.image.shape[1], train_data.text.shape[1], train_data.struct.shape[1])
@@ -135,6 +138,8 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
         manager.save(model, state, epoch, is_best=improved, meta=_model_meta(cfg, train_data))
         write_json(fold_dir / "training_history.json", history)
         epochs_this_run += 1
+        if on_epoch is not None and val_data is not None:
+            on_epoch(epoch, record["val_smape"])
     writer.close()
 
     finished = stopper.should_stop or (history and history[-1]["epoch"] >= tc.epochs)
@@ -191,13 +196,13 @@ def run_fingerprint(cfg: PriceFusionConfig) -> dict:
                             digests={"train_embedding_ids": manifest.get("sample_ids_sha256", "")}, volatile=PATH_KEYS)
 
 
-def train(cfg: PriceFusionConfig) -> int:
+def train(cfg: PriceFusionConfig, on_epoch: Callable[[int, float], None] | None = None) -> int:
     previous_threads = torch.get_num_threads()
     if cfg.train.num_threads:
         # Small MLPs on a shared CPU: 1 thread was 10x faster than 2 here (threads contend with other processes).
         torch.set_num_threads(cfg.train.num_threads)
     try:
-        return _train(cfg, Path(cfg.runs_dir) / cfg.run_name)
+        return _train(cfg, Path(cfg.runs_dir) / cfg.run_name, on_epoch)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -248,12 +253,12 @@ def make_fits(cfg: PriceFusionConfig, prices: np.ndarray, groups: np.ndarray) ->
     return fits
 
 
-def _train(cfg: PriceFusionConfig, run_dir: Path) -> int:
+def _train(cfg: PriceFusionConfig, run_dir: Path, on_epoch: Callable[[int, float], None] | None = None) -> int:
     # Inputs are read and validated (ids, prices, NaN/inf) and the fingerprint is checked against every checkpoint
     # before anything is written (config.yaml, train.log).
     catalog, data = load_split(cfg.data.embeddings_dir, "train", cfg.data.train_csv, labelled=True,
                                bad_price=cfg.data.bad_price, use_image=cfg.model.use_image,
-                               group_column=cfg.data.group_column)
+                               group_column=cfg.data.group_column, structural=cfg.data.structural)
     start = open_run(run_dir, cfg, resume=cfg.train.resume, checkpoint_dirs=_checkpoint_dirs(run_dir, cfg.train.kfold),
                      fingerprint=run_fingerprint(cfg), resume_key="train.resume")
     log.info("%d training products (%d skipped for bad prices), %d with images", len(data), catalog.n_bad_prices,
@@ -273,7 +278,8 @@ def _train(cfg: PriceFusionConfig, run_dir: Path) -> int:
     out_of_fold = np.full(len(data), np.nan)
     fold_dirs = [run_dir / f"fold_{k}" if cfg.train.kfold else run_dir for k in range(len(fits))]
     for fold_dir, (fit_rows, stop_rows, held_out) in zip(fold_dirs, fits):
-        model = fit_one(cfg, fold_dir, data.subset(fit_rows), data.subset(stop_rows), start.fingerprint, start.resume)
+        model = fit_one(cfg, fold_dir, data.subset(fit_rows), data.subset(stop_rows), start.fingerprint, start.resume,
+                        on_epoch=on_epoch)
         if model is None:
             log.info("stopped after train.max_epochs_this_run=%d epochs; run again to resume",
                      cfg.train.max_epochs_this_run)

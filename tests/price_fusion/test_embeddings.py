@@ -88,7 +88,8 @@ def test_embed_stage_output(sample_env):
     train = load_embeddings(sample_env["embeddings"] / "train")
     csv = pd.read_csv(sample_env["train_csv"], dtype={"sample_id": str})
     assert train.sample_ids.tolist() == csv.sample_id.tolist()
-    assert train.image_dim == 16 and train.text_dim == 384 and train.struct.shape[1] == 3
+    # data.structural=quantities (the default): 13 quantity columns + one column per unit of the vocabulary (4)
+    assert train.image_dim == 16 and train.text_dim == 384 and train.struct.shape[1] == 13 + 4
     # products whose PNG was never drawn are masked, with zero vectors, and counted in the manifest
     drawn = np.array([(sample_env["image_dir"] / f"{sid}.png").is_file() for sid in csv.sample_id])
     assert (~drawn).sum() > 0 and np.array_equal(train.has_image, drawn)
@@ -116,24 +117,28 @@ def test_corrupt_image_is_masked_not_a_crash(sample_env, tmp_path):
 
 
 def test_embed_imports_the_original_files(sample_env, tmp_path):
-    """embed.import_clip_dir + a 1027-style pickle (text + 3 struct columns) give the same arrays back."""
+    """embed.import_clip_dir + a 1027-style pickle (text + 3 struct columns) give the same arrays back; the 3 columns
+    are the structural features under data.structural=legacy and are recomputed from the text under quantities."""
     train = load_embeddings(sample_env["embeddings"] / "train")
     clip_dir = tmp_path / "clip" / "train"
     clip_dir.mkdir(parents=True)
     np.save(clip_dir / "embeddings.npy", np.asarray(train.image)[::-1])  # reversed: rows are matched by id
     np.save(clip_dir / "sample_ids.npy", train.sample_ids[::-1])
-    full = np.hstack([train.text, train.struct])
+    original_struct = np.random.default_rng(0).normal(size=(len(train), 3)).astype(np.float32)
+    full = np.hstack([train.text, original_struct])
     with open(tmp_path / "qwen_train.pkl", "wb") as fh:
         pickle.dump({sid: vec for sid, vec in zip(train.sample_ids[::-1], full[::-1])}, fh)  # any order
-    args = sample_env["args"](tmp_path / "runs", f"data.embeddings_dir={tmp_path / 'emb'}", "embed.splits=[train]",
-                              f"embed.import_clip_dir={tmp_path / 'clip' / '{split}'}",
-                              f"embed.import_qwen_pickle={tmp_path / 'qwen_{split}.pkl'}")
-    assert embed.main(args) == 0
-    imported = load_embeddings(tmp_path / "emb" / "train")
-    np.testing.assert_array_equal(imported.text, train.text)
-    np.testing.assert_array_equal(imported.struct, train.struct)
-    np.testing.assert_array_equal(imported.image, train.image)
-    np.testing.assert_array_equal(imported.has_image, train.has_image)
+    for structural, expected_struct in (("legacy", original_struct), ("quantities", train.struct)):
+        args = sample_env["args"](tmp_path / "runs", f"data.embeddings_dir={tmp_path / structural}",
+                                  "embed.splits=[train]", f"data.structural={structural}",
+                                  f"embed.import_clip_dir={tmp_path / 'clip' / '{split}'}",
+                                  f"embed.import_qwen_pickle={tmp_path / 'qwen_{split}.pkl'}")
+        assert embed.main(args) == 0
+        imported = load_embeddings(tmp_path / structural / "train")
+        np.testing.assert_array_equal(imported.text, train.text)
+        np.testing.assert_array_equal(imported.struct, expected_struct)
+        np.testing.assert_array_equal(imported.image, train.image)
+        np.testing.assert_array_equal(imported.has_image, train.has_image)
 
 
 def test_import_with_missing_ids_names_them(sample_env, tmp_path, capsys):

@@ -1,0 +1,187 @@
+"""One Optuna worker minimising validation SMAPE; start several (processes, nodes, SLURM array tasks) on one storage.
+
+    python -m price_fusion.optuna_worker --config configs/price_fusion/demo.yaml &
+    python -m price_fusion.optuna_worker --config configs/price_fusion/demo.yaml &
+    python -m price_fusion.optuna_worker --config configs/price_fusion/base.yaml \
+        optuna.storage=postgresql://user@db/optuna optuna.trials=20 optuna.total_trials=100
+
+The study `optuna.study` lives in the RDB storage `optuna.storage` (SQLite by default; PostgreSQL when several
+nodes share it). Each worker runs `optuna.trials` trials, and every worker stops once the study holds
+`optuna.total_trials` (0 = no cap). Creating the study is serialised: for SQLite an exclusive lock on `<db>.lock`
+is held while it is created, and a worker that still loses the race loads the study the winner made.
+
+A trial is a short single-split training run (`optuna.epochs` epochs; train.kfold, train.refit and
+train.max_epochs_this_run are switched off, train.resume=false) in its own run directory
+`<runs_dir>/optuna/<study>/trial_<NNNN>`. It reports the validation SMAPE (the grouped early-stopping split; the
+test CSV is never read) after every epoch to a median pruner (minimize; after `optuna.warmup_epochs`), and its
+objective is the best validation SMAPE. Parameters are stored under their dotted config keys (`train.lr`,
+`train.weight_decay`, `model.dropout`, `model.branch_dim`, `model.name`), which is how fetch_best_and_train applies
+them.
+
+A worker killed mid-trial (SIGKILL, node failure, a cancelled or requeued array task) leaves its trial RUNNING; it
+stops sending heartbeats (`optuna.heartbeat_interval`), and once `optuna.grace_period` has passed the next worker to
+start a trial marks it FAIL and runs its parameters again (`optuna.max_retries` times) in a fresh trial directory,
+recording the killed trial's number as the system attribute `failed_trial`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+from common.cli import UserError, config_main
+
+from . import train as train_stage
+from .config import PriceFusionConfig
+
+log = logging.getLogger(__name__)
+PROG = "python -m price_fusion.optuna_worker"
+
+
+def search_space(trial: Any, cfg: PriceFusionConfig) -> dict[str, Any]:
+    """Sample one trial's parameters, keyed by their dotted config keys."""
+    oc = cfg.optuna
+    return {
+        "train.lr": trial.suggest_float("train.lr", *oc.lr_range, log=True),
+        "train.weight_decay": trial.suggest_float("train.weight_decay", *oc.weight_decay_range, log=True),
+        "model.dropout": trial.suggest_float("model.dropout", *oc.dropout_range),
+        "model.branch_dim": trial.suggest_categorical("model.branch_dim", list(oc.branch_dims)),
+        "model.name": trial.suggest_categorical("model.name", list(oc.model_names)),
+    }
+
+
+def apply_params(cfg: PriceFusionConfig, params: dict[str, Any]) -> PriceFusionConfig:
+    """A copy of `cfg` with each dotted `section.key` of `params` set; each changed section is rebuilt, so its own
+    validation runs again. UserError for a key the config does not have or a value it refuses."""
+    updates: dict[str, dict[str, Any]] = {}
+    for dotted, value in params.items():
+        section, _, key = dotted.partition(".")
+        target = getattr(cfg, section, None)
+        if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
+            raise UserError(f"study parameter {dotted!r} is not a price_fusion config key; was the study made by "
+                            "another version?")
+        updates.setdefault(section, {})[key] = value
+    try:
+        return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in updates.items()})
+    except ValueError as exc:
+        raise UserError(f"study parameters {params}: {exc}") from exc
+
+
+def check_search_space(cfg: PriceFusionConfig) -> None:
+    """Refuse (exit 2) choices the model builder would reject, before any trial starts."""
+    bad = [d for d in cfg.optuna.branch_dims if d % cfg.model.num_heads]
+    if bad:
+        raise UserError(f"optuna.branch_dims {bad} are not divisible by model.num_heads={cfg.model.num_heads}; "
+                        "choose multiples of it")
+
+
+@contextlib.contextmanager
+def creation_lock(storage: str):
+    """An exclusive file lock beside a SQLite database while the study is created; a no-op for other storages."""
+    prefix = "sqlite:///"
+    if not storage.startswith(prefix):
+        yield
+        return
+    db = Path(storage[len(prefix):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_storage(cfg: PriceFusionConfig):
+    """The study's RDB storage, with heartbeats: a RUNNING trial whose worker died (no heartbeat for
+    optuna.grace_period seconds) is marked FAIL by the next worker to start a trial, and its parameters are queued
+    again, so a killed worker never leaves a trial stuck RUNNING."""
+    import optuna
+
+    oc = cfg.optuna
+    engine_kwargs = {"connect_args": {"timeout": 120}} if oc.storage.startswith("sqlite:") else {}
+    try:
+        with warnings.catch_warnings():  # heartbeats are flagged experimental, stable since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                oc.storage, engine_kwargs=engine_kwargs, heartbeat_interval=oc.heartbeat_interval,
+                grace_period=oc.grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=oc.max_retries))
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
+        raise UserError(f"optuna.storage={oc.storage}: cannot open the Optuna storage ({type(exc).__name__}: {exc}); "
+                        "give an RDB URL such as sqlite:///runs/price_fusion/optuna.db") from exc
+
+
+def open_study(cfg: PriceFusionConfig, create: bool = True):
+    """The study (created when missing if `create`, under the creation lock; else UserError when missing)."""
+    import optuna
+
+    oc = cfg.optuna
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=oc.warmup_epochs)
+    if not create:
+        try:
+            return optuna.load_study(study_name=oc.study, storage=open_storage(cfg), pruner=pruner)
+        except KeyError as exc:
+            raise UserError(f"optuna.storage={oc.storage}: no study named {oc.study!r}; run {PROG} first") from exc
+    with creation_lock(oc.storage):
+        storage = open_storage(cfg)
+        try:
+            return optuna.create_study(study_name=oc.study, storage=storage, direction="minimize", pruner=pruner,
+                                       load_if_exists=True)
+        except optuna.exceptions.DuplicatedStudyError:  # another node created it between the check and the insert
+            return optuna.load_study(study_name=oc.study, storage=storage, pruner=pruner)
+
+
+def trial_config(cfg: PriceFusionConfig, params: dict[str, Any], number: int) -> PriceFusionConfig:
+    """The config of trial `number`: the sampled parameters on a short, fresh, single-split run of its own."""
+    out = apply_params(cfg, params)
+    return dataclasses.replace(
+        out, run_name=f"optuna/{cfg.optuna.study}/trial_{number:04d}",
+        train=dataclasses.replace(out.train, epochs=cfg.optuna.epochs, resume=False, kfold=0, refit=False,
+                                  max_epochs_this_run=0))
+
+
+def worker(cfg: PriceFusionConfig) -> int:
+    import optuna
+
+    check_search_space(cfg)
+    study = open_study(cfg)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial_cfg = trial_config(cfg, search_space(trial, cfg), trial.number)
+        trial.set_user_attr("run_dir", str(Path(trial_cfg.runs_dir) / trial_cfg.run_name))
+        best = math.inf
+
+        def report(epoch: int, val_smape: float) -> None:
+            nonlocal best
+            best = min(best, val_smape)
+            trial.report(val_smape, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val SMAPE {val_smape:.3f}% at epoch {epoch}")
+
+        train_stage.train(trial_cfg, on_epoch=report)
+        if not math.isfinite(best):
+            raise RuntimeError(f"trial {trial.number} reported no validation SMAPE")
+        return best
+
+    callbacks = []
+    if cfg.optuna.total_trials:
+        callbacks.append(optuna.study.MaxTrialsCallback(cfg.optuna.total_trials, states=None))
+    study.optimize(objective, n_trials=cfg.optuna.trials, callbacks=callbacks, catch=())
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    log.info("study %s: %d trials (%s)", study.study_name, len(states),
+             {s: states.count(s) for s in sorted(set(states))})
+    return 0
+
+
+main = config_main(PriceFusionConfig, worker, __doc__, prog=PROG)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

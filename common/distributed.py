@@ -146,6 +146,16 @@ def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor | float:
     return _reduce(value, dist.ReduceOp.SUM, average=True)
 
 
+def main_rank_value(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank; `value` itself in one process. For decisions one rank
+    makes and all must follow: a sampled band, validation metrics and with them early stopping and `best`."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def rank0_only(fn: F) -> F:
     """Run `fn` only on the main process; other ranks get None."""
     @functools.wraps(fn)

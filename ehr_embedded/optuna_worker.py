@@ -27,14 +27,12 @@ directory and records the killed trial's number as its `failed_trial` system att
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
+from common import studies
 from common.cli import UserError, config_main
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.finetune import finetune
@@ -73,61 +71,14 @@ def apply_params(cfg: TrainConfig, params: dict[str, Any]) -> TrainConfig:
     return out
 
 
-@contextlib.contextmanager
-def creation_lock(storage: str):
-    """Exclusive file lock beside a SQLite database while the study is created; a no-op for other storages."""
-    prefix = "sqlite:///"
-    if not storage.startswith(prefix):
-        yield
-        return
-    db = Path(storage[len(prefix):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def open_storage(cfg: TrainConfig):
-    """The RDB storage with heartbeats: a trial whose worker died is failed and retried by the next worker."""
-    import optuna
-
-    oc = cfg.optuna
-    engine_kwargs = {"connect_args": {"timeout": 120}} if oc.storage.startswith("sqlite:") else {}
-    try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental, yet stable since Optuna 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                oc.storage, engine_kwargs=engine_kwargs, heartbeat_interval=oc.heartbeat_interval,
-                grace_period=oc.grace_period,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=oc.max_retries))
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
-        raise UserError(f"optuna.storage={oc.storage}: cannot open the Optuna storage ({type(exc).__name__}: {exc}); "
-                        "give an RDB URL such as sqlite:///runs/ehr_embedded/optuna.db") from exc
-
-
 def open_study(cfg: TrainConfig, create: bool = True):
-    """Create (or join) the study; `create=False` loads an existing one (UserError when there is none)."""
-    import optuna
-
+    """Create (or join) the study, maximising tuning AUROC; `create=False` loads an existing one (UserError when
+    there is none). Heartbeats let the next worker fail and retry a killed worker's trial (common.studies)."""
     oc = cfg.optuna
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=oc.warmup_epochs)
-    if not create:
-        try:
-            return optuna.load_study(study_name=oc.study, storage=open_storage(cfg), pruner=pruner)
-        except KeyError as exc:
-            raise UserError(f"optuna.storage={oc.storage}: no study named {oc.study!r}; run "
-                            "python -m ehr_embedded.optuna_worker first") from exc
-    with creation_lock(oc.storage):
-        storage = open_storage(cfg)
-        try:
-            return optuna.create_study(study_name=oc.study, storage=storage, direction="maximize", pruner=pruner,
-                                       load_if_exists=True)
-        except optuna.exceptions.DuplicatedStudyError:  # another node created it between the check and the insert
-            return optuna.load_study(study_name=oc.study, storage=storage, pruner=pruner)
+    return studies.open_study(oc.storage, oc.study, direction="maximize", warmup_steps=oc.warmup_epochs,
+                              heartbeat=studies.Heartbeat(oc.heartbeat_interval, oc.grace_period, oc.max_retries),
+                              storage_key="optuna.storage", worker_cmd="python -m ehr_embedded.optuna_worker",
+                              create=create)
 
 
 def trial_dir(cfg: TrainConfig, number: int) -> Path:

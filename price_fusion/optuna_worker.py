@@ -26,15 +26,13 @@ recording the killed trial's number as the system attribute `failed_trial`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
+from common import studies
 from common.cli import UserError, config_main
 
 from . import train as train_stage
@@ -81,62 +79,13 @@ def check_search_space(cfg: PriceFusionConfig) -> None:
                         "choose multiples of it")
 
 
-@contextlib.contextmanager
-def creation_lock(storage: str):
-    """An exclusive file lock beside a SQLite database while the study is created; a no-op for other storages."""
-    prefix = "sqlite:///"
-    if not storage.startswith(prefix):
-        yield
-        return
-    db = Path(storage[len(prefix):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def open_storage(cfg: PriceFusionConfig):
-    """The study's RDB storage, with heartbeats: a RUNNING trial whose worker died (no heartbeat for
-    optuna.grace_period seconds) is marked FAIL by the next worker to start a trial, and its parameters are queued
-    again, so a killed worker never leaves a trial stuck RUNNING."""
-    import optuna
-
-    oc = cfg.optuna
-    engine_kwargs = {"connect_args": {"timeout": 120}} if oc.storage.startswith("sqlite:") else {}
-    try:
-        with warnings.catch_warnings():  # heartbeats are flagged experimental, stable since Optuna 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                oc.storage, engine_kwargs=engine_kwargs, heartbeat_interval=oc.heartbeat_interval,
-                grace_period=oc.grace_period,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=oc.max_retries))
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
-        raise UserError(f"optuna.storage={oc.storage}: cannot open the Optuna storage ({type(exc).__name__}: {exc}); "
-                        "give an RDB URL such as sqlite:///runs/price_fusion/optuna.db") from exc
-
-
 def open_study(cfg: PriceFusionConfig, create: bool = True):
-    """The study (created when missing if `create`, under the creation lock; else UserError when missing)."""
-    import optuna
-
+    """The study (created when missing if `create`; else UserError when missing), minimising validation SMAPE, on
+    a storage whose heartbeats let the next worker fail and retry a killed worker's trial (common.studies)."""
     oc = cfg.optuna
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=oc.warmup_epochs)
-    if not create:
-        try:
-            return optuna.load_study(study_name=oc.study, storage=open_storage(cfg), pruner=pruner)
-        except KeyError as exc:
-            raise UserError(f"optuna.storage={oc.storage}: no study named {oc.study!r}; run {PROG} first") from exc
-    with creation_lock(oc.storage):
-        storage = open_storage(cfg)
-        try:
-            return optuna.create_study(study_name=oc.study, storage=storage, direction="minimize", pruner=pruner,
-                                       load_if_exists=True)
-        except optuna.exceptions.DuplicatedStudyError:  # another node created it between the check and the insert
-            return optuna.load_study(study_name=oc.study, storage=storage, pruner=pruner)
+    return studies.open_study(oc.storage, oc.study, direction="minimize", warmup_steps=oc.warmup_epochs,
+                              heartbeat=studies.Heartbeat(oc.heartbeat_interval, oc.grace_period, oc.max_retries),
+                              storage_key="optuna.storage", worker_cmd=PROG, create=create)
 
 
 def trial_config(cfg: PriceFusionConfig, params: dict[str, Any], number: int) -> PriceFusionConfig:

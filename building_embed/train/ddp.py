@@ -13,22 +13,10 @@ world_size x the loss and DDP's average is exactly the one-process gradient (up 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 
-from common.distributed import DistInfo, is_distributed
-
-
-def main_rank_value(value: Any) -> Any:
-    """Rank 0's `value` on every rank (`value` itself in one process): the bandit's band, validation metrics and
-    with them early stopping and `best` must agree across ranks."""
-    if not is_distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+from common.distributed import DistInfo
 
 
 def rank_bounds(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:

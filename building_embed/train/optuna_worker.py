@@ -26,16 +26,14 @@ fresh trial directory and records `failed_trial` (the killed trial's number) in 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 from building_embed.config import BuildingEmbedConfig
 from building_embed.train.train import run_training
+from common import studies
 from common.cli import UserError, config_main
 
 log = logging.getLogger(__name__)
@@ -68,62 +66,15 @@ def apply_params(cfg: BuildingEmbedConfig, params: dict[str, Any]) -> BuildingEm
     return out
 
 
-@contextlib.contextmanager
-def creation_lock(storage: str):
-    """Exclusive file lock beside a SQLite database while the study is created; a no-op for other storages."""
-    prefix = "sqlite:///"
-    if not storage.startswith(prefix):
-        yield
-        return
-    db = Path(storage[len(prefix):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def open_storage(cfg: BuildingEmbedConfig):
-    """The study's RDB storage. Running trials send heartbeats; a trial whose worker died (no heartbeat for
-    training.optuna_grace_period) is marked FAIL by the next worker to start a trial and its parameters are queued
-    again, so the study survives a killed worker without a trial stuck RUNNING."""
-    import optuna
-
-    tc = cfg.training
-    engine_kwargs = {"connect_args": {"timeout": 120}} if tc.optuna_storage.startswith("sqlite:") else {}
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5 and have been stable since 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                tc.optuna_storage, engine_kwargs=engine_kwargs, heartbeat_interval=tc.optuna_heartbeat_interval,
-                grace_period=tc.optuna_grace_period,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=tc.optuna_max_retries))
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
-        raise UserError(f"training.optuna_storage={tc.optuna_storage}: cannot open the Optuna storage "
-                        f"({type(exc).__name__}: {exc}); give an RDB URL such as sqlite:///runs/optuna.db") from exc
-
-
 def open_study(cfg: BuildingEmbedConfig, create: bool = True):
-    import optuna
-
+    """Create (or join) the study, maximising val mAP@R; `create=False` loads an existing one (UserError when there
+    is none). Heartbeats let the next worker fail and retry a killed worker's trial (common.studies)."""
     tc = cfg.training
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=tc.optuna_warmup_epochs)
-    if not create:
-        try:
-            return optuna.load_study(study_name=tc.optuna_study, storage=open_storage(cfg), pruner=pruner)
-        except KeyError as exc:
-            raise UserError(f"training.optuna_storage={tc.optuna_storage}: no study named {tc.optuna_study!r}; run "
-                            "python -m building_embed.train.optuna_worker first") from exc
-    with creation_lock(tc.optuna_storage):
-        storage = open_storage(cfg)
-        try:
-            return optuna.create_study(study_name=tc.optuna_study, storage=storage, direction="maximize",
-                                       pruner=pruner, load_if_exists=True)
-        except optuna.exceptions.DuplicatedStudyError:  # another node created it between the check and the insert
-            return optuna.load_study(study_name=tc.optuna_study, storage=storage, pruner=pruner)
+    return studies.open_study(
+        tc.optuna_storage, tc.optuna_study, direction="maximize", warmup_steps=tc.optuna_warmup_epochs,
+        heartbeat=studies.Heartbeat(tc.optuna_heartbeat_interval, tc.optuna_grace_period, tc.optuna_max_retries),
+        storage_key="training.optuna_storage", worker_cmd="python -m building_embed.train.optuna_worker",
+        create=create)
 
 
 def trial_config(cfg: BuildingEmbedConfig, params: dict[str, Any], number: int) -> BuildingEmbedConfig:

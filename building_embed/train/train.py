@@ -51,14 +51,14 @@ from building_embed.train.data import (
     pk_batch,
     split_paths,
 )
-from building_embed.train.ddp import global_batch_loss, main_rank_value
+from building_embed.train.ddp import global_batch_loss
 from building_embed.train.evaluate import embed, markdown_table, retrieval_metrics
 from building_embed.train.losses import build_objective
 from building_embed.train.trackers import Trackers, open_trackers, require_trackers
 from common.checkpoint import CheckpointManager, capture_train_state, load_weights, resume_from_checkpoint
 from common.cli import UserError, config_main
 from common.config import to_dict
-from common.distributed import barrier, cleanup_distributed, setup_distributed, wrap_ddp
+from common.distributed import barrier, cleanup_distributed, main_rank_value, setup_distributed, wrap_ddp
 from common.io import atomic_write_text, write_json
 from common.logs import MetricsWriter, progress
 from common.runs import make_fingerprint, open_run

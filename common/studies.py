@@ -1,0 +1,98 @@
+"""Optuna studies shared by several workers (processes, nodes, Slurm array tasks) on one RDB storage.
+
+    study = open_study("sqlite:///runs/optuna.db", "my_study", direction="maximize", warmup_steps=1,
+                       heartbeat=Heartbeat(interval=60, grace_period=180, max_retries=1),
+                       storage_key="training.optuna_storage", worker_cmd="python -m pkg.optuna_worker")
+
+- Creating a study is serialised: two workers creating one SQLite study at once would kill one with a UNIQUE
+  constraint error, so creation holds an exclusive `flock` on `<db>.lock` (SQLite), and a worker that still loses a
+  cross-node race loads the study the winner created.
+- Running trials send heartbeats. A worker killed mid-trial leaves its trial RUNNING; once `grace_period` seconds
+  pass without a heartbeat, the next worker to start a trial marks it FAIL and queues its parameters again
+  (`max_retries` times; the retry records `failed_trial` in its system attributes).
+- Trials report one value per epoch to a `MedianPruner` (2 startup trials, `warmup_steps`).
+
+Each package keeps its own search space and objective; this module holds only the storage and study plumbing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.cli import UserError
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    interval: int = 60
+    """Seconds between a running trial's heartbeats."""
+    grace_period: int = 180
+    """Seconds without a heartbeat after which a RUNNING trial counts as dead."""
+    max_retries: int = 1
+    """How often a dead trial's parameters are run again."""
+
+
+@contextlib.contextmanager
+def creation_lock(storage: str) -> Iterator[None]:
+    """Exclusive file lock beside a SQLite database while a study is created; a no-op for other storages."""
+    if not storage.startswith(SQLITE_PREFIX):
+        yield
+        return
+    db = Path(storage[len(SQLITE_PREFIX):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_storage(storage: str, heartbeat: Heartbeat, storage_key: str = "storage") -> Any:
+    """The RDB storage at `storage`, with heartbeats and retry of dead trials; UserError naming `storage_key` when
+    it cannot be opened."""
+    import optuna
+
+    engine_kwargs = {"connect_args": {"timeout": 120}} if storage.startswith("sqlite:") else {}
+    try:
+        with warnings.catch_warnings():  # heartbeats are flagged experimental in Optuna 5, stable since 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                storage, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat.interval,
+                grace_period=heartbeat.grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=heartbeat.max_retries))
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
+        raise UserError(f"{storage_key}={storage}: cannot open the Optuna storage ({type(exc).__name__}: {exc}); "
+                        "give an RDB URL such as sqlite:///runs/optuna.db") from exc
+
+
+def open_study(storage: str, study_name: str, *, direction: str, warmup_steps: int, heartbeat: Heartbeat,
+               storage_key: str, worker_cmd: str, create: bool = True) -> Any:
+    """Create or join the study (`create`), or load an existing one (UserError naming the worker command to run
+    first when there is none)."""
+    import optuna
+
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup_steps)
+    if not create:
+        try:
+            return optuna.load_study(study_name=study_name, storage=open_storage(storage, heartbeat, storage_key),
+                                     pruner=pruner)
+        except KeyError as exc:
+            raise UserError(f"{storage_key}={storage}: no study named {study_name!r}; run {worker_cmd} "
+                            "first") from exc
+    with creation_lock(storage):
+        rdb = open_storage(storage, heartbeat, storage_key)
+        try:
+            return optuna.create_study(study_name=study_name, storage=rdb, direction=direction, pruner=pruner,
+                                       load_if_exists=True)
+        except optuna.exceptions.DuplicatedStudyError:  # another node created it between the check and the insert
+            return optuna.load_study(study_name=study_name, storage=rdb, pruner=pruner)

@@ -20,6 +20,13 @@ weights (the data / model / train config less epochs, threads, device and paths,
 training CSV and of the embedding files); resume=auto refuses (exit 2, nothing written) to continue a run whose
 fingerprint differs, naming each changed key or file. resume=force continues anyway (logged), resume=false starts
 over. A resumed run keeps its config.yaml and split.json: the held-out ids are read back, never re-drawn.
+
+DDP: `torchrun --nproc_per_node=N -m price_fusion.train ...` (gloo on CPU, NCCL with one GPU per rank).
+train.batch_size stays the global batch: rank r trains rows r::N of each batch, weighted by its share of the batch's
+loss weight, so N processes take the steps one process takes (up to float summation order; dropout draws per rank).
+Validation runs on rank 0 and its metrics are broadcast, so early stopping and `best` agree; only rank 0 writes.
+K-fold and refit run each model the same way. The MoE load-balancing term is computed on each rank's part of the
+batch, so advanced_moe under DDP is close to, not equal to, one process.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +45,18 @@ from common import metrics
 from common.checkpoint import CheckpointManager, capture_train_state, load_weights, resume_from_checkpoint
 from common.cli import UserError, config_main
 from common.config import to_dict
+from common.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    is_main_process,
+    main_rank_value,
+    setup_distributed,
+    wrap_ddp,
+)
 from common.logs import MetricsWriter, progress, write_json
+from common.losses import price_tier_weights
 from common.runs import make_fingerprint, open_run
 from common.seed import seed_everything
 from common.training import EarlyStopping, param_groups
@@ -63,9 +82,30 @@ def regression_metrics(pred_log: np.ndarray, price: np.ndarray) -> dict[str, flo
             "r2": metrics.r2(price, pred)}
 
 
+def loss_weights(tc, target_log: torch.Tensor) -> torch.Tensor:
+    """Each row's weight in the batch loss: the price-tier weights of weighted_smape (a weighted mean), else 1 (every
+    other loss is a plain mean over rows)."""
+    if tc.loss == "weighted_smape":
+        return price_tier_weights(target_log, tuple(tc.tier_edges), tuple(tc.tier_weights))
+    return torch.ones_like(target_log)
+
+
+def rank_rows(rows: torch.Tensor, weights: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, float]:
+    """This rank's part of a global batch `rows` (positions rank::world_size) and its share of the batch loss's weight
+    (`weights` of the rows). The batch loss is the weight-share-weighted sum of the ranks' losses, so weighting each
+    rank's loss by share x world_size makes DDP's gradient average the global batch's gradient (x1.0 in one process).
+    A rank left without rows (a last batch smaller than the world) runs row 0 with share 0: it must still join each
+    gradient all-reduce."""
+    positions = torch.arange(info.rank, len(rows), info.world_size)
+    if len(positions) == 0:
+        return rows[:1], 0.0
+    return rows[positions], float(weights[positions].double().sum() / weights.double().sum())
+
+
 def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, val_data: FusionTensors | None,
             fingerprint: dict, resume: str | bool, lr_schedule: list[float] | None = None,
-            on_epoch: Callable[[int, float], None] | None = None) -> torch.nn.Module | None:
+            on_epoch: Callable[[int, float], None] | None = None,
+            dist_info: DistInfo | None = None) -> torch.nn.Module | None:
     """Train on `train_data`; returns the model with the weights to use, or None when this process stopped on purpose
     (train.max_epochs_this_run) before the run finished.
 
@@ -73,13 +113,15 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     returned. Without (a refit): exactly train.epochs epochs at the learning rates `lr_schedule[epoch - 1]`, and the
     last weights are returned. Resumes from `fold_dir/checkpoints/latest` when `resume` (from `open_run`) says so;
     every checkpoint records `fingerprint`. `on_epoch(epoch, val_smape)`, when given, is called after each epoch's
-    checkpoint (runs with `val_data` only); it may raise to stop the run (an Optuna pruner does)."""
+    checkpoint (runs with `val_data` only); it may raise to stop the run (an Optuna pruner does). `dist_info`: the
+    torchrun process group (None: one process)."""
     tc = cfg.train
+    dist_info = dist_info or DistInfo(0, 0, 1, resolve_device(tc.device))
     seed_everything(tc.seed)
     model = build_model(cfg.model, train_data.image.shape[1], train_data.text.shape[1], train_data.struct.shape[1])
     model.branches.set_struct_stats(train_data.struct)
     init_output_bias(model, float(train_data.log_price.mean()))
-    device = resolve_device(tc.device)
+    device = dist_info.device if dist_info.world_size > 1 else resolve_device(tc.device)
     model.to(device)
     train_data = train_data.to(device)
     val_data = None if val_data is None else val_data.to(device)
@@ -94,6 +136,7 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     history: list[dict] = []
     start_epoch = 1
 
+    barrier()  # rank 0's manager may have repaired an interrupted save that every rank is about to load
     resumed = resume_from_checkpoint(manager, resume, model, optimizer, scheduler, stopper)
     if resumed is not None:
         history = list(resumed["history"])
@@ -101,6 +144,7 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
         log.info("resumed from %s at epoch %d (best val SMAPE %s)", resumed["_resumed_from"], start_epoch,
                  stopper.best)
     writer = MetricsWriter(fold_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
+    step = wrap_ddp(model, dist_info) if dist_info.world_size > 1 else model  # trains `model`'s own parameters
 
     epochs_this_run = 0
     for epoch in progress(range(start_epoch, tc.epochs + 1), desc="epochs"):
@@ -112,19 +156,24 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
         model.train()
         loss_sum, n_seen = 0.0, 0
         for rows in epoch_batches(len(train_data), tc.batch_size, tc.seed, epoch):
-            pred_log = model(*train_data.inputs(rows))
-            loss = loss_fn(pred_log, train_data.target(rows)) + tc.load_balance_weight * model.aux_loss()
+            mine, share = (rows, 1.0) if dist_info.world_size <= 1 else \
+                rank_rows(rows, loss_weights(tc, train_data.target(rows)), dist_info)
+            pred_log = step(*train_data.inputs(mine))
+            loss = loss_fn(pred_log, train_data.target(mine)) + tc.load_balance_weight * model.aux_loss()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over ranks: share x world_size makes that the global batch's gradient
+            (loss * (share * dist_info.world_size) if dist_info.world_size > 1 else loss).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
-            loss_sum += loss.item() * len(rows)  # .item() syncs, harmless on CPU
+            loss_sum += loss.item() * share * len(rows)  # .item() syncs, harmless on CPU
             n_seen += len(rows)
+        loss_sum = all_reduce_sum(loss_sum)
 
         record = {"epoch": epoch, "train_loss": loss_sum / n_seen}
         improved = False
         if val_data is not None:
-            val_metrics = regression_metrics(predict_log_price(model, val_data), val_price)
+            val_metrics = main_rank_value(regression_metrics(predict_log_price(model, val_data), val_price)
+                                          if dist_info.is_main else None)
             scheduler.step(val_metrics["smape"])
             improved = stopper.step(val_metrics["smape"])
             record.update({f"val_{k}": v for k, v in val_metrics.items()})
@@ -136,7 +185,8 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
                  record["lr"], "  *best*" if improved else "")
         state = capture_train_state(epoch, optimizer, scheduler, stopper, history=history)
         manager.save(model, state, epoch, is_best=improved, meta=_model_meta(cfg, train_data))
-        write_json(fold_dir / "training_history.json", history)
+        if dist_info.is_main:
+            write_json(fold_dir / "training_history.json", history)
         epochs_this_run += 1
         if on_epoch is not None and val_data is not None:
             on_epoch(epoch, record["val_smape"])
@@ -145,10 +195,12 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
     finished = stopper.should_stop or (history and history[-1]["epoch"] >= tc.epochs)
     if not finished:
         return None  # stopped early on purpose (max_epochs_this_run): resume later
+    barrier()  # rank 0 wrote the checkpoint every rank loads
     load_weights(manager.best if val_data is not None else manager.latest, model)
     best_epoch = (min(history, key=lambda h: h["val_smape"])["epoch"] if val_data is not None else history[-1]["epoch"])
-    write_json(fold_dir / DONE_FILE, {"best_val_smape": stopper.best, "epochs": history[-1]["epoch"],
-                                      "best_epoch": best_epoch, "stopped_early": stopper.should_stop})
+    if dist_info.is_main:
+        write_json(fold_dir / DONE_FILE, {"best_val_smape": stopper.best, "epochs": history[-1]["epoch"],
+                                          "best_epoch": best_epoch, "stopped_early": stopper.should_stop})
     log.info("finished %s after %d epochs (best epoch %d, val SMAPE %s)", fold_dir, history[-1]["epoch"], best_epoch,
              stopper.best)
     return model
@@ -202,7 +254,13 @@ def train(cfg: PriceFusionConfig, on_epoch: Callable[[int, float], None] | None 
         # Small MLPs on a shared CPU: 1 thread was 10x faster than 2 here (threads contend with other processes).
         torch.set_num_threads(cfg.train.num_threads)
     try:
-        return _train(cfg, Path(cfg.runs_dir) / cfg.run_name, on_epoch)
+        # a torchrun process group when launched by torchrun (gloo on CPU, NCCL with one GPU per rank), else no-op
+        device = resolve_device(cfg.train.device)
+        dist_info = (setup_distributed("cpu" if device.type == "cpu" else "cuda")
+                     if int(os.environ.get("WORLD_SIZE", "1")) > 1 else DistInfo(0, 0, 1, device))
+        code = _train(cfg, Path(cfg.runs_dir) / cfg.run_name, on_epoch, dist_info)
+        cleanup_distributed()
+        return code
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -253,7 +311,8 @@ def make_fits(cfg: PriceFusionConfig, prices: np.ndarray, groups: np.ndarray) ->
     return fits
 
 
-def _train(cfg: PriceFusionConfig, run_dir: Path, on_epoch: Callable[[int, float], None] | None = None) -> int:
+def _train(cfg: PriceFusionConfig, run_dir: Path, on_epoch: Callable[[int, float], None] | None = None,
+           dist_info: DistInfo | None = None) -> int:
     # Inputs are read and validated (ids, prices, NaN/inf) and the fingerprint is checked against every checkpoint
     # before anything is written (config.yaml, train.log).
     catalog, data = load_split(cfg.data.embeddings_dir, "train", cfg.data.train_csv, labelled=True,
@@ -261,6 +320,7 @@ def _train(cfg: PriceFusionConfig, run_dir: Path, on_epoch: Callable[[int, float
                                group_column=cfg.data.group_column, structural=cfg.data.structural)
     start = open_run(run_dir, cfg, resume=cfg.train.resume, checkpoint_dirs=_checkpoint_dirs(run_dir, cfg.train.kfold),
                      fingerprint=run_fingerprint(cfg), resume_key="train.resume")
+    barrier()  # every rank has decided fresh-or-resume before rank 0 writes split.json or a checkpoint
     log.info("%d training products (%d skipped for bad prices), %d with images", len(data), catalog.n_bad_prices,
              int(data.has_image.sum()))
 
@@ -268,31 +328,36 @@ def _train(cfg: PriceFusionConfig, run_dir: Path, on_epoch: Callable[[int, float
         fits = _read_split(run_dir, catalog.sample_ids)  # never re-drawn under a resumed run
     else:
         groups = product_groups(catalog, cfg.data.group_key)
-        fits = make_fits(cfg, catalog.prices, groups)
-        write_json(run_dir / SPLIT_FILE, {
-            "kfold": cfg.train.kfold, "refit": cfg.train.refit, "n_groups": int(len(np.unique(groups))),
-            "groups": cfg.data.group_column or cfg.data.group_key,
-            "val_ids": [catalog.sample_ids[held_out].tolist() for _, _, held_out in fits],
-            "early_stopping_ids": [catalog.sample_ids[stop].tolist() for _, stop, _ in fits]})
+        fits = make_fits(cfg, catalog.prices, groups)  # the same on every rank (seeded)
+        if is_main_process():
+            write_json(run_dir / SPLIT_FILE, {
+                "kfold": cfg.train.kfold, "refit": cfg.train.refit, "n_groups": int(len(np.unique(groups))),
+                "groups": cfg.data.group_column or cfg.data.group_key,
+                "val_ids": [catalog.sample_ids[held_out].tolist() for _, _, held_out in fits],
+                "early_stopping_ids": [catalog.sample_ids[stop].tolist() for _, stop, _ in fits]})
 
     out_of_fold = np.full(len(data), np.nan)
     fold_dirs = [run_dir / f"fold_{k}" if cfg.train.kfold else run_dir for k in range(len(fits))]
     for fold_dir, (fit_rows, stop_rows, held_out) in zip(fold_dirs, fits):
         model = fit_one(cfg, fold_dir, data.subset(fit_rows), data.subset(stop_rows), start.fingerprint, start.resume,
-                        on_epoch=on_epoch)
+                        on_epoch=on_epoch, dist_info=dist_info)
         if model is None:
             log.info("stopped after train.max_epochs_this_run=%d epochs; run again to resume",
                      cfg.train.max_epochs_this_run)
             return 0
         out_of_fold[held_out] = predict_log_price(model, data.subset(held_out))
     if cfg.train.refit:
+        barrier()  # rank 0 wrote the folds' done.json and histories that refit_plan reads
         epochs, rates = refit_plan(fold_dirs, cfg.train.lr)
         log.info("refit on all %d training rows for %d epochs", len(data), epochs)
         refit_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
-        if fit_one(refit_cfg, run_dir / REFIT_DIR, data, None, start.fingerprint, start.resume, rates) is None:
+        if fit_one(refit_cfg, run_dir / REFIT_DIR, data, None, start.fingerprint, start.resume, rates,
+                   dist_info=dist_info) is None:
             log.info("stopped after train.max_epochs_this_run; run again to resume")
             return 0
 
+    if not is_main_process():
+        return 0  # rank 0 writes the predictions and the report
     val_rows = np.sort(np.concatenate([held_out for _, _, held_out in fits]))
     name = "oof_predictions.csv" if cfg.train.kfold else "val_predictions.csv"
     write_predictions(run_dir / "predictions" / name, catalog.sample_ids[val_rows],

@@ -112,7 +112,11 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, count, _ = lm_loss(train_model, batch, vocab_size)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages the ranks' gradients, and each rank's loss is a mean over its own next-event targets;
+            # weighting it by its share of the global batch's targets (x world size) makes that average the
+            # gradient of the mean over all targets, as one process on the whole batch computes it
+            share = count * dist_info.world_size / max(float(all_reduce_sum(float(count))), 1.0)
+            (loss * share).backward()
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()

@@ -16,6 +16,7 @@ STAGES = {
     "export_onnx": "encoder + cached decoder step to ONNX, onnxruntime parity",
     "ablation_gamma": "focal-gamma table (CE, +label smoothing, gamma 1/2/3)",
     "ablation_modality": "sensor-modality table (remove each channel group)",
+    "measured_only": "headline: measured channels only vs all channels vs nearest neighbour (op + token acc)",
 }
 
 

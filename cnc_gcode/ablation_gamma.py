@@ -5,7 +5,9 @@
 Rows (ablation.gammas): `ce` cross-entropy, `ce+ls` cross-entropy with label smoothing (train.label_smoothing),
 a number g = focal loss with gamma g and label smoothing. Each run lives in <run_dir>/ablations/gamma_<row>/
 (and resumes there). Writes <run_dir>/reports/ablation_gamma.{md,json,png}: test token accuracy (constrained
-greedy), line exact match and operation accuracy per row.
+greedy), line exact match and operation accuracy per row. `ablation.seeds=[0,1,2]` trains each row once per seed
+(decoder initialisation, dropout and batch order; the frozen encoder is the run's) in gamma_<row>_seed<N>/, and the
+table gives the mean and sample standard deviation over the seeds (per-seed values in the JSON).
 """
 
 from __future__ import annotations
@@ -13,9 +15,19 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
+
 from cnc_gcode.config import CncConfig
 from cnc_gcode.evaluate import predict_windows, score
-from cnc_gcode.runtime import DECODER_DIR, cap_windows, encoder_path, load_models, load_split, set_threads
+from cnc_gcode.runtime import (
+    DECODER_DIR,
+    cap_windows,
+    encoder_path,
+    groups_used,
+    load_models,
+    load_split,
+    set_threads,
+)
 from cnc_gcode.train import train
 from common.cli import UserError, config_main
 from common.io import atomic_write, atomic_write_text, write_json
@@ -64,33 +76,67 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SEED_METRICS = ("token_acc", "line_exact_match", "operation_acc")
+
+
+def seed_summary(per_seed: list[dict]) -> dict:
+    """Mean of each metric over seeds (under the metric's own name), its sample std (`<metric>_std`, 0 for one seed)
+    and the per-seed scores (`per_seed`)."""
+    out: dict = {}
+    for key in per_seed[0]:
+        if key == "seed":
+            continue
+        values = [s[key] for s in per_seed]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = float(np.mean(values))
+            if key in SEED_METRICS:
+                out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        else:
+            out[key] = values[0]
+    out["per_seed"] = per_seed
+    return out
+
+
+def mean_cell(row: dict, key: str, seeds: int) -> str:
+    return f"{row[key]:.4f} ± {row[key + '_std']:.4f}" if seeds > 1 else f"{row[key]:.4f}"
+
+
 def ablation_gamma(cfg: CncConfig) -> int:
     set_threads(cfg)
     setup_logging()
     encoder_ckpt = encoder_path(cfg)
+    seeds = list(cfg.ablation.seeds) or [cfg.run.seed]
     results = []
     for row in map(str, cfg.ablation.gammas):
         gamma, smoothing = loss_setting(row, cfg.train.label_smoothing)
-        sub = copy.deepcopy(cfg)
-        sub.run.out_dir = str(cfg.run.run_dir / "ablations")
-        sub.run.name = f"gamma_{row.replace('+', '_')}"
-        sub.train.focal_gamma, sub.train.label_smoothing = gamma, smoothing
-        sub.train.encoder_checkpoint = str(encoder_ckpt)
-        if cfg.ablation.epochs:
-            sub.train.epochs = cfg.ablation.epochs
-            sub.train.warmup_epochs = min(sub.train.warmup_epochs, cfg.ablation.epochs)
-        log.info("ablation row %s: gamma=%s label_smoothing=%s", row, gamma, smoothing)
-        train(sub)
-        encoder, decoder, vocab, meta = load_models(sub, sub.run.run_dir / DECODER_DIR / "checkpoints" / "best")
-        test = cap_windows(load_split(cfg, "test", vocab, int(meta["continuous_dim"])), cfg.eval.max_windows,
-                           cfg.run.seed)
-        scores = score(vocab, test, *predict_windows(encoder, decoder, vocab, test, cfg.eval.batch_size))
-        results.append({"row": row, "gamma": gamma, "label_smoothing": smoothing, **scores})
+        per_seed = []
+        for seed in seeds:
+            sub = copy.deepcopy(cfg)
+            sub.run.out_dir = str(cfg.run.run_dir / "ablations")
+            sub.run.name = f"gamma_{row.replace('+', '_')}" + (f"_seed{seed}" if len(seeds) > 1 else "")
+            sub.run.seed = seed
+            sub.train.focal_gamma, sub.train.label_smoothing = gamma, smoothing
+            sub.train.encoder_checkpoint = str(encoder_ckpt)
+            if cfg.ablation.epochs:
+                sub.train.epochs = cfg.ablation.epochs
+                sub.train.warmup_epochs = min(sub.train.warmup_epochs, cfg.ablation.epochs)
+            log.info("ablation row %s seed %d: gamma=%s label_smoothing=%s", row, seed, gamma, smoothing)
+            train(sub)
+            encoder, decoder, vocab, meta = load_models(sub, sub.run.run_dir / DECODER_DIR / "checkpoints" / "best")
+            test = cap_windows(load_split(cfg, "test", vocab, int(meta["continuous_dim"])), cfg.eval.max_windows,
+                               cfg.run.seed)
+            scores = score(vocab, test, *predict_windows(encoder, decoder, vocab, test, cfg.eval.batch_size))
+            per_seed.append({"seed": seed, **scores})
+        results.append({"row": row, "gamma": gamma, "label_smoothing": smoothing, "channel_groups": groups_used(test),
+                        "seeds": seeds, **seed_summary(per_seed)})
     reports = cfg.run.run_dir / "reports"
     write_json(reports / "ablation_gamma.json", results)
+    n = len(seeds)
     table = markdown_table(["loss", "gamma", "label smoothing", "token acc", "line exact", "operation acc"],
-                           [[r["row"], r["gamma"], r["label_smoothing"], r["token_acc"], r["line_exact_match"],
-                             r["operation_acc"]] for r in results])
+                           [[r["row"], r["gamma"], r["label_smoothing"], mean_cell(r, "token_acc", n),
+                             mean_cell(r, "line_exact_match", n), mean_cell(r, "operation_acc", n)] for r in results])
+    table = (f"Input groups: {', '.join(results[0]['channel_groups'])}; "
+             f"{'mean ± std over seeds ' + str(seeds) if n > 1 else 'seed ' + str(seeds[0])}\n\n" + table)
     atomic_write_text(reports / "ablation_gamma.md", table)
     bar_chart([r["row"] for r in results], [r["token_acc"] for r in results], reports / "ablation_gamma.png",
               "test token accuracy", "decoder loss ablation")

@@ -42,6 +42,9 @@ class DataConfig:
     """skip: drop windows holding NaN/inf and count them; error: refuse the file."""
     max_train_windows: int = 0
     """Cap on training windows (0 = all), taken as a seeded random subset."""
+    channel_groups: list[str] = field(default_factory=list)
+    """Input groups the model reads (empty = every channel). Simulator data: measured_motion, drives, spindle,
+    process (measured) and commanded (controller setpoints); the groups are recorded in each NPZ (channel_groups)."""
 
     def __post_init__(self) -> None:
         if self.nan_policy not in ("skip", "error"):
@@ -186,6 +189,25 @@ class AblationConfig:
     """Epochs per ablation run (0 = train.epochs)."""
     groups: list[str] = field(default_factory=list)
     """Channel groups to remove one at a time (empty = all groups listed in the data's channels.json)."""
+    seeds: list[int] = field(default_factory=list)
+    """Seeds of the repeats (empty = [run.seed]): ablation_gamma trains one decoder per row and seed over the frozen
+    encoder; ablation_modality evaluates the configured run for run.seed and trains an encoder + decoder in
+    <run_dir>/ablations/modality_seed<N> for each other seed. With several seeds the tables give mean and spread
+    (sample std) over them."""
+    seed_runs: list[str] = field(default_factory=list)
+    """ablation_modality: run directories of already trained pipelines for the seeds other than run.seed, in the
+    order of ablation.seeds (e.g. the measured_only stage's <setting>_seed<N>); empty = train them."""
+
+
+@dataclass
+class MeasuredOnlyConfig:
+    measured_groups: list[str] = field(default_factory=lambda: ["measured_motion", "drives", "spindle", "process"])
+    """Input groups of the 'measured only' rows: every group but the controller's setpoints (commanded)."""
+    seeds: list[int] = field(default_factory=list)
+    """run.seed of each training repeat (empty = [run.seed]); with several, the table gives mean and spread (sample
+    std) over them."""
+    neighbors: int = 1
+    """k of the nearest-neighbour baseline (k=1: the token sequence and operation of the nearest training window)."""
 
 
 @dataclass
@@ -291,5 +313,6 @@ class CncConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     umich: UmichConfig = field(default_factory=UmichConfig)
+    measured_only: MeasuredOnlyConfig = field(default_factory=MeasuredOnlyConfig)
     build_vocab: BuildVocabConfig = field(default_factory=BuildVocabConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)

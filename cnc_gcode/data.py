@@ -9,13 +9,19 @@ token rows longer than the vocabulary's `max_tokens`, and tokens written with an
 file names its vocabulary by `vocab_digest` (`Vocabulary.digest()`), and a missing or different digest is refused,
 because ids of another vocabulary would load and decode to other words. Windows holding NaN/inf are skipped and counted
 (`nan_policy: skip`) or refused (`nan_policy: error`).
+
+Input groups: a file may record `channel_groups` (a JSON string {group: [channel names]}, continuous and categorical
+names; sample_data and simulate write it) and `categorical_names` [K]; files without them use `input_groups` (or
+`groups`) of the channels.json beside them. `select_groups` keeps the continuous channels of the chosen groups (the
+model's input width follows) and holds the categorical channels of the other groups at 0, so they carry nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,8 @@ from common.io import require_finite
 log = logging.getLogger(__name__)
 REQUIRED_SENSOR_KEYS = ("continuous", "categorical")
 LABEL_KEYS = ("tokens", "operation_type")
+CHANNEL_GROUPS_KEY = "channel_groups"
+CATEGORICAL_NAMES_KEY = "categorical_names"
 
 
 @dataclass
@@ -40,6 +48,11 @@ class Windows:
     extra: dict[str, np.ndarray]
     skipped_nan: int = 0
     source: str = ""
+    categorical_names: list[str] = field(default_factory=list)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    """Input groups the file records: group -> channel names (continuous and categorical)."""
+    groups_used: list[str] = field(default_factory=list)
+    """The groups `select_groups` kept (empty: all channels, no selection)."""
 
     def __len__(self) -> int:
         return len(self.continuous)
@@ -49,7 +62,7 @@ class Windows:
             return None if array is None else array[index]
         return Windows(self.continuous[index], self.categorical[index], pick(self.tokens),
                        pick(self.operation_type), self.channel_names, {k: v[index] for k, v in self.extra.items()},
-                       self.skipped_nan, self.source)
+                       self.skipped_nan, self.source, self.categorical_names, self.groups, self.groups_used)
 
 
 def _check(condition: bool, path: Path, key: str, message: str) -> None:
@@ -116,11 +129,15 @@ def load_windows(path: str | Path, vocab: Vocabulary | None = None, categorical_
                    f"(encoder.n_operations)")
     names = [str(x) for x in data["channel_names"]] if "channel_names" in data else \
         [f"channel_{i}" for i in range(cont.shape[2])]
+    cat_names = [str(x) for x in data[CATEGORICAL_NAMES_KEY]] if CATEGORICAL_NAMES_KEY in data else \
+        [f"categorical_{i}" for i in range(cat.shape[2])]
     extra = {k: v for k, v in data.items()
-             if k not in needed + ("channel_names", VOCAB_DIGEST_KEY) and v.shape[:1] == (len(cont),)}
+             if k not in needed + ("channel_names", VOCAB_DIGEST_KEY, CATEGORICAL_NAMES_KEY)
+             and v.shape[:1] == (len(cont),)}
     windows = Windows(cont.astype(np.float32, copy=False), cat.astype(np.int64, copy=False),
                       None if tokens is None else tokens.astype(np.int64),
-                      None if operation is None else operation.astype(np.int64), names, extra, 0, str(path))
+                      None if operation is None else operation.astype(np.int64), names, extra, 0, str(path),
+                      cat_names, _recorded_groups(data, path))
     finite = np.isfinite(windows.continuous).all(axis=(1, 2))
     if not finite.all():
         n_bad = int((~finite).sum())
@@ -133,6 +150,69 @@ def load_windows(path: str | Path, vocab: Vocabulary | None = None, categorical_
         if len(windows) == 0:
             raise UserError(f"{path}: every window holds NaN/inf sensor values; nothing left to use")
     return windows
+
+
+def _recorded_groups(data: dict[str, np.ndarray], path: Path) -> dict[str, list[str]]:
+    """The file's input groups: its `channel_groups` key, else channels.json beside it (input_groups, or groups)."""
+    if CHANNEL_GROUPS_KEY in data:
+        try:
+            groups = json.loads(str(data[CHANNEL_GROUPS_KEY]))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: key '{CHANNEL_GROUPS_KEY}' is not a JSON object of group -> channel names "
+                            f"({exc})") from exc
+        _check(isinstance(groups, dict), path, CHANNEL_GROUPS_KEY, "must be a JSON object of group -> channel names")
+        return {str(k): [str(c) for c in v] for k, v in groups.items()}
+    beside = path.parent / "channels.json"
+    if beside.is_file():
+        try:
+            info = json.loads(beside.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+        groups = info.get("input_groups") or info.get("groups") or {}
+        return {str(k): [str(c) for c in v] for k, v in groups.items()} if isinstance(groups, dict) else {}
+    return {}
+
+
+def select_groups(windows: Windows, wanted: list[str]) -> Windows:
+    """Keep the continuous channels of the `wanted` input groups (in file order) and zero the categorical channels of
+    the others. Empty `wanted`: all channels. UserError naming an unknown group and the known ones."""
+    if not wanted:
+        return windows
+    groups = windows.groups
+    if not groups:
+        raise UserError(f"config key 'data.channel_groups': {windows.source} records no channel groups (no "
+                        f"'{CHANNEL_GROUPS_KEY}' key and no channels.json beside it); re-create the data with "
+                        f"sample_data / simulate, or leave data.channel_groups empty to use all channels")
+    unknown = [g for g in wanted if g not in groups]
+    if unknown:
+        raise UserError(f"config key 'data.channel_groups': unknown group(s) {', '.join(map(repr, unknown))} in "
+                        f"{windows.source}; known groups: {', '.join(sorted(groups))}")
+    chosen = {c for g in wanted for c in groups[g]}
+    keep = [i for i, name in enumerate(windows.channel_names) if name in chosen]
+    if not keep:
+        raise UserError(f"config key 'data.channel_groups': {list(wanted)} hold no continuous channel of "
+                        f"{windows.source}; add a group with continuous channels")
+    categorical = windows.categorical
+    off = [i for i, name in enumerate(windows.categorical_names) if name not in chosen]
+    if off:
+        categorical = categorical.copy()
+        categorical[..., off] = 0
+    return Windows(np.ascontiguousarray(windows.continuous[..., keep]), categorical, windows.tokens,
+                   windows.operation_type, [windows.channel_names[i] for i in keep], windows.extra,
+                   windows.skipped_nan, windows.source, windows.categorical_names, groups, list(wanted))
+
+
+def check_channels(windows: Windows, channel_names: list[str] | None, continuous_dim: int | None) -> None:
+    """UserError unless the (selected) windows have the channels the model was trained with."""
+    path = windows.source
+    if continuous_dim is not None and windows.continuous.shape[2] != continuous_dim:
+        raise UserError(f"{path}: key 'continuous': has C={windows.continuous.shape[2]} channels "
+                        f"({'groups ' + ', '.join(windows.groups_used) if windows.groups_used else 'all channels'}) "
+                        f"but the model was trained with C={continuous_dim}; use the same data.channel_groups and "
+                        f"channel list (channel_names) as in training, or retrain")
+    if channel_names is not None and list(channel_names) != windows.channel_names:
+        raise UserError(f"{path}: channels {windows.channel_names} differ from the model's {list(channel_names)}; "
+                        f"use the data.channel_groups the model was trained with")
 
 
 def check_vocab_digest(data: dict[str, np.ndarray], path: Path, vocab: Vocabulary) -> None:

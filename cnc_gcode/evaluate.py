@@ -21,7 +21,7 @@ from cnc_gcode.config import CncConfig
 from cnc_gcode.data import Windows, batches, load_windows
 from cnc_gcode.decoding import decode_cached
 from cnc_gcode.metrics import baselines, token_metrics
-from cnc_gcode.runtime import cap_windows, load_models, load_split, set_threads, split_path
+from cnc_gcode.runtime import cap_windows, groups_used, load_models, load_split, set_threads, split_path
 from cnc_gcode.simulator import OPERATIONS
 from common.cli import config_main
 from common.io import atomic_write, atomic_write_text, write_json
@@ -99,11 +99,12 @@ def evaluate(cfg: CncConfig) -> int:
     reports = cfg.run.run_dir / "reports"
     setup_logging()
     encoder, decoder, vocab, meta = load_models(cfg)
-    windows = cap_windows(load_split(cfg, cfg.eval.split, vocab, int(meta["continuous_dim"])),
+    windows = cap_windows(load_split(cfg, cfg.eval.split, vocab, int(meta["continuous_dim"]), meta.get("channel_names")),
                           cfg.eval.max_windows, cfg.run.seed)
     op_pred, token_pred = predict_windows(encoder, decoder, vocab, windows, cfg.eval.batch_size)
     results = {"split": cfg.eval.split, "path": split_path(cfg, cfg.eval.split), "n_windows": len(windows),
-               "skipped_nan_windows": windows.skipped_nan, "vocab_size": vocab.size, **score(vocab, windows, op_pred,
+               "skipped_nan_windows": windows.skipped_nan, "channel_groups": groups_used(windows),
+               "channels": windows.channel_names, "vocab_size": vocab.size, **score(vocab, windows, op_pred,
                                                                                             token_pred)}
     train = load_windows(cfg.data.train_path, vocab, labels=True, nan_policy="skip")
     results.update(baselines(vocab, train.tokens, windows.tokens, cfg.run.seed))
@@ -117,6 +118,7 @@ def evaluate(cfg: CncConfig) -> int:
     for i in range(min(40, len(windows))):
         lines.append(f"{vocab.decode_line(windows.tokens[i]):<40} | {vocab.decode_line(token_pred[i])}")
     atomic_write_text(reports / f"samples_{cfg.eval.split}.txt", "\n".join(lines) + "\n")
+    log.info("input groups: %s", ", ".join(results["channel_groups"]))
     log.info("%s: operation_acc %.4f token_acc %.4f (majority %.4f, random %.4f) line_exact %.4f", cfg.eval.split,
              results["operation_acc"], results["token_acc"], results["majority_token_acc"],
              results["random_token_acc"], results["line_exact_match"])

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from cnc_gcode.config import CncConfig
-from cnc_gcode.data import load_windows
+from cnc_gcode.data import check_channels, load_windows, select_groups
 from cnc_gcode.evaluate import operation_names, predict_windows
 from cnc_gcode.runtime import load_models, set_threads
 from common.cli import UserError, config_main
@@ -42,7 +42,10 @@ def predict(cfg: CncConfig) -> int:
         raise UserError("config key 'predict.input' is empty; pass predict.input=PATH/TO/windows.npz")
     encoder, decoder, vocab, meta = load_models(cfg)
     windows = load_windows(cfg.predict.input, categorical_dims=cfg.encoder.categorical_dims,
-                           nan_policy=cfg.data.nan_policy, labels=False, continuous_dim=int(meta["continuous_dim"]))
+                           nan_policy=cfg.data.nan_policy, labels=False)
+    # the input groups the model was trained on (its checkpoint records them)
+    windows = select_groups(windows, meta.get("channel_groups") or cfg.data.channel_groups)
+    check_channels(windows, None, int(meta["continuous_dim"]))
     op_pred, token_pred = predict_windows(encoder, decoder, vocab, windows)
     lines = [vocab.decode_line(row) for row in token_pred]
     names = operation_names(cfg.encoder.n_operations, cfg.data.train_path)

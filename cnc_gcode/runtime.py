@@ -9,13 +9,13 @@ import numpy as np
 import torch
 
 from cnc_gcode.config import CncConfig, DecoderConfig, EncoderConfig
-from cnc_gcode.data import Windows, load_windows
+from cnc_gcode.data import Windows, check_channels, load_windows, select_groups
 from cnc_gcode.model import MMDTAELSTM, SensorMultiHeadDecoder, build_decoder, build_encoder
 from cnc_gcode.tokenizer import Vocabulary, load_vocabulary
 from common.checkpoint import find_checkpoint, load_checkpoint
 from common.cli import UserError
 from common.config import to_dict
-from common.distributed import DistInfo, is_distributed, setup_distributed
+from common.distributed import DistInfo, setup_distributed
 from common.runs import make_fingerprint
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,6 @@ def rank_rows(batch_rows: int, info: DistInfo) -> tuple[np.ndarray, float]:
     return positions, len(positions) / batch_rows
 
 
-def main_rank_value(value):
-    """Rank 0's `value` on every rank (`value` itself in one process): validation is computed by rank 0 alone, and
-    early stopping and `best` must agree across ranks."""
-    if not is_distributed():
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def split_path(cfg: CncConfig, split: str) -> str:
     paths = {"train": cfg.data.train_path, "val": cfg.data.val_path, "test": cfg.data.test_path}
     if split not in paths:
@@ -61,9 +51,21 @@ def split_path(cfg: CncConfig, split: str) -> str:
     return paths[split]
 
 
-def load_split(cfg: CncConfig, split: str, vocab: Vocabulary, continuous_dim: int | None = None) -> Windows:
-    return load_windows(split_path(cfg, split), vocab, cfg.encoder.categorical_dims, cfg.encoder.n_operations,
-                        cfg.data.nan_policy, continuous_dim=continuous_dim)
+def load_split(cfg: CncConfig, split: str, vocab: Vocabulary, continuous_dim: int | None = None,
+               channel_names: list[str] | None = None) -> Windows:
+    """One split's windows with the configured input groups (data.channel_groups) selected, checked against the
+    model's width and channel names when given."""
+    windows = load_windows(split_path(cfg, split), vocab, cfg.encoder.categorical_dims, cfg.encoder.n_operations,
+                           cfg.data.nan_policy)
+    windows = select_groups(windows, cfg.data.channel_groups)
+    check_channels(windows, channel_names, continuous_dim)
+    return windows
+
+
+def groups_used(windows: Windows) -> list[str]:
+    """The input groups a stage used, for its reports: the selected ones, else every group the file records, else
+    ['all channels']."""
+    return list(windows.groups_used) or sorted(windows.groups) or ["all channels"]
 
 
 # Data paths are volatile in the fingerprint: the files they name are recorded by size and SHA-256 instead, so a moved
@@ -76,6 +78,8 @@ def stage_fingerprint(cfg: CncConfig, sections: tuple[str, ...], data: dict[str,
     weights plus run.seed, and the identity of the files in `data` (the training/validation windows, the vocabulary
     file when one is configured, the frozen encoder's weights). Epochs, threads, names and paths are left out."""
     full = to_dict(cfg)
+    if not cfg.data.channel_groups:  # all channels, as before the key existed: runs from then still resume
+        full["data"].pop("channel_groups", None)
     config = {"run": {"seed": cfg.run.seed}, **{name: full[name] for name in sections}}
     files = dict(data)
     if cfg.data.vocab_path:
@@ -99,13 +103,14 @@ def cap_windows(windows: Windows, limit: int, seed: int) -> Windows:
 
 def encoder_meta(cfg: CncConfig, continuous_dim: int, channel_names: list[str]) -> dict:
     return {"kind": KIND_ENCODER, "encoder": to_dict(cfg.encoder), "continuous_dim": continuous_dim,
-            "channel_names": channel_names}
+            "channel_names": channel_names, "channel_groups": list(cfg.data.channel_groups)}
 
 
 def decoder_meta(cfg: CncConfig, vocab: Vocabulary, encoder_ckpt: Path, enc_meta: dict) -> dict:
     return {"kind": KIND_DECODER, "decoder": to_dict(cfg.decoder), "vocab": vocab.fingerprint(),
             "encoder_checkpoint": str(encoder_ckpt), "encoder": enc_meta["encoder"],
-            "continuous_dim": enc_meta["continuous_dim"], "channel_names": enc_meta["channel_names"]}
+            "continuous_dim": enc_meta["continuous_dim"], "channel_names": enc_meta["channel_names"],
+            "channel_groups": enc_meta.get("channel_groups", [])}
 
 
 def load_encoder(path: str | Path) -> tuple[MMDTAELSTM, dict, Path]:

@@ -10,7 +10,11 @@ Writes OUT/train.npz, val.npz, test.npz with
     operation_type  [N]        int64     one of 9 operations (simulator.OPERATIONS)
     program_id, line_index [N] int64     provenance of each window
     channel_names   [C]        str
+    categorical_names [4]      str
+    channel_groups  []         str       JSON {group: [channel names]} of the input groups (simulator.INPUT_GROUPS)
 plus OUT/programs/*.nc (the G-code that was executed), OUT/channels.json and OUT/manifest.json.
+Programs use continuous coordinates (3 decimals) and feeds (1 decimal) unless --grid is given, and each cutting
+operation draws its spindle speed from one shared range (see cnc_gcode.simulator).
 Programs, not windows, are split (stratified by the program's first operation), so no program is in two splits.
 """
 
@@ -23,12 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cnc_gcode.data import CATEGORICAL_NAMES_KEY, CHANNEL_GROUPS_KEY
 from cnc_gcode.simulator import (
     CATEGORICAL_CHANNELS,
     CATEGORICAL_DIMS,
     CHANNEL_GROUPS,
     CHANNELS,
     CUTTING_OPS,
+    INPUT_GROUPS,
     OPERATIONS,
     MachineConfig,
     execute,
@@ -71,6 +77,12 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, write)
 
 
+def channel_arrays() -> dict[str, np.ndarray]:
+    """The channel names and input groups every simulator NPZ records (data.channel_groups selects from them)."""
+    return {"channel_names": np.asarray(CHANNELS), CATEGORICAL_NAMES_KEY: np.asarray(CATEGORICAL_CHANNELS),
+            CHANNEL_GROUPS_KEY: np.asarray(json.dumps({k: list(v) for k, v in INPUT_GROUPS.items()}))}
+
+
 def simulate_program(program_id: int, kind: str, seed: int, machine: MachineConfig, vocab: Vocabulary,
                      window: int, stride: int, max_per_line: int, grid_mm: float) -> tuple[list[str], dict]:
     """Generate, execute and window one program. Returns (G-code lines, arrays for its windows)."""
@@ -92,7 +104,7 @@ def simulate_program(program_id: int, kind: str, seed: int, machine: MachineConf
 
 
 def make_dataset(out_dir: str | Path, n_programs: int = 60, seed: int = 0, window: int = 64, stride: int = 16,
-                 max_per_line: int = 3, grid_mm: float = 5.0, value_mode: str = "exact") -> dict:
+                 max_per_line: int = 3, grid_mm: float = 0.0, value_mode: str = "exact") -> dict:
     """Simulate `n_programs` programs and write the three splits. Returns the manifest.
 
     value_mode 'exact' tokenizes with the default vocabulary, 'seed4' with the seed's 4-digit one
@@ -118,12 +130,13 @@ def make_dataset(out_dir: str | Path, n_programs: int = 60, seed: int = 0, windo
     for split in SPLITS:
         parts = [per_program[p] for p in splits[split]]
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        arrays["channel_names"] = np.asarray(CHANNELS)
+        arrays.update(channel_arrays())
         arrays[VOCAB_DIGEST_KEY] = np.asarray(vocab.digest())
         save_npz(out / f"{split}.npz", arrays)
         manifest["splits"][split] = {"programs": splits[split], "windows": int(len(arrays["tokens"]))}
     write_json(out / "channels.json", {"continuous": list(CHANNELS), "groups": {k: list(v) for k, v in
                                                                                CHANNEL_GROUPS.items()},
+                                       "input_groups": {k: list(v) for k, v in INPUT_GROUPS.items()},
                                        "categorical": list(CATEGORICAL_CHANNELS),
                                        "categorical_dims": list(CATEGORICAL_DIMS)})
     vocab.save(out / "vocab.json")
@@ -149,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--stride", type=int, default=16)
     parser.add_argument("--max-per-line", type=int, default=3)
-    parser.add_argument("--grid", type=float, default=5.0, help="coordinate grid of generated programs (mm)")
+    parser.add_argument("--grid", type=float, default=0.0,
+                        help="coordinate grid of generated programs in mm (0, the default: continuous coordinates "
+                             "with 3 decimals and feeds with 1; e.g. 5 for the earlier grid generator)")
     parser.add_argument("--value-mode", choices=("exact", "seed4"), default="exact",
                         help="token values exact (default vocabulary) or the seed's 4 significant digits "
                              "(then pass data.vocab_path=OUT/vocab.json)")

@@ -34,8 +34,8 @@ import numpy as np
 from cnc_gcode.build_vocab import GCODE_SUFFIXES
 from cnc_gcode.config import CncConfig
 from cnc_gcode.gcode import ModalState, ParsedLine, ParseReport, parse_line, read_program
-from cnc_gcode.sample_data import save_npz
-from cnc_gcode.simulator import CHANNELS, OPERATIONS, Machine, MachineConfig, MachineError, record, windows
+from cnc_gcode.sample_data import channel_arrays, save_npz
+from cnc_gcode.simulator import OPERATIONS, Machine, MachineConfig, MachineError, record, windows
 from cnc_gcode.tokenizer import (
     DEFAULT_COMMANDS,
     DEFAULT_LETTERS,
@@ -200,7 +200,7 @@ def simulate(cfg: CncConfig) -> int:
                         f"vocabulary holds (see the counts per reason above); check the files or lower "
                         f"simulate.window")
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    arrays["channel_names"] = np.asarray(CHANNELS)
+    arrays.update(channel_arrays())
     arrays[VOCAB_DIGEST_KEY] = np.asarray(vocab.digest())
     save_npz(out, arrays)
     vocab_path = Path(sc.vocab_path) if sc.vocab_path else out.with_name(f"{out.stem}_vocab.json")

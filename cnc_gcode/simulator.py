@@ -27,9 +27,19 @@ Categorical channels (4, three values each): motion_mode (0 rapid/idle, 1 linear
 spindle_state (0 off, 1 cw, 2 ccw), coolant (0 off, 1 mist, 2 flood), motion_phase (0 still, 1 accelerating,
 2 cruising or decelerating).
 
-Programs are generated inside the original's vocabulary (G0 G1 G3 G53 M30; X Y Z R F): nine operation types,
-each with its own tool (spindle speed band) and motion pattern. Coordinates sit on a `grid_mm` grid, as CAM
-output for simple prismatic parts does; F is written on every feed line (the "always output feed" post option).
+Input groups (`INPUT_GROUPS`, recorded in every NPZ as `channel_groups` and chosen with `data.channel_groups`):
+measured_motion (actual position, velocity, acceleration, proximity; categorical motion_phase), drives (axis motor
+currents), spindle (actual speed and current; spindle_state), process (vibration, coolant pressure; coolant) and
+commanded (the controller's setpoints: command position, distance to go, feed and spindle commands; categorical
+motion_mode, which is the programmed G0/G1/G2-G3). The first four are what sensors on a machine measure; commanded
+channels state the answer (command + dtg = the line's end point, feed_command = F).
+
+Programs are generated inside the original's vocabulary (G0 G1 G3 G53 M30; X Y Z R F): nine operation types, each
+with its own motion pattern. By default (`grid_mm=0`) coordinates and feature sizes are continuous, written with 3
+decimals, and feeds are drawn from each operation's continuous range with one decimal, as CAM output is; `grid_mm>0`
+snaps XY to that grid (and Z to 0.5 mm, feeds to 100 mm/min), the earlier generator. Each cutting operation of a
+program runs at a spindle speed drawn from one shared range (`SPINDLE_RPM_RANGE`), so the speed does not name the
+operation. F is written on every feed line (the "always output feed" post option).
 """
 
 from __future__ import annotations
@@ -64,9 +74,21 @@ CHANNEL_GROUPS = {
 }
 CATEGORICAL_CHANNELS = ("motion_mode", "spindle_state", "coolant", "motion_phase")
 CATEGORICAL_DIMS = (3, 3, 3, 3)
-# Spindle speed band (rpm) of each operation's tool; approach/retract run with the spindle of the next/last op.
-TOOL_RPM = {"face_mill": 3000, "pocket": 6000, "contour": 8000, "circular_pocket": 10000, "drill": 2000,
-            "slot": 5000, "engrave": 15000}
+# Input groups a config chooses from (data.channel_groups): each continuous and categorical channel is in exactly
+# one. Only `commanded` holds controller setpoints; the others are what sensors measure.
+INPUT_GROUPS = {
+    "measured_motion": ("actual_x", "actual_y", "actual_z", "velocity_x", "velocity_y", "velocity_z",
+                        "acceleration_x", "acceleration_y", "acceleration_z", "proximity", "motion_phase"),
+    "drives": ("current_x", "current_y", "current_z"),
+    "spindle": ("spindle_speed", "spindle_current", "spindle_state"),
+    "process": ("vibration_x", "vibration_y", "vibration_z", "coolant_pressure", "coolant"),
+    "commanded": ("command_x", "command_y", "command_z", "dtg_x", "dtg_y", "dtg_z", "feed_command",
+                  "spindle_command", "motion_mode"),
+}
+MEASURED_GROUPS = ("measured_motion", "drives", "spindle", "process")
+# Spindle speeds (rpm) of generated programs: each cutting operation draws its own from this one range;
+# approach/retract run with the spindle of the next/last operation.
+SPINDLE_RPM_RANGE = (2000.0, 15000.0)
 STOCK_TOP_MM = 0.0
 Z_GRID_MM = 0.5
 PROXIMITY_RANGE_MM = 10.0
@@ -116,12 +138,27 @@ class ProgramWriter:
         self.pos = np.array([0.0, 0.0, 10.0])
 
     def snap(self, value: float) -> float:
-        """XY coordinates and feature sizes on the program's grid."""
+        """XY coordinates and feature sizes: on the program's grid, or (grid 0) continuous with 3 decimals."""
+        if self.grid <= 0:
+            return round(float(value), 3)
         return round(round(value / self.grid) * self.grid, 3)
 
-    @staticmethod
-    def snap_z(value: float) -> float:
+    def snap_z(self, value: float) -> float:
+        if self.grid <= 0:
+            return round(float(value), 3)
         return round(round(value / Z_GRID_MM) * Z_GRID_MM, 3)
+
+    def feed(self, low: float, high: float) -> float:
+        """A feed from the operation's range: continuous with one decimal, or (on a grid) a multiple of 100."""
+        if self.grid <= 0:
+            return round(float(self.rng.uniform(low, high)), 1)
+        return _feed(self.rng, low, high)
+
+    def radius(self, choices: list[float]) -> float:
+        """Arc radius: a multiple of the grid, or (grid 0) continuous in the same span."""
+        if self.grid <= 0:
+            return round(float(self.rng.uniform(0.8 * min(choices), max(choices) * 2.5)), 3)
+        return float(self.rng.choice(choices)) * max(self.grid, 2.5)
 
     def move(self, op: str, code: str, x=None, y=None, z=None, feed=None, radius=None) -> None:
         target = self.pos.copy()
@@ -172,7 +209,7 @@ def _op_pocket(w: ProgramWriter, cx, cy, depth, feed):
 
 def _op_contour(w: ProgramWriter, cx, cy, depth, feed):
     half_w, half_h = w.snap(w.rng.uniform(8, 20)), w.snap(w.rng.uniform(6, 15))
-    r = float(w.rng.choice([1.0, 2.0])) * max(w.grid, 2.5)
+    r = w.radius([1.0, 2.0])
     w.move("contour", "G1", x=cx - half_w + r, y=cy - half_h, feed=feed)
     w.move("contour", "G1", z=depth, feed=feed)
     corners = [((cx + half_w - r, cy - half_h), (cx + half_w, cy - half_h + r)),
@@ -185,7 +222,7 @@ def _op_contour(w: ProgramWriter, cx, cy, depth, feed):
 
 
 def _op_circular(w: ProgramWriter, cx, cy, depth, feed):
-    radius = float(w.rng.choice([1, 2, 3, 4])) * max(w.grid, 2.5)
+    radius = w.radius([1.0, 2.0, 3.0, 4.0])
     w.move("circular_pocket", "G1", x=cx + radius, y=cy, feed=feed)
     w.move("circular_pocket", "G1", z=depth, feed=feed)
     for _ in range(int(w.rng.integers(1, 3))):
@@ -228,7 +265,7 @@ OP_WRITERS = {"face_mill": (_op_face, (-1.0, -0.5), (800, 2000)), "pocket": (_op
 CUTTING_OPS = tuple(OP_WRITERS)
 
 
-def generate_program(rng: np.random.Generator, kind: str, n_ops: int = 3, grid_mm: float = 5.0) -> tuple[list[str], list[int]]:
+def generate_program(rng: np.random.Generator, kind: str, n_ops: int = 3, grid_mm: float = 0.0) -> tuple[list[str], list[int]]:
     """A random program whose first cutting operation is `kind`. Returns (lines, operation index per line)."""
     w = ProgramWriter(rng, grid_mm)
     w.raw("approach", "G53 G0 Z0")
@@ -237,7 +274,7 @@ def generate_program(rng: np.random.Generator, kind: str, n_ops: int = 3, grid_m
         writer, (dmin, dmax), (fmin, fmax) = OP_WRITERS[op]
         cx, cy = w.snap(rng.uniform(30, 70)), w.snap(rng.uniform(30, 70))
         depth = w.snap_z(rng.uniform(dmin, dmax))
-        feed = _feed(rng, fmin, fmax)
+        feed = w.feed(fmin, fmax)
         w.move("approach", "G0", z=5.0)
         w.move("approach", "G0", x=cx, y=cy)
         w.move("approach", "G0", z=1.0)
@@ -550,18 +587,26 @@ def record(segments: list[Segment], ops: list[int], cfg: MachineConfig, rng: np.
     feed_cmd = np.concatenate([np.full(len(s.command_xyz), s.feed_mm_min) for s in segments])
     mode = np.concatenate([np.broadcast_to(s.mode, len(s.command_xyz)) for s in segments])
     operation = np.asarray(ops)[line_index]
-    op_names = [OPERATIONS[o] for o in operation]
-    # The spindle runs with the tool of the operation being cut (approach/retract keep the neighbouring tool).
+    # Each cutting operation (a run of lines of one cutting op) runs at a speed drawn from SPINDLE_RPM_RANGE;
+    # approach/retract keep the neighbouring operation's spindle.
+    is_cut = [OPERATIONS[op] in CUTTING_OPS for op in ops]
+    line_rpm, current, previous = np.zeros(len(ops)), 0.0, None
+    for i, op in enumerate(ops):
+        if is_cut[i] and op != previous:
+            current = round(float(rng.uniform(*SPINDLE_RPM_RANGE)), -1)
+        previous = op if is_cut[i] else None
+        line_rpm[i] = current if is_cut[i] else np.nan
     rpm = np.zeros(n)
     current_rpm = 0.0
+    sample_rpm = line_rpm[line_index] if len(ops) else np.zeros(n)
     for i in range(n):
-        current_rpm = TOOL_RPM.get(op_names[i], current_rpm)
+        current_rpm = current_rpm if np.isnan(sample_rpm[i]) else sample_rpm[i]
         rpm[i] = current_rpm
-    cutting_lines = [i for i, op in enumerate(ops) if OPERATIONS[op] in TOOL_RPM]
+    cutting_lines = [i for i, cut in enumerate(is_cut) if cut]
     if cutting_lines:
         rpm[line_index > cutting_lines[-1] + 1] = 0.0  # spindle stops after the retract that follows the last cut
-    first_cut = next((i for i, name in enumerate(op_names) if name in TOOL_RPM), 0)
-    rpm[:first_cut] = TOOL_RPM.get(op_names[first_cut], 0.0)
+    first_cut = int(np.flatnonzero(~np.isnan(sample_rpm))[0]) if (~np.isnan(sample_rpm)).any() else 0
+    rpm[:first_cut] = 0.0 if np.isnan(sample_rpm[first_cut]) else sample_rpm[first_cut]
     if any(s.spindle_rpm is not None for s in segments):  # a user program states its own spindle
         rpm = np.concatenate([np.full(len(s.command_xyz), s.spindle_rpm or 0.0) for s in segments])
 

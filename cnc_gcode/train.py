@@ -40,7 +40,6 @@ from cnc_gcode.runtime import (
     load_encoder,
     load_split,
     log_windows,
-    main_rank_value,
     rank_rows,
     set_threads,
     stage_fingerprint,
@@ -55,7 +54,7 @@ from common.checkpoint import (
     resume_from_checkpoint,
 )
 from common.cli import UserError, config_main
-from common.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, wrap_ddp
+from common.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, main_rank_value, wrap_ddp
 from common.logs import MetricsWriter, progress
 from common.losses import focal_loss
 from common.runs import open_run
@@ -120,8 +119,9 @@ def train(cfg: CncConfig) -> int:
     vocab = load_vocabulary(cfg.data.vocab_path)
     encoder, enc_meta, enc_ckpt = load_encoder(encoder_path(cfg))
     dim = int(enc_meta["continuous_dim"])
-    train_windows = cap_windows(load_split(cfg, "train", vocab, dim), cfg.data.max_train_windows, cfg.run.seed)
-    val_windows = load_split(cfg, "val", vocab, dim)
+    names = enc_meta.get("channel_names")
+    train_windows = cap_windows(load_split(cfg, "train", vocab, dim, names), cfg.data.max_train_windows, cfg.run.seed)
+    val_windows = load_split(cfg, "val", vocab, dim, names)
     # Refuses (exit 2, nothing written) to resume a run whose config, data or frozen encoder changed.
     fingerprint = stage_fingerprint(cfg, ("data", "encoder", "decoder", "train"),
                                     {"train": cfg.data.train_path, "val": cfg.data.val_path,

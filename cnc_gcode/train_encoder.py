@@ -34,9 +34,9 @@ from cnc_gcode.runtime import (
     ENCODER_DIR,
     cap_windows,
     encoder_meta,
+    groups_used,
     load_split,
     log_windows,
-    main_rank_value,
     rank_rows,
     set_threads,
     stage_fingerprint,
@@ -45,7 +45,7 @@ from cnc_gcode.runtime import (
 from cnc_gcode.tokenizer import load_vocabulary
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
 from common.cli import config_main
-from common.distributed import all_reduce_sum, barrier, cleanup_distributed, wrap_ddp
+from common.distributed import all_reduce_sum, barrier, cleanup_distributed, main_rank_value, wrap_ddp
 from common.io import write_json
 from common.logs import MetricsWriter, progress
 from common.metrics import macro_f1
@@ -106,6 +106,7 @@ def train_encoder(cfg: CncConfig) -> int:
     start = open_run(out, cfg, resume=tc.resume, checkpoint_dirs=[out / "checkpoints"], fingerprint=fingerprint,
                      resume_key="encoder_train.resume")
     log_windows(train, val)
+    log.info("input groups: %s (%d continuous channels)", ", ".join(groups_used(train)), train.continuous.shape[2])
     seed_everything(cfg.run.seed)
 
     encoder = build_encoder(cfg.encoder, train.continuous.shape[2])
@@ -190,7 +191,8 @@ def report_test(cfg: CncConfig, best: Path, train, vocab) -> dict:
     result = {"split": "test", "n_windows": len(test), "operation_acc": float((predicted == test.operation_type).mean()),
               "majority_operation_acc": float((test.operation_type == majority).mean()),
               "macro_f1": macro_f1(test.operation_type, predicted), "checkpoint": str(best),
-              "operations": names, "confusion": confusion.tolist()}
+              "operations": names, "confusion": confusion.tolist(), "channel_groups": groups_used(test),
+              "channels": test.channel_names}
     reports = cfg.run.run_dir / "reports"
     write_json(reports / "encoder_results_test.json", result)
     confusion_plot(test.operation_type, predicted, names,

@@ -29,10 +29,11 @@ REPO = Path(__file__).resolve().parents[2]
 def test_encoder_learns_operations(trained_run):
     runs, _ = trained_run
     result = json.loads((runs / "t" / "reports" / "encoder_results_test.json").read_text())
-    # measured 0.79, macro F1 0.73 (9 operations; the training majority class is absent from this test split, so
-    # the majority baseline scores 0.0 here; chance is about 0.11)
+    # measured 0.68, macro F1 0.43 on the continuous-coordinate sample programs with one shared spindle-speed range
+    # (0.79 / 0.73 when each operation had its own speed); 9 operations, the training majority class is absent from
+    # this test split, so the majority baseline scores 0.0 here; chance is about 0.11
     assert result["operation_acc"] > max(0.6, result["majority_operation_acc"] + 0.3), result
-    assert result["n_windows"] == 104 and result["macro_f1"] > 0.5, result
+    assert result["n_windows"] == 103 and result["macro_f1"] > 0.35, result
     assert (runs / "t" / "reports" / "encoder_confusion_test.png").stat().st_size > 1000
 
 
@@ -41,13 +42,14 @@ def test_evaluate_beats_the_baselines(trained_run, sample_dir):
     assert evaluate.main(args) == 0
     results = json.loads((runs / "t" / "reports" / "results_test.json").read_text())
     encoder = json.loads((runs / "t" / "reports" / "encoder_results_test.json").read_text())
-    assert results["n_windows"] == encoder["n_windows"] == 104
+    assert results["n_windows"] == encoder["n_windows"] == 103
     # the decoder checkpoint carries the same frozen encoder the encoder stage reported on
     assert results["operation_acc"] == encoder["operation_acc"]
-    # Learning thresholds, measured on this fixture: token 0.53 vs majority-per-position 0.35, line exact 0.20,
-    # command 1.0, type 0.91. An untrained or mis-wired decoder sits at or below the majority baseline.
+    # Learning thresholds, measured on this fixture (continuous coordinates, exact values): token 0.398 vs
+    # majority-per-position 0.252, line exact 0.194, command 0.84, type 0.81. An untrained or mis-wired decoder sits
+    # at or below the majority baseline.
     assert results["token_acc"] > results["majority_token_acc"] + 0.1, results
-    assert results["line_exact_match"] > 0.1 and results["command_acc"] > 0.9 and results["type_acc"] > 0.85, results
+    assert results["line_exact_match"] > 0.1 and results["command_acc"] > 0.75 and results["type_acc"] > 0.75, results
     assert results["random_token_acc"] < 0.05  # over 10^6 ids a random guess is almost never right
     # the majority baseline, recomputed here: the most frequent training id of each position, scored on non-PAD ids
     with np.load(sample_dir / "train.npz") as train_npz, np.load(sample_dir / "test.npz") as test_npz:
@@ -157,9 +159,12 @@ def test_ablations_write_tables(trained_run):
     results = json.loads((runs / "t" / "reports" / "results_test.json").read_text())
     assert rows[0]["token_acc"] == results["token_acc"] and rows[0]["channels"] == 0
     by_group = {r["removed"]: r for r in rows}
-    # the controller channels state the line's end point: removing them costs most (measured 0.477 vs 0.533)
-    assert by_group["- controller"]["token_acc"] < rows[0]["token_acc"] - 0.03
-    assert by_group["- controller"]["token_acc"] == min(r["token_acc"] for r in rows)
+    # Each removal changes the input: most rows differ from the full model. Removing the positions costs (measured
+    # 0.371 vs 0.398). On continuous coordinates this tiny model does not read exact values from the controller
+    # channels (removing them scores 0.430), so "controller costs most" (true on the 5 mm grid) is no longer asserted;
+    # the README's multi-seed tables measure the groups at a useful size.
+    assert sum(r["token_acc"] != rows[0]["token_acc"] for r in rows[1:]) >= 6
+    assert by_group["- position"]["token_acc"] < rows[0]["token_acc"] - 0.01
     assert ablation_gamma.main([*args, "ablation.gammas=[ce,2]", "ablation.epochs=1", "eval.max_windows=40"]) == 0
     gamma_rows = json.loads((runs / "t" / "reports" / "ablation_gamma.json").read_text())
     assert [(r["gamma"], r["label_smoothing"]) for r in gamma_rows] == [(0.0, 0.0), (2.0, 0.1)]

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 from common.cli import UserError
 
 SQLITE_PREFIX = "sqlite:///"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,3 +98,37 @@ def open_study(storage: str, study_name: str, *, direction: str, warmup_steps: i
                                        load_if_exists=True)
         except optuna.exceptions.DuplicatedStudyError:  # another node created it between the check and the insert
             return optuna.load_study(study_name=study_name, storage=rdb, pruner=pruner)
+
+
+def report_epoch(trial: Any, value: float, epoch: int, what: str) -> None:
+    """Report a trial's `value` after `epoch` to the pruner; raise optuna.TrialPruned (naming `what`) when it says
+    stop."""
+    import optuna
+
+    trial.report(value, epoch)
+    if trial.should_prune():
+        raise optuna.TrialPruned(f"{what} {value:.4f} at epoch {epoch}")
+
+
+def run_worker(study: Any, objective: Callable[[Any], float], n_trials: int, total_trials: int = 0) -> int:
+    """Run `n_trials` trials of `objective` on the shared `study` (every worker stops once the study holds
+    `total_trials`, 0 = no cap); a trial that raises stops the worker. Logs the study's trials by state; returns 0."""
+    import optuna
+
+    callbacks = [optuna.study.MaxTrialsCallback(total_trials, states=None)] if total_trials else []
+    study.optimize(objective, n_trials=n_trials, callbacks=callbacks, catch=())
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    log.info("study %s: %d trials (%s)", study.study_name, len(states),
+             {s: states.count(s) for s in sorted(set(states))})
+    return 0
+
+
+def best_completed_trial(study: Any, where: str, worker_cmd: str) -> Any:
+    """The study's best trial; UserError naming the study, `where` it is stored and the worker command to run when
+    no trial has completed."""
+    import optuna
+
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise UserError(f"study {study.study_name!r} in {where} has no completed trial; run more {worker_cmd} "
+                        "trials first")
+    return study.best_trial

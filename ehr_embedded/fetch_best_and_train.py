@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from common import studies
 from common.cli import UserError, config_main
 from common.io import write_json
 from ehr_embedded.config import TrainConfig
@@ -26,15 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def fetch_best_and_train(cfg: TrainConfig) -> int:
-    import optuna
-
     if cfg.training.task != "classification":
         raise UserError("fetch_best_and_train finetunes: it needs training.task=classification")
     study = open_study(cfg, create=False)
-    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        raise UserError(f"study {cfg.optuna.study!r} in {cfg.optuna.storage} has no completed trial; run more "
-                        "python -m ehr_embedded.optuna_worker trials first")
-    best = study.best_trial
+    best = studies.best_completed_trial(study, cfg.optuna.storage, "python -m ehr_embedded.optuna_worker")
     final_cfg = apply_params(cfg, best.params)
     log.info("best trial %d (tuning AUROC %.4f): %s", best.number, best.value, best.params)
     report = finetune(final_cfg)

@@ -28,7 +28,6 @@ directory and records the killed trial's number as its `failed_trial` system att
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,6 @@ from common import studies
 from common.cli import UserError, config_main
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.finetune import finetune
-
-log = logging.getLogger(__name__)
 
 
 def search_space(trial: Any, cfg: TrainConfig) -> dict[str, Any]:
@@ -95,8 +92,6 @@ def trial_config(cfg: TrainConfig, params: dict[str, Any], number: int) -> Train
 
 
 def worker(cfg: TrainConfig) -> int:
-    import optuna
-
     if cfg.training.task != "classification":
         raise UserError("optuna_worker tunes finetune: it needs training.task=classification")
     bad = [d for d in cfg.optuna.model_dims if d % cfg.model.n_heads]
@@ -104,7 +99,7 @@ def worker(cfg: TrainConfig) -> int:
         raise UserError(f"optuna.model_dims {bad} are not divisible by model.n_heads={cfg.model.n_heads}")
     study = open_study(cfg)
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: Any) -> float:
         trial_cfg = trial_config(cfg, search_space(trial, cfg), trial.number)
         trial.set_user_attr("run_dir", str(trial_cfg.training.output_dir))
         seen: list[float] = []
@@ -114,21 +109,12 @@ def worker(cfg: TrainConfig) -> int:
                 raise UserError(f"{cfg.data.embedding_output_dir}: the tuning split has one class only, so it has "
                                 "no AUROC to tune on; use a larger tuning split")
             seen.append(auroc)
-            trial.report(auroc, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"tuning AUROC {auroc:.4f} at epoch {epoch}")
+            studies.report_epoch(trial, auroc, epoch, "tuning AUROC")
 
         finetune(trial_cfg, on_epoch=report, held_out=False)
         return max(seen)
 
-    callbacks = []
-    if cfg.optuna.total_trials:
-        callbacks.append(optuna.study.MaxTrialsCallback(cfg.optuna.total_trials, states=None))
-    study.optimize(objective, n_trials=cfg.optuna.trials, callbacks=callbacks, catch=())
-    states = [t.state.name for t in study.trials]
-    log.info("study %s: %d trials (%s)", study.study_name, len(states),
-             {s: states.count(s) for s in sorted(set(states))})
-    return 0
+    return studies.run_worker(study, objective, cfg.optuna.trials, cfg.optuna.total_trials)
 
 
 main = config_main(TrainConfig, worker, __doc__, prog="python -m ehr_embedded.optuna_worker")

@@ -18,7 +18,8 @@ import json
 import logging
 from pathlib import Path
 
-from common.cli import UserError, config_main
+from common import studies
+from common.cli import config_main
 from common.logs import write_json
 
 from . import train as train_stage
@@ -29,14 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def fetch_best_and_train(cfg: PriceFusionConfig) -> int:
-    import optuna
-
     study = open_study(cfg, create=False)
-    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not completed:
-        raise UserError(f"study {cfg.optuna.study!r} in optuna.storage={cfg.optuna.storage} has no completed trial; "
-                        "run more python -m price_fusion.optuna_worker trials first")
-    best = study.best_trial
+    best = studies.best_completed_trial(study, f"optuna.storage={cfg.optuna.storage}",
+                                        "python -m price_fusion.optuna_worker")
     final_cfg = apply_params(cfg, best.params)
     log.info("best trial %d (val SMAPE %.3f%%): %s", best.number, best.value, best.params)
     code = train_stage.train(final_cfg)

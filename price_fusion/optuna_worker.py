@@ -27,7 +27,6 @@ recording the killed trial's number as the system attribute `failed_trial`.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ from common.cli import UserError, config_main
 from . import train as train_stage
 from .config import PriceFusionConfig
 
-log = logging.getLogger(__name__)
 PROG = "python -m price_fusion.optuna_worker"
 
 
@@ -98,12 +96,10 @@ def trial_config(cfg: PriceFusionConfig, params: dict[str, Any], number: int) ->
 
 
 def worker(cfg: PriceFusionConfig) -> int:
-    import optuna
-
     check_search_space(cfg)
     study = open_study(cfg)
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: Any) -> float:
         trial_cfg = trial_config(cfg, search_space(trial, cfg), trial.number)
         trial.set_user_attr("run_dir", str(Path(trial_cfg.runs_dir) / trial_cfg.run_name))
         best = math.inf
@@ -111,23 +107,14 @@ def worker(cfg: PriceFusionConfig) -> int:
         def report(epoch: int, val_smape: float) -> None:
             nonlocal best
             best = min(best, val_smape)
-            trial.report(val_smape, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val SMAPE {val_smape:.3f}% at epoch {epoch}")
+            studies.report_epoch(trial, val_smape, epoch, "val SMAPE %")
 
         train_stage.train(trial_cfg, on_epoch=report)
         if not math.isfinite(best):
             raise RuntimeError(f"trial {trial.number} reported no validation SMAPE")
         return best
 
-    callbacks = []
-    if cfg.optuna.total_trials:
-        callbacks.append(optuna.study.MaxTrialsCallback(cfg.optuna.total_trials, states=None))
-    study.optimize(objective, n_trials=cfg.optuna.trials, callbacks=callbacks, catch=())
-    states = [t.state.name for t in study.get_trials(deepcopy=False)]
-    log.info("study %s: %d trials (%s)", study.study_name, len(states),
-             {s: states.count(s) for s in sorted(set(states))})
-    return 0
+    return studies.run_worker(study, objective, cfg.optuna.trials, cfg.optuna.total_trials)
 
 
 main = config_main(PriceFusionConfig, worker, __doc__, prog=PROG)

@@ -18,21 +18,17 @@ import logging
 from building_embed.config import BuildingEmbedConfig
 from building_embed.train.optuna_worker import apply_params, open_study
 from building_embed.train.train import run_dir_of, run_training
-from common.cli import UserError, config_main
+from common import studies
+from common.cli import config_main
 from common.io import write_json
 
 log = logging.getLogger(__name__)
 
 
 def fetch_best_and_train(cfg: BuildingEmbedConfig) -> int:
-    import optuna
-
     study = open_study(cfg, create=False)
-    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not completed:
-        raise UserError(f"study {cfg.training.optuna_study!r} in {cfg.training.optuna_storage} has no completed "
-                        "trial; run more optuna_worker trials first")
-    best = study.best_trial
+    best = studies.best_completed_trial(study, cfg.training.optuna_storage,
+                                        "python -m building_embed.train.optuna_worker")
     final_cfg = apply_params(cfg, best.params)
     log.info("best trial %d (val mAP@R %.4f): %s", best.number, best.value, best.params)
     summary = run_training(final_cfg)

@@ -27,7 +27,6 @@ fresh trial directory and records `failed_trial` (the killed trial's number) in 
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,6 @@ from building_embed.config import BuildingEmbedConfig
 from building_embed.train.train import run_training
 from common import studies
 from common.cli import UserError, config_main
-
-log = logging.getLogger(__name__)
 
 
 def search_space(trial: Any, cfg: BuildingEmbedConfig) -> dict[str, Any]:
@@ -86,29 +83,18 @@ def trial_config(cfg: BuildingEmbedConfig, params: dict[str, Any], number: int) 
 
 
 def worker(cfg: BuildingEmbedConfig) -> int:
-    import optuna
-
     study = open_study(cfg)
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: Any) -> float:
         trial_cfg = trial_config(cfg, search_space(trial, cfg), trial.number)
         trial.set_user_attr("run_dir", str(Path(trial_cfg.paths.runs_dir) / trial_cfg.global_.run_name))
 
         def report(epoch: int, record: dict[str, Any]) -> None:
-            trial.report(record["val_map@r"], epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val mAP@R {record['val_map@r']:.4f} at epoch {epoch}")
+            studies.report_epoch(trial, record["val_map@r"], epoch, "val mAP@R")
 
         return float(run_training(trial_cfg, on_epoch=report, final_report=False)["best_val_map@r"])
 
-    callbacks = []
-    if cfg.training.optuna_total_trials:
-        callbacks.append(optuna.study.MaxTrialsCallback(cfg.training.optuna_total_trials, states=None))
-    study.optimize(objective, n_trials=cfg.training.optuna_trials, callbacks=callbacks, catch=())
-    states = [t.state.name for t in study.trials]
-    log.info("study %s: %d trials (%s)", study.study_name, len(states),
-             {s: states.count(s) for s in sorted(set(states))})
-    return 0
+    return studies.run_worker(study, objective, cfg.training.optuna_trials, cfg.training.optuna_total_trials)
 
 
 main = config_main(BuildingEmbedConfig, worker, __doc__, prog="python -m building_embed.train.optuna_worker")

@@ -33,17 +33,6 @@ def start_distributed() -> DistInfo:
     return setup_distributed("cpu")
 
 
-def rank_rows(batch_rows: int, info: DistInfo) -> tuple[np.ndarray, float]:
-    """This rank's part of a global batch of `batch_rows` rows: (positions rank::world_size in it, share of the
-    batch's rows). `*.batch_size` is the global batch, so 1 and N processes take the same optimizer steps. A rank left
-    without rows (a last batch smaller than the world) runs row 0 with share 0: it must still join each gradient
-    all-reduce."""
-    positions = np.arange(info.rank, batch_rows, info.world_size)
-    if len(positions) == 0:
-        return np.zeros(1, dtype=np.int64), 0.0
-    return positions, len(positions) / batch_rows
-
-
 def split_path(cfg: CncConfig, split: str) -> str:
     paths = {"train": cfg.data.train_path, "val": cfg.data.val_path, "test": cfg.data.test_path}
     if split not in paths:

@@ -40,7 +40,6 @@ from cnc_gcode.runtime import (
     load_encoder,
     load_split,
     log_windows,
-    rank_rows,
     set_threads,
     stage_fingerprint,
     start_distributed,
@@ -54,7 +53,15 @@ from common.checkpoint import (
     resume_from_checkpoint,
 )
 from common.cli import UserError, config_main
-from common.distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, main_rank_value, wrap_ddp
+from common.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    main_rank_value,
+    rank_part,
+    wrap_ddp,
+)
 from common.logs import MetricsWriter, progress
 from common.losses import focal_loss
 from common.runs import open_run
@@ -165,7 +172,7 @@ def train(cfg: CncConfig) -> int:
         sums: dict[str, float] = {}
         for batch in batches(len(train_windows), tc.batch_size,
                              epoch_order(len(train_windows), cfg.run.seed, epoch)):
-            mine, share = rank_rows(len(batch), dist_info)
+            mine, share = rank_part(len(batch), dist_info)
             idx = batch[mine]
             with torch.no_grad():
                 memory, _ = encoder(cont[idx], cat[idx])  # frozen encoder, eval mode

@@ -37,7 +37,6 @@ from cnc_gcode.runtime import (
     groups_used,
     load_split,
     log_windows,
-    rank_rows,
     set_threads,
     stage_fingerprint,
     start_distributed,
@@ -45,7 +44,7 @@ from cnc_gcode.runtime import (
 from cnc_gcode.tokenizer import load_vocabulary
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
 from common.cli import config_main
-from common.distributed import all_reduce_sum, barrier, cleanup_distributed, main_rank_value, wrap_ddp
+from common.distributed import all_reduce_sum, barrier, cleanup_distributed, main_rank_value, rank_part, wrap_ddp
 from common.io import write_json
 from common.logs import MetricsWriter, progress
 from common.metrics import macro_f1
@@ -135,7 +134,7 @@ def train_encoder(cfg: CncConfig) -> int:
         encoder.train()
         loss_sum = 0.0
         for batch in batches(len(train), tc.batch_size, epoch_order(len(train), cfg.run.seed, epoch)):
-            mine, share = rank_rows(len(batch), dist_info)
+            mine, share = rank_part(len(batch), dist_info)
             idx = batch[mine]
             clean = encoder.normalize(cont[batch])
             # noise for the whole global batch on every rank: one random stream, the one a single process draws

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -144,6 +145,21 @@ def all_reduce_sum(value: torch.Tensor | float) -> torch.Tensor | float:
 def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor | float:
     """Mean over ranks (identity in a single process)."""
     return _reduce(value, dist.ReduceOp.SUM, average=True)
+
+
+def rank_part(n_rows: int, info: DistInfo, weights: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+    """This rank's part of a global batch of `n_rows` rows when `batch_size` means the global batch: (positions
+    rank::world_size in it, this part's share of the batch's rows, or of `weights` [n_rows] when the batch loss is
+    a weighted mean). Weighting the rank's mean loss by share x world_size makes DDP's gradient average the global
+    batch's gradient, so 1 and N processes take the same steps. A rank left without rows (a last batch smaller than
+    the world) gets row 0 with share 0: it must still join each gradient all-reduce."""
+    positions = np.arange(info.rank, n_rows, info.world_size)
+    if len(positions) == 0:
+        return np.zeros(1, dtype=np.int64), 0.0
+    if weights is None:
+        return positions, len(positions) / n_rows
+    total = weights.double()
+    return positions, float(total[positions].sum() / total.sum())
 
 
 def main_rank_value(value: Any) -> Any:

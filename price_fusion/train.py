@@ -52,6 +52,7 @@ from common.distributed import (
     cleanup_distributed,
     is_main_process,
     main_rank_value,
+    rank_part,
     setup_distributed,
     wrap_ddp,
 )
@@ -88,18 +89,6 @@ def loss_weights(tc, target_log: torch.Tensor) -> torch.Tensor:
     if tc.loss == "weighted_smape":
         return price_tier_weights(target_log, tuple(tc.tier_edges), tuple(tc.tier_weights))
     return torch.ones_like(target_log)
-
-
-def rank_rows(rows: torch.Tensor, weights: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, float]:
-    """This rank's part of a global batch `rows` (positions rank::world_size) and its share of the batch loss's weight
-    (`weights` of the rows). The batch loss is the weight-share-weighted sum of the ranks' losses, so weighting each
-    rank's loss by share x world_size makes DDP's gradient average the global batch's gradient (x1.0 in one process).
-    A rank left without rows (a last batch smaller than the world) runs row 0 with share 0: it must still join each
-    gradient all-reduce."""
-    positions = torch.arange(info.rank, len(rows), info.world_size)
-    if len(positions) == 0:
-        return rows[:1], 0.0
-    return rows[positions], float(weights[positions].double().sum() / weights.double().sum())
 
 
 def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, val_data: FusionTensors | None,
@@ -156,8 +145,10 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
         model.train()
         loss_sum, n_seen = 0.0, 0
         for rows in epoch_batches(len(train_data), tc.batch_size, tc.seed, epoch):
-            mine, share = (rows, 1.0) if dist_info.world_size <= 1 else \
-                rank_rows(rows, loss_weights(tc, train_data.target(rows)), dist_info)
+            mine, share = rows, 1.0
+            if dist_info.world_size > 1:  # the batch loss is a weighted mean: this rank's share of its weights
+                part, share = rank_part(len(rows), dist_info, loss_weights(tc, train_data.target(rows)))
+                mine = rows[torch.from_numpy(part)]
             pred_log = step(*train_data.inputs(mine))
             loss = loss_fn(pred_log, train_data.target(mine)) + tc.load_balance_weight * model.aux_loss()
             optimizer.zero_grad(set_to_none=True)

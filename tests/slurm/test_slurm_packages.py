@@ -98,9 +98,8 @@ def implant_dims_jobs(slurm, submit_dir: Path) -> tuple[list[str], callable]:
             f"data.test_json={root / 'test.json'}", f"data.unseen_json={root / 'unseen_test.json'}",
             f"data.catalogue_csv={root / 'catalogue.csv'}"]
     (submit_dir / "runs" / "implant_dims").mkdir(parents=True, exist_ok=True)
-    slurm.env["PREDICT_INPUT"] = str(root / "test.json")
-    job = slurm.submit(REPO / "scripts" / "implant_dims" / "slurm" / "train.sbatch", *args, cwd=submit_dir)
-    del slurm.env["PREDICT_INPUT"]
+    job = slurm.submit(REPO / "scripts" / "implant_dims" / "slurm" / "train.sbatch", *args, cwd=submit_dir,
+                       options=(f"--export=ALL,PREDICT_INPUT={root / 'test.json'}",))
 
     def check() -> None:
         run = root / "runs" / "slurm"

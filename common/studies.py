@@ -18,11 +18,12 @@ Each package keeps its own search space and objective; this module holds only th
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import fcntl
 import logging
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ SQLITE_PREFIX = "sqlite:///"
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Heartbeat:
     interval: int = 60
     """Seconds between a running trial's heartbeats."""
@@ -132,3 +133,29 @@ def best_completed_trial(study: Any, where: str, worker_cmd: str) -> Any:
         raise UserError(f"study {study.study_name!r} in {where} has no completed trial; run more {worker_cmd} "
                         "trials first")
     return study.best_trial
+
+
+def apply_params(cfg: Any, params: dict[str, Any], package: str,
+                 attribute: Callable[[str], str] = lambda section: section) -> Any:
+    """A deep copy of the dataclass config `cfg` with each dotted `section.key` of a trial's `params` set.
+
+    Every changed section is rebuilt with `dataclasses.replace`, so its own validation (`__post_init__`) runs again,
+    and so does the top level's. `attribute` maps a section's name in the params to its attribute (building_embed
+    keeps [global] in `global_`). UserError for a key the config does not have or a value it refuses. The copy is
+    deep because callers go on to set per-trial fields (output folders, epochs) on sections no parameter touched.
+    """
+    out = copy.deepcopy(cfg)
+    updates: dict[str, dict[str, Any]] = {}
+    for dotted, value in params.items():
+        section, _, key = dotted.partition(".")
+        name = attribute(section)
+        target = getattr(out, name, None)
+        if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
+            raise UserError(f"study parameter {dotted!r} is not a {package} config key; was the study made by "
+                            "another version?")
+        updates.setdefault(name, {})[key] = value
+    try:
+        return dataclasses.replace(out, **{name: dataclasses.replace(getattr(out, name), **values)
+                                           for name, values in updates.items()})
+    except ValueError as exc:
+        raise UserError(f"study parameters {params}: {exc}") from exc

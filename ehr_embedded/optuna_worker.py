@@ -27,7 +27,6 @@ directory and records the killed trial's number as its `failed_trial` system att
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -51,21 +50,9 @@ def search_space(trial: Any, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def apply_params(cfg: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-    """A copy of `cfg` with each dotted `section.key` of `params` set, re-validated (UserError for a key the config
-    lacks or a combination it refuses, e.g. a model_dim that n_heads does not divide)."""
-    out = copy.deepcopy(cfg)
-    for dotted, value in params.items():
-        section_name, _, key = dotted.partition(".")
-        section = getattr(out, section_name, None)
-        if section is None or not hasattr(section, key):
-            raise UserError(f"study parameter {dotted!r} is not a config key; was the study made by another version?")
-        setattr(section, key, value)
-    for section in (out.model, out.training):
-        try:
-            section.__post_init__()
-        except ValueError as exc:
-            raise UserError(f"study parameters {params}: {exc}") from exc
-    return out
+    """`cfg` with a trial's dotted `section.key` parameters set and re-validated (common.studies.apply_params), e.g.
+    a model_dim that n_heads does not divide is refused."""
+    return studies.apply_params(cfg, params, "ehr_embedded")
 
 
 def open_study(cfg: TrainConfig, create: bool = True):

@@ -53,20 +53,8 @@ def search_space(trial: Any, cfg: PriceFusionConfig) -> dict[str, Any]:
 
 
 def apply_params(cfg: PriceFusionConfig, params: dict[str, Any]) -> PriceFusionConfig:
-    """A copy of `cfg` with each dotted `section.key` of `params` set; each changed section is rebuilt, so its own
-    validation runs again. UserError for a key the config does not have or a value it refuses."""
-    updates: dict[str, dict[str, Any]] = {}
-    for dotted, value in params.items():
-        section, _, key = dotted.partition(".")
-        target = getattr(cfg, section, None)
-        if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
-            raise UserError(f"study parameter {dotted!r} is not a price_fusion config key; was the study made by "
-                            "another version?")
-        updates.setdefault(section, {})[key] = value
-    try:
-        return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in updates.items()})
-    except ValueError as exc:
-        raise UserError(f"study parameters {params}: {exc}") from exc
+    """`cfg` with a trial's dotted `section.key` parameters set and re-validated (common.studies.apply_params)."""
+    return studies.apply_params(cfg, params, "price_fusion")
 
 
 def check_search_space(cfg: PriceFusionConfig) -> None:

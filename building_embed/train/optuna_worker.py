@@ -26,14 +26,13 @@ fresh trial directory and records `failed_trial` (the killed trial's number) in 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 from building_embed.config import BuildingEmbedConfig
 from building_embed.train.train import run_training
 from common import studies
-from common.cli import UserError, config_main
+from common.cli import config_main
 
 
 def search_space(trial: Any, cfg: BuildingEmbedConfig) -> dict[str, Any]:
@@ -49,18 +48,9 @@ def search_space(trial: Any, cfg: BuildingEmbedConfig) -> dict[str, Any]:
 
 
 def apply_params(cfg: BuildingEmbedConfig, params: dict[str, Any]) -> BuildingEmbedConfig:
-    """A copy of `cfg` with each dotted `section.key` of `params` set (UserError for a key the config lacks)."""
-    out = copy.deepcopy(cfg)
-    for dotted, value in params.items():
-        section_name, _, key = dotted.partition(".")
-        try:
-            section = out.section(section_name)
-        except AttributeError:
-            section = None
-        if section is None or not hasattr(section, key):
-            raise UserError(f"study parameter {dotted!r} is not a config key; was the study made by another version?")
-        setattr(section, key, value)
-    return out
+    """`cfg` with a trial's dotted `section.key` parameters set and re-validated (common.studies.apply_params);
+    the study names [global] keys `global.*`, kept in `cfg.global_`."""
+    return studies.apply_params(cfg, params, "building_embed", attribute=lambda s: "global_" if s == "global" else s)
 
 
 def open_study(cfg: BuildingEmbedConfig, create: bool = True):

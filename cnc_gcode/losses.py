@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cnc_gcode.model import HEADS
 from cnc_gcode.tokenizer import IGNORE, TYPE_PAD, TYPE_SOS, TYPE_UNK, Vocabulary
 from common.losses import focal_loss
 
@@ -27,14 +28,17 @@ def token_targets(vocab: Vocabulary, tokens: np.ndarray) -> dict[str, Tensor]:
             "digits": torch.from_numpy(fields["digits"])}
 
 
+def head_losses(logits: dict[str, Tensor], targets: dict[str, Tensor], gamma: float,
+                label_smoothing: float) -> dict[str, Tensor]:
+    """Each head's focal loss averaged over the positions where it applies. logits from
+    SensorMultiHeadDecoder.forward ([B,L,C] per head, digits [B,L,K,10]); targets from `token_targets`, same rows."""
+    return {head: focal_loss(logits[head].reshape(-1, logits[head].shape[-1]), targets[head].reshape(-1),
+                             gamma=gamma, label_smoothing=label_smoothing, ignore_index=IGNORE)
+            for head in HEADS}
+
+
 def multihead_loss(logits: dict[str, Tensor], targets: dict[str, Tensor], gamma: float,
                    label_smoothing: float) -> tuple[Tensor, dict[str, float]]:
-    """logits from SensorMultiHeadDecoder.forward ([B,L,C] per head, digits [B,L,K,10]); targets from
-    `token_targets` for the same rows. Returns (total loss, per-head values for logging)."""
-    parts = {}
-    for head in ("type", "command", "ptype", "exponent", "digits"):
-        head_logits = logits[head]
-        parts[head] = focal_loss(head_logits.reshape(-1, head_logits.shape[-1]), targets[head].reshape(-1),
-                                 gamma=gamma, label_smoothing=label_smoothing, ignore_index=IGNORE)
-    total = sum(parts.values())
-    return total, {k: v.item() for k, v in parts.items()}
+    """The sum of `head_losses` and the per-head values for logging."""
+    parts = head_losses(logits, targets, gamma, label_smoothing)
+    return sum(parts.values()), {k: v.item() for k, v in parts.items()}

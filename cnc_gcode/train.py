@@ -28,9 +28,9 @@ import torch
 
 from cnc_gcode.config import CncConfig
 from cnc_gcode.data import batches, epoch_order
-from cnc_gcode.losses import multihead_loss, token_targets
+from cnc_gcode.losses import head_losses, multihead_loss, token_targets
 from cnc_gcode.metrics import teacher_forced_predictions, token_metrics
-from cnc_gcode.model import HEADS, build_decoder, decoder_inputs
+from cnc_gcode.model import build_decoder, decoder_inputs
 from cnc_gcode.runtime import (
     DECODER_DIR,
     Pipeline,
@@ -63,7 +63,6 @@ from common.distributed import (
     wrap_ddp,
 )
 from common.logs import MetricsWriter, progress
-from common.losses import focal_loss
 from common.runs import open_run
 from common.seed import seed_everything
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
@@ -88,10 +87,7 @@ def rank_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
     if info.world_size == 1:
         return multihead_loss(logits, mine_targets, gamma, label_smoothing)
     total, parts = torch.zeros(()), {}
-    for head in HEADS:
-        head_logits = logits[head]
-        mean = focal_loss(head_logits.reshape(-1, head_logits.shape[-1]), mine_targets[head].reshape(-1), gamma=gamma,
-                          label_smoothing=label_smoothing, ignore_index=IGNORE)
+    for head, mean in head_losses(logits, mine_targets, gamma, label_smoothing).items():
         tokens_here = int((mine_targets[head] != IGNORE).sum()) if share > 0 else 0
         head_share = tokens_here / max(int((targets[head][batch] != IGNORE).sum()), 1)
         total = total + mean * (head_share * info.world_size)

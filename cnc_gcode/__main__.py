@@ -8,7 +8,10 @@ STAGES = {
     "build_vocab": "vocabulary from a G-code corpus + parse / round-trip report",
     "seed_vocab": "import the original's vocabulary_4digit_hybrid.json (and its NPZ token rows)",
     "ingest_umich": "UMich CNC mill CSV logs -> sensor-window NPZ splits by experiment",
-    "baseline_umich": "UMich phase labels: tree models on per-row machine state vs file position",
+    "baseline_umich": "UMich phase labels: tree models on per-row machine state vs file position (or, with "
+                      "sequence-map labels, on measured windows)",
+    "umich_lines": "UMich as G-code: program lines reconstructed from run 01, token accuracy on held-out runs "
+                   "(measured channels) vs k-NN and majority",
     "train_encoder": "train the MMDTAELSTM encoder (operations + denoising reconstruction)",
     "train": "train the SensorMultiHeadDecoder over the frozen encoder",
     "evaluate": "operation / token / digit metrics vs baselines, confusion plot",

@@ -231,15 +231,50 @@ class UmichConfig:
     encoder.n_operations=4 to train on it). Recorded labels only."""
     label_source: str = "recorded"
     """recorded: the Machining_Process column; machine_state: each row's phase derived from its own signals
-    (spindle, feed, Z depth, X/Y direction; ingest_umich.machine_state_phases; 8 classes, encoder.n_operations=8)."""
+    (spindle, feed, Z depth, X/Y direction; ingest_umich.machine_state_phases; 8 classes, encoder.n_operations=8);
+    sequence_map: each row's phase read from its M1_sequence_number through the line -> phase map learned on
+    umich.map_experiment (ingest_umich.learn_phase_map; 9 classes; needs umich.record_windows=true)."""
+    map_experiment: int = 1
+    """label_source=sequence_map: the continuous run whose recorded phases teach the line -> phase map."""
+    map_min_share: float = 0.5
+    """label_source=sequence_map: a line enters the map when its majority phase holds more than this share of its
+    rows in map_experiment (the once-per-record marker line 2 spreads over all phases and stays out)."""
+    record_windows: bool = False
+    """Windows lie inside one 1 s record / continuous stretch (ingest_umich.record_segments); window must then be
+    at most a record's length (6-11 rows)."""
 
     def __post_init__(self) -> None:
         if self.phase_grouping not in ("fine", "coarse"):
             raise ValueError(f"umich.phase_grouping must be 'fine' or 'coarse', got {self.phase_grouping!r}")
-        if self.label_source not in ("recorded", "machine_state"):
-            raise ValueError(f"umich.label_source must be 'recorded' or 'machine_state', got {self.label_source!r}")
-        if self.label_source == "machine_state" and self.phase_grouping != "fine":
+        if self.label_source not in ("recorded", "machine_state", "sequence_map"):
+            raise ValueError(f"umich.label_source must be 'recorded', 'machine_state' or 'sequence_map', got "
+                             f"{self.label_source!r}")
+        if self.label_source != "recorded" and self.phase_grouping != "fine":
             raise ValueError("umich.phase_grouping=coarse applies to recorded labels only; use label_source=recorded")
+        if self.label_source == "sequence_map" and not self.record_windows:
+            raise ValueError("umich.label_source=sequence_map needs umich.record_windows=true (a window's line must "
+                             "be the one executing in its rows, so no window may straddle two shuffled records)")
+        if not 0.0 <= self.map_min_share < 1.0:
+            raise ValueError(f"umich.map_min_share must be in [0, 1), got {self.map_min_share}")
+        if self.window < 1 or self.stride < 1:
+            raise ValueError(f"umich.window and umich.stride must be >= 1, got {self.window} and {self.stride}")
+        if self.record_windows and self.window < 2:
+            raise ValueError("umich.record_windows=true needs umich.window >= 2 (a record opens with its marker row)")
+
+
+@dataclass
+class UmichLinesConfig:
+    out_dir: str = "data/cnc_gcode/umich_lines"
+    """Where umich_lines writes the token-target windows (train/val/test.npz, channels.json, manifest.json)."""
+    min_move_mm: float = 0.05
+    """An axis word is written when the line's end differs from its start by at least this (mm); a line that moves
+    no axis this far is a no-motion line (the NONE token line)."""
+    neighbors: int = 1
+    """k of the nearest-neighbour baseline."""
+    train_model: bool = True
+    """Train the encoder + decoder (package path) on the windows; false: baselines only."""
+    forest_trees: int = 300
+    """Trees of the random-forest row (a class per distinct training target line); 0 leaves the row out."""
 
 
 @dataclass
@@ -313,6 +348,7 @@ class CncConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     umich: UmichConfig = field(default_factory=UmichConfig)
+    umich_lines: UmichLinesConfig = field(default_factory=UmichLinesConfig)
     measured_only: MeasuredOnlyConfig = field(default_factory=MeasuredOnlyConfig)
     build_vocab: BuildVocabConfig = field(default_factory=BuildVocabConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)

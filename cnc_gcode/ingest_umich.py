@@ -11,11 +11,19 @@ umich.data_dir or $REAL_DATA_DIR/cnc_umich_toolwear. Output in umich.out_dir: tr
                                   with umich.phase_grouping=coarse, or with umich.label_source=machine_state
                                   one of MACHINE_STATE_PHASES (8), derived from each row's own signals
                                   (machine_state_phases; manifest.json records its agreement with the recorded
-                                  labels per run)
+                                  labels per run), or with umich.label_source=sequence_map one of PHASES, read
+                                  through the sequence-number -> phase map learned on umich.map_experiment
+                                  (learn_phase_map; see "Sequence-number map" below)
     tokens [N,7] int64            the NONE line (the G-code program is not part of the dataset, so there are no
                                   token targets: this data trains and evaluates the encoder only)
     vocab_digest [] str           the default vocabulary's digest (cnc_gcode.data checks it on load)
-    sequence_number, experiment [N] int64
+    categorical_names [4] str     x/y/z_direction, spindle_state (from the command velocities: group 'commanded')
+    sequence_number, experiment, end_row [N] int64   the last row's line number, its run and its row in the file
+channels.json: `groups` (controller / spindle / position / velocity / acceleration / motor_current, for the modality
+ablation) and `input_groups` for data.channel_groups: measured_motion (X/Y/Z actual position, velocity,
+acceleration), drives (X/Y/Z current feedback, bus voltage, output current / voltage / power), spindle (S1 actual
+and drive channels, inertia) and commanded (every Command* channel, M1_CURRENT_FEEDRATE and the four direction
+channels, which derive from command velocities). Measured only = every group but commanded.
 Experiments, not windows, are split (umich.val_experiments / umich.test_experiments), so no run is in two splits.
 
 Label canonicalisation: 'Starting' (one row at the start of experiment 01) is merged into 'Prep' and 'end'
@@ -27,6 +35,20 @@ a continuous recording. In the other 17 the rows come in 1 s blocks (10 rows) in
 match its phase label: every "Layer k" label holds rows at all depths and above the part. `continuity_report`
 measures this without labels: the share of steps where an axis moves farther than its reported velocity allows
 and the median length of the continuous stretches (about 10 rows in a shuffled run, tens of rows in 01).
+
+Records: the logs were written in 1 s records, and the first row of every record reads `M1_sequence_number` 2
+(RECORD_MARKER_SEQUENCE; in experiment 01 it recurs every 10-11 rows in every phase, and in 16 of the 17 shuffled runs
+71-100 % of the position jumps fall exactly on such a row; 49 % in 02, whose records are mostly 6 rows). `record_segments` starts a new segment at each marker row and at
+each jump; with umich.record_windows=true every window lies inside one segment (so inside one record of a shuffled
+run), which needs a window of at most a record's length (6-11 rows; experiment 02 mostly has 6-row records).
+
+Sequence-number map (umich.label_source=sequence_map): `M1_sequence_number` is the executing program line and moves
+with its block, while `Machining_Process` stays in file order. `learn_phase_map` takes the majority recorded phase of
+each line in the continuous run umich.map_experiment (01) and keeps the lines whose majority holds more than
+umich.map_min_share of their rows (the marker line 2 spreads over every phase and stays out); every run is relabelled
+through that map. A window takes the phase of its last row's line; a window whose last line is not in the map
+(lines the 100 ms rows of 01 never caught) is dropped and counted (manifest.json: map agreement and coverage on
+01, unmapped rows and dropped windows per run).
 """
 
 from __future__ import annotations
@@ -60,6 +82,9 @@ SAMPLE_S = 0.1  # one row every 100 ms
 # for the position channel's own lag and quantisation (mm).
 JUMP_VELOCITY_FACTOR = 2.0
 JUMP_SLACK_MM = 0.5
+# The first row of every 1 s record reads this line number (see "Records" in the module docstring).
+RECORD_MARKER_SEQUENCE = 2
+CATEGORICAL_NAMES = ("x_direction", "y_direction", "z_direction", "spindle_state")
 # A run whose continuous stretches have a median length this short (rows) is block-shuffled (the blocks are 10).
 SHUFFLED_MEDIAN_SEGMENT = 20
 
@@ -120,6 +145,17 @@ def read_experiment(path: Path):
     return signals, phases, frame["M1_sequence_number"].to_numpy()
 
 
+def jump_rows(signals) -> np.ndarray:
+    """[S] bool: True where an axis moved farther since the previous row than its reported velocity allows."""
+    jumps = np.zeros(len(signals), bool)
+    for axis in "XYZ":
+        moved = np.abs(np.diff(signals[f"{axis}1_ActualPosition"].to_numpy(np.float64), prepend=np.nan))
+        speed = np.abs(signals[f"{axis}1_ActualVelocity"].to_numpy(np.float64))
+        allowed = np.maximum(speed, np.roll(speed, 1)) * SAMPLE_S * JUMP_VELOCITY_FACTOR + JUMP_SLACK_MM
+        jumps |= np.nan_to_num(moved, nan=0.0) > allowed
+    return jumps
+
+
 def continuity_report(signals) -> dict:
     """Labels-free check that a run is one continuous recording.
 
@@ -127,16 +163,85 @@ def continuity_report(signals) -> dict:
     Returns {"jump_rate": share of steps where an axis moves farther than its velocity allows,
     "median_segment_rows": median length of the stretches between jumps, "shuffled": bool}.
     """
-    jumps = np.zeros(len(signals), bool)
-    for axis in "XYZ":
-        moved = np.abs(np.diff(signals[f"{axis}1_ActualPosition"].to_numpy(np.float64), prepend=np.nan))
-        speed = np.abs(signals[f"{axis}1_ActualVelocity"].to_numpy(np.float64))
-        allowed = np.maximum(speed, np.roll(speed, 1)) * SAMPLE_S * JUMP_VELOCITY_FACTOR + JUMP_SLACK_MM
-        jumps |= np.nan_to_num(moved, nan=0.0) > allowed
+    jumps = jump_rows(signals)
     segments = np.diff(np.r_[0, np.flatnonzero(jumps), len(signals)])
     median = float(np.median(segments[segments > 0]))
     return {"jump_rate": round(float(jumps.mean()), 4), "median_segment_rows": median,
             "shuffled": bool(median <= SHUFFLED_MEDIAN_SEGMENT)}
+
+
+def record_segments(signals, sequence: np.ndarray) -> np.ndarray:
+    """[S] int64 segment id per row, non-decreasing: a new segment starts at every record-marker row
+    (sequence == RECORD_MARKER_SEQUENCE) and at every position jump (jump_rows). Rows of one segment are consecutive
+    samples of one recording."""
+    starts = jump_rows(signals) | (np.asarray(sequence) == RECORD_MARKER_SEQUENCE)
+    starts[:1] = False  # the first row opens segment 0 either way
+    return np.cumsum(starts).astype(np.int64)
+
+
+def window_ends(n_rows: int, window: int, stride: int, segments: np.ndarray | None = None) -> np.ndarray:
+    """Last-row indices of the windows: every `stride` rows from row window-1; with `segments` ([S] ids from
+    record_segments) only windows whose rows all lie in one segment, every `stride` rows from each segment's start."""
+    if segments is None:
+        return np.arange(window - 1, n_rows, stride)
+    bounds = np.r_[0, np.flatnonzero(np.diff(segments)) + 1, n_rows]
+    return np.concatenate([np.arange(a + window - 1, b, stride) for a, b in zip(bounds[:-1], bounds[1:])]
+                          + [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def learn_phase_map(sequence: np.ndarray, phases: np.ndarray, min_share: float) -> tuple[dict[int, int], dict]:
+    """Majority phase of each program line in one (continuous) run.
+
+    sequence [S] line numbers, phases [S] phase ids. A line enters the map when its most frequent phase holds more
+    than `min_share` of its rows (ties: the lower phase id). Returns ({line: phase}, stats) with stats:
+    lines (distinct lines), mapped_lines, left_out (lines not mapped), coverage (share of rows whose line is mapped)
+    and agreement (share of those rows whose recorded phase equals the map's).
+    """
+    import pandas as pd
+
+    sequence = np.asarray(sequence).astype(np.int64)
+    counts = pd.crosstab(sequence, np.asarray(phases))
+    share = counts.max(axis=1) / counts.sum(axis=1)
+    majority = counts.idxmax(axis=1)
+    phase_map = {int(line): int(majority[line]) for line in counts.index if share[line] > min_share}
+    mapped = apply_phase_map(phase_map, sequence)
+    covered = mapped >= 0
+    stats = {"lines": len(counts), "mapped_lines": len(phase_map),
+             "left_out": sorted(int(line) for line in counts.index if int(line) not in phase_map),
+             "coverage": round(float(covered.mean()), 4),
+             "agreement": round(float((mapped == phases)[covered].mean()), 4) if covered.any() else None}
+    return phase_map, stats
+
+
+def apply_phase_map(phase_map: dict[int, int], sequence: np.ndarray) -> np.ndarray:
+    """[S] int64 phase of each row's line through the map, -1 where the line is not in it."""
+    lines = np.asarray(sequence).astype(np.int64)
+    return np.array([phase_map.get(int(line), -1) for line in lines], dtype=np.int64)
+
+
+def input_groups(channel_names: list[str]) -> dict[str, list[str]]:
+    """data.channel_groups for UMich: commanded (Command* channels, M1_* controller readings and the categorical
+    direction channels, which derive from command velocities), spindle (other S1_*), measured_motion (Actual*)
+    and drives (the rest: currents, voltages, power)."""
+    groups: dict[str, list[str]] = {"measured_motion": [], "drives": [], "spindle": [], "commanded": []}
+    for name in channel_names:
+        group = ("commanded" if "Command" in name or name.startswith("M1_") else "spindle" if name.startswith("S1_")
+                 else "measured_motion" if "Actual" in name else "drives")
+        groups[group].append(name)
+    groups["commanded"] += list(CATEGORICAL_NAMES)
+    return groups
+
+
+def read_phase_map(cfg_umich, data_dir: Path) -> tuple[dict[int, int], dict]:
+    """The sequence-number -> phase map learned on umich.map_experiment of `data_dir`; UserError when that run is
+    missing."""
+    files = dict(experiment_files(data_dir))
+    if cfg_umich.map_experiment not in files:
+        raise UserError(f"config key 'umich.map_experiment': experiment {cfg_umich.map_experiment} is not in "
+                        f"{data_dir} (found {sorted(files)}); name the continuous run (01)")
+    _, phases, sequence = read_experiment(files[cfg_umich.map_experiment])
+    phase_map, stats = learn_phase_map(sequence, phases, cfg_umich.map_min_share)
+    return phase_map, {"experiment": cfg_umich.map_experiment, "min_share": cfg_umich.map_min_share, **stats}
 
 
 def machine_state_phases(signals) -> np.ndarray:
@@ -199,6 +304,7 @@ def ingest(cfg: CncConfig) -> int:
     parts: dict[str, list[dict]] = {s: [] for s in SPLITS}
     channel_names: list[str] | None = None
     checks: dict[int, dict] = {}
+    phase_map, map_stats = read_phase_map(uc, data_dir) if uc.label_source == "sequence_map" else ({}, None)
     for number, path in numbered:
         signals, phases, sequence = read_experiment(path)
         if cfg.data.nan_policy == "error":  # with skip, windows holding NaN/inf are dropped and counted at loading
@@ -223,8 +329,13 @@ def ingest(cfg: CncConfig) -> int:
                                 f"label_source=recorded or add them")
             labels = machine_state_phases(signals)  # before relative_positions: the rule reads machine Z
             checks[number].update(machine_state_agreement(labels, MACHINE_STATE_OF_PHASE[phases]))
+        elif uc.label_source == "sequence_map":
+            labels = apply_phase_map(phase_map, sequence)
+            checks[number].update({"unmapped_rows": int((labels < 0).sum()),
+                                   "recorded_agreement": round(float((labels == phases)[labels >= 0].mean()), 4)})
         else:
             labels = COARSE_OF_PHASE[phases] if uc.phase_grouping == "coarse" else phases
+        segments = record_segments(signals, sequence) if uc.record_windows else None  # before relative_positions
         if uc.relative_positions:
             # Each experiment has its own work offset: positions relative to the run's lowest point are comparable
             # across runs (the layers are cut at successive depths below it). Uses no labels.
@@ -232,23 +343,32 @@ def ingest(cfg: CncConfig) -> int:
                 signals[column] = signals[column] - signals[column].min()
         continuous = signals.to_numpy(np.float32)
         categorical = categorical_channels(signals)
-        ends = np.arange(uc.window - 1, len(signals), uc.stride)
+        ends = window_ends(len(signals), uc.window, uc.stride, segments)
+        if uc.label_source == "sequence_map":  # a window whose last line has no phase in the map has no label
+            checks[number]["dropped_windows"] = int((labels[ends] < 0).sum())
+            ends = ends[labels[ends] >= 0]
+        checks[number]["windows"] = len(ends)
         index = ends[:, None] - np.arange(uc.window - 1, -1, -1)[None]
         parts[split_of.get(number, "train")].append({
             "continuous": continuous[index], "categorical": categorical[index],
             "operation_type": labels[ends], "tokens": np.tile(np.asarray(none_line, np.int64), (len(ends), 1)),
-            "sequence_number": sequence[ends].astype(np.int64), "experiment": np.full(len(ends), number, np.int64)})
+            "sequence_number": sequence[ends].astype(np.int64), "experiment": np.full(len(ends), number, np.int64),
+            "end_row": ends.astype(np.int64)})
     out = Path(uc.out_dir)
     names = (MACHINE_STATE_PHASES if uc.label_source == "machine_state" else
              COARSE_PHASES if uc.phase_grouping == "coarse" else PHASES)
     manifest = {"source": str(data_dir), "window": uc.window, "stride": uc.stride, "phases": list(names),
                 "phase_grouping": uc.phase_grouping, "label_source": uc.label_source,
-                "label_aliases": PHASE_ALIASES, "experiments": {str(k): v for k, v in checks.items()}, "splits": {}}
+                "label_aliases": PHASE_ALIASES, "record_windows": uc.record_windows,
+                "experiments": {str(k): v for k, v in checks.items()}, "splits": {}}
+    if map_stats is not None:
+        manifest["phase_map"] = {**map_stats, "map": {str(k): names[v] for k, v in sorted(phase_map.items())}}
     for split in SPLITS:
         if not parts[split]:
             raise UserError(f"split '{split}' got no experiments; check umich.val_experiments/test_experiments")
         arrays = {k: np.concatenate([p[k] for p in parts[split]]) for k in parts[split][0]}
         arrays["channel_names"] = np.asarray(channel_names)
+        arrays["categorical_names"] = np.asarray(CATEGORICAL_NAMES)
         arrays[VOCAB_DIGEST_KEY] = np.asarray(vocab.digest())
         save_npz(out / f"{split}.npz", arrays)
         manifest["splits"][split] = {"experiments": sorted(set(arrays["experiment"].tolist())),
@@ -264,7 +384,8 @@ def ingest(cfg: CncConfig) -> int:
                                                      "acceleration" if "Acceleration" in name else "motor_current"))
         groups.setdefault(kind, []).append(name)
     write_json(out / "channels.json", {"continuous": channel_names, "groups": groups,
-                                       "categorical": ["x_direction", "y_direction", "z_direction", "spindle_state"],
+                                       "input_groups": input_groups(channel_names),
+                                       "categorical": list(CATEGORICAL_NAMES),
                                        "categorical_dims": [3, 3, 3, 3]})
     write_json(out / "manifest.json", manifest)
     log.info("UMich: %s", {s: v["windows"] for s, v in manifest["splits"].items()})

@@ -12,9 +12,11 @@ STAGES = {
     "finetune": "encoder or decoder classifier; threshold on tuning; held_out score",
     "optuna_worker": "one Optuna worker tuning finetune on tuning AUROC (several share one RDB study; pruning)",
     "fetch_best_and_train": "the study's best trial's parameters -> a full finetune run with its held_out report",
-    "evaluate": "AUROC/AUPRC/F1/accuracy/Brier with bootstrap CIs, calibration plot, MEDS predictions",
+    "evaluate": "binary AUROC/AUPRC/F1/accuracy/Brier or multi-class accuracy/macro F1/AUROC; subject-bootstrap CIs",
     "predict": "a finetuned run's predictions on one split of a store (MEDS predictions parquet)",
     "baseline": "count features + logistic regression on the same sequences and splits",
+    "represent": "a finetuned run's pooled patient representations per (subject, prediction_time) -> parquet",
+    "linear_probe": "standardised logistic regression on exported representations (C on tuning), held_out with CIs",
     "summarize": "held-out reports of finished runs -> one markdown + JSON table (what the README quotes)",
     "demo": "the whole chain on generated sample data (OUT_DIR), 1-3 minutes on 2 cores",
 }

@@ -86,6 +86,27 @@ class SequenceConfig:
     windows (far more next-event data than the label cuts; other splits are never touched)."""
     export_pt: bool = False
     """Also write the original per-patient .pt files under `<embedding_output_dir>/pt/<split>/`."""
+    max_history_hours: float | None = None
+    """Also drop timed events older than this many hours before prediction_time (null: the count window alone);
+    static events are always kept."""
+    context_codes: list[str] = field(default_factory=list)
+    """Code prefixes (e.g. `HOSPITAL_ADMISSION`) whose most recent event before prediction_time is always kept, placed
+    right after the static events, even when it falls outside the count or time window."""
+    chunk_events: int = 4_000_000
+    """Most MEDS events one process holds at once: a shard with more wanted events is processed in groups of whole
+    subjects (read again per group), so memory is bounded by this and not by the shard or the dataset."""
+    num_workers: int = 0
+    """Processes over shards (0 or 1: in this process). Output is identical for any value."""
+    shard_world_size: int = 1
+    """> 1: this run builds only the parts of shards i with i % shard_world_size == shard_rank and stops (e.g. one
+    SLURM array task each, sharing parts_dir); a final run with the default 1 reuses every part and writes the store."""
+    shard_rank: int = 0
+    """This run's index among shard_world_size (0-based)."""
+    parts_dir: Path | None = None
+    """Finished per-shard parts (what a re-run after a crash skips); null: `<embedding_output_dir>.parts` beside the
+    store. Removed once the store is written."""
+    all_to_split: str | None = None
+    """Put every labelled subject in this split and read no splits file (predict on new MEDS data uses `held_out`)."""
 
 
 @dataclass
@@ -104,6 +125,16 @@ class Stage1Config:
             raise ValueError(f"vocab.min_count must be >= 1, got {self.vocab.min_count}")
         if self.sequences.max_length < 1:
             raise ValueError(f"sequences.max_length must be >= 1, got {self.sequences.max_length}")
+        if self.sequences.chunk_events < 1 or self.sequences.num_workers < 0:
+            raise ValueError("sequences.chunk_events must be >= 1 and sequences.num_workers >= 0")
+        if not 0 <= self.sequences.shard_rank < self.sequences.shard_world_size:
+            raise ValueError(f"sequences.shard_rank ({self.sequences.shard_rank}) must be in "
+                             f"[0, sequences.shard_world_size={self.sequences.shard_world_size})")
+        if self.sequences.max_history_hours is not None and not self.sequences.max_history_hours > 0:
+            raise ValueError(f"sequences.max_history_hours must be > 0 or null, got {self.sequences.max_history_hours}")
+        if self.sequences.all_to_split not in (None, "train", "tuning", "held_out"):
+            raise ValueError(f"sequences.all_to_split must be train, tuning, held_out or null, "
+                             f"got {self.sequences.all_to_split!r}")
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -377,11 +408,83 @@ class PredictConfig:
     dataset_dir: Path | None = None
     """Store to read (create_embeddings output); null = the one the run was trained on. Its code table must have
     the width the checkpoint was trained on."""
+    meds_dir: Path | None = None
+    """MEDS root of new data (`data/**/*.parquet`, optional `metadata/codes.parquet`; no splits file needed): every
+    subject of `labels` is cut with the run's code table and sequence settings into a temporary store and predicted
+    (`split` and `dataset_dir` are then unused)."""
+    labels: Path | None = None
+    """With `meds_dir`: the label rows to predict (subject_id, prediction_time, boolean_value or integer_value)."""
     checkpoint: str = "best"
     """`best`, `latest`, or a checkpoint directory."""
     output: Path | None = None
-    """Predictions parquet to write; null = `<run_dir>/predictions/predict_<split>.parquet`."""
+    """Predictions parquet to write; null = `<run_dir>/predictions/predict_<split>.parquet` (`predict_meds.parquet`
+    with `meds_dir`)."""
     batch_size: int = 64
     """Sequences per forward pass."""
     device: str = "cpu"
     """`cpu` or `cuda[:N]`."""
+
+
+@dataclass
+class RepresentConfig:
+    """represent: the pooled patient representation a finetuned run's classification head reads, per label row."""
+
+    run_dir: Path = Path("runs/ehr_embedded/finetune_encoder")
+    """A finetune run directory (encoder or decoder; its config.yaml gives the model)."""
+    split: str = "all"
+    """Store split to export: train, tuning, held_out, or `all` (the three, what linear_probe reads)."""
+    dataset_dir: Path | None = None
+    """Store to read; null = the one the run was trained on."""
+    checkpoint: str = "best"
+    """`best`, `latest`, or a checkpoint directory."""
+    output: Path | None = None
+    """Parquet to write for a single split; null = `<run_dir>/representations/<split>.parquet`."""
+    batch_size: int = 64
+    """Sequences per forward pass."""
+    device: str = "cpu"
+    """`cpu` or `cuda[:N]`."""
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "tuning", "held_out", "all"):
+            raise ValueError(f"split={self.split!r}: expected train, tuning, held_out or all")
+        if self.output is not None and self.split == "all":
+            raise ValueError("output names one file: give split=train|tuning|held_out with it, or leave output null")
+
+
+@dataclass
+class LinearProbeConfig:
+    """linear_probe: standardised logistic regression on exported representations (train -> C on tuning ->
+    held_out)."""
+
+    run_dir: Path | None = None
+    """A run whose `representations/{train,tuning,held_out}.parquet` were written by represent (or give the three
+    files below; a file given explicitly wins)."""
+    train: Path | None = None
+    """Training representations parquet."""
+    tuning: Path | None = None
+    """Tuning representations parquet (C and the decision threshold are chosen on it)."""
+    held_out: Path | None = None
+    """Held-out representations parquet (scored once, with subject-bootstrap 95% intervals)."""
+    output_dir: Path | None = None
+    """Where linear_probe.{json,md} and linear_probe_held_out.parquet go; null = beside the held_out file."""
+    c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
+    """Inverse L2 strengths tried."""
+    selection: Literal["tuning", "grouped_cv"] = "tuning"
+    """`tuning`: C with the best tuning AUROC (binary; macro one-vs-rest for multi-class). `grouped_cv`: C with
+    the best mean AUROC over `cv_folds` subject-grouped folds of train (no fold shares a subject), then refit on train."""
+    cv_folds: int = 5
+    """Folds for selection=grouped_cv."""
+    class_weight: Literal["balanced", "none"] = "balanced"
+    """Class weights of the logistic regression (`balanced`, as the counts baseline)."""
+    max_iter: int = 5000
+    """lbfgs iterations."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples (subjects) for the 95% intervals."""
+    seed: int = 0
+    """Seed of the logistic regression and the bootstrap."""
+
+    def __post_init__(self) -> None:
+        if not self.c_grid or any(c <= 0 for c in self.c_grid):
+            raise ValueError(f"c_grid must hold positive values, got {self.c_grid}")
+        if self.cv_folds < 2:
+            raise ValueError(f"cv_folds must be >= 2, got {self.cv_folds}")

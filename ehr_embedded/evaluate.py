@@ -7,6 +7,12 @@
 Reads the run under `training.output_dir` (the finetune config), its `checkpoints/<evaluate.checkpoint>` and the
 decision threshold finetune chose on the tuning split (reports/threshold.json). Writes
 `reports/eval_<split>.json`, `plots/calibration_<split>.png`, `predictions/<split>.parquet`.
+
+Multi-class runs (`model.num_classes > 2`, integer_value labels): accuracy, macro F1 and macro one-vs-rest AUROC
+(sklearn) with the same subject bootstrap, per-class support, and predictions with the columns subject_id,
+prediction_time, integer_value, predicted_integer_value (argmax), predicted_class_probabilities (list of K floats):
+meds 0.4.1 defines no prediction schema and meds-evaluation's is binary only, so these names extend its
+`predicted_<type>_value` pattern. No threshold and no calibration plot.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ DEFAULT_THRESHOLD = 0.5
 PREDICTION_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),
                                ("boolean_value", pa.bool_()), ("predicted_boolean_value", pa.bool_()),
                                ("predicted_boolean_probability", pa.float64())])
+MULTICLASS_PREDICTION_COLUMNS = ("subject_id", "prediction_time", "integer_value", "predicted_integer_value",
+                                 "predicted_class_probabilities")
 
 
 def _binary_f1(y: np.ndarray, pred: np.ndarray) -> float:
@@ -101,6 +109,53 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: i
     return out
 
 
+def macro_ovr_auroc(y: np.ndarray, probs: np.ndarray) -> float:
+    """Mean over classes of the one-vs-rest AUROC (sklearn); ValueError when a class is absent from `y`."""
+    from sklearn.metrics import roc_auc_score
+
+    n_classes = probs.shape[1]
+    if len(np.unique(y)) < n_classes:
+        raise ValueError("one-vs-rest AUROC needs every class in y")
+    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=np.arange(n_classes)))
+
+
+def multiclass_metrics(y: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                       subject_ids: np.ndarray | None = None) -> dict:
+    """Accuracy, macro F1 (argmax prediction) and macro one-vs-rest AUROC of `[N, K]` class probabilities, each as
+    {value, low, high} with a percentile bootstrap 95% interval (subjects resampled when `subject_ids` is given, else
+    rows), plus `support` (rows per class). AUROC is left out when a class is absent from `y`."""
+    from sklearn.metrics import f1_score
+
+    y = np.asarray(y).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    classes = np.arange(probs.shape[1])
+    fns = {"accuracy": lambda a, p: metrics.accuracy(a, p.argmax(1)),
+           "macro_f1": lambda a, p: float(f1_score(a, p.argmax(1), labels=classes, average="macro", zero_division=0))}
+    if len(np.unique(y)) == len(classes):
+        fns = {"macro_auroc_ovr": macro_ovr_auroc, **fns}
+    out: dict = {"n": int(len(y)), "num_classes": int(len(classes)),
+                 "support": {str(c): int(n) for c, n in enumerate(np.bincount(y, minlength=len(classes)))}}
+    if subject_ids is not None:
+        out.update(n_subjects=int(len(np.unique(subject_ids))), bootstrap="subjects")
+    else:
+        out["bootstrap"] = "rows"
+    for name, fn in fns.items():
+        if subject_ids is not None:
+            value, low, high = subject_bootstrap_ci(fn, y, probs, subject_ids, n_boot, seed)
+        else:
+            value, low, high = metrics.bootstrap_ci(fn, y, probs, n_boot=n_boot, seed=seed)
+        out[name] = {"value": value, "low": low, "high": high}
+    return out
+
+
+def task_metrics(y: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int, seed: int,
+                 subject_ids: np.ndarray | None = None) -> dict:
+    """binary_metrics on `probs[:, 1]` for two classes, multiclass_metrics otherwise."""
+    if probs.shape[1] == 2:
+        return binary_metrics(y, probs[:, 1], threshold, n_boot, seed, subject_ids=subject_ids)
+    return multiclass_metrics(y, probs, n_boot, seed, subject_ids=subject_ids)
+
+
 def calibration_plot(y: np.ndarray, score: np.ndarray, path: Path, bins: int, title: str) -> Path:
     import matplotlib
 
@@ -129,6 +184,17 @@ def write_predictions(path: Path, sequences, y: np.ndarray, score: np.ndarray, t
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def write_multiclass_predictions(path: Path, sequences, y: np.ndarray, probs: np.ndarray) -> Path:
+    """`MULTICLASS_PREDICTION_COLUMNS`: the true class, the argmax class and the `[K]` probabilities per row."""
+    probs = np.asarray(probs, dtype=np.float64)
+    flat = pa.array(probs.reshape(-1), pa.float64())
+    table = pa.table({"subject_id": sequences["subject_id"].to_numpy(np.int64),
+                      "prediction_time": sequences["prediction_time"].astype("datetime64[us]").to_numpy(),
+                      "integer_value": np.asarray(y, np.int64), "predicted_integer_value": probs.argmax(1),
+                      "predicted_class_probabilities": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1])})
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
 def warn_if_model_differs_from_run(cfg: TrainConfig, run_dir: Path) -> None:
     """Log a warning naming each `model` key where `cfg` differs from the run's config.yaml (read as predict reads
     it, so a run written before `input_scaling` / `pooling` existed counts as `none` / `mean`): evaluate builds the
@@ -150,8 +216,6 @@ def evaluate(cfg: TrainConfig, split: str | None = None) -> dict:
     run_dir = Path(cfg.training.output_dir)
     name = cfg.evaluate.checkpoint
     ckpt = find_checkpoint(run_dir / "checkpoints" / name if name in ("best", "latest") else Path(name))
-    if cfg.model.num_classes != 2:
-        raise UserError(f"model.num_classes={cfg.model.num_classes}: evaluate reports binary metrics; use 2 classes")
     warn_if_model_differs_from_run(cfg, run_dir)
     table, datasets = load_splits(cfg, (split,))
     check_table_matches(ckpt, table, Path(cfg.data.embedding_output_dir) / CODE_TABLE_DIR)
@@ -164,12 +228,21 @@ def evaluate(cfg: TrainConfig, split: str | None = None) -> dict:
     if len(dataset) == 0:
         raise UserError(f"{cfg.data.embedding_output_dir}/{split}: no sequences to evaluate")
     probs, y, loss = predict_probs(model, dataset, cfg.training.eval_batch_size, device)
-    score = probs[:, 1]
+    if y.max(initial=0) >= probs.shape[1]:
+        raise UserError(f"{cfg.data.embedding_output_dir}/{split}: labels go up to {int(y.max())} but the model has "
+                        f"{probs.shape[1]} classes (model.num_classes); rebuild the store or retrain")
     report = {"split": split, "checkpoint": str(ckpt), "loss": loss,
-              **binary_metrics(y, score, threshold, cfg.evaluate.n_bootstrap, cfg.evaluate.seed,
-                               subject_ids=dataset.store.sequences["subject_id"].to_numpy())}
+              **task_metrics(y, probs, threshold, cfg.evaluate.n_bootstrap, cfg.evaluate.seed,
+                             subject_ids=dataset.store.sequences["subject_id"].to_numpy())}
     write_json(run_dir / "reports" / f"eval_{split}.json", report)
-    write_predictions(run_dir / "predictions" / f"{split}.parquet", dataset.store.sequences, y, score, threshold)
+    predictions = run_dir / "predictions" / f"{split}.parquet"
+    if probs.shape[1] != 2:
+        write_multiclass_predictions(predictions, dataset.store.sequences, y, probs)
+        shown = {k: round(v["value"], 4) for k, v in report.items() if isinstance(v, dict) and "value" in v}
+        log.info("%s: %s (%d classes, support %s)", split, shown, probs.shape[1], report["support"])
+        return report
+    score = probs[:, 1]
+    write_predictions(predictions, dataset.store.sequences, y, score, threshold)
     if len(np.unique(y)) == 2:
         calibration_plot(y, score, run_dir / "plots" / f"calibration_{split}.png", cfg.evaluate.calibration_bins,
                          f"{split} (n={len(y)})")

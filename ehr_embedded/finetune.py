@@ -7,10 +7,12 @@
 
 Class-weighted loss (common.losses.focal_loss; gamma 0 = weighted cross-entropy), model selection, early stopping
 and ReduceLROnPlateau on the tuning split's `selection_metric`; then the F1-best decision threshold on tuning and a
-final score on held_out (through evaluate). `training.resume=auto` continues from checkpoints/latest bit for bit; it
-refuses (exit 2, nothing written) a run whose config, store or pretrained checkpoint changed since (see
-engine.run_fingerprint), `training.resume=force` continues anyway and logs it, and raising `training.epochs` on a
-finished run trains the extra epochs. `config.yaml` is written by a fresh run only.
+final score on held_out (through evaluate). `model.num_classes > 2` (integer_value labels) trains a multi-class head;
+its tuning `auroc` is the macro one-vs-rest AUROC and its held_out report holds evaluate's multi-class metrics.
+`training.resume=auto` continues from checkpoints/latest bit for bit; it refuses (exit 2, nothing written) a run whose
+config, store or pretrained checkpoint changed since (see engine.run_fingerprint), `training.resume=force` continues
+anyway and logs it, and raising `training.epochs` on a finished run trains the extra epochs. `config.yaml` is written
+by a fresh run only.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from common.training import EarlyStopping, param_groups
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import make_loader
 from ehr_embedded.engine import load_pretrained, load_splits, model_for, predict_probs, run_fingerprint, start_run
-from ehr_embedded.evaluate import choose_threshold, evaluate
+from ehr_embedded.evaluate import DEFAULT_THRESHOLD, choose_threshold, evaluate, macro_ovr_auroc
 from ehr_embedded.storage import CODE_TABLE_DIR
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ def tuning_scores(model, dataset, cfg: TrainConfig, device) -> dict[str, float]:
     out = {"loss": loss, "accuracy": metrics.accuracy(y, probs.argmax(1))}
     if probs.shape[1] == 2 and len(np.unique(y)) == 2:
         out.update(auroc=metrics.auroc(y, probs[:, 1]), auprc=metrics.auprc(y, probs[:, 1]))
+    elif probs.shape[1] > 2 and len(np.unique(y)) == probs.shape[1]:
+        out["auroc"] = macro_ovr_auroc(y, probs)  # macro one-vs-rest, as evaluate reports it
     out["f1"] = metrics.macro_f1(y, probs.argmax(1))
     return out
 
@@ -82,9 +86,15 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
     if train_labels.max() >= cfg.model.num_classes:
         raise UserError(f"labels go up to {train_labels.max()} but model.num_classes={cfg.model.num_classes}")
     metric = tc.selection_metric
-    if metric in ("auroc", "auprc") and len(np.unique(data["tuning"].store.labels)) < 2:
-        raise UserError(f"training.selection_metric={metric} but the tuning split has one class only; "
+    n_classes = cfg.model.num_classes
+    present = np.unique(data["tuning"].store.labels)
+    if len(present) < {"auroc": n_classes, "auprc": 2}.get(metric, 0):  # AUROC (macro one-vs-rest) needs every class
+        raise UserError(f"training.selection_metric={metric} but the tuning split lacks a class (it holds "
+                        f"classes {present.tolist()} of {n_classes}); "
                         f"use training.selection_metric=loss or a larger tuning split")
+    if metric == "auprc" and n_classes > 2:
+        raise UserError(f"training.selection_metric=auprc is binary; with model.num_classes={n_classes} use auroc "
+                        f"(macro one-vs-rest), f1 (macro) or loss")
     run_dir, dist_info, device, start = start_run(cfg, run_fingerprint(cfg, ("train", "tuning")))
 
     model = model_for(cfg, table, "classification").to(device)
@@ -159,10 +169,13 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
     # threshold on tuning from the best checkpoint, then the held-out score (main process only)
     load_weights(ckpts.best, model)
     probs, y, _ = predict_probs(model, data["tuning"], tc.eval_batch_size, device)
-    threshold = choose_threshold(y, probs[:, 1]) if probs.shape[1] == 2 else 0.5
-    write_json(run_dir / "reports" / "threshold.json", {"threshold": threshold, "chosen_on": "tuning",
-                                                         "criterion": "max F1"})
-    report = evaluate(cfg, "held_out") if cfg.model.num_classes == 2 and held_out else {}
+    if probs.shape[1] == 2:
+        write_json(run_dir / "reports" / "threshold.json", {"threshold": choose_threshold(y, probs[:, 1]),
+                                                             "chosen_on": "tuning", "criterion": "max F1"})
+    else:  # multi-class predictions are the argmax class; no threshold to choose
+        write_json(run_dir / "reports" / "threshold.json", {"threshold": DEFAULT_THRESHOLD, "chosen_on": None,
+                                                             "criterion": "argmax (multi-class)"})
+    report = evaluate(cfg, "held_out") if held_out else {}
     cleanup_distributed()
     return report
 

@@ -6,13 +6,15 @@ MEDS layout (https://github.com/Medical-Event-Data-Standard/meds)::
                                              numeric_value float32 (null = no value)
     <root>/metadata/codes.parquet            code, description, parent_codes list<str>
     <root>/metadata/subject_splits.parquet   subject_id, split in {train, tuning, held_out}
-    labels                                   subject_id, prediction_time, boolean_value | integer_value
+    labels                                   subject_id int64, prediction_time timestamp[us], boolean_value bool |
+                                             integer_value int64 (checked against meds.LabelSchema)
 
 Every error names the file, the column and the fix (exit code 2 through common.cli).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import meds
@@ -27,6 +29,7 @@ from common.io import require_finite
 
 SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)  # ("train", "tuning", "held_out")
 EVENT_COLUMNS = ("subject_id", "time", "code", "numeric_value")
+log = logging.getLogger(__name__)
 
 
 def data_files(root: Path) -> list[Path]:
@@ -152,58 +155,157 @@ def read_vocab_csv(path: Path | None) -> tuple[list[str] | None, dict[str, str]]
     return [c for c in df[code_col] if c], descriptions
 
 
-def read_labels(path: Path | None, label_column: str = "auto") -> pd.DataFrame:
-    """Labels as `subject_id` int64, `prediction_time` datetime64[us], `label` int64.
+# The value columns of meds.LabelSchema and what these classifiers do with each (one task at a time).
+LABEL_VALUE_COLUMNS = tuple(c for c in meds.LabelSchema.optional_columns())
+CLASS_LABEL_COLUMNS = ("boolean_value", "integer_value")
+UNSUPPORTED_LABEL_COLUMNS = {
+    "float_value": "regression targets, which this pipeline does not train (the sequence store keeps integer class "
+                   "labels); write a boolean_value / integer_value task instead",
+    "categorical_value": "string classes; map them to integer_value 0..K-1 (and keep the mapping) and set "
+                         "model.num_classes=K",
+}
 
-    Accepts a MEDS label parquet (or a folder of them) or a CSV with the same columns (`label` is also accepted
-    for the original's labels CSV). Float labels are refused: these models classify.
+
+def _label_schema_text() -> str:
+    return ", ".join(f"{f.name} {f.type}" for f in meds.LabelSchema.schema())
+
+
+def _losslessly_castable(got: pa.DataType, want: pa.DataType) -> bool:
+    """Same kind, other width or unit: int32 -> int64, timestamp[ns] -> timestamp[us] (checked on cast),
+    float64 -> float32, large_string -> string. Anything else (a string subject_id, an int boolean_value) is refused."""
+    same_kind = (pa.types.is_integer, pa.types.is_timestamp, pa.types.is_floating)
+    if any(kind(got) and kind(want) for kind in same_kind):
+        return True
+    return pa.types.is_string(want) and (pa.types.is_large_string(got) or pa.types.is_dictionary(got))
+
+
+def conform_label_table(table: pa.Table, path: Path) -> pa.Table:
+    """`table` checked against the installed `meds.LabelSchema` and cast to its exact types.
+
+    Raises UserError naming the file, the column and the fix for a missing required column (subject_id,
+    prediction_time), a column the schema does not allow (MEDS label files are closed), or a type of another kind
+    (e.g. a string subject_id). Width and unit differences of the same kind are cast (a timestamp[ns] that would lose
+    sub-microsecond digits is refused).
+    """
+    from flexible_schema.exceptions import SchemaValidationError
+
+    try:
+        meds.LabelSchema.validate(table.schema)
+        return table
+    except SchemaValidationError as exc:
+        missing, extra = exc.missing_req_cols or [], exc.disallowed_extra_cols or []
+        mistyped = exc.mistyped_cols or []
+    if missing:
+        why = " (every label needs the time the prediction is made; nothing at or after it enters the input)" \
+            if missing[0] == "prediction_time" else ""
+        raise UserError(f"{path}: missing column '{missing[0]}'{why}; the MEDS label schema (meds "
+                        f"{meds.__version__}) requires subject_id and prediction_time: {_label_schema_text()}")
+    if extra:
+        hint = " (rename 'label' to boolean_value or integer_value)" if "label" in extra else ""
+        raise UserError(f"{path}: column(s) {extra} are not in the MEDS label schema{hint}; a label file holds only "
+                        f"{list(meds.LabelSchema.schema().names)}: drop the others (one task per file)")
+    for column, want, got in mistyped:
+        if not _losslessly_castable(got, want):
+            raise UserError(f"{path}: column '{column}' has type {got}, the MEDS label schema wants {want}; write it "
+                            f"as {want} (e.g. pyarrow .cast(pa.{want}()) or pandas .astype) and re-write the file")
+        try:
+            table = table.set_column(table.schema.get_field_index(column), column, table.column(column).cast(want))
+        except pa.ArrowInvalid as exc:
+            raise UserError(f"{path}: column '{column}' ({got}) does not convert to {want} without loss ({exc}); "
+                            f"write it as {want}") from exc
+    return table
+
+
+def _check_no_nulls(values: pd.Series, path: Path, column: str, fix: str) -> None:
+    if values.isna().any():
+        row = int(np.flatnonzero(values.isna().to_numpy())[0])
+        raise UserError(f"{path}: row {row} has no value in '{column}'; {fix}")
+
+
+def pick_label_column(columns_with_values: list[str], path: Path, label_column: str = "auto") -> str:
+    """The value column a label file is read from (one task at a time; see read_labels). Raises UserError."""
+    if label_column != "auto":
+        if label_column not in columns_with_values:
+            raise UserError(f"{path}: sequences.label_column={label_column} but the file has no values in that column "
+                            f"(value columns with values: {columns_with_values}); pick one of those")
+        return label_column
+    usable = [c for c in (*CLASS_LABEL_COLUMNS, "label") if c in columns_with_values]
+    if len(usable) > 1:
+        raise UserError(f"{path}: several label columns hold values {usable}; these models learn one task at a time: "
+                        f"set sequences.label_column to one of them (or write one label file per task)")
+    if usable:
+        return usable[0]
+    other = [c for c in columns_with_values if c in UNSUPPORTED_LABEL_COLUMNS]
+    if other:
+        raise UserError(f"{path}: the only label column is '{other[0]}', which holds "
+                        f"{UNSUPPORTED_LABEL_COLUMNS[other[0]]}")
+    raise UserError(f"{path}: no label column with values; write boolean_value (binary) or integer_value "
+                    f"(classes 0..K-1) beside subject_id and prediction_time (MEDS label schema: "
+                    f"{_label_schema_text()})")
+
+
+def _read_label_frame(path: Path) -> tuple[pd.DataFrame, bool]:
+    """(raw label rows, whether they came from the original's CSV). Parquet files are checked against
+    meds.LabelSchema one by one, so an error names the exact file."""
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            raise UserError(f"{path}: no label parquet files inside; write MEDS labels there")
+    elif path.suffix == ".csv" and path.is_file():
+        return pd.read_csv(path), True
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"{path}: labels file not found; fix data.labels_filepath")
+    frames = []
+    for f in files:
+        try:
+            table = pq.read_table(f)
+        except (OSError, pa.ArrowException) as exc:
+            raise UserError(f"{f}: cannot read label parquet ({exc}); re-write it") from exc
+        frames.append(conform_label_table(table, f).to_pandas())
+    return pd.concat(frames, ignore_index=True), False
+
+
+def read_labels(path: Path | None, label_column: str = "auto") -> pd.DataFrame:
+    """Labels as `subject_id` int64, `prediction_time` datetime64[us], `label` int64 (class id).
+
+    A MEDS label parquet (or a folder of them) is checked against the installed `meds.LabelSchema`
+    (`conform_label_table`). The original's labels CSV (`subject_id, prediction_time, label` or MEDS column names) is
+    parsed by pandas. One task at a time: `label_column="auto"` takes the one class column that holds values
+    (boolean_value, integer_value, or the CSV's `label`) and refuses a file where several do; a file whose only values
+    are float_value (regression) or categorical_value is refused with the fix. The column used is logged and kept in
+    `frame.attrs["label_column"]`. Raises UserError naming the file, the column or row, and the fix.
     """
     if path is None:
         raise UserError("data.labels_filepath is not set; pass a MEDS label parquet (subject_id, prediction_time, "
                         "boolean_value) or a labels CSV")
     path = Path(path)
-    if path.is_dir():
-        files = sorted(path.rglob("*.parquet"))
-        if not files:
-            raise UserError(f"{path}: no label parquet files inside; write MEDS labels there")
-        df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
-    elif path.suffix == ".csv" and path.is_file():
-        df = pd.read_csv(path)
-    elif path.is_file():
-        df = pq.read_table(path).to_pandas()
-    else:
-        raise UserError(f"{path}: labels file not found; fix data.labels_filepath")
-    if "prediction_time" not in df.columns:
-        raise UserError(f"{path}: missing column 'prediction_time'; every label needs the time the prediction is "
-                        f"made (nothing at or after it enters the input)")
-    if "subject_id" not in df.columns:
-        raise UserError(f"{path}: missing column 'subject_id'")
-    candidates = ["boolean_value", "integer_value", "label"] if label_column == "auto" else [label_column]
-    col = next((c for c in candidates if c in df.columns and df[c].notna().any()), None)
-    if col is None:
-        raise UserError(f"{path}: no label column among {candidates} with values; write boolean_value or "
-                        f"integer_value (float_value is regression, which these classifiers do not do)")
-    if df[col].isna().any():
-        row = int(np.flatnonzero(df[col].isna().to_numpy())[0])
-        raise UserError(f"{path}: row {row} has no value in '{col}'; drop the row or fill it")
+    df, from_csv = _read_label_frame(path)
+    for required in ("subject_id", "prediction_time"):  # the CSV path; parquet was checked by conform_label_table
+        if required not in df.columns:
+            raise UserError(f"{path}: missing column '{required}'; every label needs subject_id and prediction_time "
+                            f"(the time the prediction is made: nothing at or after it enters the input)")
+    value_columns = [c for c in (*LABEL_VALUE_COLUMNS, "label") if c in df.columns and df[c].notna().any()]
+    col = pick_label_column(value_columns, path, label_column)
+    _check_no_nulls(df[col], path, col, "drop the row or fill it")
     values = df[col]
-    if values.dtype == object or pd.api.types.is_string_dtype(values):
+    if values.dtype == object or pd.api.types.is_string_dtype(values):  # CSV: true / false / 0 / 1
         mapping = {"true": 1, "false": 0, "1": 1, "0": 0}
         lowered = values.astype(str).str.lower()
         if not lowered.isin(list(mapping)).all():
             row = int(np.flatnonzero(~lowered.isin(list(mapping)).to_numpy())[0])
             raise UserError(f"{path}: row {row} column '{col}' = {values.iloc[row]!r}; expected a boolean or integer")
         values = lowered.map(mapping)
-    elif pd.api.types.is_float_dtype(values):
+    elif pd.api.types.is_float_dtype(values):  # CSV integers read as floats
         if not np.all(np.mod(values.to_numpy(), 1) == 0):
             raise UserError(f"{path}: column '{col}' holds non-integer floats; classification needs class ids")
+    _check_no_nulls(df["prediction_time"], path, "prediction_time", "every label needs one")
     try:
         times = pd.to_datetime(df["prediction_time"]).astype("datetime64[us]")
     except (ValueError, TypeError) as exc:
         raise UserError(f"{path}: column 'prediction_time' is not a timestamp ({exc}); write ISO times") from exc
-    if times.isna().any():
-        row = int(np.flatnonzero(times.isna().to_numpy())[0])
-        raise UserError(f"{path}: row {row} has no prediction_time; every label needs one")
+    _check_no_nulls(df["subject_id"], path, "subject_id", "every label needs the subject it belongs to")
     try:
         subject_ids = df["subject_id"].astype("int64")
     except (ValueError, TypeError) as exc:
@@ -211,7 +313,12 @@ def read_labels(path: Path | None, label_column: str = "auto") -> pd.DataFrame:
     out = pd.DataFrame({"subject_id": subject_ids, "prediction_time": times, "label": values.astype("int64")})
     if (out["label"] < 0).any():
         raise UserError(f"{path}: column '{col}' has negative class ids; use 0..num_classes-1")
-    return out.sort_values(["subject_id", "prediction_time"], kind="stable").reset_index(drop=True)
+    out = out.sort_values(["subject_id", "prediction_time"], kind="stable").reset_index(drop=True)
+    out.attrs["label_column"] = col
+    log.info("%s: labels from column '%s' (%s; %d rows, classes %s)", path, col,
+             "original labels CSV" if from_csv else f"MEDS label schema, meds {meds.__version__}", len(out),
+             sorted(out["label"].unique().tolist()))
+    return out
 
 
 def collapse_duplicate_labels(labels: pd.DataFrame, path: Path | None = None) -> tuple[pd.DataFrame, int]:

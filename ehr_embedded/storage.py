@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from common.cli import UserError
@@ -158,6 +160,51 @@ def write_split(directory: Path, sequences: pd.DataFrame, token_ids: list[np.nda
     sequences = sequences.reset_index(drop=True).copy()
     sequences["n_events"] = lengths
     sequences.to_parquet(directory / "sequences.parquet", index=False)
+
+
+def concat_split_parts(directory: Path, part_dirs: list[Path], token_maps: list[np.ndarray],
+                       columns: list[str], block: int = 1 << 22) -> pd.DataFrame:
+    """Write one split's store from per-shard parts, in part order, streaming `block` events at a time (memory stays
+    bounded whatever the split's size); the files are those `write_split` writes for the same rows. Returns the
+    sequences frame.
+
+    A part (`<part>/<split>/`) holds `token_ids.npy`, `values.npy`, `time_gaps.npy`, `lengths.npy` (events per
+    sequence) and `sequences.parquet` (`columns`); negative token ids `-(1 + j)` become `token_maps[i][j]` (code-table
+    rows assigned when the parts were merged). Parts without this split are skipped.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    present = [(Path(d), m) for d, m in zip(part_dirs, token_maps) if (Path(d) / "lengths.npy").is_file()]
+    part_lengths = [np.load(d / "lengths.npy") for d, _ in present]
+    lengths = np.concatenate(part_lengths) if part_lengths else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    for name, dtype in ARRAYS.items():
+        with open(directory / f"{name}.npy", "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                      "fortran_order": False, "shape": (int(offsets[-1]),)})
+            for (part_dir, token_map), n in zip(present, part_lengths):
+                if int(n.sum()) == 0:
+                    continue
+                part = np.load(part_dir / f"{name}.npy", mmap_mode="r")
+                for lo in range(0, len(part), block):
+                    chunk = np.asarray(part[lo:lo + block]).astype(dtype)
+                    if name == "token_ids" and len(token_map):
+                        unknown = chunk < 0
+                        chunk[unknown] = token_map[-1 - chunk[unknown].astype(np.int64)]
+                    fh.write(chunk.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+    np.save(directory / "offsets.npy", offsets)
+    if len(lengths):
+        sequences = pa.concat_tables([pq.read_table(d / "sequences.parquet") for d, _ in present]).to_pandas()
+    else:  # what write_split writes for a split without rows
+        sequences = pd.DataFrame([], columns=columns)
+        if "prediction_time" in sequences:
+            sequences["prediction_time"] = sequences["prediction_time"].astype("datetime64[us]")
+    sequences = sequences[columns].reset_index(drop=True).copy()
+    sequences["n_events"] = lengths
+    sequences.to_parquet(directory / "sequences.parquet", index=False)
+    return sequences
 
 
 class SequenceStore:

@@ -46,6 +46,17 @@ class TransformerDecoderEmbedded(nn.Module):
         h = self.decoder(x, mask=causal, src_key_padding_mask=pad_additive, is_causal=True)
         return self.norm(h), pad
 
+    @staticmethod
+    def last_event_state(h: Tensor, pad: Tensor) -> Tensor:
+        """`[B, model_dim]`: the state of each row's last non-padding event (row 0 for padding only)."""
+        last = ((~pad).sum(1) - 1).clamp(min=0)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+    def encode(self, batch: dict[str, Tensor]) -> Tensor:
+        """`[B, model_dim]`: the patient representation the classification head reads (the last real event's
+        state, which has attended to the whole sequence); `ehr_embedded.represent` exports it."""
+        return self.last_event_state(*self.hidden_states(batch))
+
     def forward(self, batch: dict[str, Tensor], task: str | None = None) -> Tensor:
         task = task or self.default_task
         if task not in TASKS:
@@ -53,5 +64,4 @@ class TransformerDecoderEmbedded(nn.Module):
         h, pad = self.hidden_states(batch)
         if task == "autoregressive":
             return self.lm_head(h)
-        last = ((~pad).sum(1) - 1).clamp(min=0)
-        return self.classifier(h[torch.arange(h.shape[0], device=h.device), last])
+        return self.classifier(self.last_event_state(h, pad))

@@ -1,0 +1,182 @@
+"""The previous create_embeddings: pandas per shard and a Python loop per subject and per label.
+
+Kept only as the baseline of `benchmarks/ehr_preprocess.py` and as the oracle of
+tests/ehr_embedded/test_ehr_streaming.py (the streaming `create_embeddings` must write the same store). Not a stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.cli import UserError
+from common.io import write_json
+from ehr_embedded import meds_io
+from ehr_embedded.config import Stage1Config
+from ehr_embedded.create_embeddings import STATIC_TIME, cut_indices, time_gaps_hours, window_indices
+from ehr_embedded.create_vocab_embeddings import build_resolver, resolve_paths
+from ehr_embedded.descriptions import TextEncoder
+from ehr_embedded.storage import (
+    CODE_TABLE_DIR,
+    FORMAT_VERSION,
+    PRETRAIN_SPLIT,
+    UNK_ID,
+    US_PER_HOUR,
+    CodeTable,
+    SequenceStore,
+    atomic_dir,
+    export_pt,
+    write_split,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _SplitBuffer:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.token_ids: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.gaps: list[np.ndarray] = []
+
+
+def create_embeddings_loop(cfg: Stage1Config) -> dict:
+    """The per-subject loop: builds the same store as `create_embeddings`; returns the report."""
+    started = time.time()
+    vocab_table = CodeTable.load(Path(cfg.data.vocab_embedding_path))
+    code_to_id = vocab_table.code_to_id()
+    splits_path, _ = resolve_paths(cfg)
+    splits = meds_io.read_splits(splits_path)
+    split_of = dict(zip(splits["subject_id"], splits["split"]))
+    labels = meds_io.read_labels(cfg.data.labels_filepath, cfg.sequences.label_column)
+    n_labels = len(labels)
+    labels, n_duplicates = meds_io.collapse_duplicate_labels(labels, cfg.data.labels_filepath)
+    if n_duplicates:
+        log.warning("%d repeated (subject_id, prediction_time) label rows with the same label: collapsed", n_duplicates)
+    known = labels["subject_id"].isin(split_of)
+    counts: Counter = Counter(labels_total=n_labels, labels_duplicate_collapsed=n_duplicates,
+                              labels_unknown_subject=int((~known).sum()))
+    if counts["labels_unknown_subject"]:
+        unknown = sorted(set(labels.loc[~known, "subject_id"]))[:5]
+        log.warning("%d labels name subjects absent from %s (e.g. %s): skipped", counts["labels_unknown_subject"],
+                    splits_path, unknown)
+    labels = labels[known]
+    labels_by_subject = {sid: grp for sid, grp in labels.groupby("subject_id", sort=False)}
+    max_length = cfg.sequences.max_length
+    extension: dict[str, int] = {}
+    buffers = {s: _SplitBuffer() for s in meds_io.SPLITS}
+    windows = _SplitBuffer()  # pretraining windows over whole training-split timelines (no labels involved)
+    train_subjects = {sid for sid, split in split_of.items() if split == meds_io.SPLITS[0]}
+    wanted = set(labels_by_subject) | (train_subjects if cfg.sequences.pretrain_windows else set())
+    seen_subjects: set[int] = set()
+
+    for path in meds_io.data_files(Path(cfg.data.data_dir)):
+        events = meds_io.read_events(path).to_pandas()
+        # NaT (a static event) becomes int64 min, so static events sort first and count as known at any time.
+        events["time_us"] = events["time"].to_numpy("datetime64[us]").astype(np.int64)
+        events = events[events["subject_id"].isin(wanted)]
+        events = events.sort_values(["subject_id", "time_us"], kind="stable")
+        for subject_id, ev in events.groupby("subject_id", sort=False):
+            if subject_id in seen_subjects:
+                raise UserError(f"{path}: subject {subject_id} also appears in an earlier shard; MEDS shards must "
+                                f"partition subjects (write each subject's events into one shard)")
+            seen_subjects.add(subject_id)
+            times = ev["time_us"].to_numpy(np.int64)
+            codes = ev["code"].to_numpy(object)
+            known_ids = ev["code"].map(code_to_id).fillna(-1).to_numpy(np.int64)  # -1: outside the vocabulary
+            values = ev["numeric_value"].to_numpy(np.float32)
+
+            def token_ids(idx: np.ndarray, known_ids=known_ids, codes=codes) -> np.ndarray:
+                """Code-table rows of events `idx`; codes outside the vocabulary get description-only rows."""
+                ids = known_ids[idx].astype(np.int32)
+                for j in np.flatnonzero(ids < 0):
+                    if cfg.sequences.embed_unseen_codes:
+                        ids[j] = extension.setdefault(codes[idx[j]], len(vocab_table.vocab) + len(extension))
+                    else:
+                        ids[j] = UNK_ID
+                        counts["events_mapped_to_unk"] += 1
+                return ids
+
+            if cfg.sequences.pretrain_windows and subject_id in train_subjects:
+                for idx in window_indices(times, max_length):
+                    windows.rows.append({"subject_id": int(subject_id), "prediction_time": pd.Timestamp(
+                        int(times[idx[-1]]) + 1, unit="us"), "label": 0, "n_events_before_cut": len(idx),
+                        "n_static": int((times[idx] == STATIC_TIME).sum()), "hours_last_event_to_prediction": 0.0})
+                    windows.token_ids.append(token_ids(idx))
+                    windows.values.append(values[idx])
+                    windows.gaps.append(time_gaps_hours(times[idx]))
+            buf = buffers[split_of[subject_id]]
+            for label in labels_by_subject.get(subject_id, pd.DataFrame()).itertuples(index=False):
+                pred_us = int(np.datetime64(label.prediction_time, "us").astype(np.int64))
+                idx = cut_indices(times, pred_us, max_length)
+                if not (times[idx] != STATIC_TIME).any():  # static events alone are not a history
+                    counts["skipped_no_events_before_prediction"] += 1
+                    continue
+                ids = token_ids(idx)
+                kept_times = times[idx]
+                last_timed = kept_times[kept_times != STATIC_TIME]
+                hours_to_pred = (pred_us - last_timed[-1]) / US_PER_HOUR if len(last_timed) else 0.0
+                n_before = int(np.searchsorted(times, pred_us, side="left"))
+                buf.rows.append({"subject_id": int(subject_id), "prediction_time": label.prediction_time,
+                                 "label": int(label.label), "n_events_before_cut": n_before,
+                                 "n_static": int((kept_times == STATIC_TIME).sum()),
+                                 "hours_last_event_to_prediction": float(hours_to_pred)})
+                buf.token_ids.append(ids)
+                buf.values.append(values[idx])
+                buf.gaps.append(time_gaps_hours(kept_times))
+                counts["sequences_written"] += 1
+                counts["sequences_truncated"] += int(n_before > len(idx))
+
+    no_events = labels[~labels["subject_id"].isin(seen_subjects)]
+    if cfg.sequences.pretrain_windows:
+        counts["pretrain_windows"] = len(windows.rows)
+    counts["skipped_no_events_before_prediction"] += len(no_events)
+    table = vocab_table
+    if extension:
+        resolver, _ = build_resolver(cfg)
+        ext_codes = list(extension)
+        descriptions, sources, coverage = resolver.resolve_all(ext_codes)
+        encoder = TextEncoder(vocab_table.meta.get("model_name") or cfg.model.name, cfg.device,
+                              cfg.model.batch_size, bool(vocab_table.meta.get("normalize", cfg.model.normalize)))
+        if encoder.dim != vocab_table.dim:
+            raise UserError(f"{cfg.data.vocab_embedding_path}: the code table is {vocab_table.dim}-d but "
+                            f"{encoder.path} gives {encoder.dim}-d; rebuild the vocabulary with the same model")
+        table = vocab_table.extend(ext_codes, descriptions, sources, encoder.encode(descriptions))
+        counts["codes_embedded_from_description_only"] = len(ext_codes)
+        log.info("%d codes outside the training vocabulary embedded from descriptions %s", len(ext_codes), coverage)
+    if counts["sequences_written"] == 0:
+        raise UserError(f"{cfg.data.labels_filepath}: no label has events before its prediction_time; check that "
+                        f"labels and events use the same subject ids and time zone")
+
+    out_dir = Path(cfg.data.embedding_output_dir)
+    report = {"counts": dict(counts), "max_length": max_length, "format_version": FORMAT_VERSION,
+              "data_dir": str(cfg.data.data_dir), "labels": str(cfg.data.labels_filepath),
+              "vocab_embedding_path": str(cfg.data.vocab_embedding_path)}
+    with atomic_dir(out_dir) as tmp:
+        table.save(tmp / CODE_TABLE_DIR)
+        for split, buf in buffers.items():
+            seqs = pd.DataFrame(buf.rows, columns=["subject_id", "prediction_time", "label", "n_events_before_cut",
+                                                   "n_static", "hours_last_event_to_prediction"])
+            seqs["prediction_time"] = seqs["prediction_time"].astype("datetime64[us]")
+            write_split(tmp / split, seqs, buf.token_ids, buf.values, buf.gaps)
+            report[split] = {"sequences": len(buf.rows), "events": int(sum(len(t) for t in buf.token_ids)),
+                             "positives": int(sum(r["label"] > 0 for r in buf.rows))}
+        if cfg.sequences.pretrain_windows:
+            seqs = pd.DataFrame(windows.rows, columns=["subject_id", "prediction_time", "label", "n_events_before_cut",
+                                                       "n_static", "hours_last_event_to_prediction"])
+            seqs["prediction_time"] = seqs["prediction_time"].astype("datetime64[us]")
+            write_split(tmp / PRETRAIN_SPLIT, seqs, windows.token_ids, windows.values, windows.gaps)
+            report[PRETRAIN_SPLIT] = {"sequences": len(windows.rows),
+                                      "events": int(sum(len(t) for t in windows.token_ids))}
+        report["seconds"] = round(time.time() - started, 2)
+        write_json(tmp / "report.json", report)
+    if cfg.sequences.export_pt:
+        for split in meds_io.SPLITS:
+            export_pt(SequenceStore(out_dir / split), table, out_dir / "pt" / split)
+    log.info("sequences -> %s: %s; skips %s", out_dir, {s: report[s] for s in meds_io.SPLITS}, dict(counts))
+    return report

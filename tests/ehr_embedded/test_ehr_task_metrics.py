@@ -1,0 +1,136 @@
+"""Multi-class tasks: finetune trains them, evaluate scores them (accuracy, macro F1, macro one-vs-rest AUROC with
+subject-bootstrap intervals, per-class support) and writes their predictions; every value is recomputed here with
+sklearn from the predictions file. Runs on a tiny synthetic store written through storage.write_split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from ehr_helpers import train_config, train_overrides
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+from ehr_embedded import finetune as finetune_stage
+from ehr_embedded.evaluate import (
+    MULTICLASS_PREDICTION_COLUMNS,
+    binary_metrics,
+    multiclass_metrics,
+    task_metrics,
+)
+from ehr_embedded.finetune import finetune
+from ehr_embedded.storage import CODE_TABLE_DIR, CodeTable, write_split
+
+SPLIT_SIZES = {"train": 120, "tuning": 45, "held_out": 45}
+
+
+def synthetic_store(root, n_classes: int, dim: int = 8, seed: int = 0):
+    """A store whose class `c` sequences each carry code `C{c}` among random filler codes (learnable by any model
+    that tells codes apart). Every third subject holds two label rows, so subjects and rows differ."""
+    rng = np.random.default_rng(seed)
+    codes = ["[PAD]", "[UNK]", *[f"C{c}" for c in range(n_classes)], *[f"F{i}" for i in range(8)]]
+    n_codes = len(codes)
+    vocab = pd.DataFrame({"token_id": np.arange(n_codes, dtype=np.int32), "code": codes, "description": codes,
+                          "description_source": "synthetic", "train_count": np.ones(n_codes, np.int64),
+                          "value_mean": np.full(n_codes, np.nan, np.float32),
+                          "value_std": np.full(n_codes, np.nan, np.float32), "in_lm_vocab": np.ones(n_codes, bool)})
+    embeddings = rng.normal(size=(n_codes, dim)).astype(np.float32)
+    embeddings[0] = 0.0
+    CodeTable(vocab, embeddings, {"model_name": "synthetic"}).save(root / CODE_TABLE_DIR)
+    next_subject = 1
+    for split, n in SPLIT_SIZES.items():
+        labels = np.arange(n) % n_classes  # every class in every split
+        rows, ids, gaps = [], [], []
+        for i, label in enumerate(labels):
+            if i % 3 != 1:
+                next_subject += 1
+            length = int(rng.integers(4, 12))
+            seq = rng.integers(2 + n_classes, n_codes, size=length)
+            seq[rng.integers(0, length)] = 2 + label
+            ids.append(seq.astype(np.int32))
+            gaps.append(rng.uniform(0, 5, size=length).astype(np.float32))
+            rows.append({"subject_id": next_subject, "label": int(label), "n_static": 0,
+                         "prediction_time": pd.Timestamp("2020-01-01") + pd.Timedelta(days=i),
+                         "hours_last_event_to_prediction": 1.0})
+        frame = pd.DataFrame(rows).astype({"prediction_time": "datetime64[us]"})
+        write_split(root / split, frame, ids, [np.full(len(s), np.nan, np.float32) for s in ids], gaps)
+    return root
+
+
+@pytest.fixture(scope="module")
+def three_class_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("three_class")
+    store = synthetic_store(root / "store", n_classes=3)
+    report = finetune(train_config(store, root / "run", "model.num_classes=3", "training.epochs=4"))
+    return store, root / "run", report
+
+
+def random_probs(n, k, seed):
+    """Unbalanced classes (class c holds about twice the rows of class c + 1), so macro and weighted averages differ."""
+    rng = np.random.default_rng(seed)
+    y = np.sort(np.arange(n) % (2 ** k - 1)).astype(int)
+    y = k - 1 - np.floor(np.log2(y + 1)).astype(int)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, probs
+
+
+def test_multiclass_metrics_equal_sklearn_and_a_hand_subject_bootstrap():
+    y, probs = random_probs(60, 4, seed=1)
+    subject_ids = np.repeat(np.arange(30), 2)  # two rows per subject
+    report = multiclass_metrics(y, probs, n_boot=50, seed=2, subject_ids=subject_ids)
+    assert report["accuracy"]["value"] == accuracy_score(y, probs.argmax(1))
+    assert report["macro_f1"]["value"] == f1_score(y, probs.argmax(1), average="macro")
+    assert report["macro_auroc_ovr"]["value"] == roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    assert report["support"] == {"0": 32, "1": 16, "2": 8, "3": 4}
+    assert report["n"] == 60 and report["n_subjects"] == 30 and report["bootstrap"] == "subjects"
+
+    # the same draws by hand: common.metrics.bootstrap_ci draws subject indices with default_rng(seed)
+    rng = np.random.default_rng(2)
+    accuracies = []
+    for _ in range(50):
+        rows = np.concatenate([np.flatnonzero(subject_ids == s) for s in rng.integers(0, 30, size=30)])
+        accuracies.append(accuracy_score(y[rows], probs[rows].argmax(1)))
+    assert (report["accuracy"]["low"], report["accuracy"]["high"]) == pytest.approx(
+        tuple(np.quantile(accuracies, [0.025, 0.975])))
+
+    # binary tasks still get the binary report, unchanged
+    yb, pb = random_probs(40, 2, seed=3)
+    assert task_metrics(yb, pb, 0.4, 30, 0) == binary_metrics(yb, pb[:, 1], 0.4, 30, 0)
+    assert "macro_auroc_ovr" not in multiclass_metrics(np.zeros(10, int), random_probs(10, 3, 0)[1], n_boot=5)
+
+
+def test_finetune_and_evaluate_score_a_three_class_task(three_class_run):
+    store, run, report = three_class_run
+    predictions = pq.read_table(run / "predictions" / "held_out.parquet").to_pandas()
+    assert tuple(predictions.columns) == MULTICLASS_PREDICTION_COLUMNS
+    stored = pd.read_parquet(store / "held_out" / "sequences.parquet")
+    assert predictions["integer_value"].tolist() == stored["label"].tolist()
+    assert predictions["subject_id"].tolist() == stored["subject_id"].tolist()
+    probs = np.stack(predictions["predicted_class_probabilities"].to_numpy())
+    y = predictions["integer_value"].to_numpy()
+    assert probs.shape == (45, 3) and np.allclose(probs.sum(1), 1, atol=1e-6)
+    assert (predictions["predicted_integer_value"].to_numpy() == probs.argmax(1)).all()
+
+    on_disk = json.loads((run / "reports" / "eval_held_out.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert report["num_classes"] == 3 and report["support"] == {"0": 15, "1": 15, "2": 15}
+    assert report["n_subjects"] == stored["subject_id"].nunique() < 45
+    assert report["accuracy"]["value"] == accuracy_score(y, probs.argmax(1))
+    assert report["macro_f1"]["value"] == f1_score(y, probs.argmax(1), average="macro")
+    assert report["macro_auroc_ovr"]["value"] == roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    assert report["accuracy"]["low"] <= report["accuracy"]["value"] <= report["accuracy"]["high"]
+    assert report["macro_auroc_ovr"]["value"] > 0.9  # the planted code decides the class
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("tuning_auroc" in e for e in epochs)  # macro one-vs-rest AUROC drives model selection
+    assert json.loads((run / "reports" / "threshold.json").read_text())["criterion"] == "argmax (multi-class)"
+
+
+def test_multiclass_refuses_binary_only_selection(three_class_run, tmp_path, capsys):
+    store, _, _ = three_class_run
+    args = train_overrides(store, tmp_path / "run", "model.num_classes=3", "training.selection_metric=auprc")
+    assert finetune_stage.main(args) == 2
+    assert "training.selection_metric=auprc is binary; with model.num_classes=3 use auroc" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

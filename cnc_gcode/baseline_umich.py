@@ -88,9 +88,28 @@ def window_features(cfg: CncConfig, signals, ends: np.ndarray) -> dict[str, np.n
             "file_position": (ends / max(len(signals) - 1, 1))[:, None]}
 
 
-def baseline_umich(cfg: CncConfig) -> int:
+def score_baselines(cfg: CncConfig, train_x: dict[str, list[np.ndarray]], y_train: np.ndarray,
+                    test_x: dict[str, list[np.ndarray]], y_test: np.ndarray) -> list[dict]:
+    """The majority label's row, then gradient-boosted trees fitted on each feature set of `train_x` (name -> arrays
+    per experiment) and scored on the same set of `test_x`: accuracy and macro F1."""
     from sklearn.ensemble import HistGradientBoostingClassifier
     from threadpoolctl import threadpool_limits
+
+    majority = np.bincount(y_train).argmax()
+    rows = [{"model": "majority", "features": "-", "accuracy": float((y_test == majority).mean()),
+             "macro_f1": macro_f1(y_test, np.full_like(y_test, majority))}]
+    for name in train_x:
+        model = HistGradientBoostingClassifier(random_state=cfg.run.seed)
+        # run.num_threads caps OpenMP too: on a shared 2-core machine one thread fits 4x faster than oversubscribed
+        with threadpool_limits(limits=cfg.run.num_threads or None):
+            model.fit(np.concatenate(train_x[name]), y_train)
+            predicted = model.predict(np.concatenate(test_x[name]))
+        rows.append({"model": "gradient-boosted trees", "features": name,
+                     "accuracy": float((predicted == y_test).mean()), "macro_f1": macro_f1(y_test, predicted)})
+    return rows
+
+
+def baseline_umich(cfg: CncConfig) -> int:
 
     setup_logging()
     uc = cfg.umich
@@ -121,17 +140,7 @@ def baseline_umich(cfg: CncConfig) -> int:
     if not train_y or not test_y:
         raise UserError(f"{data_dir}: no training or no test experiment found; check umich.test_experiments")
     y_train, y_test = np.concatenate(train_y), np.concatenate(test_y)
-    majority = np.bincount(y_train).argmax()
-    rows = [{"model": "majority", "features": "-", "accuracy": float((y_test == majority).mean()),
-             "macro_f1": macro_f1(y_test, np.full_like(y_test, majority))}]
-    for name in FEATURE_SETS:
-        model = HistGradientBoostingClassifier(random_state=cfg.run.seed)
-        # run.num_threads caps OpenMP too: on a shared 2-core machine one thread fits 4x faster than oversubscribed
-        with threadpool_limits(limits=cfg.run.num_threads or None):
-            model.fit(np.concatenate(train_x[name]), y_train)
-            predicted = model.predict(np.concatenate(test_x[name]))
-        rows.append({"model": "gradient-boosted trees", "features": name,
-                     "accuracy": float((predicted == y_test).mean()), "macro_f1": macro_f1(y_test, predicted)})
+    rows = score_baselines(cfg, train_x, y_train, test_x, y_test)
     result = {"label_source": uc.label_source, "phase_grouping": uc.phase_grouping, "test_windows": len(y_test),
               "train_rows": len(y_train), "test_experiments": list(uc.test_experiments), "rows": rows}
     return write_report(cfg, result)
@@ -140,8 +149,6 @@ def baseline_umich(cfg: CncConfig) -> int:
 def sequence_map_baselines(cfg: CncConfig, data_dir: Path) -> int:
     """Majority and trees on the windows ingest_umich makes with label_source=sequence_map (train on the training
     experiments' windows, score the test windows)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from threadpoolctl import threadpool_limits
 
     uc = cfg.umich
     phase_map, map_stats = read_phase_map(uc, data_dir)
@@ -166,16 +173,7 @@ def sequence_map_baselines(cfg: CncConfig, data_dir: Path) -> int:
     if not train_y or not test_y:
         raise UserError(f"{data_dir}: no training or no test experiment found; check umich.test_experiments")
     y_train, y_test = np.concatenate(train_y), np.concatenate(test_y)
-    majority = np.bincount(y_train).argmax()
-    rows = [{"model": "majority", "features": "-", "accuracy": float((y_test == majority).mean()),
-             "macro_f1": macro_f1(y_test, np.full_like(y_test, majority))}]
-    for name in WINDOW_FEATURE_SETS:
-        model = HistGradientBoostingClassifier(random_state=cfg.run.seed)
-        with threadpool_limits(limits=cfg.run.num_threads or None):
-            model.fit(np.concatenate(train_x[name]), y_train)
-            predicted = model.predict(np.concatenate(test_x[name]))
-        rows.append({"model": "gradient-boosted trees", "features": name,
-                     "accuracy": float((predicted == y_test).mean()), "macro_f1": macro_f1(y_test, predicted)})
+    rows = score_baselines(cfg, train_x, y_train, test_x, y_test)
     result = {"label_source": uc.label_source, "phase_map": map_stats, "window": uc.window, "stride": uc.stride,
               "channel_groups": list(cfg.data.channel_groups or MEASURED_GROUPS), "test_windows": len(y_test),
               "train_windows": len(y_train), "test_experiments": list(uc.test_experiments), "rows": rows}

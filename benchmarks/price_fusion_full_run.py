@@ -5,8 +5,18 @@ against the median-price baseline on the same split.
 
     python benchmarks/price_fusion_full_run.py                       # 75k, 1 torch thread
     python benchmarks/price_fusion_full_run.py --n 5000 --threads 2  # quick check
+    python benchmarks/price_fusion_full_run.py --n 20000 --epochs 30  # the epoch-overhead figure of the README
 
 Prints the numbers and writes them to --out (default runs/benchmarks/price_fusion_full_run.json).
+
+Epoch overhead: the run's steady epoch time (from the timestamps of its "epoch N" log lines, first to last, so
+process start, data loading and the final predictions are left out; validation, metrics and checkpoints are in) is
+compared with the pure training step alone (forward, loss, backward, gradient clipping at train.grad_clip, AdamW
+step: the update rule, as price_fusion.train does it) of the same model, loss and optimizer on the same training rows
+in the same batches (one epoch's batches gathered into tensors beforehand), timed afterwards in this process with
+the same torch thread count: --pure-epochs epochs after one warm-up, once before the run and once after it, and the
+mean of all of them (the cores are shared: this spreads the baseline over the run's time window). What the ratio adds is the epoch's
+batch gathering, validation, metrics, logs and checkpoints. Goal: ratio <= 1.15.
 
 The data are written with the package's own embedding store and trained with `python -m price_fusion.train`
 (the production path, checkpoints every epoch included) in a child process, whose peak RSS comes from
@@ -19,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -51,10 +62,81 @@ def write_synthetic(root: Path, n: int, seed: int = 0) -> None:
                   "price": np.round(np.exp(log_price), 2)}).to_csv(root / "train.csv", index=False)
 
 
+EPOCH_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d) INFO [\w.]+: epoch (\d+) ")  # logger __main__ under -m
+
+
+def steady_epoch_seconds(stderr_text: str) -> tuple[float, int]:
+    """(seconds per epoch between the first and the last "epoch N" log line, epochs spanned). The log's timestamps
+    have 1 s resolution, so over E epochs the error is at most 1/E s per epoch."""
+    stamps = []
+    for line in stderr_text.splitlines():
+        match = EPOCH_LINE.match(line)
+        if match:
+            h, m, sec, epoch = map(int, match.groups())
+            stamps.append((epoch, h * 3600 + m * 60 + sec))
+    if len(stamps) < 2:
+        raise SystemExit("fewer than 2 epoch log lines in the training run's stderr: run more epochs")
+    elapsed = 0
+    for (_, before), (_, after) in zip(stamps, stamps[1:]):
+        elapsed += (after - before) % 86400  # past midnight
+    span = stamps[-1][0] - stamps[0][0]
+    return elapsed / span, span
+
+
+def pure_train_epoch(root: Path, threads: int, epochs: int) -> dict:
+    """Seconds per epoch of the training step alone (forward, loss, backward, gradient clipping, AdamW step): the
+    run's model (built, initialised and optimised as price_fusion.train.fit_one does), loss and batch size, on its
+    training rows (the same seeded grouped split) in epoch 1's batches, gathered beforehand. No validation, metrics,
+    logs or checkpoints."""
+    import torch
+
+    from common.config import load_config
+    from common.seed import seed_everything
+    from common.training import param_groups
+    from price_fusion.batching import epoch_batches, load_split
+    from price_fusion.config import PriceFusionConfig
+    from price_fusion.data import product_groups
+    from price_fusion.losses import build_loss
+    from price_fusion.model import build_model, init_output_bias
+    from price_fusion.train import make_fits
+
+    torch.set_num_threads(threads)
+    cfg = load_config(PriceFusionConfig, REPO / "configs/price_fusion/base.yaml",
+                      [f"data.train_csv={root / 'train.csv'}", f"data.embeddings_dir={root / 'emb'}"])
+    tc = cfg.train
+    catalog, data = load_split(cfg.data.embeddings_dir, "train", cfg.data.train_csv, labelled=True,
+                               structural=cfg.data.structural)
+    fit_rows, _, _ = make_fits(cfg, catalog.prices, product_groups(catalog, cfg.data.group_key))[0]
+    train_data = data.subset(fit_rows)
+    seed_everything(tc.seed)
+    model = build_model(cfg.model, train_data.image.shape[1], train_data.text.shape[1], train_data.struct.shape[1])
+    model.branches.set_struct_stats(train_data.struct)
+    init_output_bias(model, float(train_data.log_price.mean()))
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.lr), lr=tc.lr)
+    loss_fn = build_loss(tc)
+    batches = [(train_data.inputs(rows), train_data.target(rows))
+               for rows in epoch_batches(len(train_data), tc.batch_size, tc.seed, 1)]
+    model.train()
+    times = []
+    for _ in range(1 + epochs):  # the first is a warm-up
+        start = time.perf_counter()
+        for inputs, target in batches:
+            loss = loss_fn(model(*inputs), target) + tc.load_balance_weight * model.aux_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    return {"s_per_epoch": float(np.mean(times[1:])), "epochs_timed": epochs, "all_s": times,
+            "n_batches": len(batches), "batch_size": tc.batch_size, "n_train_rows": len(train_data)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=75_000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=0, help="train.epochs of the run; 0: base.yaml's (to early stopping)")
+    parser.add_argument("--pure-epochs", type=int, default=3, help="epochs timed for the pure step baseline")
     parser.add_argument("--workdir", default="", help="default: a temporary folder, removed afterwards")
     parser.add_argument("--out", default=str(REPO / "runs" / "benchmarks" / "price_fusion_full_run.json"))
     args = parser.parse_args()
@@ -64,9 +146,11 @@ def main() -> None:
         start = time.perf_counter()
         write_synthetic(root, args.n)
         print(f"wrote {args.n} synthetic products in {time.perf_counter() - start:.1f} s")
+        pure_before = pure_train_epoch(root, args.threads, args.pure_epochs)
         cmd = [sys.executable, "-m", "price_fusion.train", "--config", str(REPO / "configs/price_fusion/base.yaml"),
                f"runs_dir={root / 'runs'}", "run_name=full", f"data.train_csv={root / 'train.csv'}",
-               f"data.embeddings_dir={root / 'emb'}", f"train.num_threads={args.threads}", "train.resume=false"]
+               f"data.embeddings_dir={root / 'emb'}", f"train.num_threads={args.threads}", "train.resume=false",
+               *([f"train.epochs={args.epochs}"] if args.epochs else [])]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                        stdout=subprocess.DEVNULL, stderr=open(root / "train.stderr", "w"))
@@ -83,10 +167,23 @@ def main() -> None:
               f"({wall / len(history):.1f} s/epoch incl. validation and checkpoints), peak RSS {peak_mib:.0f} MiB")
         print(f"held-out SMAPE {done['best_val_smape']:.2f}% vs median-price baseline {median_smape:.2f}% "
               f"({len(val)} held-out products, {args.threads} torch thread(s))")
-        write_json(args.out, {"n": args.n, "threads": args.threads, "epochs": len(history),
+        epoch_s, span = steady_epoch_seconds((root / "train.stderr").read_text())
+        pure_after = pure_train_epoch(root, args.threads, args.pure_epochs)
+        timed = pure_before["all_s"][1:] + pure_after["all_s"][1:]
+        pure = {**pure_after, "s_per_epoch": float(np.mean(timed)), "before_run_s": pure_before["all_s"],
+                "after_run_s": pure_after["all_s"]}
+        pure.pop("all_s")
+        ratio = epoch_s / pure["s_per_epoch"]
+        print(f"steady epoch {epoch_s:.2f} s (epochs {len(history) - span}-{len(history)}, validation and checkpoints "
+              f"included) vs pure training step (forward, backward, clip, AdamW) {pure['s_per_epoch']:.2f} s ({pure['n_batches']} batches "
+              f"of {pure['batch_size']}): ratio {ratio:.3f} (goal <= 1.15)")
+        write_json(args.out, {"n": args.n, "threads": args.threads, "epochs_arg": args.epochs, "epochs": len(history),
                               "stopped_early": done["stopped_early"], "best_epoch": best_epoch, "wall_s": wall, "s_per_epoch": wall / len(history),
                               "peak_rss_mib": peak_mib, "held_out_smape": done["best_val_smape"],
-                              "median_baseline_smape": median_smape, "n_held_out": len(val)})
+                              "median_baseline_smape": median_smape, "n_held_out": len(val),
+                              "steady_epoch_s": epoch_s, "epochs_spanned": span, "pure_step_epoch": pure,
+                              "epoch_over_pure": ratio, "goal_epoch_over_pure": 1.15,
+                              "load_average": list(os.getloadavg())})
         print(f"-> {args.out}")
 
 

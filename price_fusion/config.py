@@ -20,6 +20,8 @@ BASELINE_METHODS = ("median", "knn", "ridge")
 IKEA_GROUPS = ("name", "item")
 BAD_PRICE_POLICIES = ("skip", "error")
 ENSEMBLE_METHODS = ("mean", "fitted")
+EMBED_DEVICES = ("auto", "cpu", "cuda")
+EMBED_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass
@@ -91,6 +93,30 @@ class EmbedConfig:
     structural features under data.structural=legacy; dropped and recomputed from the text under quantities)."""
     num_threads: int = 0
     """torch intra-op threads while encoding; 0 leaves torch's default (1 is fastest on a busy 2-core machine)."""
+    device: str = "auto"
+    """Where both encoders run: auto (CUDA when available, else CPU), cpu or cuda."""
+    precision: str = "auto"
+    """Autocast dtype of the encoders' forward passes: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16. The
+    stored vectors are float32 whatever this is."""
+    num_workers: int = 2
+    """DataLoader worker processes that open, decode and preprocess images beside the encoder; 0 = in process."""
+    max_seq_length: int = 0
+    """Tokens per text kept by the sentence encoder (longer texts are truncated); 0 = the model's own limit."""
+    chunk_rows: int = 4096
+    """Products per resumable chunk: each finished chunk is saved under <embeddings_dir>/<split>.partial/, and a
+    re-run after a kill encodes only the chunks not yet saved."""
+
+    def __post_init__(self) -> None:
+        if self.device not in EMBED_DEVICES:
+            raise ValueError(f"embed.device must be one of {EMBED_DEVICES}, got {self.device!r}")
+        if self.precision not in EMBED_PRECISIONS:
+            raise ValueError(f"embed.precision must be one of {EMBED_PRECISIONS}, got {self.precision!r}")
+        for key in ("image_batch_size", "text_batch_size", "chunk_rows"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"embed.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("num_workers", "max_seq_length", "num_threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"embed.{key} must be 0 or more, got {getattr(self, key)}")
 
 
 @dataclass

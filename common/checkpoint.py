@@ -176,18 +176,31 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _write(self, name: str, tensors: dict[str, torch.Tensor], train_state: dict[str, Any],
-               meta: dict[str, Any]) -> Path:
+               meta: dict[str, Any], same_as: tuple[Path, dict[str, Any]] | None = None) -> tuple[Path, dict]:
+        """Write checkpoint `name` atomically; returns its folder and its files' sizes and hashes. `same_as` (a
+        folder written this step and its files) hard-links those files instead of serialising, hashing and syncing
+        the same bytes again: checkpoint files are never modified in place (a newer checkpoint replaces the folder),
+        so the link keeps its content when either name moves on. Falls back to a copy where links are refused."""
         target = self.ckpt_dir / name
         tmp = self.ckpt_dir / f".tmp-{name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        torch.save(train_state, tmp / STATE_FILE)
-        files = {}
-        for fname in (WEIGHTS_FILE, STATE_FILE):
-            _fsync_file(tmp / fname)
-            files[fname] = {"size": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname)}
+        if same_as is not None:
+            source, files = same_as
+            for fname in (WEIGHTS_FILE, STATE_FILE):
+                try:
+                    os.link(source / fname, tmp / fname)
+                except OSError:
+                    shutil.copy2(source / fname, tmp / fname)
+                    _fsync_file(tmp / fname)
+        else:
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            torch.save(train_state, tmp / STATE_FILE)
+            files = {}
+            for fname in (WEIGHTS_FILE, STATE_FILE):
+                _fsync_file(tmp / fname)
+                files[fname] = {"size": (tmp / fname).stat().st_size, "sha256": sha256_file(tmp / fname)}
         full_meta = {"format_version": FORMAT_VERSION, "name": name, "files": files,
                      "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, default=str), encoding="utf-8")
@@ -204,7 +217,7 @@ class CheckpointManager:
         else:
             os.replace(tmp, target)
             fsync_dir(self.ckpt_dir)
-        return target
+        return target, files
 
     def save(self, model: nn.Module, train_state: dict[str, Any], epoch: int, is_best: bool = False,
              meta: dict[str, Any] | None = None) -> None:
@@ -221,12 +234,14 @@ class CheckpointManager:
             meta[FINGERPRINT_KEY] = self.fingerprint
         # `best` first: if a kill lands after it, `latest` still names the previous epoch and the resumed
         # run redoes this epoch, rewriting `best` with the same content.
+        # The same step's bytes are serialised once; further names of this step link to them.
+        written = None
         if is_best:
-            self._write(BEST, tensors, train_state, meta)
+            written = self._write(BEST, tensors, train_state, meta)
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
-            self._write(f"epoch_{epoch}", tensors, train_state, meta)
+            written = self._write(f"epoch_{epoch}", tensors, train_state, meta, same_as=written)
             self._prune()
-        self._write(LATEST, tensors, train_state, meta)
+        self._write(LATEST, tensors, train_state, meta, same_as=written)
 
     def _prune(self) -> None:
         periodic = sorted(self.ckpt_dir.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))

@@ -89,3 +89,26 @@ def test_shared_tensors_are_saved(tmp_path: Path) -> None:
     fresh = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
     load_weights(tmp_path / "ckpt", fresh)
     assert torch.equal(fresh[0].weight, model[0].weight) and torch.equal(fresh[1].weight, model[0].weight)
+
+
+def test_one_step_is_serialised_once_and_best_keeps_its_bytes_when_latest_moves_on(tmp_path: Path) -> None:
+    model = nn.Linear(3, 2)
+    manager = CheckpointManager(tmp_path / "ckpt", every_n_epochs=1)
+    manager.save(model, _state(model, 1), epoch=1, is_best=True)
+    ckpt = tmp_path / "ckpt"
+    for fname in ("model.safetensors", "train_state.pt"):
+        # best, epoch_1 and latest of one step are one file on disk (hard links), not three writes
+        assert (ckpt / "best" / fname).stat().st_ino == (ckpt / "latest" / fname).stat().st_ino
+        assert (ckpt / "epoch_1" / fname).stat().st_ino == (ckpt / "latest" / fname).stat().st_ino
+    best_meta = json.loads((ckpt / "best" / "meta.json").read_text())
+    assert best_meta["files"] == json.loads((ckpt / "latest" / "meta.json").read_text())["files"]
+    assert best_meta["name"] == "best" and is_complete(ckpt / "latest")
+    best_weights = {k: v.clone() for k, v in load_file(str(ckpt / "best" / "model.safetensors")).items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    manager.save(model, _state(model, 2), epoch=2, is_best=False)
+    assert (ckpt / "best" / "model.safetensors").stat().st_ino != (ckpt / "latest" / "model.safetensors").stat().st_ino
+    after = load_file(str(ckpt / "best" / "model.safetensors"))
+    assert all(torch.equal(after[k], best_weights[k]) for k in best_weights)
+    assert is_complete(ckpt / "best") and is_complete(ckpt / "latest")
+    assert not torch.equal(load_file(str(ckpt / "latest" / "model.safetensors"))["weight"], best_weights["weight"])

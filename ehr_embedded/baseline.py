@@ -8,6 +8,8 @@ tuning AUROC, threshold by tuning F1; held_out scored with bootstrap 95% interva
 Codes never seen in training get zero weight here: counting cannot use what only a description says.
 `features=mean_embedding` instead averages the frozen description embeddings of the sequence (a linear probe of
 the representation the transformers start from).
+Regression stores (float_value labels): Ridge on the same features, alpha = 1 / C over `c_grid` picked by tuning MAE,
+scored with evaluate's regression metrics (MAE, RMSE, R^2 and the train-median predictor's MAE) and predictions.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 
 from common import metrics
@@ -26,7 +28,13 @@ from common.io import write_json
 from common.logs import setup_logging
 from ehr_embedded.config import BaselineConfig
 from ehr_embedded.data import kept_indices
-from ehr_embedded.evaluate import binary_metrics, choose_threshold, write_predictions
+from ehr_embedded.evaluate import (
+    binary_metrics,
+    choose_threshold,
+    regression_metrics,
+    write_predictions,
+    write_regression_predictions,
+)
 from ehr_embedded.storage import SequenceStore, load_dataset_table, open_split
 
 log = logging.getLogger(__name__)
@@ -59,8 +67,11 @@ def mean_embedding_features(store: SequenceStore, embeddings: np.ndarray, max_le
 def fit_baseline(cfg: BaselineConfig) -> dict:
     table = load_dataset_table(Path(cfg.embedding_output_dir))
     stores = {s: open_split(Path(cfg.embedding_output_dir), s) for s in ("train", "tuning", "held_out")}
+    regression = stores["train"].is_regression
     for split, store in stores.items():
-        if len(store) == 0 or len(np.unique(store.labels)) < 2:
+        if regression and len(store) == 0:
+            raise UserError(f"{cfg.embedding_output_dir}/{split}: the baseline needs sequences in every split")
+        if not regression and (len(store) == 0 or len(np.unique(store.labels)) < 2):
             raise UserError(f"{cfg.embedding_output_dir}/{split}: the baseline needs both classes in every split")
     if cfg.features == "counts":
         x = {s: count_features(st, len(table.vocab), cfg.max_length) for s, st in stores.items()}
@@ -70,6 +81,8 @@ def fit_baseline(cfg: BaselineConfig) -> dict:
         scaler = StandardScaler().fit(x["train"])  # the means are tiny (unit vectors averaged): standardise on train
         x = {s: scaler.transform(v) for s, v in x.items()}
     y = {s: st.labels for s, st in stores.items()}
+    if regression:
+        return fit_ridge(cfg, stores, x, y)
     best = None
     for c in cfg.c_grid:
         clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=cfg.seed)
@@ -91,6 +104,31 @@ def fit_baseline(cfg: BaselineConfig) -> dict:
                       threshold)
     log.info("baseline held_out AUROC %.4f [%.4f, %.4f] (C=%g)", report["auroc"]["value"], report["auroc"]["low"],
              report["auroc"]["high"], c)
+    return report
+
+
+def fit_ridge(cfg: BaselineConfig, stores: dict, x: dict, y: dict) -> dict:
+    """The regression baseline: Ridge with alpha = 1 / C over `c_grid`, the lowest tuning MAE kept."""
+    best = None
+    for c in cfg.c_grid:
+        reg = Ridge(alpha=1.0 / c, random_state=cfg.seed).fit(x["train"], y["train"])
+        tuning_mae = float(np.mean(np.abs(reg.predict(x["tuning"]) - y["tuning"])))
+        log.info("alpha=%g tuning MAE %.4f", 1.0 / c, tuning_mae)
+        if best is None or tuning_mae < best[0]:
+            best = (tuning_mae, c, reg)
+    tuning_mae, c, reg = best
+    pred = np.asarray(reg.predict(x["held_out"]), np.float64)
+    name = "log1p code counts" if cfg.features == "counts" else "mean MiniLM code embedding"
+    report = {"model": f"{name} + ridge regression", "features": cfg.features, "alpha": 1.0 / c,
+              "max_length": cfg.max_length, "tuning_mae": tuning_mae, "split": "held_out",
+              **regression_metrics(y["held_out"], pred, float(np.median(y["train"])), cfg.n_bootstrap, cfg.seed,
+                                   subject_ids=stores["held_out"].sequences["subject_id"].to_numpy())}
+    out = Path(cfg.output_dir)
+    write_json(out / "reports" / "baseline_held_out.json", report)
+    write_regression_predictions(out / "predictions" / "held_out.parquet", stores["held_out"].sequences,
+                                 y["held_out"], pred)
+    log.info("baseline held_out MAE %.4f [%.4f, %.4f] (median predictor %.4f; alpha=%g)", report["mae"]["value"],
+             report["mae"]["low"], report["mae"]["high"], report["median_baseline_mae"]["value"], 1.0 / c)
     return report
 
 

@@ -159,7 +159,8 @@ class ModelConfig:
     max_length: int = 512
     """Most events the model reads per sequence: the static events, then the most recent ones."""
     num_classes: int = 2
-    """Classes of the label (evaluate reports binary metrics, so 2 there)."""
+    """Classes of the label: 2 (binary metrics), K > 2 (integer_value, multi-class metrics), or 1 for a regression
+    task (a store built from float_value labels): one output, MSE on the train-standardised target."""
     vocab_size: int | None = None
     """Next-event vocabulary size; null reads it from the code table."""
     use_values: bool = True
@@ -233,8 +234,9 @@ class TrainingConfig:
     """Per-class loss weights, `auto` (inverse training frequency) or null."""
     focal_gamma: float = 0.0
     """0 gives weighted cross-entropy; > 0 focal loss (common.losses.focal_loss)."""
-    selection_metric: Literal["auroc", "auprc", "f1", "loss"] = "auroc"
-    """Tuning-split metric for best checkpoint, early stopping and the LR plateau."""
+    selection_metric: Literal["auroc", "auprc", "f1", "loss", "mae"] = "auroc"
+    """Tuning-split metric for best checkpoint, early stopping and the LR plateau. Regression (model.num_classes=1)
+    selects on `mae` (lower is better; auroc / auprc / f1 are read as mae there) or `loss` (standardised MSE)."""
     bucket_by_length: bool = True
     """Batch sequences of similar length together (less padding); false shuffles freely."""
     pad_to_max_length: bool = False
@@ -368,7 +370,8 @@ class BaselineConfig:
     max_length: int | None = None
     """Count only each sequence's most recent `max_length` events (match the model's max_length); null = all."""
     c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
-    """Inverse L2 strengths tried; the best on tuning AUROC is kept."""
+    """Inverse L2 strengths tried; the best on tuning AUROC is kept. Regression stores (float_value labels) fit Ridge
+    with alpha = 1 / C for each C here, the best on tuning MAE kept."""
     n_bootstrap: int = 1000
     """Bootstrap resamples for the 95% intervals."""
     seed: int = 0

@@ -644,7 +644,9 @@ def create_embeddings(cfg: Stage1Config) -> dict:
             sequences = concat_split_parts(tmp / split, [g for g, _ in groups], [m for _, m in groups],
                                            SEQUENCE_COLUMNS)
             report[split] = {"sequences": len(sequences), "events": int(sequences["n_events"].sum())}
-            if split != PRETRAIN_SPLIT:
+            if split != PRETRAIN_SPLIT and pd.api.types.is_float_dtype(sequences["label"]):  # regression
+                report[split]["label_mean"] = float(sequences["label"].mean()) if len(sequences) else None
+            elif split != PRETRAIN_SPLIT:
                 report[split]["positives"] = int((sequences["label"] > 0).sum())
         report["seconds"] = round(time.time() - started, 2)
         write_json(tmp / "report.json", report)

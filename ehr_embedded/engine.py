@@ -144,3 +144,33 @@ def predict_probs(model: torch.nn.Module, dataset: EventSequenceDataset, batch_s
             probs = np.zeros((len(dataset), p.shape[1]), np.float32)
         probs[batch["index"].cpu().numpy()] = p
     return probs, dataset.store.labels.copy(), total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_values(model: torch.nn.Module, dataset: EventSequenceDataset, batch_size: int, device: torch.device,
+                   mean: float, std: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Regression (one output): (`[N]` de-standardised predictions `mean + std * output` in dataset order, `[N]`
+    float64 targets, mean squared error on the standardised scale, the loss finetune trains)."""
+    model.eval()
+    loader = make_loader(dataset, batch_size, shuffle=False)
+    pred = np.zeros(len(dataset), np.float64)
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(batch).float()[:, 0]
+        target = (batch["labels"].float() - mean) / std
+        total += torch.nn.functional.mse_loss(out, target, reduction="sum").item()
+        count += len(out)
+        pred[batch["index"].cpu().numpy()] = mean + std * out.double().cpu().numpy()
+    return pred, dataset.store.labels.astype(np.float64), total / max(count, 1)
+
+
+TARGET_SCALING_FILE = "target_scaling.json"  # under <run>/reports/: regression target mean / std / median on train
+
+
+def target_scaling(labels: np.ndarray) -> dict:
+    """The train split's regression target mean, std (1 when constant) and median (the median predictor baseline)."""
+    labels = np.asarray(labels, np.float64)
+    std = float(labels.std())
+    return {"mean": float(labels.mean()), "std": std if std > 0 else 1.0, "median": float(np.median(labels)),
+            "computed_on": "train", "n": int(len(labels))}

@@ -13,6 +13,11 @@ Multi-class runs (`model.num_classes > 2`, integer_value labels): accuracy, macr
 prediction_time, integer_value, predicted_integer_value (argmax), predicted_class_probabilities (list of K floats):
 meds 0.4.1 defines no prediction schema and meds-evaluation's is binary only, so these names extend its
 `predicted_<type>_value` pattern. No threshold and no calibration plot.
+
+Regression runs (`model.num_classes=1`, a store built from float_value labels): MAE, RMSE and R^2 (sklearn) of the
+de-standardised predictions (finetune's reports/target_scaling.json) with the same subject bootstrap, beside the MAE
+of the median predictor (the train split's median target for every row); predictions with the columns subject_id,
+prediction_time, float_value, predicted_float_value.
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ from common.cli import UserError, config_main
 from common.io import atomic_write, write_json
 from common.logs import setup_logging
 from ehr_embedded.config import TrainConfig
-from ehr_embedded.engine import check_table_matches, load_splits, model_for, pick_device, predict_probs
+from ehr_embedded.engine import (
+    TARGET_SCALING_FILE,
+    check_table_matches,
+    load_splits,
+    model_for,
+    pick_device,
+    predict_probs,
+    predict_values,
+)
 from ehr_embedded.storage import CODE_TABLE_DIR
 
 log = logging.getLogger(__name__)
@@ -41,6 +54,8 @@ DEFAULT_THRESHOLD = 0.5
 PREDICTION_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),
                                ("boolean_value", pa.bool_()), ("predicted_boolean_value", pa.bool_()),
                                ("predicted_boolean_probability", pa.float64())])
+REGRESSION_PREDICTION_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),
+                                          ("float_value", pa.float64()), ("predicted_float_value", pa.float64())])
 MULTICLASS_PREDICTION_COLUMNS = ("subject_id", "prediction_time", "integer_value", "predicted_integer_value",
                                  "predicted_class_probabilities")
 
@@ -82,6 +97,23 @@ def subject_bootstrap_ci(fn, y: np.ndarray, score: np.ndarray, subject_ids: np.n
     return metrics.bootstrap_ci(on_subjects, np.arange(len(rows_of)), n_boot=n_boot, seed=seed)
 
 
+def with_intervals(out: dict, fns: dict, y: np.ndarray, pred: np.ndarray, n_boot: int, seed: int,
+                   subject_ids: np.ndarray | None) -> dict:
+    """`out` plus each metric of `fns` (name -> fn(y, pred)) as {value, low, high}: a percentile bootstrap 95%
+    interval that resamples subjects when `subject_ids` is given (all rows of a drawn subject together), else rows."""
+    if subject_ids is not None:
+        out.update(n_subjects=int(len(np.unique(subject_ids))), bootstrap="subjects")
+    else:
+        out["bootstrap"] = "rows"
+    for name, fn in fns.items():
+        if subject_ids is not None:
+            value, low, high = subject_bootstrap_ci(fn, y, pred, subject_ids, n_boot, seed)
+        else:
+            value, low, high = metrics.bootstrap_ci(fn, y, pred, n_boot=n_boot, seed=seed)
+        out[name] = {"value": value, "low": low, "high": high}
+    return out
+
+
 def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0,
                    subject_ids: np.ndarray | None = None) -> dict[str, dict[str, float] | float | int]:
     """Each metric as {value, low, high} (percentile bootstrap 95%); ranking metrics need both classes.
@@ -96,17 +128,7 @@ def binary_metrics(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: i
     if len(np.unique(y)) == 2:
         fns = {"auroc": metrics.auroc, "auprc": metrics.auprc, **fns}
     out: dict = {"n": int(len(y)), "positives": int(y.sum()), "threshold": float(threshold)}
-    if subject_ids is not None:
-        out.update(n_subjects=int(len(np.unique(subject_ids))), bootstrap="subjects")
-    else:
-        out["bootstrap"] = "rows"
-    for name, fn in fns.items():
-        if subject_ids is not None:
-            value, low, high = subject_bootstrap_ci(fn, y, score, subject_ids, n_boot, seed)
-        else:
-            value, low, high = metrics.bootstrap_ci(fn, y, score, n_boot=n_boot, seed=seed)
-        out[name] = {"value": value, "low": low, "high": high}
-    return out
+    return with_intervals(out, fns, y, score, n_boot, seed, subject_ids)
 
 
 def macro_ovr_auroc(y: np.ndarray, probs: np.ndarray) -> float:
@@ -135,17 +157,7 @@ def multiclass_metrics(y: np.ndarray, probs: np.ndarray, n_boot: int = 1000, see
         fns = {"macro_auroc_ovr": macro_ovr_auroc, **fns}
     out: dict = {"n": int(len(y)), "num_classes": int(len(classes)),
                  "support": {str(c): int(n) for c, n in enumerate(np.bincount(y, minlength=len(classes)))}}
-    if subject_ids is not None:
-        out.update(n_subjects=int(len(np.unique(subject_ids))), bootstrap="subjects")
-    else:
-        out["bootstrap"] = "rows"
-    for name, fn in fns.items():
-        if subject_ids is not None:
-            value, low, high = subject_bootstrap_ci(fn, y, probs, subject_ids, n_boot, seed)
-        else:
-            value, low, high = metrics.bootstrap_ci(fn, y, probs, n_boot=n_boot, seed=seed)
-        out[name] = {"value": value, "low": low, "high": high}
-    return out
+    return with_intervals(out, fns, y, probs, n_boot, seed, subject_ids)
 
 
 def task_metrics(y: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int, seed: int,
@@ -154,6 +166,52 @@ def task_metrics(y: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int
     if probs.shape[1] == 2:
         return binary_metrics(y, probs[:, 1], threshold, n_boot, seed, subject_ids=subject_ids)
     return multiclass_metrics(y, probs, n_boot, seed, subject_ids=subject_ids)
+
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray, median: float, n_boot: int = 1000, seed: int = 0,
+                       subject_ids: np.ndarray | None = None) -> dict:
+    """MAE, RMSE and R^2 (sklearn) of `pred` against `y`, and `median_baseline_mae` (the MAE of predicting `median`,
+    the train split's median target, for every row), each as {value, low, high} with a percentile bootstrap 95%
+    interval (subjects resampled when `subject_ids` is given, else rows)."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    y = np.asarray(y, np.float64)
+    pred = np.asarray(pred, np.float64)
+    fns = {"mae": lambda a, p: float(mean_absolute_error(a, p)),
+           "rmse": lambda a, p: float(np.sqrt(mean_squared_error(a, p))),
+           "r2": lambda a, p: float(r2_score(a, p)),
+           "median_baseline_mae": lambda a, p: float(mean_absolute_error(a, np.full(len(a), median)))}
+    out: dict = {"n": int(len(y)), "task": "regression", "target_mean": float(y.mean()),
+                 "median_baseline": float(median)}
+    return with_intervals(out, fns, y, pred, n_boot, seed, subject_ids)
+
+
+def write_regression_predictions(path: Path, sequences, y: np.ndarray, pred: np.ndarray) -> Path:
+    """`REGRESSION_PREDICTION_SCHEMA`: the target and the de-standardised prediction per row."""
+    table = pa.table({"subject_id": sequences["subject_id"].to_numpy(np.int64),
+                      "prediction_time": sequences["prediction_time"].astype("datetime64[us]").to_numpy(),
+                      "float_value": np.asarray(y, np.float64), "predicted_float_value": np.asarray(pred, np.float64)},
+                     schema=REGRESSION_PREDICTION_SCHEMA)
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def evaluate_regression(cfg: TrainConfig, run_dir: Path, split: str, ckpt: Path, model, dataset, device) -> dict:
+    """evaluate's regression branch: report and predictions of `split` (see the module docstring)."""
+    scaling_file = run_dir / "reports" / TARGET_SCALING_FILE
+    if not scaling_file.is_file():
+        raise UserError(f"{scaling_file}: missing; this regression run has no target scaling (finetune writes it): "
+                        f"rerun finetune with model.num_classes=1")
+    scaling = json.loads(scaling_file.read_text())
+    pred, y, loss = predict_values(model, dataset, cfg.training.eval_batch_size, device, scaling["mean"],
+                                   scaling["std"])
+    report = {"split": split, "checkpoint": str(ckpt), "loss": loss,
+              **regression_metrics(y, pred, scaling["median"], cfg.evaluate.n_bootstrap, cfg.evaluate.seed,
+                                   subject_ids=dataset.store.sequences["subject_id"].to_numpy())}
+    write_json(run_dir / "reports" / f"eval_{split}.json", report)
+    write_regression_predictions(run_dir / "predictions" / f"{split}.parquet", dataset.store.sequences, y, pred)
+    shown = {k: round(v["value"], 4) for k, v in report.items() if isinstance(v, dict) and "value" in v}
+    log.info("%s (regression): %s", split, shown)
+    return report
 
 
 def calibration_plot(y: np.ndarray, score: np.ndarray, path: Path, bins: int, title: str) -> Path:
@@ -227,6 +285,12 @@ def evaluate(cfg: TrainConfig, split: str | None = None) -> dict:
     dataset = datasets[split]
     if len(dataset) == 0:
         raise UserError(f"{cfg.data.embedding_output_dir}/{split}: no sequences to evaluate")
+    if dataset.store.is_regression != (cfg.model.num_classes == 1):
+        raise UserError(f"{cfg.data.embedding_output_dir}/{split}: the store holds "
+                        f"{'float regression targets' if dataset.store.is_regression else 'class labels'} but "
+                        f"model.num_classes={cfg.model.num_classes} (1 = regression); use the run's config")
+    if dataset.store.is_regression:
+        return evaluate_regression(cfg, run_dir, split, ckpt, model, dataset, device)
     probs, y, loss = predict_probs(model, dataset, cfg.training.eval_batch_size, device)
     if y.max(initial=0) >= probs.shape[1]:
         raise UserError(f"{cfg.data.embedding_output_dir}/{split}: labels go up to {int(y.max())} but the model has "

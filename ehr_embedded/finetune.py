@@ -9,6 +9,11 @@ Class-weighted loss (common.losses.focal_loss; gamma 0 = weighted cross-entropy)
 and ReduceLROnPlateau on the tuning split's `selection_metric`; then the F1-best decision threshold on tuning and a
 final score on held_out (through evaluate). `model.num_classes > 2` (integer_value labels) trains a multi-class head;
 its tuning `auroc` is the macro one-vs-rest AUROC and its held_out report holds evaluate's multi-class metrics.
+Regression: a store built from float_value labels (float64 `label`) with `model.num_classes=1` trains one output on
+the target standardised with the train split's mean and std (MSE; `reports/target_scaling.json` keeps mean, std and
+median so evaluate de-standardises), selects on tuning MAE (lower is better; `selection_metric=loss` selects on the
+standardised MSE), and uses no class weights (refused when set), no focal_gamma and no threshold. Either of the two
+alone is refused with the fix.
 `training.resume=auto` continues from checkpoints/latest bit for bit; it refuses (exit 2, nothing written) a run whose
 config, store or pretrained checkpoint changed since (see engine.run_fingerprint), `training.resume=force` continues
 anyway and logs it, and raising `training.epochs` on a finished run trains the extra epochs. `config.yaml` is written
@@ -40,12 +45,22 @@ from common.losses import focal_loss
 from common.training import EarlyStopping, param_groups
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import make_loader
-from ehr_embedded.engine import load_pretrained, load_splits, model_for, predict_probs, run_fingerprint, start_run
+from ehr_embedded.engine import (
+    TARGET_SCALING_FILE,
+    load_pretrained,
+    load_splits,
+    model_for,
+    predict_probs,
+    predict_values,
+    run_fingerprint,
+    start_run,
+    target_scaling,
+)
 from ehr_embedded.evaluate import DEFAULT_THRESHOLD, choose_threshold, evaluate, macro_ovr_auroc
 from ehr_embedded.storage import CODE_TABLE_DIR
 
 log = logging.getLogger(__name__)
-HIGHER_IS_BETTER = {"auroc": True, "auprc": True, "f1": True, "loss": False}
+HIGHER_IS_BETTER = {"auroc": True, "auprc": True, "f1": True, "loss": False, "mae": False}
 
 
 def class_weights(setting, labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
@@ -62,7 +77,11 @@ def class_weights(setting, labels: np.ndarray, num_classes: int) -> torch.Tensor
     return torch.tensor(setting, dtype=torch.float32)
 
 
-def tuning_scores(model, dataset, cfg: TrainConfig, device) -> dict[str, float]:
+def tuning_scores(model, dataset, cfg: TrainConfig, device, scaling: dict | None = None) -> dict[str, float]:
+    if scaling is not None:  # regression
+        pred, y, loss = predict_values(model, dataset, cfg.training.eval_batch_size, device, scaling["mean"],
+                                       scaling["std"])
+        return {"loss": loss, "mae": float(np.mean(np.abs(pred - y))), "rmse": float(np.sqrt(np.mean((pred - y) ** 2)))}
     probs, y, loss = predict_probs(model, dataset, cfg.training.eval_batch_size, device)
     out = {"loss": loss, "accuracy": metrics.accuracy(y, probs.argmax(1))}
     if probs.shape[1] == 2 and len(np.unique(y)) == 2:
@@ -71,6 +90,28 @@ def tuning_scores(model, dataset, cfg: TrainConfig, device) -> dict[str, float]:
         out["auroc"] = macro_ovr_auroc(y, probs)  # macro one-vs-rest, as evaluate reports it
     out["f1"] = metrics.macro_f1(y, probs.argmax(1))
     return out
+
+
+def check_regression_setup(cfg: TrainConfig, is_regression: bool) -> str:
+    """The selection metric to use; raises UserError when the store's label type and model.num_classes disagree or a
+    classification-only setting is given for a regression task."""
+    tc, metric = cfg.training, cfg.training.selection_metric
+    store = cfg.data.embedding_output_dir
+    if is_regression and cfg.model.num_classes != 1:
+        raise UserError(f"{store}: the store holds float (float_value) regression targets but model.num_classes="
+                        f"{cfg.model.num_classes}; set model.num_classes=1 for regression")
+    if not is_regression and cfg.model.num_classes == 1:
+        raise UserError(f"{store}: model.num_classes=1 is regression, but the store holds class labels; set "
+                        f"model.num_classes to the number of classes or rebuild the store from float_value labels")
+    if not is_regression:
+        if metric == "mae":
+            raise UserError("training.selection_metric=mae is for regression (model.num_classes=1); use auroc, "
+                            "auprc, f1 or loss")
+        return metric
+    if tc.class_weights is not None:
+        raise UserError("training.class_weights is set but the task is regression (float_value labels); set it "
+                        "to null")
+    return metric if metric in ("mae", "loss") else "mae"
 
 
 def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | None = None,
@@ -83,9 +124,10 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
     train_labels = data["train"].store.labels
     if len(data["train"]) == 0 or len(data["tuning"]) == 0:
         raise UserError(f"{cfg.data.embedding_output_dir}: the train and tuning splits both need sequences")
-    if train_labels.max() >= cfg.model.num_classes:
+    regression = data["train"].store.is_regression
+    metric = check_regression_setup(cfg, regression)
+    if not regression and train_labels.max() >= cfg.model.num_classes:
         raise UserError(f"labels go up to {train_labels.max()} but model.num_classes={cfg.model.num_classes}")
-    metric = tc.selection_metric
     n_classes = cfg.model.num_classes
     present = np.unique(data["tuning"].store.labels)
     if len(present) < {"auroc": n_classes, "auprc": 2}.get(metric, 0):  # AUROC (macro one-vs-rest) needs every class
@@ -98,7 +140,14 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
     run_dir, dist_info, device, start = start_run(cfg, run_fingerprint(cfg, ("train", "tuning")))
 
     model = model_for(cfg, table, "classification").to(device)
-    weights = class_weights(tc.class_weights, train_labels, cfg.model.num_classes)
+    scaling = None
+    if regression:
+        scaling = target_scaling(train_labels)
+        if dist_info.is_main:
+            write_json(run_dir / "reports" / TARGET_SCALING_FILE, scaling)
+        log.info("regression: target standardised with train mean %.4g, std %.4g; selection on tuning %s",
+                 scaling["mean"], scaling["std"], metric)
+    weights = None if regression else class_weights(tc.class_weights, train_labels, cfg.model.num_classes)
     weights = weights.to(device) if weights is not None else None
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.learning_rate), lr=tc.learning_rate)
     mode = "max" if HIGHER_IS_BETTER[metric] else "min"
@@ -135,7 +184,11 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = train_model(batch)
-            loss = focal_loss(logits, batch["labels"], gamma=tc.focal_gamma, alpha=weights)
+            if scaling is not None:
+                target = (batch["labels"] - scaling["mean"]) / scaling["std"]
+                loss = torch.nn.functional.mse_loss(logits[:, 0].float(), target.float())
+            else:
+                loss = focal_loss(logits, batch["labels"], gamma=tc.focal_gamma, alpha=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
@@ -146,7 +199,7 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
 
         loss_sum, n_seen = all_reduce_sum(loss_sum), all_reduce_sum(n_seen)
         # every rank scores the whole (small) tuning split, so plateau and early-stopping decisions agree
-        tuning = tuning_scores(model, data["tuning"], cfg, device)
+        tuning = tuning_scores(model, data["tuning"], cfg, device, scaling)
         scheduler.step(tuning[metric])
         improved = early.step(tuning[metric])
         record = {"epoch": epoch, "train_loss": loss_sum / max(n_seen, 1),
@@ -168,6 +221,10 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
         return {}
     # threshold on tuning from the best checkpoint, then the held-out score (main process only)
     load_weights(ckpts.best, model)
+    if regression:  # no threshold: evaluate reads reports/target_scaling.json
+        report = evaluate(cfg, "held_out") if held_out else {}
+        cleanup_distributed()
+        return report
     probs, y, _ = predict_probs(model, data["tuning"], tc.eval_batch_size, device)
     if probs.shape[1] == 2:
         write_json(run_dir / "reports" / "threshold.json", {"threshold": choose_threshold(y, probs[:, 1]),

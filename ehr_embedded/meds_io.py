@@ -7,7 +7,8 @@ MEDS layout (https://github.com/Medical-Event-Data-Standard/meds)::
     <root>/metadata/codes.parquet            code, description, parent_codes list<str>
     <root>/metadata/subject_splits.parquet   subject_id, split in {train, tuning, held_out}
     labels                                   subject_id int64, prediction_time timestamp[us], boolean_value bool |
-                                             integer_value int64 (checked against meds.LabelSchema)
+                                             integer_value int64 | float_value float32 (regression target;
+                                             checked against meds.LabelSchema)
 
 Every error names the file, the column and the fix (exit code 2 through common.cli).
 """
@@ -155,12 +156,11 @@ def read_vocab_csv(path: Path | None) -> tuple[list[str] | None, dict[str, str]]
     return [c for c in df[code_col] if c], descriptions
 
 
-# The value columns of meds.LabelSchema and what these classifiers do with each (one task at a time).
+# The value columns of meds.LabelSchema and what these models do with each (one task at a time).
 LABEL_VALUE_COLUMNS = tuple(c for c in meds.LabelSchema.optional_columns())
 CLASS_LABEL_COLUMNS = ("boolean_value", "integer_value")
+REGRESSION_LABEL_COLUMN = "float_value"  # stored as float64 labels; finetune with model.num_classes=1
 UNSUPPORTED_LABEL_COLUMNS = {
-    "float_value": "regression targets, which this pipeline does not train (the sequence store keeps integer class "
-                   "labels); write a boolean_value / integer_value task instead",
     "categorical_value": "string classes; map them to integer_value 0..K-1 (and keep the mapping) and set "
                          "model.num_classes=K",
 }
@@ -229,7 +229,7 @@ def pick_label_column(columns_with_values: list[str], path: Path, label_column: 
             raise UserError(f"{path}: sequences.label_column={label_column} but the file has no values in that column "
                             f"(value columns with values: {columns_with_values}); pick one of those")
         return label_column
-    usable = [c for c in (*CLASS_LABEL_COLUMNS, "label") if c in columns_with_values]
+    usable = [c for c in (*CLASS_LABEL_COLUMNS, REGRESSION_LABEL_COLUMN, "label") if c in columns_with_values]
     if len(usable) > 1:
         raise UserError(f"{path}: several label columns hold values {usable}; these models learn one task at a time: "
                         f"set sequences.label_column to one of them (or write one label file per task)")
@@ -240,7 +240,7 @@ def pick_label_column(columns_with_values: list[str], path: Path, label_column: 
         raise UserError(f"{path}: the only label column is '{other[0]}', which holds "
                         f"{UNSUPPORTED_LABEL_COLUMNS[other[0]]}")
     raise UserError(f"{path}: no label column with values; write boolean_value (binary) or integer_value "
-                    f"(classes 0..K-1) beside subject_id and prediction_time (MEDS label schema: "
+                    f"(classes 0..K-1), or float_value (regression), beside subject_id and prediction_time (MEDS label schema: "
                     f"{_label_schema_text()})")
 
 
@@ -268,13 +268,15 @@ def _read_label_frame(path: Path) -> tuple[pd.DataFrame, bool]:
 
 
 def read_labels(path: Path | None, label_column: str = "auto") -> pd.DataFrame:
-    """Labels as `subject_id` int64, `prediction_time` datetime64[us], `label` int64 (class id).
+    """Labels as `subject_id` int64, `prediction_time` datetime64[us], `label` int64 (class id) or, for a float_value
+    (regression) task, float64 (the target).
 
     A MEDS label parquet (or a folder of them) is checked against the installed `meds.LabelSchema`
     (`conform_label_table`). The original's labels CSV (`subject_id, prediction_time, label` or MEDS column names) is
-    parsed by pandas. One task at a time: `label_column="auto"` takes the one class column that holds values
-    (boolean_value, integer_value, or the CSV's `label`) and refuses a file where several do; a file whose only values
-    are float_value (regression) or categorical_value is refused with the fix. The column used is logged and kept in
+    parsed by pandas. One task at a time: `label_column="auto"` takes the one value column that holds values
+    (boolean_value, integer_value, float_value, or the CSV's `label`) and refuses a file where several do; a file whose
+    only values are categorical_value is refused with the fix. A float_value row that is null, NaN or infinite is
+    refused with the row named. The column used is logged and kept in
     `frame.attrs["label_column"]`. Raises UserError naming the file, the column or row, and the fix.
     """
     if path is None:
@@ -290,7 +292,18 @@ def read_labels(path: Path | None, label_column: str = "auto") -> pd.DataFrame:
     col = pick_label_column(value_columns, path, label_column)
     _check_no_nulls(df[col], path, col, "drop the row or fill it")
     values = df[col]
-    if values.dtype == object or pd.api.types.is_string_dtype(values):  # CSV: true / false / 0 / 1
+    regression = col == REGRESSION_LABEL_COLUMN
+    if regression:
+        try:
+            values = values.astype("float64")
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"{path}: column '{col}' is not numeric ({exc}); write float targets") from exc
+        bad = ~np.isfinite(values.to_numpy())
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{path}: row {row} column '{col}' = {float(values.iloc[row])}; a regression target must be "
+                            f"finite: drop the row or fix the value")
+    elif values.dtype == object or pd.api.types.is_string_dtype(values):  # CSV: true / false / 0 / 1
         mapping = {"true": 1, "false": 0, "1": 1, "0": 0}
         lowered = values.astype(str).str.lower()
         if not lowered.isin(list(mapping)).all():
@@ -310,14 +323,16 @@ def read_labels(path: Path | None, label_column: str = "auto") -> pd.DataFrame:
         subject_ids = df["subject_id"].astype("int64")
     except (ValueError, TypeError) as exc:
         raise UserError(f"{path}: column 'subject_id' must be integers ({exc})") from exc
-    out = pd.DataFrame({"subject_id": subject_ids, "prediction_time": times, "label": values.astype("int64")})
-    if (out["label"] < 0).any():
+    out = pd.DataFrame({"subject_id": subject_ids, "prediction_time": times,
+                        "label": values.astype("float64" if regression else "int64")})
+    if not regression and (out["label"] < 0).any():
         raise UserError(f"{path}: column '{col}' has negative class ids; use 0..num_classes-1")
     out = out.sort_values(["subject_id", "prediction_time"], kind="stable").reset_index(drop=True)
     out.attrs["label_column"] = col
-    log.info("%s: labels from column '%s' (%s; %d rows, classes %s)", path, col,
-             "original labels CSV" if from_csv else f"MEDS label schema, meds {meds.__version__}", len(out),
-             sorted(out["label"].unique().tolist()))
+    summary = (f"regression targets in [{out['label'].min():.4g}, {out['label'].max():.4g}]" if regression
+               else f"classes {sorted(out['label'].unique().tolist())}")
+    log.info("%s: labels from column '%s' (%s; %d rows, %s)", path, col,
+             "original labels CSV" if from_csv else f"MEDS label schema, meds {meds.__version__}", len(out), summary)
     return out
 
 

@@ -11,7 +11,8 @@ Sequence store (`<dir>/<split>/`), one row per label, events flattened across ro
     values.npy      float32 [E]     numeric_value (NaN = none)
     time_gaps.npy   float32 [E]     hours since the previous stored event (0 for the first and for static events)
     offsets.npy     int64   [S+1]   events of sequence i are [offsets[i], offsets[i+1])
-    sequences.parquet               subject_id, prediction_time, label, n_events, n_events_before_cut,
+    sequences.parquet               subject_id, prediction_time, label (int64 class id, or float64 regression
+                                    target from a float_value label file), n_events, n_events_before_cut,
                                     n_static (static events, stored first), hours_last_event_to_prediction
 
 12 bytes per event instead of 4 * D + 8 for the original's per-patient tensors (D = 384 or 768); arrays are
@@ -221,7 +222,9 @@ class SequenceStore:
         self.offsets = np.load(self.directory / "offsets.npy")
         self.sequences = pd.read_parquet(self.directory / "sequences.parquet")
         self.lengths = np.diff(self.offsets)
-        self.labels = self.sequences["label"].to_numpy(np.int64)
+        # int64 class ids, or float64 regression targets when the store was built from float_value labels
+        self.is_regression = pd.api.types.is_float_dtype(self.sequences["label"])
+        self.labels = self.sequences["label"].to_numpy(np.float64 if self.is_regression else np.int64)
         self.hours_to_prediction = self.sequences["hours_last_event_to_prediction"].to_numpy(np.float32)
         self.n_static = (self.sequences["n_static"].to_numpy(np.int64) if "n_static" in self.sequences
                          else np.zeros(len(self.lengths), np.int64))
@@ -248,7 +251,7 @@ class SequenceStore:
     def __getitem__(self, i: int) -> dict:
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
         return {"token_ids": self.token_ids[lo:hi], "values": self.values[lo:hi], "time_gaps": self.time_gaps[lo:hi],
-                "hours_last_event_to_prediction": float(self.hours_to_prediction[i]), "label": int(self.labels[i]),
+                "hours_last_event_to_prediction": float(self.hours_to_prediction[i]), "label": self.labels[i].item(),
                 "n_static": int(self.n_static[i])}
 
     def nbytes_on_disk(self) -> int:

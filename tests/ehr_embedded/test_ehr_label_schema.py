@@ -98,9 +98,9 @@ def test_value_columns_no_task_regression_and_several_tasks(tmp_path):
         read_labels(write(tmp_path, "none.parquet", boolean_value=None))
     with pytest.raises(UserError, match=r"no label column with values"):  # a value column that is all null
         read_labels(write(tmp_path, "nulls.parquet", boolean_value=pa.array([None, None, None], pa.bool_())))
-    with pytest.raises(UserError, match=r"the only label column is 'float_value', which holds regression targets"):
-        read_labels(write(tmp_path, "float.parquet", boolean_value=None,
-                          float_value=pa.array([0.5, 1.5, 2.5], pa.float32())))
+    regression = read_labels(write(tmp_path, "float.parquet", boolean_value=None,
+                                   float_value=pa.array([0.5, 1.5, 2.5], pa.float32())))  # see test_ehr_regression
+    assert regression.attrs["label_column"] == "float_value" and regression["label"].dtype == np.float64
     with pytest.raises(UserError, match=r"'categorical_value', which holds string classes; map them to "
                                         r"integer_value"):
         read_labels(write(tmp_path, "cat.parquet", boolean_value=None, categorical_value=pa.array(["a", "b", "a"])))

@@ -18,9 +18,14 @@ from common.cli import UserError
 from common.io import write_json
 from ehr_embedded import meds_io
 from ehr_embedded.config import Stage1Config
-from ehr_embedded.create_embeddings import STATIC_TIME, cut_indices, time_gaps_hours, window_indices
-from ehr_embedded.create_vocab_embeddings import build_resolver, resolve_paths
-from ehr_embedded.descriptions import TextEncoder
+from ehr_embedded.create_embeddings import (
+    STATIC_TIME,
+    _extension_table,
+    cut_indices,
+    time_gaps_hours,
+    window_indices,
+)
+from ehr_embedded.create_vocab_embeddings import resolve_paths
 from ehr_embedded.storage import (
     CODE_TABLE_DIR,
     FORMAT_VERSION,
@@ -136,19 +141,8 @@ def create_embeddings_loop(cfg: Stage1Config) -> dict:
     if cfg.sequences.pretrain_windows:
         counts["pretrain_windows"] = len(windows.rows)
     counts["skipped_no_events_before_prediction"] += len(no_events)
-    table = vocab_table
-    if extension:
-        resolver, _ = build_resolver(cfg)
-        ext_codes = list(extension)
-        descriptions, sources, coverage = resolver.resolve_all(ext_codes)
-        encoder = TextEncoder(vocab_table.meta.get("model_name") or cfg.model.name, cfg.device,
-                              cfg.model.batch_size, bool(vocab_table.meta.get("normalize", cfg.model.normalize)))
-        if encoder.dim != vocab_table.dim:
-            raise UserError(f"{cfg.data.vocab_embedding_path}: the code table is {vocab_table.dim}-d but "
-                            f"{encoder.path} gives {encoder.dim}-d; rebuild the vocabulary with the same model")
-        table = vocab_table.extend(ext_codes, descriptions, sources, encoder.encode(descriptions))
-        counts["codes_embedded_from_description_only"] = len(ext_codes)
-        log.info("%d codes outside the training vocabulary embedded from descriptions %s", len(ext_codes), coverage)
+    # the description-only rows are not what this oracle checks: the streaming stage's own builder makes them
+    table = _extension_table(cfg, vocab_table, list(extension), counts)
     if counts["sequences_written"] == 0:
         raise UserError(f"{cfg.data.labels_filepath}: no label has events before its prediction_time; check that "
                         f"labels and events use the same subject ids and time zone")

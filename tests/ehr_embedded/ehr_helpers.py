@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from common.config import load_config
 from ehr_embedded import meds_io
 from ehr_embedded.config import Stage1Config, TrainConfig
-from ehr_embedded.storage import load_dataset_table, open_split
+from ehr_embedded.storage import CODE_TABLE_DIR, CodeTable, load_dataset_table, open_split
 
 N_SUBJECTS = 160
 TINY_MODEL = ["model.model_dim=32", "model.n_heads=2", "model.n_layers=1", "model.max_length=64",
@@ -81,3 +82,16 @@ def stored_codes(store_dir: Path) -> dict:
             row = store.sequences.iloc[i]
             out[(row["subject_id"], pd.Timestamp(row["prediction_time"]))] = list(codes[store[i]["token_ids"]])
     return out
+
+
+def write_synthetic_code_table(store: Path, codes: list[str], dim: int, rng: np.random.Generator) -> None:
+    """A code table for synthetic stores: `codes` (starting with [PAD], [UNK]) as the next-event vocabulary, random
+    `dim`-d embeddings drawn from `rng`, [PAD]'s row zero."""
+    n_codes = len(codes)
+    vocab = pd.DataFrame({"token_id": np.arange(n_codes, dtype=np.int32), "code": codes, "description": codes,
+                          "description_source": "synthetic", "train_count": np.ones(n_codes, np.int64),
+                          "value_mean": np.full(n_codes, np.nan, np.float32),
+                          "value_std": np.full(n_codes, np.nan, np.float32), "in_lm_vocab": np.ones(n_codes, bool)})
+    embeddings = rng.normal(size=(n_codes, dim)).astype(np.float32)
+    embeddings[0] = 0.0
+    CodeTable(vocab, embeddings, {"model_name": "synthetic"}).save(store / CODE_TABLE_DIR)

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ehr_helpers import stage1_overrides, train_config, train_overrides
+from ehr_helpers import stage1_overrides, train_config, train_overrides, write_synthetic_code_table
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from common.cli import UserError
@@ -24,7 +24,7 @@ from ehr_embedded.config import BaselineConfig
 from ehr_embedded.evaluate import REGRESSION_PREDICTION_SCHEMA, regression_metrics
 from ehr_embedded.finetune import finetune
 from ehr_embedded.meds_io import read_labels
-from ehr_embedded.storage import CODE_TABLE_DIR, CodeTable, SequenceStore, write_split
+from ehr_embedded.storage import SequenceStore, write_split
 
 SPLIT_SIZES = {"train": 200, "tuning": 60, "held_out": 60}
 REGRESSION = ("model.num_classes=1", "training.class_weights=null")
@@ -40,13 +40,7 @@ def synthetic_regression_store(root, dim: int = 8, seed: int = 0):
     rng = np.random.default_rng(seed)
     codes = ["[PAD]", "[UNK]", "A", "B", *[f"F{i}" for i in range(8)]]
     n_codes = len(codes)
-    vocab = pd.DataFrame({"token_id": np.arange(n_codes, dtype=np.int32), "code": codes, "description": codes,
-                          "description_source": "synthetic", "train_count": np.ones(n_codes, np.int64),
-                          "value_mean": np.full(n_codes, np.nan, np.float32),
-                          "value_std": np.full(n_codes, np.nan, np.float32), "in_lm_vocab": np.ones(n_codes, bool)})
-    embeddings = rng.normal(size=(n_codes, dim)).astype(np.float32)
-    embeddings[0] = 0.0
-    CodeTable(vocab, embeddings, {"model_name": "synthetic"}).save(root / CODE_TABLE_DIR)
+    write_synthetic_code_table(root, codes, dim, rng)
     next_subject = 1
     for split, n in SPLIT_SIZES.items():
         has_a, has_b = rng.random(n) < 0.5, rng.random(n) < 0.5

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from ehr_helpers import train_config, train_overrides
+from ehr_helpers import train_config, train_overrides, write_synthetic_code_table
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from ehr_embedded import finetune as finetune_stage
@@ -21,7 +21,7 @@ from ehr_embedded.evaluate import (
     task_metrics,
 )
 from ehr_embedded.finetune import finetune
-from ehr_embedded.storage import CODE_TABLE_DIR, CodeTable, write_split
+from ehr_embedded.storage import write_split
 
 SPLIT_SIZES = {"train": 120, "tuning": 45, "held_out": 45}
 
@@ -32,13 +32,7 @@ def synthetic_store(root, n_classes: int, dim: int = 8, seed: int = 0):
     rng = np.random.default_rng(seed)
     codes = ["[PAD]", "[UNK]", *[f"C{c}" for c in range(n_classes)], *[f"F{i}" for i in range(8)]]
     n_codes = len(codes)
-    vocab = pd.DataFrame({"token_id": np.arange(n_codes, dtype=np.int32), "code": codes, "description": codes,
-                          "description_source": "synthetic", "train_count": np.ones(n_codes, np.int64),
-                          "value_mean": np.full(n_codes, np.nan, np.float32),
-                          "value_std": np.full(n_codes, np.nan, np.float32), "in_lm_vocab": np.ones(n_codes, bool)})
-    embeddings = rng.normal(size=(n_codes, dim)).astype(np.float32)
-    embeddings[0] = 0.0
-    CodeTable(vocab, embeddings, {"model_name": "synthetic"}).save(root / CODE_TABLE_DIR)
+    write_synthetic_code_table(root, codes, dim, rng)
     next_subject = 1
     for split, n in SPLIT_SIZES.items():
         labels = np.arange(n) % n_classes  # every class in every split

@@ -4,15 +4,12 @@ early stopping; only rank 0 writes; resume=auto continues a DDP run."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from torchrun_launch import torchrun
 
 from building_embed.config import BuildingEmbedConfig
 from building_embed.model import build_head
@@ -22,7 +19,6 @@ from common.logs import read_metrics
 from common.seed import seed_everything
 
 pytestmark = pytest.mark.slow  # subprocesses that import torch: 20-40 s each on 2 shared cores
-REPO = Path(__file__).resolve().parents[2]
 # Dropout off (it draws per rank). 7 identities x 3 views = 21 rows per batch split 11 / 10 between the ranks, so
 # the split is uneven; patience 2 with 6 epochs lets early stopping decide on the broadcast validation metrics.
 HEAD = ["training_model.input_dim=24", "training_model.hidden_dim=64", "training_model.output_dim=32",
@@ -37,21 +33,6 @@ HEAD = ["training_model.input_dim=24", "training_model.hidden_dim=64", "training
 # triplet counts and early-stopping decisions must agree exactly.
 WEIGHT_TOL = 1e-5
 LOSS_REL_TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "building_embed.train.train", *argv]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
 
 
 def weights(run: Path) -> dict[str, np.ndarray]:
@@ -82,7 +63,7 @@ def compare(ddp: Path, single: Path, start: dict[str, np.ndarray]) -> tuple[floa
 def test_torchrun_head_training_equals_one_process_and_resumes(pipeline, stage_args, tmp_path):
     argv = stage_args(pipeline, f"paths.runs_dir={tmp_path}", *HEAD)
     assert train_stage.main([*argv, "global.run_name=single"]) == 0
-    done = torchrun([*argv, "global.run_name=ddp"])
+    done = torchrun("building_embed.train.train", [*argv, "global.run_name=ddp"])
     cfg = load_config(BuildingEmbedConfig, None, argv)
     seed_everything(cfg.global_.seed)  # what run_training does right before build_head
     start = {k: v.numpy() for k, v in build_head(cfg.training_model).state_dict().items()}
@@ -94,7 +75,7 @@ def test_torchrun_head_training_equals_one_process_and_resumes(pipeline, stage_a
     assert report.is_file() and report.read_text() == reference.read_text()
 
     # resume=auto under DDP: rank 0 wrote epoch 4, both ranks load it (bandit, optimizer, early stopping) and go on
-    torchrun([*argv, "global.run_name=ddp", "training.epochs=8"])
+    torchrun("building_embed.train.train", [*argv, "global.run_name=ddp", "training.epochs=8"])
     assert train_stage.main([*argv, "global.run_name=single", "training.epochs=8"]) == 0
     compare(ddp, single, start)
     epochs = [m["epoch"] for m in read_metrics(ddp / "metrics.jsonl")]

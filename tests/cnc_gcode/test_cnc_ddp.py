@@ -3,8 +3,6 @@ c10d rendezvous on localhost, take the steps one process takes with the same glo
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from torchrun_launch import free_port, launch_env, torchrun
 
 from cnc_gcode import train, train_encoder
 from cnc_gcode.config import CncConfig
@@ -41,24 +40,6 @@ WEIGHT_TOL = 1e-5
 LOSS_REL_TOL = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(module: str, argv: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", module, *argv]
-    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
-
-
 def two_node_torchrun(module: str, argv: list[str]) -> list[subprocess.CompletedProcess]:
     """Two torchrun launchers, one process each, as nodes 0 and 1 of a c10d rendezvous on 127.0.0.1 (node 0 hosts
     the rendezvous store)."""
@@ -67,7 +48,7 @@ def two_node_torchrun(module: str, argv: list[str]) -> list[subprocess.Completed
                                    "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                                    "--rdzv_id=cnc_two_nodes", f"--rdzv_conf=is_host={int(node == 0)}",
                                    "-m", module, *argv],
-                                  cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for node in (0, 1)]
     done = []
     try:

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from ehr_helpers import train_config, train_overrides
 from safetensors.torch import load_file
+from torchrun_launch import torchrun
 
 from ehr_embedded import finetune as finetune_stage
 from ehr_embedded.data import LengthBucketBatchSampler, collate
 
-REPO = Path(__file__).resolve().parents[2]
 # dropout off and no class weights: then a step of 2 ranks x 8 sequences (gradients averaged by DDP) is exactly a
 # step of one process on those 16 sequences, up to float summation order
 DDP_ARGS = ("training.batch_size=8", "training.epochs=4", "model.dropout=0.0", "training.class_weights=null",
@@ -46,11 +42,7 @@ def global_batch_loader(dataset, batch_size, shuffle, seed=0, bucket=True, pad_t
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(built, tmp_path, monkeypatch):
     ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29513",
-           "-m", "ehr_embedded.finetune", *train_overrides(built.store, ddp_run, *DDP_ARGS)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("ehr_embedded.finetune", train_overrides(built.store, ddp_run, *DDP_ARGS), timeout=240)
     ddp_metrics = [json.loads(x) for x in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in ddp_metrics] == [1, 2, 3, 4]  # rank 0 alone writes metrics
 
@@ -82,11 +74,7 @@ def test_torchrun_pretraining_two_processes_equal_one_process_with_the_same_glob
     args = (*DDP_ARGS, "training.epochs=3")
     kind = {"model_type": "transformer_decoder_embedded", "task": "autoregressive"}
     ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "ehr_embedded.pretrain", *train_overrides(built.store, ddp_run, *args, **kind)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("ehr_embedded.pretrain", train_overrides(built.store, ddp_run, *args, **kind), timeout=240)
     ddp_metrics = [json.loads(x) for x in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in ddp_metrics] == [1, 2, 3]  # rank 0 alone writes metrics
 

@@ -4,20 +4,16 @@ same global batches (batch_size doubled), and only rank 0 writes."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from torchrun_launch import torchrun
 
 from common.logs import read_metrics
 from implant_dims import train_classifier, train_dual
 
-REPO = Path(__file__).resolve().parents[2]
 # No dropout and no augmentation anywhere: then a step of 2 ranks x 16 images (gradients averaged by DDP) is a step
 # of one process on the same 32 images (epoch_batches gives rank r every 2nd index of the epoch's order), up to the
 # float summation order. 96 training images = 3 global batches of 32 per epoch, no padding.
@@ -25,21 +21,6 @@ CLASSIFIER = ("classifier.dropout=0", "classifier.augment=false", "classifier.ep
               "data.unseen_json=", "run.device=cpu")
 DUAL = ("regression.dropout=0", "regression.augment=false", "regression.epochs=3", "regression.mc_samples=0",
         "data.test_json=", "data.unseen_json=", "run.device=cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(module: str, argv: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", module, *argv]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
 
 
 def weights(stage_dir: Path, which: str = "latest") -> dict[str, np.ndarray]:

@@ -4,15 +4,12 @@ batch (train.batch_size), only rank 0 writes, and resume=auto continues a DDP ru
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from torchrun_launch import torchrun
 
 from common.config import load_config
 from common.logs import read_metrics
@@ -22,7 +19,6 @@ from price_fusion.config import PriceFusionConfig
 from price_fusion.model import build_model
 
 pytestmark = pytest.mark.slow  # torchrun subprocesses that import torch: ~10 s each on 2 shared cores
-REPO = Path(__file__).resolve().parents[2]
 # Dropout off: it draws its masks per rank, so with it on the two runs differ by design. A global batch of 25 splits
 # 13 / 12 rows between the ranks, and the default loss (weighted_smape, a price-tier-weighted mean) gives the two
 # halves unequal loss weights: the share weighting of unequal parts is exercised on every step.
@@ -36,21 +32,6 @@ DDP = ("model.dropout=0", "train.batch_size=25", "train.epochs=3", "train.patien
 # gives 3.8e-2 and fails both the weight and the loss-curve checks.
 WEIGHT_TOL = 2e-5
 LOSS_REL_TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "price_fusion.train", *argv]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
 
 
 def weights(run: Path) -> dict[str, np.ndarray]:
@@ -88,7 +69,7 @@ def assert_same_curves(ddp: Path, single: Path, epochs: list[int]) -> float:
 def test_torchrun_two_processes_equal_one_and_resume(sample_env, tmp_path):
     args = sample_env["args"](tmp_path, *DDP)
     assert train.main([*args, "run_name=single"]) == 0
-    done = torchrun([*args, "run_name=ddp"])
+    done = torchrun("price_fusion.train", [*args, "run_name=ddp"])
     ddp, single = tmp_path / "ddp", tmp_path / "single"
 
     worst, key = worst_difference(weights(ddp), weights(single))
@@ -113,7 +94,7 @@ def test_torchrun_two_processes_equal_one_and_resume(sample_env, tmp_path):
     assert not list(ddp.rglob(".tmp-*")) and not list(ddp.rglob(".old-*"))
 
     # resume=auto under DDP: rank 0 wrote epoch 3, both ranks load it and train epoch 4; one process does the same
-    torchrun([*args, "run_name=ddp", "train.epochs=4"])
+    torchrun("price_fusion.train", [*args, "run_name=ddp", "train.epochs=4"])
     assert train.main([*args, "run_name=single", "train.epochs=4"]) == 0
     assert "resumed from" in (ddp / "train.log").read_text()
     assert_same_curves(ddp, single, [1, 2, 3, 4])

@@ -4,7 +4,6 @@ parameters again, and the study ends with every trial finished (none stuck RUNNI
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import time
 import optuna
 import pytest
 import torch
+from study_workers import kill_inside_first_trial
 
 from building_embed.train import optuna_worker
 
@@ -32,16 +32,7 @@ def test_a_trial_killed_with_its_worker_is_failed_and_retried_by_the_next_worker
     slow = [*args, "training.optuna_trials=1", "training.optuna_epochs=200", "training.batches_per_epoch=10"]
     proc = subprocess.Popen([sys.executable, "-m", "building_embed.train.optuna_worker", *slow], cwd=repo_root,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = tmp_path / "runs" / "optuna" / "k" / "trial_0000" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "the first trial wrote no epoch in 120 s"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed = optuna.load_study(study_name="k", storage=storage).get_trials(deepcopy=False)
-    assert [t.state for t in killed] == [optuna.trial.TrialState.RUNNING]  # left behind by the dead worker
+    kill_inside_first_trial(proc, tmp_path / "runs" / "optuna" / "k" / "trial_0000" / "metrics.jsonl", storage, "k")
 
     time.sleep(4)  # past the grace period: the trial's last heartbeat is stale
     quick = [*args, "training.optuna_trials=2", "training.optuna_epochs=2", "training.batches_per_epoch=2"]

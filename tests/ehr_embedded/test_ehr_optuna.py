@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import optuna
 import pytest
 import yaml
 from ehr_helpers import train_overrides
+from study_workers import kill_inside_first_trial
 
 from ehr_embedded import fetch_best_and_train, optuna_worker
 
@@ -93,15 +93,8 @@ def test_a_trial_killed_with_its_worker_is_failed_and_retried_by_the_next_worker
     base = study_args(built, tmp_path, "k", "optuna.heartbeat_interval=1", "optuna.grace_period=2",
                       "optuna.max_retries=1")
     proc = worker_process([*base, "optuna.trials=1", "optuna.epochs=200"], repo_root)  # long: the kill lands inside
-    metrics = tmp_path / "optuna" / "k" / "trial_0000" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "the first trial wrote no epoch in 120 s"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert [t.state for t in load(tmp_path, "k")] == [optuna.trial.TrialState.RUNNING]  # left by the dead worker
+    kill_inside_first_trial(proc, tmp_path / "optuna" / "k" / "trial_0000" / "metrics.jsonl",
+                            f"sqlite:///{tmp_path / 'study.db'}", "k")
 
     time.sleep(3)  # past the grace period: the trial's last heartbeat is stale
     assert optuna_worker.main([*base, "optuna.trials=2", "optuna.epochs=1"]) == 0

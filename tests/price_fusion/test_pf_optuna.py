@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from study_workers import kill_inside_first_trial
 
 from price_fusion import fetch_best_and_train, optuna_worker
 
@@ -102,16 +102,7 @@ def test_a_trial_killed_with_its_worker_is_failed_and_retried_by_the_next_worker
     slow = [*args, "optuna.trials=1", "optuna.epochs=5000", "train.patience=10000"]
     proc = subprocess.Popen([sys.executable, "-m", "price_fusion.optuna_worker", *slow], cwd=repo_root,
                             env=_env(repo_root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = tmp_path / "runs" / "optuna" / "k" / "trial_0000" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the first trial wrote no epoch in 120 s"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    killed = optuna.load_study(study_name="k", storage=storage).get_trials(deepcopy=False)
-    assert [t.state for t in killed] == [optuna.trial.TrialState.RUNNING]  # left behind by the dead worker
+    kill_inside_first_trial(proc, tmp_path / "runs" / "optuna" / "k" / "trial_0000" / "metrics.jsonl", storage, "k")
 
     time.sleep(2.5)  # past the grace period: the trial's last heartbeat is stale
     assert optuna_worker.main([*args, "optuna.trials=2", "optuna.epochs=2"]) == 0

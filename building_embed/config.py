@@ -17,6 +17,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.studies import check_heartbeat
+
 AUTOCAST_CHOICES = ("auto", "off", "bf16", "fp16")
 BAND_BY_CHOICES = ("rank", "cosine")
 KNN_METHODS = ("faiss", "torch")
@@ -174,11 +176,8 @@ class TrainingConfig:
             raise ValueError(f"training.lr ({self.lr}) must be > 0 and training.margin ({self.margin}) >= 0")
         if self.patience < 1:
             raise ValueError(f"training.patience must be >= 1, got {self.patience}")
-        if self.optuna_heartbeat_interval < 1 or self.optuna_grace_period <= self.optuna_heartbeat_interval:
-            raise ValueError(f"training.optuna_grace_period ({self.optuna_grace_period}) must exceed "
-                             f"training.optuna_heartbeat_interval ({self.optuna_heartbeat_interval}), which must be >= 1")
-        if self.optuna_max_retries < 0:
-            raise ValueError(f"training.optuna_max_retries must be >= 0, got {self.optuna_max_retries}")
+        check_heartbeat(self.optuna_heartbeat_interval, self.optuna_grace_period, self.optuna_max_retries,
+                        key_prefix="training.optuna_")
 
 
 @dataclass

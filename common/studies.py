@@ -43,6 +43,16 @@ class Heartbeat:
     """How often a dead trial's parameters are run again."""
 
 
+def check_heartbeat(interval: int, grace_period: int, max_retries: int, key_prefix: str = "optuna.") -> None:
+    """ValueError naming the config keys (`<key_prefix>heartbeat_interval` ...) when a study config's heartbeat
+    settings cannot work: a dead trial must be told from a live one, so the grace period exceeds the interval."""
+    if interval < 1 or grace_period <= interval:
+        raise ValueError(f"{key_prefix}grace_period ({grace_period}) must exceed {key_prefix}heartbeat_interval "
+                         f"({interval}), which must be >= 1")
+    if max_retries < 0:
+        raise ValueError(f"{key_prefix}max_retries must be >= 0, got {max_retries}")
+
+
 @contextlib.contextmanager
 def creation_lock(storage: str) -> Iterator[None]:
     """Exclusive file lock beside a SQLite database while a study is created; a no-op for other storages."""

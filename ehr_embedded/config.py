@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from common.studies import check_heartbeat
+
 PACKAGED_MINILM = "all-MiniLM-L6-v2"
 
 
@@ -312,11 +314,7 @@ class OptunaConfig:
     def __post_init__(self) -> None:
         if self.trials < 1 or self.epochs < 1 or self.total_trials < 0:
             raise ValueError("optuna.trials and optuna.epochs must be >= 1 and optuna.total_trials >= 0")
-        if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
-            raise ValueError(f"optuna.grace_period ({self.grace_period}) must exceed optuna.heartbeat_interval "
-                             f"({self.heartbeat_interval}), which must be >= 1")
-        if self.max_retries < 0:
-            raise ValueError(f"optuna.max_retries must be >= 0, got {self.max_retries}")
+        check_heartbeat(self.heartbeat_interval, self.grace_period, self.max_retries)
         if not self.model_dims or not self.n_layers or not self.poolings:
             raise ValueError("optuna.model_dims, optuna.n_layers and optuna.poolings each need at least one choice")
         bad = [p for p in self.poolings if p not in ("mean", "max", "attention")]

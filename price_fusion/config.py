@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.studies import check_heartbeat
+
 MODEL_NAMES = ("two_branch", "advanced_moe")
 LOSS_NAMES = ("weighted_smape", "focal_smape", "hybrid_focal_smape", "smape", "huber", "mse", "mae")
 # Loss names that were renamed: old name -> new name (the old name is refused with the new one in the message).
@@ -402,11 +404,7 @@ class OptunaConfig:
         if self.trials < 1 or self.epochs < 1 or self.total_trials < 0:
             raise ValueError(f"optuna.trials and optuna.epochs must be >= 1 and optuna.total_trials >= 0, got "
                              f"{self.trials}, {self.epochs}, {self.total_trials}")
-        if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
-            raise ValueError(f"optuna.grace_period ({self.grace_period}) must exceed optuna.heartbeat_interval "
-                             f"({self.heartbeat_interval}), which must be >= 1")
-        if self.max_retries < 0:
-            raise ValueError(f"optuna.max_retries must be >= 0, got {self.max_retries}")
+        check_heartbeat(self.heartbeat_interval, self.grace_period, self.max_retries)
 
 
 @dataclass

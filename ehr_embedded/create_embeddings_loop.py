@@ -18,13 +18,7 @@ from common.cli import UserError
 from common.io import write_json
 from ehr_embedded import meds_io
 from ehr_embedded.config import Stage1Config
-from ehr_embedded.create_embeddings import (
-    STATIC_TIME,
-    _extension_table,
-    cut_indices,
-    time_gaps_hours,
-    window_indices,
-)
+from ehr_embedded.create_embeddings import STATIC_TIME, _extension_table
 from ehr_embedded.create_vocab_embeddings import resolve_paths
 from ehr_embedded.storage import (
     CODE_TABLE_DIR,
@@ -40,6 +34,43 @@ from ehr_embedded.storage import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def cut_indices(times_us: np.ndarray, prediction_us: int, max_length: int) -> np.ndarray:
+    """Indices of the events kept for one label.
+
+    Args:
+        times_us: `[N]` int64 event times of one subject, sorted, static events (null time) as int64 min first.
+        prediction_us: the label's prediction_time in microseconds.
+        max_length: most events kept.
+    Returns:
+        `[K]` int64 indices, K <= max_length: static events first, then the most recent events with
+        time < prediction_us (strictly: an event at prediction_time is not known yet).
+    """
+    n_static = int(np.searchsorted(times_us, STATIC_TIME, side="right"))
+    n_before = int(np.searchsorted(times_us, prediction_us, side="left"))
+    static_kept = min(n_static, max_length)
+    timed_start = max(n_static, n_before - (max_length - static_kept))
+    return np.concatenate([np.arange(static_kept), np.arange(timed_start, n_before)]).astype(np.int64)
+
+
+def window_indices(times_us: np.ndarray, max_length: int) -> list[np.ndarray]:
+    """A whole timeline cut into consecutive windows for next-event pretraining: each window holds the static
+    events, then the next `max_length - n_static` timed events (every timed event lands in exactly one window)."""
+    n_static = min(int(np.searchsorted(times_us, STATIC_TIME, side="right")), max_length - 1)
+    step = max_length - n_static
+    static = np.arange(n_static)
+    return [np.concatenate([static, np.arange(start, min(start + step, len(times_us)))])
+            for start in range(n_static, len(times_us), step)]
+
+
+def time_gaps_hours(times_us: np.ndarray) -> np.ndarray:
+    """`[K]` hours since the previous kept event; 0 for the first event and around static events."""
+    gaps = np.zeros(len(times_us), np.float64)
+    timed = times_us != STATIC_TIME
+    both = timed[1:] & timed[:-1]
+    gaps[1:][both] = (times_us[1:][both] - times_us[:-1][both]) / US_PER_HOUR
+    return gaps.astype(np.float32)
 
 
 class _SplitBuffer:

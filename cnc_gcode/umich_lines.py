@@ -223,19 +223,21 @@ def evaluate_lines(cfg: CncConfig, vocab: Vocabulary) -> tuple[list[dict], dict]
     rows = []
     if cfg.umich_lines.train_model:
         rows.append(_row("MMDTAELSTM + multi-head decoder (package stages)", train_and_score(cfg, vocab), used))
-    knn_ops, knn_tokens = knn_baseline(train_w, test_w, cfg.umich_lines.neighbors)
-    knn = token_metrics(vocab, knn_tokens, test_w.tokens)
-    knn["operation_acc"] = float((knn_ops == test_w.operation_type).mean())
-    rows.append(_row(f"{cfg.umich_lines.neighbors}-NN on flattened normalised windows", knn, used))
+
+    def scored(operations: np.ndarray, tokens: np.ndarray) -> dict:
+        """Token metrics of predicted token rows on the test windows, plus their operation accuracy."""
+        return {**token_metrics(vocab, tokens, test_w.tokens),
+                "operation_acc": float((operations == test_w.operation_type).mean())}
+
+    rows.append(_row(f"{cfg.umich_lines.neighbors}-NN on flattened normalised windows",
+                     scored(*knn_baseline(train_w, test_w, cfg.umich_lines.neighbors)), used))
     if cfg.umich_lines.forest_trees:
-        forest_ops, forest_tokens = forest_lines(train_w, test_w, cfg.run.seed, cfg.umich_lines.forest_trees)
-        forest = token_metrics(vocab, forest_tokens, test_w.tokens)
-        forest["operation_acc"] = float((forest_ops == test_w.operation_type).mean())
-        rows.append(_row("random forest choosing a training line (sklearn)", forest, used))
+        rows.append(_row("random forest choosing a training line (sklearn)",
+                         scored(*forest_lines(train_w, test_w, cfg.run.seed, cfg.umich_lines.forest_trees)), used))
     majority_row = np.array([most_frequent(train_w.tokens[:, i]) for i in range(train_w.tokens.shape[1])])
-    majority = token_metrics(vocab, np.broadcast_to(majority_row, test_w.tokens.shape), test_w.tokens)
-    majority["operation_acc"] = float((test_w.operation_type == np.bincount(train_w.operation_type).argmax()).mean())
-    rows.append(_row("majority (token per position; operation)", majority, []))
+    majority_op = np.bincount(train_w.operation_type).argmax()
+    rows.append(_row("majority (token per position; operation)",
+                     scored(np.full(len(test_w), majority_op), np.broadcast_to(majority_row, test_w.tokens.shape)), []))
     info = {"n_train_windows": len(train_w), "n_test_windows": len(test_w), "channels": test_w.channel_names,
             "majority_line": vocab.decode_line(majority_row)}
     return rows, info

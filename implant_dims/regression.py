@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import metrics
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, read_meta, resume_from_checkpoint
 from common.cli import UserError
 from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
@@ -376,18 +377,6 @@ def snap(pred: np.ndarray, keys: list[tuple[str | None, str | None]], catalogue:
     return out
 
 
-def group_bootstrap(err: np.ndarray, groups: list, seed: int = 0, n_boot: int = 1000) -> tuple[float, float]:
-    """95% interval of the mean absolute error when whole groups (implants / patients) are resampled."""
-    uniq, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    sums = np.bincount(inverse, weights=err, minlength=len(uniq))
-    counts = np.bincount(inverse, minlength=len(uniq))
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
-    stats = sums[draws].sum(1) / counts[draws].sum(1)
-    low, high = np.quantile(stats, [0.025, 0.975])
-    return float(low), float(high)
-
-
 def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime, train_records: list[ImplantRecord],
                      val_set: ImplantDataset) -> dict:
     """The best checkpoint on val and each held-out split: MAE per dimension with group-bootstrap intervals beside
@@ -421,7 +410,8 @@ def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime, train_records: 
         rep["mae_ratio_to_mean_baseline"] = rep["mean_mae"] / rep["mean_baseline_mean_mae"]
         groups = [r.group if r.group is not None else str(r.index) for r in records]
         for k, dim in enumerate(DIMS):
-            rep[f"{dim}_mae_ci95"] = group_bootstrap(np.abs(true[:, k] - pred[:, k]), groups, cfg.run.seed)
+            rep[f"{dim}_mae_ci95"] = list(metrics.grouped_mean_bootstrap_ci(
+                np.abs(true[:, k] - pred[:, k]), np.asarray(groups, dtype=str), seed=cfg.run.seed))
         if rc.mc_samples > 0:
             mc_mean, mc_std = mc_on_dataset(model, dataset, rt, rc.mc_samples, cfg.run.seed)
             if split == "val":  # the std multiplier that gives nominal coverage on val, applied to every split

@@ -235,19 +235,13 @@ def knn_label(params: dict) -> str:
 def group_bootstrap_ci(truth: np.ndarray, pred: np.ndarray, groups: np.ndarray, n_boot: int = N_BOOT,
                        seed: int = 0, reference: np.ndarray | None = None) -> list[float]:
     """95% percentile bootstrap interval of SMAPE resampling whole groups with replacement (a resample holds every
-    product of each drawn group, once per draw), since products of one group are not independent. With `reference`:
-    the interval of SMAPE(pred) - SMAPE(reference) on the same resamples (paired; below 0 = `pred` is better)."""
-    _, group_of = np.unique(groups, return_inverse=True)
-    n_groups = int(group_of.max()) + 1
-    count = np.bincount(group_of, minlength=n_groups).astype(np.float64)
+    product of each drawn group, once per draw; common.metrics.grouped_mean_bootstrap_ci), since products of one
+    group are not independent. With `reference`: the interval of SMAPE(pred) - SMAPE(reference) on the same
+    resamples (paired; below 0 = `pred` is better)."""
     terms = metrics.smape_terms(truth, pred)  # in percent
     if reference is not None:
         terms = terms - metrics.smape_terms(truth, reference)
-    term_sum = np.bincount(group_of, weights=terms, minlength=n_groups)
-    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
-    times = np.stack([np.bincount(d, minlength=n_groups) for d in draws])  # [n_boot, G] draws of each group
-    stats = (times @ term_sum) / (times @ count)
-    return [float(v) for v in np.quantile(stats, [0.025, 0.975])]
+    return list(metrics.grouped_mean_bootstrap_ci(terms, groups, n_boot=n_boot, seed=seed))
 
 
 def extras(cfg: PriceFusionConfig, run_dir: Path) -> int:

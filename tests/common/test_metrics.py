@@ -64,3 +64,22 @@ def test_smape_terms_per_row() -> None:
     terms = M.smape_terms([100.0, 0.0, 10.0], [110.0, 0.0, 0.0])
     assert terms == pytest.approx([200 * 10 / 210, 0.0, 200.0])
     assert M.smape([100.0, 0.0, 10.0], [110.0, 0.0, 0.0]) == pytest.approx(terms.mean())
+
+
+def test_grouped_bootstrap_draws_whole_groups():
+    """The fast mean-of-terms path draws the same groups as the generic grouped bootstrap (same seeded stream), and
+    with one row per group the grouped bootstrap is the row bootstrap."""
+    rng = np.random.default_rng(1)
+    terms, groups = rng.random(100), rng.integers(0, 17, 100)
+    generic = M.grouped_bootstrap_ci(lambda t: float(np.mean(t)), terms, groups=groups, n_boot=300, seed=4)
+    assert generic[0] == pytest.approx(terms.mean())
+    assert M.grouped_mean_bootstrap_ci(terms, groups, n_boot=300, seed=4) == pytest.approx(generic[1:])
+    by_rows = M.bootstrap_ci(lambda t: float(np.mean(t)), terms, n_boot=300, seed=4)
+    assert M.grouped_bootstrap_ci(lambda t: float(np.mean(t)), terms, groups=np.arange(100), n_boot=300,
+                                        seed=4) == pytest.approx(by_rows)
+    # a group of 40 identical rows moves as one: its draws make the interval wider than the row bootstrap's
+    heavy = np.r_[np.ones(40), rng.random(60) * 0.2]
+    owners = np.r_[np.zeros(40, int), np.arange(1, 61)]
+    low, high = M.grouped_mean_bootstrap_ci(heavy, owners, n_boot=500, seed=0)
+    row_low, row_high = M.bootstrap_ci(lambda t: float(np.mean(t)), heavy, n_boot=500, seed=0)[1:]
+    assert high - low > 2 * (row_high - row_low)

@@ -47,7 +47,11 @@ class Stage1DataConfig:
     data_dir: Path = Path("data/meds")
     """MEDS root: `data/**/*.parquet` plus `metadata/`."""
     labels_filepath: Path | None = None
-    """MEDS label parquet (file or folder of parquets) or the original's labels CSV."""
+    """MEDS label parquet (file or folder of parquets) or the original's labels CSV: one task."""
+    task_labels: dict[str, Path] = field(default_factory=dict)
+    """Several binary tasks learned together (multi-label), instead of labels_filepath: task name -> MEDS label
+    parquet (file or folder). Rows are the union of the tasks' (subject_id, prediction_time); a task without a row at
+    that time is missing there (stored as -1, left out of the loss and of that task's metrics)."""
     codes_filepath: Path | None = None
     """Default: `<data_dir>/metadata/codes.parquet` when it exists."""
     splits_filepath: Path | None = None
@@ -134,6 +138,12 @@ class Stage1Config:
                              f"[0, sequences.shard_world_size={self.sequences.shard_world_size})")
         if self.sequences.max_history_hours is not None and not self.sequences.max_history_hours > 0:
             raise ValueError(f"sequences.max_history_hours must be > 0 or null, got {self.sequences.max_history_hours}")
+        if self.data.task_labels and self.data.labels_filepath is not None:
+            raise ValueError("data.labels_filepath and data.task_labels are both set; give one task's labels file, "
+                             "or name every task (including that one) in data.task_labels")
+        if len(self.data.task_labels) == 1:
+            raise ValueError("data.task_labels names one task; use data.labels_filepath for a single task, or add "
+                             "the other tasks")
         if self.sequences.all_to_split not in (None, "train", "tuning", "held_out"):
             raise ValueError(f"sequences.all_to_split must be train, tuning, held_out or null, "
                              f"got {self.sequences.all_to_split!r}")
@@ -161,8 +171,9 @@ class ModelConfig:
     max_length: int = 512
     """Most events the model reads per sequence: the static events, then the most recent ones."""
     num_classes: int = 2
-    """Classes of the label: 2 (binary metrics), K > 2 (integer_value, multi-class metrics), or 1 for a regression
-    task (a store built from float_value labels): one output, MSE on the train-standardised target."""
+    """Classes of the label: 2 (binary metrics), K > 2 (integer_value, multi-class metrics), 1 for a regression
+    task (a store built from float_value labels): one output, MSE on the train-standardised target; or, for a
+    multi-label store (data.task_labels), the number of tasks: one sigmoid output per task."""
     vocab_size: int | None = None
     """Next-event vocabulary size; null reads it from the code table."""
     use_values: bool = True
@@ -295,7 +306,8 @@ class OptunaConfig:
     epochs: int = 5
     """optuna_worker: epochs of each (short) trial run; the median pruner judges tuning AUROC after each."""
     warmup_epochs: int = 1
-    """optuna_worker: epochs a trial runs before it may be pruned."""
+    """optuna_worker: epochs a trial runs before it may be pruned (with optuna.cv_folds the pruner's steps are folds
+    and only the first fold is exempt)."""
     heartbeat_interval: int = 60
     """optuna_worker: seconds between a running trial's heartbeats in the storage."""
     grace_period: int = 180
@@ -310,10 +322,17 @@ class OptunaConfig:
     poolings: list[str] = field(default_factory=lambda: ["max", "attention", "mean"])
     """Choices of model.pooling (training.learning_rate, training.weight_decay and model.dropout are searched on
     ranges fixed in optuna_worker.search_space)."""
+    cv_folds: int = 0
+    """optuna_worker: 0 = score a trial on the store's tuning split; K >= 2 = score it by the mean best tuning AUROC
+    of K short finetunes over subject-grouped folds of train + tuning pooled (held_out never read; ehr_embedded.cv_folds)."""
+    cv_seed: int = 0
+    """optuna_worker: seed of the fold assignment when optuna.cv_folds >= 2 (same seed, same folds)."""
 
     def __post_init__(self) -> None:
         if self.trials < 1 or self.epochs < 1 or self.total_trials < 0:
             raise ValueError("optuna.trials and optuna.epochs must be >= 1 and optuna.total_trials >= 0")
+        if self.cv_folds == 1 or self.cv_folds < 0:
+            raise ValueError(f"optuna.cv_folds={self.cv_folds}: use 0 (tune on the tuning split) or K >= 2 folds")
         check_heartbeat(self.heartbeat_interval, self.grace_period, self.max_retries)
         if not self.model_dims or not self.n_layers or not self.poolings:
             raise ValueError("optuna.model_dims, optuna.n_layers and optuna.poolings each need at least one choice")
@@ -374,6 +393,18 @@ class BaselineConfig:
     """Bootstrap resamples for the 95% intervals."""
     seed: int = 0
     """Seed of the logistic regression and the bootstrap."""
+    selection: Literal["tuning", "grouped_cv"] = "tuning"
+    """How C is chosen: `tuning` = best tuning AUROC of a fit on train; `grouped_cv` = best mean AUROC over
+    `cv_folds` subject-grouped folds of train + tuning pooled (the folds optuna.cv_folds cuts). Either way the final
+    model is fitted on train and its threshold chosen on tuning. Classification only."""
+    cv_folds: int = 5
+    """Folds for selection=grouped_cv (>= 2, at most the subjects of train + tuning)."""
+    cv_seed: int = 0
+    """Seed of the fold assignment for selection=grouped_cv (ehr_embedded.cv_folds.assign_folds)."""
+
+    def __post_init__(self) -> None:
+        if self.cv_folds < 2:
+            raise ValueError(f"cv_folds must be >= 2, got {self.cv_folds}")
 
 
 @dataclass
@@ -400,10 +431,12 @@ class ConvertConfig:
 
 @dataclass
 class PredictConfig:
-    """predict: a finetuned run's predictions for one split of a store, in the MEDS predictions schema."""
+    """predict: a finetuned run's predictions for one split of a store (or new MEDS data), in the columns evaluate
+    writes for the run's task (binary: the MEDS predictions schema; multi-class; regression)."""
 
     run_dir: Path = Path("runs/ehr_embedded/finetune_encoder")
-    """A finetune run directory (its config.yaml gives the model, reports/threshold.json the threshold)."""
+    """A finetune run directory (its config.yaml gives the model, reports/threshold.json the binary threshold,
+    reports/target_scaling.json a regression run's target mean / std)."""
     split: str = "held_out"
     """Split of the store to predict: train, tuning or held_out."""
     dataset_dir: Path | None = None
@@ -414,7 +447,8 @@ class PredictConfig:
     subject of `labels` is cut with the run's code table and sequence settings into a temporary store and predicted
     (`split` and `dataset_dir` are then unused)."""
     labels: Path | None = None
-    """With `meds_dir`: the label rows to predict (subject_id, prediction_time, boolean_value or integer_value)."""
+    """With `meds_dir`: the label rows to predict (subject_id, prediction_time and the value column of the run's task:
+    boolean_value (or integer_value 0/1) for binary, integer_value for multi-class, float_value for regression)."""
     checkpoint: str = "best"
     """`best`, `latest`, or a checkpoint directory."""
     output: Path | None = None

@@ -52,6 +52,7 @@ from ehr_embedded.storage import (
     CODE_TABLE_DIR,
     FORMAT_VERSION,
     PRETRAIN_SPLIT,
+    TASKS_FILE,
     UNK_ID,
     US_PER_HOUR,
     CodeTable,
@@ -59,6 +60,7 @@ from ehr_embedded.storage import (
     atomic_dir,
     concat_split_parts,
     export_pt,
+    label_array,
 )
 
 log = logging.getLogger(__name__)
@@ -388,7 +390,7 @@ def _write_chunk(directory: Path, part: dict, ids: np.ndarray, ev: ChunkEvents) 
     pq.write_table(pa.table({
         "subject_id": pa.array(rows["subject_id"], pa.int64()),
         "prediction_time": pa.array(rows["prediction_time"].astype("datetime64[us]")),
-        "label": pa.array(rows["label"]),
+        "label": label_array(rows["label"]),
         "n_events_before_cut": pa.array(rows["n_events_before_cut"], pa.int64()),
         "n_static": pa.array(rows["n_static"], pa.int64()),
         "hours_last_event_to_prediction": pa.array(rows["hours_last_event_to_prediction"], pa.float64())}),
@@ -462,12 +464,30 @@ def _fingerprint(*arrays: np.ndarray, settings: dict) -> str:
     return digest.hexdigest()
 
 
-def make_plan(cfg: Stage1Config, vocab_table: CodeTable) -> tuple[Plan, pd.DataFrame, Counter]:
-    """(the plan, the labels kept (for the no-event count), the label counts), with the checks and warnings of the
-    label and splits files."""
+def read_plan_labels(cfg: Stage1Config) -> tuple[pd.DataFrame, list[str] | None, int, int]:
+    """(label rows, the task names of a multi-label build or None, rows read, repeated rows collapsed): one task from
+    data.labels_filepath (column `label`), or data.task_labels merged into one int8 column per task
+    (meds_io.read_task_labels)."""
+    if cfg.data.task_labels:
+        labels, tasks, n_duplicates = meds_io.read_task_labels(cfg.data.task_labels)
+        return labels, tasks, len(labels) + n_duplicates, n_duplicates
     labels = meds_io.read_labels(cfg.data.labels_filepath, cfg.sequences.label_column)
     n_labels = len(labels)
     labels, n_duplicates = meds_io.collapse_duplicate_labels(labels, cfg.data.labels_filepath)
+    return labels, None, n_labels, n_duplicates
+
+
+def labels_source(cfg: Stage1Config) -> str:
+    """The label file(s) for messages and the report."""
+    if cfg.data.task_labels:
+        return ", ".join(f"{task}={path}" for task, path in cfg.data.task_labels.items())
+    return str(cfg.data.labels_filepath)
+
+
+def make_plan(cfg: Stage1Config, vocab_table: CodeTable) -> tuple[Plan, pd.DataFrame, Counter]:
+    """(the plan, the labels kept (for the no-event count), the label counts), with the checks and warnings of the
+    label and splits files."""
+    labels, tasks, n_labels, n_duplicates = read_plan_labels(cfg)
     if n_duplicates:
         log.warning("%d repeated (subject_id, prediction_time) label rows with the same label: collapsed", n_duplicates)
     if cfg.sequences.all_to_split:
@@ -490,7 +510,7 @@ def make_plan(cfg: Stage1Config, vocab_table: CodeTable) -> tuple[Plan, pd.DataF
     labels = labels.iloc[order].reset_index(drop=True)
     label_subject = labels["subject_id"].to_numpy(np.int64)
     label_us = labels["prediction_time"].to_numpy("datetime64[us]").astype(np.int64)
-    label_value = labels["label"].to_numpy()
+    label_value = labels[tasks].to_numpy(np.int8) if tasks else labels["label"].to_numpy()  # [N, K] multi-label
     label_split = split_index.loc[label_subject].to_numpy(np.int8) if len(labels) else np.zeros(0, np.int8)
     seq = cfg.sequences
     train_subjects = np.unique(splits.loc[splits["split"] == meds_io.SPLITS[0], "subject_id"].to_numpy(np.int64)) \
@@ -501,7 +521,8 @@ def make_plan(cfg: Stage1Config, vocab_table: CodeTable) -> tuple[Plan, pd.DataF
     max_history_us = None if seq.max_history_hours is None else int(round(seq.max_history_hours * US_PER_HOUR))
     settings = {"part_format": PART_FORMAT, "max_length": seq.max_length, "embed_unseen": seq.embed_unseen_codes,
                 "pretrain_windows": seq.pretrain_windows, "max_history_us": max_history_us,
-                "context_codes": list(seq.context_codes), "vocab_codes": vocab_table.vocab["code"].tolist()}
+                "context_codes": list(seq.context_codes), "vocab_codes": vocab_table.vocab["code"].tolist(),
+                "tasks": tasks}
     fingerprint = _fingerprint(label_subject, label_us, label_value, label_split, vocab_ids, train_subjects,
                                settings=settings)
     plan = Plan(vocab_codes, vocab_ids, label_subject, label_us, label_value, label_split, wanted, train_subjects,
@@ -551,6 +572,7 @@ def create_embeddings(cfg: Stage1Config) -> dict:
     started = time.time()
     vocab_table = CodeTable.load(Path(cfg.data.vocab_embedding_path))
     plan, labels, counts = make_plan(cfg, vocab_table)
+    tasks = list(cfg.data.task_labels) or None  # a multi-label build's tasks, in label order
     paths = meds_io.data_files(Path(cfg.data.data_dir))
     parts_dir = _parts_dir(cfg)
     seq = cfg.sequences
@@ -588,12 +610,12 @@ def create_embeddings(cfg: Stage1Config) -> dict:
         counts["pretrain_windows"] += 0
     table = _extension_table(cfg, vocab_table, list(extension), counts)
     if counts["sequences_written"] == 0:
-        raise UserError(f"{cfg.data.labels_filepath}: no label has events before its prediction_time; check that "
+        raise UserError(f"{labels_source(cfg)}: no label has events before its prediction_time; check that "
                         f"labels and events use the same subject ids and time zone")
 
     out_dir = Path(cfg.data.embedding_output_dir)
     report = {"counts": dict(counts), "max_length": cfg.sequences.max_length, "format_version": FORMAT_VERSION,
-              "data_dir": str(cfg.data.data_dir), "labels": str(cfg.data.labels_filepath),
+              "data_dir": str(cfg.data.data_dir), "labels": labels_source(cfg), **({"tasks": tasks} if tasks else {}),
               "vocab_embedding_path": str(cfg.data.vocab_embedding_path),
               "sequences": {"embed_unseen_codes": cfg.sequences.embed_unseen_codes,
                             "max_history_hours": cfg.sequences.max_history_hours,
@@ -602,13 +624,20 @@ def create_embeddings(cfg: Stage1Config) -> dict:
     splits = [*meds_io.SPLITS, *([PRETRAIN_SPLIT] if cfg.sequences.pretrain_windows else [])]
     with atomic_dir(out_dir) as tmp:
         table.save(tmp / CODE_TABLE_DIR)
+        if tasks:
+            write_json(tmp / TASKS_FILE, {"tasks": tasks, "label_files": {t: str(p) for t, p in
+                                                                          cfg.data.task_labels.items()}})
         for split in splits:
             groups = [(g, m) for d, m in zip(part_dirs, token_maps) if (d / split).is_dir()
                       for g in sorted((d / split).iterdir())]
             sequences = concat_split_parts(tmp / split, [g for g, _ in groups], [m for _, m in groups],
                                            SEQUENCE_COLUMNS)
             report[split] = {"sequences": len(sequences), "events": int(sequences["n_events"].sum())}
-            if split != PRETRAIN_SPLIT and pd.api.types.is_float_dtype(sequences["label"]):  # regression
+            if split != PRETRAIN_SPLIT and tasks:  # multi-label: positives and labelled rows per task
+                values = np.stack(sequences["label"].to_numpy()) if len(sequences) else np.zeros((0, len(tasks)))
+                report[split]["positives"] = dict(zip(tasks, (values == 1).sum(0).tolist()))
+                report[split]["labelled"] = dict(zip(tasks, (values >= 0).sum(0).tolist()))
+            elif split != PRETRAIN_SPLIT and pd.api.types.is_float_dtype(sequences["label"]):  # regression
                 report[split]["label_mean"] = float(sequences["label"].mean()) if len(sequences) else None
             elif split != PRETRAIN_SPLIT:
                 report[split]["positives"] = int((sequences["label"] > 0).sum())

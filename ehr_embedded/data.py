@@ -8,7 +8,8 @@ A batch (all `[B, T]`, T = longest sequence in the batch, or `max_length` with `
     hours_since_prev   float32  hours since the previous event
     hours_before_pred  float32  hours between the event and prediction_time
     padding_mask       bool     True at padding (PyTorch's key_padding_mask convention)
-    labels             int64    `[B]` (float32 for a float_value regression store)
+    labels             int64    `[B]` (float32 for a float_value regression store; float32 `[B, K]` for a
+                                multi-label store: 1, 0, or -1 where that task has no label)
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ def collate(items: list[dict], pad_to: int | None = None) -> dict[str, torch.Ten
         out["padding_mask"][row, :n] = False
         for key in ("value_z", "has_value", "hours_since_prev", "hours_before_pred"):
             out[key][row, :n] = torch.from_numpy(it[key])
-    regression = isinstance(items[0]["label"], float)  # float_value store: float targets, else class ids
-    out["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.float32 if regression else torch.long)
+    # float_value store: float targets; multi-label store: [B, K] floats (1, 0, -1 = no label); else class ids
+    as_float = isinstance(items[0]["label"], (float, list))
+    out["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.float32 if as_float else torch.long)
     out["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
     return out
 

@@ -165,6 +165,36 @@ def predict_values(model: torch.nn.Module, dataset: EventSequenceDataset, batch_
     return pred, dataset.store.labels.astype(np.float64), total / max(count, 1)
 
 
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None,
+               reduction: str = "mean") -> torch.Tensor:
+    """Multi-label loss: binary cross-entropy with logits per (row, task) over the pairs that have a label
+    (`labels` 1 / 0; -1 = that task has no label at this time and adds nothing). `pos_weight` `[K]` weighs each task's
+    positives; `mean` divides by the labelled pairs, `sum` does not."""
+    present = labels >= 0
+    per_pair = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), labels.clamp(min=0).float(), pos_weight=pos_weight, reduction="none")
+    total = (per_pair * present).sum()
+    return total / present.sum().clamp(min=1) if reduction == "mean" else total
+
+
+@torch.no_grad()
+def predict_multilabel(model: torch.nn.Module, dataset: EventSequenceDataset, batch_size: int,
+                       device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
+    """Multi-label (one output per task): (`[N, K]` sigmoid probabilities in dataset order, `[N, K]` labels with -1
+    where missing, the mean masked binary cross-entropy over labelled pairs)."""
+    model.eval()
+    loader = make_loader(dataset, batch_size, shuffle=False)
+    probs = np.zeros(dataset.store.labels.shape, np.float32)
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(batch).float()
+        total += masked_bce(logits, batch["labels"], reduction="sum").item()
+        count += int((batch["labels"] >= 0).sum())
+        probs[batch["index"].cpu().numpy()] = torch.sigmoid(logits).cpu().numpy()
+    return probs, dataset.store.labels.copy(), total / max(count, 1)
+
+
 TARGET_SCALING_FILE = "target_scaling.json"  # under <run>/reports/: regression target mean / std / median on train
 
 

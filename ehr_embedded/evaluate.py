@@ -14,6 +14,12 @@ prediction_time, integer_value, predicted_integer_value (argmax), predicted_clas
 meds 0.4.1 defines no prediction schema and meds-evaluation's is binary only, so these names extend its
 `predicted_<type>_value` pattern. No threshold and no calibration plot.
 
+Multi-label runs (a store built from `data.task_labels`, `model.num_classes` = its number of tasks): per task the
+binary metrics above on the rows where that task has a label (its own F1-best threshold from tuning); over tasks the
+macro AUROC and AUPRC (mean of the per-task values) and the micro AUROC (all labelled (row, task) pairs pooled), each
+with the subject bootstrap. Predictions in long form, one row per (sequence, task): subject_id, prediction_time,
+task, boolean_value (null where that task has no label), predicted_boolean_value, predicted_boolean_probability.
+
 Regression runs (`model.num_classes=1`, a store built from float_value labels): MAE, RMSE and R^2 (sklearn) of the
 de-standardised predictions (finetune's reports/target_scaling.json) with the same subject bootstrap, beside the MAE
 of the median predictor (the train split's median target for every row); predictions with the columns subject_id,
@@ -44,6 +50,7 @@ from ehr_embedded.engine import (
     load_splits,
     model_for,
     pick_device,
+    predict_multilabel,
     predict_probs,
     predict_values,
 )
@@ -56,6 +63,10 @@ PREDICTION_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", p
                                ("predicted_boolean_probability", pa.float64())])
 REGRESSION_PREDICTION_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),
                                           ("float_value", pa.float64()), ("predicted_float_value", pa.float64())])
+MULTILABEL_PREDICTION_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),
+                                          ("task", pa.string()), ("boolean_value", pa.bool_()),
+                                          ("predicted_boolean_value", pa.bool_()),
+                                          ("predicted_boolean_probability", pa.float64())])
 MULTICLASS_PREDICTION_COLUMNS = ("subject_id", "prediction_time", "integer_value", "predicted_integer_value",
                                  "predicted_class_probabilities")
 
@@ -77,26 +88,6 @@ def choose_threshold(y: np.ndarray, score: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1))])
 
 
-def subject_bootstrap_ci(fn, y: np.ndarray, score: np.ndarray, subject_ids: np.ndarray, n_boot: int,
-                         seed: int) -> tuple[float, float, float]:
-    """(value, low, high): percentile bootstrap 95% interval that resamples subjects, each with all its rows.
-
-    Rows of one subject are not independent (one MIMIC held_out subject holds 13 of 54 admissions), so resampling rows
-    gives intervals that are too narrow. `common.metrics.bootstrap_ci` resamples the subject indices here; each draw
-    scores the concatenated rows of the drawn subjects. With one row per subject this equals the row bootstrap.
-    """
-    _, subject_index = np.unique(np.asarray(subject_ids), return_inverse=True)
-    order = np.argsort(subject_index, kind="stable")
-    starts = np.searchsorted(subject_index[order], np.arange(subject_index.max() + 1))
-    rows_of = np.split(order, starts[1:])
-
-    def on_subjects(drawn: np.ndarray) -> float:
-        rows = np.concatenate([rows_of[g] for g in drawn])
-        return fn(y[rows], score[rows])
-
-    return metrics.bootstrap_ci(on_subjects, np.arange(len(rows_of)), n_boot=n_boot, seed=seed)
-
-
 def with_intervals(out: dict, fns: dict, y: np.ndarray, pred: np.ndarray, n_boot: int, seed: int,
                    subject_ids: np.ndarray | None) -> dict:
     """`out` plus each metric of `fns` (name -> fn(y, pred)) as {value, low, high}: a percentile bootstrap 95%
@@ -107,7 +98,7 @@ def with_intervals(out: dict, fns: dict, y: np.ndarray, pred: np.ndarray, n_boot
         out["bootstrap"] = "rows"
     for name, fn in fns.items():
         if subject_ids is not None:
-            value, low, high = subject_bootstrap_ci(fn, y, pred, subject_ids, n_boot, seed)
+            value, low, high = metrics.grouped_bootstrap_ci(fn, y, pred, groups=subject_ids, n_boot=n_boot, seed=seed)
         else:
             value, low, high = metrics.bootstrap_ci(fn, y, pred, n_boot=n_boot, seed=seed)
         out[name] = {"value": value, "low": low, "high": high}
@@ -158,6 +149,106 @@ def multiclass_metrics(y: np.ndarray, probs: np.ndarray, n_boot: int = 1000, see
     out: dict = {"n": int(len(y)), "num_classes": int(len(classes)),
                  "support": {str(c): int(n) for c, n in enumerate(np.bincount(y, minlength=len(classes)))}}
     return with_intervals(out, fns, y, probs, n_boot, seed, subject_ids)
+
+
+def _per_task(fn, y: np.ndarray, probs: np.ndarray) -> list[float]:
+    """`fn(labels, scores)` of each task on its labelled rows; ValueError when a task lacks a class there."""
+    values = []
+    for k in range(y.shape[1]):
+        labelled = y[:, k] >= 0
+        if len(np.unique(y[labelled, k])) < 2:
+            raise ValueError(f"task {k} has one class only")
+        values.append(fn(y[labelled, k], probs[labelled, k]))
+    return values
+
+
+def macro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
+    """Mean over tasks of each task's AUROC on its labelled rows (`y` -1 = no label); ValueError when a task lacks a
+    class (a bootstrap resample is then drawn again, so every resample averages the same tasks)."""
+    return float(np.mean(_per_task(metrics.auroc, y, probs)))
+
+
+def macro_auprc(y: np.ndarray, probs: np.ndarray) -> float:
+    return float(np.mean(_per_task(metrics.auprc, y, probs)))
+
+
+def micro_auroc(y: np.ndarray, probs: np.ndarray) -> float:
+    """AUROC over every labelled (row, task) pair pooled (tasks with more rows or positives weigh more)."""
+    labelled = y >= 0
+    return metrics.auroc(y[labelled], probs[labelled])
+
+
+def multilabel_metrics(y: np.ndarray, probs: np.ndarray, thresholds: list[float], task_names: list[str],
+                       n_boot: int = 1000, seed: int = 0, subject_ids: np.ndarray | None = None) -> dict:
+    """Multi-label scores of `[N, K]` probabilities against `[N, K]` labels (1, 0, -1 = no label): `tasks` holds
+    binary_metrics per task on its labelled rows (with its threshold), then macro AUROC / AUPRC and micro AUROC over
+    the tasks with both classes present (`macro_tasks`), each as {value, low, high} with the bootstrap of
+    with_intervals (subjects resampled when `subject_ids` is given)."""
+    y = np.asarray(y).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    subject_ids = None if subject_ids is None else np.asarray(subject_ids)
+    per_task: dict = {}
+    scored = []
+    for k, task in enumerate(task_names):
+        rows = y[:, k] >= 0
+        if not rows.any():
+            per_task[task] = {"n": 0}
+            continue
+        per_task[task] = binary_metrics(y[rows, k], probs[rows, k], thresholds[k], n_boot, seed,
+                                        subject_ids=None if subject_ids is None else subject_ids[rows])
+        if "auroc" in per_task[task]:
+            scored.append(k)
+    out: dict = {"n": int(len(y)), "task": "multilabel", "tasks": per_task,
+                 "macro_tasks": [task_names[k] for k in scored]}
+    if scored:
+        fns = {"macro_auroc": macro_auroc, "macro_auprc": macro_auprc, "micro_auroc": micro_auroc}
+        with_intervals(out, fns, y[:, scored], probs[:, scored], n_boot, seed, subject_ids)
+    return out
+
+
+def multilabel_prediction_table(sequences, y: np.ndarray, probs: np.ndarray, thresholds: list[float],
+                                task_names: list[str]) -> pa.Table:
+    """`MULTILABEL_PREDICTION_SCHEMA`, one row per (sequence, task) in sequence order; boolean_value null where the
+    task has no label."""
+    n, k = probs.shape
+    y = np.asarray(y)
+    truth = pa.array((y == 1).reshape(-1), pa.bool_(), mask=(y < 0).reshape(-1))
+    table = pa.table({"subject_id": np.repeat(sequences["subject_id"].to_numpy(np.int64), k),
+                      "prediction_time": np.repeat(sequences["prediction_time"].astype("datetime64[us]").to_numpy(), k),
+                      "task": np.tile(np.asarray(task_names, dtype=object), n),
+                      "boolean_value": truth,
+                      "predicted_boolean_value": (probs >= np.asarray(thresholds)[None, :]).reshape(-1),
+                      "predicted_boolean_probability": probs.astype(np.float64).reshape(-1)},
+                     schema=MULTILABEL_PREDICTION_SCHEMA)
+    return table
+
+
+def write_multilabel_predictions(path: Path, sequences, y: np.ndarray, probs: np.ndarray, thresholds: list[float],
+                                 task_names: list[str]) -> Path:
+    table = multilabel_prediction_table(sequences, y, probs, thresholds, task_names)
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def evaluate_multilabel(cfg: TrainConfig, run_dir: Path, split: str, ckpt: Path, model, dataset, device) -> dict:
+    """evaluate's multi-label branch: report and predictions of `split` (see the module docstring)."""
+    tasks = dataset.store.task_names
+    if cfg.model.num_classes != len(tasks):
+        raise UserError(f"{cfg.data.embedding_output_dir}/{split}: the store holds {len(tasks)} tasks {tasks} but "
+                        f"model.num_classes={cfg.model.num_classes}; use the run's config")
+    threshold_file = run_dir / "reports" / "threshold.json"
+    chosen = json.loads(threshold_file.read_text()).get("thresholds", {}) if threshold_file.is_file() else {}
+    thresholds = [float(chosen.get(t, DEFAULT_THRESHOLD)) for t in tasks]
+    probs, y, loss = predict_multilabel(model, dataset, cfg.training.eval_batch_size, device)
+    report = {"split": split, "checkpoint": str(ckpt), "loss": loss,
+              **multilabel_metrics(y, probs, thresholds, tasks, cfg.evaluate.n_bootstrap, cfg.evaluate.seed,
+                                   subject_ids=dataset.store.sequences["subject_id"].to_numpy())}
+    write_json(run_dir / "reports" / f"eval_{split}.json", report)
+    write_multilabel_predictions(run_dir / "predictions" / f"{split}.parquet", dataset.store.sequences, y, probs,
+                                 thresholds, tasks)
+    shown = {t: round(r["auroc"]["value"], 4) for t, r in report["tasks"].items() if "auroc" in r}
+    log.info("%s (multi-label): macro AUROC %s, per task AUROC %s", split,
+             round(report["macro_auroc"]["value"], 4) if "macro_auroc" in report else None, shown)
+    return report
 
 
 def task_metrics(y: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int, seed: int,
@@ -285,6 +376,8 @@ def evaluate(cfg: TrainConfig, split: str | None = None) -> dict:
     dataset = datasets[split]
     if len(dataset) == 0:
         raise UserError(f"{cfg.data.embedding_output_dir}/{split}: no sequences to evaluate")
+    if dataset.store.is_multilabel:
+        return evaluate_multilabel(cfg, run_dir, split, ckpt, model, dataset, device)
     if dataset.store.is_regression != (cfg.model.num_classes == 1):
         raise UserError(f"{cfg.data.embedding_output_dir}/{split}: the store holds "
                         f"{'float regression targets' if dataset.store.is_regression else 'class labels'} but "

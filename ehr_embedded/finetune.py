@@ -13,7 +13,11 @@ Regression: a store built from float_value labels (float64 `label`) with `model.
 the target standardised with the train split's mean and std (MSE; `reports/target_scaling.json` keeps mean, std and
 median so evaluate de-standardises), selects on tuning MAE (lower is better; `selection_metric=loss` selects on the
 standardised MSE), and uses no class weights (refused when set), no focal_gamma and no threshold. Either of the two
-alone is refused with the fix.
+alone is refused with the fix. Multi-label: a store built from `data.task_labels` with `model.num_classes` = its K
+tasks trains K sigmoid outputs with binary cross-entropy over the labelled (row, task) pairs (engine.masked_bce;
+`class_weights=auto` weighs each task's positives by its train negatives / positives, a list gives K such weights),
+selects on the macro over tasks (auroc, auprc, f1 at 0.5, or loss) and picks one F1-best threshold per task on
+tuning.
 `training.resume=auto` continues from checkpoints/latest bit for bit; it refuses (exit 2, nothing written) a run whose
 config, store or pretrained checkpoint changed since (see engine.run_fingerprint), `training.resume=force` continues
 anyway and logs it, and raising `training.epochs` on a finished run trains the extra epochs. `config.yaml` is written
@@ -49,14 +53,24 @@ from ehr_embedded.engine import (
     TARGET_SCALING_FILE,
     load_pretrained,
     load_splits,
+    masked_bce,
     model_for,
+    predict_multilabel,
     predict_probs,
     predict_values,
     run_fingerprint,
     start_run,
     target_scaling,
 )
-from ehr_embedded.evaluate import DEFAULT_THRESHOLD, choose_threshold, evaluate, macro_ovr_auroc
+from ehr_embedded.evaluate import (
+    DEFAULT_THRESHOLD,
+    choose_threshold,
+    evaluate,
+    macro_auprc,
+    macro_auroc,
+    macro_ovr_auroc,
+    micro_auroc,
+)
 from ehr_embedded.storage import CODE_TABLE_DIR
 
 log = logging.getLogger(__name__)
@@ -77,7 +91,41 @@ def class_weights(setting, labels: np.ndarray, num_classes: int) -> torch.Tensor
     return torch.tensor(setting, dtype=torch.float32)
 
 
+def task_pos_weight(setting, labels: np.ndarray) -> torch.Tensor | None:
+    """Multi-label positive weights per task: `auto` = train negatives / positives of each task (labelled rows
+    only), an explicit list of K, or None."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        positives, negatives = (labels == 1).sum(0), (labels == 0).sum(0)
+        if (positives == 0).any() or (negatives == 0).any():
+            k = int(np.flatnonzero((positives == 0) | (negatives == 0))[0])
+            raise UserError(f"training.class_weights=auto: task {k} has one class only in train; every multi-label "
+                            f"task needs positives and negatives there")
+        return torch.tensor(negatives / positives, dtype=torch.float32)
+    if len(setting) != labels.shape[1]:
+        raise UserError(f"training.class_weights has {len(setting)} entries; a multi-label store with "
+                        f"{labels.shape[1]} tasks takes one positive weight per task")
+    return torch.tensor(setting, dtype=torch.float32)
+
+
+def multilabel_tuning_scores(model, dataset, cfg: TrainConfig, device) -> dict[str, float]:
+    """Tuning scores of a multi-label run: loss (masked BCE), macro AUROC / AUPRC over tasks (`auroc`, `auprc`,
+    present when every task has both classes in tuning), micro AUROC and macro F1 at 0.5."""
+    probs, y, loss = predict_multilabel(model, dataset, cfg.training.eval_batch_size, device)
+    out = {"loss": loss}
+    try:
+        out.update(auroc=macro_auroc(y, probs), auprc=macro_auprc(y, probs), micro_auroc=micro_auroc(y, probs))
+    except ValueError:  # a task with one class in tuning: finetune refuses AUROC selection before training then
+        pass
+    f1s = [metrics.macro_f1(y[y[:, k] >= 0, k], probs[y[:, k] >= 0, k] >= 0.5) for k in range(y.shape[1])]
+    out["f1"] = float(np.mean(f1s))
+    return out
+
+
 def tuning_scores(model, dataset, cfg: TrainConfig, device, scaling: dict | None = None) -> dict[str, float]:
+    if dataset.store.is_multilabel:
+        return multilabel_tuning_scores(model, dataset, cfg, device)
     if scaling is not None:  # regression
         pred, y, loss = predict_values(model, dataset, cfg.training.eval_batch_size, device, scaling["mean"],
                                        scaling["std"])
@@ -97,6 +145,9 @@ def check_regression_setup(cfg: TrainConfig, is_regression: bool) -> str:
     classification-only setting is given for a regression task."""
     tc, metric = cfg.training, cfg.training.selection_metric
     store = cfg.data.embedding_output_dir
+    if metric == "mae" and not is_regression:
+        raise UserError("training.selection_metric=mae is for regression (model.num_classes=1); use auroc, "
+                        "auprc, f1 or loss")
     if is_regression and cfg.model.num_classes != 1:
         raise UserError(f"{store}: the store holds float (float_value) regression targets but model.num_classes="
                         f"{cfg.model.num_classes}; set model.num_classes=1 for regression")
@@ -104,14 +155,30 @@ def check_regression_setup(cfg: TrainConfig, is_regression: bool) -> str:
         raise UserError(f"{store}: model.num_classes=1 is regression, but the store holds class labels; set "
                         f"model.num_classes to the number of classes or rebuild the store from float_value labels")
     if not is_regression:
-        if metric == "mae":
-            raise UserError("training.selection_metric=mae is for regression (model.num_classes=1); use auroc, "
-                            "auprc, f1 or loss")
         return metric
     if tc.class_weights is not None:
         raise UserError("training.class_weights is set but the task is regression (float_value labels); set it "
                         "to null")
     return metric if metric in ("mae", "loss") else "mae"
+
+
+def check_multilabel_setup(cfg: TrainConfig, train, tuning, metric: str) -> None:
+    """Raise UserError when a multi-label store and the config disagree: model.num_classes must be the number of
+    tasks, focal loss is for softmax heads, and AUROC / AUPRC selection needs both classes of every task in tuning."""
+    tasks = train.task_names
+    if cfg.model.num_classes != len(tasks):
+        raise UserError(f"{cfg.data.embedding_output_dir}: the store is multi-label with {len(tasks)} tasks {tasks} "
+                        f"but model.num_classes={cfg.model.num_classes}; set model.num_classes={len(tasks)}")
+    if cfg.training.focal_gamma:
+        raise UserError("training.focal_gamma is set but the store is multi-label (sigmoid outputs, binary "
+                        "cross-entropy per task); set training.focal_gamma=0")
+    if metric in ("auroc", "auprc"):
+        for k, task in enumerate(tasks):
+            labelled = tuning.labels[:, k][tuning.labels[:, k] >= 0]
+            if len(np.unique(labelled)) < 2:
+                raise UserError(f"training.selection_metric={metric} but task '{task}' has "
+                                f"{'no labels' if not len(labelled) else 'one class only'} in the tuning split; use "
+                                f"training.selection_metric=loss or a larger tuning split")
 
 
 def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | None = None,
@@ -125,16 +192,20 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
     if len(data["train"]) == 0 or len(data["tuning"]) == 0:
         raise UserError(f"{cfg.data.embedding_output_dir}: the train and tuning splits both need sequences")
     regression = data["train"].store.is_regression
+    multilabel = data["train"].store.is_multilabel
+    if multilabel:
+        check_multilabel_setup(cfg, data["train"].store, data["tuning"].store, tc.selection_metric)
     metric = check_regression_setup(cfg, regression)
-    if not regression and train_labels.max() >= cfg.model.num_classes:
+    if not regression and not multilabel and train_labels.max() >= cfg.model.num_classes:
         raise UserError(f"labels go up to {train_labels.max()} but model.num_classes={cfg.model.num_classes}")
     n_classes = cfg.model.num_classes
     present = np.unique(data["tuning"].store.labels)
-    if len(present) < {"auroc": n_classes, "auprc": 2}.get(metric, 0):  # AUROC (macro one-vs-rest) needs every class
+    # AUROC (macro one-vs-rest) needs every class in tuning (check_multilabel_setup checked each task's)
+    if not multilabel and len(present) < {"auroc": n_classes, "auprc": 2}.get(metric, 0):
         raise UserError(f"training.selection_metric={metric} but the tuning split lacks a class (it holds "
                         f"classes {present.tolist()} of {n_classes}); "
                         f"use training.selection_metric=loss or a larger tuning split")
-    if metric == "auprc" and n_classes > 2:
+    if metric == "auprc" and n_classes > 2 and not multilabel:
         raise UserError(f"training.selection_metric=auprc is binary; with model.num_classes={n_classes} use auroc "
                         f"(macro one-vs-rest), f1 (macro) or loss")
     run_dir, dist_info, device, start = start_run(cfg, run_fingerprint(cfg, ("train", "tuning")))
@@ -147,7 +218,10 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
             write_json(run_dir / "reports" / TARGET_SCALING_FILE, scaling)
         log.info("regression: target standardised with train mean %.4g, std %.4g; selection on tuning %s",
                  scaling["mean"], scaling["std"], metric)
-    weights = None if regression else class_weights(tc.class_weights, train_labels, cfg.model.num_classes)
+    if multilabel:
+        weights = task_pos_weight(tc.class_weights, train_labels)
+    else:
+        weights = None if regression else class_weights(tc.class_weights, train_labels, cfg.model.num_classes)
     weights = weights.to(device) if weights is not None else None
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.learning_rate), lr=tc.learning_rate)
     mode = "max" if HIGHER_IS_BETTER[metric] else "min"
@@ -187,6 +261,8 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
             if scaling is not None:
                 target = (batch["labels"] - scaling["mean"]) / scaling["std"]
                 loss = torch.nn.functional.mse_loss(logits[:, 0].float(), target.float())
+            elif multilabel:
+                loss = masked_bce(logits, batch["labels"], pos_weight=weights)
             else:
                 loss = focal_loss(logits, batch["labels"], gamma=tc.focal_gamma, alpha=weights)
             optimizer.zero_grad(set_to_none=True)
@@ -222,6 +298,15 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
     # threshold on tuning from the best checkpoint, then the held-out score (main process only)
     load_weights(ckpts.best, model)
     if regression:  # no threshold: evaluate reads reports/target_scaling.json
+        report = evaluate(cfg, "held_out") if held_out else {}
+        cleanup_distributed()
+        return report
+    if multilabel:  # one F1-best threshold per task, on its labelled tuning rows
+        probs, y, _ = predict_multilabel(model, data["tuning"], tc.eval_batch_size, device)
+        tasks = data["tuning"].store.task_names
+        chosen = {t: choose_threshold(y[y[:, k] >= 0, k], probs[y[:, k] >= 0, k]) for k, t in enumerate(tasks)}
+        write_json(run_dir / "reports" / "threshold.json", {"threshold": None, "thresholds": chosen,
+                                                             "chosen_on": "tuning", "criterion": "max F1 per task"})
         report = evaluate(cfg, "held_out") if held_out else {}
         cleanup_distributed()
         return report

@@ -84,6 +84,9 @@ def load_splits(files: dict[str, Path]) -> dict[str, tuple]:
     for split, (frame, _, _) in data.items():
         if len(frame) == 0:
             raise UserError(f"{files[split]}: no rows; the probe needs rows in every split")
+    if any(frame["label"].dtype == object for frame, _, _ in data.values()):
+        raise UserError(f"{files['train']}: multi-label rows (one label list per row); the linear probe fits one "
+                        f"task: export representations from a single-task store")
     if any(np.issubdtype(frame["label"].dtype, np.floating) for frame, _, _ in data.values()):
         raise UserError(f"{files['train']}: float (float_value regression) labels; the linear probe is a classifier "
                         f"(for regression use ehr_embedded.baseline, which fits Ridge)")

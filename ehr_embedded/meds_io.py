@@ -359,6 +359,41 @@ def collapse_duplicate_labels(labels: pd.DataFrame, path: Path | None = None) ->
     return collapsed, int(len(labels) - len(collapsed))
 
 
+MISSING_TASK_LABEL = -1  # a multi-label row without a value for one task (left out of its loss and metrics)
+
+
+def read_task_labels(task_labels: dict[str, Path]) -> tuple[pd.DataFrame, list[str], int]:
+    """Several binary tasks as one multi-label frame: (`subject_id`, `prediction_time` and one int8 column per task
+    (1, 0, or MISSING_TASK_LABEL where that task has no row at that time), the task names in config order, the
+    repeated rows collapsed over all tasks).
+
+    Each file is read with read_labels (MEDS label schema) and must hold binary labels (boolean_value, or
+    integer_value 0/1); repeated rows are collapsed per task as for one task. Rows are the union of the tasks'
+    (subject_id, prediction_time), sorted. Raises UserError naming the task, the file and the fix.
+    """
+    merged: pd.DataFrame | None = None
+    n_duplicates = 0
+    key = ["subject_id", "prediction_time"]
+    for task, path in task_labels.items():
+        if not task.isidentifier():
+            raise UserError(f"data.task_labels: task name {task!r} must be a plain identifier (letters, digits, _)")
+        labels = read_labels(Path(path))
+        if labels.attrs["label_column"] == REGRESSION_LABEL_COLUMN or not labels["label"].isin([0, 1]).all():
+            raise UserError(f"{path}: task '{task}' of data.task_labels is not binary (column "
+                            f"'{labels.attrs['label_column']}'); multi-label tasks are boolean_value (or integer_value "
+                            f"0/1): give a multi-class or regression task its own store via data.labels_filepath")
+        labels, dropped = collapse_duplicate_labels(labels, Path(path))
+        n_duplicates += dropped
+        labels = labels.rename(columns={"label": task})
+        merged = labels if merged is None else merged.merge(labels, on=key, how="outer")
+    tasks = list(task_labels)
+    merged = merged.sort_values(key, kind="stable").reset_index(drop=True)
+    merged[tasks] = merged[tasks].fillna(MISSING_TASK_LABEL).astype(np.int8)
+    log.info("multi-label: %d rows over tasks %s (rows per task %s)", len(merged), tasks,
+             {t: int((merged[t] != MISSING_TASK_LABEL).sum()) for t in tasks})
+    return merged, tasks, n_duplicates
+
+
 def time_to_int64_us(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """timestamp[us] -> int64 microseconds, with null (static events) mapped to int64 min so they sort first."""
     filled = pc.fill_null(column.cast(pa.int64()), np.iinfo(np.int64).min)

@@ -7,9 +7,10 @@
 The representation is `model.encode(batch)`: for the encoder the final hidden states pooled over non-padding events
 (`model.pooling`), for the decoder the state of the last real event; the classifier is one linear layer on it, so
 `classifier(representation)` gives the run's own logits. Columns: subject_id int64, prediction_time timestamp[us],
-label int64 (the stored class id), representation fixed_size_list<float32>[D] (D = model.model_dim). The schema
-metadata key `ehr_embedded.represent` holds the run, checkpoint, split, model type and D as JSON. Default output:
-`<run_dir>/representations/<split>.parquet` (what `python -m ehr_embedded.linear_probe run_dir=RUN` reads).
+label int64 (the stored class id; for a multi-label store a fixed-size list of K int8, -1 = no label),
+representation fixed_size_list<float32>[D] (D = model.model_dim). The schema metadata key `ehr_embedded.represent`
+holds the run, checkpoint, split, model type and D as JSON. Default output: `<run_dir>/representations/<split>.parquet`
+(what `python -m ehr_embedded.linear_probe run_dir=RUN` reads).
 The run is loaded by `predict.load_run` (its own config.yaml; the code table is checked against the checkpoint).
 """
 
@@ -31,7 +32,7 @@ from common.logs import setup_logging
 from ehr_embedded.config import RepresentConfig
 from ehr_embedded.data import EventSequenceDataset, make_loader
 from ehr_embedded.engine import pick_device
-from ehr_embedded.storage import open_split
+from ehr_embedded.storage import label_array, open_split
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "tuning", "held_out")
@@ -60,7 +61,7 @@ def representation_table(sequences: pd.DataFrame, labels: np.ndarray, reps: np.n
     flat = pa.array(np.ascontiguousarray(reps, np.float32).reshape(-1), pa.float32())
     table = pa.table({"subject_id": sequences["subject_id"].to_numpy(np.int64),
                       "prediction_time": sequences["prediction_time"].astype("datetime64[us]").to_numpy(),
-                      "label": np.asarray(labels, np.int64),
+                      "label": label_array(labels if np.ndim(labels) == 2 else np.asarray(labels, np.int64)),
                       REPRESENTATION_COLUMN: pa.FixedSizeListArray.from_arrays(flat, reps.shape[1])})
     return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
 

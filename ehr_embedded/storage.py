@@ -11,9 +11,13 @@ Sequence store (`<dir>/<split>/`), one row per label, events flattened across ro
     values.npy      float32 [E]     numeric_value (NaN = none)
     time_gaps.npy   float32 [E]     hours since the previous stored event (0 for the first and for static events)
     offsets.npy     int64   [S+1]   events of sequence i are [offsets[i], offsets[i+1])
-    sequences.parquet               subject_id, prediction_time, label (int64 class id, or float64 regression
-                                    target from a float_value label file), n_events, n_events_before_cut,
-                                    n_static (static events, stored first), hours_last_event_to_prediction
+    sequences.parquet               subject_id, prediction_time, label (int64 class id, float64 regression
+                                    target from a float_value label file, or for a multi-label store a fixed-size
+                                    list of K int8: 1, 0, -1 = no label for that task), n_events,
+                                    n_events_before_cut, n_static (static events, stored first),
+                                    hours_last_event_to_prediction
+
+A multi-label store (`data.task_labels`) also holds `<dir>/tasks.json` (the task names in label order).
 
 12 bytes per event instead of 4 * D + 8 for the original's per-patient tensors (D = 384 or 768); arrays are
 memory-mapped, so an epoch reads only what it touches. Embeddings are gathered from the table by token id on the
@@ -44,6 +48,7 @@ PAD_ID, UNK_ID = 0, 1
 UNK_DESCRIPTION = "unknown clinical event"
 CODE_TABLE_DIR = "code_table"
 PRETRAIN_SPLIT = "pretrain"  # optional: windows over whole training-split timelines, for next-event pretraining
+TASKS_FILE = "tasks.json"  # a multi-label store's task names, beside the split folders
 FORMAT_VERSION = 1
 ARRAYS = {"token_ids": np.int32, "values": np.float32, "time_gaps": np.float32}
 US_PER_HOUR = 3_600_000_000
@@ -147,6 +152,16 @@ class CodeTable:
 # --------------------------------------------------------------------------------------------- sequence store
 
 
+def label_array(values: np.ndarray) -> pa.Array:
+    """A `label` column for parquet: the values as they are (int64 class ids, float64 targets), or for multi-label
+    (`[N, K]`) a fixed-size list of K int8 per row (1, 0, -1 = that task has no label at this time)."""
+    values = np.asarray(values)
+    if values.ndim == 2:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1).astype(np.int8), pa.int8()),
+                                                 values.shape[1])
+    return pa.array(values)
+
+
 def write_split(directory: Path, sequences: pd.DataFrame, token_ids: list[np.ndarray], values: list[np.ndarray],
                 time_gaps: list[np.ndarray]) -> None:
     """Write one split's store into `directory` (which the caller makes atomic)."""
@@ -222,9 +237,27 @@ class SequenceStore:
         self.offsets = np.load(self.directory / "offsets.npy")
         self.sequences = pd.read_parquet(self.directory / "sequences.parquet")
         self.lengths = np.diff(self.offsets)
-        # int64 class ids, or float64 regression targets when the store was built from float_value labels
-        self.is_regression = pd.api.types.is_float_dtype(self.sequences["label"])
-        self.labels = self.sequences["label"].to_numpy(np.float64 if self.is_regression else np.int64)
+        label_type = pq.read_schema(self.directory / "sequences.parquet").field("label").type
+        tasks_file = self.directory.parent / TASKS_FILE
+        listed = pa.types.is_fixed_size_list(label_type) or pa.types.is_list(label_type)
+        self.task_names: list[str] | None = None  # a multi-label split's tasks (an empty one stores no list type)
+        if tasks_file.is_file() and (listed or pa.types.is_null(label_type)):
+            self.task_names = list(json.loads(tasks_file.read_text(encoding="utf-8"))["tasks"])
+        elif listed:
+            width = label_type.list_size if pa.types.is_fixed_size_list(label_type) else (
+                len(self.sequences["label"].iloc[0]) if len(self.sequences) else 0)
+            self.task_names = [f"task_{k}" for k in range(width)]
+        self.is_multilabel = self.task_names is not None
+        # int64 class ids, float64 regression targets (float_value labels), or [S, K] int64 multi-label (-1 missing)
+        self.is_regression = not self.is_multilabel and pd.api.types.is_float_dtype(self.sequences["label"])
+        if self.is_multilabel:
+            self.labels = (np.stack(self.sequences["label"].to_numpy()).astype(np.int64) if len(self.sequences)
+                           else np.zeros((0, len(self.task_names)), np.int64))
+            if self.labels.shape[1] != len(self.task_names):
+                raise UserError(f"{self.directory}/sequences.parquet: labels hold {self.labels.shape[1]} tasks but "
+                                f"{tasks_file} names {len(self.task_names)}; rebuild the store with create_embeddings")
+        else:
+            self.labels = self.sequences["label"].to_numpy(np.float64 if self.is_regression else np.int64)
         self.hours_to_prediction = self.sequences["hours_last_event_to_prediction"].to_numpy(np.float32)
         self.n_static = (self.sequences["n_static"].to_numpy(np.int64) if "n_static" in self.sequences
                          else np.zeros(len(self.lengths), np.int64))
@@ -251,7 +284,8 @@ class SequenceStore:
     def __getitem__(self, i: int) -> dict:
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
         return {"token_ids": self.token_ids[lo:hi], "values": self.values[lo:hi], "time_gaps": self.time_gaps[lo:hi],
-                "hours_last_event_to_prediction": float(self.hours_to_prediction[i]), "label": self.labels[i].item(),
+                "hours_last_event_to_prediction": float(self.hours_to_prediction[i]),
+                "label": self.labels[i].tolist() if self.is_multilabel else self.labels[i].item(),
                 "n_static": int(self.n_static[i])}
 
     def nbytes_on_disk(self) -> int:

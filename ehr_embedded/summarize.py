@@ -7,7 +7,10 @@
 Each argument is `LABEL=REPORT`, where REPORT is a `reports/eval_<split>.json` written by finetune / evaluate or a
 `reports/baseline_held_out.json` written by baseline. A row holds n, positives, AUROC with its 95% interval, AUPRC,
 Brier and the tuning AUROC the run was selected on (baseline: its report; a finetune run: the last epoch marked best
-in metrics.jsonl). Labels given more than once also get a `mean +- sd` row of AUROC. Writes OUT.md and OUT.json.
+in metrics.jsonl). `REPORT#TASK` takes one task of a multi-label report (its per-task metrics; the tuning AUROC
+column then shows that task's own tuning AUROC where the report has one (baseline), else `-`, since a multi-label run
+is selected on the macro AUROC over tasks). Labels given more than once also get a `mean +- sd` row of AUROC. Writes
+OUT.md and OUT.json.
 """
 
 from __future__ import annotations
@@ -35,16 +38,25 @@ def selection_auroc(report_path: Path, report: dict) -> float | None:
 
 def summarize(entries: list[tuple[str, Path]]) -> list[dict]:
     rows = []
-    for label, path in entries:
+    for label, where in entries:
+        path, _, task = str(where).partition("#")
+        path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: report not found; run the stage that writes it first")
         report = json.loads(path.read_text())
+        tuning = selection_auroc(path, report)
+        if task:
+            if task not in report.get("tasks", {}):
+                raise UserError(f"{path}: no task '{task}' in this report (tasks: {list(report.get('tasks', {}))}); "
+                                f"pass REPORT#TASK with one of them")
+            report = report["tasks"][task]
+            tuning = report.get("tuning_auroc")
         if "auroc" not in report:
             raise UserError(f"{path}: no 'auroc' in this report; pass an eval_<split>.json or baseline_held_out.json")
-        rows.append({"label": label, "report": str(path), "n": report["n"], "positives": report["positives"],
+        rows.append({"label": label, "report": str(where), "n": report["n"], "positives": report["positives"],
                      "auroc": report["auroc"]["value"], "auroc_low": report["auroc"]["low"],
                      "auroc_high": report["auroc"]["high"], "auprc": report["auprc"]["value"],
-                     "brier": report["brier"]["value"], "tuning_auroc": selection_auroc(path, report)})
+                     "brier": report["brier"]["value"], "tuning_auroc": tuning})
     return rows
 
 

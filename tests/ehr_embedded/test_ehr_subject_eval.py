@@ -12,7 +12,7 @@ from ehr_helpers import stage1_overrides
 from common import metrics
 from common.cli import UserError
 from ehr_embedded import create_embeddings as create_embeddings_stage
-from ehr_embedded.evaluate import binary_metrics, subject_bootstrap_ci
+from ehr_embedded.evaluate import binary_metrics
 from ehr_embedded.meds_io import collapse_duplicate_labels, read_labels
 
 
@@ -43,7 +43,7 @@ def test_subject_bootstrap_keeps_a_subjects_rows_together():
     s = np.r_[np.full(20, 0.9), s_rest]
     subject_ids = np.r_[np.zeros(20, int), np.arange(1, 31)]
     by_rows = metrics.bootstrap_ci(metrics.auroc, y, s, n_boot=200, seed=0)
-    by_subjects = subject_bootstrap_ci(metrics.auroc, y, s, subject_ids, n_boot=200, seed=0)
+    by_subjects = metrics.grouped_bootstrap_ci(metrics.auroc, y, s, groups=subject_ids, n_boot=200, seed=0)
     assert by_subjects[0] == pytest.approx(metrics.auroc(y, s))
     assert by_subjects[2] - by_subjects[1] > 1.3 * (by_rows[2] - by_rows[1]), (by_rows, by_subjects)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pandas as pd
 from common.config import load_config
 from ehr_embedded import meds_io
 from ehr_embedded.config import Stage1Config, TrainConfig
-from ehr_embedded.storage import CODE_TABLE_DIR, CodeTable, load_dataset_table, open_split
+from ehr_embedded.storage import CODE_TABLE_DIR, CodeTable, load_dataset_table, open_split, write_split
 
 N_SUBJECTS = 160
 TINY_MODEL = ["model.model_dim=32", "model.n_heads=2", "model.n_layers=1", "model.max_length=64",
@@ -95,3 +96,25 @@ def write_synthetic_code_table(store: Path, codes: list[str], dim: int, rng: np.
     embeddings = rng.normal(size=(n_codes, dim)).astype(np.float32)
     embeddings[0] = 0.0
     CodeTable(vocab, embeddings, {"model_name": "synthetic"}).save(store / CODE_TABLE_DIR)
+
+
+def write_synthetic_splits(store: Path, sizes: dict[str, int], draw_row: Callable[[str, int], tuple],
+                           rng: np.random.Generator) -> Path:
+    """The splits of a synthetic store (its code table is written by write_synthetic_code_table): row i of a split
+    holds the token ids and label `draw_row(split, i)` returns, then gaps drawn from `rng` (uniform 0-5 h) and no
+    numeric values. Every third subject holds two rows, so subjects and rows differ."""
+    next_subject = 1
+    for split, n in sizes.items():
+        rows, ids, gaps = [], [], []
+        for i in range(n):
+            if i % 3 != 1:
+                next_subject += 1
+            seq, label = draw_row(split, i)
+            ids.append(np.asarray(seq, np.int32))
+            gaps.append(rng.uniform(0, 5, size=len(seq)).astype(np.float32))
+            rows.append({"subject_id": next_subject, "label": label, "n_static": 0,
+                         "prediction_time": pd.Timestamp("2020-01-01") + pd.Timedelta(days=i),
+                         "hours_last_event_to_prediction": 1.0})
+        frame = pd.DataFrame(rows).astype({"prediction_time": "datetime64[us]"})
+        write_split(store / split, frame, ids, [np.full(len(s), np.nan, np.float32) for s in ids], gaps)
+    return store

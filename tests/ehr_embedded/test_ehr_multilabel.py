@@ -13,7 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from ehr_helpers import stage1_overrides, train_config, train_overrides, write_synthetic_code_table
+from ehr_helpers import (
+    stage1_overrides,
+    train_config,
+    train_overrides,
+    write_synthetic_code_table,
+    write_synthetic_splits,
+)
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ehr_embedded import create_embeddings as create_embeddings_stage
@@ -22,7 +28,7 @@ from ehr_embedded import meds_io
 from ehr_embedded.engine import masked_bce
 from ehr_embedded.evaluate import MULTILABEL_PREDICTION_SCHEMA, choose_threshold, evaluate, multilabel_metrics
 from ehr_embedded.finetune import finetune
-from ehr_embedded.storage import TASKS_FILE, SequenceStore, write_split
+from ehr_embedded.storage import TASKS_FILE, SequenceStore
 
 TASKS = ["alpha", "beta", "gamma"]
 SPLIT_SIZES = {"train": 150, "tuning": 60, "held_out": 60}
@@ -35,30 +41,21 @@ def multilabel_store(root, dim: int = 8, seed: int = 0):
     codes = ["[PAD]", "[UNK]", *[f"T{k}" for k in range(len(TASKS))], *[f"F{i}" for i in range(8)]]
     write_synthetic_code_table(root, codes, dim, rng)
     (root / TASKS_FILE).write_text(json.dumps({"tasks": TASKS}))
-    next_subject = 1
-    for split, n in SPLIT_SIZES.items():
-        rows, ids, gaps = [], [], []
-        for i in range(n):
-            if i % 3 != 1:
-                next_subject += 1
-            has = rng.random(len(TASKS)) < 0.4
-            has[i % len(TASKS)] = i % 2 == 0  # both classes of every task in every split
-            length = int(rng.integers(4, 12))
-            seq = rng.integers(2 + len(TASKS), len(codes), size=length)
-            spots = rng.choice(length, size=len(TASKS), replace=False)
-            seq[spots[has]] = 2 + np.flatnonzero(has)
-            label = has.astype(int)
-            missing = rng.random(len(TASKS)) < 0.2
-            missing[i % len(TASKS)] = False
-            label[missing] = -1
-            ids.append(seq.astype(np.int32))
-            gaps.append(rng.uniform(0, 5, size=length).astype(np.float32))
-            rows.append({"subject_id": next_subject, "label": label.tolist(), "n_static": 0,
-                         "prediction_time": pd.Timestamp("2020-01-01") + pd.Timedelta(days=i),
-                         "hours_last_event_to_prediction": 1.0})
-        frame = pd.DataFrame(rows).astype({"prediction_time": "datetime64[us]"})
-        write_split(root / split, frame, ids, [np.full(len(s), np.nan, np.float32) for s in ids], gaps)
-    return root
+
+    def draw_row(split: str, i: int) -> tuple:
+        has = rng.random(len(TASKS)) < 0.4
+        has[i % len(TASKS)] = i % 2 == 0  # both classes of every task in every split
+        length = int(rng.integers(4, 12))
+        seq = rng.integers(2 + len(TASKS), len(codes), size=length)
+        spots = rng.choice(length, size=len(TASKS), replace=False)
+        seq[spots[has]] = 2 + np.flatnonzero(has)
+        label = has.astype(int)
+        missing = rng.random(len(TASKS)) < 0.2
+        missing[i % len(TASKS)] = False
+        label[missing] = -1
+        return seq, label.tolist()
+
+    return write_synthetic_splits(root, SPLIT_SIZES, draw_row, rng)
 
 
 @pytest.fixture(scope="module")

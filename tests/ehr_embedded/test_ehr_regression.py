@@ -12,7 +12,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ehr_helpers import stage1_overrides, train_config, train_overrides, write_synthetic_code_table
+from ehr_helpers import (
+    stage1_overrides,
+    train_config,
+    train_overrides,
+    write_synthetic_code_table,
+    write_synthetic_splits,
+)
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from common.cli import UserError
@@ -24,7 +30,7 @@ from ehr_embedded.config import BaselineConfig
 from ehr_embedded.evaluate import REGRESSION_PREDICTION_SCHEMA, regression_metrics
 from ehr_embedded.finetune import finetune
 from ehr_embedded.meds_io import read_labels
-from ehr_embedded.storage import SequenceStore, write_split
+from ehr_embedded.storage import SequenceStore
 
 SPLIT_SIZES = {"train": 200, "tuning": 60, "held_out": 60}
 REGRESSION = ("model.num_classes=1", "training.class_weights=null")
@@ -39,31 +45,24 @@ def synthetic_regression_store(root, dim: int = 8, seed: int = 0):
     about half, and the target is 10 + 5 * A - 3 * B + N(0, 0.3). Every third subject holds two rows."""
     rng = np.random.default_rng(seed)
     codes = ["[PAD]", "[UNK]", "A", "B", *[f"F{i}" for i in range(8)]]
-    n_codes = len(codes)
     write_synthetic_code_table(root, codes, dim, rng)
-    next_subject = 1
-    for split, n in SPLIT_SIZES.items():
-        has_a, has_b = rng.random(n) < 0.5, rng.random(n) < 0.5
-        targets = target_of(has_a, has_b, rng.normal(0, 0.3, size=n))
-        rows, ids, gaps = [], [], []
-        for i in range(n):
-            if i % 3 != 1:
-                next_subject += 1
-            length = int(rng.integers(4, 12))
-            seq = rng.integers(4, n_codes, size=length)
-            slots = rng.permutation(length)
-            if has_a[i]:
-                seq[slots[0]] = 2
-            if has_b[i]:
-                seq[slots[1]] = 3
-            ids.append(seq.astype(np.int32))
-            gaps.append(rng.uniform(0, 5, size=length).astype(np.float32))
-            rows.append({"subject_id": next_subject, "label": float(targets[i]), "n_static": 0,
-                         "prediction_time": pd.Timestamp("2020-01-01") + pd.Timedelta(days=i),
-                         "hours_last_event_to_prediction": 1.0})
-        frame = pd.DataFrame(rows).astype({"prediction_time": "datetime64[us]"})
-        write_split(root / split, frame, ids, [np.full(len(s), np.nan, np.float32) for s in ids], gaps)
-    return root
+    split_draws: dict = {}
+
+    def draw_row(split: str, i: int) -> tuple:
+        if i == 0:  # the split's planted codes and targets, drawn before its rows
+            n = SPLIT_SIZES[split]
+            has_a, has_b = rng.random(n) < 0.5, rng.random(n) < 0.5
+            split_draws.update(has_a=has_a, has_b=has_b, targets=target_of(has_a, has_b, rng.normal(0, 0.3, size=n)))
+        length = int(rng.integers(4, 12))
+        seq = rng.integers(4, len(codes), size=length)
+        slots = rng.permutation(length)
+        if split_draws["has_a"][i]:
+            seq[slots[0]] = 2
+        if split_draws["has_b"][i]:
+            seq[slots[1]] = 3
+        return seq, float(split_draws["targets"][i])
+
+    return write_synthetic_splits(root, SPLIT_SIZES, draw_row, rng)
 
 
 @pytest.fixture(scope="module")

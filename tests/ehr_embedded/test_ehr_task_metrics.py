@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from ehr_helpers import train_config, train_overrides, write_synthetic_code_table
+from ehr_helpers import train_config, train_overrides, write_synthetic_code_table, write_synthetic_splits
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from ehr_embedded import finetune as finetune_stage
@@ -21,36 +21,26 @@ from ehr_embedded.evaluate import (
     task_metrics,
 )
 from ehr_embedded.finetune import finetune
-from ehr_embedded.storage import write_split
 
 SPLIT_SIZES = {"train": 120, "tuning": 45, "held_out": 45}
 
 
 def synthetic_store(root, n_classes: int, dim: int = 8, seed: int = 0):
     """A store whose class `c` sequences each carry code `C{c}` among random filler codes (learnable by any model
-    that tells codes apart). Every third subject holds two label rows, so subjects and rows differ."""
+    that tells codes apart); rows cycle through the classes, so every class is in every split. Every third subject
+    holds two label rows, so subjects and rows differ."""
     rng = np.random.default_rng(seed)
     codes = ["[PAD]", "[UNK]", *[f"C{c}" for c in range(n_classes)], *[f"F{i}" for i in range(8)]]
-    n_codes = len(codes)
     write_synthetic_code_table(root, codes, dim, rng)
-    next_subject = 1
-    for split, n in SPLIT_SIZES.items():
-        labels = np.arange(n) % n_classes  # every class in every split
-        rows, ids, gaps = [], [], []
-        for i, label in enumerate(labels):
-            if i % 3 != 1:
-                next_subject += 1
-            length = int(rng.integers(4, 12))
-            seq = rng.integers(2 + n_classes, n_codes, size=length)
-            seq[rng.integers(0, length)] = 2 + label
-            ids.append(seq.astype(np.int32))
-            gaps.append(rng.uniform(0, 5, size=length).astype(np.float32))
-            rows.append({"subject_id": next_subject, "label": int(label), "n_static": 0,
-                         "prediction_time": pd.Timestamp("2020-01-01") + pd.Timedelta(days=i),
-                         "hours_last_event_to_prediction": 1.0})
-        frame = pd.DataFrame(rows).astype({"prediction_time": "datetime64[us]"})
-        write_split(root / split, frame, ids, [np.full(len(s), np.nan, np.float32) for s in ids], gaps)
-    return root
+
+    def draw_row(split: str, i: int) -> tuple:
+        label = i % n_classes
+        length = int(rng.integers(4, 12))
+        seq = rng.integers(2 + n_classes, len(codes), size=length)
+        seq[rng.integers(0, length)] = 2 + label
+        return seq, label
+
+    return write_synthetic_splits(root, SPLIT_SIZES, draw_row, rng)
 
 
 @pytest.fixture(scope="module")

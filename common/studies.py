@@ -111,14 +111,14 @@ def open_study(storage: str, study_name: str, *, direction: str, warmup_steps: i
             return optuna.load_study(study_name=study_name, storage=rdb, pruner=pruner)
 
 
-def report_epoch(trial: Any, value: float, epoch: int, what: str) -> None:
-    """Report a trial's `value` after `epoch` to the pruner; raise optuna.TrialPruned (naming `what`) when it says
-    stop."""
+def report_epoch(trial: Any, value: float, epoch: int, what: str, step_name: str = "epoch") -> None:
+    """Report a trial's `value` after step `epoch` (an epoch, or a fold with step_name="fold") to the pruner; raise
+    optuna.TrialPruned (naming `what` and the step) when it says stop."""
     import optuna
 
     trial.report(value, epoch)
     if trial.should_prune():
-        raise optuna.TrialPruned(f"{what} {value:.4f} at epoch {epoch}")
+        raise optuna.TrialPruned(f"{what} {value:.4f} at {step_name} {epoch}")
 
 
 def run_worker(study: Any, objective: Callable[[Any], float], n_trials: int, total_trials: int = 0) -> int:

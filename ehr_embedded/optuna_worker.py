@@ -19,6 +19,16 @@ scored inside a trial: the search must not see it. The sampled parameters are st
 (`training.learning_rate`, `training.weight_decay`, `model.dropout`, `model.n_layers`, `model.model_dim`,
 `model.pooling`), which is how fetch_best_and_train applies them.
 
+With `optuna.cv_folds=K` (K >= 2) a trial is scored by cross-validation over subjects instead: the rows of train and
+tuning are pooled and cut into K subject-grouped folds (ehr_embedded.cv_folds, seeded by `optuna.cv_seed`; held_out
+is never read). The K fold stores (train = the other folds, tuning = fold k) are written once per study under
+`<parent of training.output_dir>/optuna/<study>/folds_k<K>_seed<seed>/` (atomically: concurrent workers reuse the
+first one renamed into place). A trial runs one short finetune per fold into `trial_<number>/fold_<k>`; its objective
+is the mean over folds of each fold's best tuning AUROC, and its user attributes keep `fold_aurocs`, `cv_mean` and
+`cv_sd` (sd with ddof=1) beside `cv_folds` and `cv_seed`. Pruning then works on folds, not epochs: after fold k
+(k = 0, 1, ...) the trial reports the running mean over its finished folds at step k, and the median pruner compares
+it with other trials' running means at the same fold; fold 0 is never pruned (one fold is too noisy to judge on).
+
 A worker killed mid-trial (SIGKILL, node failure, a cancelled or requeued array task) leaves its trial RUNNING; its
 heartbeats (`optuna.heartbeat_interval`) stop, and once `optuna.grace_period` has passed, the next worker to start a
 trial marks it FAIL and queues its parameters again (`optuna.max_retries` times); the retry runs in a fresh trial
@@ -27,12 +37,16 @@ directory and records the killed trial's number as its `failed_trial` system att
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from common import studies
 from common.cli import UserError, config_main
 from ehr_embedded.config import TrainConfig
+from ehr_embedded.cv_folds import fold_dir_name, materialise_folds
 from ehr_embedded.finetune import finetune
 
 
@@ -57,16 +71,29 @@ def apply_params(cfg: TrainConfig, params: dict[str, Any]) -> TrainConfig:
 
 def open_study(cfg: TrainConfig, create: bool = True):
     """Create (or join) the study, maximising tuning AUROC; `create=False` loads an existing one (UserError when
-    there is none). Heartbeats let the next worker fail and retry a killed worker's trial (common.studies)."""
+    there is none). Heartbeats let the next worker fail and retry a killed worker's trial (common.studies). With
+    optuna.cv_folds the pruner's steps are folds (0-based), the first of which is never pruned."""
     oc = cfg.optuna
-    return studies.open_study(oc.storage, oc.study, direction="maximize", warmup_steps=oc.warmup_epochs,
+    warmup = 1 if oc.cv_folds else oc.warmup_epochs
+    return studies.open_study(oc.storage, oc.study, direction="maximize", warmup_steps=warmup,
                               heartbeat=studies.Heartbeat(oc.heartbeat_interval, oc.grace_period, oc.max_retries),
                               storage_key="optuna.storage", worker_cmd="python -m ehr_embedded.optuna_worker",
                               create=create)
 
 
+def study_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.training.output_dir).parent / "optuna" / cfg.optuna.study
+
+
 def trial_dir(cfg: TrainConfig, number: int) -> Path:
-    return Path(cfg.training.output_dir).parent / "optuna" / cfg.optuna.study / f"trial_{number:04d}"
+    return study_dir(cfg) / f"trial_{number:04d}"
+
+
+def fold_stores(cfg: TrainConfig) -> list[Path]:
+    """The study's K fold stores of data.embedding_output_dir (written by the first worker that needs them)."""
+    oc = cfg.optuna
+    out = study_dir(cfg) / fold_dir_name(oc.cv_folds, oc.cv_seed)
+    return materialise_folds(Path(cfg.data.embedding_output_dir), out, oc.cv_folds, oc.cv_seed)
 
 
 def trial_config(cfg: TrainConfig, params: dict[str, Any], number: int) -> TrainConfig:
@@ -78,24 +105,60 @@ def trial_config(cfg: TrainConfig, params: dict[str, Any], number: int) -> Train
     return out
 
 
+def require_auroc(auroc: float | None, store: Path) -> float:
+    if auroc is None:
+        raise UserError(f"{store}: the tuning split has one class only, so it has no AUROC to tune on; use a larger "
+                        "tuning split")
+    return auroc
+
+
+def best_tuning_auroc(cfg: TrainConfig) -> float:
+    """Best tuning AUROC over the epochs of a finetune run without held_out scoring (no pruning inside)."""
+    seen: list[float] = []
+    finetune(cfg, on_epoch=lambda _epoch, auroc: seen.append(require_auroc(auroc, cfg.data.embedding_output_dir)),
+             held_out=False)
+    return max(seen)
+
+
+def cv_objective(trial: Any, trial_cfg: TrainConfig, folds: list[Path]) -> float:
+    """Mean over the fold stores of each fold's best tuning AUROC: one short finetune per fold into
+    `<trial dir>/fold_<k>`, the running mean reported to the pruner after each fold (step k)."""
+    oc = trial_cfg.optuna
+    trial.set_user_attr("cv_folds", oc.cv_folds)
+    trial.set_user_attr("cv_seed", oc.cv_seed)
+    trial.set_user_attr("fold_stores", str(folds[0].parent))
+    best: list[float] = []
+    for k, store in enumerate(folds):
+        fold_cfg = copy.deepcopy(trial_cfg)
+        fold_cfg.data.embedding_output_dir = store
+        fold_cfg.training.output_dir = Path(trial_cfg.training.output_dir) / f"fold_{k}"
+        best.append(best_tuning_auroc(fold_cfg))
+        mean = float(np.mean(best))
+        trial.set_user_attr("fold_aurocs", best)
+        trial.set_user_attr("cv_mean", mean)
+        trial.set_user_attr("cv_sd", float(np.std(best, ddof=1)) if len(best) > 1 else None)
+        studies.report_epoch(trial, mean, k, f"mean best tuning AUROC of folds 0..{k}", step_name="fold")
+    return float(np.mean(best))
+
+
 def worker(cfg: TrainConfig) -> int:
     if cfg.training.task != "classification":
         raise UserError("optuna_worker tunes finetune: it needs training.task=classification")
     bad = [d for d in cfg.optuna.model_dims if d % cfg.model.n_heads]
     if bad:
         raise UserError(f"optuna.model_dims {bad} are not divisible by model.n_heads={cfg.model.n_heads}")
+    folds = fold_stores(cfg) if cfg.optuna.cv_folds else None
     study = open_study(cfg)
 
     def objective(trial: Any) -> float:
         trial_cfg = trial_config(cfg, search_space(trial, cfg), trial.number)
         trial.set_user_attr("run_dir", str(trial_cfg.training.output_dir))
+        if folds is not None:
+            return cv_objective(trial, trial_cfg, folds)
         seen: list[float] = []
 
         def report(epoch: int, auroc: float | None) -> None:
-            if auroc is None:
-                raise UserError(f"{cfg.data.embedding_output_dir}: the tuning split has one class only, so it has "
-                                "no AUROC to tune on; use a larger tuning split")
-            seen.append(auroc)
+            seen.append(require_auroc(auroc, cfg.data.embedding_output_dir))
             studies.report_epoch(trial, auroc, epoch, "tuning AUROC")
 
         finetune(trial_cfg, on_epoch=report, held_out=False)

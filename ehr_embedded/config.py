@@ -324,7 +324,8 @@ class OptunaConfig:
     ranges fixed in optuna_worker.search_space)."""
     cv_folds: int = 0
     """optuna_worker: 0 = score a trial on the store's tuning split; K >= 2 = score it by the mean best tuning AUROC
-    of K short finetunes over subject-grouped folds of train + tuning pooled (held_out never read; ehr_embedded.cv_folds)."""
+    of K short finetunes over subject-grouped folds of train + tuning pooled (held_out never read;
+    ehr_embedded.cv_folds)."""
     cv_seed: int = 0
     """optuna_worker: seed of the fold assignment when optuna.cv_folds >= 2 (same seed, same folds)."""
 

@@ -470,11 +470,27 @@ def read_plan_labels(cfg: Stage1Config) -> tuple[pd.DataFrame, list[str] | None,
     (meds_io.read_task_labels)."""
     if cfg.data.task_labels:
         labels, tasks, n_duplicates = meds_io.read_task_labels(cfg.data.task_labels)
-        return labels, tasks, len(labels) + n_duplicates, n_duplicates
-    labels = meds_io.read_labels(cfg.data.labels_filepath, cfg.sequences.label_column)
-    n_labels = len(labels)
-    labels, n_duplicates = meds_io.collapse_duplicate_labels(labels, cfg.data.labels_filepath)
-    return labels, None, n_labels, n_duplicates
+        n_labels = len(labels) + n_duplicates
+    else:
+        labels, tasks = meds_io.read_labels(cfg.data.labels_filepath, cfg.sequences.label_column), None
+        n_labels = len(labels)
+        labels, n_duplicates = meds_io.collapse_duplicate_labels(labels, cfg.data.labels_filepath)
+    if n_duplicates:
+        log.warning("%d repeated (subject_id, prediction_time) label rows with the same label: collapsed", n_duplicates)
+    return labels, tasks, n_labels, n_duplicates
+
+
+def keep_known_subjects(labels: pd.DataFrame, split_subjects, n_labels: int, n_duplicates: int,
+                        splits_path: Path | None) -> tuple[pd.DataFrame, Counter]:
+    """(the label rows whose subject has a split, the label counts of report.json), warning about the others."""
+    known = labels["subject_id"].isin(split_subjects)
+    counts: Counter = Counter(labels_total=n_labels, labels_duplicate_collapsed=n_duplicates,
+                              labels_unknown_subject=int((~known).sum()))
+    if counts["labels_unknown_subject"]:
+        unknown = sorted(set(labels.loc[~known, "subject_id"]))[:5]
+        log.warning("%d labels name subjects absent from %s (e.g. %s): skipped", counts["labels_unknown_subject"],
+                    splits_path, unknown)
+    return labels[known], counts
 
 
 def labels_source(cfg: Stage1Config) -> str:
@@ -488,8 +504,6 @@ def make_plan(cfg: Stage1Config, vocab_table: CodeTable) -> tuple[Plan, pd.DataF
     """(the plan, the labels kept (for the no-event count), the label counts), with the checks and warnings of the
     label and splits files."""
     labels, tasks, n_labels, n_duplicates = read_plan_labels(cfg)
-    if n_duplicates:
-        log.warning("%d repeated (subject_id, prediction_time) label rows with the same label: collapsed", n_duplicates)
     if cfg.sequences.all_to_split:
         splits = pd.DataFrame({"subject_id": labels["subject_id"].unique(), "split": cfg.sequences.all_to_split})
         splits_path = None
@@ -498,14 +512,7 @@ def make_plan(cfg: Stage1Config, vocab_table: CodeTable) -> tuple[Plan, pd.DataF
         splits = meds_io.read_splits(splits_path)
     split_index = pd.Series(pd.Categorical(splits["split"], categories=list(meds_io.SPLITS)).codes.astype(np.int8),
                             index=splits["subject_id"].to_numpy())
-    known = labels["subject_id"].isin(split_index.index)
-    counts: Counter = Counter(labels_total=n_labels, labels_duplicate_collapsed=n_duplicates,
-                              labels_unknown_subject=int((~known).sum()))
-    if counts["labels_unknown_subject"]:
-        unknown = sorted(set(labels.loc[~known, "subject_id"]))[:5]
-        log.warning("%d labels name subjects absent from %s (e.g. %s): skipped", counts["labels_unknown_subject"],
-                    splits_path, unknown)
-    labels = labels[known]
+    labels, counts = keep_known_subjects(labels, split_index.index, n_labels, n_duplicates, splits_path)
     order = np.argsort(labels["subject_id"].to_numpy(), kind="stable")  # label order kept within a subject
     labels = labels.iloc[order].reset_index(drop=True)
     label_subject = labels["subject_id"].to_numpy(np.int64)

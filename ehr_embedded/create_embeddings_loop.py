@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from common.cli import UserError
 from common.io import write_json
 from ehr_embedded import meds_io
 from ehr_embedded.config import Stage1Config
-from ehr_embedded.create_embeddings import STATIC_TIME, _extension_table
+from ehr_embedded.create_embeddings import STATIC_TIME, _extension_table, keep_known_subjects, read_plan_labels
 from ehr_embedded.create_vocab_embeddings import resolve_paths
 from ehr_embedded.storage import (
     CODE_TABLE_DIR,
@@ -89,19 +88,11 @@ def create_embeddings_loop(cfg: Stage1Config) -> dict:
     splits_path, _ = resolve_paths(cfg)
     splits = meds_io.read_splits(splits_path)
     split_of = dict(zip(splits["subject_id"], splits["split"]))
-    labels = meds_io.read_labels(cfg.data.labels_filepath, cfg.sequences.label_column)
-    n_labels = len(labels)
-    labels, n_duplicates = meds_io.collapse_duplicate_labels(labels, cfg.data.labels_filepath)
-    if n_duplicates:
-        log.warning("%d repeated (subject_id, prediction_time) label rows with the same label: collapsed", n_duplicates)
-    known = labels["subject_id"].isin(split_of)
-    counts: Counter = Counter(labels_total=n_labels, labels_duplicate_collapsed=n_duplicates,
-                              labels_unknown_subject=int((~known).sum()))
-    if counts["labels_unknown_subject"]:
-        unknown = sorted(set(labels.loc[~known, "subject_id"]))[:5]
-        log.warning("%d labels name subjects absent from %s (e.g. %s): skipped", counts["labels_unknown_subject"],
-                    splits_path, unknown)
-    labels = labels[known]
+    if cfg.data.task_labels:
+        raise UserError("create_embeddings_loop builds single-task stores only (the benchmark's baseline and the "
+                        "tests' oracle); use create_embeddings for data.task_labels")
+    labels, _, n_labels, n_duplicates = read_plan_labels(cfg)
+    labels, counts = keep_known_subjects(labels, list(split_of), n_labels, n_duplicates, splits_path)
     labels_by_subject = {sid: grp for sid, grp in labels.groupby("subject_id", sort=False)}
     max_length = cfg.sequences.max_length
     extension: dict[str, int] = {}

@@ -127,42 +127,47 @@ def load_pretrained(model: torch.nn.Module, path: Path, table: CodeTable, table_
 
 
 @torch.no_grad()
+def _score(model: torch.nn.Module, dataset: EventSequenceDataset, batch_size: int, device: torch.device, head,
+           empty: np.ndarray) -> tuple[np.ndarray, float]:
+    """Every sequence of `dataset` through `model` (eval mode, batches by length): `head(logits, labels)` turns one
+    batch into (its outputs as a numpy array, its summed loss, how many terms that sum holds). Returns (the outputs in
+    dataset order, `empty` when there are no sequences; the mean loss)."""
+    model.eval()
+    out = empty
+    total, count = 0.0, 0
+    for batch in make_loader(dataset, batch_size, shuffle=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        values, loss_sum, n_terms = head(model(batch), batch["labels"])  # the classification head by default
+        if out is empty:
+            out = np.zeros((len(dataset), *values.shape[1:]), values.dtype)
+        out[batch["index"].cpu().numpy()] = values
+        total += loss_sum
+        count += n_terms
+    return out, total / max(count, 1)
+
+
 def predict_probs(model: torch.nn.Module, dataset: EventSequenceDataset, batch_size: int,
                   device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
     """(`[N, C]` class probabilities in dataset order, `[N]` labels, mean cross-entropy)."""
-    model.eval()
-    loader = make_loader(dataset, batch_size, shuffle=False)
-    probs = np.zeros((len(dataset), 0), np.float32)
-    total, count = 0.0, 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch)  # models built for classification default to their classification head
-        total += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        count += len(logits)
-        p = torch.softmax(logits.float(), -1).cpu().numpy()
-        if probs.shape[1] == 0:
-            probs = np.zeros((len(dataset), p.shape[1]), np.float32)
-        probs[batch["index"].cpu().numpy()] = p
-    return probs, dataset.store.labels.copy(), total / max(count, 1)
+    def head(logits, labels):
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        return torch.softmax(logits.float(), -1).cpu().numpy(), loss, len(logits)
+
+    probs, loss = _score(model, dataset, batch_size, device, head, np.zeros((len(dataset), 0), np.float32))
+    return probs, dataset.store.labels.copy(), loss
 
 
-@torch.no_grad()
 def predict_values(model: torch.nn.Module, dataset: EventSequenceDataset, batch_size: int, device: torch.device,
                    mean: float, std: float) -> tuple[np.ndarray, np.ndarray, float]:
     """Regression (one output): (`[N]` de-standardised predictions `mean + std * output` in dataset order, `[N]`
     float64 targets, mean squared error on the standardised scale, the loss finetune trains)."""
-    model.eval()
-    loader = make_loader(dataset, batch_size, shuffle=False)
-    pred = np.zeros(len(dataset), np.float64)
-    total, count = 0.0, 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(batch).float()[:, 0]
-        target = (batch["labels"].float() - mean) / std
-        total += torch.nn.functional.mse_loss(out, target, reduction="sum").item()
-        count += len(out)
-        pred[batch["index"].cpu().numpy()] = mean + std * out.double().cpu().numpy()
-    return pred, dataset.store.labels.astype(np.float64), total / max(count, 1)
+    def head(logits, labels):
+        out = logits.float()[:, 0]
+        loss = torch.nn.functional.mse_loss(out, (labels.float() - mean) / std, reduction="sum").item()
+        return mean + std * out.double().cpu().numpy(), loss, len(out)
+
+    pred, loss = _score(model, dataset, batch_size, device, head, np.zeros(len(dataset), np.float64))
+    return pred, dataset.store.labels.astype(np.float64), loss
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None,
@@ -177,22 +182,17 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Ten
     return total / present.sum().clamp(min=1) if reduction == "mean" else total
 
 
-@torch.no_grad()
 def predict_multilabel(model: torch.nn.Module, dataset: EventSequenceDataset, batch_size: int,
                        device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
     """Multi-label (one output per task): (`[N, K]` sigmoid probabilities in dataset order, `[N, K]` labels with -1
     where missing, the mean masked binary cross-entropy over labelled pairs)."""
-    model.eval()
-    loader = make_loader(dataset, batch_size, shuffle=False)
-    probs = np.zeros(dataset.store.labels.shape, np.float32)
-    total, count = 0.0, 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch).float()
-        total += masked_bce(logits, batch["labels"], reduction="sum").item()
-        count += int((batch["labels"] >= 0).sum())
-        probs[batch["index"].cpu().numpy()] = torch.sigmoid(logits).cpu().numpy()
-    return probs, dataset.store.labels.copy(), total / max(count, 1)
+    def head(logits, labels):
+        logits = logits.float()
+        loss = masked_bce(logits, labels, reduction="sum").item()
+        return torch.sigmoid(logits).cpu().numpy(), loss, int((labels >= 0).sum())
+
+    probs, loss = _score(model, dataset, batch_size, device, head, np.zeros(dataset.store.labels.shape, np.float32))
+    return probs, dataset.store.labels.copy(), loss
 
 
 TARGET_SCALING_FILE = "target_scaling.json"  # under <run>/reports/: regression target mean / std / median on train

@@ -297,29 +297,26 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
         return {}
     # threshold on tuning from the best checkpoint, then the held-out score (main process only)
     load_weights(ckpts.best, model)
-    if regression:  # no threshold: evaluate reads reports/target_scaling.json
-        report = evaluate(cfg, "held_out") if held_out else {}
-        cleanup_distributed()
-        return report
-    if multilabel:  # one F1-best threshold per task, on its labelled tuning rows
-        probs, y, _ = predict_multilabel(model, data["tuning"], tc.eval_batch_size, device)
-        tasks = data["tuning"].store.task_names
-        chosen = {t: choose_threshold(y[y[:, k] >= 0, k], probs[y[:, k] >= 0, k]) for k, t in enumerate(tasks)}
-        write_json(run_dir / "reports" / "threshold.json", {"threshold": None, "thresholds": chosen,
-                                                             "chosen_on": "tuning", "criterion": "max F1 per task"})
-        report = evaluate(cfg, "held_out") if held_out else {}
-        cleanup_distributed()
-        return report
-    probs, y, _ = predict_probs(model, data["tuning"], tc.eval_batch_size, device)
-    if probs.shape[1] == 2:
-        write_json(run_dir / "reports" / "threshold.json", {"threshold": choose_threshold(y, probs[:, 1]),
-                                                             "chosen_on": "tuning", "criterion": "max F1"})
-    else:  # multi-class predictions are the argmax class; no threshold to choose
-        write_json(run_dir / "reports" / "threshold.json", {"threshold": DEFAULT_THRESHOLD, "chosen_on": None,
-                                                             "criterion": "argmax (multi-class)"})
+    if not regression:  # regression has no threshold: evaluate reads reports/target_scaling.json
+        write_json(run_dir / "reports" / "threshold.json",
+                   tuning_thresholds(model, data["tuning"], tc.eval_batch_size, device, multilabel))
     report = evaluate(cfg, "held_out") if held_out else {}
     cleanup_distributed()
     return report
+
+
+def tuning_thresholds(model, tuning, batch_size: int, device, multilabel: bool) -> dict:
+    """reports/threshold.json: the F1-best threshold on tuning (binary), one per task on its labelled tuning rows
+    (multi-label), or none to choose (multi-class predicts the argmax class)."""
+    if multilabel:
+        probs, y, _ = predict_multilabel(model, tuning, batch_size, device)
+        chosen = {t: choose_threshold(y[y[:, k] >= 0, k], probs[y[:, k] >= 0, k])
+                  for k, t in enumerate(tuning.store.task_names)}
+        return {"threshold": None, "thresholds": chosen, "chosen_on": "tuning", "criterion": "max F1 per task"}
+    probs, y, _ = predict_probs(model, tuning, batch_size, device)
+    if probs.shape[1] == 2:
+        return {"threshold": choose_threshold(y, probs[:, 1]), "chosen_on": "tuning", "criterion": "max F1"}
+    return {"threshold": DEFAULT_THRESHOLD, "chosen_on": None, "criterion": "argmax (multi-class)"}
 
 
 def run(cfg: TrainConfig) -> int:

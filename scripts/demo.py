@@ -2,8 +2,9 @@
 
     ./scripts/demo.sh                          # sets up .venv, then runs this
     python scripts/demo.py --out demo_output --packages price_fusion,cnc_gcode
+    python scripts/demo.py --seed 1            # every training stage seeded with 1 instead of its config's seed
 
-Each package exposes `<pkg>.demo.run_demo(out_dir) -> list[dict]` with rows
+Each package exposes `<pkg>.demo.run_demo(out_dir, seed=None) -> list[dict]` with rows
 `{"package", "stage", "metric", "value", "output"}`; all rows also go to `<out>/demo_table.json`.
 """
 
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo_output"), help="where each package writes its run")
     parser.add_argument("--packages", default=",".join(PACKAGES), help="comma-separated subset")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of every training stage (default: each config's own); the sample data stay the same")
     args = parser.parse_args(argv)
     rows: list[dict] = []
     failed: list[str] = []
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] {package}: running ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            package_rows = demo.run_demo(args.out.resolve() / package)
+            package_rows = demo.run_demo(args.out.resolve() / package, seed=args.seed)
         except Exception:  # noqa: BLE001 - report every package, then fail at the end
             traceback.print_exc()
             failed.append(package)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import difflib
+import functools
+import importlib.metadata
+import platform
 import re
 import subprocess
 import tomllib
@@ -25,7 +28,7 @@ import yaml
 from common.cli import UserError
 
 T = TypeVar("T")
-META_KEY = "_meta"  # provenance block of a resolved config.yaml (version, commit, time); not a config key
+META_KEY = "_meta"  # provenance block of a resolved config.yaml (version, commit, time, environment); not a config key
 
 
 class ConfigError(UserError):
@@ -318,8 +321,38 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+@functools.cache
+def installed_packages() -> dict[str, str]:
+    """Every distribution importable in this interpreter, name -> version, sorted by name (what the run used)."""
+    found: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:  # a broken install can leave metadata without a name
+            found.setdefault(name.lower(), dist.version)
+    return dict(sorted(found.items()))
+
+
+def environment() -> dict[str, Any]:
+    """Where a run ran: Python, OS, CPU kernels torch picked, threads, and every installed package's version.
+
+    Two runs of one commit differ in their numbers when any of these differ (another numpy, another CPU kernel set);
+    constraints.txt locks the packages, and this record says whether a given run honoured the lock.
+    """
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "packages": installed_packages(),
+    }
+
+
 def save_resolved_config(cfg: Any, run_dir: str | Path) -> Path:
-    """Write `run_dir/config.yaml`: the resolved config plus package version, git commit and time."""
+    """Write `run_dir/config.yaml`: the resolved config plus package version, git commit, time and environment."""
     from common import __version__
     from common.io import atomic_write_text
 
@@ -328,6 +361,7 @@ def save_resolved_config(cfg: Any, run_dir: str | Path) -> Path:
         "package_version": __version__,
         "git_commit": git_commit(),
         "written_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "environment": environment(),
     }
     path = Path(run_dir) / "config.yaml"
     atomic_write_text(path, yaml.safe_dump(payload, sort_keys=False))

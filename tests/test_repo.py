@@ -27,6 +27,40 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "./scripts/test.sh" in readme and "./scripts/test.sh" in ci
 
 
+def _lock() -> dict[str, str]:
+    """constraints.txt as name -> version (names lower-cased, `_` and `-` alike, as pip compares them)."""
+    locked = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not NAME==VERSION (regenerate with scripts/lock.sh)"
+            locked[name.strip().lower().replace("_", "-")] = version.strip()
+    return locked
+
+
+def test_the_install_is_the_lock() -> None:
+    """Every package the test environment holds is in constraints.txt at the locked version, and every dependency in
+    pyproject.toml is locked: a drifted venv or a dependency added without `scripts/lock.sh` fails here."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    locked = _lock()
+    assert locked["torch"] == "2.14.1" and locked["torchvision"] == "0.29.1"  # the wheels these machines carry
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*pyproject["dependencies"], *pyproject["optional-dependencies"]["dev"]]
+    unlocked = [r for r in wanted if Requirement(r).name.lower().replace("_", "-") not in locked]
+    assert not unlocked, f"pyproject.toml dependencies missing from constraints.txt (run scripts/lock.sh): {unlocked}"
+    drift = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name and name != pyproject["name"] and locked.get(name) != dist.version:
+            drift[name] = (dist.version, locked.get(name, "not locked"))
+    assert not drift, f"installed (version, locked) differ from constraints.txt: {drift}; rerun ./scripts/test.sh"
+
+
 _STAGE_CHECK = r'''
 import contextlib, importlib, io, json, sys
 results = {}

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import numpy
 import pytest
 import yaml
 
@@ -114,6 +115,12 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     written = yaml.safe_load(path.read_text())
     meta = written.pop("_meta")
     assert meta["package_version"] and "git_commit" in meta
+    env = meta["environment"]  # the versions the run used, for comparing a run with the lock (constraints.txt)
+    import importlib.metadata
+
+    import torch
+    assert env["packages"]["torch"] == importlib.metadata.version("torch") and env["packages"]["numpy"] == numpy.__version__
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["python"]
     assert written == to_dict(cfg)
     assert load_config(ExampleConfig, _write(tmp_path, "again.yaml", yaml.safe_dump(written))) == cfg
 

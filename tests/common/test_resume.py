@@ -37,6 +37,8 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    # Bit for bit on purpose: both runs make the same calls on the same batches in one environment, so any
+    # difference means the resume lost state (RNG, sampler position, optimizer), not rounding.
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"

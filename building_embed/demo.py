@@ -34,7 +34,9 @@ def _row(stage: str, metric: str, value: object, output: Path) -> dict:
     return {"package": PACKAGE, "stage": stage, "metric": metric, "value": value, "output": str(output)}
 
 
-def run_demo(out_dir: Path) -> list[dict]:
+def run_demo(out_dir: Path, seed: int | None = None) -> list[dict]:
+    """The chain on the sample data; `seed` (an int) is the training seed (global.seed of train only: the split and
+    the random backbone keep the config's seed, so the frozen embeddings stay the same); None keeps sample.toml's."""
     out_dir = Path(out_dir)
     data = out_dir / "data"
     make_dataset(data, seed=0)
@@ -61,7 +63,7 @@ def run_demo(out_dir: Path) -> list[dict]:
 
     _run(compute_visual_neighbors, config)
 
-    _run(train, config)
+    _run(train, [*config, *([] if seed is None else [f"global.seed={seed}"])])
     run_dir = out_dir / "runs" / RUN_NAME
     retrieval_path = run_dir / "reports" / "retrieval.json"
     retrieval = json.loads(retrieval_path.read_text())

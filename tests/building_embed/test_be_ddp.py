@@ -4,6 +4,7 @@ early stopping; only rank 0 writes; resume=auto continues a DDP run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,14 @@ WEIGHT_TOL = 1e-5
 LOSS_REL_TOL = 1e-5
 
 
+def flat(tree: dict, prefix: str = "") -> dict[str, float]:
+    """{"test/head/map@r": 0.23, ...} from retrieval.json's nested dicts."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def weights(run: Path) -> dict[str, np.ndarray]:
     return load_file(str(run / "checkpoints" / "latest" / "model.safetensors"))
 
@@ -63,7 +72,7 @@ def compare(ddp: Path, single: Path, start: dict[str, np.ndarray]) -> tuple[floa
 def test_torchrun_head_training_equals_one_process_and_resumes(pipeline, stage_args, tmp_path):
     argv = stage_args(pipeline, f"paths.runs_dir={tmp_path}", *HEAD)
     assert train_stage.main([*argv, "global.run_name=single"]) == 0
-    done = torchrun("building_embed.train.train", [*argv, "global.run_name=ddp"])
+    done = torchrun("building_embed.train.train", [*argv, "global.run_name=ddp"], timeout=600)
     cfg = load_config(BuildingEmbedConfig, None, argv)
     seed_everything(cfg.global_.seed)  # what run_training does right before build_head
     start = {k: v.numpy() for k, v in build_head(cfg.training_model).state_dict().items()}
@@ -72,10 +81,13 @@ def test_torchrun_head_training_equals_one_process_and_resumes(pipeline, stage_a
     assert (ddp / "train.log").read_text().count("epoch 4: loss") == 1
     assert done.stderr.count("test recall@1: head") == 1  # rank 1 logs warnings only and writes no report
     report, reference = (r / "reports" / "retrieval.json" for r in (ddp, single))
-    assert report.is_file() and report.read_text() == reference.read_text()
+    assert report.is_file()
+    # the reports score weights up to WEIGHT_TOL apart: their numbers are compared with the loss curve's tolerance
+    ours, theirs = flat(json.loads(report.read_text())), flat(json.loads(reference.read_text()))
+    assert ours.keys() == theirs.keys() and ours == pytest.approx(theirs, rel=LOSS_REL_TOL)
 
     # resume=auto under DDP: rank 0 wrote epoch 4, both ranks load it (bandit, optimizer, early stopping) and go on
-    torchrun("building_embed.train.train", [*argv, "global.run_name=ddp", "training.epochs=8"])
+    torchrun("building_embed.train.train", [*argv, "global.run_name=ddp", "training.epochs=8"], timeout=600)
     assert train_stage.main([*argv, "global.run_name=single", "training.epochs=8"]) == 0
     compare(ddp, single, start)
     epochs = [m["epoch"] for m in read_metrics(ddp / "metrics.jsonl")]

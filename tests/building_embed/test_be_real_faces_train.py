@@ -1,12 +1,21 @@
-"""Real identities: the ORL faces through stages 1-4 (tiny random ViT) and train.train; head vs frozen on held-out
-people. The faces make the frozen features' recall@1 near its ceiling (50 of 52 test queries), and the head does not
-beat it there; the head's mAP@R does beat the frozen features' (measured below). See building_embed/README.md."""
+"""Real identities: the ORL faces through stages 1-4 (tiny random ViT) and train.train, evaluated on held-out people.
+
+With the tiny random ViT the frozen features already find nearly every face (test recall@1 50 of 52 queries), and an
+untrained head does about as well, so whether the trained head beats them depends on the training seed: over 21
+training seeds (0-19, 42) its test mAP@R beat the frozen features' on 4 and its recall@1 on 1 (seed 10). Neither is
+asserted. What holds on every seed, and fails for a broken (constant or random) head: the head learns the training
+people (fewer margin-violating triplets) and retrieves held-out people far above chance.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import read_json
+from learning_seed import seed_args
 
 from building_embed.difficulty import compute_visual_neighbors
 from building_embed.generate import generate_embeddings
@@ -23,7 +32,9 @@ HEAD = ["training_model.input_dim=24", "training_model.hidden_dim=64", "training
 
 
 @pytest.fixture(scope="module")
-def faces_report(real_data_dir, tmp_path_factory, stage_args) -> dict:
+def faces_run(real_data_dir, tmp_path_factory, stage_args, learning_seed) -> Path:
+    """The trained run directory. The learning seed seeds train only: the split and the random ViT stay global.seed's
+    default, so the frozen baseline is the same under every learning seed."""
     faces = real_data_dir / "faces_orl_att"
     if not faces.is_dir():
         pytest.skip(f"{faces} not found")
@@ -31,21 +42,44 @@ def faces_report(real_data_dir, tmp_path_factory, stage_args) -> dict:
     pack_faces(faces, root, n_tars=2)
     for stage in (process_tar, generate_embeddings, merge_and_split, compute_visual_neighbors):
         assert stage.main(stage_args(root)) == 0, stage.__name__
-    assert train_stage.main(stage_args(root, f"paths.runs_dir={root / 'runs'}", *HEAD)) == 0
-    return read_json(root / "runs" / "default" / "reports" / "retrieval.json")
+    assert train_stage.main(stage_args(root, f"paths.runs_dir={root / 'runs'}", *HEAD,
+                                      *seed_args("global.seed", learning_seed))) == 0
+    return root / "runs" / "default"
 
 
-def test_head_map_at_r_beats_the_frozen_features_on_held_out_people(faces_report):
-    # Measured: test mAP@R head 0.7669 vs frozen 0.7086, val 0.7957 vs 0.7498 (52 queries each, 6 people each).
+# Measured, global.seed 42 (own) / 1 / 2 / 3 (OMP_NUM_THREADS=1), worst of 21 training seeds in brackets; frozen
+# features: test recall@1 0.9615, recall@5 0.9808, mAP@R 0.7086 (val 0.9615 / 0.9808 / 0.7498). Chance (random
+# embeddings): recall@1 0.17, mAP@R 0.08; a constant head: recall@1 = mAP@R 0.17-0.19 (ties in gallery order).
+#   test recall@1 head 0.96 / 0.90 / 0.92 / 0.85 [0.81]; val 0.96 / 0.96 / 0.92 / 0.94 [0.92]
+#   test mAP@R head 0.77 / 0.67 / 0.70 / 0.59 [0.57]; val 0.80 / 0.72 / 0.76 / 0.79 [0.70]
+#   recall@5 head - frozen: test +0.02 / +0.02 / +0.02 / -0.02 [-0.04]; val 0.00 on all four [0.00]
+# Re-splitting too (global.seed 1 / 2 / 3 for every stage) gave test recall@1 0.92 / 0.89 / 0.96, mAP@R 0.65 / 0.47
+# / 0.59, recall@5 head - frozen 0 on each.
+MIN_RECALL_AT_1 = 0.7
+MIN_MAP_AT_R = 0.4
+RECALL_AT_5_SLACK = 0.08  # 4 of 52 queries; the worst seed lost 2
+
+
+@pytest.mark.learning
+def test_head_retrieves_held_out_people_far_above_chance(faces_run):
+    report = read_json(faces_run / "reports" / "retrieval.json")
     for split in ("val", "test"):
-        head, frozen = faces_report[split]["head"], faces_report[split]["frozen"]
+        head, frozen = report[split]["head"], report[split]["frozen"]
         print(split, {k: (round(head[k], 4), round(frozen[k], 4)) for k in ("recall@1", "recall@5", "map@r")})
         assert head["queries"] == frozen["queries"] >= 40
-        assert head["map@r"] > frozen["map@r"] + 0.02
-        assert head["recall@5"] >= frozen["recall@5"] - 0.02
+        assert head["recall@1"] > MIN_RECALL_AT_1
+        assert head["map@r"] > MIN_MAP_AT_R
+        assert head["recall@5"] >= frozen["recall@5"] - RECALL_AT_5_SLACK
 
 
-@pytest.mark.xfail(strict=True, reason="measured: test recall@1 head 0.9615 = frozen 0.9615 (50/52 each) with the "
-                                       "tiny random ViT; the frozen faces are at the ceiling (README)")
-def test_head_recall_at_1_beats_the_frozen_features_on_held_out_people(faces_report):
-    assert faces_report["test"]["head"]["recall@1"] > faces_report["test"]["frozen"]["recall@1"]
+# Semihard triplets mined per batch, last epoch / first: 0.48 / 0.40 / 0.34 / 0.40 (worst of 21 seeds 0.63); an
+# untrained head (training.lr=1e-9) 0.90-1.21.
+TRIPLET_DROP = 0.75
+
+
+@pytest.mark.learning
+def test_head_learns_the_training_people(faces_run):
+    records = [json.loads(line) for line in (faces_run / "metrics.jsonl").read_text().splitlines()]
+    print(f"mined triplets per batch: first epoch {records[0]['mined_triplets']:.1f}, "
+          f"last {records[-1]['mined_triplets']:.1f}")
+    assert records[-1]["mined_triplets"] < TRIPLET_DROP * records[0]["mined_triplets"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import read_json
+from learning_seed import seed_args
 
 from building_embed.train import train as train_stage
 
@@ -23,10 +24,15 @@ torch.set_num_threads(1)
 HEAD = ["training_model.input_dim=24", "training_model.hidden_dim=64", "training_model.output_dim=32",
         "training.identities_per_batch=8", "training.views_per_identity=4", "training.batches_per_epoch=10",
         "training.lr=3e-3", "training.miner=semihard"]
-# Measured on the session pipeline (24-wide random ViT, 36 test images of 6 identities): frozen test recall@1 0.3056,
-# head 0.4167 (+0.111) with global.seed=42; training seeds 1 / 2 / 3 gave +0.167 / +0.222 / +0.083. One query is
-# 0.028, so the margin asks for 3 more queries right than the frozen features get.
-LEARN_MARGIN = 0.08
+# Measured on the session pipeline (24-wide random ViT features; 36 test queries of 6 identities, one query = 0.028)
+# with training.epochs=25 and global.seed 42 (own) / 1 / 2 / 3, OMP_NUM_THREADS=1; 21 training seeds in all (0-19, 42):
+# - semihard triplets mined per batch, last epoch / first: 0.65 / 0.74 / 0.68 / 0.73 (worst of 21: 0.80); an untrained
+#   head (training.lr=1e-9) stays at 0.97-1.04.
+# - test mAP@R head - frozen (0.1772): +0.059 / +0.019 / +0.053 / +0.075, above 0 on 21 of 21 (smallest +0.007); the
+#   untrained head is below frozen (-0.007 to -0.023).
+# - test recall@1 head - frozen (0.3056): +0.111 / +0.167 / +0.222 / +0.083, >= 0 on 21 of 21 (smallest +0.028, seed 7,
+#   so the former +0.08 margin did not hold). Chance (random embeddings) 0.18, a constant head 0.17.
+TRIPLET_DROP = 0.9
 
 
 def train_args(stage_args, pipeline: Path, runs: Path, *extra: str) -> list[str]:
@@ -38,22 +44,28 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
             if p.is_file()}
 
 
-def test_head_beats_the_frozen_embeddings_on_held_out_test(pipeline, stage_args, tmp_path):
-    assert train_stage.main(train_args(stage_args, pipeline, tmp_path, "training.epochs=25",
-                                       "global.run_name=learn")) == 0
+@pytest.mark.learning
+def test_head_learns_and_beats_the_frozen_embeddings_on_held_out_test(pipeline, stage_args, tmp_path, learning_seed):
+    assert train_stage.main(train_args(stage_args, pipeline, tmp_path, "training.epochs=25", "global.run_name=learn",
+                                       *seed_args("global.seed", learning_seed))) == 0
     run = tmp_path / "learn"
     results = read_json(run / "reports" / "retrieval.json")
     head, frozen = results["test"]["head"], results["test"]["frozen"]
     print(f"test recall@1 head {head['recall@1']:.4f} frozen {frozen['recall@1']:.4f}; "
           f"mAP@R head {head['map@r']:.4f} frozen {frozen['map@r']:.4f}")
-    assert head["recall@1"] >= frozen["recall@1"] + LEARN_MARGIN
-    assert head["map@r"] > frozen["map@r"]
+    assert head["map@r"] > frozen["map@r"]  # margins measured above
+    assert head["recall@1"] >= frozen["recall@1"]
     assert head["queries"] == frozen["queries"] > 0
     assert head["precision@1"] == pytest.approx(head["recall@1"])  # pml's p@1 and our recall@1 see the same lists
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    print(f"mined triplets per batch: first epoch {records[0]['mined_triplets']:.1f}, "
+          f"last {records[-1]['mined_triplets']:.1f}")
+    # the head separates the training identities: fewer triplets violate the margin (measured above)
+    assert records[-1]["mined_triplets"] < TRIPLET_DROP * records[0]["mined_triplets"]
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
     assert sum(r[f"band{b}_pulls"] for r in records for b in range(3)) == 10 * len(records)
     best = max(r["val_map@r"] for r in records)
+    # bit-exact: best_val_map@r and meta.json's val map@r are copies of that epoch's logged value
     assert records[-1]["best_val_map@r"] == best
     assert read_json(run / "checkpoints" / "best" / "meta.json")["val"]["map@r"] == best
     assert "| test | head |" in (run / "reports" / "retrieval.md").read_text()
@@ -68,7 +80,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(pipeline, stage
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)}
     proc = subprocess.Popen([sys.executable, "-m", "building_embed.train.train", *args, "global.run_name=killed"],
                             cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # import torch + one epoch: ~10 s idle, far more on a loaded 2-core machine
     while not (killed / "metrics.jsonl").is_file() or not (killed / "metrics.jsonl").read_text():
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline
@@ -81,6 +93,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(pipeline, stage
     assert 1 <= epochs_before < 10
     assert train_stage.main([*args, "global.run_name=killed"]) == 0
     straight = tmp_path / "straight"
+    # bit-exact: a killed-and-resumed run against the uninterrupted one (same seeded batches, same ops, CPU)
     for name in ("latest", "best"):
         assert (killed / "checkpoints" / name / "model.safetensors").read_bytes() == \
             (straight / "checkpoints" / name / "model.safetensors").read_bytes(), name

@@ -40,13 +40,14 @@ def test_bandit_tries_every_band_first_and_its_state_round_trips():
         assert a == b
         bandit.update(a, reward)
         copy.update(b, reward)
-    assert copy.state_dict() == bandit.state_dict()
+    assert copy.state_dict() == bandit.state_dict()  # bit-exact: the same updates in the same order on both
     with pytest.raises(ValueError, match="3 arms, this run has 2"):
         UCB1Bandit(2).load_state_dict(bandit.state_dict())
 
 
 def test_learning_progress_is_the_clipped_relative_loss_decrease():
     assert learning_progress(0.5, 0.4) == pytest.approx(0.2)
+    # exact: clipped to the bounds 0 and 1
     assert learning_progress(0.5, 0.6) == 0.0
     assert learning_progress(0.0, 0.0) == 0.0
     assert learning_progress(1.0, -1.0) == 1.0

@@ -90,7 +90,7 @@ def test_stage_list_names_importable_stages(capsys):
 def test_sample_data_is_deterministic(tmp_path):
     a = make_dataset(tmp_path / "a", n_regions=1, targets_per_region=6, views_per_target=3, image_size=32, seed=5)
     b = make_dataset(tmp_path / "b", n_regions=1, targets_per_region=6, views_per_target=3, image_size=32, seed=5)
-    assert a == b
+    assert a == b  # the same call twice: determinism
     assert (tmp_path / "a/tars/region_0.tar").read_bytes() == (tmp_path / "b/tars/region_0.tar").read_bytes()
     c = make_dataset(tmp_path / "c", n_regions=1, targets_per_region=6, views_per_target=3, image_size=32, seed=6)
     assert (tmp_path / "c/tars/region_0.tar").read_bytes() != (tmp_path / "a/tars/region_0.tar").read_bytes()

@@ -42,7 +42,9 @@ def test_embeddings_equal_a_direct_forward_pass_with_ids_in_shard_order(pipeline
     with torch.no_grad():
         expected = model(torch.stack([preprocess(b) for b in images])).numpy()
     assert values.shape == (len(source), 24) and dim == 24
-    np.testing.assert_allclose(values[:5], expected.astype(np.float16).astype(np.float32), rtol=0, atol=0)
+    # The stage ran these rows in a batch of 16, the test in a batch of 5: float32 results may differ by a few ulp, which
+    # can move a value to the neighbouring float16 (a relative step of 2^-10 ~ 1e-3); 2e-3 allows that, not a bug.
+    np.testing.assert_allclose(values[:5], expected.astype(np.float16).astype(np.float32), rtol=2e-3, atol=1e-5)
     assert pq.read_schema(pipeline / "emb" / shard.name).field("embedding").type.value_type == "halffloat"
     manifest = json.loads((pipeline / "emb" / "embeddings_manifest.json").read_text())
     assert manifest["embedding_dim"] == 24 and manifest["rows"] == 278 and len(manifest["shards"]) == 9
@@ -89,7 +91,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_bytes(pipeline, tmp_path, s
     proc = subprocess.Popen([sys.executable, "-m", "building_embed.generate.generate_embeddings",
                              *stage_args(root, "embedding_model.batch_size=1")], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # the loop ends when the shard appears; 300 s allows a loaded 2-core machine
     while not (root / "emb" / "region_0-00000.parquet").exists() and time.monotonic() < deadline:
         if proc.poll() is not None:
             break
@@ -104,7 +106,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_bytes(pipeline, tmp_path, s
     assert generate_embeddings.main(stage_args(reference, "embedding_model.batch_size=1")) == 0
     names = sorted(p.name for p in (reference / "emb").glob("*"))
     assert sorted(p.name for p in (root / "emb").glob("*")) == names and len(names) == 10  # 9 shards + manifest
-    for name in names:
+    for name in names:  # bit-exact: resumed vs uninterrupted, the same shards through the same batches
         assert (root / "emb" / name).read_bytes() == (reference / "emb" / name).read_bytes(), name
 
 
@@ -164,7 +166,7 @@ def test_local_weights_file_is_loaded(pipeline, tmp_path, stage_args):
     cfg.embedding_model.random_init, cfg.embedding_model.weights = False, str(weights)
     loaded, _, _ = backbone.build_backbone(cfg.embedding_model)
     x = torch.randn(2, 3, 28, 28)
-    with torch.no_grad():
+    with torch.no_grad():  # bit-exact: the same timm class and weights, one forward each on the same x
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
@@ -176,11 +178,12 @@ def test_torchrun_two_ranks_split_the_shards_and_match_one_process(pipeline, tmp
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
                            "building_embed.generate.generate_embeddings", *stage_args(root)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=600)  # ~30 s idle
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stderr
     assert "region_0-00000.parquet: 40 embeddings" in log  # rank 0 logs its shards; rank 1 logs warnings only
     assert "region_0-00001.parquet: 40 embeddings" not in log
+    # bit-exact: each rank embeds whole shards with the same batches and one thread, as the single process did
     for path in sorted((pipeline / "emb").glob("*")):
         assert (root / "emb" / path.name).read_bytes() == path.read_bytes(), path.name
 
@@ -196,8 +199,10 @@ def test_transformers_backend_loads_a_local_dinov2_directory(tmp_path):
                                                   f"embedding_model.weights={tmp_path / 'tiny_dinov2'}"])
     model, _, dim = backbone.build_backbone(cfg.embedding_model)
     x = torch.randn(3, 3, 28, 28)
+    # Loaded through AutoModel.from_pretrained, which may pick another attention implementation than the directly
+    # built reference: float32 with a few ulp of difference allowed; wrong pooling differs by far more.
     with torch.no_grad():
-        torch.testing.assert_close(model(x), reference(pixel_values=x).pooler_output, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), reference(pixel_values=x).pooler_output, rtol=1e-5, atol=1e-6)
     assert dim == 24
 
 
@@ -211,4 +216,5 @@ def test_decoding_workers_give_the_same_embeddings(pipeline):
     in_process = generate_embeddings.embed_shard(model, prep, images, 5, 0, cpu, None)
     workers = generate_embeddings.embed_shard(model, prep, images, 5, 2, cpu, None)
     assert in_process.shape == (12, 24)
+    # bit-exact: the same batches of 5 through the same model; only the process that decodes the JPEGs differs
     np.testing.assert_array_equal(workers, in_process)

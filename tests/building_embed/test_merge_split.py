@@ -156,6 +156,7 @@ def test_fix_intermediate_schema_casts_text_numbers_and_fills_columns(pipeline, 
     assert fix_intermediate_schema.main(stage_args(root)) == 0
     fixed = pq.read_table(good)
     assert fixed.schema.equals(original.schema.remove_metadata()) or fixed.schema.equals(original.schema)
+    # bit-exact: the floats went through "%.17g" text, which round-trips a float64 exactly
     assert fixed.drop_columns(["alignment"]).equals(original.drop_columns(["alignment"]))
     assert fixed.column("alignment").null_count == len(fixed)
     assert untouched.read_bytes() == untouched_bytes
@@ -193,4 +194,4 @@ def test_merged_rows_keep_their_embeddings(pipeline):
     emb = read_parquets(pipeline / "emb", ["image_key"])
     values = np.concatenate([read_embeddings(p)[1] for p in sorted((pipeline / "emb").glob("*.parquet"))])
     position = pd.Index(emb.image_key).get_indexer(merged_train.image_key)
-    np.testing.assert_array_equal(train_values, values[position])
+    np.testing.assert_array_equal(train_values, values[position])  # bit-exact: merging copies the stored values

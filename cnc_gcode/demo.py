@@ -31,8 +31,11 @@ def _run(stage, argv: list[str]) -> None:
         raise RuntimeError(f"{stage.__name__} {' '.join(argv)} exited with {code}")
 
 
-def run_demo(out_dir: Path) -> list[dict]:
+def run_demo(out_dir: Path, seed: int | None = None) -> list[dict]:
+    """The demo's rows. `seed`: run.seed of the two training stages (train_encoder, train; their weights, noise,
+    epoch order and training subset); None keeps the config's. The data and the evaluated windows do not change."""
     out_dir = Path(out_dir)
+    trained = [] if seed is None else [f"run.seed={seed}"]
     data = out_dir / "data"
     make_dataset(data, n_programs=DEMO_PROGRAMS, seed=0)
     common = ["--config", str(TINY_CONFIG), f"run.out_dir={out_dir / 'runs'}", "run.name=demo",
@@ -44,11 +47,11 @@ def run_demo(out_dir: Path) -> list[dict]:
     report = json.loads((out_dir / "vocab_report.json").read_text())
     rows.append({"package": PACKAGE, "stage": "build_vocab", "metric": "round_trip_rate",
                  "value": float(report["round_trip_rate"]), "output": str(out_dir / "vocab_report.json")})
-    _run(train_encoder, common)
+    _run(train_encoder, [*common, *trained])
     enc = json.loads((run_dir / "reports" / "encoder_results_test.json").read_text())
     rows.append({"package": PACKAGE, "stage": "train_encoder", "metric": "test_operation_acc",
                  "value": enc["operation_acc"], "output": str(run_dir / "encoder")})
-    _run(train, common)
+    _run(train, [*common, *trained])
     _run(evaluate, common)
     results = json.loads((run_dir / "reports" / "results_test.json").read_text())
     for metric in ("operation_acc", "token_acc", "majority_token_acc", "line_exact_match"):

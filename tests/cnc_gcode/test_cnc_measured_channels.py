@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import numpy as np
 import pytest
+from learning_seed import seed_args
 from safetensors.numpy import load_file
 
 from cnc_gcode import ablation_gamma, evaluate, measured_only, train, train_encoder
@@ -43,6 +44,7 @@ def test_select_groups_keeps_their_channels_and_silences_other_categoricals(samp
     picked = select_groups(full, SELECTED)
     expected = [c for c in CHANNELS if c in INPUT_GROUPS["measured_motion"] + INPUT_GROUPS["drives"]]
     assert picked.channel_names == expected and picked.continuous.shape[2] == 13
+    # bit-exact: selecting channels copies values, it computes nothing
     assert np.array_equal(picked.continuous, full.continuous[..., [CHANNELS.index(c) for c in expected]])
     cat = list(CATEGORICAL_CHANNELS)
     # motion_mode (commanded), spindle_state (spindle), coolant (process) are held at 0; motion_phase is kept
@@ -128,25 +130,28 @@ def test_spindle_speed_does_not_name_the_operation():
 
 
 @pytest.fixture(scope="module")
-def measured_run(sample_dir, tmp_path_factory, stage_args):
+def measured_run(sample_dir, tmp_path_factory, stage_args, learning_seed):
     """Encoder + decoder trained on the measured groups only (no commanded channels) on the session sample data."""
     runs = tmp_path_factory.mktemp("cnc_measured")
     args = stage_args(sample_dir, runs, "m", "encoder_train.epochs=3", "train.epochs=8", "train.patience=8",
-                      "run.num_threads=1", f"data.channel_groups=[{','.join(MEASURED_GROUPS)}]")
+                      "run.num_threads=1", f"data.channel_groups=[{','.join(MEASURED_GROUPS)}]",
+                      *seed_args("run.seed", learning_seed))
     assert train_encoder.main(args) == 0
     assert train.main(args) == 0
     return runs, args
 
 
+@pytest.mark.learning
 def test_learns_gcode_from_measured_channels_only(measured_run):
     runs, args = measured_run
     assert evaluate.main(args) == 0
     results = json.loads((runs / "m" / "reports" / "results_test.json").read_text())
     assert results["channel_groups"] == list(MEASURED_GROUPS)
     assert not {c for c in results["channels"]} & set(INPUT_GROUPS["commanded"])
-    # thresholds measured on this fixture: token 0.423 vs majority-per-position 0.252 (all channels: 0.398),
-    # operation 0.60 vs majority 0.0 (the training majority is absent from this test split; chance about 0.11)
-    assert results["token_acc"] > results["majority_token_acc"] + 0.1, results
+    # measured, own seed / 1 / 2 / 3 (OMP_NUM_THREADS=1): token 0.423 / 0.396 / 0.412 / 0.460 vs majority-per-position
+    # 0.252; operation 0.602 / 0.515 / 0.631 / 0.631 vs majority 0.0 (the training majority is absent from this test
+    # split; chance about 0.11, the test split's most frequent class 0.398)
+    assert results["token_acc"] > results["majority_token_acc"] + 0.07, results
     assert results["operation_acc"] > max(0.45, results["majority_operation_acc"] + 0.3), results
 
 
@@ -173,7 +178,7 @@ def test_gamma_ablation_repeats_each_row_per_seed_and_reports_mean_and_spread(tr
     values = [s["token_acc"] for s in per_seed]
     assert row["token_acc"] == pytest.approx(np.mean(values))
     assert row["token_acc_std"] == pytest.approx(np.std(values, ddof=1))
-    # one decoder per seed, each its own weights
+    # one decoder per seed, each its own weights (exact inequality: one shared run would give identical arrays)
     first, second = (load_file(str(runs / "t" / "ablations" / f"gamma_2.0_seed{s}" / "decoder" / "checkpoints" /
                                    "latest" / "model.safetensors")) for s in (0, 1))
     assert not all(np.array_equal(first[k], second[k]) for k in first)

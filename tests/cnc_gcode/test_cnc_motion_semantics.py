@@ -84,7 +84,7 @@ def test_g3_ending_at_its_start_is_a_full_circle_and_g18_arcs_turn_in_the_zx_pla
         segments, _ = execute(["G0 X0 Y0 Z0", f"G18 {code} X10 Z10 I10 F600"], CFG)
         xyz = segments[1].command_xyz
         np.testing.assert_allclose(np.hypot(xyz[:, 2], xyz[:, 0] - 10.0), 10.0, atol=1e-9)
-        assert np.all(xyz[:, 1] == 0.0)
+        assert np.all(xyz[:, 1] == 0.0)  # exact: Y is the arc's fixed axis, 0 + t * 0 stays 0
         if code == "G3":
             assert np.all(xyz[:, 2] >= -1e-9) and np.all(xyz[:, 0] <= 10 + 1e-9)
             assert np.linalg.norm(xyz[:, [2, 0]] - [7.0711, 2.9289], axis=1).min() < 0.11  # within half a step

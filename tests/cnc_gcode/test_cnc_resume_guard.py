@@ -34,6 +34,7 @@ def weights(run: Path, stage: str) -> dict[str, np.ndarray]:
 
 
 def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    """Bit-exact: used as `not same(...)`, the weights training wrote are not the ones it started from."""
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 

@@ -26,30 +26,37 @@ from common.logs import read_metrics
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.learning
 def test_encoder_learns_operations(trained_run):
     runs, _ = trained_run
     result = json.loads((runs / "t" / "reports" / "encoder_results_test.json").read_text())
-    # measured 0.68, macro F1 0.43 on the continuous-coordinate sample programs with one shared spindle-speed range
-    # (0.79 / 0.73 when each operation had its own speed); 9 operations, the training majority class is absent from
-    # this test split, so the majority baseline scores 0.0 here; chance is about 0.11
-    assert result["operation_acc"] > max(0.6, result["majority_operation_acc"] + 0.3), result
-    assert result["n_windows"] == 103 and result["macro_f1"] > 0.35, result
+    # 9 operations on the continuous-coordinate sample programs with one shared spindle-speed range; the training
+    # majority class is absent from this test split (it scores 0.0), chance is about 0.11, and the best constant in
+    # hindsight (the test split's most frequent class) 0.398.
+    # measured, own seed / 1 / 2 / 3 (OMP_NUM_THREADS=1): accuracy 0.680 / 0.767 / 0.709 / 0.806,
+    # macro F1 0.435 / 0.616 / 0.655 / 0.790
+    assert result["operation_acc"] > max(0.55, result["majority_operation_acc"] + 0.3), result
+    assert result["n_windows"] == 103 and result["macro_f1"] > 0.3, result
     assert (runs / "t" / "reports" / "encoder_confusion_test.png").stat().st_size > 1000
 
 
+@pytest.mark.learning
 def test_evaluate_beats_the_baselines(trained_run, sample_dir):
     runs, args = trained_run
     assert evaluate.main(args) == 0
     results = json.loads((runs / "t" / "reports" / "results_test.json").read_text())
     encoder = json.loads((runs / "t" / "reports" / "encoder_results_test.json").read_text())
     assert results["n_windows"] == encoder["n_windows"] == 103
-    # the decoder checkpoint carries the same frozen encoder the encoder stage reported on
+    # the decoder checkpoint carries the same frozen encoder the encoder stage reported on; exact: the same weights
+    # on the same 103 windows in one batch (fewer than either stage's batch size), so the same forward and argmax
     assert results["operation_acc"] == encoder["operation_acc"]
-    # Learning thresholds, measured on this fixture (continuous coordinates, exact values): token 0.398 vs
-    # majority-per-position 0.252, line exact 0.194, command 0.84, type 0.81. An untrained or mis-wired decoder sits
-    # at or below the majority baseline.
-    assert results["token_acc"] > results["majority_token_acc"] + 0.1, results
-    assert results["line_exact_match"] > 0.1 and results["command_acc"] > 0.75 and results["type_acc"] > 0.75, results
+    # Learning thresholds on this fixture (continuous coordinates, exact values), measured, own seed / 1 / 2 / 3
+    # (OMP_NUM_THREADS=1): token 0.398 / 0.435 / 0.469 / 0.485 vs majority-per-position 0.252; line exact
+    # 0.194 / 0.136 / 0.204 / 0.214; command 0.841 / 0.916 / 0.907 / 0.925; type 0.815 / 0.879 / 0.920 / 0.938.
+    # Constant predictions score: majority per position line exact 0.0, command 0.486, type 0.568; the most frequent
+    # training line ("G0 Z5") line exact 0.078. An untrained or mis-wired decoder sits at or below these.
+    assert results["token_acc"] > results["majority_token_acc"] + 0.07, results
+    assert results["line_exact_match"] > 0.1 and results["command_acc"] > 0.7 and results["type_acc"] > 0.7, results
     assert results["random_token_acc"] < 0.05  # over 10^6 ids a random guess is almost never right
     # the majority baseline, recomputed here: the most frequent training id of each position, scored on non-PAD ids
     with np.load(sample_dir / "train.npz") as train_npz, np.load(sample_dir / "test.npz") as test_npz:
@@ -87,6 +94,7 @@ def test_onnx_export_matches_pytorch(trained_run):
     assert export_onnx.main(args) == 0
     parity = json.loads((runs / "t" / "onnx" / "parity.json").read_text())
     assert parity["max_abs_diff_memory"] < 1e-4 and parity["max_abs_diff_step_logits"] < 1e-4
+    # token ids (integers) of both greedy decodings: they part only where two logits tie within the 1e-4 above
     assert parity["greedy_identical"] is True
 
 
@@ -139,14 +147,16 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(trained_run, sam
     for name in ("latest", "best"):
         a = load_file(str(tmp_path / "straight" / "decoder" / "checkpoints" / name / "model.safetensors"))
         b = load_file(str(killed / "checkpoints" / name / "model.safetensors"))
+        # bit-exact: kill-and-resume replays the uninterrupted run's computation
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
     straight = read_metrics(tmp_path / "straight" / "decoder" / "metrics.jsonl")
     again = read_metrics(killed / "metrics.jsonl")
     assert [r["epoch"] for r in again] == list(range(1, 9))
-    assert again == straight
+    assert again == straight  # bit-exact, as the weights above
 
 
 @pytest.mark.slow
+@pytest.mark.learning
 def test_ablations_write_tables(trained_run):
     runs, args = trained_run
     assert ablation_modality.main(args) == 0
@@ -154,21 +164,22 @@ def test_ablations_write_tables(trained_run):
     assert "full model" in table and "- proximity" in table and "- pressure" in table
     rows = json.loads((runs / "t" / "reports" / "ablation_modality.json").read_text())
     assert [r["removed"] for r in rows][:2] == ["full model", "- position"] and len(rows) == 10
-    # the full-model row is the evaluation itself (same windows, same decoding)
+    # the full-model row is the evaluation itself (same windows, same batches, same decoding: exact)
     assert evaluate.main(args) == 0
     results = json.loads((runs / "t" / "reports" / "results_test.json").read_text())
     assert rows[0]["token_acc"] == results["token_acc"] and rows[0]["channels"] == 0
     by_group = {r["removed"]: r for r in rows}
-    # Each removal changes the input: most rows differ from the full model. Removing the positions costs (measured
-    # 0.371 vs 0.398). On continuous coordinates this tiny model does not read exact values from the controller
-    # channels (removing them scores 0.430), so "controller costs most" (true on the 5 mm grid) is no longer asserted;
-    # the README's multi-seed tables measure the groups at a useful size.
-    assert sum(r["token_acc"] != rows[0]["token_acc"] for r in rows[1:]) >= 6
-    assert by_group["- position"]["token_acc"] < rows[0]["token_acc"] - 0.01
+    # Each removal changes the input: most rows differ from the full model (measured, own seed / 1 / 2 / 3 under
+    # OMP_NUM_THREADS=1: 9 / 9 / 7 / 7 of 9; a model that ignored its input: 0), and some group costs the model
+    # (largest drop 0.027 / 0.030 / 0.023 / 0.044). Which group costs most depends on the seed at this size (position:
+    # -0.027 / +0.016 / -0.023 / -0.016), so no group is named; the README's multi-seed tables measure the groups.
+    assert sum(r["token_acc"] != rows[0]["token_acc"] for r in rows[1:]) >= 5
+    assert min(r["token_acc"] for r in rows[1:]) < rows[0]["token_acc"] - 0.01, by_group
     assert ablation_gamma.main([*args, "ablation.gammas=[ce,2]", "ablation.epochs=1", "eval.max_windows=40"]) == 0
     gamma_rows = json.loads((runs / "t" / "reports" / "ablation_gamma.json").read_text())
     assert [(r["gamma"], r["label_smoothing"]) for r in gamma_rows] == [(0.0, 0.0), (2.0, 0.1)]
-    # each row trains its own decoder with its own loss: same start, different losses, different weights
+    # each row trains its own decoder with its own loss: same start, different losses, different weights (exact
+    # inequality: a loss that ignored gamma would repeat the same computation and give identical arrays)
     ablations = runs / "t" / "ablations"
     ce, focal = (load_file(str(ablations / name / "decoder" / "checkpoints" / "latest" / "model.safetensors"))
                  for name in ("gamma_ce", "gamma_2.0"))

@@ -35,8 +35,11 @@ def _test_smape(path: Path, truth: pd.Series) -> float:
     return metrics.smape(truth.to_numpy(), pred.loc[truth.index].to_numpy())
 
 
-def run_demo(out_dir: Path) -> list[dict]:
+def run_demo(out_dir: Path, seed: int | None = None) -> list[dict]:
+    """Run the chain under out_dir; `seed` (None: the config's train.seed) seeds both training stages, train and gbt
+    (gbt reads train.seed); the sample data are the same whatever the seed."""
     out_dir = Path(out_dir)
+    seeded = [] if seed is None else [f"train.seed={seed}"]
     data = out_dir / "data"
     paths = sample_data.write_sample_data(data, N_TRAIN, N_TEST, seed=0, tiny_clip=True)
     runs = out_dir / "runs"
@@ -45,10 +48,10 @@ def run_demo(out_dir: Path) -> list[dict]:
               f"data.embeddings_dir={out_dir / 'embeddings'}", f"embed.clip_model={paths['clip_model']}",
               "train.epochs=40", "train.resume=false"]
     _run(embed, common)
-    _run(train, common)
+    _run(train, [*common, *seeded])
     _run(evaluate, common)
     _run(predict, common)
-    _run(gbt, [*common, "run_name=demo_gbt"])
+    _run(gbt, [*common, "run_name=demo_gbt", *seeded])
     fusion_test, gbt_test = runs / "demo" / "predictions" / "test_out.csv", runs / "demo_gbt" / "predictions" / "test_out.csv"
     ensemble_out = runs / "ensemble" / "test_out.csv"
     _run(ensemble, [*common, f"ensemble.inputs=[{fusion_test},{gbt_test}]", f"ensemble.output={ensemble_out}"])

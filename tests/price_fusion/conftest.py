@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from learning_seed import seed_args
 
 from price_fusion import embed, sample_data, train
 
@@ -30,10 +31,10 @@ def sample_env(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def trained_run(sample_env, tmp_path_factory) -> dict:
-    """A finished single-split training run (30 epochs) on the sample data."""
+def trained_run(sample_env, tmp_path_factory, learning_seed) -> dict:
+    """A finished single-split training run (30 epochs) on the sample data, seeded by the learning seed if given."""
     runs = tmp_path_factory.mktemp("pf_runs")
-    args = sample_env["args"](runs, "run_name=fit", "train.epochs=30")
+    args = sample_env["args"](runs, "run_name=fit", "train.epochs=30", *seed_args("train.seed", learning_seed))
     assert train.main(args) == 0
     return {"runs": runs, "run_dir": runs / "fit", "args": args}
 

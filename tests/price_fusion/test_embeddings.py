@@ -70,7 +70,7 @@ def test_original_formats_import(tmp_path):
     for sid in ("7", "3"):
         np.save(per_item / f"{sid}.npy", np.full(4, float(sid), dtype=np.float32))
     ids, vectors = import_clip_dir(per_item)
-    assert ids.tolist() == ["3", "7"] and vectors[:, 0].tolist() == [3.0, 7.0]
+    assert ids.tolist() == ["3", "7"] and vectors[:, 0].tolist() == [3.0, 7.0]  # written, read back: exact
     stacked = tmp_path / "clip_stacked"
     stacked.mkdir()
     np.save(stacked / "embeddings.npy", np.eye(2, dtype=np.float32))
@@ -135,6 +135,8 @@ def test_embed_imports_the_original_files(sample_env, tmp_path):
                                   f"embed.import_qwen_pickle={tmp_path / 'qwen_{split}.pkl'}")
         assert embed.main(args) == 0
         imported = load_embeddings(tmp_path / structural / "train")
+        # imported vectors are copies of the arrays written above (and the same struct function on the same texts
+        # for quantities): bit-exact is right
         np.testing.assert_array_equal(imported.text, train.text)
         np.testing.assert_array_equal(imported.struct, expected_struct)
         np.testing.assert_array_equal(imported.image, train.image)
@@ -180,6 +182,6 @@ def test_test_split_alone_reuses_the_train_vocabulary(sample_env, copy_of, tmp_p
     args = sample_env["args"](tmp_path / "runs", f"data.embeddings_dir={emb_dir}", "embed.splits=[test]")
     assert embed.main(args) == 0
     again, first = load_embeddings(emb_dir / "test"), load_embeddings(sample_env["embeddings"] / "test")
-    np.testing.assert_array_equal(again.struct, first.struct)
+    np.testing.assert_array_equal(again.struct, first.struct)  # the same parse of the same texts: exact
     (emb_dir / "unit_vocab.json").unlink()
     assert embed.main(args) == 2  # no train vocabulary: a clear error, not a vocabulary fitted on test

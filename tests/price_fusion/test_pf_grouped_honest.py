@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from learning_seed import seed_args
 from sklearn.neighbors import KNeighborsRegressor
 
 from common import metrics
@@ -102,10 +103,10 @@ def test_fitted_weights_are_never_worse_than_the_best_input():
 
 
 @pytest.fixture(scope="module")
-def kfold_run(sample_env, tmp_path_factory):
+def kfold_run(sample_env, tmp_path_factory, learning_seed):
     runs = tmp_path_factory.mktemp("pf_kfold_refit")
     args = sample_env["args"](runs, "run_name=k", f"train.kfold={KFOLD}", "train.epochs=20", "train.patience=6",
-                              "train.refit=true")
+                              "train.refit=true", *seed_args("train.seed", learning_seed))
     assert train.main(args) == 0
     assert predict.main(args) == 0
     return {"runs": runs, "run_dir": runs / "k", "args": args}
@@ -149,7 +150,9 @@ def test_refit_uses_every_row_for_the_median_best_epoch_and_predict_uses_it(kfol
     np.testing.assert_allclose(test_out.price, np.exp(predict_log_price(refit_model, test_data)), rtol=1e-5)
 
 
-def test_baselines_stage_and_the_recommended_blend_beat_the_best_baseline(kfold_run, sample_env, tmp_path):
+@pytest.mark.learning
+def test_baselines_stage_and_the_recommended_blend_beat_the_best_baseline(kfold_run, sample_env, tmp_path,
+                                                                       learning_seed):
     args = sample_env["args"](tmp_path, "run_name=b", f"baselines.folds={KFOLD}", "baselines.cv_folds=3",
                               "baselines.num_threads=1")
     assert baselines.main(args) == 0
@@ -169,7 +172,8 @@ def test_baselines_stage_and_the_recommended_blend_beat_the_best_baseline(kfold_
     for m in oof:
         assert summary[m]["oof_smape"] == pytest.approx(metrics.smape(oof[m].actual, oof[m].price), rel=1e-6)
 
-    trees = sample_env["args"](tmp_path, "run_name=t", f"gbt.folds={KFOLD}", "gbt.max_iter=30", "gbt.pca_dims=8")
+    trees = sample_env["args"](tmp_path, "run_name=t", f"gbt.folds={KFOLD}", "gbt.max_iter=30", "gbt.pca_dims=8",
+                               *seed_args("train.seed", learning_seed))
     assert gbt.main(trees) == 0
     dirs = [kfold_run["run_dir"] / "predictions", tmp_path / "t" / "predictions",
             *(tmp_path / "b" / m / "predictions" for m in ("median", "knn", "ridge"))]
@@ -183,6 +187,7 @@ def test_baselines_stage_and_the_recommended_blend_beat_the_best_baseline(kfold_
     # a blend gaining less than ensemble.min_gain (0.5) points out of fold gives way to the best input alone
     assert report["blend_kept"] == (report["oof_smape_blend"] <= best - 0.5)
     if not report["blend_kept"]:
+        # the fallback writes exact one-hot weights (not fitted numbers): exact
         assert report["weights"] == np.eye(5)[int(np.argmin(report["oof_smape_per_model"]))].tolist()
     truth = pd.read_csv(sample_env["test_labels"], dtype={"sample_id": str}).set_index("sample_id").price
 
@@ -191,7 +196,15 @@ def test_baselines_stage_and_the_recommended_blend_beat_the_best_baseline(kfold_
         return metrics.smape(truth.to_numpy(), pred.loc[truth.index].to_numpy())
 
     best_baseline = min(test_smape(tmp_path / "b" / m / "predictions" / "test_out.csv") for m in oof)
-    assert test_smape(out) <= best_baseline, (test_smape(out), best_baseline, report)
+    # measured test SMAPE, own seed / 1 / 2 / 3 (OMP_NUM_THREADS=1): recommended 24.96 / 25.80 / 26.71 / 24.69; the
+    # baselines do not depend on train.seed: median 71.38, kNN 57.23, ridge 27.56. Beating ridge on 60 test products
+    # is within seed noise (0.85 points on seed 2), so the claim is: within 5% of the best baseline (a blend of the
+    # wrong columns or rows lands near kNN / trees, 42-57)
+    assert test_smape(out) <= 1.05 * best_baseline, (test_smape(out), best_baseline, report)
+    # the K-fold fusion run (refit model) learned: 25.47 / 27.57 / 31.11 / 27.13 = 0.36-0.44 of the median's 71.38
+    median_baseline = test_smape(tmp_path / "b" / "median" / "predictions" / "test_out.csv")
+    assert test_smape(dirs[0] / "test_out.csv") < 0.6 * median_baseline, (test_smape(dirs[0] / "test_out.csv"),
+                                                                          median_baseline)
 
 
 def test_predict_checks_the_written_ids_against_the_test_csv(trained_run, monkeypatch, capsys):

@@ -101,7 +101,7 @@ def test_raising_epochs_continues_a_finished_run_to_the_weights_of_a_longer_one(
     assert json.loads((run_dir / "done.json").read_text())["epochs"] == 4
     continued = weights(run_dir)
     assert any(not torch.equal(after_two[k], continued[k]) for k in continued)  # it trained
-    # and exactly as a run started with 4 epochs (same shuffles, scheduler, RNG streams)
+    # and exactly as a run started with 4 epochs (same shuffles, scheduler, RNG streams): resume, so bit-exact
     assert train.main(sample_env["args"](tmp_path / "straight", *RUN, "train.epochs=4")) == 0
     straight = weights(tmp_path / "straight" / "g")
     assert all(torch.equal(straight[k], continued[k]) for k in straight)

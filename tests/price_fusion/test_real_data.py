@@ -10,6 +10,7 @@ import json
 
 import pandas as pd
 import pytest
+from learning_seed import seed_args
 
 from common import metrics
 from price_fusion import ikea
@@ -28,11 +29,12 @@ def test_ikea_catalog_conversion(real_data_dir):
     assert not frame.catalog_content.str.contains("old price", case=False).any()  # no price leak in the text
 
 
-def test_ikea_benchmark_small(real_data_dir, tmp_path, monkeypatch, repo_root):
+@pytest.mark.learning
+def test_ikea_benchmark_small(real_data_dir, tmp_path, monkeypatch, repo_root, learning_seed):
     monkeypatch.setenv("REAL_DATA_DIR", str(real_data_dir))
     argv = ["--config", str(repo_root / "configs" / "price_fusion" / "ikea.yaml"), f"runs_dir={tmp_path}",
             "ikea.max_products=400", "ikea.kfold=2", "train.epochs=20", "train.patience=8", "gbt.max_iter=40",
-            "baselines.cv_folds=3", "baselines.knn_ks=[1,5,20]"]
+            "baselines.cv_folds=3", "baselines.knn_ks=[1,5,20]", *seed_args("train.seed", learning_seed)]
     assert ikea.main(argv) == 0
     report = json.loads((tmp_path / "ikea" / "reports" / "ikea_results.json").read_text())
     train_csv = pd.read_csv(tmp_path / "ikea" / "data" / "train.csv", dtype={"sample_id": str, "group": str})
@@ -47,8 +49,9 @@ def test_ikea_benchmark_small(real_data_dir, tmp_path, monkeypatch, repo_root):
         assert r["smape"] == pytest.approx(metrics.smape(truth.price.to_numpy(), pred.to_numpy()), rel=1e-6)
         assert r["smape_ci95"] == pytest.approx(ikea.group_bootstrap_ci(truth.price.to_numpy(), pred.to_numpy(),
                                                                         truth.group.to_numpy(str)), rel=1e-9)
-    # A network that failed to learn would sit near the median baseline (~90%).
-    assert results["fusion_kfold"]["smape"] < 0.8 * results["median"]["smape"], results
+    # A network that failed to learn would sit near the median baseline (~90%). measured fusion_kfold test SMAPE, own
+    # seed / 1 / 2 / 3 (OMP_NUM_THREADS=1): 65.8 / 68.9 / 68.3 / 68.7 = 0.70 / 0.73 / 0.72 / 0.73 of the median's 94.3
+    assert results["fusion_kfold"]["smape"] < 0.85 * results["median"]["smape"], results
     # the blend is fitted on honest out-of-fold predictions: there it is never worse than any single method
     oof = {k: r["oof_smape"] for k, r in results.items() if r["oof_smape"] is not None}
     assert oof["recommended"] <= min(v for k, v in oof.items() if k != "recommended")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from learning_seed import seed_args
 
 from common import metrics
 from common.config import load_config
@@ -52,6 +53,7 @@ def test_evaluate_writes_groups_extremes_and_plots(trained_run):
             assert image.format == "PNG" and image.size == size
 
 
+@pytest.mark.learning
 def test_predict_writes_one_positive_price_per_test_id(trained_run, sample_env):
     assert predict.main(trained_run["args"]) == 0
     out = pd.read_csv(trained_run["run_dir"] / "predictions" / "test_out.csv", dtype={"sample_id": str})
@@ -59,6 +61,8 @@ def test_predict_writes_one_positive_price_per_test_id(trained_run, sample_env):
     assert list(out.columns) == ["sample_id", "price"]
     assert out.sample_id.tolist() == test_ids.tolist() and np.isfinite(out.price).all() and (out.price > 0).all()
     truth = pd.read_csv(sample_env["test_labels"], dtype={"sample_id": str}).price
+    # measured test SMAPE, own seed / 1 / 2 / 3 (OMP_NUM_THREADS=1): 32.6 / 26.6 / 25.1 / 31.5 = 0.48 / 0.39 / 0.37 /
+    # 0.47 of the test median's 67.6
     assert metrics.smape(truth, out.price) < 0.6 * metrics.smape(truth, np.full(len(truth), truth.median()))
     # scoring the test predictions once labels exist, without touching the run's own held-out reports
     test_out = trained_run["run_dir"] / "predictions" / "test_out.csv"
@@ -89,15 +93,20 @@ def test_fitted_weights_prefer_the_better_model():
     assert weights.sum() == pytest.approx(1.0) and (weights >= 0).all() and weights[1] > 0.85
 
 
-def test_gbt_and_ensembles(sample_env, trained_run, tmp_path):
-    args = sample_env["args"](tmp_path, "run_name=trees", "gbt.folds=3", "gbt.max_iter=30", "gbt.pca_dims=8")
+@pytest.mark.learning
+def test_gbt_and_ensembles(sample_env, trained_run, tmp_path, learning_seed):
+    args = sample_env["args"](tmp_path, "run_name=trees", "gbt.folds=3", "gbt.max_iter=30", "gbt.pca_dims=8",
+                              *seed_args("train.seed", learning_seed))
     assert gbt.main(args) == 0
     trees = tmp_path / "trees"
     oof = pd.read_csv(trees / "predictions" / "oof_predictions.csv", dtype={"sample_id": str})
     assert len(oof) == 240 and (oof.price > 0).all()
     summary = json.loads((trees / "reports" / "gbt_summary.json").read_text())
     median_smape = metrics.smape(oof.actual, np.full(len(oof), oof.actual.median()))
-    assert summary["oof_smape"] < median_smape and summary["oof_smape_knn_only"] < median_smape
+    # measured OOF SMAPE, own seed / 1 / 2 / 3 (OMP_NUM_THREADS=1): trees 49.9 / 47.8 / 51.1 / 48.4 (0.61-0.65 of the
+    # median's 78.9); kNN price alone 66.1 on every seed (0.84; its folds follow data.split_seed, not train.seed)
+    assert summary["oof_smape"] < 0.8 * median_smape, (summary, median_smape)
+    assert summary["oof_smape_knn_only"] < 0.92 * median_smape, (summary, median_smape)
     assert evaluate.main([*args, "run_name=trees"]) == 0  # K-fold runs are scored from their OOF file
 
     fusion_test = trained_run["run_dir"] / "predictions" / "test_out.csv"
@@ -130,10 +139,13 @@ def test_gbt_and_ensembles(sample_env, trained_run, tmp_path):
     assert report["oof_smape_per_model"] == pytest.approx(per_model, rel=1e-4)
     assert report["oof_smape_fitted"] == pytest.approx(blend, rel=1e-4)
     assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
-    # the fitted blend beats both models and the plain mean on the OOF rows, and is as good as the best weight on a
-    # 0.01 grid (the oracle for two models)
+    # the fitted blend is never worse than either model or the plain mean on the OOF rows (all are candidates of the
+    # fit) and is as good as the best weight on a 0.01 grid (the oracle for two models). A strict gain is not asserted:
+    # measured own seed / 1 / 2 / 3 (OMP_NUM_THREADS=1) blend vs best model 49.90 vs 49.90 (w = 1, 0) / 47.70 vs 47.79
+    # / 50.53 vs 50.68 / 48.28 vs 48.38, vs the mean 50.19 / 47.74 / 50.527 / 48.30. The 1e-6 tolerances: the mean and
+    # one-hot blends are the same numbers through another float summation
     grid = min(metrics.smape(actual, t * a_oof.price + (1 - t) * b_oof.price) for t in np.linspace(0, 1, 101))
-    assert blend < min(per_model) and blend < report["oof_smape_mean"], (blend, per_model)
+    assert blend <= min(per_model) + 1e-6 and blend <= report["oof_smape_mean"] + 1e-6, (blend, per_model, report)
     assert blend <= grid + 1e-3, (blend, grid)
     assert report["oof_smape_mean"] == pytest.approx(metrics.smape(actual, (a_oof.price + b_oof.price) / 2), rel=1e-4)
     # and the test file is the same weighted mean of the two test predictions
@@ -148,7 +160,8 @@ def test_sample_data_cli_and_stage_list(tmp_path):
     train = pd.read_csv(tmp_path / "s" / "train.csv")
     assert list(train.columns) == ["sample_id", "catalog_content", "image_link", "price"] and len(train) == 20
     assert "price" not in pd.read_csv(tmp_path / "s" / "test.csv").columns
-    out = subprocess.run([sys.executable, "-m", "price_fusion"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "price_fusion"], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
     for stage in ("embed", "train", "evaluate", "predict", "ensemble", "gbt", "baselines", "sample_data", "ikea"):
         assert f"python -m price_fusion.{stage}" in out
 

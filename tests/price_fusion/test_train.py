@@ -18,6 +18,7 @@ from price_fusion.embeddings import load_embeddings, write_embeddings
 from price_fusion.model import load_trained_model
 
 
+@pytest.mark.learning
 def test_training_learns_and_writes_its_outputs(trained_run, sample_env):
     run = trained_run["run_dir"]
     for path in ("config.yaml", "split.json", "metrics.jsonl", "training_history.json", "done.json",
@@ -38,7 +39,9 @@ def test_training_learns_and_writes_its_outputs(trained_run, sample_env):
     train_prices = pd.read_csv(sample_env["train_csv"], dtype={"sample_id": str}).set_index("sample_id").price
     median_smape = metrics.smape(val.actual, np.full(len(val), np.median(train_prices.drop(val.sample_id))))
     fused_smape = metrics.smape(val.actual, val.price)
-    # the price depends on text, structure and image in a known way; a working pipeline beats the median by far
+    # the price depends on text, structure and image in a known way; a working pipeline beats the median by far.
+    # measured val SMAPE, own seed / 1 / 2 / 3 (OMP_NUM_THREADS=1): 33.1 / 33.1 / 31.0 / 31.0 = 0.40 / 0.40 / 0.38 /
+    # 0.38 of the train median's 82.4
     assert fused_smape < 0.6 * median_smape, (fused_smape, median_smape)
     assert min(h["val_smape"] for h in history) == pytest.approx(fused_smape, rel=1e-3)  # best checkpoint was used
 
@@ -56,7 +59,7 @@ def test_kill_and_resume_gives_identical_weights(sample_env, tmp_path):
     a = load_file(tmp_path / "straight" / "r" / "checkpoints" / "latest" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "r" / "checkpoints" / "latest" / "model.safetensors")
     assert a.keys() == b.keys()
-    for key in a:
+    for key in a:  # resume replays the same ops on the same inputs: bit-exact is right
         assert torch.equal(a[key], b[key]), key
     hist_a = json.loads((tmp_path / "straight" / "r" / "training_history.json").read_text())
     hist_b = json.loads((tmp_path / "resumed" / "r" / "training_history.json").read_text())
@@ -137,7 +140,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_weights(sample_env, tmp_pat
     common = ["run_name=r", "train.epochs=40", "train.resume=auto", "train.patience=100"]
     killed_args = sample_env["args"](tmp_path / "killed", *common)
     proc = subprocess.Popen([sys.executable, "-m", "price_fusion.train", *killed_args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     meta = tmp_path / "killed" / "r" / "checkpoints" / "latest" / "meta.json"
 
     def epoch_on_disk() -> int:
@@ -146,7 +149,8 @@ def test_sigkill_mid_run_then_resume_gives_identical_weights(sample_env, tmp_pat
         except (OSError, ValueError, KeyError):
             return 0
 
-    deadline, first_seen = time.monotonic() + 120, {}
+    # ~15 s to epoch 3 on an idle 2-core machine; room for a loaded one
+    deadline, first_seen = time.monotonic() + 360, {}
     while time.monotonic() < deadline and proc.poll() is None and epoch_on_disk() < 3:
         first_seen.setdefault(epoch_on_disk(), time.monotonic())
         time.sleep(0.002)
@@ -158,13 +162,14 @@ def test_sigkill_mid_run_then_resume_gives_identical_weights(sample_env, tmp_pat
     delay = random.Random(seed).uniform(0.0, 6 * per_epoch)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, f"the run finished before it could be killed (seed {seed})"
+    assert proc.wait(timeout=60) == -signal.SIGKILL, f"the run finished before it could be killed (seed {seed})"
     assert not (tmp_path / "killed" / "r" / "done.json").exists()
     assert epoch_on_disk() < 40
     assert train.main(killed_args) == 0, f"resume after SIGKILL failed (seed {seed}, delay {delay:.3f} s)"
     assert train.main(sample_env["args"](tmp_path / "straight", *common)) == 0
     a = load_file(tmp_path / "straight" / "r" / "checkpoints" / "latest" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "r" / "checkpoints" / "latest" / "model.safetensors")
+    # kill-and-resume vs the uninterrupted run: the same ops on the same inputs, bit-exact
     assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ (seed {seed}, delay {delay:.3f} s)"
     hist = json.loads((tmp_path / "killed" / "r" / "training_history.json").read_text())
     assert hist == json.loads((tmp_path / "straight" / "r" / "training_history.json").read_text())

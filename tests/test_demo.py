@@ -38,11 +38,13 @@ def test_demo_runs_every_package_and_each_model_beats_its_baseline(tmp_path: Pat
     value = {(r["package"], r["stage"], r["metric"]): _number(r["value"]) for r in rows
              if str(r["value"]).split() and str(r["value"]).split()[0].replace(".", "", 1).isdigit()}
 
-    # price_fusion: every model's test SMAPE is below the train-median baseline's (lower is better).
+    # price_fusion: every model's test SMAPE is well below the train-median baseline's (lower is better). Measured,
+    # training seeds own / 1 / 2 / 3 (OMP_NUM_THREADS=1): fusion 17.1 / 17.7 / 16.8 / 17.6, trees + kNN 27.4 / 30.6 /
+    # 27.6 / 27.3, ensemble 20.1 / 20.2 / 19.8 / 20.2; median 76.6 (0.6x = 46.0).
     median = value[("price_fusion", "baseline", "test SMAPE % (train median)")]
     for stage, metric in (("predict", "test SMAPE % (fusion)"), ("gbt", "test SMAPE % (trees + kNN)"),
                           ("ensemble", "test SMAPE % (mean of both)")):
-        assert value[("price_fusion", stage, metric)] < median - 10, (stage, value[("price_fusion", stage, metric)])
+        assert value[("price_fusion", stage, metric)] < 0.6 * median, (stage, value[("price_fusion", stage, metric)])
     # ehr_embedded: both transformers beat counts + logistic regression on held-out AUROC (the sample label needs
     # the numeric values, which counts ignore).
     counts = value[("ehr_embedded", "baseline (counts + LR)", "held_out AUROC [95% CI]")]
@@ -50,6 +52,8 @@ def test_demo_runs_every_package_and_each_model_beats_its_baseline(tmp_path: Pat
         auroc = value[("ehr_embedded", f"finetune+evaluate ({kind})", "held_out AUROC [95% CI]")]
         assert auroc > counts + 0.1, (kind, auroc, counts)
     # cnc_gcode: token accuracy above the majority-per-position baseline; operations far above chance (9 classes).
+    # Measured, seeds own / 1 / 2 / 3: token 0.526 / 0.532 / 0.528 / 0.524 vs majority 0.297; operation 0.973 / 0.950 /
+    # 0.978 / 0.965.
     assert value[("cnc_gcode", "evaluate", "token_acc")] > value[("cnc_gcode", "evaluate", "majority_token_acc")] + 0.1
     assert value[("cnc_gcode", "evaluate", "operation_acc")] > 0.6
     # building_embed: the traps sample_data injects are all caught and nothing leaks across splits. No claim on the

@@ -30,14 +30,17 @@ def _run(stage, argv: list[str]) -> None:
         raise RuntimeError(f"{stage.__name__} {' '.join(argv)} exited with {code}")
 
 
-def run_demo(out_dir: Path) -> list[dict]:
+def run_demo(out_dir: Path, seed: int | None = None) -> list[dict]:
+    """The demo's table rows. `seed`: run.seed of both classifiers, the dual regressor and predict's Monte Carlo
+    draws (None keeps sample.yaml's); the sample data are the same either way."""
     out_dir = Path(out_dir)
     data = out_dir / "data"
     make_dataset(data, n_train=800, n_val=150, n_test=150, n_unseen=100, size=64, seed=0, dicom_every=10)
     common = ["--config", str(CONFIG), f"run.out_dir={out_dir / 'runs'}", "run.name=demo",
               f"data.train_json={data / 'augmented_train.json'}", f"data.val_json={data / 'augmented_val.json'}",
               f"data.test_json={data / 'test.json'}", f"data.unseen_json={data / 'unseen_test.json'}",
-              f"data.catalogue_csv={data / 'catalogue.csv'}", *DEMO_BUDGET]
+              f"data.catalogue_csv={data / 'catalogue.csv'}", *DEMO_BUDGET,
+              *([] if seed is None else [f"run.seed={seed}"])]
     run_dir = out_dir / "runs" / "demo"
     rows = []
     for target in ("company", "model_type"):

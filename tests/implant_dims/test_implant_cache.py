@@ -1,6 +1,6 @@
-"""implant_dims.regression's feature cache: head-only epochs on cached features give exactly the numbers of the same
-epochs recomputing the frozen ViTs (regression.cache_features=false), and the cache is off whenever a feature
-extractor's output can change (augmentation, a visual backbone that trains in stage 0).
+"""implant_dims.regression's feature cache: head-only epochs on cached features give the numbers (up to float32
+rounding) of the same epochs recomputing the frozen ViTs (regression.cache_features=false), and the cache is off
+whenever a feature extractor's output can change (augmentation, a visual backbone that trains in stage 0).
 benchmarks/implant_frozen_cache.py times the two ways."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from common.logs import read_metrics
 from implant_dims import train_dual
 
 # every epoch in stage 0 (head only), the visual backbone frozen with the embedders: the cache applies throughout.
-# On CPU in float32 (on CUDA, autocast and batch-size dependent kernels would make it equal only up to rounding).
+# The cache computes the features in unshuffled batches of 128, the plain run in each training batch: the same
+# float32 math on other batch compositions, so equal up to rounding (GEMM kernels may block by batch size).
 STAGE0 = ("run.device=cpu", "visual.frozen_in_stage0=true", "regression.epochs=2", "regression.unfreeze_half_epoch=2",
           "regression.unfreeze_all_epoch=2", "regression.mc_samples=2", "data.unseen_json=")
 
@@ -39,19 +40,23 @@ def test_cached_head_only_epochs_equal_recomputed_ones(trained_run, implant_data
     assert [(m["stage"], m["cached_features"]) for m in cached] == [(0, True), (0, True)]
     assert [(m["stage"], m["cached_features"]) for m in plain] == [(0, False), (0, False)]
     assert "features cached" in (runs / "cached" / "dual" / "train.log").read_text()
-    keys = ("train_loss", "val_length_mae", "val_diameter_mae", "val_mean_mae", "lr", "best")
-    assert [{k: m[k] for k in keys} for m in cached] == [{k: m[k] for k in keys} for m in plain]
+    # lr is the same schedule function of the step, best the same comparison: exact; losses and MAEs: rounding
+    assert [(m["lr"], m["best"]) for m in cached] == [(m["lr"], m["best"]) for m in plain]
+    for a, b in zip(cached, plain, strict=True):
+        for key in ("train_loss", "val_length_mae", "val_diameter_mae", "val_mean_mae"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     for ckpt in ("latest", "best"):
         wa = load_file(str(runs / "cached" / "dual" / "checkpoints" / ckpt / "model.safetensors"))
         wb = load_file(str(runs / "plain" / "dual" / "checkpoints" / ckpt / "model.safetensors"))
         assert wa.keys() == wb.keys()
-        for key in wa:
-            assert torch.equal(wa[key], wb[key]), f"{ckpt}: {key} differs"
+        for key in wa:  # two head-only epochs from the same start: float32 rounding of the features only
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=f"{ckpt}: {key} differs")
     # the held-out reports (no cache there) therefore agree too
     for split in ("val", "test"):
         ra = json.loads((runs / "cached" / "dual" / "reports" / f"results_{split}.json").read_text())
         rb = json.loads((runs / "plain" / "dual" / "reports" / f"results_{split}.json").read_text())
-        assert (ra["length_mae"], ra["diameter_mae"]) == (rb["length_mae"], rb["diameter_mae"])
+        assert ra["length_mae"] == pytest.approx(rb["length_mae"], rel=1e-5, abs=1e-5)
+        assert ra["diameter_mae"] == pytest.approx(rb["diameter_mae"], rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.parametrize("change", ["regression.augment=true", "visual.frozen_in_stage0=false"])

@@ -62,10 +62,12 @@ def test_torchrun_classifier_equals_one_process_with_the_doubled_batch(ddp_class
     assert worst < 1e-5, (worst, key)
     for a, b in zip(read_metrics(ddp / "metrics.jsonl"), read_metrics(single / "metrics.jsonl"), strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-        assert a["val_accuracy"] == b["val_accuracy"]
+        # weights up to 1e-5 apart: a validation image on a near-tie of two logits may flip (1 of 48 = 0.021)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1.5 / 48)
     report = json.loads((ddp / "reports" / "results_val.json").read_text())
     assert report["n"] == 48 and np.array(report["confusion"]).sum() == 48
-    assert report["confusion"] == json.loads((single / "reports" / "results_val.json").read_text())["confusion"]
+    single_confusion = json.loads((single / "reports" / "results_val.json").read_text())["confusion"]
+    assert np.abs(np.array(report["confusion"]) - np.array(single_confusion)).sum() <= 2  # at most that one flip
     assert (ddp / "reports" / "confusion_val.png").is_file()
 
 

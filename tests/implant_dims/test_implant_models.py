@@ -82,15 +82,18 @@ def test_small_vit_loads_local_weights(tmp_path):
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     loaded = build_vit(VitSpec(model_size="small", img_size=IMG, weights=str(path))).eval()
     x = images(2)
-    with torch.no_grad():
+    with torch.no_grad():  # bit-exact: the saved weights read back, the same forward on the same input
         torch.testing.assert_close(loaded(x), reference(x), rtol=0, atol=0)
 
     rgb = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=IMG)
     rgb_path = tmp_path / "rgb.pth"
     torch.save(rgb.state_dict(), rgb_path)
     adapted = build_vit(VitSpec(model_size="small", img_size=48, weights=str(rgb_path)))
-    torch.testing.assert_close(adapted.patch_embed.proj.weight, rgb.patch_embed.proj.weight.sum(1, keepdim=True))
-    torch.testing.assert_close(adapted.blocks[5].mlp.fc1.weight, rgb.blocks[5].mlp.fc1.weight)
+    # float32 sum of 3 channels, possibly in another order: a few ulp
+    torch.testing.assert_close(adapted.patch_embed.proj.weight, rgb.patch_embed.proj.weight.sum(1, keepdim=True),
+                               rtol=1e-5, atol=1e-6)
+    # bit-exact: a copied tensor
+    torch.testing.assert_close(adapted.blocks[5].mlp.fc1.weight, rgb.blocks[5].mlp.fc1.weight, rtol=0, atol=0)
     assert adapted.pos_embed.shape == (1, 1 + 3 * 3, 384)  # resized from 2 x 2 patches to 3 x 3
     assert adapted(torch.zeros(1, 1, 48, 48)).shape == (1, 384)
 
@@ -119,7 +122,7 @@ def test_fusion_shapes_weights_and_gradients(attention_type):
     assert set(weights) == set(fusion.weight_labels)
     for name, w in weights.items():
         assert w.shape[0] == 8 and (w >= 0).all()
-        torch.testing.assert_close(w.sum(-1), torch.ones(8))
+        torch.testing.assert_close(w.sum(-1), torch.ones(8), rtol=1e-5, atol=1e-6)  # softmax: 1 up to rounding
         assert w.std(dim=0).max() > 1e-4, f"{name} weights do not depend on the input"
     # A random projection of the output: a plain sum would vanish through the LayerNorms.
     (out * torch.randn_like(out)).sum().backward()
@@ -147,11 +150,12 @@ def test_fusion_formulas():
             expected = u[:, :1] * v_p + u[:, 1:] * (a[:, :1] * c_p + a[:, 1:] * m_p)
         else:
             expected = torch.cat([v_p, c_p, m_p], -1)
-        torch.testing.assert_close(out, expected, msg=kind)
+        # the same terms combined by other float32 ops (stack + sum vs products + adds): rounding only
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=kind)
     cross = Fusion("cross", 24, 16, fusion_dim=32, dropout=0.0).eval()
     with torch.no_grad():
         out, _ = cross(v, c, m)
-        torch.testing.assert_close(out[:, :32], cross.v_proj(v))
+        torch.testing.assert_close(out[:, :32], cross.v_proj(v), rtol=1e-5, atol=1e-6)
 
 
 def test_single_embedding_fusion():
@@ -165,7 +169,7 @@ def test_single_embedding_fusion():
     assert out.shape == (8, 32)
     (w,) = weights.values()
     assert w.shape == (8, 2)
-    torch.testing.assert_close(w.sum(-1), torch.ones(8))
+    torch.testing.assert_close(w.sum(-1), torch.ones(8), rtol=1e-5, atol=1e-6)  # softmax: 1 up to rounding
     for kind in ("dual", "hierarchical", "cross"):
         with pytest.raises(ValueError, match=kind):
             Fusion(kind, 24, 16, n_embeddings=1)
@@ -183,9 +187,11 @@ def test_predictions_are_destandardised_mm():
     model.set_target_stats([11.0, 4.2], [2.5, 0.6])
     with torch.no_grad():
         out = model(images())
-    torch.testing.assert_close(out["pred_mm"], out["pred_std"] * torch.tensor([2.5, 0.6]) + torch.tensor([11.0, 4.2]))
+    # float32 affine maps and their inverse: rounding only
+    torch.testing.assert_close(out["pred_mm"], out["pred_std"] * torch.tensor([2.5, 0.6]) + torch.tensor([11.0, 4.2]),
+                               rtol=1e-5, atol=1e-5)
     assert out["pred_mm"].shape == (6, 2) and out["thread_logits"].shape == (6, 3)
-    torch.testing.assert_close(model.standardise(out["pred_mm"]), out["pred_std"])
+    torch.testing.assert_close(model.standardise(out["pred_mm"]), out["pred_std"], rtol=1e-5, atol=1e-5)
     assert "target_mean" in model.state_dict() and "target_std" in model.state_dict()
     with pytest.raises(ValueError, match="std > 0"):
         model.set_target_stats([11.0, 4.2], [2.5, 0.0])
@@ -274,12 +280,13 @@ def test_frozen_features_are_deterministic_and_forward_composes():
         first, second = model.features(x), model.features(x)
     assert set(first) == {"visual", "company", "model_type"}
     assert first["visual"].shape == (6, 32) and first["company"].shape == (6, 16)
-    for key in first:
+    for key in first:  # bit-exact: the same call twice on the same input (frozen parts in eval mode)
         assert torch.equal(first[key], second[key]), key
     model.eval()
     with torch.no_grad():
         direct = model(x)
         composed = model.forward_features(model.features(x))
+    # bit-exact: forward() is literally forward_features(features(x)), the same ops on the same input
     assert torch.equal(direct["pred_mm"], composed["pred_mm"])
     for key in direct["weights"]:
         assert torch.equal(direct["weights"][key], composed["weights"][key])
@@ -297,10 +304,10 @@ def test_param_groups_cover_every_parameter_once():
         group = by_param[id(param)]
         part = name.split(".")[0]
         expected_lr = {"embedders": 1e-4, "visual": 5e-4}.get(part, 1e-3)
-        assert math.isclose(group["lr"], expected_lr), name
+        assert math.isclose(group["lr"], expected_lr, rel_tol=1e-9), name  # lr * mult
         leaf = name.rsplit(".", 1)[-1]
         no_decay = leaf in ("bias", "pos_embed", "cls_token") or param.ndim == 1
-        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name  # copied from the argument, not computed
     assert by_param[id(model.visual.pos_embed)]["weight_decay"] == 0.0
     assert by_param[id(model.head[0].weight)]["weight_decay"] == 0.05
     optimizer = torch.optim.AdamW(groups)
@@ -347,16 +354,17 @@ def test_mc_dropout_uncertainty_and_modes():
     assert ((mean - deterministic).abs() <= 0.5 * std).all()
     assert {name: m.training for name, m in model.named_modules()} == modes
     again, _ = mc_dropout_predict(model, x, n_samples=200)
-    assert torch.equal(again, mean)
+    assert torch.equal(again, mean)  # bit-exact: the same seeded call twice
 
 
 def test_mc_dropout_without_dropout_has_zero_std():
     torch.manual_seed(0)
     model = make_regressor(dropout=0.0, embed_dropout=0.0).eval()
     mean, std = mc_dropout_predict(model, images(4), n_samples=5)
-    assert torch.equal(std, torch.zeros(4, 2))
+    # identical passes: their std is 0 up to the rounding of their mean
+    torch.testing.assert_close(std, torch.zeros(4, 2), rtol=0, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(mean, model(images(4))["pred_mm"])
+        torch.testing.assert_close(mean, model(images(4))["pred_mm"], rtol=1e-5, atol=1e-5)
     assert not model.training
 
 
@@ -381,9 +389,10 @@ def rectangles(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.stack([heights, widths], 1).float() * 0.5
 
 
-def test_regressor_learns_rectangle_sizes():
-    torch.manual_seed(0)
-    x, y = rectangles(64, seed=0)
+@pytest.mark.learning
+def test_regressor_learns_rectangle_sizes(learning_seed):
+    x, y = rectangles(64, seed=0)  # the data stay fixed; the seed drives the initial weights
+    torch.manual_seed(0 if learning_seed is None else learning_seed)
     model = make_regressor("triple", dropout=0.0)
     model.set_target_stats(y.mean(0), y.std(0))
     model.set_stage(0, visual_frozen_in_stage0=False)  # frozen random embedders; the visual ViT must learn
@@ -398,6 +407,8 @@ def test_regressor_learns_rectangle_sizes():
     with torch.no_grad():
         mae = (model(x)["pred_mm"] - y).abs().mean()
     baseline = (y - y.mean(0)).abs().mean()
+    # mae / baseline measured, own seed / 1 / 2 / 3 (OMP_NUM_THREADS=1): 0.069 / 0.076 / 0.057 / 0.049;
+    # train-mean baseline 2.27 mm (a constant predictor's ratio is 1)
     assert mae < 0.3 * baseline, (float(mae), float(baseline))
 
 
@@ -421,7 +432,8 @@ def test_conv_stem_replaces_the_patch_projection_on_the_same_grid() -> None:
     y[:, :, 0, 0] += 5.0  # top-left pixel: only the first patch token's receptive field holds it
     with torch.no_grad():
         moved = (conv.patch_embed(y) - conv.patch_embed(x)).abs().sum(-1)[0]
-    assert moved[0] > 0 and torch.all(moved[[3, 12, 15]] == 0)
+    # tokens outside the pixel's receptive field: unchanged up to rounding (moved[0] is of order 1)
+    assert moved[0] > 0.01 and moved[[3, 12, 15]].max() < 1e-5, moved
     with pytest.raises(ValueError, match="power of 2"):
         build_vit(VitSpec(img_size=36, patch_size=6, embed_dim=32, depth=1, num_heads=2, stem="conv"))
     with pytest.raises(ValueError, match="stem=conv"):

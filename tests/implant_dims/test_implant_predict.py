@@ -62,10 +62,11 @@ def test_predict_records_json_with_dicoms_and_catalogue(trained_run, implant_dat
     assert len(rows) == len(records)
     assert [Path(r["image_path"]) for r in rows] == [r.image_path for r in records]
     check_rows(rows)
-    assert column(rows, "length_true_mm").tolist() == [r.length for r in records]
+    assert column(rows, "length_true_mm").tolist() == [r.length for r in records]  # exact: copied labels
     catalogue = catalogue_rows(implant_data)
     everything = set().union(*catalogue.values())
     for row in rows:
+        # exact: a catalogue size is copied from catalogue.csv, not computed
         pair = (float(row["length_catalogue_mm"]), float(row["diameter_catalogue_mm"]))
         assert pair in catalogue.get((row["company_pred"], row["model_type_pred"]), everything), row
 
@@ -79,7 +80,7 @@ def test_predict_records_json_with_dicoms_and_catalogue(trained_run, implant_dat
     got = np.stack([column(rows, "length_mm"), column(rows, "diameter_mm")], axis=1)
     if mc_samples == 0:  # one deterministic pass: exactly the regressor in eval mode
         np.testing.assert_allclose(got, direct, atol=1e-4, rtol=0)
-        assert (column(rows, "length_std_mm") == 0).all()
+        assert (column(rows, "length_std_mm") == 0).all()  # exact: one pass writes a literal 0
     else:  # dropout sampling moves the mean a little and gives a spread
         assert (column(rows, "length_std_mm") > 0).any() and (column(rows, "length_low_mm") < got[:, 0]).any()
         assert np.abs(got - direct).max() < 1.0

@@ -37,6 +37,7 @@ def weights(stage_dir: Path, which: str = "latest") -> dict[str, np.ndarray]:
 
 def assert_same_weights(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str = "") -> None:
     assert a.keys() == b.keys()
+    # bit-exact: a killed-and-resumed run against the uninterrupted one (the same ops on the same inputs, same machine)
     different = [k for k in a if not np.array_equal(a[k], b[k])]
     assert not different, f"{what}: {len(different)} tensors differ, e.g. {different[:5]}"
 
@@ -117,7 +118,7 @@ def test_sigkill_train_dual_then_resume_crosses_unfreezing_and_is_bit_identical(
     assert_same_weights(weights(reference, "best"), weights(out, "best"), "best")
     resumed, straight = read_metrics(out / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl")
     assert [m["epoch"] for m in resumed] == [1, 2, 3, 4, 5]
-    for a, b in zip(resumed, straight, strict=True):
+    for a, b in zip(resumed, straight, strict=True):  # bit-exact: resume against the uninterrupted run
         assert (a["stage"], a["train_loss"], a["val_mean_mae"], a["best"]) == \
             (b["stage"], b["train_loss"], b["val_mean_mae"], b["best"])
 
@@ -139,6 +140,7 @@ def test_sigkill_train_classifier_then_resume_is_bit_identical(implant_data, sta
     assert_same_weights(weights(reference, "best"), weights(out, "best"), "best")
     resumed, straight = read_metrics(out / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl")
     assert [m["epoch"] for m in resumed] == [1, 2, 3]
+    # bit-exact: resume against the uninterrupted run
     assert [(m["train_loss"], m["val_accuracy"]) for m in resumed] == \
         [(m["train_loss"], m["val_accuracy"]) for m in straight]
     assert json.loads((out / "reports" / "results_val.json").read_text())["confusion"] == \
@@ -178,7 +180,7 @@ def test_raising_the_epochs_continues_a_finished_dual_run(dual_reference, tmp_pa
     assert train_dual.main(args("c", "regression.epochs=6")) == 0
     metrics = read_metrics(out / "metrics.jsonl")
     assert [(m["epoch"], m["stage"]) for m in metrics] == [(1, 0), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
-    assert metrics[:5] == read_metrics(reference / "metrics.jsonl")
+    assert metrics[:5] == read_metrics(reference / "metrics.jsonl")  # exact: lines copied with the run
     assert json.loads((out / "checkpoints" / "latest" / "meta.json").read_text())["epoch"] == 6
     changed = weights(out)
     assert any(not np.array_equal(changed[k], weights_before[k]) for k in changed)

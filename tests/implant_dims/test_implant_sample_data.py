@@ -31,7 +31,7 @@ def test_layout_and_meta(sample: tuple[Path, dict]) -> None:
     for name in [*SPLIT_FILES.values(), "catalogue.csv", "README.txt", "meta.json"]:
         assert (out / name).is_file(), name
     assert meta == json.loads((out / "meta.json").read_text())
-    assert meta["px_per_mm"] == 6.0 and meta["counts"] == {"train": 80, "val": 10, "test": 10, "unseen": 12}
+    assert meta["px_per_mm"] == pytest.approx(6.0, rel=1e-12) and meta["counts"] == {"train": 80, "val": 10, "test": 10, "unseen": 12}
     assert sorted(map(tuple, meta["held_out_combinations"])) == sorted(HELD_OUT)
     rows = _rows(out, "train")
     assert set(rows[0]) == {"image_path", "company", "model_type", "length", "diameter", "thread_type", "group"}
@@ -40,6 +40,7 @@ def test_layout_and_meta(sample: tuple[Path, dict]) -> None:
     assert all(r["thread_type"] == COMPANIES[r["company"]].thread_type for r in all_rows)
     sizes = catalogue()
     assert all(len(v) >= 4 for v in sizes.values())
+    # exact: each label is copied from the catalogue
     assert all((r["length"], r["diameter"]) in sizes[(r["company"], r["model_type"])] for r in all_rows)
     lines = (out / "catalogue.csv").read_text().splitlines()
     assert lines[0] == "company,model_type,length,diameter" and len(lines) == 1 + sum(map(len, sizes.values()))
@@ -132,7 +133,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "--size", "64"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["counts"]["train"] == 3 and printed["px_per_mm"] == 3.0
+    assert printed["counts"]["train"] == 3 and printed["px_per_mm"] == pytest.approx(3.0, rel=1e-12)
     assert main([str(tmp_path / "bad"), "--n-train", "0"]) == 2
     assert "--n-train 0" in capsys.readouterr().err
     with pytest.raises(UserError):

@@ -87,7 +87,8 @@ def test_classifier_metrics_and_reports(trained_run: Path, implant_data: Path, t
         assert rep["accuracy"] <= rep["top3_accuracy"] <= 1.0
         assert rep["majority_accuracy"] == pytest.approx(float((labels[known] == majority).mean()))
         assert rep["classes"] == classes and rep["split"] == split and rep["target"] == target
-        # the report is of the best checkpoint: recompute the accuracy and the confusion matrix from its weights
+        # the report is of the best checkpoint: recompute the accuracy and the confusion matrix from its weights (the
+        # report's predict_logits also runs all n <= 128 images as one float32 CPU batch: the same arithmetic)
         dataset = make_dataset(records, {"embedders": {}}, 32)
         with torch.no_grad():
             logits = model(torch.stack([dataset[i]["image"] for i in range(len(dataset))]))
@@ -165,7 +166,7 @@ def check_regressor_reports(out: Path, implant_data: Path, embedders: list[str],
             assert rep["snapped"]["mean_mae"] == pytest.approx(np.abs(snapped - true).mean(), abs=1e-4), split
         png = out / "reports" / f"pred_vs_true_{split}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert summary["splits"][split] == rep
+        assert summary["splits"][split] == rep  # exact: the same numbers written to both files
         reports[split] = rep
     return reports
 

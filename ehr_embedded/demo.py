@@ -31,9 +31,12 @@ TRAIN = ["training.batch_size=16", "training.learning_rate=0.002", "training.sav
          "training.class_weights=auto", "evaluate.n_bootstrap=300"]
 
 
-def run_demo(out_dir: pathlib.Path) -> list[dict]:
+def run_demo(out_dir: pathlib.Path, seed: int | None = None) -> list[dict]:
+    """The chain on the sample data; `seed` (an int) is the training.seed of pretrain and both finetunes and the
+    counts baseline's seed; None keeps each stage's default. The sample data do not depend on it."""
     out_dir = pathlib.Path(out_dir)
     rows: list[dict] = []
+    train_seed = [] if seed is None else [f"training.seed={seed}"]
 
     def row(stage: str, metric: str, value, output) -> None:
         rows.append({"package": PACKAGE, "stage": stage, "metric": metric, "value": value, "output": str(output)})
@@ -60,21 +63,22 @@ def run_demo(out_dir: pathlib.Path) -> list[dict]:
     store = [f"data.embedding_output_dir={out_dir}/patients"]
     pre = load_config(TrainConfig, None, [*MODEL, *store, *TRAIN, "model.type=transformer_decoder_embedded",
                                           "training.task=autoregressive", f"training.output_dir={out_dir}/pretrain",
-                                          "training.epochs=3", "training.learning_rate=0.003"])
+                                          "training.epochs=3", "training.learning_rate=0.003", *train_seed])
     tuning = pretrain(pre)
     row("pretrain", "tuning next-event top-10 accuracy", round(tuning["top10_accuracy"], 4), out_dir / "pretrain")
     for kind, extra in (("encoder", ["model.type=transformer_encoder_embedded"]),
                         ("decoder", ["model.type=transformer_decoder_embedded",
                                      f"training.pretrained_checkpoint={out_dir}/pretrain"])):
         cfg = load_config(TrainConfig, None, [*MODEL, *store, *TRAIN, *extra, "training.epochs=8",
-                                              f"training.output_dir={out_dir}/finetune_{kind}"])
+                                              f"training.output_dir={out_dir}/finetune_{kind}", *train_seed])
         result = finetune(cfg)
         auroc = result["auroc"]
         row(f"finetune+evaluate ({kind})", "held_out AUROC [95% CI]",
             f"{auroc['value']:.3f} [{auroc['low']:.3f}, {auroc['high']:.3f}]",
             out_dir / f"finetune_{kind}" / "reports" / "eval_held_out.json")
     base = fit_baseline(load_config(BaselineConfig, None, [f"embedding_output_dir={out_dir}/patients",
-                                                           f"output_dir={out_dir}/baseline", "n_bootstrap=300"]))
+                                                           f"output_dir={out_dir}/baseline", "n_bootstrap=300",
+                                                           *([] if seed is None else [f"seed={seed}"])]))
     auroc = base["auroc"]
     row("baseline (counts + LR)", "held_out AUROC [95% CI]", f"{auroc['value']:.3f} [{auroc['low']:.3f}, "
         f"{auroc['high']:.3f}]", out_dir / "baseline" / "reports" / "baseline_held_out.json")
@@ -84,13 +88,15 @@ def run_demo(out_dir: pathlib.Path) -> list[dict]:
 
 
 def _body(args: argparse.Namespace) -> int:
-    for r in run_demo(pathlib.Path(args.out_dir)):
+    for r in run_demo(pathlib.Path(args.out_dir), seed=args.seed):
         print(json.dumps(r))
     return 0
 
 
 parser = argparse.ArgumentParser(prog="python -m ehr_embedded.demo", description=__doc__)
 parser.add_argument("out_dir")
+parser.add_argument("--seed", type=int, default=None, help="training seed of every training stage (default: each "
+                    "stage's own)")
 main = guarded_main(_body, parser)
 
 if __name__ == "__main__":

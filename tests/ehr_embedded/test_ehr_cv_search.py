@@ -86,6 +86,7 @@ def test_folds_split_subjects_cover_every_pooled_row_once_and_copy_events_unchan
         tuning_keys += key(tuning.sequences)
         subjects_by_fold.append(set(tuning.sequences["subject_id"]))
         assert len(np.unique(tuning.labels)) == 2  # stratified: every fold has a tuning AUROC
+        # the fold stores copy the code table: bit for bit
         np.testing.assert_array_equal(load_dataset_table(fold).embeddings, load_dataset_table(built.store).embeddings)
     assert sorted(tuning_keys) == sorted(source)  # every pooled row is exactly once a fold's tuning row
     for a in range(3):
@@ -131,7 +132,7 @@ def test_a_cv_study_scores_the_mean_fold_best_and_never_reads_held_out(built, tm
             assert not (run_dir / f"fold_{k}" / "reports" / "eval_held_out.json").exists()
         assert trial.user_attrs["fold_aurocs"] == best
         assert trial.value == pytest.approx(np.mean(best), abs=1e-12)
-        assert trial.user_attrs["cv_mean"] == trial.value
+        assert trial.user_attrs["cv_mean"] == trial.value  # the same float stored twice
         assert trial.user_attrs["cv_sd"] == pytest.approx(np.std(best, ddof=1), abs=1e-12)
         # the pruner sees the running mean over finished folds, one step per fold
         assert trial.intermediate_values == pytest.approx({k: np.mean(best[:k + 1]) for k in range(3)})
@@ -139,7 +140,7 @@ def test_a_cv_study_scores_the_mean_fold_best_and_never_reads_held_out(built, tm
     assert fetch_best_and_train.main([*args, "training.epochs=1"]) == 0
     summary = json.loads((tmp_path / "final" / "reports" / "best_trial.json").read_text())
     best_trial = optuna.load_study(study_name="cv", storage=storage).best_trial
-    assert summary["cv_mean_auroc"] == best_trial.value and summary["cv_folds"] == 3
+    assert summary["cv_mean_auroc"] == best_trial.value and summary["cv_folds"] == 3  # copied from the study
     assert summary["cv_sd_auroc"] == best_trial.user_attrs["cv_sd"]
     assert summary["cv_fold_aurocs"] == best_trial.user_attrs["fold_aurocs"] and summary["tuning_auroc"] is None
     final_cfg = yaml.safe_load((tmp_path / "final" / "config.yaml").read_text())
@@ -177,7 +178,8 @@ def test_baseline_grouped_cv_per_c_scores_match_sklearn_on_the_same_subject_fold
     # the final model is still fitted on train alone, its tuning AUROC as the tuning selection reports it
     clf = LogisticRegression(C=chosen, class_weight="balanced", max_iter=5000, random_state=0)
     clf.fit(x["train"], stores["train"].labels)
-    assert report["tuning_auroc"] == roc_auc_score(stores["tuning"].labels, clf.predict_proba(x["tuning"])[:, 1])
+    assert report["tuning_auroc"] == pytest.approx(
+        roc_auc_score(stores["tuning"].labels, clf.predict_proba(x["tuning"])[:, 1]), abs=1e-12)
     # C follows the CV means, not tuning (tuning AUROC favours C=100 here): fake CV scores that favour C=0.01
     fake = {c: {"mean": 0.9 if c == 0.01 else 0.1, "sd": 0.0, "folds": [0.5]} for c in grid}
     monkeypatch.setattr(baseline, "grouped_cv_scores", lambda *_: fake)

@@ -40,8 +40,8 @@ def test_original_loading_api_encoder():
         again = model({"embeddings": padded, "padding_mask": mask})
         other = model({"embeddings": torch.randn(1, 12, 384), "padding_mask": padding_mask.unsqueeze(0)})
     assert logits.shape == (1, 2)
-    assert torch.allclose(logits, again, atol=1e-5)
-    assert not torch.allclose(logits, other, atol=1e-3)
+    assert torch.allclose(logits, again, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, other, rtol=1e-5, atol=1e-3)
 
 
 def test_gather_by_token_id_equals_explicit_embeddings():
@@ -51,7 +51,7 @@ def test_gather_by_token_id_equals_explicit_embeddings():
     batch = random_batch()
     explicit = {**batch, "embeddings": table[batch["token_ids"]]}
     with torch.no_grad():
-        assert torch.allclose(model(batch), model(explicit), atol=1e-6)
+        assert torch.allclose(model(batch), model(explicit), rtol=1e-5, atol=1e-6)
     # the table is a frozen, non-persistent buffer: not trained, not in checkpoints
     assert "event_embedding.code_embeddings" not in model.state_dict()
     assert all(p is not table for p in model.parameters())
@@ -75,9 +75,9 @@ def test_encoder_ignores_padding():
     changed["token_ids"][0, 6:] = 7  # contents under padding
     changed["value_z"][0, 6:] = 99.0
     with torch.no_grad():
-        assert torch.allclose(model(batch), model(changed), atol=1e-5)
+        assert torch.allclose(model(batch), model(changed), rtol=1e-5, atol=1e-5)
         unpadded = {k: v[:1, :6] for k, v in batch.items()}
-        assert torch.allclose(model(batch)[:1], model(unpadded), atol=1e-5)
+        assert torch.allclose(model(batch)[:1], model(unpadded), rtol=1e-5, atol=1e-5)
 
 
 def test_decoder_is_causal_and_has_both_heads():
@@ -92,10 +92,10 @@ def test_decoder_is_causal_and_has_both_heads():
     with torch.no_grad():
         a, b = model(batch, task="autoregressive"), model(later, task="autoregressive")
         assert a.shape == (3, 10, 15)
-        assert torch.allclose(a[1, :7], b[1, :7], atol=1e-5)  # positions before 7 cannot see event 7
-        assert not torch.allclose(a[1, 7:], b[1, 7:], atol=1e-4)
+        assert torch.allclose(a[1, :7], b[1, :7], rtol=1e-5, atol=1e-5)  # positions before 7 cannot see event 7
+        assert not torch.allclose(a[1, 7:], b[1, 7:], rtol=1e-5, atol=1e-4)
         assert model(batch).shape == (3, 2)  # classification by default
-        assert torch.allclose(model(batch)[0], model({k: v[:1, :6] for k, v in batch.items()})[0], atol=1e-5)
+        assert torch.allclose(model(batch)[0], model({k: v[:1, :6] for k, v in batch.items()})[0], rtol=1e-5, atol=1e-5)
 
 
 def test_length_over_max_length_is_an_error():

@@ -43,6 +43,8 @@ def test_predict_on_meds_dir_equals_the_stored_split(built, run, tmp_path):
     expected = predict_split(run, "held_out")
     assert len(got) == len(expected) > 10
     pd.testing.assert_frame_equal(got.reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False)
+    # bit for bit: the new store holds the held_out rows in the same order with the same code rows, so predict_split
+    # runs the same batches through the same checkpoint
     assert np.array_equal(got["predicted_boolean_probability"].to_numpy(),
                           expected["predicted_boolean_probability"].to_numpy())
 
@@ -67,8 +69,10 @@ def test_predict_on_meds_dir_any_subjects_and_unseen_codes(built, run, tmp_path,
     merged = frame.merge(stored, on=["subject_id", "prediction_time"], suffixes=("", "_stored"))
     assert len(merged) == len(frame)
     same = merged["subject_id"] != first
-    np.testing.assert_array_equal(merged.loc[same, "predicted_boolean_probability"],
-                                  merged.loc[same, "predicted_boolean_probability_stored"])
+    # every split's rows in one store: other batches (composition, padded length), so float32 sums in another
+    # order; a row scored from the wrong sequence would be off by far more than this
+    np.testing.assert_allclose(merged.loc[same, "predicted_boolean_probability"],
+                               merged.loc[same, "predicted_boolean_probability_stored"], rtol=1e-5, atol=1e-6)
 
 
 def test_new_data_is_cut_with_the_run_store_settings(built, run, tmp_path):

@@ -68,6 +68,8 @@ def test_predict_three_class_run_gives_evaluates_probabilities_and_argmax(three_
     got, evaluated = got.to_pandas(), evaluated.to_pandas()
     probs = np.stack(got["predicted_class_probabilities"].to_numpy())
     assert probs.shape == (45, 3)
+    # bit for bit here and below: predict and evaluate run the same predict_probs / predict_values on the same
+    # checkpoint, rows and eval_batch_size in this process, so the same forward passes
     assert np.array_equal(probs, np.stack(evaluated["predicted_class_probabilities"].to_numpy()))
     assert np.array_equal(got["predicted_integer_value"].to_numpy(), probs.argmax(1))
     pd.testing.assert_frame_equal(got.drop(columns="predicted_class_probabilities"),
@@ -88,6 +90,7 @@ def test_predict_regression_run_gives_evaluates_destandardised_values(regression
     assert got.schema.equals(REGRESSION_PREDICTION_SCHEMA)
     got = got.to_pandas()
     evaluated = pd.read_parquet(run / "predictions" / "held_out.parquet")
+    # exact, as for the 3-class run: the same predict_values on the same checkpoint, rows and batch size
     pd.testing.assert_frame_equal(got, evaluated, check_exact=True)
     stored = pd.read_parquet(store / "held_out" / "sequences.parquet")
     assert got["float_value"].tolist() == stored["label"].tolist() and len(got) == 60
@@ -187,5 +190,6 @@ def test_meds_dir_mode_predicts_a_regression_store(regression, tmp_path, monkeyp
     labels = write_labels(tmp_path / "labels.parquet", "float_value", [1.0, 2.0])
     frame = predict_stage.predict_meds(run, tmp_path / "meds", labels)
     evaluated = pd.read_parquet(run / "predictions" / "held_out.parquet")
+    # the temporary store is a copy of held_out: the same forward passes as evaluate's, bit for bit
     assert tuple(frame.columns) == tuple(REGRESSION_PREDICTION_SCHEMA.names)
     assert np.array_equal(frame["predicted_float_value"].to_numpy(), evaluated["predicted_float_value"].to_numpy())

@@ -46,7 +46,8 @@ def test_demo_runs_every_package_and_each_model_beats_its_baseline(tmp_path: Pat
                           ("ensemble", "test SMAPE % (mean of both)")):
         assert value[("price_fusion", stage, metric)] < 0.6 * median, (stage, value[("price_fusion", stage, metric)])
     # ehr_embedded: both transformers beat counts + logistic regression on held-out AUROC (the sample label needs
-    # the numeric values, which counts ignore).
+    # the numeric values, which counts ignore). Measured, seeds own / 1 / 2 / 3: encoder 0.941 / 0.903 / 0.931 / 0.926,
+    # decoder 0.934 / 0.951 / 0.951 / 0.941, counts 0.645 (no randomness); about 32 held-out sequences.
     counts = value[("ehr_embedded", "baseline (counts + LR)", "held_out AUROC [95% CI]")]
     for kind in ("encoder", "decoder"):
         auroc = value[("ehr_embedded", f"finetune+evaluate ({kind})", "held_out AUROC [95% CI]")]

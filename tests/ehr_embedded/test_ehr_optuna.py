@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import optuna
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from ehr_helpers import train_overrides
+from sklearn.metrics import roc_auc_score
 from study_workers import kill_inside_first_trial
 
 from ehr_embedded import fetch_best_and_train, optuna_worker
@@ -82,7 +84,13 @@ def test_two_workers_share_one_study_then_the_best_params_finetune_the_final_mod
         section, key = dotted.split(".")
         assert config[section][key] == value, dotted
     held_out = json.loads((final / "reports" / "eval_held_out.json").read_text())
-    assert held_out["split"] == "held_out" and 0.0 <= held_out["auroc"]["value"] <= 1.0
+    assert held_out["split"] == "held_out"
+    # the final run was scored on the held-out predictions it wrote (sklearn on that file, not a range check)
+    predictions = pq.read_table(final / "predictions" / "held_out.parquet")
+    assert len(predictions) == held_out["n"]
+    labels = predictions.column("boolean_value").to_numpy(zero_copy_only=False).astype(int)
+    probs = predictions.column("predicted_boolean_probability").to_numpy()
+    assert held_out["auroc"]["value"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-12)
     summary = json.loads((final / "reports" / "best_trial.json").read_text())
     assert summary["number"] == best.number and summary["params"] == best.params
     assert summary["final_held_out_auroc"] == held_out["auroc"]["value"]  # copied from the report

@@ -130,6 +130,14 @@ def test_create_embeddings_stores_float_targets_and_refuses_nan_with_exit_2(buil
     assert not (tmp_path / "bad" / "store").exists()
 
 
+def assert_equals_sklearn(report: dict, y: np.ndarray, pred: np.ndarray) -> None:
+    """MAE, RMSE and R^2 in `report` are sklearn's on (y, pred). The report's arrays and ours sit at other addresses
+    (numpy's SIMD sums may round differently there), so a float64 tolerance."""
+    assert report["mae"]["value"] == pytest.approx(mean_absolute_error(y, pred), rel=1e-12, abs=1e-12)
+    assert report["rmse"]["value"] == pytest.approx(np.sqrt(mean_squared_error(y, pred)), rel=1e-12, abs=1e-12)
+    assert report["r2"]["value"] == pytest.approx(r2_score(y, pred), rel=1e-12, abs=1e-12)
+
+
 @pytest.mark.learning
 def test_finetune_learns_the_target_and_evaluate_matches_sklearn(regression_run, learning_seed):
     store, run, report = regression_run
@@ -145,11 +153,7 @@ def test_finetune_learns_the_target_and_evaluate_matches_sklearn(regression_run,
     assert on_disk == json.loads(json.dumps(report))  # the file written then read back: exact
     assert report["task"] == "regression" and report["n"] == 60
     assert report["n_subjects"] == stored["subject_id"].nunique() < 60
-    # recomputed from the float64 predictions file: the same sklearn functions, arrays at other addresses (numpy's
-    # SIMD sums may then round differently), so a float64 tolerance
-    assert report["mae"]["value"] == pytest.approx(mean_absolute_error(y, pred), rel=1e-12, abs=1e-12)
-    assert report["rmse"]["value"] == pytest.approx(np.sqrt(mean_squared_error(y, pred)), rel=1e-12, abs=1e-12)
-    assert report["r2"]["value"] == pytest.approx(r2_score(y, pred), rel=1e-12, abs=1e-12)
+    assert_equals_sklearn(report, y, pred)  # recomputed from the float64 predictions file
     train_y = pd.read_parquet(store / "train" / "sequences.parquet")["label"].to_numpy()
     assert report["median_baseline"] == pytest.approx(np.median(train_y), rel=1e-12)
     baseline_mae = mean_absolute_error(y, np.full(len(y), np.median(train_y)))
@@ -179,9 +183,7 @@ def test_regression_metrics_equal_sklearn_on_rows():
     y = rng.normal(5, 2, size=40)
     pred = y + rng.normal(0, 1, size=40)
     report = regression_metrics(y, pred, median=4.0, n_boot=30, seed=1)
-    assert report["mae"]["value"] == pytest.approx(mean_absolute_error(y, pred), rel=1e-12, abs=1e-12)
-    assert report["rmse"]["value"] == pytest.approx(np.sqrt(mean_squared_error(y, pred)), rel=1e-12, abs=1e-12)
-    assert report["r2"]["value"] == pytest.approx(r2_score(y, pred), rel=1e-12, abs=1e-12)
+    assert_equals_sklearn(report, y, pred)
     assert report["median_baseline_mae"]["value"] == pytest.approx(mean_absolute_error(y, np.full(40, 4.0)),
                                                                    rel=1e-12, abs=1e-12)
     assert report["bootstrap"] == "rows"
@@ -205,8 +207,7 @@ def test_ridge_baseline_on_counts(regression_run, tmp_path, learning_seed):
     report = baseline_stage.fit_baseline(cfg)
     predictions = pq.read_table(tmp_path / "predictions" / "held_out.parquet").to_pandas()
     y, pred = predictions["float_value"].to_numpy(), predictions["predicted_float_value"].to_numpy()
-    assert report["mae"]["value"] == pytest.approx(mean_absolute_error(y, pred), rel=1e-12, abs=1e-12)
-    assert report["r2"]["value"] == pytest.approx(r2_score(y, pred), rel=1e-12, abs=1e-12)
+    assert_equals_sklearn(report, y, pred)
     # measured 0.26 against 2.97 on every learning seed: the ridge fit has no randomness (the seed moves only the
     # bootstrap interval)
     assert report["mae"]["value"] < 0.3 * report["median_baseline_mae"]["value"]

@@ -63,14 +63,20 @@ def random_probs(n, k, seed):
     return y, probs
 
 
-def test_multiclass_metrics_equal_sklearn_and_a_hand_subject_bootstrap():
-    y, probs = random_probs(60, 4, seed=1)
-    subject_ids = np.repeat(np.arange(30), 2)  # two rows per subject
-    report = multiclass_metrics(y, probs, n_boot=50, seed=2, subject_ids=subject_ids)
+def assert_equals_sklearn(report: dict, y: np.ndarray, probs: np.ndarray) -> None:
+    """Accuracy, macro F1 and macro one-vs-rest AUROC in `report` are sklearn's on (y, probs). The report's accuracy
+    is common.metrics.accuracy, our own code, so a float64 tolerance rather than equality."""
     assert report["accuracy"]["value"] == pytest.approx(accuracy_score(y, probs.argmax(1)), abs=1e-12)
     assert report["macro_f1"]["value"] == pytest.approx(f1_score(y, probs.argmax(1), average="macro"), abs=1e-12)
     assert report["macro_auroc_ovr"]["value"] == pytest.approx(
         roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-12)
+
+
+def test_multiclass_metrics_equal_sklearn_and_a_hand_subject_bootstrap():
+    y, probs = random_probs(60, 4, seed=1)
+    subject_ids = np.repeat(np.arange(30), 2)  # two rows per subject
+    report = multiclass_metrics(y, probs, n_boot=50, seed=2, subject_ids=subject_ids)
+    assert_equals_sklearn(report, y, probs)
     assert report["support"] == {"0": 32, "1": 16, "2": 8, "3": 4}
     assert report["n"] == 60 and report["n_subjects"] == 30 and report["bootstrap"] == "subjects"
 
@@ -107,11 +113,7 @@ def test_finetune_and_evaluate_score_a_three_class_task(three_class_run, learnin
     assert on_disk == json.loads(json.dumps(report))  # the file written then read back: exact
     assert report["num_classes"] == 3 and report["support"] == {"0": 15, "1": 15, "2": 15}
     assert report["n_subjects"] == stored["subject_id"].nunique() < 45
-    # recomputed with sklearn from the predictions file (common.metrics.accuracy is our own): a float64 tolerance
-    assert report["accuracy"]["value"] == pytest.approx(accuracy_score(y, probs.argmax(1)), abs=1e-12)
-    assert report["macro_f1"]["value"] == pytest.approx(f1_score(y, probs.argmax(1), average="macro"), abs=1e-12)
-    assert report["macro_auroc_ovr"]["value"] == pytest.approx(
-        roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-12)
+    assert_equals_sklearn(report, y, probs)  # recomputed from the predictions file
     assert report["accuracy"]["low"] <= report["accuracy"]["value"] <= report["accuracy"]["high"]
     # the planted code decides the class; chance is 0.5. Measured held-out macro AUROC, own seed / 1 / 2 / 3
     # (OMP_NUM_THREADS=1): 1.000 / 0.987 / 1.000 / 1.000

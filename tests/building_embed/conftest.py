@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from building_embed.sample_data import make_dataset
+from common.logs import read_metrics
 
 torch.set_num_threads(1)
 
@@ -57,6 +58,16 @@ def pipeline(sample, tmp_path_factory) -> Path:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def assert_fewer_mined_triplets(run: Path, drop: float) -> list[dict]:
+    """The head learned its training identities: the semihard triplets mined per batch in the last epoch are below
+    `drop` x the first epoch's (an untrained head stays near 1x). Returns the run's metrics records."""
+    records = read_metrics(run / "metrics.jsonl")
+    first, last = records[0]["mined_triplets"], records[-1]["mined_triplets"]
+    print(f"mined triplets per batch: first epoch {first:.1f}, last {last:.1f}")
+    assert last < drop * first, (first, last)
+    return records
 
 
 def read_parquets(folder: Path, columns: list[str] | None = None):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import random
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_json
+from conftest import assert_fewer_mined_triplets, read_json
 from learning_seed import seed_args
 
 from building_embed.train import train as train_stage
@@ -57,11 +56,7 @@ def test_head_learns_and_beats_the_frozen_embeddings_on_held_out_test(pipeline, 
     assert head["recall@1"] >= frozen["recall@1"]
     assert head["queries"] == frozen["queries"] > 0
     assert head["precision@1"] == pytest.approx(head["recall@1"])  # pml's p@1 and our recall@1 see the same lists
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    print(f"mined triplets per batch: first epoch {records[0]['mined_triplets']:.1f}, "
-          f"last {records[-1]['mined_triplets']:.1f}")
-    # the head separates the training identities: fewer triplets violate the margin (measured above)
-    assert records[-1]["mined_triplets"] < TRIPLET_DROP * records[0]["mined_triplets"]
+    records = assert_fewer_mined_triplets(run, TRIPLET_DROP)  # measured above
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
     assert sum(r[f"band{b}_pulls"] for r in records for b in range(3)) == 10 * len(records)
     best = max(r["val_map@r"] for r in records)

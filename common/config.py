@@ -321,14 +321,19 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def package_name(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): lower case, runs of `-`, `_` and `.` as one `-`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 @functools.cache
 def installed_packages() -> dict[str, str]:
-    """Every distribution importable in this interpreter, name -> version, sorted by name (what the run used)."""
+    """Every distribution importable in this interpreter, normalised name -> version, sorted (what the run used)."""
     found: dict[str, str] = {}
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
         if name:  # a broken install can leave metadata without a name
-            found.setdefault(name.lower(), dist.version)
+            found.setdefault(package_name(name), dist.version)
     return dict(sorted(found.items()))
 
 

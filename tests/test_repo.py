@@ -28,14 +28,16 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def _lock() -> dict[str, str]:
-    """constraints.txt as name -> version (names lower-cased, `_` and `-` alike, as pip compares them)."""
+    """constraints.txt as normalised name -> version (common.config.package_name, as pip compares names)."""
+    from common.config import package_name
+
     locked = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, sep, version = line.partition("==")
             assert sep and version, f"constraints.txt: {line!r} is not NAME==VERSION (regenerate with scripts/lock.sh)"
-            locked[name.strip().lower().replace("_", "-")] = version.strip()
+            locked[package_name(name.strip())] = version.strip()
     return locked
 
 
@@ -43,22 +45,21 @@ def test_the_install_is_the_lock() -> None:
     """Every locked package installed here has the locked version, and every dependency in pyproject.toml is locked: a
     drifted venv or a dependency added without `scripts/lock.sh` fails here. (Tools a developer adds to .venv by hand,
     absent from the lock, are allowed.)"""
-    import importlib.metadata
     import tomllib
 
     from packaging.requirements import Requirement
+
+    from common.config import installed_packages, package_name
 
     locked = _lock()
     assert locked["torch"] == "2.14.1" and locked["torchvision"] == "0.29.1"  # the wheels these machines carry
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [*pyproject["dependencies"], *pyproject["optional-dependencies"]["dev"]]
-    unlocked = [r for r in wanted if Requirement(r).name.lower().replace("_", "-") not in locked]
+    unlocked = [r for r in wanted if package_name(Requirement(r).name) not in locked]
     assert not unlocked, f"pyproject.toml dependencies missing from constraints.txt (run scripts/lock.sh): {unlocked}"
-    drift = {}
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if name in locked and locked[name] != dist.version:
-            drift[name] = (dist.version, locked[name])
+    # the same record every run writes into config.yaml (_meta.environment.packages)
+    drift = {name: (version, locked[name]) for name, version in installed_packages().items()
+             if name in locked and locked[name] != version}
     assert not drift, f"installed (version, locked) differ from constraints.txt: {drift}; rerun ./scripts/test.sh"
 
 

@@ -19,11 +19,51 @@ MODEL_SIZES = ("tiny", "small", "base", "large")
 TARGETS = ("company", "model_type")
 ATTENTION_TYPES = ("dual", "triple", "hierarchical", "cross", "concat")
 RESUME_CHOICES = ("auto", "force", "false")
+PRETRAINED_PATCH = 16  # the patch side of timm's vit_<small|base|large>_patch16_224
 
 
 def _check_choice(value: object, choices: tuple, key: str) -> None:
     if value not in choices:
         raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_at_least(section: object, prefix: str, minimum: float, *names: str) -> None:
+    """Each field `names` of `section` must be >= minimum (ValueError naming `prefix.name`)."""
+    for name in names:
+        value = getattr(section, name)
+        if value < minimum:
+            raise ValueError(f"{prefix}.{name} must be >= {minimum}, got {value}")
+
+
+def _check_positive(section: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not value > 0:
+            raise ValueError(f"{prefix}.{name} must be > 0, got {value}")
+
+
+def _check_fraction(section: object, prefix: str, *names: str) -> None:
+    """Each field must lie in [0, 1): a dropout or smoothing probability."""
+    for name in names:
+        value = getattr(section, name)
+        if not 0 <= value < 1:
+            raise ValueError(f"{prefix}.{name} must lie in [0, 1), got {value}")
+
+
+def _check_coverage(value: float, key: str) -> None:
+    if not 0 < value < 1:
+        raise ValueError(f"{key} is the interval's coverage, a fraction strictly between 0 and 1 (e.g. 0.9 for a "
+                         f"90 % interval), got {value}")
+
+
+def _check_warmup(warmup_epochs: int, epochs: int, prefix: str) -> None:
+    """The cosine decay needs at least one epoch after the linear warm-up."""
+    if warmup_epochs < 0:
+        raise ValueError(f"{prefix}.warmup_epochs must be >= 0, got {warmup_epochs}")
+    if warmup_epochs >= epochs:
+        raise ValueError(f"{prefix}.warmup_epochs ({warmup_epochs}) must be smaller than {prefix}.epochs ({epochs}), "
+                         f"leaving the cosine decay at least one epoch; lower {prefix}.warmup_epochs (0 = no warm-up) "
+                         f"or raise {prefix}.epochs")
 
 
 @dataclass
@@ -99,6 +139,22 @@ class VitConfig:
         _check_choice(self.stem, ("patch", "conv"), "stem")
         if self.stem == "conv" and self.model_size != "tiny":
             raise ValueError("stem=conv is for tiny ViTs trained from scratch; pretrained sizes keep their patch stem")
+        for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.model_size == "tiny" and self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"stem=conv halves the image per convolution: patch_size must be a power of 2 (>= 2), "
+                             f"got {self.patch_size}")
+        for name in ("drop_rate", "drop_path_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def grid_patch(self) -> int:
+        """The patch side the model really uses: patch_size for tiny, the pretrained 16 for small/base/large."""
+        return self.patch_size if self.model_size == "tiny" else PRETRAINED_PATCH
 
 
 @dataclass
@@ -120,7 +176,7 @@ class ClassifierConfig:
     weight_decay: float = 0.05
     """AdamW weight decay (not on biases, norms, position embeddings)."""
     warmup_epochs: int = 2
-    """Linear warmup in epochs."""
+    """Linear warmup in epochs (0 = none; fewer than epochs, so the cosine decay gets at least one)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
     augment: bool = True
@@ -135,6 +191,11 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         _check_choice(self.target, TARGETS, "classifier.target")
+        _check_at_least(self, "classifier", 1, "embedding_dim", "epochs", "batch_size", "patience", "top_k")
+        _check_positive(self, "classifier", "lr")
+        _check_at_least(self, "classifier", 0, "weight_decay")
+        _check_fraction(self, "classifier", "dropout", "label_smoothing")
+        _check_warmup(self.warmup_epochs, self.epochs, "classifier")
 
 
 @dataclass
@@ -188,7 +249,7 @@ class RegressionConfig:
     weight_decay: float = 0.05
     """AdamW weight decay (not on biases, norms, position embeddings)."""
     warmup_epochs: int = 2
-    """Linear warmup in epochs."""
+    """Linear warmup in epochs (0 = none; fewer than epochs, so the cosine decay gets at least one)."""
     unfreeze_half_epoch: int = 20
     """From this epoch (0-based) the last half of each embedding model's blocks train (the original: 20)."""
     unfreeze_all_epoch: int = 40
@@ -203,9 +264,9 @@ class RegressionConfig:
     patience: int = 20
     """Early stopping on validation mean MAE (counted only after the last unfreezing step)."""
     mc_samples: int = 30
-    """Monte Carlo dropout passes for the uncertainty reported on held-out data."""
+    """Monte Carlo dropout passes for the uncertainty reported on held-out data (0 = no intervals)."""
     interval: float = 0.9
-    """Nominal coverage of the reported prediction intervals (mean ± z * std)."""
+    """Nominal coverage of the reported prediction intervals (mean ± z * std), strictly between 0 and 1."""
     resume: str | bool = "auto"
     """auto: continue checkpoints/latest when its config and data match (else exit 2 naming the change); force;
     false (start over); or a checkpoint path."""
@@ -216,6 +277,16 @@ class RegressionConfig:
         _check_choice(self.loss, ("l1", "smooth_l1", "mse"), "regression.loss")
         if not 0 <= self.unfreeze_half_epoch <= self.unfreeze_all_epoch:
             raise ValueError("regression.unfreeze_half_epoch must be between 0 and regression.unfreeze_all_epoch")
+        _check_at_least(self, "regression", 1, "fusion_dim", "head_hidden", "epochs", "batch_size", "grad_accum",
+                        "patience")
+        _check_positive(self, "regression", "lr")
+        _check_at_least(self, "regression", 0, "embedder_lr_mult", "visual_lr_mult", "weight_decay",
+                        "aux_thread_weight", "mc_samples")
+        _check_fraction(self, "regression", "dropout")
+        if not 0 <= self.unfreeze_fraction <= 1:
+            raise ValueError(f"regression.unfreeze_fraction must lie in [0, 1], got {self.unfreeze_fraction}")
+        _check_coverage(self.interval, "regression.interval")
+        _check_warmup(self.warmup_epochs, self.epochs, "regression")
 
 
 @dataclass
@@ -310,11 +381,18 @@ class PredictConfig:
     mc_samples: int = 30
     """Monte Carlo dropout passes per image (0 = a single deterministic pass, no uncertainty)."""
     interval: float = 0.9
-    """Coverage of the written interval columns (mean ± z * std)."""
+    """Coverage of the written interval columns (mean ± z * std), strictly between 0 and 1."""
     snap_to_catalogue: bool = False
     """Also write the nearest catalogue size (data.catalogue_csv) of the predicted company / model type."""
     batch_size: int = 64
     """Images per forward pass."""
+    log_every_s: float = 10.0
+    """Seconds between progress lines (images done of the total, images per second); 0 = a line after every batch."""
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, "predict", 0, "mc_samples", "log_every_s")
+        _check_at_least(self, "predict", 1, "batch_size")
+        _check_coverage(self.interval, "predict.interval")
 
 
 @dataclass
@@ -333,3 +411,15 @@ class ImplantConfig:
     """Optuna studies."""
     predict: PredictConfig = field(default_factory=PredictConfig)
     """predict: input, checkpoint, uncertainty, catalogue snapping."""
+
+    def __post_init__(self) -> None:
+        if self.data.img_size < 1:
+            raise ValueError(f"data.img_size must be >= 1, got {self.data.img_size}")
+        # the visual section's ViT is built only from scratch; otherwise it is a copy of a classifier's backbone
+        for section in ("classifier", "visual") if self.visual.init == "scratch" else ("classifier",):
+            vit = getattr(self, section).vit
+            if self.data.img_size % vit.grid_patch:
+                which = (f"{section}.vit.patch_size ({vit.patch_size})" if vit.model_size == "tiny" else
+                         f"the {vit.grid_patch} px patches of {section}.vit.model_size={vit.model_size}")
+                raise ValueError(f"data.img_size ({self.data.img_size}) must be a multiple of {which}; the ViT cuts "
+                                 f"the input into whole patches")

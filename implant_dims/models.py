@@ -27,9 +27,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from implant_dims.config import ATTENTION_TYPES, VitConfig
+
 VIT_SIZES = {"small": "vit_small_patch16_224", "base": "vit_base_patch16_224", "large": "vit_large_patch16_224"}
 TINY_ARCH = "vit_tiny_patch16_224"
-ATTENTION_TYPES = ("dual", "triple", "hierarchical", "cross", "concat")
 SINGLE_EMBEDDING_TYPES = ("concat", "triple")
 EMBEDDER_NAMES = ("company", "model_type")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
@@ -38,34 +39,19 @@ _NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_to
 
 
 @dataclass
-class VitSpec:
-    """What `build_vit` builds. The config layer fills it from its own `vit` section plus the data's image size."""
+class VitSpec(VitConfig):
+    """What `build_vit` builds: a config `vit` section (VitConfig, whose fields and checks it inherits: one source of
+    truth) plus the input side. Checkpoints store `dataclasses.asdict(spec)` and rebuild with `VitSpec(**stored)`."""
 
-    model_size: str = "tiny"
-    """tiny (from scratch, shrunk by the fields below) | small | base | large (timm `vit_<size>_patch16_224`)."""
     img_size: int = 64
-    """Square input side in pixels; timm resizes pretrained position embeddings to it."""
-    patch_size: int = 8
-    """Patch side (tiny only; small/base/large keep their pretrained 16)."""
-    embed_dim: int = 64
-    """Token width (tiny only)."""
-    depth: int = 3
-    """Transformer blocks (tiny only)."""
-    num_heads: int = 4
-    """Attention heads (tiny only)."""
-    drop_rate: float = 0.0
-    """Dropout on the token sequence and inside the MLPs of the ViT."""
-    drop_path_rate: float = 0.0
-    """Stochastic depth of the ViT blocks."""
-    global_pool: str = "token"
-    """Image feature: token (the class token, as pretrained ViTs) or avg (mean of the patch tokens, which trains
-    much faster from scratch on small data)."""
-    stem: str = "patch"
-    """tiny only: patch (one strided convolution, the standard ViT patch embedding) or conv (3x3 stride-2
-    convolutions with BatchNorm + GELU down to the patch grid, the 'early convolutions' of Xiao et al. 2021: a
-    from-scratch ViT on a few hundred radiographs starts learning several times sooner)."""
-    weights: str = ""
-    """Local pretrained weights (.safetensors / .pth / .bin / .npz) for small/base/large; '' = random init."""
+    """Square input side in pixels, a multiple of the patch side; timm resizes pretrained position embeddings to
+    it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.img_size < 1 or self.img_size % self.grid_patch:
+            raise ValueError(f"img_size ({self.img_size}) must be a positive multiple of the patch side "
+                             f"({self.grid_patch})")
 
 
 def build_vit(spec: VitSpec) -> nn.Module:
@@ -75,7 +61,8 @@ def build_vit(spec: VitSpec) -> nn.Module:
     always trained from scratch, so `weights` with tiny is a ValueError. small / base / large are the timm models of
     `VIT_SIZES`; with `weights` they load that local file through `pretrained_cfg_overlay`, which lets timm resize
     the position embeddings to `img_size` and sum the three RGB patch-embedding channels into the one grayscale
-    channel. Nothing is downloaded. The result's `.num_features` is its output width.
+    channel. Nothing is downloaded. The result's `.num_features` is its output width. The sizes themselves were
+    checked when `spec` was built (VitConfig / VitSpec `__post_init__`).
     """
     import timm
 
@@ -85,19 +72,11 @@ def build_vit(spec: VitSpec) -> nn.Module:
         if spec.weights:
             raise ValueError(f"model_size=tiny is trained from scratch and takes no weights (got {spec.weights!r}); "
                              f"use small, base or large for pretrained weights, or leave weights empty")
-        if spec.embed_dim % spec.num_heads:
-            raise ValueError(f"embed_dim ({spec.embed_dim}) must be divisible by num_heads ({spec.num_heads})")
-        if spec.img_size % spec.patch_size:
-            raise ValueError(f"img_size ({spec.img_size}) must be a multiple of patch_size ({spec.patch_size})")
         model = timm.create_model(TINY_ARCH, pretrained=False, patch_size=spec.patch_size, embed_dim=spec.embed_dim,
                                   depth=spec.depth, num_heads=spec.num_heads, **common)
         if spec.stem == "conv":
             model.patch_embed.proj = conv_stem(spec.patch_size, spec.embed_dim)
-        elif spec.stem != "patch":
-            raise ValueError(f"stem must be patch or conv, got {spec.stem!r}")
         return model
-    if spec.model_size not in VIT_SIZES:
-        raise ValueError(f"model_size must be one of {['tiny', *VIT_SIZES]}, got {spec.model_size!r}")
     name = VIT_SIZES[spec.model_size]
     if not spec.weights:
         return timm.create_model(name, pretrained=False, **common)

@@ -10,7 +10,8 @@ length_mm, diameter_mm (the Monte Carlo dropout mean over predict.mc_samples pas
 predict.interval interval (mean ± z·std, the std scaled by the factor fitted on validation data when the run's
 reports/results_val.json has one), the company and model type the embedding models' classifier heads read, the
 nearest catalogue size when predict.snap_to_catalogue is set, and the true sizes when the records have them.
-Images that cannot be read are skipped, counted and logged; nothing usable is an error (exit 2).
+Images that cannot be read are skipped, counted and logged; nothing usable is an error (exit 2). While it runs, a
+line every predict.log_every_s seconds says how many images are done and at what rate.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +28,19 @@ from common.cli import UserError, config_main
 from common.io import atomic_write_text
 from common.logs import setup_logging
 from implant_dims.config import ImplantConfig
-from implant_dims.data import ImplantRecord, check_image, is_dicom, load_records
-from implant_dims.engine import Runtime, start_runtime
+from implant_dims.data import ImplantDataset, ImplantRecord, check_image, is_dicom, load_records
+from implant_dims.engine import Runtime, collate, epoch_batches, start_runtime
+from implant_dims.models import ImplantRegressor, mc_dropout_predict
 from implant_dims.regression import (
     DIMS,
+    concat_batches,
+    interval_half_width,
     load_catalogue,
     make_dataset,
-    mc_on_dataset,
-    predict_dataset,
+    predict_batch,
     predicted_keys,
     regressor_from_checkpoint,
     snap,
-    z_for,
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,46 @@ def val_std_scale(checkpoint: Path) -> np.ndarray | None:
     return None
 
 
+class ProgressLine:
+    """Logs "predicted k/n images (r images/s)" when `every_s` seconds passed since the last line, and at the end."""
+
+    def __init__(self, total: int, every_s: float) -> None:
+        self.total, self.every_s, self.done = total, every_s, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.done >= self.total or now - self.last >= self.every_s:
+            log.info("predicted %d/%d images (%.1f images/s)", self.done, self.total,
+                     self.done / max(now - self.start, 1e-9))
+            self.last = now
+
+
+def predict_all(model: ImplantRegressor, dataset: ImplantDataset, rt: Runtime, cfg: ImplantConfig
+                ) -> dict[str, np.ndarray]:
+    """Batches of predict.batch_size: the deterministic pass ("pred_mm" and the class logits of predict_batch), and
+    "mean_mm" / "std_mm" [N, 2] over predict.mc_samples Monte Carlo dropout passes (the deterministic prediction and
+    a std of 0 when mc_samples is 0). Each batch's dropout draws start from run.seed."""
+    pc = cfg.predict
+    log.info("predicting %d images, %s", len(dataset), f"{pc.mc_samples} Monte Carlo dropout passes each"
+             if pc.mc_samples else "one deterministic pass each")
+    progress = ProgressLine(len(dataset), pc.log_every_s)
+    model.eval()
+    parts = []
+    for idx in epoch_batches(len(dataset), pc.batch_size, 0, 0, shuffle=False):
+        images = collate(dataset, idx, rt.device)["image"]
+        part = predict_batch(model, rt, images=images)
+        if pc.mc_samples > 0:
+            mean, std = mc_dropout_predict(model, images, n_samples=pc.mc_samples, generator_seed=cfg.run.seed)
+            part.update(mean_mm=mean.float().cpu().numpy(), std_mm=std.float().cpu().numpy())
+        else:
+            part.update(mean_mm=part["pred_mm"], std_mm=np.zeros_like(part["pred_mm"]))
+        parts.append(part)
+        progress.update(len(idx))
+    return concat_batches(parts)
+
+
 def predict(cfg: ImplantConfig) -> Path:
     pc = cfg.predict
     setup_logging(None)
@@ -93,13 +136,10 @@ def predict(cfg: ImplantConfig) -> Path:
     model, meta = regressor_from_checkpoint(checkpoint)
     model.to(rt.device)
     dataset = make_dataset(records, meta, int(meta["img_size"]))
-    det = predict_dataset(model, dataset, rt)
-    if pc.mc_samples > 0:
-        pred, std = mc_on_dataset(model, dataset, rt, pc.mc_samples, cfg.run.seed, pc.batch_size)
-    else:
-        pred, std = det["pred_mm"], np.zeros_like(det["pred_mm"])
+    det = predict_all(model, dataset, rt, cfg)
+    pred, std = det["mean_mm"], det["std_mm"]
     scale = val_std_scale(checkpoint)
-    half = z_for(pc.interval) * std * (scale if scale is not None else 1.0)
+    half = interval_half_width(std, pc.interval, scale if scale is not None else 1.0)
     keys = predicted_keys(det, meta, records)
     snapped = None
     if pc.snap_to_catalogue:

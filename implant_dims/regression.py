@@ -93,8 +93,21 @@ def read_classifiers(cfg: ImplantConfig, embedder_names: tuple[str, ...], train_
     for name in embedder_names:
         ckpt, meta, sha = read_classifier(classifier_checkpoint(cfg, name), name)
         check_class_lists(meta["classes"], class_list(train_records, name), name, str(ckpt))
+        check_img_size(cfg, meta, ckpt, name)
         classifiers[name] = (ckpt, meta, sha)
+    if cfg.visual.init != "scratch" and cfg.visual.init not in classifiers:
+        ckpt, meta, _ = read_classifier(classifier_checkpoint(cfg, cfg.visual.init), cfg.visual.init)
+        check_img_size(cfg, meta, ckpt, cfg.visual.init)
     return classifiers
+
+
+def check_img_size(cfg: ImplantConfig, meta: dict, ckpt: Path, name: str) -> None:
+    """A classifier embeds images of the side it was trained at (its position embeddings fix the patch grid)."""
+    trained = int(meta["vit"]["img_size"])
+    if trained != cfg.data.img_size:
+        raise UserError(f"data.img_size={cfg.data.img_size} but the {name} classifier {ckpt} was trained at "
+                        f"{trained} px; set data.img_size={trained} or retrain the classifiers at "
+                        f"{cfg.data.img_size} px")
 
 
 def build_regressor(cfg: ImplantConfig, attention_type: str, train_records: list[ImplantRecord],
@@ -179,25 +192,39 @@ def feature_cache(model: ImplantRegressor, train_set: ImplantDataset, val_set: I
 
 
 @torch.no_grad()
+def predict_batch(model: ImplantRegressor, rt: Runtime, images: torch.Tensor | None = None,
+                  feats: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """One batch of a model in eval mode, from images [B, 1, H, W] or from their `features()`: {"pred_mm": [B, 2],
+    "logits_<embedder>": [B, n_classes] for each embedder (its classifier head, for catalogue snapping)}."""
+    if feats is None:
+        with autocast(rt.device, rt.amp_dtype):
+            feats = model.features(images)
+        feats = {k: v.float() for k, v in feats.items()}
+    out = {"pred_mm": model.forward_features(feats)["pred_mm"].float().cpu().numpy()}
+    for n, emb in model.embedders.items():
+        out[f"logits_{n}"] = emb.classifier(feats[n]).float().cpu().numpy()
+    return out
+
+
+def concat_batches(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@torch.no_grad()
 def predict_dataset(model: ImplantRegressor, dataset: ImplantDataset, rt: Runtime, feats: dict | None = None,
                     batch_size: int = 128) -> dict[str, np.ndarray]:
     """Deterministic (eval-mode) predictions in mm, with the embedders' class logits for catalogue snapping."""
     was_training = model.training
     model.eval()
-    preds, class_logits = [], {n: [] for n in model.embedders}
+    parts = []
     for idx in epoch_batches(len(dataset), batch_size, 0, 0, shuffle=False):
         if feats is not None:
-            f = {k: v[torch.as_tensor(idx, device=v.device)] for k, v in feats.items()}
+            parts.append(predict_batch(model, rt, feats={k: v[torch.as_tensor(idx, device=v.device)]
+                                                          for k, v in feats.items()}))
         else:
-            with autocast(rt.device, rt.amp_dtype):
-                f = model.features(collate(dataset, idx, rt.device)["image"])
-            f = {k: v.float() for k, v in f.items()}
-        out = model.forward_features(f)
-        preds.append(out["pred_mm"].float().cpu().numpy())
-        for n, emb in model.embedders.items():
-            class_logits[n].append(emb.classifier(f[n]).float().cpu().numpy())
+            parts.append(predict_batch(model, rt, images=collate(dataset, idx, rt.device)["image"]))
     model.train(was_training)
-    return {"pred_mm": np.concatenate(preds), **{f"logits_{n}": np.concatenate(v) for n, v in class_logits.items()}}
+    return concat_batches(parts)
 
 
 def mae_report(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -238,7 +265,7 @@ def train_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attenti
                                                      rc.weight_decay), lr=rc.lr)
     micro = len(epoch_batches(len(train_set), rc.batch_size, 0, 0, rank=rt.dist.rank, world_size=rt.dist.world_size))
     steps = math.ceil(micro / rc.grad_accum)
-    scheduler = cosine_with_warmup(optimizer, min(rc.warmup_epochs, rc.epochs) * steps, max(rc.epochs, 1) * steps)
+    scheduler = cosine_with_warmup(optimizer, rc.warmup_epochs * steps, rc.epochs * steps)
     scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
     stopper = EarlyStopping(rc.patience, mode="min")
     manager = CheckpointManager(out / "checkpoints", fingerprint=start.fingerprint)
@@ -339,9 +366,30 @@ def run_epoch(model, step_module, dataset, cache, optimizer, scheduler, scaler, 
 
 
 def z_for(coverage: float) -> float:
+    """z of a central normal interval: mean ± z * std holds `coverage` (0 < coverage < 1) of N(mean, std)."""
+    if not 0 < coverage < 1:
+        raise ValueError(f"interval coverage must lie strictly between 0 and 1, got {coverage}")
     from scipy.stats import norm
 
     return float(norm.ppf(0.5 + coverage / 2))
+
+
+def interval_half_width(std: np.ndarray, coverage: float, scale: np.ndarray | float = 1.0) -> np.ndarray:
+    """Half width (mm) of the `coverage` interval mean ± z * std * scale; std [N, 2] from Monte Carlo dropout, scale
+    per dimension (the factor fitted on validation data, 1 = the raw dropout spread)."""
+    return z_for(coverage) * np.asarray(std, dtype=np.float64) * scale
+
+
+def fit_std_scale(true: np.ndarray, mean: np.ndarray, std: np.ndarray, coverage: float) -> np.ndarray:
+    """The per-dimension factor on std that makes mean ± z * std * factor cover `coverage` of these rows (the
+    `coverage` quantile of |true - mean| / std, over z); fitted on val, applied to every split and to predict."""
+    ratio = np.abs(true - mean) / np.maximum(std, 1e-6)
+    return np.quantile(ratio, coverage, axis=0) / z_for(coverage)
+
+
+def interval_coverage(true: np.ndarray, mean: np.ndarray, half_width: np.ndarray) -> np.ndarray:
+    """Share of rows per dimension whose true value lies in mean ± half_width."""
+    return (np.abs(true - mean) <= half_width).mean(0)
 
 
 def load_catalogue(path: str | Path) -> dict[tuple[str, str], np.ndarray]:
@@ -390,7 +438,6 @@ def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime, train_records: 
     train_targets = np.array([[r.length, r.diameter] for r in train_records])
     mean_pred, median_pred = train_targets.mean(0), np.median(train_targets, 0)
     catalogue = load_catalogue(cfg.data.catalogue_csv) if cfg.data.catalogue_csv else None
-    z = z_for(rc.interval)
     summary: dict = {"checkpoint": str(best), "attention_type": meta["attention_type"],
                      "embedders": list(meta["embedders"]), "interval": rc.interval, "splits": {}}
     val_scale = None
@@ -415,18 +462,17 @@ def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime, train_records: 
         if rc.mc_samples > 0:
             mc_mean, mc_std = mc_on_dataset(model, dataset, rt, rc.mc_samples, cfg.run.seed)
             if split == "val":  # the std multiplier that gives nominal coverage on val, applied to every split
-                ratio = np.abs(true - mc_mean) / np.maximum(mc_std, 1e-6)
-                val_scale = np.quantile(ratio, rc.interval, axis=0) / z
-            inside = np.abs(true - mc_mean) <= z * mc_std
+                val_scale = fit_std_scale(true, mc_mean, mc_std, rc.interval)
+            half = interval_half_width(mc_std, rc.interval)
             rep.update({"mc_samples": rc.mc_samples, "mc_mean_std_mm": mc_std.mean(0).tolist(),
                         "mc_mae": mae_report(true, mc_mean),
-                        "interval_coverage_raw": inside.mean(0).tolist(),
-                        "interval_width_raw_mm": (2 * z * mc_std).mean(0).tolist()})
+                        "interval_coverage_raw": interval_coverage(true, mc_mean, half).tolist(),
+                        "interval_width_raw_mm": (2 * half).mean(0).tolist()})
             if val_scale is not None:
-                inside_cal = np.abs(true - mc_mean) <= z * mc_std * val_scale
+                half = interval_half_width(mc_std, rc.interval, val_scale)
                 rep.update({"std_scale_fitted_on_val": val_scale.tolist(),
-                            "interval_coverage_calibrated": inside_cal.mean(0).tolist(),
-                            "interval_width_calibrated_mm": (2 * z * mc_std * val_scale).mean(0).tolist()})
+                            "interval_coverage_calibrated": interval_coverage(true, mc_mean, half).tolist(),
+                            "interval_width_calibrated_mm": (2 * half).mean(0).tolist()})
         if catalogue is not None:
             keys = predicted_keys(det, meta, records)
             snapped = snap(pred, keys, catalogue, train_targets.std(0))

@@ -118,7 +118,7 @@ def train_classifier(cfg: ImplantConfig, epoch_callback: Callable[[int, dict], N
     optimizer = torch.optim.AdamW(param_groups(model, cc.weight_decay, cc.lr), lr=cc.lr)
     steps = len(epoch_batches(len(train_set), cc.batch_size, 0, 0, rank=rt.dist.rank,
                               world_size=rt.dist.world_size))
-    scheduler = cosine_with_warmup(optimizer, cc.warmup_epochs * steps, max(cc.epochs, 1) * steps)
+    scheduler = cosine_with_warmup(optimizer, cc.warmup_epochs * steps, cc.epochs * steps)
     scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
     stopper = EarlyStopping(cc.patience, mode="max")
     manager = CheckpointManager(out / "checkpoints", fingerprint=start.fingerprint)

@@ -4,21 +4,27 @@
     python -m implant_dims.train_regression --config configs/implant_dims/sample.yaml regression.embedding=company
 
 Same loop, unfreezing schedule, reports and resume rules as train_dual (see implant_dims/regression.py). With one
-embedding the fusion is `triple`-style attention over (visual, embedding) when regression.attention_type is triple,
-else plain concatenation. Writes <run_dir>/single_<embedding>/ (metrics.jsonl, checkpoints/, reports/).
+embedding the fusion is `triple`-style attention over (visual, embedding) or plain `concat`enation
+(regression.attention_type); the other types need both embeddings and are refused (exit 2) before any work. Writes
+<run_dir>/single_<embedding>/ (metrics.jsonl, checkpoints/, reports/).
 """
 
 from __future__ import annotations
 
-from common.cli import config_main
+from common.cli import UserError, config_main
 from implant_dims.config import ImplantConfig
+from implant_dims.models import SINGLE_EMBEDDING_TYPES
 from implant_dims.regression import train_regressor
 
 
 def train_single(cfg: ImplantConfig) -> dict:
     rc = cfg.regression
-    attention = "triple" if rc.attention_type == "triple" else "concat"
-    return train_regressor(cfg, (rc.embedding,), attention, cfg.run.run_dir / f"single_{rc.embedding}")
+    if rc.attention_type not in SINGLE_EMBEDDING_TYPES:
+        raise UserError(f"regression.attention_type={rc.attention_type} fuses the company and the model-type "
+                        f"embedding; the single-embedding regressor (train_regression) builds "
+                        f"{' or '.join(SINGLE_EMBEDDING_TYPES)}: set regression.attention_type=triple (attention over "
+                        f"visual and embedding) or concat, or train {rc.attention_type} with train_dual")
+    return train_regressor(cfg, (rc.embedding,), rc.attention_type, cfg.run.run_dir / f"single_{rc.embedding}")
 
 
 def _main(cfg: ImplantConfig) -> int:

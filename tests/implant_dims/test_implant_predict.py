@@ -1,9 +1,13 @@
-"""implant_dims.predict: a records JSON (PNG and DICOM), a folder with unreadable files, input errors, and real data
+"""implant_dims.predict: a records JSON (PNG and DICOM), a folder with unreadable files, input errors, progress lines,
+the interval columns against the validation fit, interval coverage against an oracle with known noise, and real data
 (YOLO crops of panoramic X-rays, a JPEG-2000 DICOM)."""
 
 from __future__ import annotations
 
 import csv
+import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,13 @@ from PIL import Image
 from implant_dims import predict
 from implant_dims.crop_yolo import crop_folder
 from implant_dims.data import load_records
-from implant_dims.regression import make_dataset, regressor_from_checkpoint
+from implant_dims.regression import (
+    fit_std_scale,
+    interval_coverage,
+    interval_half_width,
+    make_dataset,
+    regressor_from_checkpoint,
+)
 from implant_dims.sample_data import write_dicom
 
 DIMS = ("length", "diameter")
@@ -132,6 +142,67 @@ def test_predict_missing_input_exits_2(trained_run, implant_data, stage_args, tm
     assert predict.main(predict_args(stage_args, implant_data, trained_run, missing, tmp_path / "p.csv")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(missing) in err[0] and "predict.input" in err[0], err
+
+
+def test_predict_logs_progress_and_writes_the_validation_scaled_interval(trained_run, implant_data, stage_args,
+                                                                       tmp_path, capsys):
+    """A progress line per batch (log_every_s=0) with the count and a rate; each interval column is mean ± z(0.9) *
+    std * the std factor the run fitted on val (z = 1.6449, the two-sided 90 % normal quantile)."""
+    source = implant_data / "test.json"
+    n = len(load_records(source)[0])
+    out = tmp_path / "pred.csv"
+    capsys.readouterr()
+    assert predict.main(predict_args(stage_args, implant_data, trained_run, source, out, "predict.mc_samples=4",
+                                     "predict.batch_size=8", "predict.log_every_s=0", "predict.interval=0.9")) == 0
+    progress = re.findall(r"predicted (\d+)/(\d+) images \(([0-9.]+) images/s\)", capsys.readouterr().err)
+    assert [(int(done), int(total)) for done, total, _ in progress] == [(min(k, n), n) for k in range(8, n + 8, 8)]
+    assert all(float(rate) > 0 for _, _, rate in progress)
+
+    scale = json.loads((trained_run / "dual" / "reports" / "results_val.json").read_text())["std_scale_fitted_on_val"]
+    rows = read_csv(out)
+    for k, dim in enumerate(DIMS):
+        mean, std = column(rows, f"{dim}_mm"), column(rows, f"{dim}_std_mm")
+        assert (std > 0).all()
+        # each column is rounded to 4 decimals: the std's rounding is multiplied by z * scale
+        tol = 5e-5 * (2 + 1.6449 * scale[k]) + 1e-6
+        np.testing.assert_allclose(column(rows, f"{dim}_high_mm") - mean, 1.6449 * std * scale[k], atol=tol, rtol=0)
+        np.testing.assert_allclose(mean - column(rows, f"{dim}_low_mm"), 1.6449 * std * scale[k], atol=tol, rtol=0)
+
+
+def test_interval_coverage_against_an_oracle_with_known_noise():
+    """Targets = prediction + sigma * N(0, 1) with a known sigma per row and dimension. With a Monte Carlo spread equal
+    to sigma the nominal interval covers its nominal share; with the spread understated 2.5x the raw 90 % interval
+    covers 2 * Phi(1.6449 / 2.5) - 1 = 0.4895, and the factor fitted on one draw (val) is 2.5 and restores 90 % on an
+    independent draw (test). Tolerances: 4 binomial standard deviations (n = 20000 rows per draw)."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    n = 20_000
+
+    def draw() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sigma = rng.uniform(0.05, 0.6, size=(n, 2))  # heteroscedastic: a spread per row, as MC dropout gives
+        mean = rng.uniform([6.0, 3.0], [16.0, 6.0], size=(n, 2))
+        return mean + sigma * rng.standard_normal((n, 2)), mean, sigma
+
+    true, mean, sigma = draw()
+    for coverage in (0.5, 0.9, 0.95):
+        tol = 4 * math.sqrt(coverage * (1 - coverage) / n)  # 0.0141, 0.0085, 0.0062
+        got = interval_coverage(true, mean, interval_half_width(sigma, coverage))
+        assert np.abs(got - coverage).max() < tol, (coverage, got)
+
+    understated = 2.5
+    tol = 4 * math.sqrt(0.9 * 0.1 / n)
+    raw = interval_coverage(true, mean, interval_half_width(sigma / understated, 0.9))
+    expected = 2 * norm.cdf(norm.ppf(0.95) / understated) - 1
+    assert abs(expected - 0.4895) < 1e-3 and np.abs(raw - expected).max() < 4 * math.sqrt(0.25 / n), raw
+
+    scale = fit_std_scale(true, mean, sigma / understated, 0.9)
+    # the fitted factor is a sample quantile of |Z| / z: its relative sd is about 0.6 % at n = 20000
+    np.testing.assert_allclose(scale, understated, rtol=0.03)
+    test_true, test_mean, test_sigma = draw()
+    calibrated = interval_coverage(test_true, test_mean, interval_half_width(test_sigma / understated, 0.9, scale))
+    # binomial spread of the test draw plus about as much again from the factor's own sampling error
+    assert np.abs(calibrated - 0.9).max() < math.sqrt(2) * tol, calibrated
 
 
 @pytest.mark.real_data

@@ -70,6 +70,7 @@ def main() -> None:
 def measure(args: argparse.Namespace, work: Path) -> dict:
     make_dataset(work / "sample", targets_per_region=args.targets, image_size=args.image_size, seed=0)
     model_args = [f"embedding_model.name={args.name}", "embedding_model.random_init=true",
+                  "embedding_model.global_pool=avg",  # random_init with token pooling is refused (constant output)
                   f"embedding_model.img_size={args.img_size}", f"embedding_model.batch_size={args.batch_size}",
                   f"infrastructure.num_workers={args.workers}", f"infrastructure.num_threads={args.threads}",
                   "infrastructure.device=cpu", "global.resume=false", "logging.level=WARNING"]
@@ -91,7 +92,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     rows = sum(pq.read_metadata(p).num_rows for p in (work / "emb").glob("*.parquet"))
     assert rows == n, (rows, n)
 
-    cfg = EmbeddingModelConfig(name=args.name, random_init=True, img_size=args.img_size, batch_size=args.batch_size)
+    cfg = EmbeddingModelConfig(name=args.name, random_init=True, global_pool="avg", img_size=args.img_size,
+                               batch_size=args.batch_size)
     start = time.perf_counter()
     torch.manual_seed(42)
     model, preprocess, dim = build_backbone(cfg)

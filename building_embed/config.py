@@ -64,20 +64,33 @@ class PathsConfig:
 @dataclass
 class EmbeddingModelConfig:
     backend: str = "timm"
-    """timm (vit_*_dinov2 / vit_*_dinov3 names) or transformers (a local Dinov2 / DINOv3 directory in `weights`)."""
+    """timm (vit_*_dinov2 / vit_*_dinov3 names, or packaged weights) or transformers (a local Dinov2 / DINOv3
+    directory in `weights`)."""
     name: str = "vit_base_patch14_dinov2"
-    """timm model name (vit_small_patch14_dinov2, vit_base_patch16_dinov3, ...); ignored for backend=transformers."""
+    """timm model name (vit_small_patch14_dinov2, vit_base_patch16_dinov3, tf_efficientnet_lite0 for
+    packaged=efficientnet_lite0, ...); ignored for backend=transformers."""
     weights: str = ""
-    """Local weights: a .safetensors / .pth file for timm (loaded through pretrained_cfg_overlay, position embeddings
-    resized), a save_pretrained directory for transformers. Nothing is downloaded. Empty requires random_init=true."""
+    """Local weights, the production default: DINOv2 / DINOv3 as a .safetensors / .pth file for timm (loaded through
+    pretrained_cfg_overlay, position embeddings resized), a save_pretrained directory for transformers. Nothing is
+    downloaded. Exactly one of weights, packaged and random_init is given."""
+    packaged: str = ""
+    """Weights shipped in a pinned package of the project (common.backbones.PACKAGED): efficientnet_lite0 (ImageNet
+    EfficientNet-Lite0, name=tf_efficientnet_lite0, global_pool=avg, 1280-d). Real features with no download: the
+    sample data, the demo and tests that need a real signal."""
     random_init: bool = False
-    """Use random weights (tests and the demo only): the embeddings then mean nothing."""
+    """Use random weights (plumbing tests only): the embeddings then mean nothing. Refused with global_pool=token
+    (every image would get the same vector)."""
     img_size: int = 224
-    """Square input side in pixels; images are resized (bicubic) to it."""
+    """Square input side in pixels (overrides the backbone's own input size): the short side is resized to
+    img_size / crop_pct (the backbone's eval transform, aspect ratio kept) and the centre img_size square cropped."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra timm builder arguments, e.g. {depth = 2, embed_dim = 48, num_heads = 2} for a tiny test model."""
     global_pool: str = "token"
-    """timm pooling of the final tokens: token (CLS, as DINOv2's own features) or avg."""
+    """timm pooling of the final features: token (CLS, as DINOv2's own features; ViTs only) or avg (CNNs such as
+    EfficientNet, and random-weight test models)."""
+    max_image_pixels: int = 200_000_000
+    """Images whose header declares more pixels are refused undecoded (a decompression bomb; no camera makes one).
+    Large photos below it are decoded at reduced size (JPEG draft) and downscaled, never skipped."""
     batch_size: int = 64
     """Images per forward pass."""
     max_shards_this_run: int = 0
@@ -90,6 +103,12 @@ class EmbeddingModelConfig:
             raise ValueError(f"embedding_model.img_size must be at least 8, got {self.img_size}")
         if self.batch_size < 1:
             raise ValueError(f"embedding_model.batch_size must be positive, got {self.batch_size}")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"embedding_model.max_image_pixels must be positive, got {self.max_image_pixels}")
+        if self.backend == "timm" and self.random_init and self.global_pool == "token":
+            raise ValueError("embedding_model.random_init=true with embedding_model.global_pool=token gives every "
+                             "image the same embedding; set embedding_model.global_pool=avg, or use real weights "
+                             "(embedding_model.packaged=efficientnet_lite0 or embedding_model.weights)")
 
 
 @dataclass
@@ -184,8 +203,12 @@ class TrainingConfig:
 class DataConfig:
     max_member_bytes: int = 20_000_000
     """Tar members larger than this are skipped unread (reason oversized_member)."""
-    max_image_pixels: int = 4096 * 4096
-    """Images whose header declares more pixels are skipped undecoded (reason oversized_image)."""
+    max_image_pixels: int = 200_000_000
+    """Images whose header declares more pixels are skipped undecoded (reason oversized_image): a guard against
+    decompression bombs, far beyond any camera; a 12-50 MP phone photo is kept (generate downscales it)."""
+    keep_metadata: bool = False
+    """Store image bytes as they are in the tar. false: EXIF (GPS, camera), XMP, IPTC and comments are dropped
+    losslessly from JPEGs before they are stored (common.images.strip_metadata; the orientation tag is kept)."""
     rows_per_shard: int = 2000
     """Rows per intermediate parquet shard (a tar larger than this gives several shards)."""
     dedup_hash_size: int = 8
@@ -253,8 +276,13 @@ class InfrastructureConfig:
     """torch CPU threads (0 leaves torch's default; 1 on a shared machine)."""
     autocast: str = "auto"
     """auto (bf16 on CUDA, off on CPU), off, bf16 or fp16."""
+    eval_memory_mb: int = 512
+    """Working memory of the retrieval evaluation (train/evaluate.py): queries go in blocks against all references,
+    each block sized to stay under this; the N x N similarity matrix is never built. The scores do not depend on it."""
 
     def __post_init__(self) -> None:
+        if self.eval_memory_mb < 1:
+            raise ValueError(f"infrastructure.eval_memory_mb must be at least 1, got {self.eval_memory_mb}")
         if self.autocast not in AUTOCAST_CHOICES:
             raise ValueError(f"infrastructure.autocast must be one of {AUTOCAST_CHOICES}, got {self.autocast!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -271,6 +299,9 @@ class LoggingConfig:
     """Also log to W&B in offline mode under <run>/wandb (needs the wandb package; exit 2 when missing)."""
     wandb_project: str = "building_embed"
     """W&B project name of the offline run."""
+    progress_every: int = 50
+    """When stderr is not a terminal (SLURM logs), long loops (training batches, embedding batches) log a line every
+    this many steps with rate and ETA (0 = off); on a terminal a tqdm bar shows instead."""
 
 
 SECTIONS: dict[str, type] = {

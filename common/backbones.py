@@ -149,6 +149,25 @@ def build_timm_backbone(name: str, *, weights: str | Path | None = None, package
     if img_size is not None:
         kwargs["img_size"] = img_size
     try:
+        return _build(timm, resolve_data_config, name, weights, packaged, global_pool, img_size, key_prefix, kwargs,
+                      model_kwargs)
+    except TypeError as exc:
+        if "img_size" not in str(exc) or "img_size" not in kwargs:
+            raise UserError(f"{key_prefix}model_kwargs {model_kwargs}: {exc}") from exc
+    # a model without an img_size argument (a CNN such as EfficientNet): any input size works, so only the data
+    # config's input size is set
+    kwargs.pop("img_size")
+    try:
+        return _build(timm, resolve_data_config, name, weights, packaged, global_pool, img_size, key_prefix, kwargs,
+                      model_kwargs)
+    except TypeError as exc:
+        raise UserError(f"{key_prefix}model_kwargs {model_kwargs}: {exc}") from exc
+
+
+def _build(timm, resolve_data_config, name: str, weights: str | Path | None, packaged: str | None,
+           global_pool: str | None, img_size: int | None, key_prefix: str, kwargs: dict[str, Any],
+           model_kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    try:
         if packaged:
             state, source = packaged_state_dict(packaged, f"{key_prefix}packaged")
             if name != source.timm_name:
@@ -173,8 +192,9 @@ def build_timm_backbone(name: str, *, weights: str | Path | None = None, package
         if "Unknown model" in str(exc):
             raise UserError(f"{key_prefix}name: {exc}; use a timm model name") from exc
         raise UserError(f"{key_prefix}weights: cannot build {name} from {weights}: {str(exc).splitlines()[0]}") from exc
-    except TypeError as exc:
-        raise UserError(f"{key_prefix}model_kwargs {model_kwargs}: {exc}") from exc
+    except AssertionError as exc:  # timm asserts on a pooling its model does not offer, e.g. token on a CNN
+        raise UserError(f"{key_prefix}global_pool={global_pool}: {name} does not offer it ({exc}); "
+                        f"use {key_prefix}global_pool=avg") from exc
     data_config = resolve_data_config({}, model=model)
     if img_size is not None and tuple(data_config["input_size"][1:]) != (img_size, img_size):
         data_config["input_size"] = (data_config["input_size"][0], img_size, img_size)
@@ -216,10 +236,14 @@ class EvalPreprocess:
         channels = len(self.mean)
         image = image.convert("RGB" if channels == 3 else "L")
         width, height = image.size
-        scale = self.resize_short_side / min(width, height)
-        new_size = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
-        image = image.resize(new_size, _INTERPOLATION[self.interpolation])
-        left, top = (new_size[0] - self.size) // 2, (new_size[1] - self.size) // 2
+        # as torchvision's Resize(int) and CenterCrop (timm's eval transform): the long side truncated, the crop
+        # offset rounded, so the pixels match timm.data.create_transform(**data_config)
+        short, long = self.resize_short_side, int(self.resize_short_side * max(width, height) / min(width, height))
+        new_size = (short, long) if width <= height else (long, short)
+        new_size = (max(self.size, new_size[0]), max(self.size, new_size[1]))
+        if new_size != image.size:
+            image = image.resize(new_size, _INTERPOLATION[self.interpolation])
+        left, top = round((new_size[0] - self.size) / 2.0), round((new_size[1] - self.size) / 2.0)
         image = image.crop((left, top, left + self.size, top + self.size))
         array = np.asarray(image, np.float32).reshape(self.size, self.size, channels).transpose(2, 0, 1) / 255.0
         return torch.from_numpy((array - self.mean) / self.std)

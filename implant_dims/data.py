@@ -118,11 +118,14 @@ def _read_dicom(path: Path) -> np.ndarray:
 
 
 def _read_pillow(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
+            # a photographed or exported radiograph may be stored sideways with an EXIF orientation tag: upright it,
+            # a lossless 90 / 180 degree turn or flip that keeps the pixel scale (never a resample)
+            im = ImageOps.exif_transpose(im)
             mode = im.mode
             if mode in ("L", "1", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "LAB", "HSV", "PA", "RGBX"):
                 if mode in ("RGBA", "LA", "PA"):  # composite onto black so transparent areas read as background
@@ -146,7 +149,8 @@ def _read_pillow(path: Path) -> np.ndarray:
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as a 2-D uint8 grayscale array (radiopaque = bright).
 
-    PNG / JPEG / BMP / TIFF go through Pillow: 8-bit gray is returned as is, RGB(A) is converted to gray (alpha
+    PNG / JPEG / BMP / TIFF go through Pillow, upright by their EXIF orientation tag (a lossless turn / flip; the pixel
+    scale is kept): 8-bit gray is returned as is, RGB(A) is converted to gray (alpha
     composited onto black), 16-bit / 32-bit / float images are windowed by the 0.5 / 99.5 percentiles.
     DICOM (`.dcm`, or any file with the DICM preamble) goes through pydicom: the first frame of a multi-frame file,
     RescaleSlope / RescaleIntercept applied, MONOCHROME1 inverted, then windowed to uint8 by the 0.5 / 99.5

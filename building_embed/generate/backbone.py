@@ -1,39 +1,58 @@
-"""Frozen image backbones: DINOv2 / DINOv3 through timm or transformers, weights from local files only.
+"""Frozen image backbones: DINOv2 / DINOv3 from local files (the production default) through timm or transformers,
+packaged ImageNet weights (common.backbones.PACKAGED), or random weights for plumbing tests.
 
-    model, preprocess = build_backbone(cfg.embedding_model)   # model: [B, 3, S, S] -> [B, D]
+    model, preprocess, dim = build_backbone(cfg.embedding_model)   # model: [B, 3, S, S] -> [B, D]
+    tensor, downscaled = preprocess.load(jpeg_bytes)               # [3, S, S]; preprocess(jpeg_bytes) -> tensor
+
+The preprocessing is the backbone's own eval transform (timm's data config, or the image processor config of a
+transformers directory): the photo upright (EXIF orientation), large photos decoded at reduced size, short side
+resized by crop_pct with the aspect ratio kept, centre crop, mean / std.
 """
 
 from __future__ import annotations
 
-import io
+import json
+import logging
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from building_embed.config import EmbeddingModelConfig
+from common.backbones import EvalPreprocess, build_timm_backbone
 from common.cli import UserError
+from common.images import DEFAULT_MAX_PIXELS, open_photo
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+log = logging.getLogger(__name__)
+
+# transformers' image processors name Pillow resampling filters by number
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 class ImagePreprocess:
-    """JPEG bytes -> float32 [3, S, S]: RGB, bicubic resize to S x S, scaled to [0, 1], normalised by mean / std.
-    A plain picklable object, so DataLoader workers can run it."""
+    """Encoded image bytes -> float32 [C, S, S] by `transform` (an EvalPreprocess), after open_photo: EXIF orientation
+    applied, decoded / downscaled to the transform's resize size (never below it), refused (ImageRefused) above
+    `max_pixels` declared pixels. A plain picklable object, so DataLoader workers can run it."""
 
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.size = size
-        self.mean = np.asarray(mean, np.float32)[:, None, None]
-        self.std = np.asarray(std, np.float32)[:, None, None]
+    def __init__(self, transform: EvalPreprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.transform, self.max_pixels = transform, max_pixels
+
+    @property
+    def size(self) -> int:
+        return self.transform.size
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return len(self.transform.mean), self.transform.size, self.transform.size
+
+    def load(self, data: bytes, name: str = "") -> tuple[torch.Tensor, bool]:
+        """(tensor, whether the photo was decoded or resized below its stored size first)."""
+        photo = open_photo(data, self.transform.resize_short_side, max_pixels=self.max_pixels, mode="RGB",
+                           interpolation=self.transform.interpolation, name=name)
+        return self.transform(photo.image), photo.downscaled
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
-        array = np.asarray(rgb, np.float32).transpose(2, 0, 1) / 255.0
-        return torch.from_numpy((array - self.mean) / self.std)
+        return self.load(data)[0]
 
 
 class _TransformersPooled(nn.Module):
@@ -49,41 +68,56 @@ class _TransformersPooled(nn.Module):
         return pooled if pooled is not None else out.last_hidden_state[:, 0]
 
 
+def transformers_transform(directory: Path, img_size: int) -> EvalPreprocess:
+    """The eval transform of a save_pretrained directory from its preprocessor_config.json (mean / std, resample,
+    shortest_edge / crop_size as crop_pct), at `img_size`. Without that file: timm's ImageNet defaults, with a
+    warning."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():  # Dinov2's own processor uses these; a directory saved without it says nothing else
+        log.warning("%s: no preprocessor_config.json; using the ImageNet mean / std %s / %s, no crop", directory,
+                    IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        return EvalPreprocess(img_size, 1.0, "bicubic", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        mean, std = tuple(spec["image_mean"]), tuple(spec["image_std"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not an image processor config with image_mean / image_std ({exc}); "
+                        "save it with the model's AutoImageProcessor.save_pretrained") from exc
+    crop_pct = 1.0
+    size, crop = spec.get("size") or {}, spec.get("crop_size") or {}
+    edge = size.get("shortest_edge") if isinstance(size, dict) else None
+    crop_side = crop.get("height") if isinstance(crop, dict) else None
+    if spec.get("do_center_crop", True) and edge and crop_side and crop_side <= edge:
+        crop_pct = crop_side / edge
+    return EvalPreprocess(img_size, crop_pct, _RESAMPLE.get(spec.get("resample", 3), "bicubic"), mean, std)
+
+
 def build_backbone(cfg: EmbeddingModelConfig) -> tuple[nn.Module, ImagePreprocess, int]:
     """(model in eval mode, preprocessing, embedding dimension). Raises UserError when weights are missing."""
     weights = Path(cfg.weights) if cfg.weights else None
-    if weights is None and not cfg.random_init:
-        raise UserError("embedding_model.weights is empty: give a local backbone weights file (timm: .safetensors / "
-                        ".pth, e.g. the vit_base_patch14_dinov2 weights) or directory (transformers), or set "
-                        "embedding_model.random_init=true for a test run; nothing is downloaded")
+    if weights is None and not cfg.random_init and not cfg.packaged:
+        raise UserError("embedding_model.weights is empty: give local backbone weights (timm: a .safetensors / .pth "
+                        "file, e.g. the vit_base_patch14_dinov2 weights; transformers: a directory), or "
+                        "embedding_model.packaged=efficientnet_lite0 (with embedding_model.name=tf_efficientnet_lite0 "
+                        "embedding_model.global_pool=avg), or embedding_model.random_init=true for a plumbing test; "
+                        "nothing is downloaded")
     if weights is not None and not weights.exists():
         raise UserError(f"embedding_model.weights: {weights} not found; point it at a local weights file or directory")
     if cfg.backend == "transformers":
         from transformers import AutoConfig, AutoModel
 
-        if weights is None:
-            raise UserError("embedding_model.backend=transformers needs embedding_model.weights (a local directory)")
+        if weights is None or not weights.is_dir():
+            raise UserError("embedding_model.backend=transformers needs embedding_model.weights (a local "
+                            "save_pretrained directory)")
         config = AutoConfig.from_pretrained(weights, local_files_only=True)
         model = _TransformersPooled(AutoModel.from_pretrained(weights, local_files_only=True))
-        dim = int(config.hidden_size)
-        preprocess = ImagePreprocess(cfg.img_size, IMAGENET_MEAN, IMAGENET_STD)
-        return model.eval(), preprocess, dim
-    import timm
-
-    kwargs = dict(num_classes=0, img_size=cfg.img_size, global_pool=cfg.global_pool, **cfg.model_kwargs)
-    try:
-        if weights is not None:
-            overlay = {"file": str(weights), "input_size": (3, cfg.img_size, cfg.img_size)}
-            model = timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-        else:
-            model = timm.create_model(cfg.name, pretrained=False, **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise UserError(f"embedding_model.name: {exc}; use a timm name such as vit_base_patch14_dinov2") from exc
-        raise UserError(f"embedding_model: cannot build {cfg.name} from {weights}: {str(exc).splitlines()[0]}") from exc
-    except TypeError as exc:
-        raise UserError(f"embedding_model.model_kwargs {cfg.model_kwargs}: {exc}") from exc
-    pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
-    preprocess = ImagePreprocess(cfg.img_size, tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
-                                 tuple(pretrained_cfg.get("std", IMAGENET_STD)))
-    return model.eval(), preprocess, int(model.num_features)
+        preprocess = ImagePreprocess(transformers_transform(weights, cfg.img_size), cfg.max_image_pixels)
+        return model.eval(), preprocess, int(config.hidden_size)
+    model, data_config = build_timm_backbone(cfg.name, weights=weights, packaged=cfg.packaged or None,
+                                             random_init=cfg.random_init, global_pool=cfg.global_pool,
+                                             img_size=cfg.img_size, key_prefix="embedding_model.",
+                                             **cfg.model_kwargs)
+    preprocess = ImagePreprocess(EvalPreprocess.from_data_config(data_config), cfg.max_image_pixels)
+    return model, preprocess, int(model.num_features)

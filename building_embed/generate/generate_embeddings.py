@@ -3,14 +3,20 @@
     python -m building_embed.generate.generate_embeddings --config configs/building_embed/config.toml \
         embedding_model.weights=/models/vit_base_patch14_dinov2.safetensors
     torchrun --nproc_per_node=4 -m building_embed.generate.generate_embeddings --config ...   # shards split by rank
-    # CPU test size: embedding_model.random_init=true embedding_model.name=vit_small_patch14_dinov2
-    #   embedding_model.img_size=56 'embedding_model.model_kwargs={depth: 2, embed_dim: 48, num_heads: 2}'
+    # real features on a CPU, no download: embedding_model.packaged=efficientnet_lite0
+    #   embedding_model.name=tf_efficientnet_lite0 embedding_model.global_pool=avg   (1280-d)
+    # plumbing-test size: embedding_model.random_init=true embedding_model.name=vit_small_patch14_dinov2
+    #   embedding_model.global_pool=avg embedding_model.img_size=56
+    #   'embedding_model.model_kwargs={depth: 2, embed_dim: 48, num_heads: 2}'
 
 Input: `paths.intermediates_dir/*.parquet` (process_tar). Output: one `paths.embeddings_dir/<same name>.parquet` per
 input shard (image_key, identity, dataset_id, target_id, embedding: float16 [D]; the schema metadata
-`building_embed` records embedding_dim, backbone settings and the source shard's SHA-256), written atomically, then
-`embeddings_manifest.json` once every shard is done. DataLoader workers decode the JPEGs; CUDA and autocast (bf16)
-are used when present. Rank r of a torchrun world of size W embeds shards r, r+W, ...
+`building_embed` records embedding_dim, backbone settings, the source shard's SHA-256 and how many images were
+downscaled), written atomically, then `embeddings_manifest.json` once every shard is done (`downscaled`: the total).
+DataLoader workers decode the JPEGs as people took them (common.images: EXIF orientation applied; a large photo
+decoded at reduced size and downscaled to the backbone's resize size, never skipped; a header declaring more than
+embedding_model.max_image_pixels, or an image that does not decode, stops the run with exit 2 naming the shard and
+image); CUDA and autocast (bf16) are used when present. Rank r of a torchrun world of size W embeds shards r, r+W, ...
 
 Resume (global.resume=auto): a shard whose output exists and records the same settings and source is skipped, so a
 killed run continues at the shard where it stopped and writes the same bytes an uninterrupted run would. An output
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -36,6 +43,7 @@ from building_embed.generate.backbone import ImagePreprocess, build_backbone
 from building_embed.preprocess.schema import IDENTITY, IMAGE_BYTES, IMAGE_KEY
 from common.cli import UserError, config_main
 from common.distributed import barrier, cleanup_distributed, setup_distributed
+from common.images import ImageRefused
 from common.io import atomic_write, require_finite, sha256_file, write_json
 from common.logs import progress, setup_logging
 from common.runs import fingerprint_changes, flatten
@@ -49,16 +57,21 @@ ID_COLUMNS = (IMAGE_KEY, IDENTITY, "dataset_id", "target_id")
 
 
 class JpegDataset(Dataset):
-    """The images of one shard, decoded (in DataLoader workers) to [3, S, S] float32."""
+    """The images of one shard, decoded (in DataLoader workers) to ([3, S, S] float32, downscaled flag, refusal):
+    an image open_photo refuses gives zeros and the refusal's one-line message (else "")."""
 
-    def __init__(self, images: list[bytes], preprocess: ImagePreprocess) -> None:
-        self.images, self.preprocess = images, preprocess
+    def __init__(self, images: list[bytes], preprocess: ImagePreprocess, names: list[str] | None = None) -> None:
+        self.images, self.preprocess, self.names = images, preprocess, names
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.preprocess(self.images[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
+        name = self.names[index] if self.names is not None else f"row {index}"
+        try:
+            return (*self.preprocess.load(self.images[index], name=name), "")
+        except ImageRefused as exc:
+            return torch.zeros(self.preprocess.shape), False, str(exc)
 
 
 def shards_for_rank(shards: list[Path], rank: int, world_size: int) -> list[Path]:
@@ -108,17 +121,25 @@ def _one_thread_worker(_: int) -> None:
 
 @torch.inference_mode()
 def embed_shard(model: torch.nn.Module, preprocess: ImagePreprocess, images: list[bytes], batch_size: int,
-                num_workers: int, device: torch.device, precision: torch.dtype | None) -> np.ndarray:
-    """float32 [N, D] embeddings of one shard's JPEG bytes, in row order (batches never cross shards)."""
-    loader = DataLoader(JpegDataset(images, preprocess), batch_size=batch_size, shuffle=False,
+                num_workers: int, device: torch.device, precision: torch.dtype | None, *,
+                names: list[str] | None = None, source: str = "images", stats: Counter | None = None) -> np.ndarray:
+    """float32 [N, D] embeddings of one shard's JPEG bytes, in row order (batches never cross shards). `stats`
+    counts `downscaled` images; an image that is refused (common.images.ImageRefused: a header beyond
+    max_image_pixels, or not decodable) is a UserError naming `source` and the image."""
+    loader = DataLoader(JpegDataset(images, preprocess, names), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         worker_init_fn=_one_thread_worker)
     autocast = torch.autocast(device.type, dtype=precision) if precision is not None else nullcontext()
     out = []
-    for batch in loader:
+    for batch, downscaled, refused in loader:
+        problem = next((message for message in refused if message), None)
+        if problem is not None:
+            raise UserError(f"{source}: {problem}; remove that image or run process_tar on the source again")
         with autocast:
             features = model(batch.to(device, non_blocking=True))
         out.append(features.float().cpu().numpy())  # CPU-GPU sync point, once per batch
+        if stats is not None:
+            stats["downscaled"] += int(downscaled.sum())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -138,7 +159,8 @@ def generate(cfg: BuildingEmbedConfig) -> int:
         model, preprocess, dim = build_backbone(model_cfg)
         model = model.to(info.device)
         precision = resolve_precision(infra.autocast, info.device)
-        settings = {k: v for k, v in cfg.to_section_dict("embedding_model").items() if k != "max_shards_this_run"}
+        settings = {k: v for k, v in cfg.to_section_dict("embedding_model").items()
+                    if k not in ("max_shards_this_run", "max_image_pixels")}  # neither changes an embedding
         settings["precision"] = str(precision).removeprefix("torch.") if precision else "float32"
         if model_cfg.random_init:
             settings["seed"] = cfg.global_.seed
@@ -153,6 +175,8 @@ def generate(cfg: BuildingEmbedConfig) -> int:
                         "source_sha256": source_sha}
             if out_path.exists() and resume != "false":
                 previous = read_embedding_metadata(out_path)
+                if previous is not None:
+                    previous.pop("downscaled", None)  # a count of the run, not a setting
                 if previous == metadata or resume == "force":
                     log.info("%s: done earlier, skipped", out_path.name)
                     continue
@@ -163,20 +187,24 @@ def generate(cfg: BuildingEmbedConfig) -> int:
                 log.info("stopping after %d shard(s) (embedding_model.max_shards_this_run)", done_this_run)
                 break
             table = pq.read_table(shard, columns=[*ID_COLUMNS, IMAGE_BYTES])
+            keys = table.column(IMAGE_KEY).to_pylist()
+            stats: Counter = Counter()
             embeddings = embed_shard(model, preprocess, table.column(IMAGE_BYTES).to_pylist(), model_cfg.batch_size,
-                                     infra.num_workers, info.device, precision)
+                                     infra.num_workers, info.device, precision, names=keys, source=str(shard),
+                                     stats=stats)
             if len(table) and embeddings.shape[1] != dim:
                 raise RuntimeError(f"backbone returned width {embeddings.shape[1]}, expected {dim}")
-            keys = table.column(IMAGE_KEY).to_pylist()
             fix = "check the backbone weights and embedding_model settings (fp16 overflows above 65504)"
             require_finite(embeddings, f"{out_path} (images of {shard})", what="row", row_ids=keys, fix=fix)
             require_finite(embeddings.astype(np.float16), f"{out_path} (float16, images of {shard})", what="row",
                            row_ids=keys, fix=fix)
             ids = {name: table.column(name).to_pylist() for name in ID_COLUMNS}
-            out_table = embeddings_table(ids, embeddings if len(table) else np.zeros((0, dim)), metadata)
+            out_table = embeddings_table(ids, embeddings if len(table) else np.zeros((0, dim)),
+                                         {**metadata, "downscaled": stats["downscaled"]})
             atomic_write(out_path, lambda tmp, t=out_table: pq.write_table(t, tmp))
             done_this_run += 1
-            log.info("%s: %d embeddings of width %d", out_path.name, len(table), dim)
+            log.info("%s: %d embeddings of width %d (%d images downscaled before the transform)", out_path.name,
+                     len(table), dim, stats["downscaled"])
         barrier()
         if info.is_main:
             _write_manifest(shards, out_dir, dim, settings)
@@ -200,10 +228,11 @@ def _write_manifest(shards: list[Path], out_dir: Path, dim: int, settings: dict)
                  len(outputs), missing[0])
         return
     rows = {p.name: pq.read_metadata(p).num_rows for p in outputs}
+    downscaled = sum((read_embedding_metadata(p) or {}).get("downscaled", 0) for p in outputs)
     write_json(out_dir / MANIFEST_FILE, {"embedding_dim": dim, "dtype": "float16", "rows": sum(rows.values()),
-                                         "shards": rows, "settings": settings})
-    log.info("embeddings complete: %d rows of width %d in %d shards -> %s", sum(rows.values()), dim, len(rows),
-             out_dir)
+                                         "downscaled": downscaled, "shards": rows, "settings": settings})
+    log.info("embeddings complete: %d rows of width %d in %d shards (%d downscaled before the transform) -> %s",
+             sum(rows.values()), dim, len(rows), downscaled, out_dir)
 
 
 main = config_main(BuildingEmbedConfig, generate, __doc__, prog="python -m building_embed.generate.generate_embeddings")

@@ -7,27 +7,28 @@
 
 INPUT is a folder of process_tar intermediates (*.parquet with image bytes; ids kept: image_key, identity,
 dataset_id, target_id) or a folder of image files (*.jpg, *.jpeg, *.png; image_key = the path under INPUT). The
-backbone is built from [embedding_model] exactly as generate_embeddings builds it (local weights, or random_init
-seeded by global.seed; DataLoader workers decode; CUDA + autocast for the backbone when present); the head always
-runs in float32. OUT_DIR gets one parquet per intermediate shard (or `images.parquet`): ids + float32 `embedding`
-[N, output_dim].
+backbone is built from [embedding_model] exactly as generate_embeddings builds it (local weights, packaged weights,
+or random_init seeded by global.seed; DataLoader workers decode photos as generate_embeddings does: EXIF orientation
+applied, large photos decoded at reduced size and downscaled, the count logged; CUDA + autocast for the backbone when
+present); the head always runs in float32. OUT_DIR gets one parquet per intermediate shard (or `images.parquet`): ids
++ float32 `embedding` [N, output_dim].
 
 Refused (exit 2): a backbone other than the one the head was trained on (backend, name, img_size, global_pool,
 model_kwargs as recorded in the published config.json; both values named), a backbone width other than the head's
-input_dim, an image that does not decode, NaN / inf outputs.
+input_dim, an image whose header does not read or declares more than embedding_model.max_image_pixels (checked
+before any work), an image that does not decode, NaN / inf outputs.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from torch import nn
 
 from building_embed.config import BuildingEmbedConfig
@@ -38,6 +39,7 @@ from building_embed.publish.generate_embeddings_from_parquet import model_finger
 from building_embed.publish.hub import IntermixedParser, embeddings_table, load_published
 from common.cli import UserError, guarded_main
 from common.config import config_help, load_config
+from common.images import DEFAULT_MAX_PIXELS, ImageRefused, declared_size
 from common.io import atomic_write, require_finite
 from common.logs import setup_logging
 
@@ -73,7 +75,7 @@ def check_backbone(cfg: BuildingEmbedConfig, published, model_dir: Path) -> None
                             f"{theirs!r} features; set embedding_model.{key}={theirs!r} (and the matching weights)")
 
 
-def image_sources(input_dir: Path) -> list[tuple[str, pa.Table, list[bytes]]]:
+def image_sources(input_dir: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[str, pa.Table, list[bytes]]]:
     """[(output name, id columns, image bytes)] of INPUT: one per intermediate shard, or one for an image folder."""
     if not input_dir.is_dir():
         raise UserError(f"{input_dir}: not a folder; pass paths.intermediates_dir or a folder of images")
@@ -93,11 +95,10 @@ def image_sources(input_dir: Path) -> list[tuple[str, pa.Table, list[bytes]]]:
     images = []
     for path in files:
         data = path.read_bytes()
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise UserError(f"{path}: not a readable image ({exc}); remove or replace it") from exc
+        try:  # the header only: each image is decoded once, by the backbone's DataLoader
+            declared_size(data, max_pixels=max_pixels, name=str(path))
+        except ImageRefused as exc:
+            raise UserError(f"{exc}; remove or replace it") from exc
         images.append(data)
     keys = [str(p.relative_to(input_dir)) for p in files]
     return [("images.parquet", pa.table({IMAGE_KEY: keys}), images)]
@@ -110,7 +111,7 @@ def run(model_dir: str | Path, input_dir: str | Path, out_dir: str | Path, cfg: 
         torch.set_num_threads(infra.num_threads)
     head = load_published(model_dir)
     check_backbone(cfg, head.config, model_dir)
-    sources = image_sources(Path(input_dir))
+    sources = image_sources(Path(input_dir), cfg.embedding_model.max_image_pixels)
     torch.manual_seed(cfg.global_.seed)  # random_init backbones: the same weights generate_embeddings used
     backbone, preprocess, dim = build_backbone(cfg.embedding_model)
     if dim != head.config.input_dim:
@@ -124,8 +125,10 @@ def run(model_dir: str | Path, input_dir: str | Path, out_dir: str | Path, cfg: 
                 "output_dim": head.config.output_dim, "backbone": cfg.to_section_dict("embedding_model")}
     written = []
     for name, ids, images in sources:
+        stats: Counter = Counter()
         embeddings = embed_shard(model, preprocess, images, cfg.embedding_model.batch_size, infra.num_workers,
-                                 device, precision)
+                                 device, precision, names=ids.column(IMAGE_KEY).to_pylist(),
+                                 source=f"{input_dir}/{name}", stats=stats)
         require_finite(embeddings, f"{out_dir / name} (images of {input_dir})", what="row",
                        row_ids=ids.column(IMAGE_KEY).to_pylist(), fix="check the backbone weights and settings")
         if not len(images):
@@ -133,7 +136,8 @@ def run(model_dir: str | Path, input_dir: str | Path, out_dir: str | Path, cfg: 
         table = embeddings_table(ids, embeddings, {**metadata, "source": name})
         atomic_write(out_dir / name, lambda tmp, t=table: pq.write_table(t, tmp))
         written.append(out_dir / name)
-        log.info("%s: %d images -> %s", name, len(images), out_dir / name)
+        log.info("%s: %d images (%d downscaled before the transform) -> %s", name, len(images), stats["downscaled"],
+                 out_dir / name)
     return written
 
 

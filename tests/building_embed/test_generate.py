@@ -20,9 +20,13 @@ from conftest import TINY_MODEL
 from building_embed.config import BuildingEmbedConfig
 from building_embed.generate import backbone, generate_embeddings
 from building_embed.generate.generate_embeddings import read_embeddings, shards_for_rank
+from common.backbones import PACKAGED, EvalPreprocess
 from common.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
+PACKAGED_LITE0 = ["embedding_model.random_init=false", "embedding_model.packaged=efficientnet_lite0",
+                  "embedding_model.name=tf_efficientnet_lite0", "embedding_model.model_kwargs={}",
+                  "embedding_model.img_size=224", "embedding_model.global_pool=avg"]
 
 
 def _copy_inputs(pipeline: Path, root: Path) -> None:
@@ -55,7 +59,7 @@ def test_preprocess_resizes_and_normalises():
 
     from building_embed.sample_data import jpeg_bytes
 
-    prep = backbone.ImagePreprocess(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    prep = backbone.ImagePreprocess(EvalPreprocess(8, 1.0, "bicubic", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     out = prep(jpeg_bytes(Image.new("L", (20, 12), 255), quality=100))  # grey JPEG -> 3 channels
     assert out.shape == (3, 8, 8) and out.dtype == torch.float32
     torch.testing.assert_close(out, torch.full((3, 8, 8), 2.0), atol=0.02, rtol=0)  # (1 - 0.5) / 0.25
@@ -135,7 +139,7 @@ def test_non_finite_embeddings_are_exit_2_naming_shard_and_image(pipeline, tmp_p
                                                                 monkeypatch):
     root = tmp_path / "w"
     _copy_inputs(pipeline, root)
-    prep = backbone.ImagePreprocess(28, backbone.IMAGENET_MEAN, backbone.IMAGENET_STD)
+    prep = backbone.ImagePreprocess(EvalPreprocess(28, 1.0, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     monkeypatch.setattr(generate_embeddings, "build_backbone", lambda cfg: (_NanAtRow(), prep, 4))
     assert generate_embeddings.main(stage_args(root)) == 2
     err = capsys.readouterr().err
@@ -218,3 +222,149 @@ def test_decoding_workers_give_the_same_embeddings(pipeline):
     assert in_process.shape == (12, 24)
     # bit-exact: the same batches of 5 through the same model; only the process that decodes the JPEGs differs
     np.testing.assert_array_equal(workers, in_process)
+
+
+# ------------------------------------------------------------------------------ packaged backbone, photos as taken
+
+
+def _jpeg(image, **kwargs) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, **kwargs)
+    return buffer.getvalue()
+
+
+def _write_shard(path: Path, images: list[bytes]) -> None:
+    import pyarrow as pa
+
+    n = len(images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image_key": [f"t.tar:{i}.jpg" for i in range(n)],
+                             "identity": [f"id{i}" for i in range(n)],
+                             "dataset_id": [0] * n, "target_id": list(range(n)),
+                             "image_bytes": pa.array(images, pa.binary())}), path)
+
+
+def test_packaged_backbone_embeds_an_exif_rotated_photo_like_the_upright_one(real_data_dir):
+    """A phone stores a portrait photo as landscape pixels + EXIF orientation 6. Read as people see it, it embeds as
+    the upright photo; read ignoring EXIF (the code before common.images) it is a different picture."""
+    from PIL import Image
+
+    face = Image.open(real_data_dir / "faces_orl_att" / "s1" / "1.pgm").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright, sideways = _jpeg(face), _jpeg(face.transpose(Image.ROTATE_90), exif=exif)
+    cfg = load_config(BuildingEmbedConfig, None, PACKAGED_LITE0)
+    model, prep, dim = backbone.build_backbone(cfg.embedding_model)
+    import io
+
+    ignoring_exif = prep.transform(Image.open(io.BytesIO(sideways)))
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(model(torch.stack([prep(upright), prep(sideways), ignoring_exif])), dim=1)
+    fixed, before = float(e[0] @ e[1]), float(e[0] @ e[2])
+    print(f"cosine to the upright photo: EXIF applied {fixed:.3f}, EXIF ignored {before:.3f}")
+    assert dim == 1280
+    assert fixed > 0.95  # measured 0.99+: two JPEG encodes of one picture
+    assert before < 0.8  # measured 0.52: the face lying on its side
+
+
+def test_a_24_mp_photo_is_downscaled_not_skipped_and_counted(tmp_path, stage_args):
+    from PIL import Image
+
+    root = tmp_path / "w"
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)).resize((6000, 4000), Image.BILINEAR)
+    small = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))  # short side 20 < 28: not reduced
+    _write_shard(root / "inter" / "a.parquet", [_jpeg(big), _jpeg(small)])
+    assert generate_embeddings.main(stage_args(root)) == 0
+    manifest = json.loads((root / "emb" / "embeddings_manifest.json").read_text())
+    assert manifest["rows"] == 2 and manifest["downscaled"] == 1
+    _, values = read_embeddings(root / "emb" / "a.parquet")
+    assert values.shape == (2, 24) and np.isfinite(values).all()
+    # a later resume with the same settings keeps the shard (the count is not a setting)
+    assert generate_embeddings.main(stage_args(root)) == 0
+
+
+def test_image_beyond_max_image_pixels_is_exit_2_naming_shard_and_image(tmp_path, stage_args, capsys):
+    from PIL import Image
+
+    root = tmp_path / "w"
+    _write_shard(root / "inter" / "a.parquet", [_jpeg(Image.new("RGB", (40, 40))), _jpeg(Image.new("RGB", (300, 200)))])
+    assert generate_embeddings.main(stage_args(root, "embedding_model.max_image_pixels=10000")) == 2
+    err = capsys.readouterr().err
+    assert "a.parquet" in err and "t.tar:1.jpg" in err and "300 x 200" in err
+    assert not list((root / "emb").glob("*.parquet"))
+
+
+def test_random_init_with_token_pooling_is_exit_2_before_any_work(pipeline, tmp_path, stage_args, capsys):
+    root = tmp_path / "w"
+    _copy_inputs(pipeline, root)
+    assert generate_embeddings.main(stage_args(root, "embedding_model.global_pool=token")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "random_init=true" in err[0] and "global_pool=token" in err[0]
+    assert not (root / "emb").exists()
+
+
+def test_altered_packaged_weights_are_exit_2(pipeline, tmp_path, stage_args, capsys, monkeypatch):
+    import dataclasses
+
+    source = PACKAGED["efficientnet_lite0"]
+    altered = tmp_path / "lite0.pth"
+    data = bytearray(source.locate().read_bytes())
+    data[-100] ^= 0x01
+    altered.write_bytes(bytes(data))
+    monkeypatch.setitem(PACKAGED, "efficientnet_lite0", dataclasses.replace(source, locate=lambda: altered))
+    root = tmp_path / "w"
+    _copy_inputs(pipeline, root)
+    assert generate_embeddings.main(stage_args(root, *PACKAGED_LITE0)) == 2
+    err = capsys.readouterr().err
+    assert "embedding_model.packaged=efficientnet_lite0" in err and "SHA-256" in err and str(altered) in err
+    assert not list((root / "emb").glob("*.parquet"))
+
+
+def test_transformers_preprocessing_comes_from_the_directorys_image_processor(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.2, 0.25], "resample": 3, "do_center_crop": True,
+        "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}))
+    transform = backbone.transformers_transform(tmp_path, 112)
+    assert (transform.size, transform.crop_pct, transform.interpolation) == (112, 0.875, "bicubic")
+    np.testing.assert_allclose(transform.mean.ravel(), [0.5, 0.4, 0.3])
+    np.testing.assert_allclose(transform.std.ravel(), [0.2, 0.2, 0.25])
+
+
+def test_a_20_mp_phone_photo_goes_through_process_tar_and_generate(sample, tmp_path, stage_args):
+    """A 20 MP photo with GPS EXIF, stored sideways (orientation 6): process_tar keeps it (the old default
+    max_image_pixels of 16.8 MP dropped it as oversized_image) and stores it without GPS but with its orientation;
+    generate downscales it (counted in the manifest)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from building_embed.preprocess import process_tar
+
+    stem = "0101_0000002_0000201_001"
+    with tarfile.open(sample[0] / "tars" / "region_0.tar") as tar:
+        metadata = tar.extractfile(f"{stem}.txt").read()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif.get_ifd(0x8825).update({1: "N", 2: (52.0, 22.0, 1.5), 3: "E", 4: (4.0, 53.0, 2.0)})
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)).resize((5472, 3648), Image.BILINEAR)
+    root = tmp_path / "w"
+    (root / "tars").mkdir(parents=True)
+    with tarfile.open(root / "tars" / "phone.tar", "w") as tar:
+        for name, data in ((f"{stem}.jpg", _jpeg(photo, exif=exif)), (f"{stem}.txt", metadata)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert process_tar.main(stage_args(root)) == 0
+    report = json.loads((root / "inter" / "process_report.json").read_text())
+    assert report["rows"] == 1 and not report["skipped"], report["skipped"]
+    stored = pq.read_table(sorted((root / "inter").glob("*.parquet"))[0]).column("image_bytes")[0].as_py()
+    with Image.open(io.BytesIO(stored)) as image:
+        assert image.size == (5472, 3648) and dict(image.getexif()) == {0x0112: 6}  # GPS and maker gone
+    assert generate_embeddings.main(stage_args(root)) == 0
+    manifest = json.loads((root / "emb" / "embeddings_manifest.json").read_text())
+    assert manifest["rows"] == 1 and manifest["downscaled"] == 1

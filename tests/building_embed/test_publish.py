@@ -294,3 +294,28 @@ def test_publish_stages_are_listed_and_help_works(capsys):
     with pytest.raises(SystemExit) as exc:
         convert_to_hf.main(["--help"])
     assert exc.value.code == 0 and "training_model.input_dim" in capsys.readouterr().out
+
+
+def test_generate_from_hf_reads_photos_as_taken(published, tmp_path, caplog):
+    """An image folder: a photo stored sideways with EXIF orientation 6 embeds exactly as the upright one (PNG, so
+    the turn is lossless), and a 24 MP JPEG is downscaled (counted in the log), not refused."""
+    out, _, _ = published
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8))  # 20 x 30: below 28 px, not reduced
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    upright.save(folder / "a_upright.png")
+    upright.transpose(Image.ROTATE_90).save(folder / "b_sideways.png", exif=exif)
+    big = Image.fromarray(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)).resize((6000, 4000), Image.BILINEAR)
+    big.save(folder / "c_big.jpg", quality=90)
+    with caplog.at_level("INFO"):
+        assert generate_embeddings_from_hf.main([str(out), str(folder), str(tmp_path / "z"), *TINY_MODEL]) == 0
+    z = read_parquets(tmp_path / "z")
+    assert z["image_key"].tolist() == ["a_upright.png", "b_sideways.png", "c_big.jpg"]
+    embeddings = np.stack(z["embedding"])
+    # bit-exact: the same pixels after the turn, through the same model in one batch
+    np.testing.assert_array_equal(embeddings[1], embeddings[0])
+    assert np.isfinite(embeddings).all()
+    assert "3 images (1 downscaled before the transform)" in caplog.text

@@ -138,6 +138,25 @@ def test_read_image_modes_and_errors(tmp_path: Path) -> None:
         read_image(tmp_path / "nothing.png")
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_read_image_applies_exif_orientation_without_resampling(tmp_path: Path, fmt: str) -> None:
+    """A radiograph photographed or exported sideways with EXIF orientation 6 reads upright, at its own pixel
+    scale (only turned, never resized)."""
+    rng = np.random.default_rng(5)
+    upright = np.kron(rng.integers(0, 256, (6, 4), dtype=np.uint8), np.ones((8, 8), np.uint8))  # 48 x 32, portrait
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned 90 degrees counter-clockwise; the viewer turns it back clockwise
+    path = tmp_path / f"sideways.{fmt.lower()}"
+    Image.fromarray(upright).transpose(Image.ROTATE_90).save(path, fmt, exif=exif, **({"quality": 95}
+                                                                                      if fmt == "JPEG" else {}))
+    out = read_image(path)
+    assert out.shape == upright.shape
+    if fmt == "PNG":
+        np.testing.assert_array_equal(out, upright)  # lossless: the very pixels
+    else:  # JPEG: blocks of 8 px keep their grey within a few levels (a wrong turn is off by ~80 on average)
+        assert np.abs(out.astype(int) - upright.astype(int)).mean() < 3
+
+
 @pytest.mark.parametrize("monochrome1", [False, True])
 def test_write_dicom_round_trips(tmp_path: Path, monochrome1: bool) -> None:
     rng = np.random.default_rng(3)

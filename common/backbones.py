@@ -195,6 +195,11 @@ def _build(timm, resolve_data_config, name: str, weights: str | Path | None, pac
     except AssertionError as exc:  # timm asserts on a pooling its model does not offer, e.g. token on a CNN
         raise UserError(f"{key_prefix}global_pool={global_pool}: {name} does not offer it ({exc}); "
                         f"use {key_prefix}global_pool=avg") from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. safetensors' SafetensorError on a garbage file
+        if isinstance(exc, (UserError, AssertionError)) or not weights:
+            raise
+        raise UserError(f"{key_prefix}weights: cannot read {weights} as {name} weights: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     data_config = resolve_data_config({}, model=model)
     if img_size is not None and tuple(data_config["input_size"][1:]) != (img_size, img_size):
         data_config["input_size"] = (data_config["input_size"][0], img_size, img_size)

@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from building_embed.config import BuildingEmbedConfig
 from building_embed.generate.backbone import ImagePreprocess, build_backbone
-from building_embed.preprocess.schema import IDENTITY, IMAGE_BYTES, IMAGE_KEY
+from building_embed.preprocess.schema import IDENTITY, IMAGE_BYTES, IMAGE_KEY, read_parquet_checked
+from building_embed.progress import ProgressLog
 from common.cli import UserError, config_main
 from common.distributed import barrier, cleanup_distributed, setup_distributed
 from common.images import ImageRefused
@@ -122,7 +123,8 @@ def _one_thread_worker(_: int) -> None:
 @torch.inference_mode()
 def embed_shard(model: torch.nn.Module, preprocess: ImagePreprocess, images: list[bytes], batch_size: int,
                 num_workers: int, device: torch.device, precision: torch.dtype | None, *,
-                names: list[str] | None = None, source: str = "images", stats: Counter | None = None) -> np.ndarray:
+                names: list[str] | None = None, source: str = "images", stats: Counter | None = None,
+                progress_every: int = 50) -> np.ndarray:
     """float32 [N, D] embeddings of one shard's JPEG bytes, in row order (batches never cross shards). `stats`
     counts `downscaled` images; an image that is refused (common.images.ImageRefused: a header beyond
     max_image_pixels, or not decodable) is a UserError naming `source` and the image."""
@@ -131,6 +133,7 @@ def embed_shard(model: torch.nn.Module, preprocess: ImagePreprocess, images: lis
                         worker_init_fn=_one_thread_worker)
     autocast = torch.autocast(device.type, dtype=precision) if precision is not None else nullcontext()
     out = []
+    steps = ProgressLog(Path(source).name, total=len(loader), every=progress_every, logger=log)
     for batch, downscaled, refused in loader:
         problem = next((message for message in refused if message), None)
         if problem is not None:
@@ -140,6 +143,7 @@ def embed_shard(model: torch.nn.Module, preprocess: ImagePreprocess, images: lis
         out.append(features.float().cpu().numpy())  # CPU-GPU sync point, once per batch
         if stats is not None:
             stats["downscaled"] += int(downscaled.sum())
+        steps.step()
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -186,12 +190,12 @@ def generate(cfg: BuildingEmbedConfig) -> int:
             if model_cfg.max_shards_this_run and done_this_run >= model_cfg.max_shards_this_run:
                 log.info("stopping after %d shard(s) (embedding_model.max_shards_this_run)", done_this_run)
                 break
-            table = pq.read_table(shard, columns=[*ID_COLUMNS, IMAGE_BYTES])
+            table = read_parquet_checked(shard, [*ID_COLUMNS, IMAGE_BYTES], "paths.intermediates_dir")
             keys = table.column(IMAGE_KEY).to_pylist()
             stats: Counter = Counter()
             embeddings = embed_shard(model, preprocess, table.column(IMAGE_BYTES).to_pylist(), model_cfg.batch_size,
                                      infra.num_workers, info.device, precision, names=keys, source=str(shard),
-                                     stats=stats)
+                                     stats=stats, progress_every=cfg.logging.progress_every)
             if len(table) and embeddings.shape[1] != dim:
                 raise RuntimeError(f"backbone returned width {embeddings.shape[1]}, expected {dim}")
             fix = "check the backbone weights and embedding_model settings (fp16 overflows above 65504)"

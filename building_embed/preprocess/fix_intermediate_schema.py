@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from building_embed.config import BuildingEmbedConfig
 from building_embed.preprocess.compute_fingerprints import intermediate_shards
-from building_embed.preprocess.schema import IDENTITY, IMAGE_KEY, INTERMEDIATE_SCHEMA
+from building_embed.preprocess.schema import IDENTITY, IMAGE_KEY, INTERMEDIATE_SCHEMA, read_parquet_checked
 from common.cli import UserError, config_main
 from common.io import atomic_write, write_json
 from common.logs import setup_logging
@@ -90,7 +90,7 @@ def fix_directory(intermediates_dir: str | Path) -> dict:
     """Conform every shard; rewrite only those that change. Returns the report."""
     report = {}
     for path in intermediate_shards(intermediates_dir):
-        table = pq.read_table(path)
+        table = read_parquet_checked(path, [], "paths.intermediates_dir", types=None)  # garbage: exit 2
         if table.schema.remove_metadata().equals(INTERMEDIATE_SCHEMA):
             report[path.name] = {"changed": [], "dropped": [], "rewritten": False}
             continue

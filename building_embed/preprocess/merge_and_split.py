@@ -41,7 +41,7 @@ from building_embed.preprocess.compute_fingerprints import (
     near_pairs,
     write_fingerprints,
 )
-from building_embed.preprocess.schema import IDENTITY, IMAGE_KEY
+from building_embed.preprocess.schema import IDENTITY, IMAGE_BYTES, IMAGE_KEY, read_parquet_checked
 from building_embed.preprocess.summarize_ids import write_summary
 from building_embed.streetview import to_ecef
 from common.cli import UserError, config_main
@@ -87,7 +87,8 @@ class UnionFind:
 
 def load_metadata(intermediates_dir: str | Path) -> pd.DataFrame:
     """The metadata columns of every intermediate shard (no image bytes), sorted by image_key."""
-    frames = [pq.read_table(p, columns=KEEP_COLUMNS).to_pandas() for p in intermediate_shards(intermediates_dir)]
+    frames = [read_parquet_checked(p, [*KEEP_COLUMNS, IMAGE_BYTES], "paths.intermediates_dir",
+                                   columns=KEEP_COLUMNS).to_pandas() for p in intermediate_shards(intermediates_dir)]
     frame = pd.concat(frames, ignore_index=True).sort_values(IMAGE_KEY, kind="stable").reset_index(drop=True)
     if frame[IMAGE_KEY].duplicated().any():
         key = frame[IMAGE_KEY][frame[IMAGE_KEY].duplicated()].iloc[0]
@@ -279,13 +280,27 @@ def merge_and_split(cfg: BuildingEmbedConfig) -> int:
 
 def read_split(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     """(metadata frame, float32 [N, D] embeddings) of a merged split parquet."""
-    table = pq.read_table(path)
-    _, values = read_embeddings(Path(path))
+    table = read_parquet_checked(path, [IMAGE_KEY, IDENTITY, "street_view_id", EMBEDDING], "paths.merged_dir",
+                                 columns=[])
+    try:
+        _, values = read_embeddings(Path(path))
+    except (pa.ArrowException, KeyError, AttributeError, ValueError) as exc:
+        raise UserError(f"{path}: its {EMBEDDING!r} column is not a fixed-width float list ({exc}); rerun "
+                        "merge_and_split") from exc
     return table.drop_columns([EMBEDDING]).to_pandas(), values
 
 
 def split_embedding_dim(path: str | Path) -> int:
-    return int(json.loads(pq.read_schema(path).metadata[META_KEY])["embedding_dim"])
+    """The embedding width a merged split records in its schema metadata (UserError when unreadable or absent)."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return int(json.loads(metadata[META_KEY])["embedding_dim"])
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:200]}); rerun "
+                        "merge_and_split") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: not a merged split of merge_and_split (no {META_KEY.decode()} embedding_dim in its "
+                        "schema metadata); rerun merge_and_split or set paths.merged_dir") from exc
 
 
 main = config_main(BuildingEmbedConfig, merge_and_split, __doc__,

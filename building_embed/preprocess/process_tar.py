@@ -12,7 +12,11 @@ order), pairs each `<stem>.jpg` with `<stem>.txt`, and writes `paths.intermediat
     image_without_metadata, metadata_without_image, metadata_* (streetview.py), other_file, corrupt_tar (cut short or not a tar: the pairs read before stay)
 
 Every file written lies inside `paths.intermediates_dir` and is written atomically. A tar already processed with the
-same settings (recorded in `<tar stem>.done.json`: tar size and mtime, data settings) is not read again.
+same settings (recorded in `<tar stem>.done.json`: tar size and mtime, data settings) is not read again. A tar that
+changed is read again into a staging folder; its new shards replace the earlier ones only when it was read to the
+end or gave more rows, so a re-run never loses good rows to a tar cut short since (a WARNING names it and the counts).
+A tar cut short or unreadable on its first read keeps the rows read before the error, also with a WARNING. A run whose
+tars give no usable row at all stops with exit 2.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import shutil
 import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -33,6 +39,7 @@ from building_embed.config import BuildingEmbedConfig, DataConfig
 from building_embed.preprocess.schema import IDENTITY, IMAGE_BYTES, IMAGE_KEY, INTERMEDIATE_SCHEMA
 from building_embed.streetview import MetadataError, identity_of, parse_metadata
 from common.cli import UserError, config_main
+from common.images import strip_metadata
 from common.io import atomic_write, write_json
 from common.logs import progress, setup_logging
 
@@ -138,7 +145,8 @@ def _make_row(tar_name: str, image: tuple[str, bytes], meta: tuple[str, bytes], 
         return None
     return {IMAGE_KEY: f"{tar_name}:{image_name}", "tar": tar_name, "member": image_name,
             IDENTITY: identity_of(fields["dataset_id"], fields["target_id"]), **fields,
-            "width": width, "height": height, IMAGE_BYTES: image_bytes}
+            "width": width, "height": height,
+            IMAGE_BYTES: image_bytes if data.keep_metadata else strip_metadata(image_bytes)}
 
 
 def write_shard(path: Path, rows: list[dict]) -> None:
@@ -148,37 +156,71 @@ def write_shard(path: Path, rows: list[dict]) -> None:
 
 def _settings(data: DataConfig) -> dict:
     return {"max_member_bytes": data.max_member_bytes, "max_image_pixels": data.max_image_pixels,
-            "rows_per_shard": data.rows_per_shard}
+            "rows_per_shard": data.rows_per_shard, "keep_metadata": data.keep_metadata}
+
+
+def _read_done(done_path: Path) -> dict | None:
+    try:
+        return json.loads(done_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def process_one(tar_path: Path, out_dir: Path, data: DataConfig) -> dict:
-    """Process one tar (or reuse its earlier result). Returns its report entry."""
+    """Process one tar (or reuse its earlier result). Returns its report entry.
+
+    New shards are written into a staging folder and replace the tar's earlier shards only once the tar has been
+    read to its end, or when they hold more rows than the earlier ones: a tar cut short (or unreadable) after a good
+    run keeps the good rows, with a WARNING.
+    """
     stat = tar_path.stat()
     source = {"tar": tar_path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "settings": _settings(data)}
     done_path = out_dir / f"{tar_path.stem}.done.json"
-    if done_path.is_file():
-        done = json.loads(done_path.read_text(encoding="utf-8"))
-        if done.get("source") == source and all((out_dir / s).is_file() for s in done["shards"]):
-            log.info("%s: already processed (%d rows), skipped", tar_path.name, done["rows"])
-            return done
-    for stale in out_dir.glob(f"{tar_path.stem}-*.parquet"):
-        stale.unlink()
-    skips = SkipCounter()
-    shards, buffer, rows = [], [], 0
-    for row in iter_pairs(tar_path, data, skips):
-        buffer.append(row)
-        if len(buffer) == data.rows_per_shard:
+    previous = _read_done(done_path)
+    previous_ok = previous is not None and all((out_dir / s).is_file() for s in previous.get("shards", []))
+    if previous_ok and previous.get("source") == source:
+        log.info("%s: already processed (%d rows), skipped", tar_path.name, previous["rows"])
+        return previous
+    staging = out_dir / f".staging-{tar_path.stem}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        skips = SkipCounter()
+        shards, buffer, rows = [], [], 0
+        for row in iter_pairs(tar_path, data, skips):
+            buffer.append(row)
+            if len(buffer) == data.rows_per_shard:
+                shards.append(f"{tar_path.stem}-{len(shards):05d}.parquet")
+                write_shard(staging / shards[-1], buffer)
+                rows, buffer = rows + len(buffer), []
+        if buffer:
             shards.append(f"{tar_path.stem}-{len(shards):05d}.parquet")
-            write_shard(out_dir / shards[-1], buffer)
-            rows, buffer = rows + len(buffer), []
-    if buffer or not shards:
-        shards.append(f"{tar_path.stem}-{len(shards):05d}.parquet")
-        write_shard(out_dir / shards[-1], buffer)
-        rows += len(buffer)
-    done = {"source": source, "shards": shards, "rows": rows, "skipped": dict(sorted(skips.counts.items())),
-            "skip_examples": dict(sorted(skips.examples.items()))}
-    write_json(done_path, done)
-    log.info("%s: %d rows in %d shard(s), skipped %s", tar_path.name, rows, len(shards), done["skipped"])
+            write_shard(staging / shards[-1], buffer)
+            rows += len(buffer)
+        done = {"source": source, "shards": shards, "rows": rows, "skipped": dict(sorted(skips.counts.items())),
+                "skip_examples": dict(sorted(skips.examples.items()))}
+        cut = skips.examples.get("corrupt_tar", [""])[0].split(": ", 1)[-1] if skips.counts["corrupt_tar"] else None
+        if cut is not None and previous_ok and previous.get("rows", 0) > rows:
+            log.warning("%s: cut short or unreadable (%s): read %d rows, fewer than the %d of its earlier run, whose "
+                        "%d shard(s) are kept; replace the tar with a complete copy", tar_path.name, cut, rows,
+                        previous["rows"], len(previous["shards"]))
+            return {**previous, "warning": f"cut short or unreadable ({cut}); kept the earlier {previous['rows']} "
+                                           f"rows instead of {rows}"}
+        done_path.unlink(missing_ok=True)  # a kill while the shards are swapped leaves the tar to be redone
+        for name in shards:
+            os.replace(staging / name, out_dir / name)
+        for stale in set(out_dir.glob(f"{tar_path.stem}-*.parquet")) - {out_dir / n for n in shards}:
+            stale.unlink()
+        write_json(done_path, done)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if cut is not None:
+        log.warning("%s: cut short or unreadable (%s): kept the %d rows read before the error, skipped %s",
+                    tar_path.name, cut, rows, done["skipped"])
+    elif rows == 0:
+        log.warning("%s: no usable image + metadata pair (skipped %s)", tar_path.name, done["skipped"])
+    else:
+        log.info("%s: %d rows in %d shard(s), skipped %s", tar_path.name, rows, len(shards), done["skipped"])
     return done
 
 
@@ -200,6 +242,10 @@ def process_tars(cfg: BuildingEmbedConfig) -> int:
               "shards": [s for e in per_tar.values() for s in e["shards"]],
               "skipped": dict(sorted(totals.items())), "skipped_total": sum(totals.values()), "per_tar": per_tar}
     write_json(out_dir / REPORT_FILE, report)
+    if report["rows"] == 0:
+        raise UserError(f"{tar_dir}: its {len(tars)} tar(s) gave no usable image + metadata pair (skipped "
+                        f"{report['skipped']}, see {out_dir / REPORT_FILE}); check that paths.tar_dir holds the 3D "
+                        "Street View region tars (<stem>.jpg beside <stem>.txt)")
     log.info("process_tar: %d rows from %d tars, %d members skipped %s -> %s", report["rows"], len(tars),
              report["skipped_total"], report["skipped"], out_dir)
     return 0

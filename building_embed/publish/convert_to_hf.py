@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from building_embed.config import BuildingEmbedConfig
@@ -70,8 +70,12 @@ def published_config(cfg: BuildingEmbedConfig, training_info: dict) -> SpatialEm
 
 def check_fits(weights: Path, cfg: BuildingEmbedConfig, config_source: str) -> None:
     """UserError naming the checkpoint's widths and the config's when they differ."""
-    with safe_open(str(weights), framework="pt") as fh:
-        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:  # garbage, cut short or unreadable: one line, exit 2
+        raise UserError(f"{weights}: not a readable safetensors file ({str(exc).strip()[:200]}); pass the "
+                        f"{ckpt_io.WEIGHTS_FILE} of a training run (its checkpoints/best)") from exc
     shapes = dict(zip(ckpt_io.strip_wrapper_prefixes(dict.fromkeys(shapes)), shapes.values()))
     found = head_dims(shapes, str(weights))
     wanted = {k: getattr(cfg.training_model, k) for k in found}

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
 from building_embed.config import BuildingEmbedConfig
 from building_embed.difficulty.compute_visual_neighbors import OUTPUT_FILE, REPORT_FILE
 from building_embed.preprocess.merge_and_split import SPLITS, read_split, split_embedding_dim
-from building_embed.preprocess.schema import IDENTITY, IMAGE_KEY
+from building_embed.preprocess.schema import IDENTITY, IMAGE_KEY, read_parquet_checked
+from building_embed.train.evaluate import relevant_counts
 from common.cli import UserError
 from common.io import require_finite
 
@@ -75,6 +75,21 @@ def load_splits(cfg: BuildingEmbedConfig) -> dict[str, SplitData]:
     return {s: load_split(p, s, cfg.training_model.input_dim) for s, p in split_paths(cfg).items()}
 
 
+def require_trainable(train: SplitData, val: SplitData) -> None:
+    """UserError (before anything is written) when the train split has no identity with two images (no triplet can
+    be formed) or the val split has no identity with images from two panoramas (nothing to retrieve)."""
+    counts = np.bincount(train.identity) if len(train) else np.zeros(0, np.int64)
+    if not (counts >= 2).any():
+        raise UserError(f"{train.path}: no identity of the train split has two images ({len(train)} images, "
+                        f"{len(counts)} identities), so no triplet can be formed; rerun merge_and_split on data with "
+                        "several views per building (or lower data.dedup_max_distance if deduplication dropped them)")
+    if not (relevant_counts(val.identity, val.panorama) > 0).any():
+        raise UserError(f"{val.path}: no identity of the val split has images from two panoramas ({len(val)} images, "
+                        f"{len(np.unique(val.identity))} identities), so recall and mAP@R (which leave the query's own "
+                        "panorama out) cannot be measured; raise data.val_fraction or rerun merge_and_split with "
+                        "another global.seed")
+
+
 @dataclass
 class BandNegatives:
     """For each train identity and band: the other identities whose images neighbour its images in that band."""
@@ -87,7 +102,8 @@ class BandNegatives:
         if not path.is_file():
             raise UserError(f"{path}: difficulty file not found; run python -m "
                             "building_embed.difficulty.compute_visual_neighbors first")
-        table = pq.read_table(path).to_pandas()
+        table = read_parquet_checked(path, ["split", "row", IMAGE_KEY, "neighbor_rows", "neighbor_band"],
+                                     "paths.difficulty_dir", types=None).to_pandas()
         table = table[table["split"] == "train"].sort_values("row")
         keys = train.frame[IMAGE_KEY].to_numpy()
         if len(table) != len(train) or not (table[IMAGE_KEY].to_numpy() == keys).all():
@@ -120,6 +136,8 @@ class IdentityIndex:
 
 def anchor_schedule(index: IdentityIndex, n_anchor: int, n_batches: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Anchor identities of each batch of an epoch: seeded permutations of the anchorable identities, cycled."""
+    if not len(index.anchorable):
+        raise ValueError("no identity has two images: nothing can anchor a batch (see require_trainable)")
     rng = np.random.default_rng([seed, epoch, 0])
     order: list[int] = []
     while len(order) < n_anchor * n_batches:

@@ -9,8 +9,13 @@ paths.difficulty_dir/difficulty_metadata.parquet. Each step: a UCB1 bandit (trai
 a P x K batch takes its negative identities from that band (train/data.py); triplet loss with mining
 (pytorch-metric-learning, train/losses.py); the bandit's reward is the learning progress of that step (the batch's
 unmined triplet loss before vs after the step, relative). Each epoch: recall@1/5/10, precision@1 and mAP@R on val
-(train/evaluate.py: the query's own panorama is left out of its gallery); early stopping and `best` on val mAP@R.
+(train/evaluate.py: the query's own panorama is left out of its gallery; computed in query blocks within
+infrastructure.eval_memory_mb); early stopping and `best` on val mAP@R.
 At the end the best head and the frozen input embeddings are evaluated on val and test side by side.
+
+Where stderr is not a terminal (SLURM logs) an epoch logs a line every logging.progress_every batches with rate and
+ETA. A train split where no identity has two images, or a val split where no identity has images from two panoramas,
+is refused (exit 2, naming the split file) before anything is written.
 
 Writes paths.runs_dir/<global.run_name>/: config.yaml, train.log, metrics.jsonl (one record per epoch),
 checkpoints/{latest,best}/ (model.safetensors = the ProjectionHead of building_embed.model; meta.json holds
@@ -41,6 +46,7 @@ import torch
 
 from building_embed.config import BuildingEmbedConfig
 from building_embed.model import build_head
+from building_embed.progress import ProgressLog
 from building_embed.train.bandit import UCB1Bandit, learning_progress
 from building_embed.train.data import (
     BandNegatives,
@@ -49,10 +55,11 @@ from building_embed.train.data import (
     difficulty_path,
     load_splits,
     pk_batch,
+    require_trainable,
     split_paths,
 )
 from building_embed.train.ddp import global_batch_loss
-from building_embed.train.evaluate import embed, markdown_table, retrieval_metrics
+from building_embed.train.evaluate import DEFAULT_MEMORY_MB, embed, markdown_table, retrieval_metrics
 from building_embed.train.losses import build_objective
 from building_embed.train.trackers import Trackers, open_trackers, require_trackers
 from common.checkpoint import CheckpointManager, capture_train_state, load_weights, resume_from_checkpoint
@@ -107,6 +114,7 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
     require_trackers(cfg.logging)
     splits = load_splits(cfg)  # refuses a width other than training_model.input_dim before anything is written
     train_split, val_split = splits["train"], splits["val"]
+    require_trainable(train_split, val_split)  # a train split without pairs would loop forever looking for anchors
     negatives = BandNegatives.from_difficulty(difficulty_path(cfg), train_split)
     start = open_run(run_dir, cfg, resume=cfg.global_.resume, checkpoint_dirs=[run_dir / "checkpoints"],
                      fingerprint=run_fingerprint(cfg), resume_key="global.resume")
@@ -140,6 +148,7 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
     n_anchor = max(1, min(n_ids - n_negative, len(index.anchorable)))
     n_batches = tc.batches_per_epoch or max(1, len(train_split) // (n_ids * tc.views_per_identity))
     inputs, labels = train_split.embeddings.to(device), torch.from_numpy(train_split.identity).to(device)
+    eval_mb = cfg.infrastructure.eval_memory_mb
     meta = {"training_model": to_dict(cfg.training_model), "embedding_model": to_dict(cfg.embedding_model)}
     try:
         for epoch in progress(range(start_epoch, tc.epochs + 1), desc="epochs"):
@@ -147,6 +156,7 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
                 log.info("early stopping: val mAP@R did not improve in %d epochs", tc.patience)
                 break
             loss_sum, triplet_sum, band_pulls = 0.0, 0, [0] * bandit.n_arms
+            steps = ProgressLog(f"epoch {epoch}", n_batches, every=cfg.logging.progress_every, logger=log)
             for b, anchors in enumerate(anchor_schedule(index, n_anchor, n_batches, cfg.global_.seed, epoch)):
                 band = main_rank_value(bandit.select())  # the bandit lives on rank 0 (one broadcast per step)
                 rows = torch.from_numpy(pk_batch(index, negatives, band, anchors, n_negative, tc.views_per_identity,
@@ -166,8 +176,10 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
                 loss_sum += loss_value
                 triplet_sum += n_triplets
                 band_pulls[band] += 1
+                steps.step()
             val = main_rank_value(retrieval_metrics(embed(head, val_split.embeddings), val_split.identity,
-                                                    val_split.panorama) if dist_info.is_main else None)
+                                                    val_split.panorama, memory_mb=eval_mb)
+                                  if dist_info.is_main else None)
             improved = stopper.step(val["map@r"])
             record = {"epoch": epoch, "train_loss": loss_sum / n_batches, "mined_triplets": triplet_sum / n_batches,
                       **{f"band{i}_pulls": n for i, n in enumerate(band_pulls)},
@@ -191,7 +203,7 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
     if dist_info.is_main:
         load_weights(manager.best, head)
         if final_report:
-            summary["results"] = write_report(run_dir, head, splits)
+            summary["results"] = write_report(run_dir, head, splits, eval_mb)
     cleanup_distributed()
     return summary
 
@@ -203,13 +215,15 @@ def unmined_loss(head: torch.nn.Module, objective, x: torch.Tensor, y: torch.Ten
     return float(objective.progress_loss(head(x), y))
 
 
-def write_report(run_dir: Path, head: torch.nn.Module, splits: dict) -> dict:
+def write_report(run_dir: Path, head: torch.nn.Module, splits: dict, memory_mb: float = DEFAULT_MEMORY_MB) -> dict:
     """Best head vs frozen input embeddings on val and test -> reports/retrieval.{json,md}."""
     results = {}
     for name in ("val", "test"):
         split = splits[name]
-        results[name] = {"head": retrieval_metrics(embed(head, split.embeddings), split.identity, split.panorama),
-                         "frozen": retrieval_metrics(split.embeddings, split.identity, split.panorama)}
+        results[name] = {"head": retrieval_metrics(embed(head, split.embeddings), split.identity, split.panorama,
+                                                   memory_mb=memory_mb),
+                         "frozen": retrieval_metrics(split.embeddings, split.identity, split.panorama,
+                                                     memory_mb=memory_mb)}
     write_json(run_dir / "reports" / REPORT_JSON, results)
     atomic_write_text(run_dir / "reports" / REPORT_MD, markdown_table(results))
     test = results["test"]

@@ -129,3 +129,12 @@ def test_wrong_architecture_for_packaged_weights_names_the_right_one():
 def test_packaged_file_is_in_the_installed_wheel():
     path = backbones.PACKAGED["efficientnet_lite0"].locate()
     assert isinstance(path, Path) and path.name == "efficientnet-lite0-57934424.pth"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_garbage_local_weights_file_is_one_line_naming_it(tmp_path, suffix):
+    garbage = tmp_path / f"weights{suffix}"
+    garbage.write_bytes(b"not a weights file at all" * 10)
+    with pytest.raises(UserError, match=r"embedding_model\.weights: .*weights") as info:
+        build_timm_backbone("tf_efficientnet_lite0", weights=garbage, key_prefix="embedding_model.")
+    assert str(garbage) in str(info.value) and "\n" not in str(info.value)

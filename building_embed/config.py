@@ -22,7 +22,7 @@ from common.studies import check_heartbeat
 AUTOCAST_CHOICES = ("auto", "off", "bf16", "fp16")
 BAND_BY_CHOICES = ("rank", "cosine")
 KNN_METHODS = ("faiss", "torch")
-BACKENDS = ("timm", "transformers")
+BACKENDS = ("timm", "transformers", "pixels")
 RESUME_CHOICES = ("auto", "false", "force")
 
 
@@ -64,8 +64,9 @@ class PathsConfig:
 @dataclass
 class EmbeddingModelConfig:
     backend: str = "timm"
-    """timm (vit_*_dinov2 / vit_*_dinov3 names, or packaged weights) or transformers (a local Dinov2 / DINOv3
-    directory in `weights`)."""
+    """timm (vit_*_dinov2 / vit_*_dinov3 names, or packaged weights), transformers (a local Dinov2 / DINOv3
+    directory in `weights`) or pixels (no weights: img_size x img_size grey pixels standardised per image, e.g.
+    img_size=32; a fast descriptor with real signal for tests, not for production)."""
     name: str = "vit_base_patch14_dinov2"
     """timm model name (vit_small_patch14_dinov2, vit_base_patch16_dinov3, tf_efficientnet_lite0 for
     packaged=efficientnet_lite0, ...); ignored for backend=transformers."""

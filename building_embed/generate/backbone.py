@@ -1,5 +1,6 @@
 """Frozen image backbones: DINOv2 / DINOv3 from local files (the production default) through timm or transformers,
-packaged ImageNet weights (common.backbones.PACKAGED), or random weights for plumbing tests.
+packaged ImageNet weights (common.backbones.PACKAGED), a weight-free grey-pixel descriptor (backend=pixels, fast
+tests), or random weights for plumbing tests.
 
     model, preprocess, dim = build_backbone(cfg.embedding_model)   # model: [B, 3, S, S] -> [B, D]
     tensor, downscaled = preprocess.load(jpeg_bytes)               # [3, S, S]; preprocess(jpeg_bytes) -> tensor
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from building_embed.config import EmbeddingModelConfig
+from building_embed.generate.pixels import build_pixels_backbone
 from common.backbones import EvalPreprocess, build_timm_backbone
 from common.cli import UserError
 from common.images import DEFAULT_MAX_PIXELS, open_photo
@@ -96,6 +98,10 @@ def transformers_transform(directory: Path, img_size: int) -> EvalPreprocess:
 
 def build_backbone(cfg: EmbeddingModelConfig) -> tuple[nn.Module, ImagePreprocess, int]:
     """(model in eval mode, preprocessing, embedding dimension). Raises UserError when weights are missing."""
+    if cfg.backend == "pixels":  # weight-free grey-pixel descriptor of img_size x img_size (fast tests)
+        model, data_config = build_pixels_backbone(cfg.img_size)
+        return model, ImagePreprocess(EvalPreprocess.from_data_config(data_config), cfg.max_image_pixels), \
+            model.num_features
     weights = Path(cfg.weights) if cfg.weights else None
     if weights is None and not cfg.random_init and not cfg.packaged:
         raise UserError("embedding_model.weights is empty: give local backbone weights (timm: a .safetensors / .pth "

@@ -12,6 +12,9 @@ digits (`value_mode=seed4`). Unsupported lines (O-words, # parameters, [ ] expre
 vocabulary cannot hold (too many words, values with more significant digits than the mode holds) are counted by
 reason, never fatal. The report also scores the same commands and letters in the other value mode
 (`other_mode`) and the default vocabulary (`default_vocab`), so one run compares the exact and the seed mode.
+Folders are searched for the G-code suffixes (`GCODE_SUFFIXES`: .nc .ngc .tap .gcode .gc .g .cnc ...) and for
+`.txt` files whose lines read as G-code (a CAM program saved as shapeoko.txt; a README.txt is not); every other file
+is skipped, logged with the reason and listed in the report (`skipped_files`).
 Writes the vocabulary JSON and a report JSON (counts per reason, round-trip and exact-value rates, failing lines).
 """
 
@@ -41,22 +44,72 @@ from common.io import write_json
 from common.logs import setup_logging
 
 log = logging.getLogger(__name__)
-GCODE_SUFFIXES = (".nc", ".ngc", ".tap", ".gcode", ".cnc")
+# What CAM posts and controllers name G-code files: LinuxCNC .ngc, Mach .tap, generic .nc/.cnc/.gcode/.gc/.g,
+# Siemens .mpf/.spf, Fanuc-style .eia/.iso; `.txt` (Carbide Create, Easel and other hobby CAM) counts when its
+# lines read as G-code (`TEXT_SUFFIXES`, `looks_like_gcode`).
+GCODE_SUFFIXES = (".nc", ".ngc", ".tap", ".gcode", ".gc", ".g", ".cnc", ".ncc", ".mpf", ".spf", ".eia", ".iso")
+TEXT_SUFFIXES = (".txt",)
+ALL_SUFFIXES = GCODE_SUFFIXES + TEXT_SUFFIXES
+MIN_GCODE_SHARE = 0.5
+SNIFF_LINES = 2000
+
+
+def looks_like_gcode(path: Path) -> tuple[bool, str]:
+    """(accepted, why not) for a text file: at least MIN_GCODE_SHARE of its non-blank lines (of the first
+    SNIFF_LINES) parse and one moves."""
+    with open(path, "rb") as fh:
+        head = b"".join(line for _, line in zip(range(SNIFF_LINES), fh)).decode("utf-8", errors="replace")
+    lines = [line for line in parse_program(head) if line.text.strip()]
+    parsed = sum(1 for line in lines if line.error is None and not line.is_empty)
+    moving = any(line.error is None and line.moves for line in lines)
+    if lines and parsed >= MIN_GCODE_SHARE * len(lines) and moving:
+        return True, ""
+    return False, (f"{path.suffix} file that does not read as G-code ({parsed} of {len(lines)} non-blank lines parse, "
+                   f"{'a' if moving else 'no'} moving line; needs {MIN_GCODE_SHARE:.0%} and one move)")
+
+
+def gcode_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """G-code files under `folder` (sorted) and the skipped ones with the reason (path -> reason), each logged."""
+    files, skipped = [], {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        suffix = path.suffix.lower()
+        if suffix in GCODE_SUFFIXES:
+            files.append(path)
+            continue
+        if suffix in TEXT_SUFFIXES:
+            accepted, reason = looks_like_gcode(path)
+            if accepted:
+                files.append(path)
+                continue
+        else:
+            reason = f"suffix {suffix or '(none)'!r} is not a G-code suffix ({' '.join(ALL_SUFFIXES)})"
+        skipped[str(path)] = reason
+        log.info("skipped %s: %s", path, reason)
+    return files, skipped
 
 
 def corpus_files(paths: list[str]) -> list[Path]:
+    return corpus_files_and_skipped(paths)[0]
+
+
+def corpus_files_and_skipped(paths: list[str]) -> tuple[list[Path], dict[str, str]]:
+    """The files of `build_vocab.corpus` (files as given, folders searched by `gcode_files`) and the skipped ones."""
     files: list[Path] = []
+    skipped: dict[str, str] = {}
     for entry in paths:
         path = Path(entry)
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in GCODE_SUFFIXES)
+            found, left_out = gcode_files(path)
+            files += found
+            skipped.update(left_out)
         else:
             raise UserError(f"config key 'build_vocab.corpus': {path} does not exist; list G-code files or folders")
     if not files:
-        raise UserError(f"config key 'build_vocab.corpus': no G-code files ({', '.join(GCODE_SUFFIXES)}) in {paths}")
-    return files
+        raise UserError(f"config key 'build_vocab.corpus': no G-code files ({' '.join(ALL_SUFFIXES)})"
+                        f" in {paths} ({len(skipped)} files skipped, see the log); pass the files themselves")
+    return files, skipped
 
 
 def scan(files: list[Path]) -> tuple[dict[Path, list], ParseReport, Counter, Counter, Counter]:
@@ -120,7 +173,7 @@ def coverage(vocab: Vocabulary, parsed: dict[Path, list]) -> dict:
 def build_vocab(cfg: CncConfig) -> int:
     setup_logging()
     bc = cfg.build_vocab
-    files = corpus_files(bc.corpus)
+    files, skipped = corpus_files_and_skipped(bc.corpus)
     parsed, report, commands, letters, value_digits = scan(files)
     n_digits = bc.n_digits or min(MAX_DIGITS, max(EXACT_DIGITS, *value_digits))
     new_commands = sorted(c for c, n in commands.items() if n >= bc.min_count and c not in DEFAULT_COMMANDS)
@@ -132,7 +185,8 @@ def build_vocab(cfg: CncConfig) -> int:
     default = make_vocabulary(list(DEFAULT_COMMANDS), list(DEFAULT_LETTERS), bc.max_tokens, bc.value_mode)
     out = Path(bc.out)
     vocab.save(out)
-    result = {"files": len(files), "vocab_size": vocab.size, "digest": vocab.digest(), "commands": vocab.commands,
+    result = {"files": len(files), "skipped_files": skipped, "vocab_size": vocab.size, "digest": vocab.digest(),
+              "commands": vocab.commands,
               "letters": vocab.letters, "max_tokens": vocab.max_tokens, "n_digits": vocab.n_digits,
               "value_significant_digits": dict(sorted(value_digits.items())), "parse": report.as_dict(),
               **coverage(vocab, parsed),
@@ -141,8 +195,8 @@ def build_vocab(cfg: CncConfig) -> int:
                                                          if k not in ("round_trip_failures", "inexact_examples")}}}
     report_path = Path(bc.report) if bc.report else out.with_name(f"{out.stem}_report.json")
     write_json(report_path, result)
-    log.info("%d files, %d lines: %d executable, %d unsupported %s", len(files), report.lines, report.executable,
-             sum(report.unsupported.values()), dict(report.unsupported.most_common()))
+    log.info("%d files (%d skipped), %d lines: %d executable, %d unsupported %s", len(files), len(skipped),
+             report.lines, report.executable, sum(report.unsupported.values()), dict(report.unsupported.most_common()))
     log.info("vocabulary: %d commands, %d letters, size %d, values %s; round trip %d/%d, every value exact %d/%d "
              "(%s: %d/%d)", vocab.n_commands, len(vocab.letters), vocab.size, vocab.mode, result["round_trip_ok"],
              result["tokenized_lines"], result["values_exact"], result["tokenized_lines"], other.mode,

@@ -21,7 +21,9 @@ class RunConfig:
     seed: int = 0
     """Seed of weight initialisation, dropout, noise and each epoch's order (an epoch's order is (seed, epoch))."""
     num_threads: int = 0
-    """torch CPU threads (0 leaves torch's default; use 1 for long runs on a shared machine)."""
+    """torch CPU threads; 0 = $OMP_NUM_THREADS when set, else the CPUs the process may use (affinity,
+    SLURM_CPUS_PER_TASK, cgroup quota) but at most one: a second thread only adds OpenMP waits to these small models'
+    ops (runtime.AUTO_MAX_THREADS)."""
 
     @property
     def run_dir(self) -> Path:
@@ -280,7 +282,8 @@ class UmichLinesConfig:
 @dataclass
 class BuildVocabConfig:
     corpus: list[str] = field(default_factory=list)
-    """G-code files or folders (searched for .nc .ngc .tap .gcode .cnc)."""
+    """G-code files or folders (searched for .nc .ngc .tap .gcode .gc .g .cnc .ncc .mpf .spf .eia .iso, and .txt
+    files whose lines read as G-code; every other file is skipped and logged with the reason)."""
     out: str = "data/cnc_gcode/vocab.json"
     """Vocabulary JSON to write (pass it to the other stages as data.vocab_path)."""
     min_count: int = 1
@@ -306,7 +309,7 @@ class BuildVocabConfig:
 @dataclass
 class SimulateConfig:
     input: str = ""
-    """A G-code program (.nc .ngc .tap .gcode .cnc) or a folder of them, run on the virtual mill."""
+    """A G-code program or a folder of them (the suffixes of build_vocab.corpus), run on the virtual mill."""
     out: str = "data/cnc_gcode/simulated.npz"
     """Sensor-window NPZ to write (the layout sample_data writes, vocab_digest included)."""
     report: str = ""
@@ -327,8 +330,14 @@ class SimulateConfig:
     """At most this many windows labelled with one line (chosen at random; 0 = all)."""
     seed: int = 0
     """Seed of the sensor noise and of the window choice."""
+    chunk_samples: int = 100_000
+    """Samples (50 Hz) simulated before their windows go to disk, so memory stays bounded for any program length
+    (about 0.3 GB at 100000); the output does not depend on it. 0: the whole program at once and every window in
+    memory until the end (the earlier way, for comparison)."""
 
     def __post_init__(self) -> None:
+        if self.chunk_samples < 0:
+            raise ValueError(f"simulate.chunk_samples must be >= 0 (0 = all at once), got {self.chunk_samples}")
         if self.on_unsupported not in ("skip", "error"):
             raise ValueError(f"simulate.on_unsupported must be 'skip' or 'error', got {self.on_unsupported!r}")
         if self.window < 1 or self.stride < 1 or self.max_per_line < 0 or self.max_tokens < 2:

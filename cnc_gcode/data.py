@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnc_gcode.simulator import CATEGORICAL_NAMES_KEY, CHANNEL_GROUPS_KEY
 from cnc_gcode.tokenizer import VOCAB_DIGEST_KEY, Vocabulary
 from common.cli import UserError
 from common.io import require_finite
@@ -34,8 +35,6 @@ from common.io import require_finite
 log = logging.getLogger(__name__)
 REQUIRED_SENSOR_KEYS = ("continuous", "categorical")
 LABEL_KEYS = ("tokens", "operation_type")
-CHANNEL_GROUPS_KEY = "channel_groups"
-CATEGORICAL_NAMES_KEY = "categorical_names"
 
 
 @dataclass

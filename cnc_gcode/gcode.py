@@ -3,11 +3,11 @@
 Handles what CAM post-processors and hand-written mill programs use: comments in `( )` and after `;`,
 `%` delimiters, N-numbers, leading-zero codes (`G00`, `M03`), several codes on one line, modal motion
 (`G0/G1/G2/G3` and the canned cycles `G73 G74 G81-G86 G89`, cancelled by `G80`) carried to following lines that
-only hold axis words, a cycle's sticky Z/R/P/Q (kept until the motion mode changes, as LinuxCNC does), retract mode
-(`G98/99`), plane (`G17-19`), units (`G20/21`), distance mode (`G90/91`), tool length offset (`G43 H..` / `G49`),
-machine coordinates (`G53`), and any letter+number word (X Y Z, I J K, R, F, S, T, H, P, ...). Values are kept
-twice: `values` holds them exactly as
-written (`Decimal`, so `I3519.5012` stays 3519.5012), `params` as floats for arithmetic.
+only hold axis words (never to a G10 / G28 / G30 / G52 / G92 line, whose axis words are its own data), a
+cycle's sticky Z/R/P/Q (kept until the motion mode changes, as LinuxCNC does), retract mode (`G98/99`), plane
+(`G17-19`), units (`G20/21`), distance mode (`G90/91`), tool length offset (`G43 H..` / `G49`), machine
+coordinates (`G53`), and any letter+number word (X Y Z, I J K, R, F, S, T, H, P, ...). Values are kept twice:
+`values` holds them exactly as written (`Decimal`, so `I3519.5012` stays 3519.5012), `params` as floats for arithmetic.
 A comment (also one holding non-ASCII text) is removed before the line is read, so it never costs the command
 before it.
 
@@ -50,6 +50,11 @@ TOOL_LENGTH_CODES = ("G43", "G43.1", "G43.2", "G49")
 DEFAULT_PLANE, DEFAULT_UNITS, DEFAULT_DISTANCE, DEFAULT_TOOL_LENGTH = "G17", "G21", "G90", "G49"
 DEFAULT_RETRACT = "G99"  # canned cycles retract to the R plane unless G98 is programmed (EMC handbook)
 MOTION_CANCEL = "G80"
+# Non-modal (group 0) codes that take the line's axis words as their own data (LinuxCNC's "mode zero covets
+# axes"): `G92 A0` sets an offset and `G28 Z0` names an intermediate point, so such a line never runs the modal
+# motion. G4 (P only), G53 (a modifier of the line's G0/G1, modal or written) and G28.1 / G30.1 / G92.1-3 (no axis
+# words) are not among them.
+AXIS_CLAIMING_CODES = ("G10", "G28", "G30", "G52", "G92")
 AXIS_LETTERS = frozenset("XYZABCUVW")
 # Letters that are program structure, never a parameter of a command.
 STRUCTURE_LETTERS = frozenset("GMNO")
@@ -71,6 +76,7 @@ REASON_ARC_PLANE = "arc centre offset outside the active plane"
 REASON_CYCLE_WORDS = "canned cycle without its Z/R (or P/Q) word"
 REASON_CYCLE_PLANE = "canned cycle outside G17"
 REASON_CYCLE_UNSUPPORTED = "G87/G88 canned cycle"
+REASON_AXIS_CLAIM = "G10/G28/G30/G52/G92 and a motion code on one line both use the axis words"
 
 _WORD = re.compile(r"([A-Z])\s*([+-]?\s*(?:\d+\.?\d*|\.\d+))")
 _INLINE_COMMENT = re.compile(r"\([^()]*\)")
@@ -269,10 +275,14 @@ def parse_line(text: str, lineno: int, state: ModalState) -> ParsedLine:
             new.tool_length = code
             new.tool_offset = values.get("H") if code == "G43" else None
     params = {k: float(v) for k, v in values.items()}
+    has_axes = any(k in AXIS_LETTERS for k in params)
+    claims_axes = any(c in AXIS_CLAIMING_CODES for c in codes)
+    if claims_axes and explicit_motion and has_axes:
+        return ParsedLine(**base, error=REASON_AXIS_CLAIM)
     carried = False
     if explicit_motion:
         motion: str | None = explicit_motion[0]
-    elif any(k in AXIS_LETTERS for k in params) and new.motion is not None:
+    elif has_axes and new.motion is not None and not claims_axes:
         motion, carried = new.motion, True
     else:
         motion = None

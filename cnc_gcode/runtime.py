@@ -17,15 +17,25 @@ from common.cli import UserError
 from common.config import to_dict
 from common.distributed import DistInfo, setup_distributed
 from common.runs import make_fingerprint
+from common.threads import set_torch_threads
 
 log = logging.getLogger(__name__)
 ENCODER_DIR, DECODER_DIR = "encoder", "decoder"
 KIND_ENCODER, KIND_DECODER = "cnc_gcode.encoder", "cnc_gcode.decoder"
 
 
-def set_threads(cfg: CncConfig) -> None:
-    if cfg.run.num_threads > 0:
-        torch.set_num_threads(cfg.run.num_threads)
+# Threads a stage takes when run.num_threads=0. The models run many small ops per step (LSTM time steps, a narrow
+# decoder): a second intra-op thread adds an OpenMP barrier to each op and gains nothing, and beside busy processes
+# its spin-waiting burns the CPU the others need (30 demo-size steps on the shared 2-core machine, a one-off
+# measurement: 1 thread 0.7-0.8 CPU-s in 0.8-1.3 s, 2 threads 4.4-5.3 CPU-s in 4.8-6.7 s). Whole stages, alone and
+# beside busy processes: benchmarks/cnc_contention.py.
+AUTO_MAX_THREADS = 1
+
+
+def set_threads(cfg: CncConfig) -> int:
+    """torch intra-op threads: run.num_threads when > 0, else $OMP_NUM_THREADS when set, else the CPUs this process
+    may use (affinity, SLURM_CPUS_PER_TASK, cgroup quota) up to AUTO_MAX_THREADS. Returns the count."""
+    return set_torch_threads(cfg.run.num_threads, cap=AUTO_MAX_THREADS)
 
 
 def start_distributed() -> DistInfo:

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cnc_gcode.data import CATEGORICAL_NAMES_KEY, CHANNEL_GROUPS_KEY
 from cnc_gcode.simulator import (
     CATEGORICAL_CHANNELS,
     CATEGORICAL_DIMS,
+    CATEGORICAL_NAMES_KEY,
     CHANNEL_GROUPS,
+    CHANNEL_GROUPS_KEY,
     CHANNELS,
     CUTTING_OPS,
     INPUT_GROUPS,

@@ -9,9 +9,19 @@ Each program runs from the machine's start state (G17 G21 G90 G49 G99, position 
 modal motion, G2/G3 with R or I/J/K in G17/G18/G19 (full circles, helices), canned cycles G73 G74 G81-G86 G89 with
 G98/G99 (LinuxCNC semantics), spindle S/M3/M4/M5 and coolant M7/M8/M9. A line the parser refuses (O-words, #
 parameters, G87/G88, an arc without its centre, a cycle without its Z/R, ...) or the machine refuses where it
-stands (a cycle's R below its Z, Q <= 0, an arc's R too short for its end point) is left out and counted by reason
-(`simulate.on_unsupported=skip`, the default) or stops the stage with exit 2 naming the file and line (`error`).
-Blank and comment-only lines take no machine time.
+stands (a cycle's R below its Z, Q <= 0, an arc's R too short for its end point, a move of a rotary A/B/C or a
+U/V/W axis, which the 3-axis mill lacks) is left out and counted by reason (`simulate.on_unsupported=skip`, the
+default) or stops the stage with exit 2 naming the file and line (`error`). Blank and comment-only lines take no
+machine time. A folder is searched as build_vocab searches one (G-code suffixes, `.txt` that reads as G-code; other
+files skipped and logged).
+
+Memory stays bounded for any program length: the programs are read twice, line by line (once for the vocabulary,
+once to run), and every `simulate.chunk_samples` samples the sensor log so far (`simulator.SensorStream`) is cut
+into the windows of the lines it completes (`simulator.WindowStream`) and appended to the output on disk
+(`npz_stream.NpzChunkWriter`). The sensor noise and the window choice come from two streams of `simulate.seed`, so
+the output is the same for every chunk size, bit for bit (`chunk_samples=0`, the whole program at once with every
+window in memory, is the earlier way; tests/cnc_gcode/test_cnc_new_user_inputs.py and
+benchmarks/cnc_simulate_memory.py compare the two).
 
 Writes `simulate.out` with the arrays sample_data writes (continuous [N,T,27], categorical [N,T,4], tokens [N,L],
 vocab_digest, operation_type [N], program_id [N], line_index [N] (0-based source line), channel_names [C]),
@@ -27,15 +37,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cnc_gcode.build_vocab import GCODE_SUFFIXES
-from cnc_gcode.config import CncConfig
-from cnc_gcode.gcode import ModalState, ParsedLine, ParseReport, parse_line, read_program
+from cnc_gcode.build_vocab import GCODE_SUFFIXES, gcode_files
+from cnc_gcode.config import CncConfig, SimulateConfig
+from cnc_gcode.gcode import ModalState, ParsedLine, ParseReport, parse_line
+from cnc_gcode.npz_stream import NpzChunkWriter
 from cnc_gcode.sample_data import channel_arrays, save_npz
-from cnc_gcode.simulator import OPERATIONS, Machine, MachineConfig, MachineError, record, windows
+from cnc_gcode.simulator import OPERATIONS, Machine, MachineConfig, MachineError, SensorStream, WindowStream
 from cnc_gcode.tokenizer import (
     DEFAULT_COMMANDS,
     DEFAULT_LETTERS,
@@ -55,38 +68,38 @@ log = logging.getLogger(__name__)
 
 
 def program_files(entry: str) -> list[Path]:
-    """The program at `entry`, or the G-code files under a folder (sorted). Raises UserError naming the key."""
+    """The program at `entry`, or the G-code files under a folder (sorted; others skipped and logged, as in
+    build_vocab). Raises UserError naming the key."""
     if not entry:
         raise UserError("config key 'simulate.input' is empty; pass simulate.input=PROGRAM.nc or a folder of programs")
     path = Path(entry)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in GCODE_SUFFIXES)
+        files, skipped = gcode_files(path)
         if files:
             return files
-        raise UserError(f"config key 'simulate.input': no G-code files ({', '.join(GCODE_SUFFIXES)}) in {path}")
+        raise UserError(f"config key 'simulate.input': no G-code files ({' '.join(GCODE_SUFFIXES)}, G-code .txt) in "
+                        f"{path} ({len(skipped)} other files skipped, see the log)")
     raise UserError(f"config key 'simulate.input': {path} does not exist; pass a G-code file or a folder of them")
 
 
-def motion_operation(parsed: list[ParsedLine]) -> np.ndarray:
-    """Operation index per line by the motion class rule in the module docstring (non-moving lines take the class
-    of the move before them, or `approach`)."""
-    cutting = [i for i, p in enumerate(parsed) if p.error is None and p.moves and p.motion != "G0"]
-    last = cutting[-1] if cutting else -1
-    ops, current = np.zeros(len(parsed), dtype=np.int64), OPERATIONS.index("approach")
-    for i, line in enumerate(parsed):
-        if line.error is None and line.moves:
-            if line.is_cycle:
-                current = OPERATIONS.index("drill")
-            elif line.motion != "G0":
-                current = OPERATIONS.index("contour")
-            else:
-                current = OPERATIONS.index("retract_end" if i > last else "approach")
-        elif i > last and cutting:
-            current = OPERATIONS.index("retract_end")
-        ops[i] = current
-    return ops
+def is_cutting(line: ParsedLine) -> bool:
+    return line.error is None and line.moves and line.motion != "G0"
+
+
+def motion_operation(index: int, line: ParsedLine, last_cut: int, previous: int) -> int:
+    """Operation index of line `index` by the motion class rule in the module docstring. last_cut: index of the
+    program's last cutting line (-1 when none); previous: the class of the line before (a non-moving line keeps it)."""
+    if line.error is None and line.moves:
+        if line.is_cycle:
+            return OPERATIONS.index("drill")
+        if line.motion != "G0":
+            return OPERATIONS.index("contour")
+        return OPERATIONS.index("retract_end" if index > last_cut else "approach")
+    if last_cut >= 0 and index > last_cut:
+        return OPERATIONS.index("retract_end")
+    return previous
 
 
 def motion_kind(line: ParsedLine) -> str:
@@ -96,120 +109,195 @@ def motion_kind(line: ParsedLine) -> str:
     return str(line.motion)
 
 
-def parse_file(path: Path, on_unsupported: str) -> list[ParsedLine]:
-    state, parsed = ModalState(), []
-    for number, text in enumerate(read_program(path).splitlines(), start=1):
-        line = parse_line(text, number, state)
-        if line.error is not None and on_unsupported == "error":
-            raise UserError(f"{path}:{number}: {line.error}: {text.strip()[:80]!r}; remove or rewrite the line, or "
-                            f"pass simulate.on_unsupported=skip to leave such lines out and count them")
-        parsed.append(line)
-    return parsed
+def parse_lines(path: Path, on_unsupported: str) -> Iterator[ParsedLine]:
+    """The program's lines one by one (never the whole program in memory as parsed lines); with
+    on_unsupported=error the first line the parser refuses raises UserError naming the file and line."""
+    state = ModalState()
+    number = 0
+    with open(path, "rb") as fh:
+        for raw in fh:  # the lines of read_program(path).splitlines(), one file line at a time
+            for text in raw.decode("utf-8", errors="replace").splitlines():
+                number += 1
+                line = parse_line(text, number, state)
+                if line.error is not None and on_unsupported == "error":
+                    raise UserError(f"{path}:{number}: {line.error}: {text.strip()[:80]!r}; remove or rewrite the "
+                                    f"line, or pass simulate.on_unsupported=skip to leave such lines out and count "
+                                    f"them")
+                yield line
 
 
-def build_vocabulary(programs: dict[Path, list[ParsedLine]], max_tokens: int) -> Vocabulary:
+@dataclass
+class ProgramScan:
+    """What the first pass over a program learns: words for the vocabulary and the last cutting line."""
+
+    commands: Counter = field(default_factory=Counter)
+    letters: Counter = field(default_factory=Counter)
+    digits: int = 0
+    last_cut: int = -1
+
+
+def scan_program(path: Path, on_unsupported: str) -> ProgramScan:
+    scan = ProgramScan()
+    for index, line in enumerate(parse_lines(path, on_unsupported)):
+        if line.error is None and not line.is_empty:
+            words, values = line_words(line)
+            scan.commands.update(words)
+            scan.letters.update(values)
+            scan.digits = max([scan.digits, *(significant_digits(v) for v in line.values.values())])
+        if is_cutting(line):
+            scan.last_cut = index
+    return scan
+
+
+def build_vocabulary(scans: list[ProgramScan], max_tokens: int) -> Vocabulary:
     """The default commands and letters plus every command and letter the programs' runnable lines need, exact
     values with as many digits as the longest value needs (at least 10, at most 15, as build_vocab)."""
     commands, letters = Counter(), Counter()
-    for lines in programs.values():
-        for line in lines:
-            if line.error is None and not line.is_empty:
-                words, values = line_words(line)
-                commands.update(words)
-                letters.update(values)
-    digits = [significant_digits(v) for lines in programs.values() for line in lines for v in line.values.values()]
+    for scan in scans:
+        commands.update(scan.commands)
+        letters.update(scan.letters)
     return Vocabulary(commands=[*DEFAULT_COMMANDS, *sorted(c for c in commands if c not in DEFAULT_COMMANDS)],
                       letters=[*DEFAULT_LETTERS, *sorted(k for k in letters if k not in DEFAULT_LETTERS)],
-                      max_tokens=max_tokens, n_digits=min(MAX_DIGITS, max(EXACT_DIGITS, *digits, 0)))
+                      max_tokens=max_tokens,
+                      n_digits=min(MAX_DIGITS, max(EXACT_DIGITS, *(scan.digits for scan in scans))))
 
 
-def simulate_file(path: Path, parsed: list[ParsedLine], vocab: Vocabulary, machine_cfg: MachineConfig,
-                  rng: np.random.Generator, window: int, stride: int, max_per_line: int,
-                  on_unsupported: str) -> tuple[dict | None, dict]:
-    """Run one parsed program. Returns (arrays of its windows or None when it yields none, its report)."""
-    machine, segments = Machine(machine_cfg), []
+class WindowSink:
+    """Where windows go: kept in memory and written with np.savez at the end (chunk_samples=0, the earlier way), or
+    appended to disk chunk by chunk (`NpzChunkWriter`)."""
+
+    def __init__(self, out: Path, streaming: bool) -> None:
+        self.out = out
+        self.writer = NpzChunkWriter(out) if streaming else None
+        self.parts: list[dict] = []
+        self.windows = 0
+
+    def add(self, arrays: dict[str, np.ndarray]) -> None:
+        if not len(arrays["tokens"]):
+            return
+        self.windows += len(arrays["tokens"])
+        if self.writer is not None:
+            self.writer.append(arrays)
+        else:
+            self.parts.append(arrays)
+
+    def close(self, extra: dict[str, np.ndarray]) -> None:
+        if self.writer is not None:
+            self.writer.close(extra)
+        else:
+            save_npz(self.out, {**{k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}, **extra})
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def simulate_file(path: Path, program_id: int, scan: ProgramScan, vocab: Vocabulary, machine_cfg: MachineConfig,
+                  sc: SimulateConfig, noise_rng: np.random.Generator, window_rng: np.random.Generator,
+                  sink: WindowSink) -> dict:
+    """Run one program line by line, turning its sensor log into windows every `sc.chunk_samples` samples (0: once,
+    at the end) and handing them to `sink`. Returns its report."""
+    machine = Machine(machine_cfg)
     machine.rpm, machine.coolant = 0.0, 0  # spindle and coolant as the program states them (off until it does)
-    tokens = np.zeros((len(parsed), vocab.max_tokens), dtype=np.int64)
-    labelled = np.zeros(len(parsed), dtype=bool)
+    sensors = SensorStream(machine_cfg, noise_rng)
+    cutter = WindowStream(sc.window, sc.stride, sc.max_per_line, window_rng)
     report, not_tokenized, motions = ParseReport(), Counter(), Counter()
-    for index, line in enumerate(parsed):
+    pending: list = []
+    pending_samples, simulated, samples, windows_before = 0, 0, 0, sink.windows
+    tokens: dict[int, list[int]] = {}  # tokenized lines whose windows are not cut yet
+    operation: dict[int, int] = {}
+    previous_op = OPERATIONS.index("approach")
+
+    def flush(final: bool) -> None:
+        nonlocal samples
+        part = sensors.push(pending, final)
+        pending.clear()
+        samples += 0 if part is None else len(part["line_index"])
+        continuous, categorical, labels = cutter.push(part, final)
+        keep = np.asarray([label in tokens for label in labels.tolist()], dtype=bool)
+        labels = labels[keep]
+        rows = np.asarray([tokens[k] for k in labels.tolist()], dtype=np.int64).reshape(-1, vocab.max_tokens)
+        sink.add({"continuous": continuous[keep], "categorical": categorical[keep], "tokens": rows,
+                  "operation_type": np.asarray([operation[k] for k in labels.tolist()], dtype=np.int64),
+                  "line_index": labels.astype(np.int64), "program_id": np.full(len(labels), program_id, np.int64)})
+        if cutter.rows is not None and not final:  # lines before the one still running have all their windows
+            running = int(cutter.rows["line_index"][0])
+            for done in [k for k in operation if k < running]:
+                operation.pop(done)
+                tokens.pop(done, None)
+
+    for index, line in enumerate(parse_lines(path, sc.on_unsupported)):
         report.add(line)
+        previous_op = motion_operation(index, line, scan.last_cut, previous_op)
         if line.error is not None or line.is_empty:
             continue
         if line.moves:
             motions[motion_kind(line)] += 1
         try:
-            segments.append(machine.run(line, index))
+            segment = machine.run(line, index)
         except MachineError as exc:
-            if on_unsupported == "error":
+            if sc.on_unsupported == "error":
                 raise UserError(f"{path}:{line.lineno}: {exc}: {line.text.strip()[:80]!r}; fix the line's values, or "
                                 f"pass simulate.on_unsupported=skip to leave such lines out and count them") from exc
             report.executable -= 1
             report.unsupported[str(exc)] += 1
             continue
+        simulated += 1
+        operation[index] = previous_op
         try:
             tokens[index] = vocab.encode_line(line)
-            labelled[index] = True
         except TokenizeError as exc:
-            if on_unsupported == "error":
+            if sc.on_unsupported == "error":
                 raise UserError(f"{path}:{line.lineno}: the vocabulary cannot hold this line ({exc}): "
                                 f"{line.text.strip()[:80]!r}; raise simulate.max_tokens or pass a vocabulary that "
                                 f"holds it") from exc
             not_tokenized[str(exc).split(":")[0]] += 1
-    result = {**report.as_dict(), "report": report, "simulated_lines": len(segments),
-              "moving_lines_by_motion": dict(sorted(motions.items())),
-              "not_tokenized_by_reason": dict(not_tokenized.most_common()), "windows": 0, "samples": 0}
-    if not segments:
-        return None, result
-    sensor_log = record(segments, motion_operation(parsed).tolist(), machine_cfg, rng)
-    result["samples"] = int(len(sensor_log["line_index"]))
-    starts, labels = windows(sensor_log, window, stride, max_per_line or len(sensor_log["line_index"]), rng)
-    keep = labelled[labels]
-    starts, labels = starts[keep], labels[keep]
-    result["windows"] = int(len(labels))
-    if not len(labels):
-        return None, result
-    index = starts[:, None] + np.arange(window)[None]
-    return {"continuous": sensor_log["continuous"][index], "categorical": sensor_log["categorical"][index],
-            "tokens": tokens[labels], "operation_type": sensor_log["operation"][index[:, -1]].astype(np.int64),
-            "line_index": labels.astype(np.int64)}, result
+        pending.append(segment)
+        pending_samples += len(segment.command_xyz)
+        if sc.chunk_samples and pending_samples >= sc.chunk_samples:
+            flush(final=False)
+            pending_samples = 0
+    if simulated:
+        flush(final=True)
+    return {**report.as_dict(), "report": report, "simulated_lines": simulated,
+            "moving_lines_by_motion": dict(sorted(motions.items())),
+            "not_tokenized_by_reason": dict(not_tokenized.most_common()), "windows": sink.windows - windows_before,
+            "samples": samples}
 
 
 def simulate(cfg: CncConfig) -> int:
     setup_logging()
     sc = cfg.simulate
     files = program_files(sc.input)
-    programs = {path: parse_file(path, sc.on_unsupported) for path in files}
-    vocab = Vocabulary.load(sc.vocab_path) if sc.vocab_path else build_vocabulary(programs, sc.max_tokens)
+    scans = [scan_program(path, sc.on_unsupported) for path in files]
+    vocab = Vocabulary.load(sc.vocab_path) if sc.vocab_path else build_vocabulary(scans, sc.max_tokens)
     out = Path(sc.out)
-    rng = np.random.default_rng(sc.seed)
+    # separate streams for the sensor noise and the window choice, so neither depends on where chunks end
+    noise_rng, window_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(sc.seed).spawn(2))
     machine_cfg = MachineConfig(seed=sc.seed)
-    parts, per_file, total, not_tokenized, motions = [], {}, ParseReport(), Counter(), Counter()
-    for program_id, path in enumerate(files):
-        arrays, result = simulate_file(path, programs[path], vocab, machine_cfg, rng, sc.window, sc.stride,
-                                       sc.max_per_line, sc.on_unsupported)
-        total.merge(result.pop("report"))
-        not_tokenized.update(result["not_tokenized_by_reason"])
-        motions.update(result["moving_lines_by_motion"])
-        per_file[str(path)] = {"program_id": program_id, **result}
-        if arrays is not None:
-            arrays["program_id"] = np.full(len(arrays["tokens"]), program_id, dtype=np.int64)
-            parts.append(arrays)
-    if not parts:
-        raise UserError(f"simulate.input {sc.input}: no program gave a {sc.window}-sample window of a line the "
-                        f"vocabulary holds (see the counts per reason above); check the files or lower "
-                        f"simulate.window")
-    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    arrays.update(channel_arrays())
-    arrays[VOCAB_DIGEST_KEY] = np.asarray(vocab.digest())
-    save_npz(out, arrays)
+    per_file, total, not_tokenized, motions = {}, ParseReport(), Counter(), Counter()
+    sink = WindowSink(out, streaming=sc.chunk_samples > 0)
+    try:
+        for program_id, (path, scan) in enumerate(zip(files, scans)):
+            result = simulate_file(path, program_id, scan, vocab, machine_cfg, sc, noise_rng, window_rng, sink)
+            total.merge(result.pop("report"))
+            not_tokenized.update(result["not_tokenized_by_reason"])
+            motions.update(result["moving_lines_by_motion"])
+            per_file[str(path)] = {"program_id": program_id, **result}
+        if not sink.windows:
+            raise UserError(f"simulate.input {sc.input}: no program gave a {sc.window}-sample window of a line the "
+                            f"vocabulary holds (see the counts per reason above); check the files or lower "
+                            f"simulate.window")
+        sink.close({**channel_arrays(), VOCAB_DIGEST_KEY: np.asarray(vocab.digest())})
+    except BaseException:
+        sink.abort()
+        raise
     vocab_path = Path(sc.vocab_path) if sc.vocab_path else out.with_name(f"{out.stem}_vocab.json")
     if not sc.vocab_path:
         vocab.save(vocab_path)
     summary = {"files": len(files), **total.as_dict(), "not_tokenized_by_reason": dict(not_tokenized.most_common()),
-               "moving_lines_by_motion": dict(sorted(motions.items())), "windows": int(len(arrays["tokens"])),
-               "vocab": str(vocab_path), "vocab_digest": vocab.digest(),
-               "per_file": per_file}
+               "moving_lines_by_motion": dict(sorted(motions.items())), "windows": sink.windows,
+               "vocab": str(vocab_path), "vocab_digest": vocab.digest(), "per_file": per_file}
     report_path = Path(sc.report) if sc.report else out.with_name(f"{out.stem}_report.json")
     write_json(report_path, summary)
     log.info("%d files, %d lines: %d executable, %d unsupported %s; not tokenized %s; %d windows", len(files),

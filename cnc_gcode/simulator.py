@@ -4,6 +4,7 @@ The machine executes each line with a trapezoidal velocity profile (acceleration
 of every move, as with G61), rapid moves at `rapid_mm_min`, feed moves at the programmed F, G2/G3 arcs from R or
 I/J/K in the active plane (`arc_path`), and canned cycles G73 G74 G81-G86 G89 with G98/G99 as LinuxCNC runs them
 (`cycle_moves`); `Machine` keeps position, feed, spindle, coolant and a cycle series' initial level between lines.
+A move of an axis the mill lacks (rotary A/B/C, U/V/W; they stay at 0) is refused with a reason (`MachineError`).
 Sensors see the true motion with per-group delay (samples) and Gaussian noise; cutting load appears when the tool
 is below the stock top (Z < 0) on a feed move.
 
@@ -85,6 +86,8 @@ INPUT_GROUPS = {
     "commanded": ("command_x", "command_y", "command_z", "dtg_x", "dtg_y", "dtg_z", "feed_command",
                   "spindle_command", "motion_mode"),
 }
+# NPZ keys under which every simulator file records its categorical channel names and input groups.
+CHANNEL_GROUPS_KEY, CATEGORICAL_NAMES_KEY = "channel_groups", "categorical_names"
 MEASURED_GROUPS = ("measured_motion", "drives", "spindle", "process")
 # Spindle speeds (rpm) of generated programs: each cutting operation draws its own from this one range;
 # approach/retract run with the spindle of the next/last operation.
@@ -431,6 +434,9 @@ REASON_CYCLE_PECK = "canned cycle Q not positive"
 REASON_CYCLE_REPEAT = "canned cycle L not a positive integer"
 REASON_ARC_RADIUS = "arc R too small to reach the end point"
 ARC_RADIUS_TOLERANCE_MM = 0.001
+ROTARY_AXES, EXTRA_LINEAR_AXES = "ABC", "UVW"
+REASON_ROTARY = "rotary axis A/B/C move (the virtual mill has X Y Z only)"
+REASON_EXTRA_LINEAR = "U/V/W axis move (the virtual mill has X Y Z only)"
 
 
 class MachineError(ValueError):
@@ -438,7 +444,11 @@ class MachineError(ValueError):
 
 
 def check_line(pos: np.ndarray, target: np.ndarray, line: ParsedLine, scale: float) -> None:
-    """Raise MachineError when LinuxCNC would refuse the line at this position (before anything moves)."""
+    """Raise MachineError when LinuxCNC would refuse the line at this position (before anything moves), or when it
+    moves an axis the 3-axis mill lacks (A/B/C, U/V/W: such axes stay at 0, so a non-zero word moves them)."""
+    for letters, reason in ((ROTARY_AXES, REASON_ROTARY), (EXTRA_LINEAR_AXES, REASON_EXTRA_LINEAR)):
+        if any(line.params.get(k, 0.0) != 0.0 for k in letters):
+            raise MachineError(reason)
     if line.is_cycle:
         words = line.cycle_words
         repeats = line.values.get("L")
@@ -610,37 +620,57 @@ def record(segments: list[Segment], ops: list[int], cfg: MachineConfig, rng: np.
     if any(s.spindle_rpm is not None for s in segments):  # a user program states its own spindle
         rpm = np.concatenate([np.full(len(s.command_xyz), s.spindle_rpm or 0.0) for s in segments])
 
-    dt = cfg.dt_s
+    coolant_on = np.isin(operation, [OPERATIONS.index(o) for o in CUTTING_OPS])
+    if any(s.coolant is not None for s in segments):
+        coolant_on = np.concatenate([np.full(len(s.command_xyz), bool(s.coolant)) for s in segments])
+    noise = {name: rng.normal(0, scale, (n, width) if width > 1 else n) for name, width, scale in NOISE}
+    continuous, categorical = sensor_channels(cmd, target, feed_cmd, mode, rpm, coolant_on, np.arange(n) * cfg.dt_s,
+                                              cfg.dt_s, noise)
+    return {"continuous": continuous, "categorical": categorical, "line_index": line_index, "operation": operation}
+
+
+# Sensor noise, in the order `record` draws it: (name, columns, standard deviation).
+NOISE = (("actual", 3, 0.002), ("spindle_speed", 1, 0.005), ("spindle_current", 1, 0.05), ("motor_current", 3, 0.03),
+         ("proximity", 1, 0.01), ("pressure", 1, 0.05), ("vibration", 3, 0.02), ("velocity", 3, 0.05),
+         ("acceleration", 3, 5.0))
+# Samples before / after a sample that its channels depend on (delays of up to 3 samples, the acceleration's
+# central differences of central differences): `SensorStream` keeps this much context around a chunk.
+CONTEXT_BEFORE, CONTEXT_AFTER = 8, 4
+
+
+def sensor_channels(cmd: np.ndarray, target: np.ndarray, feed_cmd: np.ndarray, mode: np.ndarray, rpm: np.ndarray,
+                    coolant_on: np.ndarray, t: np.ndarray, dt: float, noise: dict[str, np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The sensor model: commanded motion [S, 3] (mm), end points [S, 3], feed [S] (mm/min), motion mode [S],
+    spindle [S] (rpm), coolant on [S], sample times [S] (s) and per-sample noise (`NOISE` names, [S] or [S, 3])
+    -> continuous [S, 27] float32, categorical [S, 4] int64. Sample i depends on samples i-CONTEXT_BEFORE ..
+    i+CONTEXT_AFTER only, and on its own noise."""
     vel = np.gradient(cmd, dt, axis=0)
     acc = np.gradient(vel, dt, axis=0)
     speed = np.linalg.norm(vel, axis=1)
     depth = np.clip(STOCK_TOP_MM - cmd[:, 2], 0, None)
     cutting = (mode > 0) & (depth > 0)
     load = np.where(cutting, depth * (feed_cmd / 1000.0) * (0.5 + 0.5 * (rpm > 0)), 0.0)
-    actual = _delay(cmd, 2) + rng.normal(0, 0.002, (n, 3))
-    spindle_speed = _delay(rpm, 3) * (1 + rng.normal(0, 0.005, n)) - 5 * load
-    spindle_current = np.where(rpm > 0, 1.5 + rpm / 10000.0, 0.1) + 2.0 * load + rng.normal(0, 0.05, n)
+    actual = _delay(cmd, 2) + noise["actual"]
+    spindle_speed = _delay(rpm, 3) * (1 + noise["spindle_speed"]) - 5 * load
+    spindle_current = np.where(rpm > 0, 1.5 + rpm / 10000.0, 0.1) + 2.0 * load + noise["spindle_current"]
     motor_current = 0.004 * acc + 0.3 * np.sign(vel) * (np.abs(vel) > 0.5) + 0.8 * load[:, None] * np.sign(vel)
-    motor_current = _delay(motor_current, 1) + rng.normal(0, 0.03, (n, 3))
+    motor_current = _delay(motor_current, 1) + noise["motor_current"]
     proximity = np.clip(cmd[:, 2] - STOCK_TOP_MM, 0, PROXIMITY_RANGE_MM)
-    proximity = _delay(proximity, 2) + rng.normal(0, 0.01, n)
-    coolant_on = np.isin(operation, [OPERATIONS.index(o) for o in CUTTING_OPS])
-    if any(s.coolant is not None for s in segments):
-        coolant_on = np.concatenate([np.full(len(s.command_xyz), bool(s.coolant)) for s in segments])
-    pressure = np.where(coolant_on, 4.0 + 1.5 * load, 0.0) + rng.normal(0, 0.05, n)
-    t = np.arange(n) * dt
+    proximity = _delay(proximity, 2) + noise["proximity"]
+    pressure = np.where(coolant_on, 4.0 + 1.5 * load, 0.0) + noise["pressure"]
     vibration = ((0.05 + 0.5 * load)[:, None] * np.sin(2 * np.pi * (rpm / 60.0)[:, None] * t[:, None]
                                                        + np.array([0.0, 1.3, 2.1]))
-                 + 0.0005 * acc + rng.normal(0, 0.02, (n, 3)))
-    vel_meas = _delay(vel, 1) + rng.normal(0, 0.05, (n, 3))
-    acc_meas = _delay(acc, 1) + rng.normal(0, 5.0, (n, 3))
+                 + 0.0005 * acc + noise["vibration"])
+    vel_meas = _delay(vel, 1) + noise["velocity"]
+    acc_meas = _delay(acc, 1) + noise["acceleration"]
     dtg = target - cmd
     continuous = np.column_stack([
         actual, cmd, dtg, feed_cmd, rpm, vel_meas, acc_meas, spindle_speed, spindle_current, motor_current,
         proximity, pressure, vibration]).astype(np.float32)
     phase = np.where(speed < 1e-3, 0, np.where(np.gradient(speed) > 1e-6, 1, 2))
     categorical = np.column_stack([mode, (rpm > 0).astype(int), np.where(coolant_on, 2, 0), phase]).astype(np.int64)
-    return {"continuous": continuous, "categorical": categorical, "line_index": line_index, "operation": operation}
+    return continuous, categorical
 
 
 def windows(log: dict, window: int, stride: int, max_per_line: int,
@@ -666,3 +696,103 @@ def windows(log: dict, window: int, stride: int, max_per_line: int,
         keep.extend(idx.tolist())
     keep = np.sort(np.asarray(keep, dtype=np.int64))
     return ends[keep] - window + 1, labels[keep]
+
+
+NOISE_COLUMNS = sum(width for _, width, _ in NOISE)
+
+
+class SensorStream:
+    """`record` for a user program fed in chunks of executed segments, with values that do not depend on where the
+    chunks end: each sample is computed with CONTEXT_BEFORE samples before it and CONTEXT_AFTER after it (held back
+    until the next chunk or the last), and its noise is its own row of one [S, NOISE_COLUMNS] standard-normal
+    stream of `rng`. Spindle and coolant come from each segment (as `execute` sets them for a program's S / M words).
+    Memory: the chunk plus a few samples."""
+
+    def __init__(self, cfg: MachineConfig, rng: np.random.Generator) -> None:
+        self.cfg, self.rng = cfg, rng
+        self.buffer: dict[str, np.ndarray] | None = None
+        self.first = 0  # sample index of buffer row 0
+        self.emitted = 0  # samples returned so far
+
+    def push(self, segments: list[Segment], final: bool = False) -> dict | None:
+        """The next samples whose values are final: continuous [S, 27], categorical [S, 4], line_index [S] (None
+        when there are none yet). `final=True` flushes everything (the program ended)."""
+        if segments:
+            new = {"cmd": np.concatenate([s.command_xyz for s in segments]),
+                   "target": np.concatenate([np.broadcast_to(s.target, s.command_xyz.shape) for s in segments]),
+                   "feed": np.concatenate([np.full(len(s.command_xyz), s.feed_mm_min) for s in segments]),
+                   "mode": np.concatenate([np.broadcast_to(s.mode, len(s.command_xyz)) for s in segments]),
+                   "rpm": np.concatenate([np.full(len(s.command_xyz), s.spindle_rpm or 0.0) for s in segments]),
+                   "coolant": np.concatenate([np.full(len(s.command_xyz), bool(s.coolant)) for s in segments]),
+                   "line_index": np.concatenate([np.full(len(s.command_xyz), s.line_index) for s in segments])}
+            self.buffer = new if self.buffer is None else {k: np.concatenate([self.buffer[k], new[k]]) for k in new}
+        if self.buffer is None:
+            return None
+        buf, n = self.buffer, len(self.buffer["cmd"])
+        start, stop = self.emitted - self.first, n if final else n - CONTEXT_AFTER
+        if stop <= start:
+            return None
+        scales = np.concatenate([np.full(width, scale) for _, width, scale in NOISE])
+        block = np.zeros((n, NOISE_COLUMNS))
+        block[start:stop] = self.rng.standard_normal((stop - start, NOISE_COLUMNS)) * scales
+        noise, column = {}, 0
+        for name, width, _ in NOISE:
+            noise[name] = block[:, column:column + width] if width > 1 else block[:, column]
+            column += width
+        t = (self.first + np.arange(n)) * self.cfg.dt_s
+        continuous, categorical = sensor_channels(buf["cmd"], buf["target"], buf["feed"], buf["mode"], buf["rpm"],
+                                                  buf["coolant"], t, self.cfg.dt_s, noise)
+        out = {"continuous": continuous[start:stop], "categorical": categorical[start:stop],
+               "line_index": buf["line_index"][start:stop]}
+        self.emitted = self.first + stop
+        keep = max(0, stop - CONTEXT_BEFORE)
+        self.buffer = {k: v[keep:] for k, v in buf.items()}
+        self.first += keep
+        return out
+
+
+class WindowStream:
+    """`windows` over a sensor log fed in order (by SensorStream), cut into windows as each line completes: the same
+    window ends (every `stride`-th and each line's last sample), labels, and random choice of at most
+    `max_per_line` windows per line (0 = all) as `windows` with the same `rng`, for line indices that increase
+    along the log. Memory: the current line plus `window` samples."""
+
+    def __init__(self, window: int, stride: int, max_per_line: int, rng: np.random.Generator) -> None:
+        self.window, self.stride, self.max_per_line, self.rng = window, stride, max_per_line, rng
+        self.rows: dict[str, np.ndarray] | None = None
+        self.first = 0  # sample index of buffer row 0
+        self.cut = 0  # samples of completed lines (their windows are out)
+
+    def push(self, part: dict | None, final: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Windows of the lines completed by `part`: continuous [W, T, 27], categorical [W, T, 4], labels [W]."""
+        if part is not None and len(part["line_index"]):
+            self.rows = part if self.rows is None else {k: np.concatenate([self.rows[k], part[k]]) for k in part}
+        empty = (np.zeros((0, self.window, len(CHANNELS)), np.float32),
+                 np.zeros((0, self.window, len(CATEGORICAL_CHANNELS)), np.int64), np.zeros(0, np.int64))
+        if self.rows is None:
+            return empty
+        line = self.rows["line_index"]
+        # rows of completed lines: all at the end, else up to the start of the last line (it may go on)
+        done = len(line) if final else int(np.flatnonzero(line != line[-1])[-1]) + 1 if (line != line[-1]).any() else 0
+        if done == 0:
+            return empty
+        position = self.first + np.arange(done)
+        last_of_line = np.append(line[:done - 1] != line[1:done], True)
+        is_end = ((position >= max(self.cut, self.window - 1))
+                  & (((position - self.window + 1) % self.stride == 0) | last_of_line))
+        ends = np.flatnonzero(is_end)
+        labels = line[ends]
+        keep = []
+        for label in np.unique(labels):
+            idx = np.flatnonzero(labels == label)
+            if self.max_per_line and len(idx) > self.max_per_line:
+                idx = self.rng.choice(idx, size=self.max_per_line, replace=False)
+            keep.extend(idx.tolist())
+        ends = ends[np.sort(np.asarray(keep, dtype=np.int64))]
+        index = ends[:, None] - self.window + 1 + np.arange(self.window)[None]
+        result = (self.rows["continuous"][index], self.rows["categorical"][index], line[ends].astype(np.int64))
+        self.cut = self.first + done
+        drop = max(0, done - self.window + 1)
+        self.rows = {k: v[drop:] for k, v in self.rows.items()}
+        self.first += drop
+        return result

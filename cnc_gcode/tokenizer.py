@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from cnc_gcode.gcode import (
+    AXIS_CLAIMING_CODES,
     AXIS_LETTERS,
     DEFAULT_DISTANCE,
     DEFAULT_PLANE,
@@ -441,7 +442,7 @@ def decode_program(vocab: Vocabulary, rows) -> str:
     Each row states its non-default modal state itself (`line_words`); where the program's running state differs
     from a row's (say an inch row after a G20 row), the codes that restore it (G21, G90, G17, G49) are written
     before the row (G99 before a cycle row after a G98 one), and a row without motion whose axis words would pick
-    up a running modal motion gets G80.
+    up a running modal motion gets G80 (not a G10 / G28 / G30 / G52 / G92 row: its axis words are its own).
     """
     state, out = ModalState(), []
     for number, ids in enumerate(rows, start=1):
@@ -455,7 +456,8 @@ def decode_program(vocab: Vocabulary, rows) -> str:
             prefix.append(alone.tool_length)
         if alone.is_cycle and state.retract != alone.retract and alone.retract not in alone.codes:
             prefix.append(alone.retract)
-        if alone.motion is None and state.motion is not None and any(k in AXIS_LETTERS for k in alone.values):
+        if (alone.motion is None and state.motion is not None and any(k in AXIS_LETTERS for k in alone.values)
+                and not set(alone.codes) & set(AXIS_CLAIMING_CODES)):  # `G92 X0` never runs the modal motion
             prefix.append("G80")
         line_text = " ".join([*prefix, text]).strip()
         parse_line(line_text, number, state)

@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from common.cli import UserError
+from common.images import INTERPOLATION
 
 
 @dataclass(frozen=True)
@@ -206,10 +207,6 @@ def _build(timm, resolve_data_config, name: str, weights: str | Path | None, pac
     return model.eval(), data_config
 
 
-_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
-
-
 class EvalPreprocess:
     """A PIL image -> float32 [C, S, S] by the backbone's eval transform: resize the short side to S / crop_pct with
     its interpolation (the aspect ratio kept), centre-crop S x S, scale to [0, 1], normalise by mean / std.
@@ -217,8 +214,8 @@ class EvalPreprocess:
 
     def __init__(self, size: int, crop_pct: float, interpolation: str, mean: tuple[float, ...],
                  std: tuple[float, ...]) -> None:
-        if interpolation not in _INTERPOLATION:
-            raise ValueError(f"interpolation {interpolation!r}: choose one of {sorted(_INTERPOLATION)}")
+        if interpolation not in INTERPOLATION:
+            raise ValueError(f"interpolation {interpolation!r}: choose one of {sorted(INTERPOLATION)}")
         self.size = int(size)
         self.crop_pct = float(crop_pct)
         self.interpolation = interpolation
@@ -247,7 +244,7 @@ class EvalPreprocess:
         new_size = (short, long) if width <= height else (long, short)
         new_size = (max(self.size, new_size[0]), max(self.size, new_size[1]))
         if new_size != image.size:
-            image = image.resize(new_size, _INTERPOLATION[self.interpolation])
+            image = image.resize(new_size, INTERPOLATION[self.interpolation])
         left, top = round((new_size[0] - self.size) / 2.0), round((new_size[1] - self.size) / 2.0)
         image = image.crop((left, top, left + self.size, top + self.size))
         array = np.asarray(image, np.float32).reshape(self.size, self.size, channels).transpose(2, 0, 1) / 255.0

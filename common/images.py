@@ -47,8 +47,9 @@ class Photo:
     downscaled: bool
 
 
-_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+# timm / config names of Pillow's resampling filters
+INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+                 "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
 @contextmanager
@@ -118,7 +119,7 @@ def open_photo(source: bytes | str | Path, short_side: int | None = None, *, max
     if short_side and min(width, height) > short_side:
         long = int(short_side * max(width, height) / min(width, height))  # truncated, as torchvision's Resize
         upright = upright.resize((short_side, long) if width <= height else (long, short_side),
-                                 _INTERPOLATION[interpolation])
+                                 INTERPOLATION[interpolation])
     downscaled = upright.size[0] * upright.size[1] < size[0] * size[1]
     return Photo(upright, size, downscaled)
 

@@ -13,6 +13,7 @@ STAGES = {
     "preprocess.summarize_ids": "images / identities / place groups per split",
     "difficulty.compute_visual_neighbors": "exact kNN -> difficulty bands (difficulty_metadata.parquet)",
     "train.train": "projection head: triplet loss, P x K batches, UCB1-chosen difficulty band; head vs frozen report",
+    "train.multisplit": "frozen vs trained head vs PCA + LDA over repeated identity folds: paired intervals, win/tie/loss",
     "train.optuna_worker": "one Optuna worker on a shared RDB study (run several at once), pruned on val mAP@R",
     "train.fetch_best_and_train": "the study's best trial's params -> the final training run",
     "publish.convert_to_hf": "trainer checkpoint + config -> Hugging Face directory (safetensors, auto_map, remote code)",

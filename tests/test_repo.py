@@ -128,3 +128,12 @@ def test_every_documented_stage_has_a_main_and_a_full_help() -> None:
         if "--config" in result["help"]:
             assert "config keys" in result["help"] and " = " in result["help"], f"{name}: --help lists no config keys"
         assert result["undocumented"] == [], f"{name}: config keys without a docstring: {result['undocumented']}"
+
+
+def test_test_file_names_are_unique_across_packages() -> None:
+    # tests/<pkg>/ are not packages (rootdir-relative imports): two files of one name make collection of the whole
+    # suite fail with "import file mismatch", although each package's folder passes on its own
+    names: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        names.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert not {name: paths for name, paths in names.items() if len(paths) > 1}

@@ -10,7 +10,7 @@ gallery is skipped (counted as `lone_queries`).
 - map@r: mean average precision at R (Musgrave et al., "A Metric Learning Reality Check", 2020), R = the number of
   relevant images in the query's gallery (same identity, another panorama): AP@R = (1 / R) * sum over ranks i <= R of
   precision@i for each rank i holding a relevant image. It equals pytorch-metric-learning's AccuracyCalculator
-  `mean_average_precision_at_r` fed the same masked neighbour lists (tests/building_embed/test_bad_input.py checks it).
+  `mean_average_precision_at_r` fed the same masked neighbour lists (tests/building_embed/test_be_bad_input.py checks it).
 
 Cosine similarity on L2-normalised vectors; ties broken by gallery order (as a stable sort would). The N x N
 similarity matrix is never built: queries go in blocks against all references, each block keeping only its top
@@ -32,7 +32,7 @@ RECALL_KS = (1, 5, 10)
 METRIC_NAMES = ("recall@1", "recall@5", "recall@10", "precision@1", "map@r")
 DEFAULT_MEMORY_MB = 512
 # Working bytes per (query, reference) pair of a block: the float32 similarity and the same-panorama mask (5), and a
-# margin of 3 (peak resident memory measured in tests/building_embed/test_bad_input.py).
+# margin of 3 (peak resident memory measured in tests/building_embed/test_be_bad_input.py).
 BYTES_PER_PAIR = 8
 # Working bytes per kept neighbour of a query: topk's values and indices, their sorted copies, labels and masks.
 BYTES_PER_NEIGHBOR = 96

@@ -66,45 +66,19 @@ def _pixel_limit(max_pixels: int):
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def declared_size(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  name: str = "") -> tuple[int, int]:
-    """(width, height) from the header alone, nothing decoded; ImageRefused when unreadable or above `max_pixels`."""
+@contextmanager
+def _opened(source: bytes | str | Path, max_pixels: int, name: str, action: str):
+    """Pillow's image of `source` with its declared size checked against `max_pixels`; every way it can fail to
+    open or `action` (read the header / decode) becomes ImageRefused naming `name` (or the path)."""
     label = name or (str(source) if isinstance(source, (str, Path)) else "image bytes")
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     try:
         with _pixel_limit(max_pixels), Image.open(stream) as image:
-            size = image.size
-    except Image.DecompressionBombError as exc:
-        raise ImageRefused(f"{label}: {exc}", "oversized_image") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageRefused(f"{label}: not an image Pillow can read") from exc
-    except (OSError, SyntaxError, ValueError, struct.error) as exc:
-        raise ImageRefused(f"{label}: cannot read the header ({type(exc).__name__}: {exc})") from exc
-    if size[0] * size[1] > max_pixels:
-        raise ImageRefused(f"{label}: {size[0]} x {size[1]} pixels declared, more than the limit of {max_pixels}; "
-                           "refused undecoded (a decompression bomb?)", "oversized_image")
-    return size
-
-
-def open_photo(source: bytes | str | Path, short_side: int | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               mode: str | None = None, interpolation: str = "bicubic", name: str = "") -> Photo:
-    """Open `source` (encoded bytes or a path) upright and, when `short_side` is given and the photo is larger,
-    with its short side reduced to `short_side` (aspect ratio kept). `mode` converts the result ("RGB", "L").
-    Raises ImageRefused (reason oversized_image / corrupt_image); `name` labels the source in its message."""
-    label = name or (str(source) if isinstance(source, (str, Path)) else "image bytes")
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-    try:
-        with _pixel_limit(max_pixels), Image.open(stream) as image:
-            size = image.size
-            if size[0] * size[1] > max_pixels:
-                raise ImageRefused(f"{label}: {size[0]} x {size[1]} pixels declared, more than the limit of "
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRefused(f"{label}: {width} x {height} pixels declared, more than the limit of "
                                    f"{max_pixels}; refused undecoded (a decompression bomb?)", "oversized_image")
-            if short_side and image.format == "JPEG" and min(size) >= 2 * short_side:
-                # DCT scaling while decoding: both sides stay >= short_side (Pillow picks a scale of 1/2 .. 1/8)
-                image.draft(image.mode if image.mode in ("RGB", "L") else None,
-                            (short_side * size[0] // min(size), short_side * size[1] // min(size)))
-            image.load()
-            upright = ImageOps.exif_transpose(image)
+            yield image
     except ImageRefused:
         raise
     except Image.DecompressionBombError as exc:
@@ -112,7 +86,29 @@ def open_photo(source: bytes | str | Path, short_side: int | None = None, *, max
     except UnidentifiedImageError as exc:
         raise ImageRefused(f"{label}: not an image Pillow can read") from exc
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
-        raise ImageRefused(f"{label}: cannot decode ({type(exc).__name__}: {exc})") from exc
+        raise ImageRefused(f"{label}: cannot {action} ({type(exc).__name__}: {exc})") from exc
+
+
+def declared_size(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  name: str = "") -> tuple[int, int]:
+    """(width, height) from the header alone, nothing decoded; ImageRefused when unreadable or above `max_pixels`."""
+    with _opened(source, max_pixels, name, "read the header") as image:
+        return image.size
+
+
+def open_photo(source: bytes | str | Path, short_side: int | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               mode: str | None = None, interpolation: str = "bicubic", name: str = "") -> Photo:
+    """Open `source` (encoded bytes or a path) upright and, when `short_side` is given and the photo is larger,
+    with its short side reduced to `short_side` (aspect ratio kept). `mode` converts the result ("RGB", "L").
+    Raises ImageRefused (reason oversized_image / corrupt_image); `name` labels the source in its message."""
+    with _opened(source, max_pixels, name, "decode") as image:
+        size = image.size
+        if short_side and image.format == "JPEG" and min(size) >= 2 * short_side:
+            # DCT scaling while decoding: both sides stay >= short_side (Pillow picks a scale of 1/2 .. 1/8)
+            image.draft(image.mode if image.mode in ("RGB", "L") else None,
+                        (short_side * size[0] // min(size), short_side * size[1] // min(size)))
+        image.load()
+        upright = ImageOps.exif_transpose(image)
     if mode is not None and upright.mode != mode:
         upright = upright.convert(mode)
     width, height = upright.size

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import read_json, read_parquets
+from conftest import read_json, read_parquets, stage_args
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from torch.nn import functional as F
 
@@ -273,7 +273,6 @@ def intermediates(sample, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_input_inter")
     (root / "tars").mkdir()
     (root / "tars" / "r.tar").write_bytes((sample[0] / "tars" / "region_1.tar").read_bytes())
-    from conftest import stage_args
     assert process_tar.main(stage_args(root)) == 0
     return root
 

@@ -18,8 +18,9 @@ from building_embed.sample_data import make_dataset
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SCRIPTS = REPO / "scripts" / "building_embed" / "slurm"
-TINY = ["embedding_model.random_init=true", "embedding_model.name=vit_small_patch14_dinov2",
-        "embedding_model.img_size=28", "embedding_model.batch_size=16", "embedding_model.global_pool=avg",
+# sample.toml's packaged EfficientNet off: a tiny random ViT is enough to check the plumbing
+TINY = ["embedding_model.packaged=", "embedding_model.random_init=true",
+        "embedding_model.name=vit_small_patch14_dinov2", "embedding_model.img_size=28", "embedding_model.batch_size=16", "embedding_model.global_pool=avg",
         "embedding_model.model_kwargs={depth: 1, embed_dim: 24, num_heads: 2}", "infrastructure.num_workers=0",
         "infrastructure.num_threads=1", "training_model.input_dim=24", "training_model.hidden_dim=32",
         "training_model.output_dim=16", "data.rows_per_shard=40", "data.neighbors_k=10"]

@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from common.cli import UserError
-from common.images import INTERPOLATION
+from common.images import INTERPOLATION, short_side_size
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def _build(timm, resolve_data_config, name: str, weights: str | Path | None, pac
         raise UserError(f"{key_prefix}global_pool={global_pool}: {name} does not offer it ({exc}); "
                         f"use {key_prefix}global_pool=avg") from exc
     except Exception as exc:  # noqa: BLE001 - e.g. safetensors' SafetensorError on a garbage file
-        if isinstance(exc, (UserError, AssertionError)) or not weights:
+        if isinstance(exc, UserError) or not weights:
             raise
         raise UserError(f"{key_prefix}weights: cannot read {weights} as {name} weights: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
@@ -240,9 +240,7 @@ class EvalPreprocess:
         width, height = image.size
         # as torchvision's Resize(int) and CenterCrop (timm's eval transform): the long side truncated, the crop
         # offset rounded, so the pixels match timm.data.create_transform(**data_config)
-        short, long = self.resize_short_side, int(self.resize_short_side * max(width, height) / min(width, height))
-        new_size = (short, long) if width <= height else (long, short)
-        new_size = (max(self.size, new_size[0]), max(self.size, new_size[1]))
+        new_size = tuple(max(self.size, side) for side in short_side_size(width, height, self.resize_short_side))
         if new_size != image.size:
             image = image.resize(new_size, INTERPOLATION[self.interpolation])
         left, top = round((new_size[0] - self.size) / 2.0), round((new_size[1] - self.size) / 2.0)

@@ -52,6 +52,13 @@ INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest"
                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
+def short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side at `short_side` and the aspect ratio kept, the long side truncated as
+    torchvision's Resize(int) truncates it (so the pixels match timm's eval transform)."""
+    long = int(short_side * max(width, height) / min(width, height))
+    return (short_side, long) if width <= height else (long, short_side)
+
+
 @contextmanager
 def _pixel_limit(max_pixels: int):
     """Pillow's own bomb check (a warning above MAX_IMAGE_PIXELS, an error above twice that) off while the header is
@@ -113,9 +120,7 @@ def open_photo(source: bytes | str | Path, short_side: int | None = None, *, max
         upright = upright.convert(mode)
     width, height = upright.size
     if short_side and min(width, height) > short_side:
-        long = int(short_side * max(width, height) / min(width, height))  # truncated, as torchvision's Resize
-        upright = upright.resize((short_side, long) if width <= height else (long, short_side),
-                                 INTERPOLATION[interpolation])
+        upright = upright.resize(short_side_size(width, height, short_side), INTERPOLATION[interpolation])
     downscaled = upright.size[0] * upright.size[1] < size[0] * size[1]
     return Photo(upright, size, downscaled)
 

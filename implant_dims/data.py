@@ -118,27 +118,25 @@ def _read_dicom(path: Path) -> np.ndarray:
 
 
 def _read_pillow(path: Path) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image
 
+    from common.images import ImageRefused, open_photo
+
+    # common.images reads it as a photo is read everywhere: upright by its EXIF orientation tag (a lossless 90 / 180
+    # degree turn or flip that keeps the pixel scale, never a resample), with the decompression-bomb guard
     try:
-        with Image.open(path) as im:
-            im.load()
-            # a photographed or exported radiograph may be stored sideways with an EXIF orientation tag: upright it,
-            # a lossless 90 / 180 degree turn or flip that keeps the pixel scale (never a resample)
-            im = ImageOps.exif_transpose(im)
-            mode = im.mode
-            if mode in ("L", "1", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "LAB", "HSV", "PA", "RGBX"):
-                if mode in ("RGBA", "LA", "PA"):  # composite onto black so transparent areas read as background
-                    im = im.convert("RGBA")
-                    black = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                    im = Image.alpha_composite(black, im)
-                return np.asarray(im.convert("L"), dtype=np.uint8).copy()
-            # 16-bit / 32-bit integer and float images: window like a DICOM
-            array = np.asarray(im)
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"{path}: not an image Pillow can read") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{path}: cannot decode the image ({type(exc).__name__}: {exc})") from exc
+        im = open_photo(path).image
+    except ImageRefused as exc:
+        raise ImageError(str(exc)) from exc
+    mode = im.mode
+    if mode in ("L", "1", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "LAB", "HSV", "PA", "RGBX"):
+        if mode in ("RGBA", "LA", "PA"):  # composite onto black so transparent areas read as background
+            im = im.convert("RGBA")
+            black = Image.new("RGBA", im.size, (0, 0, 0, 255))
+            im = Image.alpha_composite(black, im)
+        return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+    # 16-bit / 32-bit integer and float images: window like a DICOM
+    array = np.asarray(im)
     if array.ndim == 3:
         array = array[..., :3].astype(np.float64).mean(axis=-1)
     if array.ndim != 2:

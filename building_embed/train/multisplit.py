@@ -47,7 +47,7 @@ from building_embed.preprocess.merge_and_split import SPLITS, read_split
 from building_embed.preprocess.schema import IDENTITY
 from building_embed.train.data import PANORAMA, load_split
 from building_embed.train.evaluate import embed, retrieval_metrics
-from building_embed.train.train import run_training
+from building_embed.train.train import OPTUNA_KEYS, run_training
 from common.checkpoint import load_weights
 from common.cli import UserError, config_main
 from common.config import to_dict
@@ -173,9 +173,8 @@ def split_fingerprint(cfg: MultiSplitStageConfig, files: dict[str, Path]) -> dic
                 "training": to_dict(cfg.training), "data": to_dict(cfg.data),
                 "multisplit": {k: v for k, v in to_dict(cfg.multisplit).items() if k not in ("confidence",
                                                                                                 "tie_tolerance")}}
-    return make_fingerprint(sections, data=files, volatile=tuple(f"training.optuna_{k}" for k in (
-        "storage", "study", "trials", "total_trials", "epochs", "warmup_epochs", "hidden_dims",
-        "heartbeat_interval", "grace_period", "max_retries")))
+    heartbeats = tuple(f"training.optuna_{k}" for k in ("heartbeat_interval", "grace_period", "max_retries"))
+    return make_fingerprint(sections, data=files, volatile=(*OPTUNA_KEYS, *heartbeats))
 
 
 def pca_lda_embeddings(train_x: np.ndarray, train_identity: np.ndarray, test_x: np.ndarray,

@@ -13,6 +13,7 @@ STAGES = {
     "baselines": "mean / median / pixel ridge / pixel kNN / caliper (bright-blob extent) baselines on the same split",
     "compare": "one table of every classifier, regressor and baseline of a run, paired differences with intervals",
     "predict": "images / DICOM / JSON -> CSV of length, diameter and an uncertainty each",
+    "ood_report": "the out-of-domain guard on negatives (CR, fillings, noise ...) and in-domain crops: flagged shares",
 }
 
 

@@ -26,11 +26,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common.cli import UserError, config_main
+from common import studies
+from common.cli import config_main
 from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 from implant_dims.config import ImplantConfig
-from implant_dims.hpo import OBJECTIVES, count_states, make_storage, sqlite_path, storage_url, study_dir, study_name
+from implant_dims.hpo import OBJECTIVES, open_study, storage_url, study_dir
 
 log = logging.getLogger(__name__)
 TOP_K = 10
@@ -39,21 +40,7 @@ TOP_K = 10
 def load_existing_study(cfg: ImplantConfig) -> Any:
     """The study of `cfg`, or UserError naming the storage, the study and the command that creates it. A missing
     SQLite file is never created by looking for it."""
-    import optuna
-
-    url, name = storage_url(cfg), study_name(cfg)
-    create = (f"python -m implant_dims.hpo --config <your config> hpo.kind={cfg.hpo.kind}"
-              + (f" classifier.target={cfg.classifier.target}" if cfg.hpo.kind == "classifier" else ""))
-    missing = UserError(f"hpo.storage={url}: no study named {name!r} there; create it with `{create}` (same "
-                        f"run.out_dir / run.name / hpo.storage / hpo.study_name)")
-    db = sqlite_path(url)
-    if db is not None and not db.is_file():
-        raise missing
-    storage = make_storage(cfg, heartbeat=False)
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError as exc:
-        raise missing from exc
+    return open_study(cfg, create=False)
 
 
 def ranked_trials(study: Any) -> list[Any]:
@@ -194,7 +181,7 @@ def analyze(cfg: ImplantConfig) -> dict:
     ranked = ranked_trials(study)
     best = ranked[0] if ranked else None
     counts = {state: 0 for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
-    counts.update(count_states(study))
+    counts.update(studies.count_states(study))
     summary = {"study_name": study.study_name, "storage": storage_url(cfg), "kind": cfg.hpo.kind,
                "direction": study.direction.name.lower(), "objective": f"val_{metric}", "n_trials": sum(counts.values()),
                "counts": counts,

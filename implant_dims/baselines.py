@@ -34,7 +34,7 @@ from common.cli import config_main
 from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 from implant_dims.config import ImplantConfig
-from implant_dims.data import ImplantRecord, letterbox, read_image
+from implant_dims.data import ImplantRecord, letterbox, model_input, read_image
 from implant_dims.regression import load_catalogue, mae_report, snap
 from implant_dims.runtime import load_split, optional_splits
 
@@ -47,10 +47,11 @@ RIDGE_ALPHAS = np.logspace(-2, 5, 29)
 # ------------------------------------------------------------------------------------------------------ features
 
 
-def load_images(records: list[ImplantRecord], img_size: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """(native uint8 images, [N, img_size, img_size] letterboxed as the regressors see them)."""
+def load_images(records: list[ImplantRecord], img_size: int, mm_per_pixel: float) -> tuple[list[np.ndarray], np.ndarray]:
+    """(native uint8 images, [N, img_size, img_size] at mm_per_pixel as the regressors see them)."""
     native = [read_image(r.image_path) for r in records]
-    return native, np.stack([letterbox(img, img_size) for img in native])
+    return native, np.stack([model_input(img, r.mm_per_pixel, mm_per_pixel, img_size)
+                             for img, r in zip(native, records, strict=True)])
 
 
 def pixel_features(boxed: np.ndarray, side: int = PIXELS) -> np.ndarray:
@@ -155,7 +156,7 @@ def fit_baselines(train_y: np.ndarray, train_pix: np.ndarray, train_px: np.ndarr
 
 def split_features(cfg: ImplantConfig, split: str) -> tuple[list[ImplantRecord], dict]:
     records, _ = load_split(cfg, split)
-    native, boxed = load_images(records, cfg.data.img_size)
+    native, boxed = load_images(records, cfg.data.img_size, cfg.data.input_mm_per_pixel())
     feats = {"y": np.array([[r.length, r.diameter] for r in records], dtype=np.float64),
              "pix": pixel_features(boxed), "px": measure_all(boxed), "native_px": measure_all(native)}
     return records, feats

@@ -15,11 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.studies import check_heartbeat
+
 MODEL_SIZES = ("tiny", "small", "base", "large")
 TARGETS = ("company", "model_type")
 ATTENTION_TYPES = ("dual", "triple", "hierarchical", "cross", "concat")
 RESUME_CHOICES = ("auto", "force", "false")
 PRETRAINED_PATCH = 16  # the patch side of timm's vit_<small|base|large>_patch16_224
+# The sample renderer's field of view: 128 px at 6 px/mm (it keeps the field when --size changes). The default input
+# scale spreads it over data.img_size, so sample crops reach the model exactly as the earlier letterbox made them.
+SAMPLE_FIELD_MM = 128 / 6.0
 
 
 def _check_choice(value: object, choices: tuple, key: str) -> None:
@@ -102,9 +107,28 @@ class DataConfig:
     image_root: str = ""
     """Folder relative image paths resolve against ('' = each JSON file's folder)."""
     img_size: int = 64
-    """Square model input side: each image is letterboxed (aspect kept, never stretched) to it."""
+    """Square model input side: each image is resampled to data.mm_per_pixel, then centre-cropped / padded to it."""
+    mm_per_pixel: float = 0.0
+    """Pixel scale the model sees (mm per input pixel); every image is resampled to it from its own scale (DICOM
+    PixelSpacing / ImagerPixelSpacing, else the record's mm_per_pixel, else data.assume_scale). 0 = the sample
+    renderer's field of view over the input, SAMPLE_FIELD_MM / img_size (1/3 mm at 64 px), so a sample crop fills
+    the input whole."""
+    assume_scale: float = 0.0
+    """mm per pixel to assume for images that carry no scale (0 = none: such an image is refused). Every prediction
+    made under it says so (assumed_mm_per_pixel, scale_source=assumed)."""
     catalogue_csv: str = ""
     """Manufacturer catalogue (company, model_type, length, diameter): predictions can snap to its sizes."""
+
+    def __post_init__(self) -> None:
+        for key in ("mm_per_pixel", "assume_scale"):
+            value = getattr(self, key)
+            if not (value >= 0 and value < float("inf")):
+                raise ValueError(f"data.{key} must be a finite number of mm per pixel, or 0 for "
+                                 f"{'the default' if key == 'mm_per_pixel' else 'none'}; got {value}")
+
+    def input_mm_per_pixel(self) -> float:
+        """The model input's mm per pixel: data.mm_per_pixel, or by default the sample field over img_size."""
+        return self.mm_per_pixel if self.mm_per_pixel > 0 else SAMPLE_FIELD_MM / max(self.img_size, 1)
 
 
 @dataclass
@@ -349,6 +373,7 @@ class HpoConfig:
         for key in ("worker_index", "trial_epochs", "pruner_warmup_epochs", "max_retries", "max_failures"):
             if getattr(self, key) < 0:
                 raise ValueError(f"hpo.{key} must be >= 0, got {getattr(self, key)}")
+        check_heartbeat(self.heartbeat_interval, self.grace_period, self.max_retries, key_prefix="hpo.")
         for key in ("classifier_lr", "regression_lr", "embedder_lr_mult"):
             bounds = getattr(self, key)
             if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
@@ -388,11 +413,20 @@ class PredictConfig:
     """Images per forward pass."""
     log_every_s: float = 10.0
     """Seconds between progress lines (images done of the total, images per second); 0 = a line after every batch."""
+    ood_false_alarm: float = 0.02
+    """Out-of-domain guard: the share of in-domain validation images it may flag, strictly between 0 and 1; the
+    threshold on the Mahalanobis score is picked on the stored validation scores for it (implant_dims/ood.py)."""
+    refuse_out_of_domain: bool = False
+    """Write no millimetres (empty cells, the reason in `ood_reason`) for rows the guard flags; false only flags."""
 
     def __post_init__(self) -> None:
         _check_at_least(self, "predict", 0, "mc_samples", "log_every_s")
         _check_at_least(self, "predict", 1, "batch_size")
         _check_coverage(self.interval, "predict.interval")
+        if not 0 < self.ood_false_alarm < 1:  # (also rejects nan)
+            raise ValueError(f"predict.ood_false_alarm is the share of in-domain validation images the out-of-domain "
+                             f"guard may flag, a fraction strictly between 0 and 1 (e.g. 0.02), got "
+                             f"{self.ood_false_alarm}")
 
 
 @dataclass

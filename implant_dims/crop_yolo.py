@@ -8,8 +8,13 @@ the box with side max(w, h) * (1 + context) in pixels, padded with black where i
 resized to size x size (Pillow BILINEAR), saved as OUT/images/<stem>_<line>.png. OUT/records.json lists them in the
 implant_dims JSON layout with company, model_type, length and diameter null (unknown), group = the source image's
 stem (one panoramic = one patient), plus "source_image", "line" (1-based) and "box" (the normalised YOLO box).
-`load_records(OUT/records.json, require_labels=False)` reads it. The crops of one panoramic share its pixel scale
-only if their boxes have the same size, so these crops are for classification / qualitative checks, not for mm.
+`load_records(OUT/records.json, require_labels=False)` reads it.
+
+Pixel scale: where the panoramic has one, each crop's record carries it as "mm_per_pixel" ([row, column] mm per
+crop pixel: the source spacing times side / size, since the crop is resized) and "scale_source" says where it came
+from: "dicom" (the file's PixelSpacing, else ImagerPixelSpacing) or "sidecar" (a JSON file beside the image,
+<image stem>.json, holding {"mm_per_pixel": x} or [row, column]). Without either the crop's mm_per_pixel is null,
+a warning names the images, and predict refuses those crops unless data.assume_scale is given.
 
 The real data set in /work/shared/data/dental_panoramic_yolo_dicle (6 panoramic JPEGs from a Dicle University
 project, Roboflow export) uses class 2 = implant: checked by eye, the class-2 boxes are screw implants with
@@ -28,7 +33,7 @@ import numpy as np
 
 from common.cli import UserError, guarded_main
 from common.io import atomic_write, write_json
-from implant_dims.data import ImageError, read_image
+from implant_dims.data import ImageError, dicom_spacing, is_dicom, parse_spacing, read_image
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +65,40 @@ def parse_yolo_labels(path: str | Path) -> list[tuple[int, int, float, float, fl
     return boxes
 
 
+def source_scale(image_path: Path) -> tuple[tuple[float, float] | None, str | None]:
+    """((row, column) mm per pixel, source) of a panoramic: its DICOM spacing, else its sidecar JSON
+    (<stem>.json beside it, {"mm_per_pixel": ...}); (None, None) when it has neither. A sidecar that is not such
+    a JSON object is a UserError naming it."""
+    if is_dicom(image_path):
+        spacing = dicom_spacing(image_path)
+        if spacing is not None:
+            return spacing, "dicom"
+    sidecar = image_path.with_suffix(".json")
+    if not sidecar.is_file():
+        return None, None
+    try:
+        value = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{sidecar}: not valid JSON ({exc}); write {{\"mm_per_pixel\": <mm per pixel>}}") from exc
+    spacing = parse_spacing(value.get("mm_per_pixel")) if isinstance(value, dict) else None
+    if spacing is None:
+        raise UserError(f"{sidecar}: expected {{\"mm_per_pixel\": <positive mm per pixel, or [row, column]>}}, "
+                        f"got {json.dumps(value)[:80]}; fix it or remove the sidecar")
+    return spacing, "sidecar"
+
+
+def crop_side(image_shape: tuple[int, int], w: float, h: float, context: float) -> int:
+    """The side in source pixels of the square crop around a normalised box."""
+    rows, cols = image_shape
+    return max(1, int(round(max(w * cols, h * rows) * (1.0 + context))))
+
+
 def square_crop(image: np.ndarray, cx: float, cy: float, w: float, h: float, context: float, size: int) -> np.ndarray:
     """The square crop around a normalised YOLO box (see the module docstring), as uint8 [size, size]."""
     from PIL import Image
 
     rows, cols = image.shape
-    side = max(1, int(round(max(w * cols, h * rows) * (1.0 + context))))
+    side = crop_side(image.shape, w, h, context)
     x0 = int(round(cx * cols - side / 2))
     y0 = int(round(cy * rows - side / 2))
     crop = np.zeros((side, side), dtype=np.uint8)
@@ -96,7 +129,7 @@ def crop_folder(images_dir: str | Path, labels_dir: str | Path, out: str | Path,
     if not image_files:
         raise UserError(f"--images {images_dir}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     per_class: collections.Counter = collections.Counter()
-    records, unlabelled = [], []
+    records, unlabelled, unscaled = [], [], []
     stems = {p.stem for p in image_files}
     orphans = sorted(p.name for p in labels_dir.glob("*.txt") if p.stem not in stems)
     for image_path in image_files:
@@ -113,6 +146,9 @@ def crop_folder(images_dir: str | Path, labels_dir: str | Path, out: str | Path,
             image = read_image(image_path)
         except ImageError as exc:
             raise UserError(f"{exc}; fix or remove the image") from exc
+        spacing, scale_source = source_scale(image_path)
+        if spacing is None:
+            unscaled.append(image_path.name)
         for line_no, _, cx, cy, w, h in wanted:
             crop = square_crop(image, cx, cy, w, h, context, size)
             name = f"{image_path.stem}_l{line_no:03d}.png"
@@ -121,19 +157,26 @@ def crop_folder(images_dir: str | Path, labels_dir: str | Path, out: str | Path,
                 Image.fromarray(crop).save(tmp, format="PNG")
 
             atomic_write(out / "images" / name, save)
+            # the crop is resized from side to size pixels: each crop pixel spans side / size source pixels
+            zoom = crop_side(image.shape, w, h, context) / size
+            scale = None if spacing is None else [round(spacing[0] * zoom, 9), round(spacing[1] * zoom, 9)]
             records.append({"image_path": f"images/{name}", "company": None, "model_type": None, "length": None,
                             "diameter": None, "thread_type": None, "group": image_path.stem,
                             "source_image": str(image_path.resolve()), "line": line_no,
-                            "box": [cx, cy, w, h]})
+                            "box": [cx, cy, w, h], "mm_per_pixel": scale, "scale_source": scale_source})
     if not records:
         raise UserError(f"--labels {labels_dir}: no boxes of class {class_id} (boxes per class: "
                         f"{dict(sorted(per_class.items()))}); pass the implant class with --class-id")
     write_json(out / "records.json", records)
     summary = {"boxes_per_class": {str(k): v for k, v in sorted(per_class.items())}, "class_id": class_id,
                "crops": len(records), "images": len(image_files), "images_without_labels": unlabelled,
-               "labels_without_images": orphans, "context": context, "size": size}
+               "labels_without_images": orphans, "context": context, "size": size,
+               "images_without_scale": unscaled}
     log.info("%d crops of class %d from %d images; boxes per class %s", len(records), class_id, len(image_files),
              summary["boxes_per_class"])
+    if unscaled:
+        log.warning("%d images have no pixel scale (no DICOM spacing, no <stem>.json sidecar), their crops' "
+                    "mm_per_pixel is null: %s", len(unscaled), ", ".join(unscaled[:5]))
     if orphans:
         log.warning("%d label files have no image: %s", len(orphans), ", ".join(orphans[:5]))
     return summary

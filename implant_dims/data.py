@@ -1,5 +1,5 @@
-"""Records and images for implant_dims: the JSON record layout, image decoding (Pillow and DICOM), letterboxing
-and the torch Dataset the training stages read.
+"""Records and images for implant_dims: the JSON record layout, image decoding (Pillow and DICOM), pixel scales
+and resampling to the model's input, and the torch Dataset the training stages read.
 
 Record layout (the original's `augmented_train.json` / `augmented_val.json`): a JSON list of objects
 
@@ -9,14 +9,18 @@ Record layout (the original's `augmented_train.json` / `augmented_val.json`): a 
 with lengths and diameters in mm. `thread_type` and `group` are optional; extra keys are ignored. Relative image
 paths resolve against `image_root`, else the folder of the JSON file.
 
-Images are read as 2-D uint8 grayscale. Size is encoded only by the pixel scale, so nothing here ever rescales one
-axis against the other or zooms: `letterbox` pads to a square and resizes the whole square, and the training
-augmentations are limited to small rotations, flips and intensity changes.
+Images are read as 2-D uint8 grayscale. Millimetres are read off pixels, so every image reaches the model at one
+physical scale (the config's data.mm_per_pixel): `model_input` resamples it from its own scale, taken in this order
+from the DICOM header (PixelSpacing, else ImagerPixelSpacing), the record's `mm_per_pixel` field, or a scale the
+user assumes (data.assume_scale), then centre-crops / pads it to the input side. An image with none of the three is
+refused (`require_scale`). The training augmentations are limited to small rotations, flips and intensity changes,
+which keep the scale.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -29,12 +33,17 @@ import numpy as np
 import torch
 
 from common.cli import UserError
+from implant_dims.config import SAMPLE_FIELD_MM
 
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 WINDOW_PERCENTILES = (0.5, 99.5)
 ROWS_SHOWN = 5  # how many row indices each skip reason lists in the summary and in errors
+SCALE_SOURCES = ("dicom", "record", "assumed")  # where a record's pixel scale came from, in order of precedence
+SCALE_HELP = ("give it a scale one of three ways: DICOM PixelSpacing / ImagerPixelSpacing in the file, a "
+              "\"mm_per_pixel\" field in its record (records JSON), or data.assume_scale=<mm per pixel> on the "
+              "command line (then written beside every prediction)")
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,8 @@ class ImplantRecord:
     thread_type: str | None = None
     group: str | None = None  # e.g. patient / implant id (for grouped splits, bootstrap)
     index: int = 0  # position in the source JSON list
+    mm_per_pixel: tuple[float, float] | None = None  # (row, column) pixel spacing in mm; None = unknown
+    scale_source: str | None = None  # one of SCALE_SOURCES, None while the scale is unknown
 
 
 class ImageError(Exception):
@@ -192,6 +203,83 @@ def check_image(path: str | Path) -> str | None:
     return None
 
 
+def parse_spacing(value: Any) -> tuple[float, float] | None:
+    """A pixel spacing as (row, column) mm: one positive number (square pixels) or a pair of them (a JSON list, a
+    DICOM multi-value); None when unusable (missing, empty, non-numeric, zero, negative, not finite)."""
+    if value is None or isinstance(value, (bool, dict)) or (isinstance(value, str) and not value.strip()):
+        return None
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value, value]
+    if len(items) != 2 or any(isinstance(v, bool) for v in items):
+        return None
+    try:
+        row, col = float(items[0]), float(items[1])
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) and v > 0 for v in (row, col)):
+        return None
+    return row, col
+
+
+def dicom_spacing(path: str | Path) -> tuple[float, float] | None:
+    """(row, column) mm per pixel from a DICOM header: PixelSpacing (calibrated to the patient where the modality
+    does so), else ImagerPixelSpacing (at the detector); None when neither holds two positive numbers (a zero
+    spacing, as some exports write, counts as none) or the header cannot be read."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return None
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        spacing = parse_spacing(ds.get(keyword))
+        if spacing is not None:
+            return spacing
+    return None
+
+
+def model_input(image: np.ndarray, mm_per_pixel: tuple[float, float] | float, target_mm_per_pixel: float,
+                size: int) -> np.ndarray:
+    """Resample a 2-D uint8 image from its pixel spacing (mm, (row, column) or one number) to target_mm_per_pixel
+    on both axes (Pillow BILINEAR, which averages over the footprint when shrinking), centred on a size x size
+    black canvas: cropped where it is larger, padded where it is smaller. An implant of L mm then always spans
+    L / target_mm_per_pixel input pixels, whatever the file's resolution: the scale is what carries the
+    millimetres. Black is the padding because it is the radiolucent end of the scale, never mistaken for metal.
+
+    Only the part of the image that lands on the canvas is resampled (Pillow's source box), so a large radiograph
+    or a wildly assumed scale costs no more than the canvas."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"model_input expects a 2-D image, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    row_mm, col_mm = (mm_per_pixel, mm_per_pixel) if np.isscalar(mm_per_pixel) else mm_per_pixel
+    spans = []  # per axis: (source start, source end, output length, canvas offset)
+    for n, spacing in zip(image.shape, (row_mm, col_mm), strict=True):
+        zoom = float(spacing) / target_mm_per_pixel  # output pixels per source pixel
+        length = max(1, int(round(n * zoom)))
+        if length <= size:  # the whole axis fits: resample it all, pad around it
+            spans.append((0.0, float(n), length, (size - length) // 2))
+        else:  # only the central `size` output pixels: their footprint in the source
+            half = size / (2.0 * zoom)
+            spans.append((n / 2.0 - half, n / 2.0 + half, size, 0))
+    (top, bottom, out_h, dst_top), (left, right, out_w, dst_left) = spans
+    if (top, bottom, left, right, out_h, out_w) == (0.0, image.shape[0], 0.0, image.shape[1], *image.shape):
+        resampled = image
+    else:
+        resampled = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.BILINEAR,
+                                                             box=(left, top, right, bottom)), dtype=np.uint8)
+    out = np.zeros((size, size), dtype=np.uint8)
+    out[dst_top:dst_top + out_h, dst_left:dst_left + out_w] = resampled
+    return out
+
+
+def default_mm_per_pixel(img_size: int) -> float:
+    """The input scale when data.mm_per_pixel is 0: the sample renderer's field of view over img_size."""
+    return SAMPLE_FIELD_MM / img_size
+
+
 def letterbox(image: np.ndarray, size: int) -> np.ndarray:
     """Pad a 2-D uint8 image to a square with black (0) borders, centred, then resize the square to size x size
     (Pillow BILINEAR). Both axes are scaled by the same factor, so the image is never stretched: crops of one data
@@ -263,7 +351,12 @@ def load_records(json_path: str | Path, image_root: str | Path | None = None, *,
         (missing, None, ""), "non-numeric length" ("abc"), "non-finite length" ("nan", inf), "non-positive length"
         (0, -3); numeric strings such as "10.5" are accepted;
       - check_images=True only: "missing image", "unreadable image" (not an image), "no pixel data" (DICOM without
-        PixelData). Only headers are opened (Pillow verify; pydicom without reading the pixel values).
+        PixelData). Only headers are opened (Pillow verify; pydicom without reading the pixel values);
+      - "invalid mm_per_pixel": the row has a `mm_per_pixel` that is not one positive number or a [row, column] pair
+        of them (an absent or null one is no scale, not an error).
+    Each record's pixel scale comes from its DICOM header (PixelSpacing, else ImagerPixelSpacing; source "dicom"),
+    else from its `mm_per_pixel` (source "record"); a record with neither has mm_per_pixel None, which
+    `require_scale` fills with an assumed scale or refuses.
     With require_labels=False (prediction, real crops) unknown or unparseable classes and sizes become None and only
     image problems skip a row. The skips are logged once, as a summary naming the first rows of each reason.
 
@@ -310,12 +403,22 @@ def load_records(json_path: str | Path, image_root: str | Path | None = None, *,
             image_path = image_path.resolve()
             if check_images:
                 reason = check_image(image_path)
+        scale, source = None, None
+        if reason is None:
+            scale = dicom_spacing(image_path) if is_dicom(image_path) else None
+            source = "dicom" if scale is not None else None
+            if scale is None and row.get("mm_per_pixel") is not None:
+                scale = parse_spacing(row.get("mm_per_pixel"))
+                source = "record"
+                if scale is None:
+                    reason = "invalid mm_per_pixel"
         if reason is not None:
             reasons[reason].append(i)
             continue
         records.append(ImplantRecord(image_path=image_path, company=company, model_type=model_type, length=length,
                                      diameter=diameter, thread_type=_text(row.get("thread_type")),
-                                     group=_text(row.get("group")), index=i))
+                                     group=_text(row.get("group")), index=i, mm_per_pixel=scale,
+                                     scale_source=source))
     skipped = collections.Counter({reason: len(idx) for reason, idx in reasons.items()})
     if not records:
         detail = _summarise(reasons) if reasons else "the list is empty"
@@ -325,6 +428,25 @@ def load_records(json_path: str | Path, image_root: str | Path | None = None, *,
     if reasons:
         log.warning("%s: skipped %d of %d rows: %s", json_path, sum(skipped.values()), len(rows), _summarise(reasons))
     return records, skipped
+
+
+def require_scale(records: Sequence[ImplantRecord], assume_scale: float = 0.0, source: str | Path | None = None
+                  ) -> list[ImplantRecord]:
+    """The records with a pixel scale each: those without one get `assume_scale` (mm per pixel, source "assumed")
+    when it is > 0; otherwise the first such record is refused with a UserError naming its file (and its row in
+    `source`, the records file) and the three ways to give a scale."""
+    if assume_scale > 0:
+        return [r if r.mm_per_pixel is not None else
+                dataclasses.replace(r, mm_per_pixel=(float(assume_scale), float(assume_scale)),
+                                    scale_source="assumed") for r in records]
+    missing = [r for r in records if r.mm_per_pixel is None]
+    if missing:
+        first = missing[0]
+        where = f" (row {first.index} of {source})" if source is not None and Path(source).suffix == ".json" else ""
+        others = f"; {len(missing) - 1} more of the {len(records)} images have none either" if len(missing) > 1 else ""
+        raise UserError(f"{first.image_path}{where}: no pixel scale, so its millimetres would mean nothing{others}; "
+                        f"{SCALE_HELP}")
+    return list(records)
 
 
 def class_list(records: Sequence[ImplantRecord], attr: str) -> list[str]:
@@ -353,7 +475,11 @@ def check_class_lists(expected: Sequence[str], found: Sequence[str], what: str, 
 
 
 class ImplantDataset(torch.utils.data.Dataset):
-    """Letterboxed grayscale implant images with class indices and (length, diameter) targets.
+    """Grayscale implant images at one pixel scale with class indices and (length, diameter) targets.
+
+    Each image is resampled from its record's mm_per_pixel to `mm_per_pixel` (0 = default_mm_per_pixel(img_size))
+    and centre-cropped / padded to img_size (`model_input`); a record without a scale is refused (UserError, see
+    `require_scale`: callers fill in data.assume_scale before).
 
     __getitem__(i) returns a dict:
       image       float32 [1, H, W], normalised as (x / 255 - 0.5) / 0.5 (so in [-1, 1])
@@ -363,7 +489,7 @@ class ImplantDataset(torch.utils.data.Dataset):
       target      float32 [2], (length, diameter) in mm; nan when unknown
       index       int64, the position i in this dataset
 
-    cache=True decodes and letterboxes every image once at construction into a uint8 tensor [N, H, W] (meant for
+    cache=True decodes and resamples every image once at construction into a uint8 tensor [N, H, W] (meant for
     small data sets); cache=False decodes on each access.
 
     augment=True applies, in this order: a rotation of up to +-5 degrees about the centre (reflection padding),
@@ -377,9 +503,10 @@ class ImplantDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: Sequence[ImplantRecord], img_size: int, company_classes: Sequence[str],
                  model_classes: Sequence[str], thread_classes: Sequence[str] | None = None, augment: bool = False,
-                 seed: int = 0, cache: bool = True) -> None:
-        self.records = list(records)
+                 seed: int = 0, cache: bool = True, mm_per_pixel: float = 0.0) -> None:
+        self.records = require_scale(records)
         self.img_size = int(img_size)
+        self.mm_per_pixel = float(mm_per_pixel) if mm_per_pixel > 0 else default_mm_per_pixel(self.img_size)
         self.company_classes = list(company_classes)
         self.model_classes = list(model_classes)
         self.thread_classes = list(thread_classes) if thread_classes is not None else None
@@ -405,7 +532,8 @@ class ImplantDataset(torch.utils.data.Dataset):
                 self._cache[i] = torch.from_numpy(self._load(i))
 
     def _load(self, i: int) -> np.ndarray:
-        return letterbox(read_image(self.records[i].image_path), self.img_size)
+        record = self.records[i]
+        return model_input(read_image(record.image_path), record.mm_per_pixel, self.mm_per_pixel, self.img_size)
 
     def __len__(self) -> int:
         return len(self.records)

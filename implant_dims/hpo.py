@@ -7,8 +7,8 @@
 Studies:
   classifier  maximise the validation accuracy of the classifier.target classifier over classifier.vit.model_size
               (hpo.classifier_model_sizes), classifier.lr (log-uniform in hpo.classifier_lr) and classifier.batch_size
-              (hpo.classifier_batch_sizes). The original: 20 trials, 4 in parallel. Pretrained sizes read
-              classifier.vit.weights with "{model_size}" replaced by the sampled size (one local file per size).
+              (hpo.classifier_batch_sizes). Pretrained sizes read classifier.vit.weights with "{model_size}" replaced
+              by the sampled size (one local file per size).
   dual        minimise the validation mean MAE ((length + diameter) / 2) of the dual-embedding regressor over
               regression.fusion_dim (hpo.fusion_dims; the original's "embedding dimension" 128 / 256 / 512: here the
               width each embedding is projected to before the fusion, since the classifiers' own embedding layers are
@@ -21,24 +21,27 @@ Studies:
 Each trial trains the stage in-process into <run_dir>/hpo/<study>/trial_<number>/ (classifier_<target>/ or
 <regression.out_subdir>/ inside), for hpo.trial_epochs epochs when that is > 0, on the train split, scored on val
 only: held-out test / unseen splits are never evaluated during the search. After every epoch the validation score is
-reported to the pruner (hpo.pruner: median, hyperband, none), which may stop the trial (PRUNED). A trial whose
-training raises is recorded FAIL and the search goes on; configuration errors (missing data or classifiers, bad
-search space) stop the command (exit 2) before any trial starts. Parameters are stored under their dotted config keys
-(the schedule as "regression.unfreeze_schedule" = "half/all"); user attrs hold the trial's folder and its validation
-report.
+reported to the pruner (hpo.pruner: median, hyperband, none), which may stop the trial (PRUNED). Parameters are stored
+under their dotted config keys (the schedule as "regression.unfreeze_schedule" = "half/all"); user attrs hold the
+trial's folder, its validation report and, for a failed trial, its error.
+
+Before any trial starts, the command refuses (exit 2, naming the key) what no trial could run with: missing data or
+classifiers, and a search space with a value the config would refuse: every categorical choice and both ends of every
+range are applied to the trial config and validated (e.g. hpo.trial_epochs not above the warm-up, an unfreezing
+schedule that reaches the trials' last epoch, a fusion width the attention cannot split into heads).
 
 The study (hpo.study_name, default implant_classifier_<target> or implant_dual) lives in hpo.storage (default
-sqlite:///<run_dir>/hpo/optuna.db). Re-running the command continues it until it holds hpo.n_trials finished
-(complete + pruned) trials in total, so raising hpo.n_trials adds trials. hpo.n_workers > 1 starts that many worker
-processes of this command on the same storage (hpo.n_workers=1, hpo.worker_index=i, run.num_threads=1 unless set;
-logs in <run_dir>/hpo/<study>/workers/) and exits 1 if any of them failed. Workers take trials one at a time under a
-lock file beside the study folder, so the study never overshoots hpo.n_trials. Each worker's TPE sampler is seeded
-from hpo.sampler_seed, its index and the number of trials the study holds, so a continued study does not repeat
-earlier draws.
+sqlite:///<run_dir>/hpo/optuna.db); the plumbing is common.studies. Re-running the command continues it until it
+holds hpo.n_trials finished (complete + pruned) trials in total, never more (workers count and take trials under a
+file lock), so raising hpo.n_trials adds trials; a failed trial does not count, and a worker stops (exit 1) after
+hpo.max_failures failures in a row. hpo.n_workers > 1 starts that many worker processes of this command on the same
+storage (hpo.n_workers=1, hpo.worker_index=i, run.num_threads=1 unless set; logs in <run_dir>/hpo/<study>/workers/)
+and exits 1 if any of them failed. Before each trial a worker's TPE sampler is seeded from hpo.sampler_seed, its index
+and the number of trials the study holds, so a continued study does not repeat earlier draws.
 
 A killed worker leaves its trial RUNNING. Trials send a heartbeat every hpo.heartbeat_interval seconds; a running
-trial without one for hpo.grace_period seconds is marked FAIL by the next worker (or re-run, which waits for it) and
-re-queued with the same parameters (Optuna's RetryHeartbeatStaleTrialCallback, up to hpo.max_retries times).
+trial without one for hpo.grace_period seconds is marked FAIL by the next worker and re-queued with the same
+parameters (up to hpo.max_retries times; the retry's system attribute failed_trial names it).
 
 Writes <run_dir>/hpo/<study>/best.json: the best trial's number, value, parameters, the matching command-line
 overrides and its folder.
@@ -47,19 +50,18 @@ overrides and its folder.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import itertools
 import logging
 import os
 import subprocess
 import sys
-import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from common import studies
 from common.cli import UserError, config_main
 from common.config import from_dict, to_dict
 from common.io import atomic_write_text, write_json
@@ -68,11 +70,11 @@ from implant_dims.config import ImplantConfig
 
 log = logging.getLogger(__name__)
 
+PROG = "python -m implant_dims.hpo"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_PARAM = "regression.unfreeze_schedule"
 DIRECTIONS = {"classifier": "maximize", "dual": "minimize"}
 OBJECTIVES = {"classifier": "accuracy", "dual": "mean_mae"}
-POLL_SECONDS = 2.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,47 +98,16 @@ def study_dir(cfg: ImplantConfig) -> Path:
     return cfg.run.run_dir / "hpo" / study_name(cfg)
 
 
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a sqlite:/// URL (None for other storages)."""
-    prefix = "sqlite:///"
-    return Path(url[len(prefix):]) if url.startswith(prefix) else None
-
-
-def _quiet_optuna() -> None:
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
-
-
-def make_storage(cfg: ImplantConfig, heartbeat: bool = True) -> Any:
-    """The RDB storage of the study; with `heartbeat`, running trials send heartbeats and stale ones are re-queued."""
-    import optuna
-
-    _quiet_optuna()
-    url = storage_url(cfg)
-    db = sqlite_path(url)
-    engine_kwargs: dict[str, Any] = {}
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 120}}  # workers and heartbeats write the same file
-    kwargs: dict[str, Any] = {}
-    if heartbeat:
-        kwargs = {"heartbeat_interval": cfg.hpo.heartbeat_interval, "grace_period": cfg.hpo.grace_period,
-                  "heartbeat_stale_trial_callback":
-                      optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.hpo.max_retries)}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad URL or an unreachable server
-        raise UserError(f"hpo.storage={url}: cannot open the Optuna storage ({type(exc).__name__}: {exc}); "
-                        f"give an RDB URL such as sqlite:///path/optuna.db") from exc
+def lock_file(cfg: ImplantConfig) -> Path:
+    """The lock workers take trials under: beside a SQLite database, else in the run folder (a shared disk)."""
+    return studies.lock_path(storage_url(cfg)) or cfg.run.run_dir / "hpo" / f"{study_name(cfg)}.lock"
 
 
 def make_pruner(cfg: ImplantConfig) -> Any:
     """hpo.pruner: median (after hpo.pruner_warmup_epochs, once 2 trials finished), hyperband, or none."""
     import optuna
 
-    if cfg.hpo.pruner == "median":
+    if cfg.hpo.pruner == "median":  # epochs are reported from 1
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=cfg.hpo.pruner_warmup_epochs + 1)
     if cfg.hpo.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(trial_epochs(cfg), 1),
@@ -144,61 +115,22 @@ def make_pruner(cfg: ImplantConfig) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def make_sampler(cfg: ImplantConfig, n_existing: int) -> Any:
-    """A TPE sampler seeded from hpo.sampler_seed, the worker index and the study's trial count (a re-run of the
-    same worker would otherwise repeat the first run's random start-up draws)."""
-    import numpy as np
-    import optuna
-
-    seed = int(np.random.SeedSequence([cfg.hpo.sampler_seed, cfg.hpo.worker_index, n_existing]).generate_state(1)[0])
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-
-
-class StudyLock:
-    """Exclusive lock on a file beside the study folder, held while a worker counts the trials and takes one.
-    `release` may be called more than once (the objective releases it as soon as its trial exists)."""
-
-    def __init__(self, cfg: ImplantConfig) -> None:
-        self.path = cfg.run.run_dir / "hpo" / f"{study_name(cfg)}.lock"
-        self._fh: Any = None
-
-    def acquire(self) -> StudyLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+")  # noqa: SIM115 - closed by release()
-        fcntl.flock(self._fh, fcntl.LOCK_EX)
-        return self
-
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
-
-    def __enter__(self) -> StudyLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def open_study(cfg: ImplantConfig, heartbeat: bool = True) -> Any:
-    """Create the study or load the existing one (same name and storage); refuses one of the other direction."""
-    import optuna
-
-    direction = DIRECTIONS[cfg.hpo.kind]
-    storage = make_storage(cfg, heartbeat)
-    with StudyLock(cfg):
-        study = optuna.create_study(study_name=study_name(cfg), storage=storage, direction=direction,
-                                    pruner=make_pruner(cfg), load_if_exists=True)
-    if study.direction.name.lower() != direction:
-        raise UserError(f"hpo.storage={storage_url(cfg)}: study {study.study_name!r} exists with direction "
-                        f"{study.direction.name.lower()}, but hpo.kind={cfg.hpo.kind} needs {direction}; "
-                        f"set another hpo.study_name")
-    return study
+def open_study(cfg: ImplantConfig, create: bool = True) -> Any:
+    """Create or join the study (`create=False`: load it, UserError naming the command that creates it when there is
+    none); one of the other direction is refused."""
+    h = cfg.hpo
+    create_cmd = (f"`{PROG} --config <your config> hpo.kind={h.kind}"
+                  + (f" classifier.target={cfg.classifier.target}" if h.kind == "classifier" else "")
+                  + "` (same run.out_dir / run.name / hpo.storage / hpo.study_name)")
+    return studies.open_study(storage_url(cfg), study_name(cfg), direction=DIRECTIONS[h.kind],
+                              warmup_steps=h.pruner_warmup_epochs + 1,
+                              heartbeat=studies.Heartbeat(h.heartbeat_interval, h.grace_period, h.max_retries),
+                              storage_key="hpo.storage", worker_cmd=create_cmd, create=create,
+                              pruner=make_pruner(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# one trial
+# the search space and one trial
 
 
 def trial_epochs(cfg: ImplantConfig) -> int:
@@ -208,26 +140,29 @@ def trial_epochs(cfg: ImplantConfig) -> int:
     return cfg.classifier.epochs if cfg.hpo.kind == "classifier" else cfg.regression.epochs
 
 
-def suggest(trial: Any, cfg: ImplantConfig) -> dict[str, Any]:
-    """Sample this trial's parameters (keyed by dotted config key) from the hpo.* search space."""
+def search_space(cfg: ImplantConfig) -> dict[str, tuple[str, str, list]]:
+    """Each sampled parameter (dotted config key) -> (the hpo key that sets its range, "categorical" | "log",
+    the choices or the [low, high] of a log-uniform float). `suggest` samples it and `check_search_space` validates its
+    edges, so the two cannot drift apart."""
     h = cfg.hpo
     if h.kind == "classifier":
-        return {
-            "classifier.vit.model_size": trial.suggest_categorical("classifier.vit.model_size",
-                                                                   list(h.classifier_model_sizes)),
-            "classifier.lr": trial.suggest_float("classifier.lr", h.classifier_lr[0], h.classifier_lr[1], log=True),
-            "classifier.batch_size": trial.suggest_categorical("classifier.batch_size",
-                                                              list(h.classifier_batch_sizes)),
-        }
-    schedules = [f"{half}/{full}" for half, full in h.unfreeze_schedules]
-    return {
-        "regression.fusion_dim": trial.suggest_categorical("regression.fusion_dim", list(h.fusion_dims)),
-        "regression.attention_type": trial.suggest_categorical("regression.attention_type", list(h.attention_types)),
-        SCHEDULE_PARAM: trial.suggest_categorical(SCHEDULE_PARAM, schedules),
-        "regression.lr": trial.suggest_float("regression.lr", h.regression_lr[0], h.regression_lr[1], log=True),
-        "regression.embedder_lr_mult": trial.suggest_float("regression.embedder_lr_mult", h.embedder_lr_mult[0],
-                                                           h.embedder_lr_mult[1], log=True),
-    }
+        return {"classifier.vit.model_size": ("hpo.classifier_model_sizes", "categorical",
+                                              list(h.classifier_model_sizes)),
+                "classifier.lr": ("hpo.classifier_lr", "log", list(h.classifier_lr)),
+                "classifier.batch_size": ("hpo.classifier_batch_sizes", "categorical", list(h.classifier_batch_sizes))}
+    return {"regression.fusion_dim": ("hpo.fusion_dims", "categorical", list(h.fusion_dims)),
+            "regression.attention_type": ("hpo.attention_types", "categorical", list(h.attention_types)),
+            SCHEDULE_PARAM: ("hpo.unfreeze_schedules", "categorical",
+                             [f"{half}/{full}" for half, full in h.unfreeze_schedules]),
+            "regression.lr": ("hpo.regression_lr", "log", list(h.regression_lr)),
+            "regression.embedder_lr_mult": ("hpo.embedder_lr_mult", "log", list(h.embedder_lr_mult))}
+
+
+def suggest(trial: Any, cfg: ImplantConfig) -> dict[str, Any]:
+    """Sample this trial's parameters (keyed by dotted config key) from the hpo.* search space."""
+    return {name: (trial.suggest_float(name, values[0], values[1], log=True) if kind == "log"
+                   else trial.suggest_categorical(name, values))
+            for name, (_, kind, values) in search_space(cfg).items()}
 
 
 def param_overrides(params: dict[str, Any]) -> dict[str, Any]:
@@ -248,19 +183,16 @@ def override_args(params: dict[str, Any]) -> list[str]:
     return [f"{key}={value}" for key, value in param_overrides(params).items()]
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    *sections, leaf = dotted.split(".")
-    for part in sections:
-        data = data[part]
-    data[leaf] = value
-
-
 def trial_config(cfg: ImplantConfig, params: dict[str, Any], number: int) -> ImplantConfig:
     """A copy of the base config with the trial's parameters, its own folder, the trial's epoch count, a fresh
-    start (resume=false) and no held-out splits (the search looks at val only)."""
+    start (resume=false) and no held-out splits (the search looks at val only); validated like any config."""
     data = to_dict(cfg)
     for key, value in param_overrides(params).items():
-        _set_dotted(data, key, value)
+        *sections, leaf = key.split(".")
+        node = data
+        for part in sections:
+            node = node[part]
+        node[leaf] = value
     if cfg.hpo.kind == "classifier":
         vit = data["classifier"]["vit"]
         vit["weights"] = size_weights(cfg.classifier.vit.weights, vit["model_size"])
@@ -294,29 +226,18 @@ def report_numbers(report: dict) -> dict[str, Any]:
         if isinstance(value, bool):
             continue
         if isinstance(value, (int, float)):
-            out[key] = float(value) if isinstance(value, float) else value
+            out[key] = value
         elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                                 for v in value):
             out[key] = list(value)
-        elif isinstance(value, dict):
-            nested = report_numbers(value)
-            if nested:
-                out[key] = nested
+        elif isinstance(value, dict) and (nested := report_numbers(value)):
+            out[key] = nested
     return out
 
 
 def pruning_callback(trial: Any, metric: str) -> Callable[[int, dict], None]:
-    """The epoch_callback of a trial: report the epoch's validation `metric`, raise TrialPruned when the pruner
-    says so."""
-    import optuna
-
-    def callback(epoch: int, report: dict) -> None:
-        value = float(report[metric])
-        trial.report(value, epoch)
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"validation {metric} {value:.4f} at epoch {epoch}")
-
-    return callback
+    """The epoch_callback of a trial: report the epoch's validation `metric`; TrialPruned when the pruner says so."""
+    return lambda epoch, report: studies.report_epoch(trial, float(report[metric]), epoch, f"validation {metric}")
 
 
 def run_stage(tcfg: ImplantConfig, callback: Callable[[int, dict], None]) -> dict:
@@ -331,34 +252,24 @@ def run_stage(tcfg: ImplantConfig, callback: Callable[[int, dict], None]) -> dic
                            epoch_callback=callback)
 
 
-def make_objective(cfg: ImplantConfig, on_start: Callable[[Any], None] | None = None) -> Callable[[Any], float]:
-    """The Optuna objective of `cfg`'s study. `on_start(trial)` runs first, once the trial exists (the worker notes
-    its number and releases the study lock)."""
-    import optuna
-
+def make_objective(cfg: ImplantConfig) -> Callable[[Any], float]:
+    """The Optuna objective of `cfg`'s study (a trial that raises is recorded with its error by common.studies)."""
     metric = OBJECTIVES[cfg.hpo.kind]
 
     def objective(trial: Any) -> float:
-        if on_start is not None:
-            on_start(trial)
         trial.set_user_attr("worker", cfg.hpo.worker_index)
+        params = suggest(trial, cfg)
+        tcfg = trial_config(cfg, params, trial.number)
+        trial.set_user_attr("out_dir", str(tcfg.run.run_dir))
+        trial.set_user_attr("stage_dir", str(stage_dir(tcfg)))
+        trial.set_user_attr("overrides", override_args(params))
+        log.info("trial %d (worker %d): %s -> %s", trial.number, cfg.hpo.worker_index, params, tcfg.run.run_dir)
         try:
-            params = suggest(trial, cfg)
-            tcfg = trial_config(cfg, params, trial.number)
-            trial.set_user_attr("out_dir", str(tcfg.run.run_dir))
-            trial.set_user_attr("stage_dir", str(stage_dir(tcfg)))
-            trial.set_user_attr("overrides", override_args(params))
-            log.info("trial %d (worker %d): %s -> %s", trial.number, cfg.hpo.worker_index, params, tcfg.run.run_dir)
             report = run_stage(tcfg, pruning_callback(trial, metric))
-            if metric not in report:
-                raise RuntimeError(f"the validation report has no {metric!r}: {sorted(report)}")
-        except optuna.TrialPruned:
-            raise
-        except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
-            raise
         finally:
             setup_logging(None)  # detach the trial's train.log from the root logger
+        if metric not in report:
+            raise RuntimeError(f"the validation report has no {metric!r}: {sorted(report)}")
         trial.set_user_attr("val_report", report_numbers(report))
         return float(report[metric])
 
@@ -369,12 +280,56 @@ def make_objective(cfg: ImplantConfig, on_start: Callable[[Any], None] | None = 
 # checks before any trial
 
 
+def check_search_space(cfg: ImplantConfig) -> None:
+    """Refuse (UserError naming the hpo key) a search space with a value no trial could run with: the trial config
+    at the trial epoch count, at every choice and both ends of every range alone, and at every combination of them,
+    is validated; an unfreezing schedule must unfreeze everything before the trials' last epoch; each fusion width
+    must suit each attention type."""
+    from implant_dims.models import Fusion
+
+    epochs = trial_epochs(cfg)
+    try:
+        trial_config(cfg, {}, 0)
+    except UserError as exc:
+        raise UserError(f"hpo.trial_epochs={cfg.hpo.trial_epochs}: trials of {epochs} epoch(s) get a config that is "
+                        f"refused: {exc}") from exc
+    space = search_space(cfg)
+    for name, (key, _, values) in space.items():
+        for value in values:
+            try:
+                trial_config(cfg, {name: value}, 0)
+            except UserError as exc:
+                raise UserError(f"{key}: {name}={value} gives trials a config that is refused: {exc}") from exc
+    if cfg.hpo.kind == "dual":
+        late = [pair for pair in cfg.hpo.unfreeze_schedules if pair[1] >= epochs]
+        if late:
+            raise UserError(f"hpo.unfreeze_schedules {late} unfreeze the whole embedding models at or after epoch "
+                            f"{epochs} (0-based), but trials run {epochs} epochs (hpo.trial_epochs, else "
+                            "regression.epochs): those trials would never train the whole model; drop the pairs or "
+                            "give the trials more epochs")
+        for attention, width in itertools.product(cfg.hpo.attention_types, cfg.hpo.fusion_dims):
+            try:
+                Fusion(attention, 8, 8, width)
+            except ValueError as exc:
+                raise UserError(f"hpo.fusion_dims / hpo.attention_types: {attention} attention cannot use fusion "
+                                f"width {width}: {exc}") from exc
+    names = list(space)
+    for combo in itertools.product(*(values for _, _, values in space.values())):
+        params = dict(zip(names, combo, strict=True))
+        try:
+            trial_config(cfg, params, 0)
+        except UserError as exc:
+            raise UserError(f"{' / '.join(key for key, _, _ in space.values())}: the trial {params} is refused: "
+                            f"{exc}") from exc
+
+
 def check_base(cfg: ImplantConfig) -> ImplantConfig:
     """Refuse (UserError, exit 2) a base config no trial could run with, before any trial starts. For kind=dual the
     run's classifier checkpoints are resolved here and pinned into the returned config, since trials run elsewhere."""
     from implant_dims.data import class_list
     from implant_dims.runtime import classifier_checkpoint, load_split
 
+    check_search_space(cfg)
     train_records, _ = load_split(cfg, "train")
     load_split(cfg, "val")
     if cfg.hpo.kind == "classifier":
@@ -397,90 +352,21 @@ def check_base(cfg: ImplantConfig) -> ImplantConfig:
     data = to_dict(cfg)
     data["regression"]["company_checkpoint"] = str(classifier_checkpoint(cfg, "company"))
     data["regression"]["model_checkpoint"] = str(classifier_checkpoint(cfg, "model_type"))
-    epochs = trial_epochs(cfg)
-    late = [pair for pair in cfg.hpo.unfreeze_schedules if pair[1] >= epochs]
-    if late:
-        log.warning("hpo.unfreeze_schedules %s unfreeze everything at or after the trials' last epoch (%d): those "
-                    "trials never train the whole model", late, epochs)
     return from_dict(ImplantConfig, data)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the worker loop
-
-
-def count_states(study: Any) -> dict[str, int]:
-    """Trials of the study per state name."""
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return counts
-
-
-def finished(counts: dict[str, int]) -> int:
-    return counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+# workers, best.json
 
 
 def run_worker(cfg: ImplantConfig, study: Any) -> int:
-    """Take trials one at a time until the study holds hpo.n_trials finished trials. Counting the trials and
-    creating the next one happen under the study lock, so parallel workers never overshoot; while the remaining
-    slots are taken by running trials the worker waits, since a trial of a dead worker turns FAIL (and is re-queued)
-    once its heartbeat is hpo.grace_period old. Returns 0, or 1 after hpo.max_failures failed trials in a row."""
-    import optuna
-
-    target = cfg.hpo.n_trials
-    failures_in_a_row = 0
-    waiting_logged = False
-    while True:
-        lock = StudyLock(cfg).acquire()
-        try:
-            optuna.storages.fail_stale_trials(study)
-            counts = count_states(study)
-            done, running = finished(counts), counts.get("RUNNING", 0)
-            if done >= target:
-                log.info("study %s holds %d finished trials (hpo.n_trials=%d): worker %d stops", study.study_name,
-                         done, target, cfg.hpo.worker_index)
-                return 0
-            if done + running >= target:
-                lock.release()
-                if not waiting_logged:
-                    log.info("worker %d: the remaining %d trial(s) are running elsewhere; waiting for them",
-                             cfg.hpo.worker_index, target - done)
-                    waiting_logged = True
-                time.sleep(POLL_SECONDS)
-                continue
-            waiting_logged = False
-            study.sampler = make_sampler(cfg, sum(counts.values()))
-            number = run_one_trial(cfg, study, lock)
-        finally:
-            lock.release()
-        trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-        if trial is None or trial.state == optuna.trial.TrialState.FAIL:
-            failures_in_a_row += 1
-            if cfg.hpo.max_failures and failures_in_a_row >= cfg.hpo.max_failures:
-                error = trial.user_attrs.get("error", "see the log above") if trial else "no trial started"
-                print(f"error: hpo worker {cfg.hpo.worker_index}: {failures_in_a_row} trials failed in a row "
-                      f"(hpo.max_failures={cfg.hpo.max_failures}); last error: {error}", file=sys.stderr)
-                return 1
-        else:
-            failures_in_a_row = 0
-
-
-def run_one_trial(cfg: ImplantConfig, study: Any, lock: StudyLock) -> int | None:
-    """Run one trial of `study` (a re-queued one first); the lock is released as soon as the trial exists. A trial
-    whose training raises is recorded FAIL. Returns the trial's number (None if none was created)."""
-    started: list[int] = []
-
-    def on_start(trial: Any) -> None:
-        started.append(trial.number)
-        lock.release()
-
-    study.optimize(make_objective(cfg, on_start=on_start), n_trials=1, catch=(Exception,), gc_after_trial=True)
-    return started[0] if started else None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the parent: workers, best.json
+    """Fill the study to hpo.n_trials finished trials (common.studies.fill_study: no overshoot, a dead worker's
+    trial retried, a fresh seeded sampler per trial). Returns 0, or 1 after hpo.max_failures failures in a row."""
+    h = cfg.hpo
+    return studies.fill_study(study, make_objective(cfg), h.n_trials, lock=lock_file(cfg),
+                              sampler=lambda n_trials: studies.seeded_sampler(h.sampler_seed, h.worker_index, n_trials),
+                              max_failures=h.max_failures, failures_key="hpo.max_failures",
+                              label=f"hpo worker {h.worker_index}")
 
 
 def spawn_workers(cfg: ImplantConfig) -> int:
@@ -521,10 +407,8 @@ def spawn_workers(cfg: ImplantConfig) -> int:
 
 def write_best(cfg: ImplantConfig, study: Any) -> dict | None:
     """<study dir>/best.json from the study's best completed trial (None when none completed)."""
-    import optuna
-
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not complete:
+    counts = studies.count_states(study)
+    if not counts.get("COMPLETE"):
         return None
     best = study.best_trial
     payload = {"study_name": study.study_name, "storage": storage_url(cfg), "kind": cfg.hpo.kind,
@@ -532,36 +416,32 @@ def write_best(cfg: ImplantConfig, study: Any) -> dict | None:
                "number": best.number, "value": best.value, "params": best.params,
                "overrides": override_args(best.params), "out_dir": best.user_attrs.get("out_dir"),
                "stage_dir": best.user_attrs.get("stage_dir"), "val_report": best.user_attrs.get("val_report"),
-               "counts": count_states(study)}
+               "counts": counts}
     write_json(study_dir(cfg) / "best.json", payload)
     return payload
 
 
 def run_hpo(cfg: ImplantConfig) -> int:
-    """Check the base config, open (or continue) the study, run the workers, write best.json."""
+    """Check the base config and search space, open (or continue) the study, run the workers, write best.json."""
     setup_logging(None)
-    _quiet_optuna()
     cfg = check_base(cfg)
     study = open_study(cfg)
-    if cfg.hpo.n_workers > 1:
-        code = spawn_workers(cfg)
-    else:
-        code = run_worker(cfg, study)
+    code = spawn_workers(cfg) if cfg.hpo.n_workers > 1 else run_worker(cfg, study)
     best = write_best(cfg, study)
-    counts = count_states(study)
+    counts = studies.count_states(study)
     if best is None:
         print(f"error: study {study.study_name!r} has no completed trial ({counts}); see the worker logs",
               file=sys.stderr)
         return 1
     log.info("study %s: %s; best trial %d: val %s %.4f with %s (%s)", study.study_name, counts, best["number"],
              OBJECTIVES[cfg.hpo.kind], best["value"], " ".join(best["overrides"]), best["out_dir"])
-    if finished(counts) < cfg.hpo.n_trials:
+    if studies.finished(counts) < cfg.hpo.n_trials:
         log.warning("study %s holds %d of hpo.n_trials=%d finished trials; run the command again to continue it",
-                    study.study_name, finished(counts), cfg.hpo.n_trials)
+                    study.study_name, studies.finished(counts), cfg.hpo.n_trials)
     return code
 
 
-main = config_main(ImplantConfig, run_hpo, __doc__, prog="python -m implant_dims.hpo")
+main = config_main(ImplantConfig, run_hpo, __doc__, prog=PROG)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,13 @@ sizes allowed). Output: a CSV (predict.out, default <run_dir>/predictions/<input
 length_mm, diameter_mm (the Monte Carlo dropout mean over predict.mc_samples passes), their std, the
 predict.interval interval (mean ± z·std, the std scaled by the factor fitted on validation data when the run's
 reports/results_val.json has one), the company and model type the embedding models' classifier heads read, the
-nearest catalogue size when predict.snap_to_catalogue is set, and the true sizes when the records have them.
+nearest catalogue size when predict.snap_to_catalogue is set, and the true sizes when the records have them; and
+the out-of-domain guard's columns (implant_dims/ood.py): ood_score (Mahalanobis distance of the image's embedding
+from the training images'), ood_threshold (chosen on validation scores for predict.ood_false_alarm), out_of_domain
+and ood_reason; with predict.refuse_out_of_domain=true a flagged row's millimetre cells are left empty.
+Every row also says where its pixel scale came from (scale_source: dicom / record / assumed, and mm_per_pixel); each
+image is resampled to the scale the regressor was trained at, and an image without a scale is refused (exit 2) unless
+data.assume_scale gives one, which every row then carries as assumed_mm_per_pixel.
 Images that cannot be read are skipped, counted and logged; nothing usable is an error (exit 2). While it runs, a
 line every predict.log_every_s seconds says how many images are done and at what rate.
 """
@@ -23,14 +29,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common.cli import UserError, config_main
 from common.io import atomic_write_text
 from common.logs import setup_logging
 from implant_dims.config import ImplantConfig
-from implant_dims.data import ImplantDataset, ImplantRecord, check_image, is_dicom, load_records
+from implant_dims.data import (
+    ImplantDataset,
+    ImplantRecord,
+    check_image,
+    dicom_spacing,
+    is_dicom,
+    load_records,
+    require_scale,
+)
 from implant_dims.engine import Runtime, collate, epoch_batches, start_runtime
 from implant_dims.models import ImplantRegressor, mc_dropout_predict
+from implant_dims.ood import embed_features, load_guard, mark_rows
 from implant_dims.regression import (
     DIMS,
     concat_batches,
@@ -42,18 +58,20 @@ from implant_dims.regression import (
     regressor_from_checkpoint,
     snap,
 )
+from implant_dims.runtime import autocast
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
 
-def input_records(path: Path) -> list[ImplantRecord]:
-    """Records for predict.input: a JSON list, one image, or every image in a folder (unreadable ones skipped)."""
+def input_records(path: Path, assume_scale: float = 0.0) -> list[ImplantRecord]:
+    """Records for predict.input: a JSON list, one image, or every image in a folder (unreadable ones skipped),
+    each with its pixel scale (DICOM spacing, the record's mm_per_pixel, else assume_scale; none is refused)."""
     if not path.exists():
         raise UserError(f"predict.input: {path} does not exist; give an image, a folder of images or a records JSON")
     if path.is_file() and path.suffix.lower() == ".json":
         records, _ = load_records(path, require_labels=False)
-        return records
+        return require_scale(records, assume_scale, path)
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and (
         p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p)))
     records, skipped = [], {}
@@ -62,14 +80,16 @@ def input_records(path: Path) -> list[ImplantRecord]:
         if problem is not None:
             skipped.setdefault(problem, []).append(file.name)
             continue
+        spacing = dicom_spacing(file) if is_dicom(file) else None
         records.append(ImplantRecord(image_path=file.resolve(), company=None, model_type=None, length=None,
-                                     diameter=None, index=i))
+                                     diameter=None, index=i, mm_per_pixel=spacing,
+                                     scale_source="dicom" if spacing is not None else None))
     for reason, names in skipped.items():
         log.warning("skipped %d image(s), %s: %s", len(names), reason, ", ".join(names[:5]))
     if not records:
         detail = "; ".join(f"{r}: {', '.join(n[:3])}" for r, n in skipped.items()) or "no image files found"
         raise UserError(f"predict.input: nothing to predict in {path} ({detail})")
-    return records
+    return require_scale(records, assume_scale, path)
 
 
 def val_std_scale(checkpoint: Path) -> np.ndarray | None:
@@ -98,11 +118,12 @@ class ProgressLine:
             self.last = now
 
 
-def predict_all(model: ImplantRegressor, dataset: ImplantDataset, rt: Runtime, cfg: ImplantConfig
-                ) -> dict[str, np.ndarray]:
+def predict_all(model: ImplantRegressor, dataset: ImplantDataset, rt: Runtime, cfg: ImplantConfig,
+                ood_space: str | None = None) -> dict[str, np.ndarray]:
     """Batches of predict.batch_size: the deterministic pass ("pred_mm" and the class logits of predict_batch), and
     "mean_mm" / "std_mm" [N, 2] over predict.mc_samples Monte Carlo dropout passes (the deterministic prediction and
-    a std of 0 when mc_samples is 0). Each batch's dropout draws start from run.seed."""
+    a std of 0 when mc_samples is 0). Each batch's dropout draws start from run.seed. With `ood_space`, also
+    "ood_embedding" [N, D]: the out-of-domain guard's embedding (implant_dims.ood) from the same features."""
     pc = cfg.predict
     log.info("predicting %d images, %s", len(dataset), f"{pc.mc_samples} Monte Carlo dropout passes each"
              if pc.mc_samples else "one deterministic pass each")
@@ -111,7 +132,12 @@ def predict_all(model: ImplantRegressor, dataset: ImplantDataset, rt: Runtime, c
     parts = []
     for idx in epoch_batches(len(dataset), pc.batch_size, 0, 0, shuffle=False):
         images = collate(dataset, idx, rt.device)["image"]
-        part = predict_batch(model, rt, images=images)
+        with torch.no_grad(), autocast(rt.device, rt.amp_dtype):
+            feats = model.features(images)
+        feats = {k: v.float() for k, v in feats.items()}
+        part = predict_batch(model, rt, feats=feats)
+        if ood_space is not None:
+            part["ood_embedding"] = embed_features(model, feats, ood_space).cpu().numpy().astype(np.float64)
         if pc.mc_samples > 0:
             mean, std = mc_dropout_predict(model, images, n_samples=pc.mc_samples, generator_seed=cfg.run.seed)
             part.update(mean_mm=mean.float().cpu().numpy(), std_mm=std.float().cpu().numpy())
@@ -131,12 +157,13 @@ def predict(cfg: ImplantConfig) -> Path:
     if not checkpoint.exists():
         raise UserError(f"predict.checkpoint: no regressor checkpoint at {checkpoint}; run `python -m "
                         f"implant_dims.train_dual` first or set predict.checkpoint")
-    records = input_records(source)
+    records = input_records(source, cfg.data.assume_scale)
     rt: Runtime = start_runtime(cfg)
     model, meta = regressor_from_checkpoint(checkpoint)
     model.to(rt.device)
     dataset = make_dataset(records, meta, int(meta["img_size"]))
-    det = predict_all(model, dataset, rt, cfg)
+    guard = load_guard(checkpoint, cfg)
+    det = predict_all(model, dataset, rt, cfg, guard.stats.space)
     pred, std = det["mean_mm"], det["std_mm"]
     scale = val_std_scale(checkpoint)
     half = interval_half_width(std, pc.interval, scale if scale is not None else 1.0)
@@ -152,6 +179,11 @@ def predict(cfg: ImplantConfig) -> Path:
     rows = []
     for i, r in enumerate(records):
         row = {"image_path": str(r.image_path), "company_pred": keys[i][0] or "", "model_type_pred": keys[i][1] or ""}
+        # where the millimetres' scale came from: a row read at an assumed scale must say so
+        row["scale_source"] = r.scale_source
+        row["mm_per_pixel"] = round(float(np.mean(r.mm_per_pixel)), 6)
+        if cfg.data.assume_scale > 0:
+            row["assumed_mm_per_pixel"] = cfg.data.assume_scale
         for k, dim in enumerate(DIMS):
             row[f"{dim}_mm"] = round(float(pred[i, k]), 4)
             row[f"{dim}_std_mm"] = round(float(std[i, k]), 4)
@@ -162,6 +194,11 @@ def predict(cfg: ImplantConfig) -> Path:
             true = getattr(r, dim)
             row[f"{dim}_true_mm"] = "" if true is None else float(true)
         rows.append(row)
+    n_flagged = mark_rows(rows, guard.stats.score(det["ood_embedding"]), guard, pc.refuse_out_of_domain)
+    if n_flagged:
+        log.warning("%d of %d images flagged out of domain (embedding far from the training images)%s", n_flagged,
+                    len(rows), ": no millimetres written for them" if pc.refuse_out_of_domain else
+                    "; their millimetres are written but mean little (predict.refuse_out_of_domain=true blanks them)")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, _csv_text(rows))
     log.info("wrote %d predictions to %s (%s; interval %.0f%%%s)", len(rows), out,

@@ -102,12 +102,18 @@ def read_classifiers(cfg: ImplantConfig, embedder_names: tuple[str, ...], train_
 
 
 def check_img_size(cfg: ImplantConfig, meta: dict, ckpt: Path, name: str) -> None:
-    """A classifier embeds images of the side it was trained at (its position embeddings fix the patch grid)."""
+    """A classifier embeds images of the side it was trained at (its position embeddings fix the patch grid), and
+    reads sizes at the pixel scale it was trained at."""
     trained = int(meta["vit"]["img_size"])
     if trained != cfg.data.img_size:
         raise UserError(f"data.img_size={cfg.data.img_size} but the {name} classifier {ckpt} was trained at "
                         f"{trained} px; set data.img_size={trained} or retrain the classifiers at "
                         f"{cfg.data.img_size} px")
+    scale = meta.get("mm_per_pixel")  # absent in checkpoints from before inputs had one scale
+    if scale is not None and abs(float(scale) - cfg.data.input_mm_per_pixel()) > 1e-9 * float(scale):
+        raise UserError(f"data.mm_per_pixel: the input scale here is {cfg.data.input_mm_per_pixel():.6g} mm per "
+                        f"pixel but the {name} classifier {ckpt} was trained at {float(scale):.6g}; set "
+                        f"data.mm_per_pixel={float(scale):.6g} or retrain the classifiers at this scale")
 
 
 def build_regressor(cfg: ImplantConfig, attention_type: str, train_records: list[ImplantRecord],
@@ -135,7 +141,7 @@ def build_regressor(cfg: ImplantConfig, attention_type: str, train_records: list
             "embedders": {name: meta for name, (_, meta, _) in classifiers.items()},
             "visual_spec": {**dataclasses.asdict(visual_spec), "weights": ""}, "fusion_dim": rc.fusion_dim,
             "head_hidden": rc.head_hidden, "dropout": rc.dropout, "thread_classes": thread_classes,
-            "img_size": cfg.data.img_size}
+            "img_size": cfg.data.img_size, "mm_per_pixel": cfg.data.input_mm_per_pixel()}
     return model, meta
 
 
@@ -162,8 +168,9 @@ def make_dataset(records: list[ImplantRecord], meta_or_classes: dict, img_size: 
     embedders = meta_or_classes["embedders"]
     company = embedders["company"]["classes"] if "company" in embedders else []
     model_type = embedders["model_type"]["classes"] if "model_type" in embedders else []
+    # the input scale the regressor was trained at (meta of checkpoints from before it was recorded: the default)
     return ImplantDataset(records, img_size, company, model_type, meta_or_classes.get("thread_classes") or None,
-                          augment=augment, seed=seed)
+                          augment=augment, seed=seed, mm_per_pixel=float(meta_or_classes.get("mm_per_pixel", 0.0)))
 
 
 @torch.no_grad()

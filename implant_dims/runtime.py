@@ -18,7 +18,7 @@ from common.cli import UserError
 from common.config import to_dict
 from common.runs import make_fingerprint
 from implant_dims.config import ImplantConfig, VitConfig
-from implant_dims.data import ImplantRecord, load_records
+from implant_dims.data import ImplantRecord, load_records, require_scale
 from implant_dims.models import EmbeddingClassifier, VitSpec
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,13 @@ def split_path(cfg: ImplantConfig, split: str) -> str:
 
 
 def load_split(cfg: ImplantConfig, split: str, require_labels: bool = True) -> tuple[list[ImplantRecord], Counter]:
-    """Records of one split (skipped rows counted by reason and logged by data.load_records)."""
+    """Records of one split (skipped rows counted by reason and logged by data.load_records), each with a pixel
+    scale (data.assume_scale filling in where the file has none; none at all is refused, exit 2)."""
     path = split_path(cfg, split)
     if not path:
         raise UserError(f"data.{split}_json is empty; set it to a records JSON file")
-    return load_records(path, cfg.data.image_root or None, require_labels=require_labels)
+    records, skipped = load_records(path, cfg.data.image_root or None, require_labels=require_labels)
+    return require_scale(records, cfg.data.assume_scale, path), skipped
 
 
 def log_skipped(cfg: ImplantConfig, splits: dict[str, tuple[list[ImplantRecord], Counter]]) -> None:
@@ -100,7 +102,8 @@ def records_digest(records: list[ImplantRecord]) -> str:
     rewritten in place changes it; moving the data set does not)."""
     h = hashlib.sha256()
     for r in records:
-        h.update(repr((r.company, r.model_type, r.length, r.diameter, r.thread_type, r.group)).encode())
+        h.update(repr((r.company, r.model_type, r.length, r.diameter, r.thread_type, r.group,
+                       r.mm_per_pixel)).encode())
         h.update(Path(r.image_path).read_bytes())
     return h.hexdigest()
 
@@ -110,7 +113,8 @@ def stage_fingerprint(cfg: ImplantConfig, sections: tuple[str, ...], splits: dic
     """What decides a stage's weights: the config `sections` plus run.seed and data.img_size, the content of each
     split it trains or selects on, and `digests` (the weights of the classifiers a regressor starts from)."""
     full = to_dict(cfg)
-    config = {"run": {"seed": cfg.run.seed}, "data": {"img_size": cfg.data.img_size},
+    config = {"run": {"seed": cfg.run.seed},
+              "data": {"img_size": cfg.data.img_size, "mm_per_pixel": cfg.data.input_mm_per_pixel()},
               **{name: full[name] for name in sections}}
     data_digests = {f"split_{name}": records_digest(records) for name, records in splits.items()}
     return make_fingerprint(config, digests={**data_digests, **(digests or {})}, volatile=PATH_KEYS)

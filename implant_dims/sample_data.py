@@ -8,7 +8,11 @@ a known pixel scale (default 6.0 px/mm at 128 px, so a 16 mm implant spans 96 px
               of its material and the depth / width of its internal connection (the darker screw channel);
   model_type  decides the body taper, the apex shape and the neck width;
   length / diameter come from a fixed catalogue (each company/model combination sells 12 sizes), and the implant
-              is drawn at label * px_per_mm * magnification, magnification ~ 1 + N(0, 0.02) per image.
+              is drawn at label * px_per_mm * magnification, magnification ~ 1 + N(0, 0.02) per image. The
+              magnification enlarges the whole implant, as a projection does: outline, thread pitch and depth,
+              collar and connection alike.
+Every record carries the image's pixel spacing, "mm_per_pixel" = 1 / px_per_mm (what a detector's PixelSpacing
+says: it does not know the projection's magnification), and its "magnification" (the truth, for analysis only).
 Nuisances: position jitter, rotation +-6 degrees, textured bone background with a crest line and sometimes a
 neighbouring root, blur, contrast / gamma and Gaussian noise.
 
@@ -146,7 +150,7 @@ def _profile(t: np.ndarray, side: np.ndarray, length_px: float, radius: float, c
         neck = (t < model.neck_frac).astype(np.float32)
         flare = radius * model.neck * (1.0 - 0.5 * np.clip(t / model.neck_frac, 0, 1) ** 3)
         core = np.where(neck > 0, np.maximum(core, flare), core)
-    u_mm = t * length_px / ppm
+    u_mm = t * length_px / ppm  # mm along the implant itself: ppm is the drawn px per implant mm (x magnification)
     collar_t = company.collar_mm * ppm / length_px
     in_collar = t < collar_t
     # threads: the right edge is half a pitch behind the left one (a helix seen side-on)
@@ -191,13 +195,17 @@ def _smooth_noise(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render(rng: np.random.Generator, size: int, company: str, model_type: str, length_mm: float,
-           diameter_mm: float, magnification_sd: float = 0.02) -> tuple[np.ndarray, dict]:
+           diameter_mm: float, magnification_sd: float = 0.02, magnification: float | None = None
+           ) -> tuple[np.ndarray, dict]:
     """Render one implant crop; returns (uint8 [size, size], drawn geometry in px). The implant is drawn at
-    label x px_per_mm x magnification, magnification ~ 1 + N(0, magnification_sd)."""
+    label x px_per_mm x magnification, magnification ~ 1 + N(0, magnification_sd) (the draw is made either way, so
+    passing `magnification` to fix it leaves the rest of the render as it would have been). Every part of the
+    implant is enlarged by the magnification; the bone around it is not (it is not the object being measured)."""
     ppm = px_per_mm(size)
     scale = size / 128.0
     comp, model = COMPANIES[company], MODEL_TYPES[model_type]
-    magnification = 1.0 + magnification_sd * rng.standard_normal()
+    drawn = 1.0 + magnification_sd * rng.standard_normal()
+    magnification = drawn if magnification is None else float(magnification)
     length_px = length_mm * ppm * magnification
     radius = 0.5 * diameter_mm * ppm * magnification
     angle = math.radians(rng.uniform(-6.0, 6.0))
@@ -211,7 +219,8 @@ def render(rng: np.random.Generator, size: int, company: str, model_type: str, l
     v = dx * cos - dy * sin  # across the axis
     t = u / length_px + 0.5
     side = (v > 0).astype(np.float32)
-    outer, core = _profile(np.clip(t, 0.0, 1.0), side, length_px, radius, comp, model, ppm)
+    # the profile's millimetre geometry (pitch, thread depth, collar, microthreads) at the magnified scale
+    outer, core = _profile(np.clip(t, 0.0, 1.0), side, length_px, radius, comp, model, ppm * magnification)
     inside_axis = np.clip(np.minimum(t * length_px, (1.0 - t) * length_px) + 0.5, 0.0, 1.0)
     alpha = np.clip(outer - np.abs(v) + 0.5, 0.0, 1.0) * inside_axis
 
@@ -346,7 +355,7 @@ def make_dataset(out: str | Path, n_train: int = 800, n_val: int = 200, n_test: 
         for j, (company, model_type) in enumerate(combos):
             length, diameter = sizes[(company, model_type)][int(plan_rng.integers(len(sizes[(company, model_type)])))]
             rng = np.random.default_rng([seed, 1, image_id])
-            pixels, _ = render(rng, size, company, model_type, length, diameter, magnification_sd)
+            pixels, drawn = render(rng, size, company, model_type, length, diameter, magnification_sd)
             name = f"{image_id:06d}"
             (images / f"{name}.png").write_bytes(png_bytes(pixels))
             image_path = f"images/{name}.png"
@@ -356,7 +365,8 @@ def make_dataset(out: str | Path, n_train: int = 800, n_val: int = 200, n_test: 
                 n_dicom += 1
             rows.append({"image_path": image_path, "company": company, "model_type": model_type, "length": length,
                          "diameter": diameter, "thread_type": COMPANIES[company].thread_type,
-                         "group": f"imp{image_id:06d}"})
+                         "group": f"imp{image_id:06d}", "mm_per_pixel": 1.0 / ppm,
+                         "magnification": round(float(drawn["magnification"]), 6)})
             image_id += 1
         splits[split] = rows
         atomic_write_text(out / SPLIT_FILES[split], json.dumps(rows, indent=1) + "\n")
@@ -370,7 +380,7 @@ def make_dataset(out: str | Path, n_train: int = 800, n_val: int = 200, n_test: 
     atomic_write_text(out / "catalogue.csv", buf.getvalue())
     atomic_write_text(out / "README.txt", _readme(size, ppm, magnification_sd))
     meta = {
-        "seed": seed, "size": size, "px_per_mm": ppm, "mm_per_px": 1.0 / ppm,
+        "seed": seed, "size": size, "px_per_mm": ppm, "mm_per_px": 1.0 / ppm, "mm_per_pixel": 1.0 / ppm,
         "magnification_sd": magnification_sd,
         "companies": {name: asdict(c) for name, c in COMPANIES.items()},
         "model_types": {name: asdict(m) for name, m in MODEL_TYPES.items()},
@@ -395,9 +405,11 @@ def _readme(size: int, ppm: float, magnification_sd: float = 0.02) -> str:
         "the collar (polished / flared / microthread / platform switch); the model type (tapered, parallel, "
         "conical_apex, wide_neck) sets the body taper, the apex (rounded / flat / pointed / dome) and the neck. "
         "Length and diameter labels (mm) are catalogue sizes (catalogue.csv); the implant is drawn at label x "
-        f"px_per_mm x a per-image magnification 1 + N(0, {magnification_sd:g}), with position jitter, rotation up "
-        "to 6 degrees, "
-        "blur, contrast changes and noise. augmented_train.json, augmented_val.json and test.json hold the seen "
+        f"px_per_mm x a per-image magnification 1 + N(0, {magnification_sd:g}) that enlarges all of it (outline, "
+        "thread pitch and depth, collar, connection), with position jitter, rotation up to 6 degrees, "
+        "blur, contrast changes and noise. Every record holds mm_per_pixel (the image's pixel spacing, as a "
+        "detector would state it, without the magnification) and magnification (the truth, for analysis). "
+        "augmented_train.json, augmented_val.json and test.json hold the seen "
         f"company/model combinations; unseen_test.json holds only the held-out combinations ({held}). "
         "meta.json lists the factors, counts and seed.\n"
     )

@@ -107,9 +107,10 @@ def train_classifier(cfg: ImplantConfig, epoch_callback: Callable[[int, dict], N
     seed_everything(cfg.run.seed)
     spec = vit_spec(cc.vit, cfg.data.img_size)
     train_set = ImplantDataset(train_records, cfg.data.img_size, classes if target == "company" else [],
-                               classes if target == "model_type" else [], augment=cc.augment, seed=cfg.run.seed)
+                               classes if target == "model_type" else [], augment=cc.augment, seed=cfg.run.seed,
+                               mm_per_pixel=cfg.data.mm_per_pixel)
     val_set = ImplantDataset(val_records, cfg.data.img_size, classes if target == "company" else [],
-                             classes if target == "model_type" else [])
+                             classes if target == "model_type" else [], mm_per_pixel=cfg.data.mm_per_pixel)
     labels_train = class_indices(train_records, target, classes)
     log.info("%s classifier: %d classes %s; %d train / %d val images; ViT %s, %s", target, len(classes), classes,
              len(train_set), len(val_set), spec.model_size, rt.device)
@@ -122,7 +123,9 @@ def train_classifier(cfg: ImplantConfig, epoch_callback: Callable[[int, dict], N
     scaler = torch.amp.GradScaler(enabled=rt.amp_dtype == torch.float16)
     stopper = EarlyStopping(cc.patience, mode="max")
     manager = CheckpointManager(out / "checkpoints", fingerprint=start.fingerprint)
-    meta = classifier_meta(spec, target, classes, cc.embedding_dim, cc.dropout)
+    # the input scale too: a regressor built on this classifier must feed it images at the same mm per pixel
+    meta = {**classifier_meta(spec, target, classes, cc.embedding_dim, cc.dropout),
+            "mm_per_pixel": cfg.data.input_mm_per_pixel()}
     resumed = resume_from_checkpoint(manager, start.resume, model, optimizer, scheduler, stopper, scaler)
     start_epoch = 1 if resumed is None else int(resumed["epoch"]) + 1
     if resumed is not None:
@@ -194,7 +197,7 @@ def report_splits(cfg: ImplantConfig, out, classes: list[str], majority: int, rt
         else:
             records = load_split(cfg, split)[0]
             dataset = ImplantDataset(records, cfg.data.img_size, classes if target == "company" else [],
-                                     classes if target == "model_type" else [])
+                                     classes if target == "model_type" else [], mm_per_pixel=cfg.data.mm_per_pixel)
         rep = classification_report(predict_logits(model, dataset, rt), class_indices(records, target, classes), classes,
                                     majority, cfg.classifier.top_k)
         rep.update(split=split, checkpoint=str(best), target=target)

@@ -16,20 +16,25 @@ Writes <run_dir>/<regression.out_subdir>/: config.yaml, train.log, metrics.jsonl
 val every epoch), checkpoints/{latest,best} (best = lowest validation mean MAE; meta.json rebuilds the model),
 reports/results_<split>.json and pred_vs_true_<split>.png for val, test (seen combinations) and unseen (held-out
 combinations): MAE with group-bootstrap intervals, the mean-predictor baseline, Monte Carlo dropout interval
-coverage, catalogue exact-size accuracy when data.catalogue_csv is set. `regression.resume=auto` continues an
-interrupted run (also across an unfreezing boundary) and refuses (exit 2) one whose config, data or classifiers changed.
+coverage, catalogue exact-size accuracy when data.catalogue_csv is set; ood_stats.npz, the out-of-domain guard's
+statistics that predict reads (implant_dims/ood.py), and reports/ood.json, the share of val / test / unseen it
+flags. `regression.resume=auto` continues an interrupted run (also across an unfreezing boundary) and refuses
+(exit 2) one whose config, data or classifiers changed.
 """
 
 from __future__ import annotations
 
 from common.cli import config_main
 from implant_dims.config import ImplantConfig
+from implant_dims.ood import fit_for_run
 from implant_dims.regression import train_regressor
 
 
 def train_dual(cfg: ImplantConfig) -> dict:
-    return train_regressor(cfg, ("company", "model_type"), cfg.regression.attention_type,
-                           cfg.run.run_dir / cfg.regression.out_subdir)
+    out = cfg.run.run_dir / cfg.regression.out_subdir
+    results = train_regressor(cfg, ("company", "model_type"), cfg.regression.attention_type, out)
+    fit_for_run(cfg, out)  # the out-of-domain guard's statistics, beside the checkpoints (predict reads them)
+    return results
 
 
 def _main(cfg: ImplantConfig) -> int:

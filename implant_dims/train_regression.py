@@ -14,6 +14,7 @@ from __future__ import annotations
 from common.cli import UserError, config_main
 from implant_dims.config import ImplantConfig
 from implant_dims.models import SINGLE_EMBEDDING_TYPES
+from implant_dims.ood import fit_for_run
 from implant_dims.regression import train_regressor
 
 
@@ -24,7 +25,10 @@ def train_single(cfg: ImplantConfig) -> dict:
                         f"embedding; the single-embedding regressor (train_regression) builds "
                         f"{' or '.join(SINGLE_EMBEDDING_TYPES)}: set regression.attention_type=triple (attention over "
                         f"visual and embedding) or concat, or train {rc.attention_type} with train_dual")
-    return train_regressor(cfg, (rc.embedding,), rc.attention_type, cfg.run.run_dir / f"single_{rc.embedding}")
+    out = cfg.run.run_dir / f"single_{rc.embedding}"
+    results = train_regressor(cfg, (rc.embedding,), rc.attention_type, out)
+    fit_for_run(cfg, out)  # the out-of-domain guard's statistics, beside the checkpoints (predict reads them)
+    return results
 
 
 def _main(cfg: ImplantConfig) -> int:

@@ -73,10 +73,11 @@ def test_demo_runs_every_package_and_each_model_beats_its_baseline(tmp_path: Pat
     assert float(be["test_recall@1_head_minus_frozen_low95"]) > 0.0, be
     # implant_dims: the classifiers read company / model type above chance (4 classes each), and the dual regressor's
     # length and diameter errors are a fraction of the train-mean predictor's, on seen and unseen combinations.
-    # Measured, training seeds own / 1 / 2 / 3 (OMP_NUM_THREADS=1): accuracy - chance, company +0.44 / +0.47 / +0.42 /
-    # +0.42, model type +0.17 / +0.16 / +0.14 / +0.10; MAE / train mean, test length 0.23 / 0.20 / 0.18 / 0.24, test
-    # diameter 0.37 / 0.39 / 0.44 / 0.37, unseen length 0.32 / 0.28 / 0.23 / 0.31, unseen diameter 0.39 / 0.39 / 0.42 /
-    # 0.33.
+    # Measured with the renderer that magnifies the whole implant (thread pitch included), training seeds own / 1 / 2
+    # (OMP_NUM_THREADS=1): accuracy - chance, company +0.44 / +0.40 / +0.43, model type +0.10 / +0.11 / +0.14; MAE /
+    # train mean, test length 0.24 / 0.21 / 0.18, test diameter 0.38 / 0.31 / 0.41, unseen length 0.37 / 0.30 / 0.23,
+    # unseen diameter 0.37 / 0.32 / 0.39. (With the earlier renderer, seeds own / 1 / 2 / 3: company +0.44 / +0.47 /
+    # +0.42 / +0.42, model type +0.17 / +0.16 / +0.14 / +0.10.)
     for target, margin in (("company", 0.2), ("model_type", 0.05)):
         stage = f"train_classifier ({target})"
         assert value[("implant_dims", stage, "test accuracy")] > value[("implant_dims", stage, "test chance accuracy")] \

@@ -2,12 +2,15 @@
 # The sample experiment's core on data whose per-image magnification varies by 8 % (as in panoramic radiographs,
 # where the projection geometry changes the scale), instead of 2 %: both classifiers, the single-embedding
 # (model type) and dual regressors, the baselines (the caliper among them) and the comparison table.
-#   scripts/implant_dims/magnification_experiment.sh [dotted.key=value ...]     (~15 minutes on 2 CPU cores)
+#   scripts/implant_dims/magnification_experiment.sh [dotted.key=value ...]     (~15 minutes on 2 idle CPU cores)
+# The magnification enlarges the whole implant (outline, thread pitch and depth, collar); the records' mm_per_pixel
+# is the detector's spacing, which does not know it: only the thread pitch can tell the magnification apart.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 DATA=data/implant_dims/sample_mag8
-[ -f $DATA/meta.json ] || $PY -m implant_dims.sample_data $DATA --magnification-sd 0.08
+# (re)render when missing or written by a renderer from before the records carried their pixel scale
+grep -qs '"mm_per_pixel"' $DATA/meta.json || $PY -m implant_dims.sample_data $DATA --magnification-sd 0.08
 ARGS=(--config configs/implant_dims/sample.yaml run.name=sample_mag8 "data.train_json=$DATA/augmented_train.json"
       "data.val_json=$DATA/augmented_val.json" "data.test_json=$DATA/test.json" "data.unseen_json=$DATA/unseen_test.json"
       "data.catalogue_csv=$DATA/catalogue.csv" "$@")

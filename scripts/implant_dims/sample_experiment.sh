@@ -9,7 +9,8 @@ cd "$(dirname "$0")/../.."
 CONFIG=${1:-configs/implant_dims/sample.yaml}
 shift || true
 PY=${PYTHON:-.venv/bin/python}
-[ -f data/implant_dims/sample/meta.json ] || $PY -m implant_dims.sample_data data/implant_dims/sample
+# (re)render when missing or written before the records carried their pixel scale (mm_per_pixel)
+grep -qs '"mm_per_pixel"' data/implant_dims/sample/meta.json || $PY -m implant_dims.sample_data data/implant_dims/sample
 for target in company model_type; do
   $PY -m implant_dims.train_classifier --config "$CONFIG" classifier.target=$target "$@"
 done

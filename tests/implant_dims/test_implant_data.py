@@ -1,4 +1,5 @@
-"""implant_dims.data: record loading and skip reasons, image decoding (Pillow, DICOM), letterbox, the Dataset."""
+"""implant_dims.data: record loading and skip reasons, image decoding (Pillow, DICOM), pixel scales and the model
+input's resampling, letterbox, the Dataset."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ from implant_dims.data import (
     ImplantRecord,
     check_class_lists,
     class_list,
+    default_mm_per_pixel,
+    dicom_spacing,
     letterbox,
     load_records,
+    model_input,
     read_image,
+    require_scale,
     window_to_uint8,
 )
 from implant_dims.sample_data import write_dicom
@@ -207,7 +212,8 @@ def _records(tmp_path: Path) -> list[ImplantRecord]:
     records = []
     for i, (company, model, length, diameter, thread) in enumerate(specs):
         path = _png(tmp_path / f"{i}.png", 60 + 40 * i, shape=(30 + 4 * i, 24))
-        records.append(ImplantRecord(path, company, model, length, diameter, thread, f"g{i}", i))
+        records.append(ImplantRecord(path, company, model, length, diameter, thread, f"g{i}", i,
+                                     mm_per_pixel=(1.0, 1.0), scale_source="record"))
     return records
 
 
@@ -218,7 +224,9 @@ def test_dataset_items(tmp_path: Path) -> None:
     item = ds[1]
     assert set(item) == {"image", "company", "model_type", "thread_type", "target", "index"}
     assert item["image"].shape == (1, 32, 32) and item["image"].dtype == torch.float32
-    expected = letterbox(read_image(records[1].image_path), 32).astype(np.float32)
+    # records at 1 mm / px, the input at the default 21.33 / 32 mm / px: each image is enlarged 1.5x, then cropped
+    expected = model_input(read_image(records[1].image_path), 1.0, default_mm_per_pixel(32), 32).astype(np.float32)
+    assert ds.mm_per_pixel == pytest.approx(128 / 6 / 32, rel=1e-12)
     # the same normalisation, possibly by other float32 ops: rounding only
     torch.testing.assert_close(item["image"][0], torch.from_numpy((expected / 255 - 0.5) / 0.5), rtol=1e-5, atol=1e-6)
     assert item["image"].min() >= -1 and item["image"].max() <= 1
@@ -265,8 +273,8 @@ def test_dataset_augmentation_is_reproducible(tmp_path: Path) -> None:
     image = np.zeros((32, 32), dtype=np.uint8)
     image[8:24, 12:20] = 255
     Image.fromarray(image).save(tmp_path / "sq.png")
-    rec = [ImplantRecord(tmp_path / "sq.png", "Apexa", "tapered", 1.0, 1.0)]
-    aug = ImplantDataset(rec, 32, ["Apexa"], ["tapered"], augment=True)
+    rec = [ImplantRecord(tmp_path / "sq.png", "Apexa", "tapered", 1.0, 1.0, mm_per_pixel=(0.5, 0.5))]
+    aug = ImplantDataset(rec, 32, ["Apexa"], ["tapered"], augment=True, mm_per_pixel=0.5)
     for epoch in range(5):
         aug.set_epoch(epoch)
         x = aug[0]["image"][0]
@@ -277,3 +285,131 @@ def test_check_class_lists() -> None:
     check_class_lists(["Apexa", "Boneline"], ["Apexa"], "companies", "runs/cls/best")
     with pytest.raises(UserError, match=r"runs/cls/best knows companies \['Apexa'\].*\['Foo'\].*rows 'Foo': 3, 9"):
         check_class_lists(["Apexa"], ["Apexa", "Foo"], "companies", "runs/cls/best", rows={"Foo": [3, 9]})
+
+
+# ------------------------------------------------------------------------------------------------- pixel scale
+
+
+def _bar(rows: int, cols: int, bar_rows: int, bar_cols: int) -> np.ndarray:
+    """A black image with a centred white bar of bar_rows x bar_cols pixels."""
+    image = np.zeros((rows, cols), dtype=np.uint8)
+    top, left = (rows - bar_rows) // 2, (cols - bar_cols) // 2
+    image[top:top + bar_rows, left:left + bar_cols] = 255
+    return image
+
+
+def _extent(image: np.ndarray) -> tuple[int, int]:
+    ys, xs = np.nonzero(image > 127)
+    return int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+
+
+def test_model_input_puts_every_image_at_one_scale() -> None:
+    """A 12 x 4 mm object reaches the model at 0.25 mm / px as 48 x 16 px whatever its file's resolution, pixel
+    shape or size."""
+    fine = _bar(300, 200, 120, 40)  # 0.1 mm / px
+    coarse = _bar(60, 40, 24, 8)  # 0.5 mm / px
+    oblong = _bar(150, 200, 60, 40)  # 0.2 mm per row, 0.1 mm per column: non-square pixels
+    for image, spacing in ((fine, (0.1, 0.1)), (coarse, 0.5), (oblong, (0.2, 0.1))):
+        out = model_input(image, spacing, 0.25, 64)
+        assert out.shape == (64, 64) and out.dtype == np.uint8
+        rows, cols = _extent(out)
+        assert abs(rows - 48) <= 1 and abs(cols - 16) <= 1, (spacing, rows, cols)  # +-1 px: bilinear edges
+        # centred: the bar's centre within a pixel of the canvas centre
+        ys, xs = np.nonzero(out > 127)
+        assert abs(ys.mean() - 31.5) <= 1 and abs(xs.mean() - 31.5) <= 1
+    # larger than the input after resampling: centre-cropped; smaller: padded black
+    big = np.full((200, 200), 200, dtype=np.uint8)
+    big[100, :] = 0  # a dark row through the middle survives the centred crop
+    out = model_input(big, 0.25, 0.25, 64)
+    assert out.min() == 0 and (out == 0).sum() == 64 and out[32].max() == 0
+    small = model_input(np.full((10, 10), 200, dtype=np.uint8), 0.25, 0.25, 64)
+    assert (small > 0).sum() == 100 and small[:27].max() == 0 and small[37:].max() == 0
+    # a wildly wrong assumed scale (mm taken for px per mm) resamples only what lands on the canvas: 3000 px at
+    # 100 mm / px would be a 1.2 million px square, the canvas takes its central 0.16 source px
+    huge = model_input(np.full((3000, 3000), 200, dtype=np.uint8), 100.0, 0.25, 64)
+    assert huge.shape == (64, 64) and (huge == 200).all()
+
+
+def test_sample_crops_reach_the_model_as_before() -> None:
+    """Sample crops (128 px at 6 px/mm) at the default input scale are exactly the old letterboxed input."""
+    rng = np.random.default_rng(2)
+    crop = rng.integers(0, 256, size=(128, 128), dtype=np.uint8)
+    for size in (32, 64):
+        np.testing.assert_array_equal(model_input(crop, 1 / 6, default_mm_per_pixel(size), size),
+                                      letterbox(crop, size))
+
+
+def _dicom_with(path: Path, pixels: np.ndarray, **tags) -> Path:
+    """write_dicom, then PixelSpacing / ImagerPixelSpacing set or deleted as `tags` say (None deletes)."""
+    import pydicom
+
+    write_dicom(path, pixels, 0.1)
+    ds = pydicom.dcmread(path)
+    for keyword, value in tags.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path)
+    return path
+
+
+def test_scale_sources_in_order(tmp_path: Path) -> None:
+    pixels = np.full((20, 20), 100, dtype=np.uint8)
+    images = tmp_path / "images"
+    _dicom_with(images / "spacing.dcm", pixels, PixelSpacing=["0.2", "0.3"])
+    _dicom_with(images / "imager.dcm", pixels, PixelSpacing=None, ImagerPixelSpacing=["0.15", "0.15"])
+    _dicom_with(images / "zero.dcm", pixels, PixelSpacing=["0", "0"])  # as the NEMA CR RG1 states it: no scale
+    _png(images / "a.png")
+    assert dicom_spacing(images / "spacing.dcm") == (0.2, 0.3)
+    assert dicom_spacing(images / "imager.dcm") == (0.15, 0.15)
+    assert dicom_spacing(images / "zero.dcm") is None and dicom_spacing(images / "a.png") is None
+    rows = [
+        _row("images/spacing.dcm", mm_per_pixel=0.9),  # the DICOM header wins over the record
+        _row("images/imager.dcm"),
+        _row("images/zero.dcm", mm_per_pixel=0.12),  # no usable spacing in the header: the record's
+        _row("images/a.png", mm_per_pixel=[0.1, 0.2]),
+        _row("images/a.png", mm_per_pixel="0.25"),
+        _row("images/a.png"),  # no scale anywhere
+        _row("images/a.png", mm_per_pixel=None),
+        _row("images/a.png", mm_per_pixel=0),
+        _row("images/a.png", mm_per_pixel="abc"),
+        _row("images/a.png", mm_per_pixel=[0.1, 0.2, 0.3]),
+    ]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(rows))
+    records, skipped = load_records(path)
+    assert skipped == collections.Counter({"invalid mm_per_pixel": 3})
+    got = [(r.index, r.mm_per_pixel, r.scale_source) for r in records]
+    assert got == [(0, (0.2, 0.3), "dicom"), (1, (0.15, 0.15), "dicom"), (2, (0.12, 0.12), "record"),
+                   (3, (0.1, 0.2), "record"), (4, (0.25, 0.25), "record"), (5, None, None), (6, None, None)]
+    with pytest.raises(UserError) as refused:
+        require_scale(records, 0.0, path)
+    message = str(refused.value)
+    assert "\n" not in message and str(records[5].image_path) in message and f"row 5 of {path}" in message
+    assert "1 more of the 7 images" in message
+    for way in ("PixelSpacing", "ImagerPixelSpacing", '"mm_per_pixel"', "data.assume_scale="):
+        assert way in message
+    assumed = require_scale(records, 0.3, path)
+    assert [(r.mm_per_pixel, r.scale_source) for r in assumed[4:]] == [
+        ((0.25, 0.25), "record"), ((0.3, 0.3), "assumed"), ((0.3, 0.3), "assumed")]
+    assert assumed[:4] == records[:4]  # an own scale is never overridden by the assumed one
+    with pytest.raises(UserError, match="a.png.*no pixel scale"):  # the Dataset refuses too
+        ImplantDataset(records, 32, ["Apexa"], ["tapered"])
+
+
+@pytest.mark.real_data
+def test_real_cr_dicoms_state_no_usable_scale(real_data_dir: Path, tmp_path: Path) -> None:
+    """The NEMA CRs have no PixelSpacing (RG3) or a zero one (RG1) and no ImagerPixelSpacing: both are refused
+    until a scale is assumed."""
+    folder = real_data_dir / "radiographs_nema_cr"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    rows = [{"image_path": str(folder / name)} for name in ("RG3_J2KR.dcm", "RG1_J2KI.dcm")]
+    path = tmp_path / "cr.json"
+    path.write_text(json.dumps(rows))
+    records, _ = load_records(path, require_labels=False)
+    assert [r.mm_per_pixel for r in records] == [None, None]
+    with pytest.raises(UserError, match="RG3_J2KR.dcm.*no pixel scale"):
+        require_scale(records, 0.0, path)
+    assert {r.scale_source for r in require_scale(records, 0.14, path)} == {"assumed"}

@@ -1,5 +1,6 @@
 """implant_dims.hpo and analyze_tuning_results: parallel workers on one SQLite study, continuation, pruning, failed
-and dead-worker trials, the dual study on trained classifiers, the analysis reports, and the missing-study error."""
+and dead-worker trials (a SIGKILLed worker process among them), the cap on finished trials, the up-front check of the
+search space, the dual study on trained classifiers, the analysis reports, and the missing-study error."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from common.cli import UserError
 from common.config import load_config
 from implant_dims import analyze_tuning_results, hpo, train_classifier
 from implant_dims.config import ImplantConfig
@@ -174,14 +178,14 @@ def test_trial_config_applies_the_params_in_the_trials_own_folder(tmp_path):
 
 
 def test_a_failing_trial_is_recorded_and_a_dead_workers_trial_is_retried(tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path, "hpo.n_trials=3", "hpo.heartbeat_interval=1", "hpo.grace_period=1", "hpo.max_failures=3")
+    cfg = _cfg(tmp_path, "hpo.n_trials=3", "hpo.heartbeat_interval=1", "hpo.grace_period=2", "hpo.max_failures=3")
     study = hpo.open_study(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # optuna: heartbeats are meant for optimize(), not ask()
         dead = study.ask()  # a worker took this trial, sent one heartbeat and was killed
     hpo.suggest(dead, cfg)
     study._storage.record_heartbeat(dead._trial_id)
-    time.sleep(2.2)
+    time.sleep(3.5)  # SQLite keeps heartbeats to the whole second: grace + 1 s and a margin
 
     calls = []
 
@@ -208,6 +212,119 @@ def test_a_failing_trial_is_recorded_and_a_dead_workers_trial_is_retried(tmp_pat
     cfg_more = _cfg(tmp_path, "hpo.n_trials=10", "hpo.max_failures=2")
     assert hpo.run_worker(cfg_more, hpo.open_study(cfg_more)) == 1  # gives up after 2 failures in a row
     assert [t.state for t in study.get_trials()][5:] == [FAIL, FAIL]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+# A worker whose trial reports one epoch, leaves a marker file and hangs, so that the test can SIGKILL it inside
+# the trial (polling the marker, not the study: opening the storage while the worker creates it would race).
+HANGING_WORKER = textwrap.dedent("""
+    import sys, time
+    from implant_dims import hpo
+
+    def hang(tcfg, epoch_callback):
+        epoch_callback(1, {"accuracy": 0.5})
+        tcfg.run.run_dir.mkdir(parents=True, exist_ok=True)
+        (tcfg.run.run_dir / "inside_the_trial").touch()
+        time.sleep(600)
+
+    hpo.run_stage = hang
+    sys.exit(hpo.main(sys.argv[1:]))
+""")
+
+
+def test_a_sigkilled_worker_process_leaves_a_trial_that_the_next_worker_fails_and_reruns(data_args, tmp_path,
+                                                                                          monkeypatch):
+    args = ["--config", TINY, *data_args, f"run.out_dir={tmp_path}", "hpo.kind=classifier", "hpo.n_trials=2",
+            "hpo.n_workers=1", "hpo.heartbeat_interval=1", "hpo.grace_period=2"]
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_WORKER, *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = tmp_path / "tiny" / "hpo" / "implant_classifier_company" / "trial_0" / "inside_the_trial"
+    deadline = time.time() + 120
+    try:
+        while not marker.is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the worker never reached its trial"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    (killed,) = load_study(tmp_path / "tiny", "implant_classifier_company").get_trials()
+    assert killed.state == optuna.trial.TrialState.RUNNING and killed.intermediate_values == {1: 0.5}
+    # SQLite keeps heartbeats to the whole second, so wait grace + 1 s and a margin before the stale check
+    time.sleep(3.5)
+
+    def fake_stage(tcfg, epoch_callback):
+        epoch_callback(1, {"accuracy": 0.6})
+        return {"accuracy": 0.6}
+
+    monkeypatch.setattr(hpo, "run_stage", fake_stage)
+    assert hpo.main(args) == 0
+    trials = load_study(tmp_path / "tiny", "implant_classifier_company").get_trials()
+    assert [t.state for t in trials] == [FAIL, COMPLETE, COMPLETE]  # the cap counts finished trials only
+    retry = trials[1]
+    assert retry.system_attrs["failed_trial"] == killed.number == 0 and retry.params == killed.params
+    assert retry.user_attrs["out_dir"].endswith("trial_1")  # the retry runs in a folder of its own
+
+
+def test_a_worker_waits_while_the_last_slot_runs_elsewhere_and_never_overshoots(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "hpo.n_trials=2", "hpo.heartbeat_interval=1", "hpo.grace_period=60")
+    study = hpo.open_study(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # optuna: heartbeats are meant for optimize(), not ask()
+        elsewhere = study.ask()  # a trial of a live worker elsewhere (no heartbeat record: never stale)
+    hpo.suggest(elsewhere, cfg)
+    monkeypatch.setattr(hpo, "run_stage", lambda tcfg, epoch_callback: {"accuracy": 0.7})
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(hpo.run_worker(cfg, hpo.open_study(cfg))))
+    worker.start()
+    deadline = time.time() + 60
+    while not any(t.state == COMPLETE for t in study.get_trials()):
+        assert time.time() < deadline and worker.is_alive(), "the worker did not run its trial"
+        time.sleep(0.2)
+    time.sleep(3)  # longer than the worker's 2 s poll: it must still be waiting, not starting a third trial
+    assert worker.is_alive() and len(study.get_trials()) == 2
+    study.tell(elsewhere, 0.9)
+    worker.join(timeout=30)
+    assert not worker.is_alive() and result == [0]
+    assert [t.state for t in study.get_trials()] == [COMPLETE, COMPLETE]
+
+
+@pytest.mark.parametrize(("overrides", "key", "why"), [
+    (["hpo.kind=classifier", "hpo.trial_epochs=1", "classifier.warmup_epochs=1"], "hpo.trial_epochs=1",
+     "classifier.warmup_epochs"),
+    (["hpo.kind=dual", "hpo.trial_epochs=1", "regression.warmup_epochs=1"], "hpo.trial_epochs=1",
+     "regression.warmup_epochs"),
+    (["hpo.kind=dual", "hpo.trial_epochs=2"], "hpo.unfreeze_schedules", "[1, 2]"),  # tiny's [[1, 2], [0, 2]]
+    (["hpo.kind=dual", "hpo.attention_types=[cross]", "hpo.fusion_dims=[16,30]"], "hpo.fusion_dims", "30"),
+    (["hpo.kind=classifier", "hpo.classifier_model_sizes=[tiny,small]", "data.img_size=24"],
+     "hpo.classifier_model_sizes", "small"),
+    # a grace period not above the heartbeat interval would fail live trials as dead
+    (["hpo.kind=classifier", "hpo.heartbeat_interval=5", "hpo.grace_period=5"], "hpo.grace_period",
+     "hpo.heartbeat_interval"),
+])
+def test_a_search_space_or_setting_no_trial_could_run_is_refused_before_the_study_starts(data_args, tmp_path, capsys,
+                                                                              overrides, key, why):
+    assert hpo.main(["--config", TINY, *data_args, f"run.out_dir={tmp_path}", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert key in err and why in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "tiny" / "hpo").exists()  # no study, no trial folder
+
+
+def test_joining_a_study_of_the_other_direction_is_refused(tmp_path):
+    hpo.open_study(_cfg(tmp_path, "hpo.study_name=shared"))  # classifier: maximize
+    dual = load_config(ImplantConfig, TINY, [f"run.out_dir={tmp_path}", "hpo.kind=dual", "hpo.study_name=shared"])
+    with pytest.raises(UserError, match="hpo.storage=.*'shared' exists with direction maximize.*minimize"):
+        hpo.open_study(dual)
+
+
+def test_the_search_space_check_passes_every_shipped_config():
+    for name in ("tiny", "sample", "base"):
+        for kind in ("classifier", "dual"):
+            cfg = load_config(ImplantConfig, str(ROOT / "configs" / "implant_dims" / f"{name}.yaml"), [f"hpo.kind={kind}"])
+            hpo.check_search_space(cfg)  # raises UserError naming the key otherwise
 
 
 def _check_ranking(sdir: Path, study: optuna.Study, maximize: bool) -> None:
@@ -255,7 +372,7 @@ def test_dual_study_on_trained_classifiers(data_args, tmp_path, capsys):
 
     for target in ("company", "model_type"):
         assert train_classifier.main([*base, f"classifier.target={target}", "classifier.epochs=1"]) == 0
-    assert hpo.main([*base, "hpo.kind=dual", "hpo.n_trials=2", "hpo.trial_epochs=2", "regression.mc_samples=0"]) == 0
+    assert hpo.main([*base, "hpo.kind=dual", "hpo.n_trials=2", "hpo.trial_epochs=3", "regression.mc_samples=0"]) == 0
     run_dir = tmp_path / "tiny"
     study = load_study(run_dir, "implant_dual")
     trials = study.get_trials()
@@ -271,7 +388,7 @@ def test_dual_study_on_trained_classifiers(data_args, tmp_path, capsys):
         assert (config["unfreeze_half_epoch"], config["unfreeze_all_epoch"]) == (half, full)
         assert config["fusion_dim"] == t.params["regression.fusion_dim"]
         assert config["attention_type"] == t.params["regression.attention_type"]
-        assert config["embedder_lr_mult"] == t.params["regression.embedder_lr_mult"] and config["epochs"] == 2  # copied
+        assert config["embedder_lr_mult"] == t.params["regression.embedder_lr_mult"] and config["epochs"] == 3  # copied
         assert config["company_checkpoint"].startswith(str(run_dir / "classifier_company" / "checkpoints"))
         assert config["model_checkpoint"].startswith(str(run_dir / "classifier_model_type" / "checkpoints"))
     best = json.loads((run_dir / "hpo" / "implant_dual" / "best.json").read_text())

@@ -113,9 +113,10 @@ def test_predict_folder_skips_unreadable_files_and_says_so(trained_run, implant_
     out = tmp_path / "pred.csv"
     capsys.readouterr()
     assert predict.main(predict_args(stage_args, implant_data, trained_run, folder, out,
-                                     "predict.mc_samples=3")) == 0
+                                     "predict.mc_samples=3", "data.assume_scale=0.2")) == 0
     rows = read_csv(out)
     assert sorted(Path(r["image_path"]).name for r in rows) == ["a.png", "b.png"]
+    assert {(r["scale_source"], r["assumed_mm_per_pixel"]) for r in rows} == {("assumed", "0.2")}
     check_rows(rows)
     assert all(r["length_true_mm"] == "" for r in rows)
     err = capsys.readouterr().err
@@ -213,14 +214,17 @@ def test_predict_real_crops_and_a_jpeg2000_dicom(real_data_dir, trained_run, imp
         pytest.skip("dental_panoramic_yolo_dicle or radiographs_nema_cr/RG3_J2KR.dcm not present")
     crop_folder(folder / "images", folder / "labels", tmp_path / "crops", class_id=2, context=0.15, size=128)
     out = tmp_path / "crops.csv"
+    # neither the JPEG panoramics nor this CR states a pixel scale: each is read at an assumed one
     assert predict.main(predict_args(stage_args, implant_data, trained_run, tmp_path / "crops" / "records.json",
-                                     out, "predict.mc_samples=3", "predict.snap_to_catalogue=true")) == 0
+                                     out, "predict.mc_samples=3", "predict.snap_to_catalogue=true",
+                                     "data.assume_scale=0.25")) == 0
     rows = read_csv(out)
     assert len(rows) == 6
     check_rows(rows)
     assert all(r["length_true_mm"] == "" and r["company_pred"] for r in rows)
     out = tmp_path / "dicom.csv"
-    assert predict.main(predict_args(stage_args, implant_data, trained_run, dicom, out, "predict.mc_samples=0")) == 0
+    assert predict.main(predict_args(stage_args, implant_data, trained_run, dicom, out, "predict.mc_samples=0",
+                                     "data.assume_scale=0.15")) == 0
     rows = read_csv(out)
     assert len(rows) == 1 and Path(rows[0]["image_path"]).name == "RG3_J2KR.dcm"
     check_rows(rows)

@@ -1,10 +1,11 @@
 """implant_dims.sample_data: determinism, held-out combinations, DICOM copies, and that the pictures carry the
-sizes (a physics check a broken renderer fails)."""
+sizes (a physics check a broken renderer fails), and that magnification enlarges the thread as well as the outline."""
 
 from __future__ import annotations
 
 import collections
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,17 @@ import pytest
 
 from common.cli import UserError
 from implant_dims.data import class_list, load_records, read_image
-from implant_dims.sample_data import COMPANIES, HELD_OUT, MODEL_TYPES, SPLIT_FILES, catalogue, main, make_dataset
+from implant_dims.sample_data import (
+    COMPANIES,
+    HELD_OUT,
+    MODEL_TYPES,
+    SPLIT_FILES,
+    catalogue,
+    main,
+    make_dataset,
+    px_per_mm,
+    render,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +45,14 @@ def test_layout_and_meta(sample: tuple[Path, dict]) -> None:
     assert meta["px_per_mm"] == pytest.approx(6.0, rel=1e-12) and meta["counts"] == {"train": 80, "val": 10, "test": 10, "unseen": 12}
     assert sorted(map(tuple, meta["held_out_combinations"])) == sorted(HELD_OUT)
     rows = _rows(out, "train")
-    assert set(rows[0]) == {"image_path", "company", "model_type", "length", "diameter", "thread_type", "group"}
+    assert set(rows[0]) == {"image_path", "company", "model_type", "length", "diameter", "thread_type", "group",
+                            "mm_per_pixel", "magnification"}
     all_rows = [r for split in SPLIT_FILES for r in _rows(out, split)]
+    # the pixel spacing each image was rendered at, in every record and in meta.json (1 / 6 mm at 128 px)
+    assert meta["mm_per_pixel"] == pytest.approx(1 / 6, rel=1e-12)
+    assert all(r["mm_per_pixel"] == pytest.approx(1 / 6, rel=1e-12) for r in all_rows)
+    mags = np.asarray([r["magnification"] for r in all_rows])
+    assert 0.9 < mags.min() and mags.max() < 1.1 and mags.std() > 0.005  # 1 + N(0, 0.02)
     assert len({r["group"] for r in all_rows}) == len(all_rows)  # one implant id per image
     assert all(r["thread_type"] == COMPANIES[r["company"]].thread_type for r in all_rows)
     sizes = catalogue()
@@ -48,6 +65,9 @@ def test_layout_and_meta(sample: tuple[Path, dict]) -> None:
     for split in SPLIT_FILES:
         records, skipped = load_records(out / SPLIT_FILES[split])
         assert len(records) == meta["counts"][split] and not skipped
+        # PNGs take the record's scale, the DICOM copies their PixelSpacing: the same scale either way
+        assert all(r.mm_per_pixel == pytest.approx((1 / 6, 1 / 6), rel=1e-5) for r in records)
+        assert {r.scale_source for r in records} <= {"record", "dicom"}
 
 
 def test_held_out_combinations(sample: tuple[Path, dict]) -> None:
@@ -138,3 +158,40 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "--n-train 0" in capsys.readouterr().err
     with pytest.raises(UserError):
         make_dataset(tmp_path / "small", size=16)
+
+
+def _groove_period(magnification: float, seed: int, size: int = 256, company: str = "Apexa") -> float:
+    """The thread's period in pixels along the implant, read off a rendered image: the grey values sampled on a
+    line parallel to the axis through the middle of the thread depth (left flank), detrended, and the period of the
+    strongest sinusoid between 4 and 40 px (a periodogram on a 0.01 px grid)."""
+    from scipy.ndimage import map_coordinates
+
+    rng = np.random.default_rng(seed)
+    pixels, drawn = render(rng, size, company, "parallel", 13.0, 5.5, magnification_sd=0.0,
+                           magnification=magnification)
+    assert drawn["magnification"] == magnification
+    drawn_ppm = px_per_mm(size) * magnification  # px per mm of the implant itself
+    cx, cy = drawn["center"]
+    angle = math.radians(drawn["angle_deg"])
+    offset = 0.5 * drawn["diameter_px"] - 0.5 * COMPANIES[company].depth_mm * drawn_ppm
+    u = np.arange(-0.25, 0.40, 0.002) * drawn["length_px"]  # from below the collar to above the apex
+    x = cx + u * math.sin(angle) - offset * math.cos(angle)
+    y = cy + u * math.cos(angle) + offset * math.sin(angle)
+    grey = map_coordinates(pixels.astype(np.float64), [y - 0.5, x - 0.5], order=1)
+    grey = grey - np.polyval(np.polyfit(u, grey, 2), u)
+    periods = np.arange(4.0, 40.0, 0.01)
+    power = np.abs(np.exp(-2j * np.pi * u[None, :] / periods[:, None]) @ grey)
+    return float(periods[int(np.argmax(power))])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_magnification_scales_the_thread_pitch(seed: int) -> None:
+    """Magnification is a projection's enlargement of the whole implant: at 1.2 the groove period in pixels is
+    1.2x that at 1.0 (the earlier renderer drew 13.2 px at both, only the outline grew).
+    Measured (seeds 0-2, 256 px, Apexa pitch 1.1 mm -> 13.2 px): 13.21 / 15.81, 13.19 / 15.84, 13.26 / 15.87 px,
+    ratios 1.197, 1.201, 1.197; the old renderer 0.998 and 1.001. Tolerance 0.02 on the ratio, 2 % on the period."""
+    at_1 = _groove_period(1.0, seed)
+    at_12 = _groove_period(1.2, seed)
+    expected = COMPANIES["Apexa"].pitch_mm * px_per_mm(256)
+    assert at_1 == pytest.approx(expected, rel=0.02)
+    assert at_12 / at_1 == pytest.approx(1.2, abs=0.02)

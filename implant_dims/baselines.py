@@ -18,7 +18,7 @@ A caliper image without any bright component gets the training median measuremen
 
 Writes <run_dir>/baselines/results_<split>.json ({"split", "n", "baselines": {name: {length_mae, diameter_mae,
 mean_mae}}, "details"}) for val and each configured held-out split (test, unseen), results.md (one table per split,
-also printed) and fit.json (ridge alpha, caliper line coefficients). implant_dims.compare puts them beside the
+also printed), predictions_<split>.csv (every baseline's per-image prediction) and fit.json (ridge alpha, caliper line coefficients). implant_dims.compare puts them beside the
 regressors.
 """
 
@@ -123,7 +123,7 @@ def fit_baselines(train_y: np.ndarray, train_pix: np.ndarray, train_px: np.ndarr
                   catalogue: dict | None = None) -> tuple[dict[str, Callable[[dict], np.ndarray]], dict]:
     """Each baseline as predict(features of a split) -> [N, 2] mm, and what was fitted. With a catalogue, also
     `caliper_catalogue`: the caliper's measurement snapped to the nearest catalogue size of any company / model
-    (the regressors snap within the company / model type their classifier heads read)."""
+    (the caliper reads no class, so this is its snap under either regression.snap rule)."""
     from sklearn.linear_model import RidgeCV
     from sklearn.neighbors import KNeighborsRegressor
     from sklearn.pipeline import make_pipeline
@@ -169,6 +169,19 @@ def table(split: str, n: int, results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_predictions(path, records: list[ImplantRecord], true: np.ndarray, preds: dict[str, np.ndarray]) -> None:
+    """Per-image predictions of every baseline (<name>_length, <name>_diameter), which implant_dims.compare pairs
+    with the regressors' on the same images."""
+    names = list(preds)
+    lines = [",".join(["image_path", "group", "length_true", "diameter_true",
+                       *[f"{n}_{d}" for n in names for d in ("length", "diameter")]])]
+    for i, r in enumerate(records):
+        cells = [str(r.image_path), str(r.group if r.group is not None else r.index), f"{true[i, 0]:.4f}",
+                 f"{true[i, 1]:.4f}", *[f"{preds[n][i, d]:.4f}" for n in names for d in range(2)]]
+        lines.append(",".join(cells))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def run_baselines(cfg: ImplantConfig) -> dict[str, dict]:
     """Fit on train, score val and the held-out splits; returns {split: report} (also written, see the module)."""
     out = cfg.run.run_dir / "baselines"
@@ -179,7 +192,9 @@ def run_baselines(cfg: ImplantConfig) -> dict[str, dict]:
     reports, texts = {}, []
     for split in ["val", *optional_splits(cfg)]:
         records, feats = split_features(cfg, split)
-        results = {name: mae_report(feats["y"], predict(feats)) for name, predict in models.items()}
+        preds = {name: predict(feats) for name, predict in models.items()}
+        results = {name: mae_report(feats["y"], pred) for name, pred in preds.items()}
+        write_predictions(out / f"predictions_{split}.csv", records, feats["y"], preds)
         for name, r in results.items():
             if not all(np.isfinite(v) for v in r.values()):
                 raise RuntimeError(f"baseline {name} on {split}: non-finite MAE {r}")

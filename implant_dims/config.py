@@ -21,6 +21,7 @@ MODEL_SIZES = ("tiny", "small", "base", "large")
 TARGETS = ("company", "model_type")
 ATTENTION_TYPES = ("dual", "triple", "hierarchical", "cross", "concat")
 RESUME_CHOICES = ("auto", "force", "false")
+SNAP_MODES = ("catalogue", "predicted_class")
 PRETRAINED_PATCH = 16  # the patch side of timm's vit_<small|base|large>_patch16_224
 # The sample renderer's field of view: 128 px at 6 px/mm (it keeps the field when --size changes). The default input
 # scale spreads it over data.img_size, so sample crops reach the model exactly as the earlier letterbox made them.
@@ -257,7 +258,12 @@ class RegressionConfig:
     aux_thread_weight: float = 0.0
     """Weight of the auxiliary thread-type cross-entropy (0 = no thread head)."""
     loss: str = "smooth_l1"
-    """Loss on standardised (length, diameter): l1 | smooth_l1 | mse."""
+    """Loss on (length, diameter) in regression.loss_space: l1 | smooth_l1 (beta 0.5 in that space's units) | mse."""
+    loss_space: str = "standardised"
+    """Where the loss compares prediction and target: standardised (each dimension over its training std, the
+    original's; it weighs a mm of diameter as much as std_length / std_diameter mm of length) | mm (a mm is a mm)."""
+    dim_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """[length, diameter] weights of the loss terms (non-negative, not both 0); the loss is their weighted mean."""
     epochs: int = 60
     """Training epochs; raising it on a finished run continues that run."""
     batch_size: int = 64
@@ -291,12 +297,28 @@ class RegressionConfig:
     """Monte Carlo dropout passes for the uncertainty reported on held-out data (0 = no intervals)."""
     interval: float = 0.9
     """Nominal coverage of the reported prediction intervals (mean ± z * std), strictly between 0 and 1."""
+    snap: str = "catalogue"
+    """Snapping to data.catalogue_csv: catalogue (the nearest size of the whole catalogue) | predicted_class (among
+    the sizes of the company / model type the regressor's heads read, each part only when its probability is above
+    regression.snap_min_prob; below it that part matches every value)."""
+    snap_min_prob: float = -1.0
+    """snap=predicted_class: class probability a head must exceed for its class to narrow the snap, in [0, 1]
+    (1 = never); -1 = choose it on validation (the value with the lowest snapped val MAE, recorded in the reports)."""
     resume: str | bool = "auto"
     """auto: continue checkpoints/latest when its config and data match (else exit 2 naming the change); force;
     false (start over); or a checkpoint path."""
 
     def __post_init__(self) -> None:
         _check_choice(self.attention_type, ATTENTION_TYPES, "regression.attention_type")
+        _check_choice(self.loss_space, ("standardised", "mm"), "regression.loss_space")
+        _check_choice(self.snap, SNAP_MODES, "regression.snap")
+        weights = list(self.dim_weights)
+        if len(weights) != 2 or not all(0 <= w < float("inf") for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"regression.dim_weights must be [length, diameter]: two finite weights >= 0, not both "
+                             f"0 (e.g. [1.0, 1.0]), got {self.dim_weights}")
+        if not (self.snap_min_prob == -1 or 0 <= self.snap_min_prob <= 1):
+            raise ValueError(f"regression.snap_min_prob must lie in [0, 1], or be -1 to choose it on validation, got "
+                             f"{self.snap_min_prob}")
         _check_choice(self.embedding, TARGETS, "regression.embedding")
         _check_choice(self.loss, ("l1", "smooth_l1", "mse"), "regression.loss")
         if not 0 <= self.unfreeze_half_epoch <= self.unfreeze_all_epoch:
@@ -408,7 +430,7 @@ class PredictConfig:
     interval: float = 0.9
     """Coverage of the written interval columns (mean ± z * std), strictly between 0 and 1."""
     snap_to_catalogue: bool = False
-    """Also write the nearest catalogue size (data.catalogue_csv) of the predicted company / model type."""
+    """Also write the nearest catalogue size (data.catalogue_csv) under the regression.snap rule."""
     batch_size: int = 64
     """Images per forward pass."""
     log_every_s: float = 10.0

@@ -9,7 +9,8 @@ sizes allowed). Output: a CSV (predict.out, default <run_dir>/predictions/<input
 length_mm, diameter_mm (the Monte Carlo dropout mean over predict.mc_samples passes), their std, the
 predict.interval interval (mean ± z·std, the std scaled by the factor fitted on validation data when the run's
 reports/results_val.json has one), the company and model type the embedding models' classifier heads read, the
-nearest catalogue size when predict.snap_to_catalogue is set, and the true sizes when the records have them; and
+nearest catalogue size when predict.snap_to_catalogue is set (under regression.snap: the whole catalogue, or the
+predicted class above the threshold the run chose on validation), and the true sizes when the records have them; and
 the out-of-domain guard's columns (implant_dims/ood.py): ood_score (Mahalanobis distance of the image's embedding
 from the training images'), ood_threshold (chosen on validation scores for predict.ood_false_alarm), out_of_domain
 and ood_reason; with predict.refuse_out_of_domain=true a flagged row's millimetre cells are left empty.
@@ -49,6 +50,7 @@ from implant_dims.models import ImplantRegressor, mc_dropout_predict
 from implant_dims.ood import embed_features, load_guard, mark_rows
 from implant_dims.regression import (
     DIMS,
+    class_probabilities,
     concat_batches,
     interval_half_width,
     load_catalogue,
@@ -57,6 +59,7 @@ from implant_dims.regression import (
     predicted_keys,
     regressor_from_checkpoint,
     snap,
+    snap_keys,
 )
 from implant_dims.runtime import autocast
 
@@ -100,6 +103,20 @@ def val_std_scale(checkpoint: Path) -> np.ndarray | None:
         if scale is not None:
             return np.asarray(scale, dtype=np.float64)
     return None
+
+
+def snap_min_prob(cfg: ImplantConfig, checkpoint: Path) -> float:
+    """regression.snap_min_prob, or with -1 the value the run chose on validation (reports/results_val.json)."""
+    rc = cfg.regression
+    if rc.snap != "predicted_class" or rc.snap_min_prob != -1:
+        return rc.snap_min_prob
+    report = checkpoint.resolve().parents[1] / "reports" / "results_val.json"
+    rule = json.loads(report.read_text()).get("snap_rule") if report.is_file() else None
+    if not rule or rule.get("mode") != "predicted_class" or rule.get("min_prob") is None:
+        raise UserError(f"regression.snap_min_prob=-1 (choose on validation) but {report} records no threshold "
+                        f"chosen for regression.snap=predicted_class; set regression.snap_min_prob=<0..1> or "
+                        f"regression.snap=catalogue")
+    return float(rule["min_prob"])
 
 
 class ProgressLine:
@@ -174,7 +191,11 @@ def predict(cfg: ImplantConfig) -> Path:
             raise UserError("predict.snap_to_catalogue=true needs data.catalogue_csv (company, model_type, length, "
                             "diameter)")
         train_std = np.asarray(model.target_std.cpu().numpy(), dtype=np.float64)
-        snapped = snap(pred, keys, load_catalogue(cfg.data.catalogue_csv), train_std)
+        min_prob = snap_min_prob(cfg, checkpoint)
+        snap_to = snap_keys(keys, class_probabilities(det, meta), cfg.regression.snap, min_prob)
+        snapped = snap(pred, snap_to, load_catalogue(cfg.data.catalogue_csv), train_std)
+        log.info("snapping to the catalogue: %s", "the whole catalogue" if cfg.regression.snap == "catalogue" else
+                 f"the predicted class where its probability is above {min_prob:.4g}, else the whole catalogue")
     out = Path(pc.out) if pc.out else cfg.run.run_dir / "predictions" / f"{source.stem}.csv"
     rows = []
     for i, r in enumerate(records):

@@ -76,12 +76,29 @@ class _Step(torch.nn.Module):
         return self.model.forward_features(feats) if feats is not None else self.model(images)
 
 
-def regression_loss(pred_std: torch.Tensor, target_std: torch.Tensor, kind: str) -> torch.Tensor:
+def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str,
+                    dim_weights: torch.Tensor | list[float] | tuple[float, ...] = (1.0, 1.0)) -> torch.Tensor:
+    """sum_d w_d * mean_b rho(pred[b, d] - target[b, d]) / sum_d w_d for [B, 2] (length, diameter) in one space
+    (standardised or mm, see `loss_inputs`); rho is |e| (l1), e^2 (mse) or smooth L1 with beta 0.5 in that space's
+    units. Equal weights give the plain mean over every element."""
+    weights = torch.as_tensor(dim_weights, dtype=pred.dtype, device=pred.device)
     if kind == "l1":
-        return F.l1_loss(pred_std, target_std)
-    if kind == "mse":
-        return F.mse_loss(pred_std, target_std)
-    return F.smooth_l1_loss(pred_std, target_std, beta=0.5)
+        per_element = F.l1_loss(pred, target, reduction="none")
+    elif kind == "mse":
+        per_element = F.mse_loss(pred, target, reduction="none")
+    else:
+        per_element = F.smooth_l1_loss(pred, target, beta=0.5, reduction="none")
+    return (per_element.mean(0) * weights).sum() / weights.sum()
+
+
+def loss_inputs(out: dict, target_mm: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, space: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, target) [B, 2] in the loss space: standardised compares (y - mean) / std, which weighs a mm of
+    each dimension by 1 / its training std (a mm of diameter ~4x a mm of length on the sample data); mm compares
+    millimetres, so regression.dim_weights alone say what each dimension is worth."""
+    if space == "mm":
+        return out["pred_std"].float() * std + mean, target_mm
+    return out["pred_std"].float(), (target_mm - mean) / std
 
 
 def read_classifiers(cfg: ImplantConfig, embedder_names: tuple[str, ...], train_records: list[ImplantRecord]
@@ -349,7 +366,8 @@ def run_epoch(model, step_module, dataset, cache, optimizer, scheduler, scaler, 
         sync = step_module.no_sync() if (hasattr(step_module, "no_sync") and not last_of_step) else contextlib.nullcontext()
         with sync, autocast(rt.device, rt.amp_dtype):
             out = step_module(images=images, feats=feats)
-            loss = regression_loss(out["pred_std"].float(), (batch["target"] - mean) / std, rc.loss)
+            loss = regression_loss(*loss_inputs(out, batch["target"], mean, std, rc.loss_space), rc.loss,
+                                   rc.dim_weights)
             if "thread_logits" in out and rc.aux_thread_weight > 0:
                 thread = batch["thread_type"]
                 if (thread >= 0).any():
@@ -420,8 +438,9 @@ def load_catalogue(path: str | Path) -> dict[tuple[str, str], np.ndarray]:
 def snap(pred: np.ndarray, keys: list[tuple[str | None, str | None]], catalogue: dict, scale: np.ndarray
          ) -> np.ndarray:
     """Nearest catalogue size (distance in units of the training std per dimension) among the sizes of each
-    prediction's (company, model type); a None part matches every value (a single-embedding regressor reads only
-    one of the two), and a combination the catalogue does not list falls back to the whole catalogue."""
+    prediction's (company, model type); a None part matches every value ((None, None): the whole catalogue), and a
+    combination the catalogue does not list falls back to the whole catalogue. `snap_keys` turns a
+    regression.snap rule into these keys."""
     everything = np.unique(np.concatenate(list(catalogue.values())), axis=0)
     out = np.empty(pred.shape, dtype=np.float64)  # catalogue sizes exactly (pred may be float32)
     for i, (p, (company, model_type)) in enumerate(zip(pred, keys)):
@@ -447,6 +466,10 @@ def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime, train_records: 
     catalogue = load_catalogue(cfg.data.catalogue_csv) if cfg.data.catalogue_csv else None
     summary: dict = {"checkpoint": str(best), "attention_type": meta["attention_type"],
                      "embedders": list(meta["embedders"]), "interval": rc.interval, "splits": {}}
+    # one snapping rule for every split (and for predict, which reads it back from results_val.json)
+    train_scale = train_targets.std(0)
+    snap_rule: dict = {"mode": rc.snap, "min_prob": None if rc.snap == "catalogue" else rc.snap_min_prob,
+                       "min_prob_from": "config" if rc.snap == "predicted_class" else None}
     val_scale = None
     for split in ["val", *optional_splits(cfg)]:
         if split == "val":
@@ -480,11 +503,16 @@ def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime, train_records: 
                 rep.update({"std_scale_fitted_on_val": val_scale.tolist(),
                             "interval_coverage_calibrated": interval_coverage(true, mc_mean, half).tolist(),
                             "interval_width_calibrated_mm": (2 * half).mean(0).tolist()})
+        snapped = None
         if catalogue is not None:
-            keys = predicted_keys(det, meta, records)
-            snapped = snap(pred, keys, catalogue, train_targets.std(0))
+            keys, probs = predicted_keys(det, meta, records), class_probabilities(det, meta)
+            if split == "val" and rc.snap == "predicted_class" and rc.snap_min_prob == -1:
+                snap_rule["min_prob"] = choose_snap_threshold(true, pred, keys, probs, catalogue, train_scale)
+                snap_rule["min_prob_from"] = "chosen on val"
+            snapped = snap(pred, snap_keys(keys, probs, rc.snap, snap_rule["min_prob"]), catalogue, train_scale)
             exact = np.isclose(snapped, true, atol=1e-6)
-            rep.update({"snapped": mae_report(true, snapped), "exact_size_accuracy": float(exact.all(1).mean()),
+            rep.update({"snapped": mae_report(true, snapped), "snap_rule": dict(snap_rule),
+                        "exact_size_accuracy": float(exact.all(1).mean()),
                         "exact_length_accuracy": float(exact[:, 0].mean()),
                         "exact_diameter_accuracy": float(exact[:, 1].mean())})
         for name in meta["embedders"]:
@@ -492,24 +520,73 @@ def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime, train_records: 
             if (labels >= 0).any():
                 rep[f"{name}_accuracy"] = float((det[f"logits_{name}"].argmax(1) == labels)[labels >= 0].mean())
         write_json(out / "reports" / f"results_{split}.json", rep)
-        write_predictions(out / "reports" / f"predictions_{split}.csv", records, true, pred)
+        write_predictions(out / "reports" / f"predictions_{split}.csv", records, true, pred, snapped)
         scatter_plot(true, pred, DIMS, out / "reports" / f"pred_vs_true_{split}.png",
                      f"{meta['attention_type']} ({'+'.join(meta['embedders'])}), {split}")
         log.info("%s: length MAE %.3f diameter MAE %.3f mean %.3f mm (mean-predictor %.3f, ratio %.2f)", split,
                  rep["length_mae"], rep["diameter_mae"], rep["mean_mae"], rep["mean_baseline_mean_mae"],
                  rep["mae_ratio_to_mean_baseline"])
         summary["splits"][split] = rep
+    if catalogue is not None:
+        summary["snap_rule"] = snap_rule
     write_json(out / "reports" / "results.json", summary)
     return summary["splits"]
 
 
-def write_predictions(path: Path, records: list[ImplantRecord], true: np.ndarray, pred: np.ndarray) -> None:
-    """Per-image predictions of a report split (what implant_dims.compare pairs across models)."""
-    lines = ["image_path,group,length_true,diameter_true,length_pred,diameter_pred"]
-    for r, t, p in zip(records, true, pred):
-        lines.append(f"{r.image_path},{r.group if r.group is not None else r.index},{t[0]:.4f},{t[1]:.4f},"
-                     f"{p[0]:.4f},{p[1]:.4f}")
+def write_predictions(path: Path, records: list[ImplantRecord], true: np.ndarray, pred: np.ndarray,
+                      snapped: np.ndarray | None = None) -> None:
+    """Per-image predictions of a report split (what implant_dims.compare pairs across models); with `snapped`, also
+    the catalogue size each was snapped to under the run's regression.snap rule."""
+    header = "image_path,group,length_true,diameter_true,length_pred,diameter_pred"
+    lines = [header + (",length_snapped,diameter_snapped" if snapped is not None else "")]
+    for i, (r, t, p) in enumerate(zip(records, true, pred)):
+        line = (f"{r.image_path},{r.group if r.group is not None else r.index},{t[0]:.4f},{t[1]:.4f},"
+                f"{p[0]:.4f},{p[1]:.4f}")
+        lines.append(line + (f",{snapped[i, 0]:.4f},{snapped[i, 1]:.4f}" if snapped is not None else ""))
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def class_probabilities(det: dict, meta: dict) -> dict[str, np.ndarray]:
+    """embedder name -> [N] softmax probability of the class its head reads (the argmax)."""
+    out = {}
+    for name in meta["embedders"]:
+        logits = np.asarray(det[f"logits_{name}"], dtype=np.float64)
+        logits = logits - logits.max(1, keepdims=True)
+        out[name] = 1.0 / np.exp(logits).sum(1)  # exp(max - max) / sum
+    return out
+
+
+def snap_keys(keys: list[tuple[str | None, str | None]], probs: dict[str, np.ndarray], mode: str,
+              min_prob: float) -> list[tuple[str | None, str | None]]:
+    """The (company, model type) keys `snap` narrows to under a regression.snap rule: catalogue -> (None, None) for
+    every row (the whole catalogue); predicted_class -> each part of the heads' reading kept only where that head's
+    probability is above `min_prob`, else None (any value), so an unsure head cannot lock the size into the wrong
+    class's sizes."""
+    if mode == "catalogue":
+        return [(None, None)] * len(keys)
+    out = []
+    for i, (company, model_type) in enumerate(keys):
+        if company is not None and not probs["company"][i] > min_prob:
+            company = None
+        if model_type is not None and not probs["model_type"][i] > min_prob:
+            model_type = None
+        out.append((company, model_type))
+    return out
+
+
+def choose_snap_threshold(true: np.ndarray, pred: np.ndarray, keys: list[tuple[str | None, str | None]],
+                          probs: dict[str, np.ndarray], catalogue: dict, scale: np.ndarray) -> float:
+    """regression.snap_min_prob chosen on validation rows: among 0, 1 and every head probability seen, the value
+    whose predicted_class snap has the lowest mean |snapped - true| (mm, both dimensions); ties go to the highest
+    (the fewest rows narrowed to a class, the nearest to the whole-catalogue rule)."""
+    candidates = np.unique(np.concatenate([[0.0, 1.0], *[np.asarray(p, dtype=np.float64) for p in probs.values()]]))
+    best, best_err = 1.0, float("inf")
+    for t in candidates[::-1]:  # high to low: a tie keeps the higher one
+        snapped = snap(pred, snap_keys(keys, probs, "predicted_class", float(t)), catalogue, scale)
+        err = float(np.abs(snapped - true).mean())
+        if err < best_err - 1e-12:
+            best, best_err = float(t), err
+    return best
 
 
 def predicted_keys(det: dict, meta: dict, records: list[ImplantRecord]) -> list[tuple[str | None, str | None]]:

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 # fingerprint's data part).
 PATH_KEYS = ("data.train_json", "data.val_json", "data.test_json", "data.unseen_json", "data.image_root",
              "data.catalogue_csv", "regression.company_checkpoint", "regression.model_checkpoint",
-             "regression.out_subdir", "regression.mc_samples", "regression.interval", "classifier.top_k",
+             "regression.out_subdir", "regression.mc_samples", "regression.interval", "regression.snap",
+             "regression.snap_min_prob", "classifier.top_k",
              "visual.vit.weights", "classifier.vit.weights", "hpo", "predict", "run.amp")
 
 

@@ -148,14 +148,24 @@ def check_regressor_reports(out: Path, implant_data: Path, embedders: list[str],
             expected = float((det[f"logits_{name}"].argmax(1) == labels)[known].mean())
             assert rep[f"{name}_accuracy"] == pytest.approx(expected), (split, name)
         if catalogue:
-            # nearest catalogue size (per-dimension train std as the unit) among the sizes of the company / model
-            # type the heads read (a part the regressor lacks matches any value), recomputed from catalogue.csv
+            # nearest catalogue size (per-dimension train std as the unit) under the report's one rule, recomputed
+            # from catalogue.csv: the whole catalogue, or (predicted_class) the sizes of the company / model type a
+            # head reads where its softmax probability is above the rule's threshold (a part the regressor lacks,
+            # or one below it, matches any value)
+            rule = rep["snap_rule"]
+            assert rule == summary["snap_rule"] and rule["mode"] in ("catalogue", "predicted_class"), rule
             rows = [line.split(",") for line in (implant_data / "catalogue.csv").read_text().splitlines()[1:]]
             scale = train_targets.std(0)
             snapped = np.empty_like(true)
+            sure = {}
+            for name in embedders:
+                logits = det[f"logits_{name}"].astype(np.float64)
+                prob = np.exp(logits - logits.max(1, keepdims=True))
+                prob = (prob / prob.sum(1, keepdims=True)).max(1)
+                sure[name] = (prob > rule["min_prob"]) if rule["mode"] == "predicted_class" else np.zeros(len(prob), bool)
             for i in range(len(records)):
-                company = heads["company"][i] if "company" in heads else None
-                model_type = heads["model_type"][i] if "model_type" in heads else None
+                company = heads["company"][i] if "company" in heads and sure["company"][i] else None
+                model_type = heads["model_type"][i] if "model_type" in heads and sure["model_type"][i] else None
                 options = np.array([[float(r[2]), float(r[3])] for r in rows
                                     if company in (None, r[0]) and model_type in (None, r[1])])
                 snapped[i] = options[np.argmin((((options - pred[i]) / scale) ** 2).sum(1))]

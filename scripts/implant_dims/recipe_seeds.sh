@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The goal measurement of issue 24 section 3: the sample recipe (configs/implant_dims/sample.yaml: augmentation that
+# keeps the pixel scale, 80 epochs, unfreezing at 30 / 50, the loss in millimetres, snapping to the whole catalogue)
+# for seeds 0 1 2, each seed in its own run directory <run.out_dir>/<run.name>_seed<N>:
+#   1. both classifiers, the two single-embedding regressors and the dual regressor (triple attention, dual/)
+#   2. the baselines (caliper, caliper_catalogue, mean, ...) and compare's per-seed comparison.md
+#   3. the table over seeds (scripts/implant_dims/recipe_table.py): test / unseen length and diameter MAE as mean +- sd,
+#      dual minus caliper, single and mean predictor per image with bootstrap intervals over implants (seed-averaged
+#      errors) and over implants and seeds, snapped results under the one rule; <run.out_dir>/<run.name>_seeds/
+#      recipe_table.{md,json}
+#   scripts/implant_dims/recipe_seeds.sh [configs/implant_dims/sample.yaml] [dotted.key=value ...]
+# SEEDS="0 1 2" by default. Every stage resumes, so a re-run after a kill continues where it stopped. Not yet timed
+# whole: augmentation turns off the frozen-feature cache, and a 4-epoch dual run on the sample took 3-5 s per epoch
+# on this 2-core machine, so expect roughly 7 minutes per regressor and 25 per seed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CONFIG=${1:-configs/implant_dims/sample.yaml}
+shift || true
+PY=${PYTHON:-.venv/bin/python}
+SEEDS=${SEEDS:-"0 1 2"}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+# the run name and folder the config (and any run.name= / run.out_dir= override) gives
+read -r OUT_DIR NAME < <($PY - "$CONFIG" "$@" <<'PYEOF'
+import sys
+from common.config import load_config
+from implant_dims.config import ImplantConfig
+cfg = load_config(ImplantConfig, sys.argv[1], sys.argv[2:])
+print(cfg.run.out_dir, cfg.run.name)
+PYEOF
+)
+if grep -qs "data/implant_dims/sample/" "$CONFIG"; then
+  grep -qs '"mm_per_pixel"' data/implant_dims/sample/meta.json || $PY -m implant_dims.sample_data data/implant_dims/sample
+fi
+runs=()
+for seed in $SEEDS; do
+  run=("run.seed=$seed" "run.name=${NAME}_seed$seed")
+  for target in company model_type; do
+    $PY -m implant_dims.train_classifier --config "$CONFIG" "$@" "${run[@]}" classifier.target=$target
+  done
+  for embedding in company model_type; do
+    $PY -m implant_dims.train_regression --config "$CONFIG" "$@" "${run[@]}" regression.embedding=$embedding
+  done
+  $PY -m implant_dims.train_dual --config "$CONFIG" "$@" "${run[@]}"
+  $PY -m implant_dims.baselines --config "$CONFIG" "$@" "${run[@]}"
+  $PY -m implant_dims.compare --config "$CONFIG" "$@" "${run[@]}"
+  runs+=("$OUT_DIR/${NAME}_seed$seed")
+done
+$PY scripts/implant_dims/recipe_table.py --out "$OUT_DIR/${NAME}_seeds" "${runs[@]}"

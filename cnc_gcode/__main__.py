@@ -11,9 +11,11 @@ STAGES = {
     "baseline_umich": "UMich phase labels: tree models on per-row machine state vs file position (or, with "
                       "sequence-map labels, on measured windows)",
     "umich_lines": "UMich as G-code: program lines reconstructed from run 01, token accuracy on held-out runs "
-                   "(measured channels) vs k-NN and majority",
+                   "(measured channels): encoder + decoder, line library vs random forest, k-NN and majority",
     "train_encoder": "train the MMDTAELSTM encoder (operations + denoising reconstruction)",
     "train": "train the SensorMultiHeadDecoder over the frozen encoder",
+    "line_library": "closed programs: a head that picks one of the program's lines + a regressed feed, the decoder "
+                    "as its fallback below a threshold chosen on validation",
     "evaluate": "operation / token / digit metrics vs baselines, confusion plot",
     "predict": "sensor NPZ -> G-code text (constrained greedy decoding)",
     "export_onnx": "encoder + cached decoder step to ONNX, onnxruntime parity",

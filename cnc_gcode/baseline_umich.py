@@ -175,7 +175,7 @@ def sequence_map_baselines(cfg: CncConfig, data_dir: Path) -> int:
     y_train, y_test = np.concatenate(train_y), np.concatenate(test_y)
     rows = score_baselines(cfg, train_x, y_train, test_x, y_test)
     result = {"label_source": uc.label_source, "phase_map": map_stats, "window": uc.window, "stride": uc.stride,
-              "channel_groups": list(cfg.data.channel_groups or MEASURED_GROUPS), "test_windows": len(y_test),
+              "relative_positions": uc.relative_positions, "channel_groups": list(cfg.data.channel_groups or MEASURED_GROUPS), "test_windows": len(y_test),
               "train_windows": len(y_train), "test_experiments": list(uc.test_experiments), "rows": rows}
     return write_report(cfg, result)
 

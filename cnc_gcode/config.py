@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 VALUE_MODES = ("exact", "seed4")
+INPUT_SCALINGS = ("zscore", "robust")
+DECODER_VALUE_MODES = ("digits", "regress")
 
 
 @dataclass
@@ -69,6 +71,27 @@ class EncoderConfig:
     """Operation classes (9 for the simulator, 9 or 4 or 8 for UMich phases; see umich.*)."""
     residual: bool = True
     """memory = BiLSTM(fused) + fused + Linear(x): keeps exact per-step values readable for the digit heads."""
+    input_scaling: str = "zscore"
+    """How raw channels are scaled before the network, fitted on the training windows and stored in the checkpoint
+    (channel_mean / channel_std buffers): zscore (mean / std; the earlier behaviour) or robust (median / IQR/1.349,
+    the std where a channel's IQR is 0, then asinh, which is linear within about one IQR and logarithmic beyond).
+    Robust keeps the common range of a channel whose std is set by a few long moves spread over several units, and
+    its heavy tails (UMich velocities reach hundreds of IQRs) bounded."""
+    depth_channel: str = ""
+    """Name of the raw Z position channel to derive a depth channel from (empty = no depth channel, the earlier
+    behaviour). depth = surface_z - Z in mm, clipped to depth_band, appended to the scaled channels inside the
+    encoder, so export and predict read raw units; surface_z is the highest Z at which the tool cuts in the training
+    windows (data.estimate_surface: spindle turning, moving at a feed below the rapid moves), never a label."""
+    depth_band: list[float] = field(default_factory=lambda: [-1.0, 3.0])
+    """[above, below] limits of the depth channel in mm (negative = above the surface): the band of the cut, where a
+    millimetre decides the pass; everything farther away reads as the band's edge."""
+
+    def __post_init__(self) -> None:
+        if self.input_scaling not in INPUT_SCALINGS:
+            raise ValueError(f"encoder.input_scaling must be one of {', '.join(INPUT_SCALINGS)}, got "
+                             f"{self.input_scaling!r}")
+        if len(self.depth_band) != 2 or not self.depth_band[0] < self.depth_band[1]:
+            raise ValueError(f"encoder.depth_band must be [low, high] mm with low < high, got {self.depth_band}")
 
 
 @dataclass
@@ -84,9 +107,11 @@ class EncoderTrainConfig:
     warmup_epochs: int = 1
     """Linear warmup length in epochs."""
     patience: int = 5
-    """Early stopping: epochs without a lower validation loss before stopping."""
+    """Early stopping: epochs without a better validation operation accuracy (ties: a lower validation loss) before
+    stopping; `best` is the epoch with the highest validation accuracy, the figure the reports quote."""
     denoise: bool = True
-    """Train as a denoising autoencoder too (the DTAE): reconstruct clean channels from corrupted input."""
+    """Train as a denoising autoencoder too (the DTAE): reconstruct clean channels from corrupted input, as an
+    auxiliary loss beside the operation cross-entropy, which is computed on the clean input."""
     noise_std: float = 0.1
     """DTAE corruption: Gaussian noise std on the normalised channels."""
     mask_prob: float = 0.1
@@ -122,6 +147,20 @@ class DecoderConfig:
     """Add a projection of the last memory step (the executing line) to every token embedding."""
     memory_norm: bool = True
     """LayerNorm after the memory projection."""
+    value_mode: str = "digits"
+    """How parameter values are predicted. digits: exponent + K digit heads (the original's; a value is a class, so
+    only values seen in training come out). regress: one head per letter regresses the quantity (X/Y/Z: the offset in
+    mm from the window's last measured position of that axis; F/S: log scale; other letters: the value), rounded to
+    the training data's decimals per letter and turned into the tokenizer's id (cnc_gcode/README.md, "Models")."""
+    value_digits_confidence: float = 0.45
+    """decoder.value_mode=regress: the digit heads are trained beside the value head, and a parameter takes the
+    digit heads' value where their probability (geometric mean over the exponent and the K digits) is at least this
+    (round and recurring values such as a Z5 clearance), else the regressed one; above 1 = always regressed. 0.45:
+    the best of 0.4-0.6 on the validation split of the measured-only data (seed 0)."""
+
+    def __post_init__(self) -> None:
+        if self.value_mode not in DECODER_VALUE_MODES:
+            raise ValueError(f"decoder.value_mode={self.value_mode!r}; use one of {', '.join(DECODER_VALUE_MODES)}")
 
 
 @dataclass
@@ -151,6 +190,12 @@ class TrainConfig:
     force: continue whatever changed (logged); false: start over; or a checkpoint path."""
     save_every: int = 0
     """Also keep checkpoints/epoch_N every N epochs (0 = only latest and best)."""
+    value_weight: float = 1.0
+    """decoder.value_mode=regress: weight of the value loss (smooth L1 on the standardised quantity) beside the
+    summed token-head losses."""
+    value_beta: float = 0.02
+    """decoder.value_mode=regress: smooth-L1 beta in standardised units (below it the loss is quadratic); small, so
+    the head is pulled towards the median and sub-0.1 mm errors still count."""
 
 
 @dataclass
@@ -210,6 +255,9 @@ class MeasuredOnlyConfig:
     std) over them."""
     neighbors: int = 1
     """k of the nearest-neighbour baseline (k=1: the token sequence and operation of the nearest training window)."""
+    value_modes: list[str] = field(default_factory=lambda: ["regress", "digits"])
+    """decoder.value_mode of the measured-only model rows (one row each, same split and seeds); the all-channels row
+    uses the first. Empty = decoder.value_mode only."""
 
 
 @dataclass
@@ -226,8 +274,10 @@ class UmichConfig:
     """Experiments held out for validation (the rest not in test are training)."""
     test_experiments: list[int] = field(default_factory=lambda: [2, 9, 13, 17])
     """Experiments held out for testing."""
-    relative_positions: bool = True
-    """Subtract each experiment's minimum from its X/Y/Z position channels (per-run work offsets differ)."""
+    relative_positions: bool = False
+    """Subtract each experiment's minimum from its X/Y/Z position channels. Off: machine coordinates, in which the
+    passes sit at the same Z in every run; per-run minima put the first pass of runs 04 / 05 / 16 (which stop after
+    it) where the other runs cut their third (the earlier default, kept for the ablation)."""
     phase_grouping: str = "fine"
     """fine: the 9 Machining_Process phases; coarse: prep / layer cutting / repositioning / end (set
     encoder.n_operations=4 to train on it). Recorded labels only."""
@@ -277,6 +327,57 @@ class UmichLinesConfig:
     """Train the encoder + decoder (package path) on the windows; false: baselines only."""
     forest_trees: int = 300
     """Trees of the random-forest row (a class per distinct training target line); 0 leaves the row out."""
+    library: bool = True
+    """With train_model: also train the line-library head (cnc_gcode.line_library) on the reconstructed program
+    (library.program is set to <run_dir>/reports/umich_program.ngc) and report it alone and with the decoder as
+    its fallback."""
+    seeds: list[int] = field(default_factory=list)
+    """run.seed of each training repeat of the model rows (and the forest's seed); empty = [run.seed]. Each seed
+    other than run.seed trains in <run_dir>/seed<N>; with several, the table gives mean +- sample sd."""
+
+
+@dataclass
+class LibraryConfig:
+    """The line-library head for closed programs (cnc_gcode.line_library): one of the program's lines (without
+    feed) picked from the encoder's memory, plus a regressed feed; the decoder is the fallback."""
+
+    program: str = ""
+    """G-code program whose lines are the classes; empty = no library (predict uses the decoder alone)."""
+    checkpoint: str = ""
+    """Library checkpoint predict reads; empty = <run_dir>/library/checkpoints/best."""
+    threshold: float = -1.0
+    """A window whose library confidence (the line's probability) is below this takes the decoder's line; < 0 =
+    chosen on the validation split by the line_library stage (<run_dir>/library/threshold.json)."""
+    hidden_dim: int = 128
+    """Width of the head's two hidden layers."""
+    dropout: float = 0.1
+    """Dropout after the head's first layer."""
+    finetune_encoder: bool = False
+    """Train the encoder with the head (starting from the encoder stage's weights); false: the encoder is frozen."""
+    epochs: int = 40
+    """Head training epochs; raising it on a finished run continues that run."""
+    batch_size: int = 64
+    """Windows per optimizer step."""
+    lr: float = 2e-3
+    """AdamW peak learning rate (cosine decay after warmup)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (not on biases and norms)."""
+    warmup_epochs: int = 1
+    """Linear warmup length in epochs."""
+    patience: int = 10
+    """Early stopping: epochs without a higher validation token accuracy of the library's lines."""
+    feed_weight: float = 1.0
+    """Weight of the feed regression (smooth L1 on the standardised log F) beside the line cross-entropy."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the line cross-entropy (it also softens the confidences the threshold reads)."""
+    resume: str | bool = "auto"
+    """auto: continue checkpoints/latest if its config, data, encoder and program match (else exit 2); force;
+    false: start over; or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        if self.threshold > 1:
+            raise ValueError(f"library.threshold must be <= 1 (a probability; < 0 = chosen on validation), got "
+                             f"{self.threshold}")
 
 
 @dataclass
@@ -328,6 +429,13 @@ class SimulateConfig:
     """Samples between window starts (every line's last sample also ends a window)."""
     max_per_line: int = 3
     """At most this many windows labelled with one line (chosen at random; 0 = all)."""
+    window_end: str = "executing"
+    """executing: windows every `stride` samples and at each line's end, labelled with the line executing at their
+    last sample (its end point may still lie ahead); completed: one window per line, ending on its last sample and
+    labelled with that just-completed line (see simulator.WINDOW_ENDS)."""
+    settle_samples: int = 0
+    """With window_end completed: end each window this many samples after its line's last sample, so the measured
+    position (2 samples behind the command) has reached the end point."""
     seed: int = 0
     """Seed of the sensor noise and of the window choice."""
     chunk_samples: int = 100_000
@@ -340,6 +448,11 @@ class SimulateConfig:
             raise ValueError(f"simulate.chunk_samples must be >= 0 (0 = all at once), got {self.chunk_samples}")
         if self.on_unsupported not in ("skip", "error"):
             raise ValueError(f"simulate.on_unsupported must be 'skip' or 'error', got {self.on_unsupported!r}")
+        if self.window_end not in ("executing", "completed"):
+            raise ValueError(f"simulate.window_end must be 'executing' or 'completed', got {self.window_end!r}")
+        if self.settle_samples < 0 or (self.settle_samples and self.window_end != "completed"):
+            raise ValueError(f"simulate.settle_samples must be 0, or >= 0 with simulate.window_end completed, got "
+                             f"{self.settle_samples}")
         if self.window < 1 or self.stride < 1 or self.max_per_line < 0 or self.max_tokens < 2:
             raise ValueError("simulate.window and simulate.stride must be >= 1, max_per_line >= 0, max_tokens >= 2")
 
@@ -358,6 +471,7 @@ class CncConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
     umich: UmichConfig = field(default_factory=UmichConfig)
     umich_lines: UmichLinesConfig = field(default_factory=UmichLinesConfig)
+    library: LibraryConfig = field(default_factory=LibraryConfig)
     measured_only: MeasuredOnlyConfig = field(default_factory=MeasuredOnlyConfig)
     build_vocab: BuildVocabConfig = field(default_factory=BuildVocabConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)

@@ -234,6 +234,74 @@ def channel_stats(continuous: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(flat.mean(0).astype(np.float32)), torch.from_numpy(flat.std(0).astype(np.float32))
 
 
+def robust_stats(continuous: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel median and IQR / 1.349 (the std of a normal with that IQR) over windows and time: [C], [C].
+
+    A channel's std is set by its rare long moves (UMich Z: 38 mm from the tool change height), which squeezes the
+    millimetre steps that matter into a few hundredths of a unit; the IQR is set by where the machine spends its
+    time. Channels whose IQR is 0 (mostly constant: spindle off, a still axis) fall back to their std, then to 1."""
+    flat = continuous.reshape(-1, continuous.shape[-1]).astype(np.float64)
+    low, median, high = np.percentile(flat, [25.0, 50.0, 75.0], axis=0)
+    scale = (high - low) / 1.349
+    std = flat.std(0)
+    scale = np.where(scale > 1e-6, scale, np.where(std > 1e-6, std, 1.0))
+    return torch.from_numpy(median.astype(np.float32)), torch.from_numpy(scale.astype(np.float32))
+
+
+def input_stats(continuous: np.ndarray, scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre and scale [C], [C] of encoder.input_scaling (zscore: mean / std; robust: median / IQR)."""
+    if scaling == "robust":
+        return robust_stats(continuous)
+    if scaling == "zscore":
+        return channel_stats(continuous)
+    raise UserError(f"config key 'encoder.input_scaling': {scaling!r}; use zscore or robust")
+
+
+# Channels estimate_surface reads beside Z, by the names UMich (ingest_umich) and the simulator give them.
+SPINDLE_SPEED_CHANNELS = ("S1_ActualVelocity", "spindle_speed")
+PLANAR_VELOCITY_CHANNELS = (("X1_ActualVelocity", "Y1_ActualVelocity"), ("velocity_x", "velocity_y"))
+SURFACE_BIN_MM = 0.1
+SURFACE_MIN_SHARE = 0.05
+
+
+def cutting_rows(continuous: np.ndarray, channel_names: list[str]) -> np.ndarray:
+    """[N*T] bool: rows where the tool cuts, from measured channels only: the spindle turns (above 5 % of its
+    highest training speed) and the tool moves in X/Y faster than a crawl (2 % of the fast moves) but slower than
+    the rapid / positioning moves (80 % of the 99th-percentile planar speed). UserError when the channels are
+    missing."""
+    spindle = next((c for c in SPINDLE_SPEED_CHANNELS if c in channel_names), None)
+    planar = next((pair for pair in PLANAR_VELOCITY_CHANNELS if all(c in channel_names for c in pair)), None)
+    if spindle is None or planar is None:
+        raise UserError(f"config key 'encoder.depth_channel': the surface is found where the tool cuts, which needs a "
+                        f"spindle speed channel (one of {', '.join(SPINDLE_SPEED_CHANNELS)}) and X/Y velocity channels "
+                        f"({' or '.join('/'.join(p) for p in PLANAR_VELOCITY_CHANNELS)}) among the input channels; "
+                        f"add their groups to data.channel_groups or leave encoder.depth_channel empty")
+    flat = continuous.reshape(-1, continuous.shape[-1]).astype(np.float64)
+    speed = np.abs(flat[:, channel_names.index(spindle)])
+    planar_speed = np.hypot(flat[:, channel_names.index(planar[0])], flat[:, channel_names.index(planar[1])])
+    fast = np.percentile(planar_speed, 99.0)
+    return (speed > 0.05 * speed.max()) & (planar_speed > 0.02 * fast) & (planar_speed < 0.8 * fast)
+
+
+def estimate_surface(continuous: np.ndarray, channel_names: list[str], z_channel: str) -> float:
+    """The part's top surface in the units of `z_channel` (mm): the highest Z level holding at least 5 % of the
+    cutting rows (cutting_rows; 0.1 mm levels), so stray cutting-speed moves above the part do not set it. Uses the
+    sensors only, never labels. UserError when `z_channel` is not an input or no row cuts."""
+    if z_channel not in channel_names:
+        raise UserError(f"config key 'encoder.depth_channel': {z_channel!r} is not among the input channels "
+                        f"{channel_names}; name the Z position channel (UMich Z1_ActualPosition, simulator actual_z) "
+                        f"or leave it empty")
+    cutting = cutting_rows(continuous, channel_names)
+    if not cutting.any():
+        raise UserError("config key 'encoder.depth_channel': no training row looks like cutting (spindle on, moving "
+                        "at a feed); the surface cannot be found, so leave encoder.depth_channel empty")
+    z = continuous.reshape(-1, continuous.shape[-1])[cutting, channel_names.index(z_channel)].astype(np.float64)
+    levels, counts = np.unique(np.round(z / SURFACE_BIN_MM).astype(np.int64), return_counts=True)
+    common = levels[counts >= SURFACE_MIN_SHARE * len(z)]
+    top = common.max() if len(common) else levels[counts.argmax()]
+    return float(top * SURFACE_BIN_MM)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled sample order of one epoch, derived from (seed, epoch) alone so a resumed run repeats it."""
     return np.random.default_rng([seed, epoch]).permutation(n)

@@ -15,6 +15,12 @@ Grammar of a line (max_tokens positions, the last always EOS):
       cycle only in G17.
 At each step the head logits are masked to what the grammar allows, then the highest-scoring token is taken;
 for parameters the best non-zero composition is compared with the best zero one by summed log-probabilities.
+With value heads (decoder.value_mode=regress; the step's logits carry "value" [B, letters] in program units) a
+parameter's letter is the allowed letter with the highest probability (both signs summed); its value is the digit
+heads' composition (sign from the ptype head) where their probability (the geometric mean over the exponent and
+the K digits) reaches `value_confidence`, else the
+regressed one rounded to that letter's decimals and turned into the id the tokenizer gives that decimal
+(`value_token`), so it is fed back as the next input exactly like a tokenized value.
 
 The grammar works on numpy logits, so the PyTorch path and the onnxruntime path share it exactly.
 """
@@ -22,14 +28,51 @@ The grammar works on numpy logits, so the PyTorch path and the onnxruntime path 
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 
 import numpy as np
 import torch
 
 from cnc_gcode.gcode import ARC_CODES, ARC_OFFSETS, CYCLE_CODES, CYCLE_REQUIRED, MOTION_CODES, PLANE_CODES
-from cnc_gcode.tokenizer import EOS, EXP_MIN, NONE_COMMAND, PAD, SOS, TYPE_COMMAND, TYPE_EOS, TYPE_PARAM, Vocabulary
+from cnc_gcode.tokenizer import (
+    EOS,
+    EXP_MAX,
+    EXP_MIN,
+    NONE_COMMAND,
+    PAD,
+    SOS,
+    TYPE_COMMAND,
+    TYPE_EOS,
+    TYPE_PARAM,
+    TokenizeError,
+    Vocabulary,
+)
 
 NEG = -1e9
+
+
+def value_token(vocab: Vocabulary, letter: int, value: float, decimals: int) -> int:
+    """The id the tokenizer gives `value` of letter index `letter` rounded to `decimals` places (half-even on the
+    decimal text). A value the vocabulary cannot hold is brought inside it: beyond the exponent range it is clamped
+    to the largest magnitude, with more significant digits than the vocabulary has it loses decimals."""
+    value = float(np.nan_to_num(value, nan=0.0))
+    limit = 10.0 ** (EXP_MAX + 1)
+    if abs(value) >= limit:
+        value = float(np.sign(value)) * (limit - 10.0 ** -max(decimals, 0))
+    for places in range(max(int(decimals), 0), -1, -1):
+        try:
+            return vocab.param_id(vocab.letters[letter], Decimal(f"{value:.{places}f}"))
+        except TokenizeError:
+            continue
+    return vocab.param_id(vocab.letters[letter], Decimal(0))
+
+
+def value_tokens(vocab: Vocabulary, letters: np.ndarray, values: np.ndarray, decimals: np.ndarray) -> np.ndarray:
+    """Vectorised `value_token`: letters [N] (indices), values [N, letters] (the value of every letter; the one of
+    each row's letter is used), decimals [letters] -> ids [N]."""
+    letters = np.asarray(letters, dtype=np.int64)
+    return np.array([value_token(vocab, int(k), float(values[i, k]), int(decimals[k])) for i, k in enumerate(letters)],
+                    dtype=np.int64)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -38,10 +81,15 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 class Grammar:
-    """Per-batch grammar state; `choose(logits)` picks the next token id for each row."""
+    """Per-batch grammar state; `choose(logits)` picks the next token id for each row. `value_decimals` [letters]:
+    the rounding of regressed values (used when the logits carry "value"); `value_confidence`: the digit heads' joint
+    probability from which their value is taken instead (above 1: never)."""
 
-    def __init__(self, vocab: Vocabulary, batch: int) -> None:
+    def __init__(self, vocab: Vocabulary, batch: int, value_decimals: np.ndarray | None = None,
+                 value_confidence: float = 2.0) -> None:
         self.vocab = vocab
+        self.value_confidence = value_confidence
+        self.value_decimals = None if value_decimals is None else np.asarray(value_decimals, dtype=np.int64)
         self.none_index = vocab.commands.index(NONE_COMMAND)
         self.is_motion = np.array([c in MOTION_CODES for c in vocab.commands])
         self.step = 0
@@ -123,6 +171,23 @@ class Grammar:
         exponent = np.where(use_zero, zero_exp, exp_nz)
         digits = np.where(use_zero[:, None], 0, np.concatenate([first[:, None], rest], axis=1))
         ids = vocab.compose(kind, command, ptype, exponent, digits)
+        if "value" in logits:  # regressed values: the letter from ptype (signs summed), the value from its head
+            if self.value_decimals is None:
+                raise ValueError("Grammar: logits carry regressed values but no value_decimals were given")
+            letter = np.logaddexp(lp_ptype[:, 0::2], lp_ptype[:, 1::2]).argmax(1)
+            rows = np.flatnonzero(kind == TYPE_PARAM)
+            if len(rows):
+                regressed = value_tokens(vocab, letter[rows], np.asarray(logits["value"])[rows], self.value_decimals)
+                # the digit heads' own value where they are sure of it (log-probability without the letter)
+                digits_lp = np.where(use_zero, score_zero - positive.max(1),
+                                     score_nz - lp_ptype[np.arange(batch), ptype_nz])
+                sign = (lp_ptype[np.arange(batch), 2 * letter + 1] > lp_ptype[np.arange(batch), 2 * letter]) & ~use_zero
+                from_digits = vocab.compose(kind, command, 2 * letter + sign, exponent, digits)
+                # geometric mean over the exponent and K digits, so the rule does not depend on K
+                sure = np.exp(digits_lp[rows] / (vocab.n_digits + 1)) >= self.value_confidence
+                ids[rows] = np.where(sure, from_digits[rows], regressed)
+                ptype = ptype.copy()
+                ptype[rows] = vocab.fields(ids[rows])["ptype"]
 
         # update state
         is_cmd, is_param = kind == TYPE_COMMAND, kind == TYPE_PARAM
@@ -184,11 +249,13 @@ class Grammar:
 StepFn = Callable[[np.ndarray, int], dict[str, np.ndarray]]
 
 
-def greedy_decode(step_fn: StepFn, vocab: Vocabulary, batch: int) -> np.ndarray:
-    """Run the grammar over `step_fn(previous_ids [B], position) -> head logits at that position`.
+def greedy_decode(step_fn: StepFn, vocab: Vocabulary, batch: int,
+                  value_decimals: np.ndarray | None = None, value_confidence: float = 2.0) -> np.ndarray:
+    """Run the grammar over `step_fn(previous_ids [B], position) -> head logits at that position` (with "value"
+    [B, letters] in program units when the decoder regresses values; `value_decimals` [letters] then rounds them).
 
     Returns ids [B, max_tokens] (EOS then PAD after the end)."""
-    grammar = Grammar(vocab, batch)
+    grammar = Grammar(vocab, batch, value_decimals, value_confidence)
     previous = np.full(batch, SOS, dtype=np.int64)
     out = np.full((batch, vocab.max_tokens), PAD, dtype=np.int64)
     for position in range(vocab.max_tokens):
@@ -200,14 +267,30 @@ def greedy_decode(step_fn: StepFn, vocab: Vocabulary, batch: int) -> np.ndarray:
     return out
 
 
-def _to_numpy(logits: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v[:, -1].float().cpu().numpy() for k, v in logits.items()}
+def _to_numpy(logits: dict[str, torch.Tensor], decoder=None, anchor: torch.Tensor | None = None
+              ) -> dict[str, np.ndarray]:
+    last = {k: v[:, -1] for k, v in logits.items()}
+    if "value" in last:
+        last["value"] = decoder.absolute_values(last["value"], anchor)
+    return {k: v.float().cpu().numpy() for k, v in last.items()}
+
+
+def _value_setup(decoder, batch: int, anchor: torch.Tensor | None) -> tuple[torch.Tensor | None, np.ndarray | None]:
+    if not getattr(decoder, "regress", False):
+        return None, None
+    if anchor is None:
+        raise ValueError("a decoder with value heads needs anchor=decoder.value_anchor(raw continuous [B,T,C])")
+    if anchor.shape[0] != batch:
+        raise ValueError(f"anchor has {anchor.shape[0]} rows, memory {batch}")
+    return anchor, decoder.value_decimals.cpu().numpy()
 
 
 @torch.no_grad()
-def decode_cached(decoder, memory: torch.Tensor, vocab: Vocabulary) -> np.ndarray:
-    """Greedy decoding with the key/value cache: one position per decoder call. memory [B,T,S] -> ids [B,L]."""
+def decode_cached(decoder, memory: torch.Tensor, vocab: Vocabulary, anchor: torch.Tensor | None = None) -> np.ndarray:
+    """Greedy decoding with the key/value cache: one position per decoder call. memory [B,T,S] -> ids [B,L].
+    A decoder with value heads needs `anchor` [B, letters] (`decoder.value_anchor` of the raw continuous input)."""
     batch = memory.shape[0]
+    anchor, decimals = _value_setup(decoder, batch, anchor)
     cross, context = decoder.cross_kv(memory), decoder.step_context(memory)
     state = {"cache": decoder.empty_cache(batch, memory.device)}
 
@@ -215,24 +298,26 @@ def decode_cached(decoder, memory: torch.Tensor, vocab: Vocabulary) -> np.ndarra
         token = torch.from_numpy(previous).to(memory.device).view(batch, 1)
         logits, state["cache"] = decoder.step(token, torch.tensor([position], device=memory.device),
                                               state["cache"], cross, context)
-        return _to_numpy(logits)
+        return _to_numpy(logits, decoder, anchor)
 
-    return greedy_decode(step, vocab, batch)
+    return greedy_decode(step, vocab, batch, decimals, getattr(decoder, "value_digits_confidence", 2.0))
 
 
 @torch.no_grad()
-def decode_uncached(decoder, memory: torch.Tensor, vocab: Vocabulary) -> np.ndarray:
+def decode_uncached(decoder, memory: torch.Tensor, vocab: Vocabulary, anchor: torch.Tensor | None = None
+                    ) -> np.ndarray:
     """Greedy decoding that re-runs the whole prefix each step (the eager baseline of the latency benchmark)."""
     batch = memory.shape[0]
+    anchor, decimals = _value_setup(decoder, batch, anchor)
     prefix = [np.full(batch, SOS, dtype=np.int64)]
 
     def step(previous: np.ndarray, position: int) -> dict[str, np.ndarray]:
         if position > 0:
             prefix.append(previous)
         ids = torch.from_numpy(np.stack(prefix, axis=1)).to(memory.device)
-        return _to_numpy(decoder(memory, ids))
+        return _to_numpy(decoder(memory, ids), decoder, anchor)
 
-    return greedy_decode(step, vocab, batch)
+    return greedy_decode(step, vocab, batch, decimals, getattr(decoder, "value_digits_confidence", 2.0))
 
 
-__all__ = ["Grammar", "greedy_decode", "decode_cached", "decode_uncached", "EOS"]
+__all__ = ["Grammar", "greedy_decode", "decode_cached", "decode_uncached", "value_token", "value_tokens", "EOS"]

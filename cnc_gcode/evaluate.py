@@ -4,8 +4,9 @@
     python -m cnc_gcode.evaluate --config configs/cnc_gcode/sample.yaml eval.split=val
 
 Writes <run_dir>/reports/results_<split>.json (operation accuracy, token / type / command / parameter-type /
-exponent / per-digit accuracy, line exact match, numeric error of decoded parameters in mm, random and majority
-baselines), confusion_<split>.png (operations) and samples_<split>.txt (target vs decoded lines).
+exponent / per-digit accuracy, line exact match, numeric error of decoded parameters in mm, token accuracy with
+values within tolerance (coordinates 0.1 mm, F / S 2 %; `token_acc_tol`), value errors per letter group
+(`value_err_*`), random and majority baselines), confusion_<split>.png (operations) and samples_<split>.txt (target vs decoded lines).
 """
 
 from __future__ import annotations
@@ -42,13 +43,16 @@ def masked_continuous(encoder, continuous: np.ndarray, channels: list[int]) -> n
 @torch.no_grad()
 def predict_windows(encoder, decoder, vocab, windows: Windows, batch_size: int = 128,
                     drop_channels: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Operation predictions [N] and constrained greedy token ids [N,L]."""
+    """Operation predictions [N] and constrained greedy token ids [N,L]. A decoder with value heads reads its
+    anchors (the last measured X/Y/Z) from the same raw continuous input the encoder gets."""
     continuous = masked_continuous(encoder, windows.continuous, drop_channels or [])
     ops, tokens = [], []
     for idx in batches(len(windows), batch_size):
-        memory, op_logits = encoder(torch.from_numpy(continuous[idx]), torch.from_numpy(windows.categorical[idx]))
+        raw = torch.from_numpy(continuous[idx])
+        memory, op_logits = encoder(raw, torch.from_numpy(windows.categorical[idx]))
         ops.append(op_logits.argmax(1).numpy())
-        tokens.append(decode_cached(decoder, memory, vocab))
+        anchor = decoder.value_anchor(raw) if getattr(decoder, "regress", False) else None
+        tokens.append(decode_cached(decoder, memory, vocab, anchor))
     return np.concatenate(ops), np.concatenate(tokens)
 
 
@@ -122,6 +126,9 @@ def evaluate(cfg: CncConfig) -> int:
     log.info("%s: operation_acc %.4f token_acc %.4f (majority %.4f, random %.4f) line_exact %.4f", cfg.eval.split,
              results["operation_acc"], results["token_acc"], results["majority_token_acc"],
              results["random_token_acc"], results["line_exact_match"])
+    log.info("%s: token_acc with values within tolerance %.4f; value error X/Y/Z median %.3f mm, p95 %.3f mm; F "
+             "median %.2f %%", cfg.eval.split, results["token_acc_tol"], results["value_err_xyz_median_mm"],
+             results["value_err_xyz_p95_mm"], results["value_err_f_median_pct"])
     print(f"results: {reports / f'results_{cfg.eval.split}.json'}")
     return 0
 

@@ -25,6 +25,9 @@ acceleration), drives (X/Y/Z current feedback, bus voltage, output current / vol
 and drive channels, inertia) and commanded (every Command* channel, M1_CURRENT_FEEDRATE and the four direction
 channels, which derive from command velocities). Measured only = every group but commanded.
 Experiments, not windows, are split (umich.val_experiments / umich.test_experiments), so no run is in two splits.
+Positions stay in machine coordinates unless umich.relative_positions=true subtracts each run's minimum: the passes
+are cut at the same machine Z in every run (27.5-29.7 mm), and runs 04, 05 and 16 stop after the first pass, so a
+per-run minimum would put their first pass where the other runs cut their third.
 
 Label canonicalisation: 'Starting' (one row at the start of experiment 01) is merged into 'Prep' and 'end'
 (experiment 01) into 'End'; whitespace is stripped. Nothing else is renamed.
@@ -337,8 +340,8 @@ def ingest(cfg: CncConfig) -> int:
             labels = COARSE_OF_PHASE[phases] if uc.phase_grouping == "coarse" else phases
         segments = record_segments(signals, sequence) if uc.record_windows else None  # before relative_positions
         if uc.relative_positions:
-            # Each experiment has its own work offset: positions relative to the run's lowest point are comparable
-            # across runs (the layers are cut at successive depths below it). Uses no labels.
+            # The earlier inputs, kept for the ablation: positions relative to the run's lowest point (no labels). It
+            # mislabels the depth of runs that stop early (see the module docstring), hence off by default.
             for column in [c for c in signals.columns if "Position" in c and not c.startswith("S1")]:
                 signals[column] = signals[column] - signals[column].min()
         continuous = signals.to_numpy(np.float32)

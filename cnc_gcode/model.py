@@ -40,44 +40,89 @@ from cnc_gcode.tokenizer import (
 from common.cli import UserError
 
 HEADS = ("type", "command", "ptype", "exponent", "digits")
+# decoder.value_mode=regress: the value head's key among the head outputs (beside every token head of HEADS).
+VALUE_HEAD = "value"
+# Letters whose value is regressed on a log scale (feed mm/min, spindle rpm: their errors are relative); the axis
+# letters are offsets from the window's last measured position of the channel named here; every other letter is
+# regressed as it is (arc centre offsets and R are already relative to the start point).
+LOG_LETTERS = "FS"
+ANCHOR_CHANNELS = {"X": "actual_x", "Y": "actual_y", "Z": "actual_z"}
+DEFAULT_DECIMALS = 3
 
 
 class MMDTAELSTM(nn.Module):
     """Multi-modal (continuous + categorical) denoising-autoencoder BiLSTM encoder.
 
-    continuous [B,T,C] float (raw units; normalised inside with the training set's per-channel mean/std),
-    categorical [B,T,K] int64 -> memory [B,T,hidden], operation logits [B,n_operations].
-    `reconstruct(memory)` gives the normalised continuous channels [B,T,C] (the DTAE objective).
+    continuous [B,T,C] float (raw units; scaled inside with the training set's per-channel centre / scale, the
+    channel_mean / channel_std buffers), categorical [B,T,K] int64 -> memory [B,T,hidden], operation logits
+    [B,n_operations]. `squash` (encoder.input_scaling=robust) passes the scaled channels through asinh. With
+    `depth_band` set, one more input channel is derived inside from the raw Z channel
+    (one-hot `depth_select` [C]): depth = clip(surface_z - Z, band) in mm, centred on the band, so a millimetre of
+    depth stays one unit whatever the channel's spread. Everything lives in buffers: checkpoints, ONNX export and
+    predict apply the same transform to raw units. `reconstruct(memory)` gives the transformed input [B,T,C(+1)]
+    (the DTAE objective).
     """
 
     def __init__(self, continuous_dim: int, categorical_dims: list[int], hidden_dim: int = 128,
                  categorical_embed_dim: int = 4, lstm_layers: int = 2, dropout: float = 0.1,
-                 n_operations: int = 9, residual: bool = True) -> None:
+                 n_operations: int = 9, residual: bool = True,
+                 depth_band: tuple[float, float] | None = None, squash: bool = False) -> None:
         super().__init__()
         if hidden_dim % 2:
             raise ValueError(f"encoder.hidden_dim must be even (two LSTM directions), got {hidden_dim}")
         self.continuous_dim = continuous_dim
         self.residual = residual
         self.categorical_dims = list(categorical_dims)
+        self.squash = squash
         self.register_buffer("channel_mean", torch.zeros(continuous_dim))
         self.register_buffer("channel_std", torch.ones(continuous_dim))
-        self.continuous_proj = nn.Sequential(nn.Linear(continuous_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU())
+        # Registered only with a depth channel, so checkpoints of encoders without one load as before.
+        self.depth_band = None if depth_band is None else (float(depth_band[0]), float(depth_band[1]))
+        if self.depth_band is not None:
+            self.register_buffer("depth_select", torch.zeros(continuous_dim))
+            self.register_buffer("surface_z", torch.zeros(()))
+        input_dim = continuous_dim + (self.depth_band is not None)
+        self.input_dim = input_dim
+        self.continuous_proj = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU())
         self.categorical_embeds = nn.ModuleList(nn.Embedding(d, categorical_embed_dim) for d in categorical_dims)
         self.categorical_proj = nn.Sequential(nn.Linear(categorical_embed_dim * len(categorical_dims), hidden_dim),
                                               nn.LayerNorm(hidden_dim), nn.ReLU())
         self.lstm = nn.LSTM(hidden_dim, hidden_dim // 2, num_layers=lstm_layers, batch_first=True,
                             bidirectional=True, dropout=dropout if lstm_layers > 1 else 0.0)
-        self.value_skip = nn.Linear(continuous_dim, hidden_dim) if residual else None
+        self.value_skip = nn.Linear(input_dim, hidden_dim) if residual else None
         self.dropout = nn.Dropout(dropout)
         self.operation_head = nn.Linear(hidden_dim, n_operations)
-        self.reconstruction_head = nn.Linear(hidden_dim, continuous_dim)
+        self.reconstruction_head = nn.Linear(hidden_dim, input_dim)
 
     def set_normalization(self, mean: Tensor, std: Tensor) -> None:
         self.channel_mean.copy_(mean)
         self.channel_std.copy_(torch.clamp(std, min=1e-6))
 
+    def set_depth(self, channel: int, surface_z: float) -> None:
+        """Read depth from raw channel `channel` (index into the C inputs) below `surface_z` (same units, mm)."""
+        if self.depth_band is None:
+            raise ValueError("this encoder was built without a depth channel (encoder.depth_channel is empty)")
+        self.depth_select.zero_()
+        self.depth_select[channel] = 1.0
+        self.surface_z.fill_(float(surface_z))
+
+    def depth(self, continuous: Tensor) -> Tensor:
+        """[B,T,C] raw -> [B,T,1]: depth below the surface in mm, clipped to the band and centred on it."""
+        low, high = self.depth_band
+        z = (continuous * self.depth_select).sum(dim=-1, keepdim=True)  # one-hot pick: exact, exports as plain ops
+        return torch.clamp(self.surface_z - z, low, high) - (low + high) / 2
+
     def normalize(self, continuous: Tensor) -> Tensor:
-        return (continuous - self.channel_mean) / self.channel_std
+        scaled = (continuous - self.channel_mean) / self.channel_std
+        if self.squash:
+            # asinh: linear within about one IQR of the median, logarithmic beyond, so heavy-tailed channels (UMich
+            # Y velocity reaches 680 IQRs on rapid moves) stay in a range the LayerNorm and the MSE can work with.
+            # Written out because the ONNX exporter has no asinh at opset 17.
+            magnitude = scaled.abs()
+            scaled = torch.sign(scaled) * torch.log(magnitude + torch.sqrt(magnitude * magnitude + 1.0))
+        if self.depth_band is None:
+            return scaled
+        return torch.cat([scaled, self.depth(continuous)], dim=-1)
 
     def encode_normalized(self, normalized: Tensor, categorical: Tensor) -> tuple[Tensor, Tensor]:
         cont = self.continuous_proj(normalized)
@@ -202,8 +247,10 @@ class SensorMultiHeadDecoder(nn.Module):
     def __init__(self, vocab: Vocabulary | None = None, sensor_dim: int = 128, d_model: int = 192, n_heads: int = 8,
                  n_layers: int = 4, ff_dim: int = 768, dropout: float = 0.1, max_seq_len: int = 32,
                  share_cross_kv: bool = True, max_memory_len: int = 256, last_step_context: bool = True,
-                 memory_norm: bool = True, *, n_types: int | None = None, n_commands: int | None = None,
-                 n_param_types: int | None = None, n_operations: int | None = None) -> None:
+                 memory_norm: bool = True, value_mode: str = "digits", value_digits_confidence: float = 0.45, *,
+                 n_types: int | None = None,
+                 n_commands: int | None = None, n_param_types: int | None = None,
+                 n_operations: int | None = None) -> None:
         super().__init__()
         vocab = seed_sizes_vocabulary(vocab, n_types=n_types, n_commands=n_commands, n_param_types=n_param_types)
         if n_operations is not None and (not isinstance(n_operations, int) or n_operations < 1):
@@ -245,6 +292,48 @@ class SensorMultiHeadDecoder(nn.Module):
         self.ptype_head = nn.Linear(d_model, self.n_ptypes)
         self.exponent_head = nn.Linear(d_model, self.n_exponents)
         self.digit_head = nn.Linear(d_model, self.n_digits * 10)
+        if value_mode not in ("digits", "regress"):
+            raise ValueError(f"decoder.value_mode={value_mode!r}; use digits or regress")
+        self.value_mode = value_mode
+        self.value_digits_confidence = float(value_digits_confidence)
+        # Created last and only in regress mode, so a digits decoder draws the same initial weights from a seed as
+        # before this head existed (and its state dict is unchanged).
+        self.value_head = nn.Linear(d_model, len(vocab.letters)) if value_mode == "regress" else None
+        if self.value_head is not None:
+            n_letters = len(vocab.letters)
+            # Fitted on the training split by `set_value_statistics` and saved with the weights, so evaluation,
+            # predict and ONNX read values the same way: per letter, the input channel of its anchor (-1: none),
+            # log scale or not, centre and scale of the standardised target, and the decimals a value is rounded to.
+            self.register_buffer("value_anchor_channel", torch.full((n_letters,), -1, dtype=torch.long))
+            self.register_buffer("value_log", torch.tensor([k in LOG_LETTERS for k in vocab.letters]))
+            self.register_buffer("value_center", torch.zeros(n_letters))
+            self.register_buffer("value_scale", torch.ones(n_letters))
+            self.register_buffer("value_decimals", torch.full((n_letters,), DEFAULT_DECIMALS, dtype=torch.long))
+
+    @property
+    def regress(self) -> bool:
+        return self.value_head is not None
+
+    def set_value_statistics(self, anchor_channel, center, scale, decimals) -> None:
+        """Per-letter anchor channel index (-1: offset from 0), standardisation and rounding (decimals)."""
+        self.value_anchor_channel.copy_(torch.as_tensor(anchor_channel, dtype=torch.long))
+        self.value_center.copy_(torch.as_tensor(center, dtype=torch.float32))
+        self.value_scale.copy_(torch.clamp(torch.as_tensor(scale, dtype=torch.float32), min=1e-4))
+        self.value_decimals.copy_(torch.as_tensor(decimals, dtype=torch.long))
+
+    def value_anchor(self, continuous: Tensor) -> Tensor:
+        """Raw continuous input [B,T,C] -> [B, letters]: each letter's offset base, the last step of its anchor
+        channel (the window's last measured position of that axis), 0 for letters without one."""
+        last = continuous[:, -1]
+        picked = last.index_select(1, self.value_anchor_channel.clamp(min=0))
+        return torch.where(self.value_anchor_channel >= 0, picked, torch.zeros_like(picked))
+
+    def absolute_values(self, standardized: Tensor, anchor: Tensor) -> Tensor:
+        """Value-head output [B,(L,)letters] and anchors [B,letters] -> values in program units (mm, mm/min, rpm)."""
+        raw = self.value_center + self.value_scale * standardized
+        if standardized.dim() == 3:
+            anchor = anchor[:, None]
+        return torch.where(self.value_log, torch.exp(raw.clamp(max=20.0)) - 1.0, raw + anchor)  # expm1 has no ONNX op
 
     def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
         """ids [B,L] int64, positions [L] -> [B,L,D]"""
@@ -275,8 +364,11 @@ class SensorMultiHeadDecoder(nn.Module):
     def heads(self, x: Tensor) -> dict[str, Tensor]:
         x = self.final_norm(x)
         digits = self.digit_head(x)
-        return {"type": self.type_head(x), "command": self.command_head(x), "ptype": self.ptype_head(x),
-                "exponent": self.exponent_head(x), "digits": digits.view(*digits.shape[:-1], self.n_digits, 10)}
+        out = {"type": self.type_head(x), "command": self.command_head(x), "ptype": self.ptype_head(x),
+               "exponent": self.exponent_head(x), "digits": digits.view(*digits.shape[:-1], self.n_digits, 10)}
+        if self.value_head is not None:  # standardised; `absolute_values` turns it into program units
+            out[VALUE_HEAD] = self.value_head(x)
+        return out
 
     def context(self, memory: Tensor) -> Tensor | float:
         """[B,1,D] projection of the last memory step (0.0 when disabled)."""
@@ -333,13 +425,14 @@ class SensorMultiHeadDecoder(nn.Module):
 
 def build_encoder(cfg: EncoderConfig, continuous_dim: int) -> MMDTAELSTM:
     return MMDTAELSTM(continuous_dim, cfg.categorical_dims, cfg.hidden_dim, cfg.categorical_embed_dim,
-                      cfg.lstm_layers, cfg.dropout, cfg.n_operations, cfg.residual)
+                      cfg.lstm_layers, cfg.dropout, cfg.n_operations, cfg.residual,
+                      tuple(cfg.depth_band) if cfg.depth_channel else None, cfg.input_scaling == "robust")
 
 
 def build_decoder(cfg: DecoderConfig, vocab: Vocabulary, sensor_dim: int) -> SensorMultiHeadDecoder:
     return SensorMultiHeadDecoder(vocab, sensor_dim, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.ff_dim,
                                   cfg.dropout, cfg.max_seq_len, cfg.share_cross_kv, cfg.max_memory_len,
-                                  cfg.last_step_context, cfg.memory_norm)
+                                  cfg.last_step_context, cfg.memory_norm, cfg.value_mode, cfg.value_digits_confidence)
 
 
 def decoder_inputs(tokens: Tensor) -> Tensor:
@@ -348,4 +441,5 @@ def decoder_inputs(tokens: Tensor) -> Tensor:
     return torch.cat([sos, tokens[:, :-1]], dim=1)
 
 
-__all__ = ["MMDTAELSTM", "SensorMultiHeadDecoder", "build_encoder", "build_decoder", "decoder_inputs", "HEADS", "PAD"]
+__all__ = ["MMDTAELSTM", "SensorMultiHeadDecoder", "build_encoder", "build_decoder", "decoder_inputs", "HEADS", "PAD",
+           "VALUE_HEAD"]

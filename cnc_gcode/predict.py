@@ -6,6 +6,10 @@ The input NPZ needs `continuous [N,T,C]` and `categorical [N,T,K]` (labels are n
 order. Each window is decoded with the constrained greedy decoder; consecutive windows that decode to the same
 line are merged, so the output reads as a program. Writes the .nc file (default
 <run_dir>/predictions/<input stem>.nc) and a CSV with one row per window (operation, decoded line).
+
+With a line library configured (library.program set; cnc_gcode.line_library trained in <run_dir>/library), each
+window takes the library's line (a program line with a regressed feed) where its confidence reaches
+library.threshold, else the decoder's; the CSV then also gives the source of each line and the confidence.
 """
 
 from __future__ import annotations
@@ -47,6 +51,18 @@ def predict(cfg: CncConfig) -> int:
     windows = select_groups(windows, meta.get("channel_groups") or cfg.data.channel_groups)
     check_channels(windows, None, int(meta["continuous_dim"]))
     op_pred, token_pred = predict_windows(encoder, decoder, vocab, windows)
+    source = None
+    if cfg.library.program:  # closed program: the library's line where it is confident, the decoder's elsewhere
+        from cnc_gcode.line_library import combine, configured_threshold, library_predict, load_library
+
+        model, library, _, _ = load_library(cfg)
+        lib_tokens, confidence, lib_ops = library_predict(model, library, windows)
+        threshold = configured_threshold(cfg)
+        token_pred = combine(lib_tokens, confidence, token_pred, threshold)
+        op_pred = lib_ops
+        source = [("library" if c >= threshold else "decoder", f"{c:.4f}") for c in confidence]
+        log.info("line library: %d of %d windows below the threshold %.4f take the decoder's line",
+                 int((confidence < threshold).sum()), len(windows), threshold)
     lines = [vocab.decode_line(row) for row in token_pred]
     names = operation_names(cfg.encoder.n_operations, cfg.data.train_path)
     out = Path(cfg.predict.output) if cfg.predict.output else \
@@ -58,9 +74,9 @@ def predict(cfg: CncConfig) -> int:
     atomic_write_text(out, header + "\n" + "\n".join(program) + "\n")
     table = io.StringIO()
     writer = csv.writer(table)
-    writer.writerow(["window", "operation", "gcode"])
+    writer.writerow(["window", "operation", "gcode", *(["source", "library_confidence"] if source else [])])
     for i, (op, line) in enumerate(zip(op_pred, lines)):
-        writer.writerow([i, names[int(op)], line])
+        writer.writerow([i, names[int(op)], line, *(source[i] if source else [])])
     atomic_write_text(out.with_suffix(".csv"), table.getvalue())
     log.info("wrote %d program lines from %d windows to %s", len(program), len(windows), out)
     print(out)

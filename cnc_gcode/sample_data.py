@@ -5,7 +5,8 @@
 Writes OUT/train.npz, val.npz, test.npz with
     continuous      [N, 64, C] float32   C = 27 simulated channels (see channels.json / cnc_gcode.simulator)
     categorical     [N, 64, 4] int64     motion_mode, spindle_state, coolant, motion_phase (3 values each)
-    tokens          [N, 7]     int64     the executing line in the default (exact) vocabulary, written as OUT/vocab.json
+    tokens          [N, 7]     int64     the window's line (--window-end) in the default (exact) vocabulary, written
+                                         as OUT/vocab.json
     vocab_digest    []         str       Vocabulary.digest() of that vocabulary (checked whenever tokens are loaded)
     operation_type  [N]        int64     one of 9 operations (simulator.OPERATIONS)
     program_id, line_index [N] int64     provenance of each window
@@ -38,6 +39,7 @@ from cnc_gcode.simulator import (
     INPUT_GROUPS,
     OPERATIONS,
     MachineConfig,
+    check_window_end,
     execute,
     generate_program,
     record,
@@ -85,14 +87,15 @@ def channel_arrays() -> dict[str, np.ndarray]:
 
 
 def simulate_program(program_id: int, kind: str, seed: int, machine: MachineConfig, vocab: Vocabulary,
-                     window: int, stride: int, max_per_line: int, grid_mm: float) -> tuple[list[str], dict]:
+                     window: int, stride: int, max_per_line: int, grid_mm: float,
+                     window_end: str = "executing", settle: int = 0) -> tuple[list[str], dict]:
     """Generate, execute and window one program. Returns (G-code lines, arrays for its windows)."""
     rng = np.random.default_rng([seed, program_id])
     lines, ops = generate_program(rng, kind, n_ops=int(rng.integers(2, 4)), grid_mm=grid_mm)
     segments, parsed = execute(lines, machine)
     sensor_log = record(segments, ops, machine, rng)
     line_tokens = np.asarray([vocab.encode_line(p) for p in parsed], dtype=np.int64)
-    starts, labels = windows(sensor_log, window, stride, max_per_line, rng)
+    starts, labels = windows(sensor_log, window, stride, max_per_line, rng, window_end, settle)
     index = starts[:, None] + np.arange(window)[None]
     return lines, {
         "continuous": sensor_log["continuous"][index],
@@ -105,28 +108,35 @@ def simulate_program(program_id: int, kind: str, seed: int, machine: MachineConf
 
 
 def make_dataset(out_dir: str | Path, n_programs: int = 60, seed: int = 0, window: int = 64, stride: int = 16,
-                 max_per_line: int = 3, grid_mm: float = 0.0, value_mode: str = "exact") -> dict:
+                 max_per_line: int = 3, grid_mm: float = 0.0, value_mode: str = "exact",
+                 window_end: str = "executing", settle: int = 0) -> dict:
     """Simulate `n_programs` programs and write the three splits. Returns the manifest.
 
     value_mode 'exact' tokenizes with the default vocabulary, 'seed4' with the seed's 4-digit one
-    (`Vocabulary.seed()`; then pass data.vocab_path=OUT/vocab.json to the other stages)."""
+    (`Vocabulary.seed()`; then pass data.vocab_path=OUT/vocab.json to the other stages). window_end: how windows
+    are cut and labelled (simulator.WINDOW_ENDS); settle: samples a completed window runs past its line's end."""
     if n_programs < 3:
         raise UserError(f"--programs {n_programs}: need at least 3 programs (one per split)")
     out = Path(out_dir)
     machine = MachineConfig(seed=seed)
     if value_mode not in ("exact", "seed4"):
         raise UserError(f"--value-mode {value_mode!r}: use exact or seed4")
+    check_window_end(window_end, "--window-end")
+    if settle < 0 or (settle and window_end != "completed"):
+        raise UserError(f"--settle-samples {settle}: use 0, or a count >= 0 together with --window-end completed")
     vocab = Vocabulary.seed() if value_mode == "seed4" else Vocabulary()
     kinds = [CUTTING_OPS[i % len(CUTTING_OPS)] for i in range(n_programs)]
     splits = split_programs(kinds, seed)
     per_program = {}
     for pid, kind in enumerate(kinds):
-        lines, arrays = simulate_program(pid, kind, seed, machine, vocab, window, stride, max_per_line, grid_mm)
+        lines, arrays = simulate_program(pid, kind, seed, machine, vocab, window, stride, max_per_line, grid_mm,
+                                         window_end, settle)
         atomic_write_text(out / "programs" / f"program_{pid:04d}.nc",
                           f"(cnc_gcode simulator program {pid}: {kind})\n" + "\n".join(lines) + "\n")
         per_program[pid] = arrays
     manifest = {"n_programs": n_programs, "seed": seed, "window": window, "stride": stride, "grid_mm": grid_mm,
-                "dt_s": machine.dt_s, "operations": list(OPERATIONS), "program_kinds": kinds,
+                "max_per_line": max_per_line, "window_end": window_end,
+                "settle_samples": settle, "dt_s": machine.dt_s, "operations": list(OPERATIONS), "program_kinds": kinds,
                 "vocab_digest": vocab.digest(), "value_mode": value_mode, "splits": {}}
     for split in SPLITS:
         parts = [per_program[p] for p in splits[split]]
@@ -148,7 +158,8 @@ def make_dataset(out_dir: str | Path, n_programs: int = 60, seed: int = 0, windo
 def _body(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = make_dataset(args.out, args.programs, args.seed, args.window, args.stride, args.max_per_line,
-                            args.grid, args.value_mode)
+                            args.grid, args.value_mode, args.window_end,
+                            args.settle_samples)
     counts = {s: v["windows"] for s, v in manifest["splits"].items()}
     print(json.dumps({"out": str(args.out), "windows": counts, "channels": len(CHANNELS)}))
     return 0
@@ -166,6 +177,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", type=float, default=0.0,
                         help="coordinate grid of generated programs in mm (0, the default: continuous coordinates "
                              "with 3 decimals and feeds with 1; e.g. 5 for the earlier grid generator)")
+    parser.add_argument("--window-end", default="executing",
+                        help="executing (default, the seed's labelling): windows every --stride samples and at each "
+                             "line's end, labelled with the line executing at their last sample (its end point may "
+                             "lie ahead); completed: one window per line, ending on its last sample, labelled with "
+                             "that just-completed line (a controller log segmented by line number)")
+    parser.add_argument("--settle-samples", type=int, default=0,
+                        help="with --window-end completed: end each window this many samples after its line's last "
+                             "sample (the measured position trails the command by the servo delay, 2 samples)")
     parser.add_argument("--value-mode", choices=("exact", "seed4"), default="exact",
                         help="token values exact (default vocabulary) or the seed's 4 significant digits "
                              "(then pass data.vocab_path=OUT/vocab.json)")

@@ -31,6 +31,9 @@ lines by motion (arcs by centre format and plane) and not tokenized by reason (a
 vocabulary cannot hold: its windows are dropped), per file and in total. `operation_type` is a motion class, not a
 machining operation a CAM system would name: rapids before the first feed move `approach`, after the last
 `retract_end`, between cuts `approach`; canned cycles `drill`; arcs and linear feed moves `contour`.
+`simulate.window_end` (recorded in the report): executing (default) labels windows every `simulate.stride` samples
+with the line executing at their last sample; completed cuts one window per line, ending on its last sample (plus
+`simulate.settle_samples`) and labelled with that line.
 """
 
 from __future__ import annotations
@@ -200,7 +203,7 @@ def simulate_file(path: Path, program_id: int, scan: ProgramScan, vocab: Vocabul
     machine = Machine(machine_cfg)
     machine.rpm, machine.coolant = 0.0, 0  # spindle and coolant as the program states them (off until it does)
     sensors = SensorStream(machine_cfg, noise_rng)
-    cutter = WindowStream(sc.window, sc.stride, sc.max_per_line, window_rng)
+    cutter = WindowStream(sc.window, sc.stride, sc.max_per_line, window_rng, sc.window_end, sc.settle_samples)
     report, not_tokenized, motions = ParseReport(), Counter(), Counter()
     pending: list = []
     pending_samples, simulated, samples, windows_before = 0, 0, 0, sink.windows
@@ -297,7 +300,7 @@ def simulate(cfg: CncConfig) -> int:
         vocab.save(vocab_path)
     summary = {"files": len(files), **total.as_dict(), "not_tokenized_by_reason": dict(not_tokenized.most_common()),
                "moving_lines_by_motion": dict(sorted(motions.items())), "windows": sink.windows,
-               "vocab": str(vocab_path), "vocab_digest": vocab.digest(), "per_file": per_file}
+               "window_end": sc.window_end, "settle_samples": sc.settle_samples, "vocab": str(vocab_path), "vocab_digest": vocab.digest(), "per_file": per_file}
     report_path = Path(sc.report) if sc.report else out.with_name(f"{out.stem}_report.json")
     write_json(report_path, summary)
     log.info("%d files, %d lines: %d executable, %d unsupported %s; not tokenized %s; %d windows", len(files),

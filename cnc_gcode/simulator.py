@@ -673,20 +673,44 @@ def sensor_channels(cmd: np.ndarray, target: np.ndarray, feed_cmd: np.ndarray, m
     return continuous, categorical
 
 
-def windows(log: dict, window: int, stride: int, max_per_line: int,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Window start indices and the line each window is labelled with (the line executing at its last step).
+WINDOW_ENDS = ("executing", "completed")
+"""How windows are cut and labelled. executing (the seed's way): every `stride`-th sample and each line's last sample
+ends a window, labelled with the line executing at that sample, so most windows end mid-move and their target's end
+point and feed lie partly in the future. completed: one window per line, ending on the line's last sample, labelled
+with that just-completed line, as a controller log that records the line number per sample is segmented; the whole
+move the target describes has been commanded by the window's last step. `settle` (completed only) ends each window
+that many samples later, into the next line, so the measured position, which trails the command by the servo delay, has
+caught up with the end point (clipped at the log's end)."""
 
-    At most `max_per_line` windows per line (chosen at random), so long cutting lines do not swamp short ones.
+
+def check_window_end(value: str, where: str) -> None:
+    """UserError naming `where` (the flag or config key) unless `value` is one of WINDOW_ENDS."""
+    if value not in WINDOW_ENDS:
+        from common.cli import UserError
+
+        raise UserError(f"{where} {value!r}: use one of {', '.join(WINDOW_ENDS)}")
+
+
+def windows(log: dict, window: int, stride: int, max_per_line: int,
+            rng: np.random.Generator, window_end: str = "executing", settle: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Window start indices and the line each window is labelled with (see WINDOW_ENDS for `window_end`).
+
+    At most `max_per_line` windows per line (chosen at random), so long cutting lines do not swamp short ones; with
+    `completed` there is one per line anyway. Lines that end before the first full window have none.
     """
+    check_window_end(window_end, "window_end")
     n = len(log["line_index"])
     if n < window:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    starts = np.arange(0, n - window + 1, stride)
-    ends = starts + window - 1
-    # Also end a window on the last sample of every line, so short lines are seen too.
+    # The last sample of every line ends a window (so short lines are seen too); executing adds every stride-th one.
     last_of_line = np.flatnonzero(np.diff(log["line_index"], append=-1) != 0)
-    ends = np.unique(np.concatenate([ends, last_of_line[last_of_line >= window - 1]]))
+    if window_end == "completed":
+        ends = np.minimum(last_of_line + settle, n - 1)
+        labels = log["line_index"][last_of_line[ends >= window - 1]]
+        ends = ends[ends >= window - 1]
+        return ends - window + 1, labels.astype(np.int64)  # one window per line: max_per_line has nothing to drop
+    ends = last_of_line[last_of_line >= window - 1]
+    ends = np.unique(np.concatenate([np.arange(0, n - window + 1, stride) + window - 1, ends]))
     labels = log["line_index"][ends]
     keep = []
     for line in np.unique(labels):
@@ -753,12 +777,16 @@ class SensorStream:
 
 class WindowStream:
     """`windows` over a sensor log fed in order (by SensorStream), cut into windows as each line completes: the same
-    window ends (every `stride`-th and each line's last sample), labels, and random choice of at most
-    `max_per_line` windows per line (0 = all) as `windows` with the same `rng`, for line indices that increase
+    window ends (each line's last sample, and every `stride`-th with window_end executing), labels, and random choice
+    of at most `max_per_line` windows per line (0 = all) as `windows` with the same `rng`, for line indices that increase
     along the log. Memory: the current line plus `window` samples."""
 
-    def __init__(self, window: int, stride: int, max_per_line: int, rng: np.random.Generator) -> None:
+    def __init__(self, window: int, stride: int, max_per_line: int, rng: np.random.Generator,
+                 window_end: str = "executing", settle: int = 0) -> None:
+        check_window_end(window_end, "window_end")
         self.window, self.stride, self.max_per_line, self.rng = window, stride, max_per_line, rng
+        self.every_stride = window_end == "executing"
+        self.settle = settle if window_end == "completed" else 0
         self.rows: dict[str, np.ndarray] | None = None
         self.first = 0  # sample index of buffer row 0
         self.cut = 0  # samples of completed lines (their windows are out)
@@ -774,12 +802,17 @@ class WindowStream:
         line = self.rows["line_index"]
         # rows of completed lines: all at the end, else up to the start of the last line (it may go on)
         done = len(line) if final else int(np.flatnonzero(line != line[-1])[-1]) + 1 if (line != line[-1]).any() else 0
+        if self.settle and not final and done:  # a line's window waits for the `settle` samples after its end
+            last = np.flatnonzero(np.append(line[:done - 1] != line[1:done], True))
+            last = last[last + self.settle <= len(line) - 1]
+            done = int(last[-1]) + 1 if len(last) else 0
         if done == 0:
             return empty
         position = self.first + np.arange(done)
         last_of_line = np.append(line[:done - 1] != line[1:done], True)
-        is_end = ((position >= max(self.cut, self.window - 1))
-                  & (((position - self.window + 1) % self.stride == 0) | last_of_line))
+        finish = np.minimum(np.arange(done) + self.settle * last_of_line, len(line) - 1)  # buffer row ending a window
+        is_end = ((position >= self.cut) & (self.first + finish >= self.window - 1)
+                  & ((((position - self.window + 1) % self.stride == 0) & self.every_stride) | last_of_line))
         ends = np.flatnonzero(is_end)
         labels = line[ends]
         keep = []
@@ -789,7 +822,7 @@ class WindowStream:
                 idx = self.rng.choice(idx, size=self.max_per_line, replace=False)
             keep.extend(idx.tolist())
         ends = ends[np.sort(np.asarray(keep, dtype=np.int64))]
-        index = ends[:, None] - self.window + 1 + np.arange(self.window)[None]
+        index = finish[ends][:, None] - self.window + 1 + np.arange(self.window)[None]
         result = (self.rows["continuous"][index], self.rows["categorical"][index], line[ends].astype(np.int64))
         self.cut = self.first + done
         drop = max(0, done - self.window + 1)

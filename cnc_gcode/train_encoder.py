@@ -4,8 +4,15 @@
     python -m cnc_gcode.train_encoder --config configs/cnc_gcode/tiny.yaml encoder_train.epochs=2   # CPU smoke run
     torchrun --nproc_per_node=2 -m cnc_gcode.train_encoder --config configs/cnc_gcode/sample.yaml    # DDP, gloo
 
-Writes <run_dir>/encoder/{config.yaml, metrics.jsonl, checkpoints/{latest,best}}. The best checkpoint (lowest
-validation loss) is what the decoder stage freezes. `encoder_train.resume=auto` continues an interrupted run, and
+Writes <run_dir>/encoder/{config.yaml, metrics.jsonl, checkpoints/{latest,best}}. The best checkpoint (highest
+validation operation accuracy, ties broken by the lower validation loss; early stopping counts the same) is what the
+decoder stage freezes and what the test report scores. The operation cross-entropy is computed on the clean input;
+with the DTAE objective (encoder_train.denoise) the same batch, corrupted, is reconstructed as an auxiliary loss.
+metrics.jsonl keeps both validation figures (val_op_acc, val_loss = clean cross-entropy + weighted reconstruction).
+
+Inputs: encoder.input_scaling (zscore | robust) is fitted on the training windows and encoder.depth_channel's surface
+(data.estimate_surface) is found on them; both are stored as encoder buffers, so every later stage, ONNX export and
+predict apply them to raw units. `encoder_train.resume=auto` continues an interrupted run, and
 refuses (exit 2, nothing written) one whose config or data changed since its checkpoint (common.runs: data, encoder
 and encoder_train sections, run.seed, and the train/val files by content; epochs, threads and paths may change);
 `resume=force` continues anyway (logged), `resume=false` starts over. Raising `encoder_train.epochs` on a finished run
@@ -28,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnc_gcode.config import CncConfig
-from cnc_gcode.data import batches, channel_stats, epoch_order
+from cnc_gcode.data import batches, epoch_order, estimate_surface, input_stats
 from cnc_gcode.model import build_encoder
 from cnc_gcode.runtime import (
     ENCODER_DIR,
@@ -43,7 +50,7 @@ from cnc_gcode.runtime import (
 )
 from cnc_gcode.tokenizer import load_vocabulary
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
-from common.cli import config_main
+from common.cli import UserError, config_main
 from common.distributed import all_reduce_sum, barrier, cleanup_distributed, main_rank_value, rank_part, wrap_ddp
 from common.io import write_json
 from common.logs import MetricsWriter, progress
@@ -64,16 +71,52 @@ def corrupt(x: torch.Tensor, noise_std: float, mask_prob: float) -> torch.Tensor
 
 class EncoderStep(nn.Module):
     """The encoder's training forward as one module call, so DDP (which hooks `forward`) can wrap it:
-    normalised (corrupted) channels [B,T,C], categorical [B,T,K] -> operation logits [B,ops], reconstruction [B,T,C]
-    (None without the DTAE objective)."""
+    transformed clean channels [B,T,C'], their corrupted copy [B,T,C'] or None, categorical [B,T,K] -> operation
+    logits of the clean input [B,ops], reconstruction from the corrupted input [B,T,C'] (None without it).
+
+    The classifier is scored on what it will see at test time (clean windows); the corrupted copy only feeds the
+    denoising objective. Both go through one batched call (2B windows), one forward for DDP's hooks."""
 
     def __init__(self, encoder, reconstruct: bool) -> None:
         super().__init__()
         self.encoder, self.reconstruct = encoder, reconstruct
 
-    def forward(self, inputs: torch.Tensor, categorical: torch.Tensor):
-        memory, op_logits = self.encoder.encode_normalized(inputs, categorical)
-        return op_logits, self.encoder.reconstruct(memory) if self.reconstruct else None
+    def forward(self, clean: torch.Tensor, corrupted: torch.Tensor | None, categorical: torch.Tensor):
+        if corrupted is None or not self.reconstruct:
+            _, op_logits = self.encoder.encode_normalized(clean, categorical)
+            return op_logits, None
+        memory, op_logits = self.encoder.encode_normalized(torch.cat([clean, corrupted]),
+                                                           torch.cat([categorical, categorical]))
+        n = len(clean)
+        return op_logits[:n], self.encoder.reconstruct(memory[n:])
+
+
+class AccuracyStopping(EarlyStopping):
+    """Early stopping and `best` on validation accuracy, ties broken by the lower validation loss: the checkpoint
+    kept is the one whose figure the report quotes. `step(accuracy, loss)`; state round-trips for resume."""
+
+    def __init__(self, patience: int) -> None:
+        super().__init__(patience, mode="max")
+        self.best_loss: float | None = None
+
+    def step(self, accuracy: float, loss: float = float("inf")) -> bool:  # type: ignore[override]
+        accuracy, loss = float(accuracy), float(loss)
+        better = self.best is None or accuracy > self.best or (accuracy == self.best and loss < self.best_loss)
+        if better:
+            self.best, self.best_loss, self.bad_epochs = accuracy, loss, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_loss": self.best_loss}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != "max" or "best_loss" not in state:
+            raise UserError("the checkpoint to resume was selected on validation loss (an encoder trained before "
+                            "selection moved to validation accuracy); start over with encoder_train.resume=false")
+        super().load_state_dict(state)
+        self.best_loss = state["best_loss"]
 
 
 @torch.no_grad()
@@ -81,7 +124,7 @@ def evaluate_encoder(encoder, windows, batch_size: int, recon_weight: float) -> 
     encoder.eval()
     cont, cat = torch.from_numpy(windows.continuous), torch.from_numpy(windows.categorical)
     ops = torch.from_numpy(windows.operation_type)
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct = 0.0, 0  # loss: clean cross-entropy + recon_weight x reconstruction of the clean input
     for idx in batches(len(windows), batch_size):
         x = encoder.normalize(cont[idx])
         memory, op_logits = encoder.encode_normalized(x, cat[idx])
@@ -109,11 +152,16 @@ def train_encoder(cfg: CncConfig) -> int:
     seed_everything(cfg.run.seed)
 
     encoder = build_encoder(cfg.encoder, train.continuous.shape[2])
-    encoder.set_normalization(*channel_stats(train.continuous))
+    encoder.set_normalization(*input_stats(train.continuous, cfg.encoder.input_scaling))
+    if cfg.encoder.depth_channel:  # the part's top surface, from the training sensors (never labels)
+        surface = estimate_surface(train.continuous, train.channel_names, cfg.encoder.depth_channel)
+        encoder.set_depth(train.channel_names.index(cfg.encoder.depth_channel), surface)
+        log.info("depth channel: %s below the surface at %.2f mm, clipped to %s mm", cfg.encoder.depth_channel,
+                 surface, cfg.encoder.depth_band)
     optimizer = torch.optim.AdamW(param_groups(encoder, tc.weight_decay, tc.lr), lr=tc.lr)
     steps_per_epoch = -(-len(train) // tc.batch_size)
     scheduler = cosine_with_warmup(optimizer, tc.warmup_epochs * steps_per_epoch, tc.epochs * steps_per_epoch)
-    stopper = EarlyStopping(tc.patience, mode="min")
+    stopper = AccuracyStopping(tc.patience)
     manager = CheckpointManager(out / "checkpoints", fingerprint=start.fingerprint)
     meta = encoder_meta(cfg, train.continuous.shape[2], train.channel_names)
     start_epoch = 1
@@ -138,8 +186,8 @@ def train_encoder(cfg: CncConfig) -> int:
             idx = batch[mine]
             clean = encoder.normalize(cont[batch])
             # noise for the whole global batch on every rank: one random stream, the one a single process draws
-            inputs = (corrupt(clean, tc.noise_std, tc.mask_prob) if tc.denoise else clean)[mine]
-            op_logits, reconstruction = step(inputs, cat[idx])
+            corrupted = corrupt(clean, tc.noise_std, tc.mask_prob)[mine] if tc.denoise else None
+            op_logits, reconstruction = step(clean[mine], corrupted, cat[idx])
             loss = F.cross_entropy(op_logits, ops[idx])
             if tc.denoise:
                 loss = loss + tc.recon_weight * F.mse_loss(reconstruction, clean[mine])
@@ -154,14 +202,14 @@ def train_encoder(cfg: CncConfig) -> int:
         loss_sum = all_reduce_sum(loss_sum)
         val_metrics = main_rank_value(evaluate_encoder(encoder, val, 256, tc.recon_weight if tc.denoise else 0.0)
                                       if dist_info.is_main else None)
-        improved = stopper.step(val_metrics["val_loss"])
+        improved = stopper.step(val_metrics["val_op_acc"], val_metrics["val_loss"])
         record = {"epoch": epoch, "train_loss": loss_sum / len(train), **val_metrics,
                   "lr": scheduler.get_last_lr()[0]}
         metrics.write(record)
         log.info("encoder epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
         manager.save(encoder, capture_train_state(epoch, optimizer, scheduler, stopper), epoch, is_best=improved, meta={**meta, **val_metrics})
     metrics.close()
-    log.info("encoder best val_loss %.4f -> %s", stopper.best, manager.best)
+    log.info("encoder best val_op_acc %.4f (val_loss %.4f) -> %s", stopper.best, stopper.best_loss, manager.best)
     if dist_info.is_main and Path(cfg.data.test_path).is_file():
         report_test(cfg, manager.best, train, vocab)
     cleanup_distributed()
@@ -191,7 +239,9 @@ def report_test(cfg: CncConfig, best: Path, train, vocab) -> dict:
               "majority_operation_acc": float((test.operation_type == majority).mean()),
               "macro_f1": macro_f1(test.operation_type, predicted), "checkpoint": str(best),
               "operations": names, "confusion": confusion.tolist(), "channel_groups": groups_used(test),
-              "channels": test.channel_names}
+              "channels": test.channel_names, "input_scaling": cfg.encoder.input_scaling,
+              "depth_channel": cfg.encoder.depth_channel or None,
+              "surface_z": float(encoder.surface_z) if cfg.encoder.depth_channel else None}
     reports = cfg.run.run_dir / "reports"
     write_json(reports / "encoder_results_test.json", result)
     confusion_plot(test.operation_type, predicted, names,

@@ -19,11 +19,13 @@ executes, and score token accuracy on held-out experiments from measured channel
    Written to umich_lines.out_dir as train/val/test.npz (the ingest_umich layout with token targets) by experiment.
 3. Evaluation on the test experiments, reading data.channel_groups (measured only: no Command* channel, no
    controller feed, no direction channels): the encoder + decoder trained by the package's stages (train_encoder,
-   then train, in <run_dir>; umich_lines.train_model=false skips them), the k-NN baseline (measured_only.knn_baseline
-   on the same selected channels), a random forest that picks one of the training target lines from the same
-   flattened channels (umich_lines.forest_trees trees; 0 leaves it out) and the majority token per position from
-   training. Writes
-   <run_dir>/reports/umich_lines.{json,md}.
+   then train, in <run_dir>; umich_lines.train_model=false skips them); with umich_lines.library, the line library
+   (cnc_gcode.line_library) trained on the program of step 1 over that encoder, alone and with the decoder's line
+   below the threshold chosen on validation; the k-NN baseline (measured_only.knn_baseline on the same selected
+   channels), a random forest that picks one of the training target lines from the same flattened channels
+   (umich_lines.forest_trees trees; 0 leaves it out) and the majority token per position from training. The model
+   rows and the forest repeat for each of umich_lines.seeds (seeds other than run.seed train in <run_dir>/seed<N>;
+   mean +- sample sd). Writes <run_dir>/reports/umich_lines.{json,md}.
 """
 
 from __future__ import annotations
@@ -209,20 +211,60 @@ def forest_lines(train_w, test_w, seed: int, n_trees: int) -> tuple[np.ndarray, 
     return operation_of[chosen], rows[chosen]
 
 
-def _row(model: str, scores: dict, groups: list[str]) -> dict:
-    return {"model": model, "groups": groups, **{m: scores.get(m) for m in METRICS}}
+def _row(model: str, scores: dict | list[dict], groups: list[str]) -> dict:
+    """A report row: each metric's mean over the seeds' scores (one dict: that value) and, with several seeds, its
+    sample sd (<metric>_sd) and the per-seed values (per_seed)."""
+    runs = scores if isinstance(scores, list) else [scores]
+    row = {"model": model, "groups": groups, "n_seeds": len(runs)}
+    for m in METRICS:
+        values = [r.get(m) for r in runs]
+        if any(v is None for v in values):
+            row[m] = None
+            continue
+        row[m] = float(np.mean(values))
+        if len(runs) > 1:
+            row[f"{m}_sd"] = float(np.std(values, ddof=1))
+    for extra in ("threshold", "fallback_share", "feed_acc", "unseen_feed_acc", "unseen_feed_windows"):
+        if all(r.get(extra) is not None for r in runs):
+            row[extra] = float(np.mean([r[extra] for r in runs]))
+    if len(runs) > 1:
+        row["per_seed"] = [{m: r.get(m) for m in (*METRICS, "threshold", "fallback_share", "feed_acc",
+                                                   "unseen_feed_acc") if m in r} for r in runs]
+    return row
 
 
-def evaluate_lines(cfg: CncConfig, vocab: Vocabulary) -> tuple[list[dict], dict]:
-    """Rows of the report (model, majority, k-NN) on the test split with cfg.data.channel_groups."""
+def seeds_of(cfg: CncConfig) -> list[int]:
+    return list(cfg.umich_lines.seeds) or [cfg.run.seed]
+
+
+def seed_config(cfg: CncConfig, seed: int) -> CncConfig:
+    """cfg for one training repeat: run.seed's own run directory, <run_dir>/seed<N> for the others."""
+    sub = copy.deepcopy(cfg)
+    sub.run.seed = seed
+    if seed != cfg.run.seed:
+        sub.run.out_dir, sub.run.name = str(cfg.run.run_dir), f"seed{seed}"
+    return sub
+
+
+def evaluate_lines(cfg: CncConfig, vocab: Vocabulary, program_path: Path | None = None) -> tuple[list[dict], dict]:
+    """Rows of the report (model rows per seed, k-NN, random forest per seed, majority) on the test split with
+    cfg.data.channel_groups. `program_path`: the program the line library is trained on (umich_lines.library)."""
     from cnc_gcode.measured_only import knn_baseline
     from cnc_gcode.runtime import groups_used, load_split
 
     train_w, test_w = load_split(cfg, "train", vocab), load_split(cfg, "test", vocab)
     used = groups_used(test_w)
+    seeds = seeds_of(cfg)
     rows = []
     if cfg.umich_lines.train_model:
-        rows.append(_row("MMDTAELSTM + multi-head decoder (package stages)", train_and_score(cfg, vocab), used))
+        per_seed = [train_and_score(seed_config(cfg, seed), vocab, program_path if cfg.umich_lines.library else None)
+                    for seed in seeds]
+        rows.append(_row("MMDTAELSTM + multi-head decoder (package stages)", [s["decoder"] for s in per_seed], used))
+        if "library" in per_seed[0]:
+            rows.append(_row("line library (encoder + library head, feed regressed)",
+                             [s["library"] for s in per_seed], used))
+            rows.append(_row("line library, decoder below the validation threshold",
+                             [s["library_fallback"] for s in per_seed], used))
 
     def scored(operations: np.ndarray, tokens: np.ndarray) -> dict:
         """Token metrics of predicted token rows on the test windows, plus their operation accuracy."""
@@ -233,19 +275,23 @@ def evaluate_lines(cfg: CncConfig, vocab: Vocabulary) -> tuple[list[dict], dict]
                      scored(*knn_baseline(train_w, test_w, cfg.umich_lines.neighbors)), used))
     if cfg.umich_lines.forest_trees:
         rows.append(_row("random forest choosing a training line (sklearn)",
-                         scored(*forest_lines(train_w, test_w, cfg.run.seed, cfg.umich_lines.forest_trees)), used))
+                         [scored(*forest_lines(train_w, test_w, seed, cfg.umich_lines.forest_trees))
+                          for seed in seeds], used))
     majority_row = np.array([most_frequent(train_w.tokens[:, i]) for i in range(train_w.tokens.shape[1])])
     majority_op = np.bincount(train_w.operation_type).argmax()
     rows.append(_row("majority (token per position; operation)",
                      scored(np.full(len(test_w), majority_op), np.broadcast_to(majority_row, test_w.tokens.shape)), []))
     info = {"n_train_windows": len(train_w), "n_test_windows": len(test_w), "channels": test_w.channel_names,
-            "majority_line": vocab.decode_line(majority_row)}
+            "majority_line": vocab.decode_line(majority_row), "seeds": seeds}
     return rows, info
 
 
-def train_and_score(cfg: CncConfig, vocab: Vocabulary) -> dict:
-    """train_encoder + train (resumable, in <run_dir>) and constrained greedy decoding of the test split."""
+def train_and_score(cfg: CncConfig, vocab: Vocabulary, program_path: Path | None = None) -> dict[str, dict]:
+    """train_encoder + train (resumable, in <run_dir>) and constrained greedy decoding of the test split
+    ("decoder"); with `program_path`, also the line_library stage on that program and its test lines alone
+    ("library") and with the decoder's line below the threshold chosen on validation ("library_fallback")."""
     from cnc_gcode.evaluate import predict_windows, score
+    from cnc_gcode.line_library import combine, configured_threshold, library_predict, load_library, train_library
     from cnc_gcode.runtime import load_models, load_split
     from cnc_gcode.train import train
     from cnc_gcode.train_encoder import train_encoder
@@ -254,7 +300,38 @@ def train_and_score(cfg: CncConfig, vocab: Vocabulary) -> dict:
     train(cfg)
     encoder, decoder, vocab, meta = load_models(cfg)
     test = load_split(cfg, "test", vocab, int(meta["continuous_dim"]), meta["channel_names"])
-    return score(vocab, test, *predict_windows(encoder, decoder, vocab, test, cfg.eval.batch_size))
+    op_pred, dec_tokens = predict_windows(encoder, decoder, vocab, test, cfg.eval.batch_size)
+    out = {"decoder": score(vocab, test, op_pred, dec_tokens)}
+    if program_path is None:
+        return out
+    cfg = copy.deepcopy(cfg)
+    cfg.library.program = str(program_path)
+    train_library(cfg)
+    model, library, _, _ = load_library(cfg)
+    lib_tokens, confidence, lib_ops = library_predict(model, library, test)
+    threshold = configured_threshold(cfg)
+    target_feed, predicted_feed = library.targets(test.tokens)[1], library.targets(lib_tokens)[1]
+    fed = np.isfinite(target_feed)
+    # feeds no training window has (experiment 09's F15): what a classifier over the training lines cannot write
+    unseen = fed & ~np.isin(target_feed, library.targets(load_split(cfg, "train", vocab).tokens)[1])
+    out["library"] = {**score(vocab, test, lib_ops, lib_tokens),
+                      "feed_acc": float((predicted_feed[fed] == target_feed[fed]).mean()) if fed.any() else None,
+                      "unseen_feed_acc": float((predicted_feed[unseen] == target_feed[unseen]).mean())
+                      if unseen.any() else None, "unseen_feed_windows": int(unseen.sum())}
+    fallback = confidence < threshold
+    out["library_fallback"] = {**score(vocab, test, np.where(fallback, op_pred, lib_ops),
+                                       combine(lib_tokens, confidence, dec_tokens, threshold)),
+                               "threshold": threshold, "fallback_share": float(fallback.mean())}
+    return out
+
+
+def _cell(row: dict, metric: str) -> str:
+    value = row.get(metric)
+    if value is None:
+        return "-"
+    if f"{metric}_sd" in row:
+        return f"{value:.3f} ± {row[f'{metric}_sd']:.3f}"
+    return f"{value:.4f}"
 
 
 def umich_lines(cfg: CncConfig) -> int:
@@ -288,7 +365,7 @@ def umich_lines(cfg: CncConfig) -> int:
     sub = copy.deepcopy(cfg)
     out = Path(cfg.umich_lines.out_dir)
     sub.data.train_path, sub.data.val_path, sub.data.test_path = (str(out / f"{s}.npz") for s in SPLITS)
-    rows, info = evaluate_lines(sub, vocab)
+    rows, info = evaluate_lines(sub, vocab, reports / "umich_program.ngc")
     motions = {m: sum(1 for line in program if line.motion == m) for m in ("G0", "G1", None)}
     result = {"program": {"path": str(reports / "umich_program.ngc"), "experiment": uc.map_experiment,
                           "lines": len(program), "parsed_moving_lines": len(parsed), "parse_errors": len(errors),
@@ -297,11 +374,13 @@ def umich_lines(cfg: CncConfig) -> int:
     write_json(reports / "umich_lines.json", result)
     table = markdown_table(["model", "input groups", "token acc", "line exact", "command acc", "parameter letter acc",
                             "value error, median (mm)", "phase acc"],
-                           [[r["model"], ", ".join(r["groups"]) or "-", *[r[m] for m in METRICS]] for r in rows])
+                           [[r["model"], ", ".join(r["groups"]) or "-", *[_cell(r, m) for m in METRICS]]
+                            for r in rows])
     table = (f"Program: {len(program)} lines from experiment {uc.map_experiment:02d} ({motions['G0']} G0, "
              f"{motions['G1']} G1, {motions[None]} without motion), parsed without error. Test experiments "
              f"{list(uc.test_experiments)}: {info['n_test_windows']} windows of {uc.window} rows inside one record; "
-             f"training {info['n_train_windows']}.\n\n" + table)
+             f"training {info['n_train_windows']}. Seeds {info['seeds']} (mean ± sample sd where several; 1-NN and "
+             f"majority have no seed).\n\n" + table)
     atomic_write_text(reports / "umich_lines.md", table)
     print(table)
     return 0

@@ -47,7 +47,8 @@ def value_targets(vocab: Vocabulary, tokens: np.ndarray, anchor: np.ndarray, cen
     values = np.nan_to_num(param_values(fields))
     base = np.take_along_axis(np.asarray(anchor, dtype=np.float64), letter, axis=1)
     logs = np.asarray(log_letter, dtype=bool)[letter]
-    raw = np.where(logs, np.log1p(np.maximum(values, 0.0)), values - base)
+    # log letters relative to their anchor too (log(1 + plateau speed) for F, 0 for letters without one)
+    raw = np.where(logs, np.log1p(np.maximum(values, 0.0)) - base, values - base)
     standardized = (raw - np.asarray(center)[letter]) / np.asarray(scale)[letter]
     return (torch.from_numpy(np.where(is_param, letter, IGNORE)),
             torch.from_numpy(np.where(is_param, standardized, 0.0).astype(np.float32)))

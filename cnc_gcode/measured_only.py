@@ -21,7 +21,8 @@ differ only in the decoder), the all-channels model with the first mode. Each ro
 values within tolerance (coordinates 0.1 mm, F / S 2 %), the median / p95 X/Y/Z error (mm) and the median F error
 (%). Observability (`observability` in the JSON): how many test X/Y/Z targets already lie within 0.1 mm of the
 window's last measured position (the line's end point reached and seen), and how often the measured path speed at
-the last step is within 2 % of the line's F (the feed seen); the model's values within tolerance split by the first.
+the last step is within 2 % of the line's F (the feed seen), and how often the decoder's torch F anchor reading
+(`model.plateau_speed`) agrees with `plateau_speed`; the model's values within tolerance split by the first.
 `labelling` in the JSON (and the table's first line): how the windows were cut and labelled, from the manifest.json
 sample_data writes beside the training split (window_end executing / completed, settle_samples).
 """
@@ -192,6 +193,28 @@ def plateau_speed(windows: Windows) -> np.ndarray:
     return out
 
 
+def torch_plateau_speed(windows: Windows) -> np.ndarray:
+    """[N] mm/min: the decoder's own F anchor reading (model.plateau_speed, torch ops that export to ONNX) of each
+    window, NaN without velocity_x/y/z; compared with `plateau_speed` in the observability line."""
+    import torch
+
+    from cnc_gcode.model import VELOCITY_CHANNELS
+    from cnc_gcode.model import plateau_speed as torch_reading
+
+    names = list(windows.channel_names or [])
+    if not all(c in names for c in VELOCITY_CHANNELS):
+        return np.full(len(windows), np.nan)
+    index = torch.tensor([names.index(c) for c in VELOCITY_CHANNELS])
+    return torch_reading(torch.from_numpy(np.asarray(windows.continuous)), index).double().numpy()
+
+
+def plateau_agreement(windows: Windows) -> float:
+    """Share of windows whose torch plateau reading is within 0.1 % of the numpy one (the two should agree up to
+    float32 rounding of the result)."""
+    ref, mine = plateau_speed(windows), torch_plateau_speed(windows)
+    return float((np.abs(mine - ref) <= 1e-3 * np.maximum(np.abs(ref), 1.0)).mean())
+
+
 def with_plateau_feed(vocab, windows: Windows, predicted: np.ndarray) -> float:
     """token_acc_tol of `predicted` with every F token the model put where the target has F re-read as the
     window's plateau speed: what the score would be with F read as well as `plateau_speed` reads it."""
@@ -314,6 +337,7 @@ def measured_only(cfg: CncConfig) -> int:
                 "axis_reached_share": float(reached.sum() / max(axis.sum(), 1)),
                 "f_tokens": n_f, "f_speed_within_2pct_share": f_seen,
                 "f_plateau_within_2pct_share": plateau_share(vocab, test_w),
+                "f_anchor_plateau_agreement": plateau_agreement(test_w),
                 "value_token_share": float((vocab.fields(test_w.tokens)["ptype"] >= 0).sum()
                                            / (test_w.tokens != 0).sum())}
         for i, mode in enumerate(setting_modes):
@@ -363,7 +387,8 @@ def measured_only(cfg: CncConfig) -> int:
              f"{obs['axis_tokens']} X/Y/Z targets ({obs['axis_reached_share']:.3f}) lie within 0.1 mm of the "
              f"window's last measured position; the path speed at the last step is within 2 % of F for "
              f"{obs['f_speed_within_2pct_share']:.3f} of {obs['f_tokens']} F targets, the speed on the window's last "
-             f"plateau for {obs['f_plateau_within_2pct_share']:.3f}; value tokens are "
+             f"plateau for {obs['f_plateau_within_2pct_share']:.3f} (the decoder's torch F anchor reading agrees "
+             f"with it within 0.1 % on {obs['f_anchor_plateau_agreement']:.3f} of the windows); value tokens are "
              f"{obs['value_token_share']:.3f} of the target tokens.\n")
     table += "\n" + errors_table(rows)
     atomic_write_text(reports / "measured_only.md", table)

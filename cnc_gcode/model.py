@@ -48,6 +48,38 @@ VALUE_HEAD = "value"
 LOG_LETTERS = "FS"
 ANCHOR_CHANNELS = {"X": "actual_x", "Y": "actual_y", "Z": "actual_z"}
 DEFAULT_DECIMALS = 3
+# F is regressed as a correction to log(1 + the window's plateau path speed in mm/min), read from these channels
+# (mm/s) by `plateau_speed`; S keeps its plain log value (the completed windows show no spindle reading that good).
+SPEED_ANCHOR_LETTERS = "F"
+VELOCITY_CHANNELS = ("velocity_x", "velocity_y", "velocity_z")
+PLATEAU_SKIP_LAST = 3  # the exact stop and the settle samples at the window's end
+PLATEAU_REL_STEP = 0.01  # a step belongs to a plateau when the speed changes by under 1 % (of at least 1 mm/min)
+
+
+def plateau_speed(continuous: Tensor, velocity_channels: Tensor) -> Tensor:
+    """Raw continuous [B,T,C] and the indices of velocity_x/y/z [3] (mm/s) -> [B] path speed (mm/min) on the
+    window's last speed plateau: the median over the last run of steps whose speed changes by under 1 % per step,
+    the last PLATEAU_SKIP_LAST samples left out; the window's top speed when no step is that flat. The torch twin
+    of measured_only's numpy reading, written with plain tensor ops (no loops, no data-dependent shapes) so it
+    exports to ONNX inside the encoder graph."""
+    vel = continuous.index_select(2, velocity_channels).double()  # float64: sums of squares of mm/s agree with numpy
+    speed = torch.sqrt((vel * vel).sum(2)) * 60.0
+    if speed.shape[1] > PLATEAU_SKIP_LAST + 1:
+        speed = speed[:, :-PLATEAU_SKIP_LAST]
+    nxt = speed[:, 1:]
+    flat = (nxt - speed[:, :-1]).abs() < PLATEAU_REL_STEP * torch.clamp(nxt, min=1.0)  # [B,T-1]: step i -> i+1
+    step = torch.arange(flat.shape[1], device=speed.device)[None]
+    end = torch.where(flat, step, torch.full_like(step, -1)).max(1).values  # last flat step (-1: none)
+    broken = (~flat) & (step < end[:, None])
+    start = torch.where(broken, step, torch.full_like(step, -1)).max(1).values + 1  # first step of the last run
+    sample = torch.arange(speed.shape[1], device=speed.device)[None]
+    inside = (sample >= start[:, None]) & (sample <= end[:, None] + 1)  # the run's steps cover samples start..end+1
+    count = inside.sum(1)
+    ordered = torch.sort(torch.where(inside, speed, torch.full_like(speed, 1e30)), dim=1).values
+    low = ordered.gather(1, torch.clamp(torch.div(count - 1, 2, rounding_mode="floor"), min=0)[:, None])[:, 0]
+    high = ordered.gather(1, torch.div(count, 2, rounding_mode="floor")[:, None])[:, 0]
+    median = 0.5 * (low + high)
+    return torch.where(end >= 0, median, speed.max(1).values).float()
 
 
 class MMDTAELSTM(nn.Module):
@@ -309,14 +341,27 @@ class SensorMultiHeadDecoder(nn.Module):
             self.register_buffer("value_center", torch.zeros(n_letters))
             self.register_buffer("value_scale", torch.ones(n_letters))
             self.register_buffer("value_decimals", torch.full((n_letters,), DEFAULT_DECIMALS, dtype=torch.long))
+            # Letters regressed from the plateau-speed anchor and the velocity_x/y/z channel indices it reads;
+            # all False (no anchor) until `set_value_statistics` finds the channels, and in checkpoints saved before
+            # the anchor existed (see `_load_from_state_dict`).
+            self.register_buffer("value_speed_anchor", torch.zeros(n_letters, dtype=torch.bool))
+            self.register_buffer("value_velocity_channels", torch.zeros(len(VELOCITY_CHANNELS), dtype=torch.long))
 
     @property
     def regress(self) -> bool:
         return self.value_head is not None
 
-    def set_value_statistics(self, anchor_channel, center, scale, decimals) -> None:
-        """Per-letter anchor channel index (-1: offset from 0), standardisation and rounding (decimals)."""
+    def set_value_statistics(self, anchor_channel, center, scale, decimals, speed_anchor=None,
+                             velocity_channels=None) -> None:
+        """Per-letter anchor channel index (-1: offset from 0), standardisation and rounding (decimals); with
+        `speed_anchor` (per letter bool) and `velocity_channels` (indices of velocity_x/y/z) those letters are
+        regressed as log values relative to log(1 + plateau speed)."""
         self.value_anchor_channel.copy_(torch.as_tensor(anchor_channel, dtype=torch.long))
+        if speed_anchor is not None:
+            self.value_speed_anchor.copy_(torch.as_tensor(speed_anchor, dtype=torch.bool))
+            self.value_velocity_channels.copy_(torch.as_tensor(
+                velocity_channels if velocity_channels is not None else [0] * len(VELOCITY_CHANNELS),
+                dtype=torch.long))
         self.value_center.copy_(torch.as_tensor(center, dtype=torch.float32))
         self.value_scale.copy_(torch.clamp(torch.as_tensor(scale, dtype=torch.float32), min=1e-4))
         self.value_decimals.copy_(torch.as_tensor(decimals, dtype=torch.long))
@@ -326,14 +371,29 @@ class SensorMultiHeadDecoder(nn.Module):
         channel (the window's last measured position of that axis), 0 for letters without one."""
         last = continuous[:, -1]
         picked = last.index_select(1, self.value_anchor_channel.clamp(min=0))
-        return torch.where(self.value_anchor_channel >= 0, picked, torch.zeros_like(picked))
+        anchor = torch.where(self.value_anchor_channel >= 0, picked, torch.zeros_like(picked))
+        if bool(self.value_speed_anchor.any()):  # a Python branch: fixed per decoder, so the ONNX graph has one path
+            speed = torch.log(1.0 + plateau_speed(continuous, self.value_velocity_channels))
+            anchor = torch.where(self.value_speed_anchor, speed[:, None], anchor)
+        return anchor
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checkpoints saved before the F anchor lack its buffers: load them as "no speed anchor" (their F was
+        # regressed as a plain log value, which is what all-False reproduces) rather than refusing them.
+        for name in ("value_speed_anchor", "value_velocity_channels"):
+            if self.value_head is not None and prefix + "value_log" in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def absolute_values(self, standardized: Tensor, anchor: Tensor) -> Tensor:
         """Value-head output [B,(L,)letters] and anchors [B,letters] -> values in program units (mm, mm/min, rpm)."""
         raw = self.value_center + self.value_scale * standardized
         if standardized.dim() == 3:
             anchor = anchor[:, None]
-        return torch.where(self.value_log, torch.exp(raw.clamp(max=20.0)) - 1.0, raw + anchor)  # expm1 has no ONNX op
+        # log letters: log(1 + value) = anchor + raw (anchor 0 without a speed anchor); expm1 has no ONNX op
+        return torch.where(self.value_log, torch.exp((raw + anchor).clamp(max=20.0)) - 1.0, raw + anchor)
 
     def embed(self, ids: Tensor, positions: Tensor) -> Tensor:
         """ids [B,L] int64, positions [L] -> [B,L,D]"""

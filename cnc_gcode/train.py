@@ -19,8 +19,8 @@ weights each head's token mean by its share of that head's tokens in the batch, 
 process takes (up to float summation order; dropout is per rank). Rank 0 validates, logs and writes checkpoints.
 
 decoder.value_mode=regress: before the first epoch the value heads' statistics are fitted on the training split
-(`fit_value_statistics`: anchor channels by name, per-letter centre / scale of the standardised targets, decimals
-per letter) and saved with the weights; the loss adds train.value_weight x smooth L1 on the values (losses.py), and
+(`fit_value_statistics`: anchor channels by name - actual_x/y/z for X/Y/Z, velocity_x/y/z for F's plateau-speed
+anchor where all three exist -, per-letter centre / scale of the standardised targets, decimals per letter) and saved with the weights; the loss adds train.value_weight x smooth L1 on the values (losses.py), and
 early stopping and `best` follow validation token accuracy with values within tolerance (metrics.py), the figure the
 regress mode is for; the digits mode keeps exact token accuracy.
 """
@@ -36,7 +36,16 @@ from cnc_gcode.config import CncConfig
 from cnc_gcode.data import batches, epoch_order
 from cnc_gcode.losses import head_losses, multihead_loss, token_targets, value_targets
 from cnc_gcode.metrics import teacher_forced_predictions, token_metrics
-from cnc_gcode.model import ANCHOR_CHANNELS, DEFAULT_DECIMALS, LOG_LETTERS, VALUE_HEAD, build_decoder, decoder_inputs
+from cnc_gcode.model import (
+    ANCHOR_CHANNELS,
+    DEFAULT_DECIMALS,
+    LOG_LETTERS,
+    SPEED_ANCHOR_LETTERS,
+    VALUE_HEAD,
+    VELOCITY_CHANNELS,
+    build_decoder,
+    decoder_inputs,
+)
 from cnc_gcode.runtime import (
     DECODER_DIR,
     Pipeline,
@@ -101,8 +110,11 @@ def fit_value_statistics(decoder, vocab, windows, channel_names: list[str] | Non
     letters = list(vocab.letters)
     anchor_channel = [names.index(ANCHOR_CHANNELS[k]) if ANCHOR_CHANNELS.get(k) in names else -1 for k in letters]
     log_letter = np.array([k in LOG_LETTERS for k in letters])
+    has_velocity = all(c in names for c in VELOCITY_CHANNELS)  # no speed anchor where the dataset lacks them
+    speed_anchor = np.array([has_velocity and k in SPEED_ANCHOR_LETTERS for k in letters])
+    velocity = [names.index(c) for c in VELOCITY_CHANNELS] if has_velocity else None
     decoder.set_value_statistics(anchor_channel, np.zeros(len(letters)), np.ones(len(letters)),
-                                 max_decimals(vocab, windows.tokens))
+                                 max_decimals(vocab, windows.tokens), speed_anchor, velocity)
     anchor = decoder.value_anchor(torch.from_numpy(windows.continuous)).numpy()
     letter, raw = value_targets(vocab, windows.tokens, anchor, np.zeros(len(letters)), np.ones(len(letters)),
                                 log_letter)
@@ -115,6 +127,7 @@ def fit_value_statistics(decoder, vocab, windows, channel_names: list[str] | Non
             scale[k] = max(float(seen.std()), 1e-3)
     decoder.set_value_statistics(anchor_channel, center, scale, decoder.value_decimals.numpy())
     return {"anchor_channel": dict(zip(letters, anchor_channel)),
+            "speed_anchor": [k for k, on in zip(letters, speed_anchor) if on],
             "center": dict(zip(letters, center.round(4).tolist())), "scale": dict(zip(letters, scale.round(4).tolist())),
             "decimals": dict(zip(letters, decoder.value_decimals.tolist()))}
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from learning_seed import seed_args
 
-from cnc_gcode import evaluate, export_onnx, predict, train
+from cnc_gcode import evaluate, export_onnx, losses, predict, train
 from cnc_gcode.config import DecoderConfig, EncoderConfig
 from cnc_gcode.decoding import Grammar, decode_cached, decode_uncached, value_token
 from cnc_gcode.gcode import parse_program
 from cnc_gcode.metrics import token_metrics
-from cnc_gcode.model import VALUE_HEAD, build_decoder, build_encoder, decoder_inputs
+from cnc_gcode.model import VALUE_HEAD, build_decoder, build_encoder, decoder_inputs, plateau_speed
 from cnc_gcode.sample_data import save_npz
 from cnc_gcode.tokenizer import EOS, TYPE_COMMAND, TYPE_PARAM, Vocabulary, tokenize_text
 
@@ -137,6 +137,102 @@ def test_value_anchor_reads_the_last_step_of_each_axis_channel():
     torch.testing.assert_close(values[:, f], torch.expm1(raw[:, f]), rtol=1e-5, atol=1e-4)
 
 
+
+def _velocity_rows(speeds_mm_min: list[list[float]], n_channels: int = 5) -> torch.Tensor:
+    """[B,T,C] raw windows whose velocity channels (1, 2, 4 here: velocity_x/y/z in mm/s) give these path speeds,
+    split 3:4:0 over x:y, and noise on the other channels (the reading must ignore them)."""
+    speed = torch.tensor(speeds_mm_min, dtype=torch.float32) / 60.0
+    out = torch.randn(speed.shape[0], speed.shape[1], n_channels) * 50
+    out[:, :, 1], out[:, :, 2], out[:, :, 4] = 0.6 * speed, 0.8 * speed, 0.0
+    return out
+
+
+VELOCITY_INDEX = torch.tensor([1, 2, 4])
+
+
+def test_torch_plateau_reading_on_hand_made_rows():
+    rows = [
+        # ramp, a plateau at 600, a second plateau at 300 (the last one counts), then 3 stop / settle samples
+        [0, 200, 400, 600, 600, 600, 450, 300, 300, 300, 300, 120, 10, 0],
+        # the last run drifts inside 1 % per step: median of its 4 samples (299, 300, 301, 302) = 300.5
+        [0, 100, 200, 250, 299, 300, 301, 302, 150, 100, 50, 20, 10, 0],
+        # never flat (each step > 1 %): the top speed before the 3 left-out samples
+        [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1100, 5000, 5000, 5000],
+    ]
+    reading = plateau_speed(_velocity_rows(rows), VELOCITY_INDEX)
+    torch.testing.assert_close(reading, torch.tensor([300.0, 300.5, 1100.0]), rtol=1e-5, atol=1e-3)
+
+
+def test_torch_plateau_reading_matches_the_numpy_reading():
+    """The decoder's ONNX-friendly reading and measured_only's loop agree on random speed profiles."""
+    from cnc_gcode.data import Windows
+    from cnc_gcode.measured_only import plateau_speed as numpy_reading
+
+    generator = torch.Generator().manual_seed(0)
+    levels = torch.randint(1, 40, (64, 4), generator=generator).float() * 50
+    lengths = torch.randint(1, 6, (64, 4), generator=generator)
+    speeds = [sum(([float(v)] * int(n) for v, n in zip(lv, ln)), [])[:16] for lv, ln in zip(levels, lengths)]
+    speeds = [row + [0.0] * (16 - len(row)) for row in speeds]
+    continuous = _velocity_rows(speeds)
+    continuous[:, :, 1] += torch.rand(continuous.shape[:2], generator=generator) * 0.02  # small wobble
+    names = ["a", "velocity_x", "velocity_y", "b", "velocity_z"]
+    windows = Windows(continuous=continuous.numpy(), categorical=np.zeros((64, 16, 1), dtype=np.int64),
+                      tokens=np.zeros((64, 8), dtype=np.int64), operation_type=np.zeros(64, dtype=np.int64),
+                      channel_names=names, extra={})
+    expected = numpy_reading(windows)
+    got = plateau_speed(continuous, VELOCITY_INDEX).double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-3)
+
+
+def _speed_anchor_decoder(vocab: Vocabulary):
+    decoder = _regress_decoder(vocab)
+    letters = vocab.letters
+    is_f = torch.tensor([k == "F" for k in letters])
+    # F's correction to the anchor is small (the measured-only run fits centre ~0, scale ~0.13): values near the
+    # plateau speed, not exp(centre + anchor) in the millions where float32 alone differs by more than 1e-3
+    center = torch.where(is_f, torch.zeros(()), decoder.value_center)
+    scale = torch.where(is_f, torch.full((), 0.1), decoder.value_scale)
+    decoder.set_value_statistics(decoder.value_anchor_channel, center, scale, decoder.value_decimals, is_f,
+                                 VELOCITY_INDEX)
+    return decoder
+
+
+def test_feed_anchor_round_trip():
+    """F targets are standardised relative to log(1 + plateau speed) and read back to the same feed; S stays a
+    plain log value (anchor 0)."""
+    vocab = Vocabulary()
+    decoder = _speed_anchor_decoder(vocab)
+    speeds = [[0, 300, 600, 900, 900, 900, 900, 900, 400, 100, 0], [0, 50, 100, 150, 150, 150, 150, 150, 80, 10, 0]]
+    continuous = _velocity_rows(speeds)
+    anchor = decoder.value_anchor(continuous)
+    f = vocab.letters.index("F")
+    torch.testing.assert_close(anchor[:, f], torch.log1p(torch.tensor([900.0, 150.0])), rtol=1e-6, atol=1e-6)
+    if "S" in vocab.letters:
+        assert torch.equal(anchor[:, vocab.letters.index("S")], torch.zeros(2))
+    rows = np.array([_row(vocab, "G1 X10.5 F912.5"), _row(vocab, "G1 Y-2 F140")])
+    letter, target = losses.value_targets(vocab, rows, anchor.numpy(), decoder.value_center.numpy(),
+                                          decoder.value_scale.numpy(), decoder.value_log.numpy())
+    is_f = letter == f
+    # the F target is the small log correction to the anchor, not the whole log feed
+    raw = target[is_f] * decoder.value_scale[f] + decoder.value_center[f]
+    torch.testing.assert_close(raw, torch.log(torch.tensor([913.5 / 901.0, 141.0 / 151.0])), rtol=1e-4, atol=1e-5)
+    head = torch.zeros(2, rows.shape[1], len(vocab.letters))
+    head[:, :, f] = target * is_f
+    values = decoder.absolute_values(head, anchor)[:, :, f][is_f]
+    torch.testing.assert_close(values, torch.tensor([912.5, 140.0]), rtol=1e-5, atol=1e-2)
+
+
+def test_decoder_saved_before_the_feed_anchor_loads_without_it():
+    vocab = Vocabulary()
+    old_state = {k: v for k, v in _regress_decoder(vocab).state_dict().items()
+                 if k not in ("value_speed_anchor", "value_velocity_channels")}
+    decoder = _speed_anchor_decoder(vocab)
+    decoder.load_state_dict(old_state, strict=True)
+    assert not decoder.value_speed_anchor.any()
+    continuous = _velocity_rows([[0, 300, 600, 900, 900, 900, 900, 900, 400, 100, 0]])
+    assert torch.equal(decoder.value_anchor(continuous)[0, vocab.letters.index("F")], torch.tensor(0.0))
+
+
 def test_digits_mode_is_unchanged_by_the_value_head_option():
     """The default decoder builds the same weights from a seed as before the option (no value head, no buffers)."""
     vocab = Vocabulary()
@@ -172,15 +268,20 @@ def test_cached_step_with_value_heads_matches_the_full_forward():
         decode_cached(decoder, memory, vocab)
 
 
-def test_onnx_graphs_carry_the_value_heads(tmp_path):
+@pytest.mark.parametrize("feed_anchor", [False, True])
+def test_onnx_graphs_carry_the_value_heads(tmp_path, feed_anchor):
     vocab = Vocabulary()
     torch.manual_seed(1)
-    encoder = build_encoder(EncoderConfig(hidden_dim=12, lstm_layers=1), 4).eval()
-    decoder = _regress_decoder(vocab)
+    encoder = build_encoder(EncoderConfig(hidden_dim=12, lstm_layers=1), 5).eval()
+    decoder = _speed_anchor_decoder(vocab) if feed_anchor else _regress_decoder(vocab)
     decoder.type_head.bias.data[TYPE_PARAM] += 2.0  # write parameters, so the values reach the ids
-    continuous = (torch.randn(5, 8, 4) * 30).numpy()
+    continuous = (torch.randn(5, 8, 5) * 30).numpy()
+    if feed_anchor:  # plateaus of different lengths and speeds, so the reading's every branch is exercised
+        continuous = _velocity_rows([[0, 600, 600, 600, 600, 0, 0, 0], [0, 100, 200, 300, 400, 500, 600, 700],
+                                     [300, 300, 900, 900, 900, 900, 0, 0], [0] * 8,
+                                     [50, 100, 100, 101, 100, 20, 0, 0]]).numpy()
     categorical = torch.randint(0, 3, (5, 8, 4)).numpy()
-    export_onnx.export(encoder, decoder, tmp_path, 17, 8, 4, 4)
+    export_onnx.export(encoder, decoder, tmp_path, 17, 8, 5, 4)
     assert json.loads((tmp_path / export_onnx.VALUE_FILE).read_text())["decimals"] == [3] * len(vocab.letters)
     report = export_onnx.parity(encoder, decoder, vocab, export_onnx.OnnxPipeline(tmp_path, vocab), continuous,
                                 categorical)
@@ -237,3 +338,16 @@ def test_regress_mode_beats_digits_on_unseen_values(regress_run):
     # tolerance is not asserted: at this size it is a wash (0.442 / 0.458 / 0.476 vs 0.426 / 0.423 / 0.481).
     assert regress["value_err_xyz_median_mm"] < 0.4 * digits["value_err_xyz_median_mm"], (regress, digits)
     assert regress["value_err_xyz_median_mm"] < 3.0, regress
+
+
+@pytest.mark.learning
+def test_feed_anchor_reads_the_feed_from_the_plateau(regress_run):
+    """The fixture's data has velocity_x/y/z, so the regress decoder's F is a correction to the plateau speed."""
+    runs, _ = regress_run
+    regress = json.loads((runs / "t_regress" / "reports" / "results_test.json").read_text())
+    digits = json.loads((runs / "t" / "reports" / "results_test.json").read_text())
+    # Measured (own seed / --learning-seed 1 / 2, OMP_NUM_THREADS=1, 7 Dec): median F error regress 1.42 / 16.13 /
+    # 1.50 % vs digits 70.63 / 13.33 / 16.63 %. At this size the correction is not always better than the digit
+    # heads (seed 1), so only a bound is asserted: an anchor lost between training and decoding (F read as
+    # expm1 of the small correction) or applied twice puts the median error near 100 % or far above it.
+    assert regress["value_err_f_median_pct"] < 25.0, (regress, digits)

@@ -76,7 +76,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SEED_METRICS = ("token_acc", "line_exact_match", "operation_acc")
+SEED_METRICS = ("token_acc", "token_acc_tol", "line_exact_match", "operation_acc")
 
 
 def seed_summary(per_seed: list[dict]) -> dict:
@@ -132,9 +132,11 @@ def ablation_gamma(cfg: CncConfig) -> int:
     reports = cfg.run.run_dir / "reports"
     write_json(reports / "ablation_gamma.json", results)
     n = len(seeds)
-    table = markdown_table(["loss", "gamma", "label smoothing", "token acc", "line exact", "operation acc"],
+    table = markdown_table(["loss", "gamma", "label smoothing", "token acc", "within tolerance", "line exact",
+                            "operation acc"],
                            [[r["row"], r["gamma"], r["label_smoothing"], mean_cell(r, "token_acc", n),
-                             mean_cell(r, "line_exact_match", n), mean_cell(r, "operation_acc", n)] for r in results])
+                             mean_cell(r, "token_acc_tol", n), mean_cell(r, "line_exact_match", n),
+                             mean_cell(r, "operation_acc", n)] for r in results])
     table = (f"Input groups: {', '.join(results[0]['channel_groups'])}; "
              f"{'mean ± std over seeds ' + str(seeds) if n > 1 else 'seed ' + str(seeds[0])}\n\n" + table)
     atomic_write_text(reports / "ablation_gamma.md", table)

@@ -93,8 +93,11 @@ def ablation_modality(cfg: CncConfig) -> int:
     reports = cfg.run.run_dir / "reports"
     write_json(reports / "ablation_modality.json", results)
     n = len(seeds)
-    table = markdown_table(["modality removed", "channels", "token acc", "change", "line exact", "operation acc"],
+    full_tol = results[0]["token_acc_tol"]
+    table = markdown_table(["modality removed", "channels", "token acc", "change", "within tolerance", "change",
+                            "line exact", "operation acc"],
                            [[r["removed"], r["channels"], mean_cell(r, "token_acc", n), f"{r['token_acc'] - full:+.4f}",
+                             mean_cell(r, "token_acc_tol", n), f"{r['token_acc_tol'] - full_tol:+.4f}",
                              mean_cell(r, "line_exact_match", n), mean_cell(r, "operation_acc", n)] for r in results])
     table = (f"Input groups: {', '.join(groups_used(test))}; "
              f"{'mean ± std over seeds ' + str(seeds) if n > 1 else 'seed ' + str(seeds[0])}\n\n" + table)

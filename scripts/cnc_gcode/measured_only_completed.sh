@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measured-only table on windows that end when their line completes (issue 23): the same 60 programs as
+# Measured-only table on windows that end when their line completes: the same 60 programs as
 # measured_only.sh, cut with `--window-end completed --settle-samples 2` (one window per line, ending two samples, the
 # servo delay, after the line's last sample) instead of labelled with the line executing mid-move.
 #   scripts/cnc_gcode/measured_only_completed.sh [configs/cnc_gcode/measured_only_completed.yaml] [dotted.key=value ...]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How much of each target a window can see, per labelling (issue 23): for the 60 programs of the measured-only tables,
+# How much of each target a window can see, per labelling: for the 60 programs of the measured-only tables,
 # cut with --window-end executing and with completed at --settle-samples 0..4, the share of test X/Y/Z targets within
 # 0.1 mm of the window's last measured position, and of F targets within 2 % of the measured path speed (a) at the
 # last step and (b) on the last speed plateau of the window (cnc_gcode.measured_only.plateau_speed): what a plain

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# UMich phase from measured channels, encoder vs boosted trees over 3 seeds (issue 23; cnc_gcode README, "UMich real
+# UMich phase from measured channels, encoder vs boosted trees over 3 seeds (cnc_gcode README, "UMich real
 # logs" -> "Sequence-number labels"):
 #   scripts/cnc_gcode/umich_phase_seeds.sh        # a few minutes from nothing, one thread
 # 1. ingest with the sequence-number labels (configs/cnc_gcode/umich_seqmap.yaml: machine coordinates)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The goal measurement of issue 24 section 3: the sample recipe (configs/implant_dims/sample.yaml: augmentation that
+# The recipe's goal measurement: the sample recipe (configs/implant_dims/sample.yaml: augmentation that
 # keeps the pixel scale, 80 epochs, unfreezing at 30 / 50, the loss in millimetres, snapping to the whole catalogue)
 # for seeds 0 1 2, each seed in its own run directory <run.out_dir>/<run.name>_seed<N>:
 #   1. both classifiers, the two single-embedding regressors and the dual regressor (triple attention, dual/)

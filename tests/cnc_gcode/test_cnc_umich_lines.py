@@ -303,6 +303,16 @@ def test_line_library_beats_nearest_neighbour_on_held_out_runs(umich_dir, tmp_pa
     assert at_f15.sum() > 50 and (predicted[at_f15] == 15.0).mean() > 0.8
 
 
+def _closed_program(sample_dir, tmp_path):
+    """(lines, path): a program made of the distinct target lines of the tiny simulated training split."""
+    vocab = Vocabulary()
+    with np.load(sample_dir / "train.npz") as train_npz:
+        lines = sorted({vocab.decode_line(row) for row in train_npz["tokens"]} - {""})
+    program = tmp_path / "closed.ngc"
+    program.write_text("\n".join(lines) + "\n")
+    return lines, program
+
+
 def test_predict_uses_the_library_with_the_decoder_as_fallback(trained_run, sample_dir, tmp_path):
     """The product path on the tiny simulated pipeline: a library trained over its encoder on a program made of the
     training lines, the threshold chosen on validation against its decoder, and predict writing library lines where
@@ -310,11 +320,7 @@ def test_predict_uses_the_library_with_the_decoder_as_fallback(trained_run, samp
     from cnc_gcode import predict
 
     runs, args = trained_run
-    vocab = Vocabulary()
-    with np.load(sample_dir / "train.npz") as train_npz:
-        lines = sorted({vocab.decode_line(row) for row in train_npz["tokens"]} - {""})
-    program = tmp_path / "closed.ngc"
-    program.write_text("\n".join(lines) + "\n")
+    lines, program = _closed_program(sample_dir, tmp_path)
     lib_args = [*args, "run.name=lib", f"run.out_dir={tmp_path}", f"train.encoder_checkpoint={runs / 't' / 'encoder'}",
                 f"eval.checkpoint={runs / 't' / 'decoder'}", f"library.program={program}", "library.epochs=3"]
     assert line_library.main(lib_args) == 0
@@ -338,11 +344,7 @@ def test_library_stage_resumes_and_refuses_a_changed_head(trained_run, sample_di
     """library.resume=auto continues a finished run when library.epochs is raised (one more epoch, not three), and
     refuses (exit 2, naming the key) a run whose head settings changed since its checkpoint."""
     runs, args = trained_run
-    vocab = Vocabulary()
-    with np.load(sample_dir / "train.npz") as train_npz:
-        lines = sorted({vocab.decode_line(row) for row in train_npz["tokens"]} - {""})
-    program = tmp_path / "closed.ngc"
-    program.write_text("\n".join(lines) + "\n")
+    _, program = _closed_program(sample_dir, tmp_path)
     lib_args = [*args, "run.name=lib", f"run.out_dir={tmp_path}", f"train.encoder_checkpoint={runs / 't' / 'encoder'}",
                 f"eval.checkpoint={tmp_path / 'no_decoder'}", f"library.program={program}", "library.patience=10"]
     assert line_library.main([*lib_args, "library.epochs=2"]) == 0

@@ -294,8 +294,10 @@ class InfrastructureConfig:
 class LoggingConfig:
     level: str = "INFO"
     """Python logging level on rank 0."""
-    tensorboard: bool = False
-    """Also write TensorBoard scalars to <run>/tensorboard (needs the tensorboard package; exit 2 when missing)."""
+    tensorboard: bool | None = None
+    """Write TensorBoard event files to a tensorboard/ folder beside each metrics.jsonl (every record's numbers per
+    epoch; the config as hyper-parameters when training finishes): null = on when the tensorboard package is
+    installed, true = required (exit 2 when it is missing), false = off. metrics.jsonl is written either way."""
     wandb: bool = False
     """Also log to W&B in offline mode under <run>/wandb (needs the wandb package; exit 2 when missing)."""
     wandb_project: str = "building_embed"

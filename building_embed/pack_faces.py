@@ -22,7 +22,8 @@ from pathlib import Path
 from PIL import Image
 
 from building_embed.streetview import format_metadata, identity_of, offset_latlon
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
+from common.errors import UserError
 from common.io import atomic_write, write_json
 
 ORIGIN = (47.3769, 8.5417)

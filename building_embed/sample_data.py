@@ -38,7 +38,8 @@ from building_embed.streetview import (
     identity_of,
     offset_latlon,
 )
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
+from common.errors import UserError
 from common.io import atomic_write, write_json
 
 # Skip reasons process_tar reports for members it refuses; sample_data injects some of each.

@@ -29,7 +29,8 @@ from cnc_gcode.runtime import (
     set_threads,
 )
 from cnc_gcode.train import train
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write, atomic_write_text, write_json
 from common.logs import setup_logging
 

@@ -22,7 +22,8 @@ from cnc_gcode.ablation_gamma import bar_chart, markdown_table, mean_cell, seed_
 from cnc_gcode.config import CncConfig
 from cnc_gcode.evaluate import predict_windows, score
 from cnc_gcode.runtime import cap_windows, groups_used, load_models, load_split, set_threads
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 

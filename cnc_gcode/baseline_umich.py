@@ -46,7 +46,8 @@ from cnc_gcode.ingest_umich import (
     record_segments,
     window_ends,
 )
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 from common.metrics import macro_f1

@@ -39,7 +39,8 @@ from cnc_gcode.tokenizer import (
     check_round_trip,
     significant_digits,
 )
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import write_json
 from common.logs import setup_logging
 

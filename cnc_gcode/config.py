@@ -26,6 +26,10 @@ class RunConfig:
     """torch CPU threads; 0 = $OMP_NUM_THREADS when set, else the CPUs the process may use (affinity,
     SLURM_CPUS_PER_TASK, cgroup quota) but at most one: a second thread only adds OpenMP waits to these small models'
     ops (runtime.AUTO_MAX_THREADS)."""
+    tensorboard: bool | None = None
+    """Write TensorBoard event files to a tensorboard/ folder beside each metrics.jsonl (every record's numbers per
+    epoch; the config as hyper-parameters when training finishes): null = on when the tensorboard package is
+    installed, true = required (exit 2 when it is missing), false = off. metrics.jsonl is written either way."""
 
     @property
     def run_dir(self) -> Path:

@@ -29,7 +29,7 @@ import torch
 
 from cnc_gcode.simulator import CATEGORICAL_NAMES_KEY, CHANNEL_GROUPS_KEY
 from cnc_gcode.tokenizer import VOCAB_DIGEST_KEY, Vocabulary
-from common.cli import UserError
+from common.errors import UserError
 from common.io import require_finite
 
 log = logging.getLogger(__name__)

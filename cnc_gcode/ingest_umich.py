@@ -66,7 +66,8 @@ import numpy as np
 from cnc_gcode.config import CncConfig
 from cnc_gcode.sample_data import SPLITS, save_npz
 from cnc_gcode.tokenizer import NONE_COMMAND, VOCAB_DIGEST_KEY, Vocabulary
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import require_finite, write_json
 from common.logs import setup_logging
 

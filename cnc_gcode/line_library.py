@@ -70,7 +70,8 @@ from common.checkpoint import (
     load_checkpoint,
     resume_from_checkpoint,
 )
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import write_json
 from common.logs import MetricsWriter, progress
 from common.runs import open_run
@@ -424,7 +425,8 @@ def train_library(cfg: CncConfig) -> int:
                                                                             "dropout": lc.dropout}}
     resumed = resume_from_checkpoint(manager, start.resume, model, optimizer, scheduler, stopper)
     start_epoch = int(resumed["epoch"]) + 1 if resumed else 1
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None,
+                            tensorboard=cfg.run.tensorboard, tensorboard_key="run.tensorboard")
     cont, cat = torch.from_numpy(train_w.continuous), torch.from_numpy(train_w.categorical)
     classes_t = torch.from_numpy(train_classes)
     log_feed_t = torch.from_numpy(np.log(train_feeds)).float()
@@ -435,7 +437,7 @@ def train_library(cfg: CncConfig) -> int:
         head.train()
         encoder.train(lc.finetune_encoder)
         loss_sum = 0.0
-        for idx in batches(len(train_w), lc.batch_size, epoch_order(len(train_w), cfg.run.seed, epoch)):
+        for b, idx in enumerate(batches(len(train_w), lc.batch_size, epoch_order(len(train_w), cfg.run.seed, epoch))):
             with torch.set_grad_enabled(lc.finetune_encoder):
                 memory, _ = encoder(cont[idx], cat[idx])
             logits, feed = head(memory)
@@ -446,7 +448,9 @@ def train_library(cfg: CncConfig) -> int:
             torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.item() * len(idx)
+            step_loss = loss.item()
+            loss_sum += step_loss * len(idx)
+            metrics.step(epoch, b, steps, {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]})
         val = validate(model, library, val_w, val_classes, lc.feed_weight)
         improved = stopper.step(val["val_token_acc"])
         record = {"epoch": epoch, "train_loss": loss_sum / len(train_w), **val, "lr": scheduler.get_last_lr()[0]}
@@ -455,7 +459,7 @@ def train_library(cfg: CncConfig) -> int:
                  val["val_token_acc"], val["val_line_exact"])
         manager.save(model, capture_train_state(epoch, optimizer, scheduler, stopper), epoch, is_best=improved,
                      meta={**meta, **val})
-    metrics.close()
+    metrics.close(hparams=cfg)
     if stopper.best is None:
         raise UserError(f"library.epochs={lc.epochs}: no epoch ran (already finished? see {manager.latest})")
     log.info("library best val_token_acc %.4f -> %s", stopper.best, manager.best)

@@ -42,7 +42,8 @@ from cnc_gcode.evaluate import predict_windows, score
 from cnc_gcode.metrics import baselines, most_frequent, token_metrics
 from cnc_gcode.runtime import cap_windows, groups_used, load_models, load_split, set_threads
 from cnc_gcode.tokenizer import load_vocabulary
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 

@@ -37,7 +37,7 @@ from cnc_gcode.tokenizer import (
     UNK,
     Vocabulary,
 )
-from common.cli import UserError
+from common.errors import UserError
 
 HEADS = ("type", "command", "ptype", "exponent", "digits")
 # decoder.value_mode=regress: the value head's key among the head outputs (beside every token head of HEADS).

@@ -23,7 +23,8 @@ from cnc_gcode.config import CncConfig
 from cnc_gcode.data import check_channels, load_windows, select_groups
 from cnc_gcode.evaluate import operation_names, predict_windows
 from cnc_gcode.runtime import load_models, set_threads
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write_text
 from common.logs import setup_logging
 

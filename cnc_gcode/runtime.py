@@ -13,10 +13,10 @@ from cnc_gcode.data import Windows, check_channels, load_windows, select_groups
 from cnc_gcode.model import MMDTAELSTM, SensorMultiHeadDecoder, build_decoder, build_encoder
 from cnc_gcode.tokenizer import Vocabulary, load_vocabulary
 from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import UserError
 from common.config import to_dict
 from common.distributed import DistInfo, setup_distributed
-from common.runs import make_fingerprint
+from common.errors import UserError
+from common.fingerprint import make_fingerprint
 from common.threads import set_torch_threads
 
 log = logging.getLogger(__name__)

@@ -46,7 +46,8 @@ from cnc_gcode.simulator import (
     windows,
 )
 from cnc_gcode.tokenizer import VOCAB_DIGEST_KEY, Vocabulary
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
+from common.errors import UserError
 from common.io import atomic_write, atomic_write_text, write_json
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from cnc_gcode.tokenizer import EOS, PAD, VOCAB_DIGEST_KEY, TokenizeError, Vocabulary, _letter_key
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 SEED_SIZE = 668

@@ -63,7 +63,8 @@ from cnc_gcode.tokenizer import (
     line_words,
     significant_digits,
 )
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import write_json
 from common.logs import setup_logging
 

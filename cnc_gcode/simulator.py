@@ -686,7 +686,7 @@ caught up with the end point (clipped at the log's end)."""
 def check_window_end(value: str, where: str) -> None:
     """UserError naming `where` (the flag or config key) unless `value` is one of WINDOW_ENDS."""
     if value not in WINDOW_ENDS:
-        from common.cli import UserError
+        from common.errors import UserError
 
         raise UserError(f"{where} {value!r}: use one of {', '.join(WINDOW_ENDS)}")
 

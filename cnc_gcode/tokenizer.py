@@ -52,7 +52,7 @@ from cnc_gcode.gcode import (
     ParsedLine,
     parse_line,
 )
-from common.cli import UserError
+from common.errors import UserError
 
 PAD, UNK, SOS, EOS = 0, 1, 2, 3
 SPECIAL_TOKENS = ("PAD", "UNK", "SOS", "EOS")

@@ -67,7 +67,7 @@ from common.checkpoint import (
     read_meta,
     resume_from_checkpoint,
 )
-from common.cli import UserError, config_main
+from common.cli import config_main
 from common.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -77,6 +77,7 @@ from common.distributed import (
     rank_part,
     wrap_ddp,
 )
+from common.errors import UserError
 from common.logs import MetricsWriter, progress
 from common.runs import open_run
 from common.seed import seed_everything
@@ -228,7 +229,8 @@ def train(cfg: CncConfig) -> int:
     if resumed is not None:
         start_epoch = int(resumed["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resume_path, start_epoch)
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None,
+                            tensorboard=cfg.run.tensorboard, tensorboard_key="run.tensorboard")
     # after the resume (DDP starts from rank 0's weights); with share_cross_kv the shared cross-attention's query and
     # output projections take no part in the forward, so DDP must look for unused parameters
     train_decoder = wrap_ddp(decoder, dist_info, find_unused_parameters=True)
@@ -243,8 +245,8 @@ def train(cfg: CncConfig) -> int:
             break
         decoder.train()
         sums: dict[str, float] = {}
-        for batch in batches(len(train_windows), tc.batch_size,
-                             epoch_order(len(train_windows), cfg.run.seed, epoch)):
+        for b, batch in enumerate(batches(len(train_windows), tc.batch_size,
+                                          epoch_order(len(train_windows), cfg.run.seed, epoch))):
             mine, share = rank_part(len(batch), dist_info)
             idx = batch[mine]
             with torch.no_grad():
@@ -259,8 +261,11 @@ def train(cfg: CncConfig) -> int:
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), tc.grad_clip)
             optimizer.step()
             scheduler.step()
-            for key, value in {"loss": loss.item() / dist_info.world_size, **parts}.items():
+            step_values = {"loss": loss.item() / dist_info.world_size, **parts}
+            for key, value in step_values.items():
                 sums[key] = sums.get(key, 0.0) + value * len(batch)
+            metrics.step(epoch, b, steps_per_epoch, {**{f"train_{k}": v for k, v in step_values.items()},
+                                                     "lr": scheduler.get_last_lr()[0]})
         sums = {key: all_reduce_sum(value) for key, value in sums.items()}
         val = main_rank_value(validate(encoder, decoder, val_windows, vocab, cfg) if dist_info.is_main else None)
         improved = stopper.step(val[select_key])
@@ -270,7 +275,7 @@ def train(cfg: CncConfig) -> int:
         log.info("decoder epoch %d: loss %.4f val_token_acc %.4f (values within tolerance %.4f) val_line_exact %.4f",
                  epoch, record["train_loss"], val["val_token_acc"], val["val_token_acc_tol"], val["val_line_exact"])
         manager.save(pipeline, capture_train_state(epoch, optimizer, scheduler, stopper), epoch, is_best=improved, meta={**meta, **val})
-    metrics.close()
+    metrics.close(hparams=cfg)
     if stopper.best is None:
         raise UserError(f"train.epochs={tc.epochs}: no epoch ran (already finished? see {manager.latest})")
     log.info("decoder best %s %.4f -> %s", select_key, stopper.best, manager.best)

@@ -50,8 +50,9 @@ from cnc_gcode.runtime import (
 )
 from cnc_gcode.tokenizer import load_vocabulary
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
-from common.cli import UserError, config_main
+from common.cli import config_main
 from common.distributed import all_reduce_sum, barrier, cleanup_distributed, main_rank_value, rank_part, wrap_ddp
+from common.errors import UserError
 from common.io import write_json
 from common.logs import MetricsWriter, progress
 from common.metrics import macro_f1
@@ -170,7 +171,8 @@ def train_encoder(cfg: CncConfig) -> int:
     if resumed is not None:
         start_epoch = int(resumed["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None,
+                            tensorboard=cfg.run.tensorboard, tensorboard_key="run.tensorboard")
     # the reconstruction head takes no part without the DTAE objective: DDP must be told
     step = wrap_ddp(EncoderStep(encoder, tc.denoise), dist_info, find_unused_parameters=not tc.denoise)
 
@@ -181,7 +183,7 @@ def train_encoder(cfg: CncConfig) -> int:
             break
         encoder.train()
         loss_sum = 0.0
-        for batch in batches(len(train), tc.batch_size, epoch_order(len(train), cfg.run.seed, epoch)):
+        for b, batch in enumerate(batches(len(train), tc.batch_size, epoch_order(len(train), cfg.run.seed, epoch))):
             mine, share = rank_part(len(batch), dist_info)
             idx = batch[mine]
             clean = encoder.normalize(cont[batch])
@@ -198,7 +200,9 @@ def train_encoder(cfg: CncConfig) -> int:
             torch.nn.utils.clip_grad_norm_(encoder.parameters(), tc.grad_clip)
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.item() * share * len(batch)
+            step_loss = loss.item()  # under DDP rank 0's own batch mean: no extra all-reduce per step for a log line
+            loss_sum += step_loss * share * len(batch)
+            metrics.step(epoch, b, steps_per_epoch, {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]})
         loss_sum = all_reduce_sum(loss_sum)
         val_metrics = main_rank_value(evaluate_encoder(encoder, val, 256, tc.recon_weight if tc.denoise else 0.0)
                                       if dist_info.is_main else None)
@@ -208,7 +212,7 @@ def train_encoder(cfg: CncConfig) -> int:
         metrics.write(record)
         log.info("encoder epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
         manager.save(encoder, capture_train_state(epoch, optimizer, scheduler, stopper), epoch, is_best=improved, meta={**meta, **val_metrics})
-    metrics.close()
+    metrics.close(hparams=cfg)
     log.info("encoder best val_op_acc %.4f (val_loss %.4f) -> %s", stopper.best, stopper.best_loss, manager.best)
     if dist_info.is_main and Path(cfg.data.test_path).is_file():
         report_test(cfg, manager.best, train, vocab)

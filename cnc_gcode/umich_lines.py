@@ -58,7 +58,8 @@ from cnc_gcode.ingest_umich import (
 from cnc_gcode.metrics import most_frequent, token_metrics
 from cnc_gcode.sample_data import SPLITS, save_npz
 from cnc_gcode.tokenizer import VOCAB_DIGEST_KEY, Vocabulary, format_number, load_vocabulary, tokenize_text
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 

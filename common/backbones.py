@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.cli import UserError
+from common.errors import UserError
 from common.images import INTERPOLATION, short_side_size
 
 

@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.cli import UserError
+from common.errors import UserError
+from common.fingerprint import FINGERPRINT_KEY, FORCE, check_fingerprint, resume_mode
 from common.io import fsync_dir, sha256_file
-from common.runs import FINGERPRINT_KEY, FORCE, check_fingerprint, resume_mode
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -145,8 +145,8 @@ class CheckpointManager:
 
     def __init__(self, ckpt_dir: str | Path, keep_last_n: int = 3, every_n_epochs: int = 0,
                  fingerprint: dict[str, Any] | None = None) -> None:
-        """`fingerprint` (from `common.runs.make_fingerprint`) goes into every `meta.json` written, and `resume=auto`
-        refuses a `latest` whose recorded fingerprint differs (see `common.runs`)."""
+        """`fingerprint` (from `common.fingerprint.make_fingerprint`) goes into every `meta.json` written, and
+        `resume=auto` refuses a `latest` whose recorded fingerprint differs (see `common.fingerprint`)."""
         from common.distributed import is_main_process
 
         self.ckpt_dir = Path(ckpt_dir)

@@ -1,4 +1,4 @@
-"""Entry-point plumbing: turn bad input into one clear line and exit code 2.
+"""Entry-point plumbing: turn bad input (`common.errors.UserError`) into one clear line and exit code 2.
 
 Every stage is `python -m <pkg>.<stage> --config FILE [dotted.key=value ...]` and an importable
 `main(argv=None) -> int`. Exit codes: 0 success, 2 bad input or config (one line on stderr, no traceback
@@ -15,17 +15,15 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from common import errors
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 
 
-class UserError(Exception):
-    """Bad input or configuration. The message is one line naming the file/row/key, what was expected and the fix."""
-
-
 def _report(exc: BaseException, debug: bool) -> int:
-    if isinstance(exc, UserError):
+    if isinstance(exc, errors.UserError):
         if debug:
             traceback.print_exc()
         message = " ".join(str(exc).split("\n"))

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from common.cli import UserError
+from common.errors import UserError
 
 T = TypeVar("T")
 META_KEY = "_meta"  # provenance block of a resolved config.yaml (version, commit, time, environment); not a config key

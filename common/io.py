@@ -118,7 +118,7 @@ def require_finite(values: Any, source: str | Path, what: str = "row", row_ids: 
     """
     import numpy as np
 
-    from common.cli import UserError
+    from common.errors import UserError
 
     array = values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
     if array.size == 0 or not np.issubdtype(array.dtype, np.floating):

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from common.cli import UserError
+from common.errors import UserError
 
 SQLITE_PREFIX = "sqlite:///"
 log = logging.getLogger(__name__)

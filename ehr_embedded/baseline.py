@@ -28,21 +28,15 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 
 from common import metrics
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import write_json
 from common.logs import setup_logging
 from ehr_embedded.config import BaselineConfig
 from ehr_embedded.cv_folds import assign_folds
 from ehr_embedded.data import kept_indices
-from ehr_embedded.evaluate import (
-    binary_metrics,
-    choose_threshold,
-    multilabel_metrics,
-    regression_metrics,
-    write_multilabel_predictions,
-    write_predictions,
-    write_regression_predictions,
-)
+from ehr_embedded.evaluate import binary_metrics, choose_threshold, multilabel_metrics, regression_metrics
+from ehr_embedded.predictions import write_multilabel_predictions, write_predictions, write_regression_predictions
 from ehr_embedded.storage import SequenceStore, load_dataset_table, open_split
 
 log = logging.getLogger(__name__)

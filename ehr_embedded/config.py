@@ -267,6 +267,10 @@ class TrainingConfig:
     """`cpu` or `cuda[:N]`; under torchrun each process takes its local GPU."""
     num_threads: int = 0
     """torch.set_num_threads when > 0."""
+    tensorboard: bool | None = None
+    """Write TensorBoard event files to a tensorboard/ folder beside each metrics.jsonl (every record's numbers per
+    epoch; the config as hyper-parameters when training finishes): null = on when the tensorboard package is
+    installed, true = required (exit 2 when it is missing), false = off. metrics.jsonl is written either way."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:

@@ -41,7 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import write_json
 from common.logs import setup_logging
 from ehr_embedded import meds_io

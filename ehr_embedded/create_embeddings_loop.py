@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import write_json
 from ehr_embedded import meds_io
 from ehr_embedded.config import Stage1Config

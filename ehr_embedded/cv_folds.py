@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import fsync_dir, write_json
 from ehr_embedded.storage import CODE_TABLE_DIR, SequenceStore, open_split, write_split
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from common.cli import UserError
+from common.errors import UserError
 from ehr_embedded.storage import PAD_ID, CodeTable, SequenceStore
 
 VALUE_CLIP = 10.0

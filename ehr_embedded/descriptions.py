@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import UserError
+from common.errors import UserError
 from ehr_embedded.config import PACKAGED_MINILM
 
 log = logging.getLogger(__name__)

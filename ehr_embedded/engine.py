@@ -10,10 +10,11 @@ import torch
 from safetensors import safe_open
 
 from common.checkpoint import WEIGHTS_FILE, find_checkpoint, read_meta
-from common.cli import UserError
 from common.config import to_dict
 from common.distributed import DistInfo, setup_distributed
-from common.runs import RunStart, make_fingerprint, open_run
+from common.errors import UserError
+from common.fingerprint import make_fingerprint
+from common.runs import RunStart, open_run
 from common.seed import seed_everything
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.data import EventSequenceDataset, make_loader
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 PROJECTION_KEY = "event_embedding.projection.weight"
 # Config sections that decide a pretrain / finetune run's weights (`evaluate` only scores them).
 WEIGHT_SECTIONS = ("model", "data", "training")
-# Keys beyond common.runs.VOLATILE_KEYS that may change across a resume: where the store and the pretrained
+# Keys beyond common.fingerprint.VOLATILE_KEYS that may change across a resume: where the store and the pretrained
 # checkpoint live (their contents are fingerprinted instead) and the batch size used only for scoring.
 RESUME_VOLATILE = ("data.embedding_output_dir", "training.pretrained_checkpoint", "training.eval_batch_size")
 

@@ -34,13 +34,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from common import metrics
 from common.checkpoint import find_checkpoint, load_weights
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write, write_json
 from common.logs import setup_logging
 from ehr_embedded.config import TrainConfig
@@ -54,21 +53,17 @@ from ehr_embedded.engine import (
     predict_probs,
     predict_values,
 )
+from ehr_embedded.predictions import (
+    DEFAULT_THRESHOLD,
+    run_config,
+    write_multiclass_predictions,
+    write_multilabel_predictions,
+    write_predictions,
+    write_regression_predictions,
+)
 from ehr_embedded.storage import CODE_TABLE_DIR
 
 log = logging.getLogger(__name__)
-DEFAULT_THRESHOLD = 0.5
-PREDICTION_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),
-                               ("boolean_value", pa.bool_()), ("predicted_boolean_value", pa.bool_()),
-                               ("predicted_boolean_probability", pa.float64())])
-REGRESSION_PREDICTION_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),
-                                          ("float_value", pa.float64()), ("predicted_float_value", pa.float64())])
-MULTILABEL_PREDICTION_SCHEMA = pa.schema([("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")),
-                                          ("task", pa.string()), ("boolean_value", pa.bool_()),
-                                          ("predicted_boolean_value", pa.bool_()),
-                                          ("predicted_boolean_probability", pa.float64())])
-MULTICLASS_PREDICTION_COLUMNS = ("subject_id", "prediction_time", "integer_value", "predicted_integer_value",
-                                 "predicted_class_probabilities")
 
 
 def _binary_f1(y: np.ndarray, pred: np.ndarray) -> float:
@@ -206,29 +201,6 @@ def multilabel_metrics(y: np.ndarray, probs: np.ndarray, thresholds: list[float]
     return out
 
 
-def multilabel_prediction_table(sequences, y: np.ndarray, probs: np.ndarray, thresholds: list[float],
-                                task_names: list[str]) -> pa.Table:
-    """`MULTILABEL_PREDICTION_SCHEMA`, one row per (sequence, task) in sequence order; boolean_value null where the
-    task has no label."""
-    n, k = probs.shape
-    y = np.asarray(y)
-    truth = pa.array((y == 1).reshape(-1), pa.bool_(), mask=(y < 0).reshape(-1))
-    table = pa.table({"subject_id": np.repeat(sequences["subject_id"].to_numpy(np.int64), k),
-                      "prediction_time": np.repeat(sequences["prediction_time"].astype("datetime64[us]").to_numpy(), k),
-                      "task": np.tile(np.asarray(task_names, dtype=object), n),
-                      "boolean_value": truth,
-                      "predicted_boolean_value": (probs >= np.asarray(thresholds)[None, :]).reshape(-1),
-                      "predicted_boolean_probability": probs.astype(np.float64).reshape(-1)},
-                     schema=MULTILABEL_PREDICTION_SCHEMA)
-    return table
-
-
-def write_multilabel_predictions(path: Path, sequences, y: np.ndarray, probs: np.ndarray, thresholds: list[float],
-                                 task_names: list[str]) -> Path:
-    table = multilabel_prediction_table(sequences, y, probs, thresholds, task_names)
-    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-
-
 def evaluate_multilabel(cfg: TrainConfig, run_dir: Path, split: str, ckpt: Path, model, dataset, device) -> dict:
     """evaluate's multi-label branch: report and predictions of `split` (see the module docstring)."""
     tasks = dataset.store.task_names
@@ -277,15 +249,6 @@ def regression_metrics(y: np.ndarray, pred: np.ndarray, median: float, n_boot: i
     return with_intervals(out, fns, y, pred, n_boot, seed, subject_ids)
 
 
-def write_regression_predictions(path: Path, sequences, y: np.ndarray, pred: np.ndarray) -> Path:
-    """`REGRESSION_PREDICTION_SCHEMA`: the target and the de-standardised prediction per row."""
-    table = pa.table({"subject_id": sequences["subject_id"].to_numpy(np.int64),
-                      "prediction_time": sequences["prediction_time"].astype("datetime64[us]").to_numpy(),
-                      "float_value": np.asarray(y, np.float64), "predicted_float_value": np.asarray(pred, np.float64)},
-                     schema=REGRESSION_PREDICTION_SCHEMA)
-    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-
-
 def evaluate_regression(cfg: TrainConfig, run_dir: Path, split: str, ckpt: Path, model, dataset, device) -> dict:
     """evaluate's regression branch: report and predictions of `split` (see the module docstring)."""
     scaling_file = run_dir / "reports" / TARGET_SCALING_FILE
@@ -325,31 +288,10 @@ def calibration_plot(y: np.ndarray, score: np.ndarray, path: Path, bins: int, ti
     return path
 
 
-def write_predictions(path: Path, sequences, y: np.ndarray, score: np.ndarray, threshold: float) -> Path:
-    table = pa.table({"subject_id": sequences["subject_id"].to_numpy(np.int64),
-                      "prediction_time": sequences["prediction_time"].astype("datetime64[us]").to_numpy(),
-                      "boolean_value": y.astype(bool), "predicted_boolean_value": score >= threshold,
-                      "predicted_boolean_probability": score.astype(np.float64)}, schema=PREDICTION_SCHEMA)
-    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-
-
-def write_multiclass_predictions(path: Path, sequences, y: np.ndarray, probs: np.ndarray) -> Path:
-    """`MULTICLASS_PREDICTION_COLUMNS`: the true class, the argmax class and the `[K]` probabilities per row."""
-    probs = np.asarray(probs, dtype=np.float64)
-    flat = pa.array(probs.reshape(-1), pa.float64())
-    table = pa.table({"subject_id": sequences["subject_id"].to_numpy(np.int64),
-                      "prediction_time": sequences["prediction_time"].astype("datetime64[us]").to_numpy(),
-                      "integer_value": np.asarray(y, np.int64), "predicted_integer_value": probs.argmax(1),
-                      "predicted_class_probabilities": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1])})
-    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-
-
 def warn_if_model_differs_from_run(cfg: TrainConfig, run_dir: Path) -> None:
     """Log a warning naming each `model` key where `cfg` differs from the run's config.yaml (read as predict reads
     it, so a run written before `input_scaling` / `pooling` existed counts as `none` / `mean`): evaluate builds the
     model from `cfg`, and a key such as input_scaling changes predictions without failing to load the weights."""
-    from ehr_embedded.predict import run_config  # predict imports this module
-
     if not (run_dir / "config.yaml").is_file():
         return
     trained, given = dataclasses.asdict(run_config(run_dir).model), dataclasses.asdict(cfg.model)

@@ -21,7 +21,8 @@ import logging
 from pathlib import Path
 
 from common import studies
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import write_json
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.finetune import finetune

@@ -41,8 +41,9 @@ from common.checkpoint import (
     load_weights,
     resume_from_checkpoint,
 )
-from common.cli import UserError, config_main
+from common.cli import config_main
 from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
+from common.errors import UserError
 from common.io import write_json
 from common.logs import MetricsWriter, progress
 from common.losses import focal_loss
@@ -62,15 +63,8 @@ from ehr_embedded.engine import (
     start_run,
     target_scaling,
 )
-from ehr_embedded.evaluate import (
-    DEFAULT_THRESHOLD,
-    choose_threshold,
-    evaluate,
-    macro_auprc,
-    macro_auroc,
-    macro_ovr_auroc,
-    micro_auroc,
-)
+from ehr_embedded.evaluate import choose_threshold, evaluate, macro_auprc, macro_auroc, macro_ovr_auroc, micro_auroc
+from ehr_embedded.predictions import DEFAULT_THRESHOLD
 from ehr_embedded.storage import CODE_TABLE_DIR
 
 log = logging.getLogger(__name__)
@@ -242,7 +236,8 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
     # DDP wraps the model for training steps only; evaluation and checkpoints use the bare module
     # (a decoder's next-event head is unused here; the frozen code table is identical on every rank)
     train_model = wrap_ddp(model, dist_info, find_unused_parameters=hasattr(model, "lm_head"), broadcast_buffers=False)
-    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
+    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None,
+                           tensorboard=tc.tensorboard, tensorboard_key="training.tensorboard")
     loader = make_loader(data["train"], tc.batch_size, shuffle=True, seed=tc.seed, bucket=tc.bucket_by_length,
                          pad_to=cfg.model.max_length if tc.pad_to_max_length else None, num_workers=tc.num_workers,
                          rank=dist_info.rank, world_size=dist_info.world_size)
@@ -255,7 +250,7 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
         loader.batch_sampler.set_epoch(epoch)
         model.train()
         loss_sum, n_seen = 0.0, 0
-        for batch in loader:
+        for b, batch in enumerate(loader):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = train_model(batch)
             if scaling is not None:
@@ -270,8 +265,10 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
-            loss_sum += loss.item() * len(logits)  # .item() syncs with the device; once per step is cheap here
+            step_loss = loss.item()  # syncs with the device; once per step is cheap here
+            loss_sum += step_loss * len(logits)
             n_seen += len(logits)
+            writer.step(epoch, b, len(loader), {"train_loss": step_loss, "lr": optimizer.param_groups[0]["lr"]})
 
         loss_sum, n_seen = all_reduce_sum(loss_sum), all_reduce_sum(n_seen)
         # every rank scores the whole (small) tuning split, so plateau and early-stopping decisions agree
@@ -290,7 +287,7 @@ def finetune(cfg: TrainConfig, on_epoch: Callable[[int, float | None], None] | N
                  {k: round(v, 4) for k, v in tuning.items()}, " *" if improved else "")
         if on_epoch is not None:
             on_epoch(epoch, tuning.get("auroc"))
-    writer.close()
+    writer.close(hparams=cfg)
 
     if not dist_info.is_main:
         cleanup_distributed()

@@ -26,18 +26,13 @@ from sklearn.model_selection import GroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 from ehr_embedded.config import LinearProbeConfig
-from ehr_embedded.evaluate import (
-    DEFAULT_THRESHOLD,
-    choose_threshold,
-    macro_ovr_auroc,
-    task_metrics,
-    write_multiclass_predictions,
-    write_predictions,
-)
+from ehr_embedded.evaluate import choose_threshold, macro_ovr_auroc, task_metrics
+from ehr_embedded.predictions import DEFAULT_THRESHOLD, write_multiclass_predictions, write_predictions
 from ehr_embedded.represent import SPLITS, read_representations
 
 log = logging.getLogger(__name__)

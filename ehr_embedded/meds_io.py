@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import require_finite
 
 SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)  # ("train", "tuning", "held_out")

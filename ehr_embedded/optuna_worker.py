@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 
 from common import studies
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from ehr_embedded.config import TrainConfig
 from ehr_embedded.cv_folds import fold_dir_name, materialise_folds
 from ehr_embedded.finetune import finetune

@@ -54,11 +54,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 from common.checkpoint import find_checkpoint, load_weights
-from common.cli import UserError, config_main
-from common.config import load_config
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write
 from common.logs import setup_logging
 from ehr_embedded.config import PredictConfig, Stage1Config, TrainConfig
@@ -71,42 +70,24 @@ from ehr_embedded.engine import (
     predict_probs,
     predict_values,
 )
-from ehr_embedded.evaluate import (
+from ehr_embedded.predictions import (
     DEFAULT_THRESHOLD,
     MULTILABEL_PREDICTION_SCHEMA,
     PREDICTION_SCHEMA,
     multilabel_prediction_table,
+    read_thresholds,
+    run_config,
     write_multiclass_predictions,
     write_regression_predictions,
 )
 from ehr_embedded.storage import CODE_TABLE_DIR, CodeTable, load_dataset_table, open_split
 
 log = logging.getLogger(__name__)
-# model keys added after runs were already written, with the behaviour those runs were trained with
-LEGACY_MODEL_KEYS = {"input_scaling": "none", "pooling": "mean", "code_embedding": "frozen"}
 # the label value columns (meds_io.read_labels' names; `label` is the original's labels CSV) each task reads
 TASK_LABEL_COLUMNS = {"binary": ("boolean_value", "integer_value", "label"), "multiclass": ("integer_value", "label"),
                       "regression": ("float_value",)}
 TASK_LABEL_HINT = {"binary": "boolean_value (or integer_value 0/1) labels", "multiclass": "integer_value class ids",
                    "regression": "float_value targets"}
-
-
-def run_config(run_dir: Path) -> TrainConfig:
-    """The TrainConfig a run was trained with (its config.yaml, minus the `_meta` block).
-
-    A config.yaml written before a model key existed describes a model built the old way, so each key of
-    `LEGACY_MODEL_KEYS` it lacks loads with its old value (today's default would feed that checkpoint inputs it never
-    saw, or pool its states another way).
-    """
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{path}: not found; pass the output_dir of a finetune run")
-    cfg = load_config(TrainConfig, path)
-    written = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
-    for key, old_value in LEGACY_MODEL_KEYS.items():
-        if key not in written:
-            setattr(cfg.model, key, old_value)
-    return cfg
 
 
 def load_run(run_dir: Path, checkpoint: str = "best", dataset_dir: Path | None = None,
@@ -124,12 +105,6 @@ def load_run(run_dir: Path, checkpoint: str = "best", dataset_dir: Path | None =
     chosen = read_thresholds(run_dir)
     threshold = chosen["thresholds"] if "thresholds" in chosen else float(chosen.get("threshold", DEFAULT_THRESHOLD))
     return model.to(pick_device(device)).eval(), cfg, table, threshold
-
-
-def read_thresholds(run_dir: Path) -> dict:
-    """The run's reports/threshold.json ({} when absent): `threshold`, or per-task `thresholds` (multi-label)."""
-    path = Path(run_dir) / "reports" / "threshold.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def run_task(cfg: TrainConfig, run_dir: Path | None = None) -> str:

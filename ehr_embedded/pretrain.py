@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import CheckpointManager, capture_train_state, resume_from_checkpoint
-from common.cli import UserError, config_main
+from common.cli import config_main
 from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
+from common.errors import UserError
 from common.logs import MetricsWriter, progress
 from common.training import EarlyStopping, cosine_with_warmup, param_groups
 from ehr_embedded.config import TrainConfig
@@ -97,7 +98,8 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
     # DDP wraps the model for training steps only; evaluation and checkpoints use the bare module
     # the classifier head is unused here; the frozen code table is identical on every rank, so no buffer broadcast
     train_model = wrap_ddp(model, dist_info, find_unused_parameters=True, broadcast_buffers=False)
-    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
+    writer = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None,
+                           tensorboard=tc.tensorboard, tensorboard_key="training.tensorboard")
     log.info("pretrain decoder (%d params, vocabulary %d) on %d sequences", sum(p.numel() for p in model.parameters()),
              vocab_size, len(data["train"]))
     tuning: dict[str, float] = {}
@@ -108,7 +110,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
         loader.batch_sampler.set_epoch(epoch)
         model.train()
         loss_sum, n_targets = 0.0, 0
-        for batch in loader:
+        for b, batch in enumerate(loader):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, count, _ = lm_loss(train_model, batch, vocab_size)
             optimizer.zero_grad(set_to_none=True)
@@ -121,8 +123,11 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.item() * count
+            step_loss = loss.item()
+            loss_sum += step_loss * count
             n_targets += count
+            # rank 0's own loss (its share of the batch): no extra all-reduce per step for a log line
+            writer.step(epoch, b, len(loader), {"train_loss": step_loss, "lr": optimizer.param_groups[0]["lr"]})
         loss_sum, n_targets = all_reduce_sum(loss_sum), all_reduce_sum(n_targets)
         tuning = tuning_loss(model, data["tuning"], cfg, device, vocab_size)
         improved = early.step(tuning["loss"])
@@ -136,7 +141,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, float]:
                    meta={"tuning": tuning, "model_type": cfg.model.type})
         log.info("epoch %d train_loss %.4f tuning %s%s", epoch, record["train_loss"],
                  {k: round(v, 4) for k, v in tuning.items()}, " *" if improved else "")
-    writer.close()
+    writer.close(hparams=cfg)
     cleanup_distributed()
     return tuning
 

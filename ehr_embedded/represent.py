@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write
 from common.logs import setup_logging
 from ehr_embedded.config import RepresentConfig
@@ -69,7 +70,7 @@ def representation_table(sequences: pd.DataFrame, labels: np.ndarray, reps: np.n
 def export_split(run_dir: Path, split: str, dataset_dir: Path | None = None, checkpoint: str = "best",
                  output: Path | None = None, batch_size: int = 64, device: str = "cpu", loaded=None) -> Path:
     """Write one split's representations; returns the parquet path. `loaded` reuses a `predict.load_run` result."""
-    from ehr_embedded.predict import load_run  # predict imports evaluate; keep this module light to import
+    from ehr_embedded.predict import load_run  # predict is heavy; keep this module light to import
 
     model, cfg, table, _ = loaded or load_run(run_dir, checkpoint, dataset_dir, device)
     store_dir = Path(dataset_dir) if dataset_dir is not None else Path(cfg.data.embedding_output_dir)

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import fsync_dir, require_finite, write_json
 
 PAD_TOKEN, UNK_TOKEN = "[PAD]", "[UNK]"

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
+from common.errors import UserError
 from common.io import atomic_write_text, write_json
 
 

@@ -86,6 +86,10 @@ class RunConfig:
     """Mixed precision: auto (bf16 autocast on CUDA, off on CPU), off, bf16, fp16 (fp16 uses a GradScaler)."""
     num_threads: int = 0
     """torch CPU threads (0 leaves torch's default)."""
+    tensorboard: bool | None = None
+    """Write TensorBoard event files to a tensorboard/ folder beside each metrics.jsonl (every record's numbers per
+    epoch; the config as hyper-parameters when training finishes): null = on when the tensorboard package is
+    installed, true = required (exit 2 when it is missing), false = off. metrics.jsonl is written either way."""
 
     def __post_init__(self) -> None:
         _check_choice(self.amp, ("auto", "off", "bf16", "fp16"), "run.amp")
@@ -105,6 +109,9 @@ class DataConfig:
     """Held-out records of company / model-type combinations seen in training (reports only; '' = none)."""
     unseen_json: str = "data/implant_dims/sample/unseen_test.json"
     """Held-out records of combinations never seen in training (reported separately; '' = none)."""
+    calibration_json: str = ""
+    """In-domain records that neither training nor model selection sees, used only to set the out-of-domain
+    guard's threshold (implant_dims/ood.py; the sample data's calibration.json); '' = data.val_json."""
     image_root: str = ""
     """Folder relative image paths resolve against ('' = each JSON file's folder)."""
     img_size: int = 64
@@ -436,8 +443,9 @@ class PredictConfig:
     log_every_s: float = 10.0
     """Seconds between progress lines (images done of the total, images per second); 0 = a line after every batch."""
     ood_false_alarm: float = 0.02
-    """Out-of-domain guard: the share of in-domain validation images it may flag, strictly between 0 and 1; the
-    threshold on the Mahalanobis score is picked on the stored validation scores for it (implant_dims/ood.py)."""
+    """Out-of-domain guard: the share of in-domain images it may flag, strictly between 0 and 1; the threshold on
+    the Mahalanobis score is the split-conformal order statistic of the stored calibration scores for it
+    (data.calibration_json, else data.val_json; implant_dims/ood.py)."""
     refuse_out_of_domain: bool = False
     """Write no millimetres (empty cells, the reason in `ood_reason`) for rows the guard flags; false only flags."""
 
@@ -446,7 +454,7 @@ class PredictConfig:
         _check_at_least(self, "predict", 1, "batch_size")
         _check_coverage(self.interval, "predict.interval")
         if not 0 < self.ood_false_alarm < 1:  # (also rejects nan)
-            raise ValueError(f"predict.ood_false_alarm is the share of in-domain validation images the out-of-domain "
+            raise ValueError(f"predict.ood_false_alarm is the share of in-domain images the out-of-domain "
                              f"guard may flag, a fraction strictly between 0 and 1 (e.g. 0.02), got "
                              f"{self.ood_false_alarm}")
 

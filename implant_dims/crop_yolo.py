@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
+from common.errors import UserError
 from common.io import atomic_write, write_json
 from implant_dims.data import ImageError, dicom_spacing, is_dicom, parse_spacing, read_image
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 from implant_dims.config import SAMPLE_FIELD_MM
 
 log = logging.getLogger(__name__)

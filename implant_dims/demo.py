@@ -37,11 +37,14 @@ def run_demo(out_dir: Path, seed: int | None = None) -> list[dict]:
     draws (None keeps sample.yaml's); the sample data are the same either way."""
     out_dir = Path(out_dir)
     data = out_dir / "data"
-    make_dataset(data, n_train=800, n_val=150, n_test=150, n_unseen=100, size=64, seed=0, dicom_every=10)
+    make_dataset(data, n_train=800, n_val=150, n_test=150, n_unseen=100, size=64, seed=0, dicom_every=10,
+                 n_calibration=0)
     common = ["--config", str(CONFIG), f"run.out_dir={out_dir / 'runs'}", "run.name=demo",
               f"data.train_json={data / 'augmented_train.json'}", f"data.val_json={data / 'augmented_val.json'}",
               f"data.test_json={data / 'test.json'}", f"data.unseen_json={data / 'unseen_test.json'}",
-              f"data.catalogue_csv={data / 'catalogue.csv'}", *DEMO_BUDGET,
+              f"data.catalogue_csv={data / 'catalogue.csv'}",
+              "data.calibration_json=",  # no calibration split in the demo's data: the guard calibrates on val
+              *DEMO_BUDGET,
               *([] if seed is None else [f"run.seed={seed}"])]
     run_dir = out_dir / "runs" / "demo"
     rows = []

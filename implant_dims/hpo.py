@@ -62,8 +62,9 @@ from typing import Any
 import yaml
 
 from common import studies
-from common.cli import UserError, config_main
+from common.cli import config_main
 from common.config import from_dict, to_dict
+from common.errors import UserError
 from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 from implant_dims.config import ImplantConfig

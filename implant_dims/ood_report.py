@@ -18,7 +18,8 @@ Negative sets (none of them an implant crop like the training ones):
                  (three seeds each) and two 1 x 1 pixel images.
 Also reported, outside the goal: real_implants, the class-2 boxes (real implants with crowns and abutments: real
 radiographs, not the synthetic domain the sample model learned, so flagging them is right for this model).
-In-domain: data.val_json (where the threshold was chosen), data.test_json and data.unseen_json.
+In-domain: data.calibration_json (where the threshold was chosen; data.val_json when it is ''), data.val_json,
+data.test_json and data.unseen_json.
 
 Images without a pixel scale (the PNG crops and the synthetic images) are given data.assume_scale when the config
 has that key and it is 0: NEGATIVE_MM_PER_PIXEL, the sample crops' own scale, so each negative fills the model's
@@ -37,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError, guarded_main, stage_parser
+from common.cli import guarded_main, stage_parser
+from common.errors import UserError
 from common.io import atomic_write, atomic_write_text, write_json
 from common.logs import setup_logging
 from implant_dims.config import ImplantConfig
@@ -115,7 +117,9 @@ def summarise(rows: list[dict[str, str]]) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"Out-of-domain guard of `{report['checkpoint']}`: Mahalanobis distance on `{report['space']}` "
              f"embeddings, threshold {report['threshold']:.2f} for predict.ood_false_alarm="
-             f"{report['false_alarm_asked']:g} ({report['val_rate']:.3f} of validation flagged).", "",
+             f"{report['false_alarm_asked']:g} ({report['calibration_rate']:.3f} of the {report['n_calibration']} "
+             f"{report['calibration']} images flagged; split-conformal: an in-domain image is flagged with "
+             f"probability at most {report['false_alarm_asked']:g}).", "",
              "| input set | kind | n | flagged | share | score min / median / max |", "|---|---|---|---|---|---|"]
     for name, s in report["sets"].items():
         lines.append(f"| {name} | {s['kind']} | {s['n']} | {s['flagged']} | {s['share']:.3f} | "
@@ -128,8 +132,8 @@ def markdown(report: dict) -> str:
     if missed:
         lines.append("Negatives not flagged: " + "; ".join(f"{n}: {', '.join(m)}" for n, m in missed.items()))
     names = list(report["sets"])
-    lines += ["", "Flagged share at other predict.ood_false_alarm values (thresholds from the same validation "
-              "scores):", "", "| ood_false_alarm | threshold | " + " | ".join(names) + " |",
+    lines += ["", f"Flagged share at other predict.ood_false_alarm values (thresholds from the same "
+              f"{report['calibration']} scores):", "", "| ood_false_alarm | threshold | " + " | ".join(names) + " |",
               "|---" * (len(names) + 2) + "|"]
     for rate, row in report["sweep"].items():
         lines.append(f"| {rate} | {row['threshold']:.2f} | " + " | ".join(f"{row['share'][n]:.3f}" for n in names)
@@ -152,7 +156,7 @@ def ood_report(cfg: ImplantConfig, panoramic: Path, cr: Path) -> dict:
     out = cfg.run.run_dir / "ood_report"
     negatives, preds = out / "negatives", out / "predictions"
     sources: dict[str, tuple[Path, str, bool]] = {}  # name -> (predict input, kind, needs an assumed scale)
-    for split in ("val", "test", "unseen"):
+    for split in ("calibration", "val", "test", "unseen"):
         path = getattr(cfg.data, f"{split}_json")
         if path and Path(path).is_file():
             sources[split] = (Path(path), "in-domain", False)
@@ -171,18 +175,20 @@ def ood_report(cfg: ImplantConfig, panoramic: Path, cr: Path) -> dict:
     from implant_dims.ood import OodStats
 
     stats = OodStats.load(stats_path(checkpoint))
-    threshold, val_rate = stats.threshold(cfg.predict.ood_false_alarm)
+    threshold, calibration_rate = stats.threshold(cfg.predict.ood_false_alarm)
     neg = [s for s in sets.values() if s["kind"] == "negative"]
     sweep = {}
     for rate in SWEEP_RATES:
         thr, _ = stats.threshold(rate)
-        # the CSV holds scores rounded to 4 decimals: round the threshold alike (it is itself a validation score)
+        # the CSV holds scores rounded to 4 decimals: round the threshold alike (it is itself a calibration score)
         sweep[str(rate)] = {"threshold": thr, "share": {n: float((np.array(s["scores"]) > round(thr, 4)).mean())
                                                          for n, s in sets.items()}}
     test_share = sets["test"]["share"] if "test" in sets else float("nan")
     report = {"checkpoint": str(checkpoint), "space": stats.space, "dim": int(stats.mean.shape[0]),
               "n_train": stats.n_train, "shrinkage": stats.shrinkage,
-              "false_alarm_asked": cfg.predict.ood_false_alarm, "threshold": threshold, "val_rate": val_rate,
+              "false_alarm_asked": cfg.predict.ood_false_alarm, "threshold": threshold,
+              "calibration": stats.calibration, "n_calibration": int(stats.calibration_scores.size),
+              "calibration_rate": calibration_rate,
               "negative_mm_per_pixel_assumed": NEGATIVE_MM_PER_PIXEL, "sets": sets, "sweep": sweep,
               "goal": {"negatives_total": sum(s["n"] for s in neg), "negatives_flagged": sum(s["flagged"] for s in neg),
                        "all_negatives_flagged": all(s["flagged"] == s["n"] for s in neg), "test_share": test_share,

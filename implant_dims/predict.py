@@ -12,7 +12,7 @@ reports/results_val.json has one), the company and model type the embedding mode
 nearest catalogue size when predict.snap_to_catalogue is set (under regression.snap: the whole catalogue, or the
 predicted class above the threshold the run chose on validation), and the true sizes when the records have them; and
 the out-of-domain guard's columns (implant_dims/ood.py): ood_score (Mahalanobis distance of the image's embedding
-from the training images'), ood_threshold (chosen on validation scores for predict.ood_false_alarm), out_of_domain
+from the training images'), ood_threshold (chosen on calibration scores for predict.ood_false_alarm), out_of_domain
 and ood_reason; with predict.refuse_out_of_domain=true a flagged row's millimetre cells are left empty.
 Every row also says where its pixel scale came from (scale_source: dicom / record / assumed, and mm_per_pixel); each
 image is resampled to the scale the regressor was trained at, and an image without a scale is refused (exit 2) unless
@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write_text
 from common.logs import setup_logging
 from implant_dims.config import ImplantConfig

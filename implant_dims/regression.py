@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from common import metrics
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, read_meta, resume_from_checkpoint
-from common.cli import UserError
 from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
+from common.errors import UserError
 from common.io import atomic_write_text, write_json
 from common.logs import MetricsWriter, progress
 from common.runs import open_run
@@ -297,8 +297,8 @@ def train_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attenti
     start_epoch = 1 if resumed is None else int(resumed["epoch"]) + 1
     if resumed is not None:
         log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
-    writer = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None) \
-        if rt.is_main else None
+    writer = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None,
+                           tensorboard=cfg.run.tensorboard, tensorboard_key="run.tensorboard") if rt.is_main else None
 
     current_stage, step_module, cache = None, None, None
     best: dict = {}
@@ -320,7 +320,8 @@ def train_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attenti
             current_stage = stage
         train_set.set_epoch(epoch)
         model.train()
-        loss_sum, seen = run_epoch(model, step_module, train_set, cache, optimizer, scheduler, scaler, cfg, rt, epoch)
+        loss_sum, seen = run_epoch(model, step_module, train_set, cache, optimizer, scheduler, scaler, cfg, rt, epoch,
+                                   writer)
         val = mae_report(val_set.targets, predict_dataset(model, val_set, rt, cache["val"] if cache else None)["pred_mm"])
         improved = stopper.step(val["mean_mae"])
         if improved:
@@ -338,20 +339,22 @@ def train_regressor(cfg: ImplantConfig, embedder_names: tuple[str, ...], attenti
         if epoch_callback is not None:
             epoch_callback(epoch, val)
     if writer is not None:
-        writer.close()
+        writer.close(hparams=cfg)
     results = report_regressor(cfg, out, rt, train_records, val_set) if rt.is_main else {}
     cleanup_distributed()
     return results.get("val", best)
 
 
 def run_epoch(model, step_module, dataset, cache, optimizer, scheduler, scaler, cfg: ImplantConfig, rt: Runtime,
-              epoch: int) -> tuple[float, int]:
-    """One pass over this rank's share of the training set with gradient accumulation."""
+              epoch: int, writer: MetricsWriter | None = None) -> tuple[float, int]:
+    """One pass over this rank's share of the training set with gradient accumulation; `writer` gets each optimizer
+    step's loss (the mean over its micro-batches on this rank) through MetricsWriter.step."""
     rc = cfg.regression
     batches = epoch_batches(len(dataset), rc.batch_size, cfg.run.seed, epoch, rank=rt.dist.rank,
                             world_size=rt.dist.world_size)
     mean, std = model.target_mean, model.target_std
-    loss_sum, seen = 0.0, 0
+    steps = math.ceil(len(batches) / rc.grad_accum)
+    loss_sum, seen, step_sum, step_seen = 0.0, 0, 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     for i, idx in enumerate(batches):
         if cache is not None:
@@ -381,8 +384,15 @@ def run_epoch(model, step_module, dataset, cache, optimizer, scheduler, scaler, 
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.item() * len(idx)
+        loss_value = loss.item()
+        loss_sum += loss_value * len(idx)
         seen += len(idx)
+        step_sum, step_seen = step_sum + loss_value * len(idx), step_seen + len(idx)
+        if last_of_step:
+            if writer is not None:
+                writer.step(epoch, i // rc.grad_accum, steps, {"train_loss": step_sum / max(step_seen, 1),
+                                                               "lr": scheduler.get_last_lr()[0]})
+            step_sum, step_seen = 0.0, 0
     return float(all_reduce_sum(loss_sum)), int(all_reduce_sum(seen))
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from common.checkpoint import find_checkpoint, load_weights, read_meta
-from common.cli import UserError
 from common.config import to_dict
-from common.runs import make_fingerprint
+from common.errors import UserError
+from common.fingerprint import make_fingerprint
 from implant_dims.config import ImplantConfig, VitConfig
 from implant_dims.data import ImplantRecord, load_records, require_scale
 from implant_dims.models import EmbeddingClassifier, VitSpec
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 # Paths name where things are, not what they are: a moved file with the same content resumes (its bytes are in the
 # fingerprint's data part).
-PATH_KEYS = ("data.train_json", "data.val_json", "data.test_json", "data.unseen_json", "data.image_root",
-             "data.catalogue_csv", "regression.company_checkpoint", "regression.model_checkpoint",
+PATH_KEYS = ("data.train_json", "data.val_json", "data.test_json", "data.unseen_json", "data.calibration_json",
+             "data.image_root", "data.catalogue_csv", "regression.company_checkpoint", "regression.model_checkpoint",
              "regression.out_subdir", "regression.mc_samples", "regression.interval", "regression.snap",
              "regression.snap_min_prob", "classifier.top_k",
              "visual.vit.weights", "classifier.vit.weights", "hpo", "predict", "run.amp")
@@ -69,7 +69,7 @@ def vit_spec(vit: VitConfig, img_size: int) -> VitSpec:
 
 def split_path(cfg: ImplantConfig, split: str) -> str:
     return {"train": cfg.data.train_json, "val": cfg.data.val_json, "test": cfg.data.test_json,
-            "unseen": cfg.data.unseen_json}[split]
+            "unseen": cfg.data.unseen_json, "calibration": cfg.data.calibration_json}[split]
 
 
 def load_split(cfg: ImplantConfig, split: str, require_labels: bool = True) -> tuple[list[ImplantRecord], Counter]:

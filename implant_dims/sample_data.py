@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
+from common.errors import UserError
 from common.io import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ DIAMETERS_MM = (3.3, 3.75, 4.1, 4.8, 5.5)
 PX_PER_MM_AT_128 = 6.0  # px/mm at size 128; scales with --size
 CATALOGUE_SEED = 20240611  # the product world (catalogue) is fixed; --seed only drives the sampling and rendering
 SPLIT_FILES = {"train": "augmented_train.json", "val": "augmented_val.json", "test": "test.json",
-               "unseen": "unseen_test.json"}
+               "unseen": "unseen_test.json", "calibration": "calibration.json"}
 _OWNED_IMAGE = re.compile(r"^\d{6}\.(png|dcm)$")
 
 
@@ -322,9 +323,13 @@ def _assign_combos(rng: np.random.Generator, combos: list[tuple[str, str]], n: i
 
 
 def make_dataset(out: str | Path, n_train: int = 800, n_val: int = 200, n_test: int = 200, n_unseen: int = 150,
-                 size: int = 128, seed: int = 0, dicom_every: int = 0, magnification_sd: float = 0.02) -> dict:
-    """Render and write the data set under `out`; returns the meta (also written to out/meta.json)."""
-    counts = {"train": n_train, "val": n_val, "test": n_test, "unseen": n_unseen}
+                 size: int = 128, seed: int = 0, dicom_every: int = 0, magnification_sd: float = 0.02,
+                 n_calibration: int = 400) -> dict:
+    """Render and write the data set under `out`; returns the meta (also written to out/meta.json).
+
+    The calibration split is drawn last, so adding or resizing it leaves every image and record of the other
+    splits as they were."""
+    counts = {"train": n_train, "val": n_val, "test": n_test, "unseen": n_unseen, "calibration": n_calibration}
     for split, n in counts.items():
         if n < 0:
             raise UserError(f"--n-{split} {n}: must be >= 0")
@@ -419,7 +424,7 @@ def _body(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     meta = make_dataset(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
                         n_unseen=args.n_unseen, size=args.size, seed=args.seed, dicom_every=args.dicom_every,
-                        magnification_sd=args.magnification_sd)
+                        magnification_sd=args.magnification_sd, n_calibration=args.n_calibration)
     print(json.dumps({"out": str(args.out), "counts": meta["counts"], "px_per_mm": meta["px_per_mm"],
                       "held_out": meta["held_out_combinations"], "n_dicom": meta["n_dicom"]}))
     return 0
@@ -433,6 +438,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-val", type=int, default=200)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--n-unseen", type=int, default=150, help="images of the held-out combinations")
+    parser.add_argument("--n-calibration", type=int, default=400,
+                        help="seen-combination images used by nothing but the out-of-domain guard's threshold "
+                             "(calibration.json; 0 = none)")
     parser.add_argument("--size", type=int, default=128, help="image side in px (pixel scale 6 px/mm at 128)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--magnification-sd", type=float, default=0.02,

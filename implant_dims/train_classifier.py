@@ -29,8 +29,9 @@ from common.checkpoint import (
     read_meta,
     resume_from_checkpoint,
 )
-from common.cli import UserError, config_main
+from common.cli import config_main
 from common.distributed import all_reduce_sum, cleanup_distributed, wrap_ddp
+from common.errors import UserError
 from common.io import write_json
 from common.logs import MetricsWriter, progress
 from common.metrics import macro_f1
@@ -131,8 +132,8 @@ def train_classifier(cfg: ImplantConfig, epoch_callback: Callable[[int, dict], N
     if resumed is not None:
         log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
     train_model = wrap_ddp(model, rt.dist)
-    writer = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None) \
-        if rt.is_main else None
+    writer = MetricsWriter(out / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None,
+                           tensorboard=cfg.run.tensorboard, tensorboard_key="run.tensorboard") if rt.is_main else None
     majority = int(np.bincount(labels_train[labels_train >= 0], minlength=len(classes)).argmax())
     report: dict = {}
     for epoch in progress(range(start_epoch, cc.epochs + 1), desc=f"{target} epochs"):
@@ -142,8 +143,8 @@ def train_classifier(cfg: ImplantConfig, epoch_callback: Callable[[int, dict], N
         train_set.set_epoch(epoch)
         model.train()
         loss_sum, seen = 0.0, 0
-        for idx in epoch_batches(len(train_set), cc.batch_size, cfg.run.seed, epoch, rank=rt.dist.rank,
-                                 world_size=rt.dist.world_size):
+        for b, idx in enumerate(epoch_batches(len(train_set), cc.batch_size, cfg.run.seed, epoch, rank=rt.dist.rank,
+                                              world_size=rt.dist.world_size)):
             batch = collate(train_set, idx, rt.device)
             with autocast(rt.device, rt.amp_dtype):
                 logits = train_model(batch["image"])
@@ -155,8 +156,11 @@ def train_classifier(cfg: ImplantConfig, epoch_callback: Callable[[int, dict], N
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += loss.item() * len(idx)
+            step_loss = loss.item()
+            loss_sum += step_loss * len(idx)
             seen += len(idx)
+            if writer is not None:  # rank 0's own batch loss: no extra all-reduce per step for a log line
+                writer.step(epoch, b, steps, {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]})
         loss_sum, seen = all_reduce_sum(loss_sum), all_reduce_sum(seen)
         report = classification_report(predict_logits(model, val_set, rt), class_indices(val_records, target, classes),
                                         classes, majority, cc.top_k)
@@ -173,7 +177,7 @@ def train_classifier(cfg: ImplantConfig, epoch_callback: Callable[[int, dict], N
         if epoch_callback is not None:
             epoch_callback(epoch, report)
     if writer is not None:
-        writer.close()
+        writer.close(hparams=cfg)
     result = {}
     if rt.is_main:
         result = report_splits(cfg, out, classes, majority, rt, val_set)

@@ -17,8 +17,8 @@ val every epoch), checkpoints/{latest,best} (best = lowest validation mean MAE; 
 reports/results_<split>.json and pred_vs_true_<split>.png for val, test (seen combinations) and unseen (held-out
 combinations): MAE with group-bootstrap intervals, the mean-predictor baseline, Monte Carlo dropout interval
 coverage, catalogue exact-size accuracy when data.catalogue_csv is set; ood_stats.npz, the out-of-domain guard's
-statistics that predict reads (implant_dims/ood.py), and reports/ood.json, the share of val / test / unseen it
-flags. `regression.resume=auto` continues an interrupted run (also across an unfreezing boundary) and refuses
+statistics that predict reads (implant_dims/ood.py), and reports/ood.json, the share of calibration / val / test /
+unseen images it flags. `regression.resume=auto` continues an interrupted run (also across an unfreezing boundary) and refuses
 (exit 2) one whose config, data or classifiers changed.
 """
 
@@ -26,12 +26,13 @@ from __future__ import annotations
 
 from common.cli import config_main
 from implant_dims.config import ImplantConfig
-from implant_dims.ood import fit_for_run
+from implant_dims.ood import fit_for_run, require_calibration
 from implant_dims.regression import train_regressor
 
 
 def train_dual(cfg: ImplantConfig) -> dict:
     out = cfg.run.run_dir / cfg.regression.out_subdir
+    require_calibration(cfg)  # the guard fitted after training needs it: refuse a missing file now
     results = train_regressor(cfg, ("company", "model_type"), cfg.regression.attention_type, out)
     fit_for_run(cfg, out)  # the out-of-domain guard's statistics, beside the checkpoints (predict reads them)
     return results

@@ -11,10 +11,11 @@ embedding the fusion is `triple`-style attention over (visual, embedding) or pla
 
 from __future__ import annotations
 
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from implant_dims.config import ImplantConfig
 from implant_dims.models import SINGLE_EMBEDDING_TYPES
-from implant_dims.ood import fit_for_run
+from implant_dims.ood import fit_for_run, require_calibration
 from implant_dims.regression import train_regressor
 
 
@@ -26,6 +27,7 @@ def train_single(cfg: ImplantConfig) -> dict:
                         f"{' or '.join(SINGLE_EMBEDDING_TYPES)}: set regression.attention_type=triple (attention over "
                         f"visual and embedding) or concat, or train {rc.attention_type} with train_dual")
     out = cfg.run.run_dir / f"single_{rc.embedding}"
+    require_calibration(cfg)  # the guard fitted after training needs it: refuse a missing file now
     results = train_regressor(cfg, (rc.embedding,), rc.attention_type, out)
     fit_for_run(cfg, out)  # the out-of-domain guard's statistics, beside the checkpoints (predict reads them)
     return results

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 
 from .data import STRUCT_NAMES, Catalog, read_catalog
 from .embeddings import EmbeddingSet, align_to_ids, load_embeddings

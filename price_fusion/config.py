@@ -212,6 +212,10 @@ class TrainConfig:
     """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..."""
     max_epochs_this_run: int = 0
     """Stop after this many epochs of this process (testing kill-and-resume); 0 = no limit."""
+    tensorboard: bool | None = None
+    """Write TensorBoard event files to a tensorboard/ folder beside each metrics.jsonl (every record's numbers per
+    epoch; the config as hyper-parameters when training finishes): null = on when the tensorboard package is
+    installed, true = required (exit 2 when it is missing), false = off. metrics.jsonl is written either way."""
 
     def __post_init__(self) -> None:
         if self.loss in RENAMED_LOSSES:

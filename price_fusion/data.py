@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from common.cli import UserError
+from common.errors import UserError
 
 from .quantities import UNKNOWN_UNIT, parse_quantity, quantity_feature_names, quantity_features
 

@@ -36,10 +36,11 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
+from common.fingerprint import fingerprint_changes, make_fingerprint
 from common.io import atomic_write, require_finite, write_json
 from common.logs import setup_logging
-from common.runs import fingerprint_changes, make_fingerprint
 
 from .config import PriceFusionConfig
 from .data import (

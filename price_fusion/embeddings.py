@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import require_finite
 
 MANIFEST = "manifest.json"

@@ -33,7 +33,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from common import metrics
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.logs import setup_logging, write_json
 
 from .config import PriceFusionConfig

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from common import metrics
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write
 from common.logs import setup_logging, write_json
 

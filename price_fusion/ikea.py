@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 
 from common import metrics
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write, atomic_write_text
 from common.logs import setup_logging, write_json
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cli import UserError
+from common.errors import UserError
 
 from .config import ModelConfig
 

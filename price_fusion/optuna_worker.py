@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from common import studies
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 
 from . import train as train_stage
 from .config import PriceFusionConfig

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.logs import setup_logging
 
 from .batching import load_split, predict_log_price

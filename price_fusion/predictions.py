@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import atomic_write, require_finite
 
 # Predictions are clipped into this dollar range before writing: the challenge rejects non-positive prices,

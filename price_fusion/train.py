@@ -44,7 +44,7 @@ import torch
 
 from common import metrics
 from common.checkpoint import CheckpointManager, capture_train_state, load_weights, resume_from_checkpoint
-from common.cli import UserError, config_main
+from common.cli import config_main
 from common.config import to_dict
 from common.distributed import (
     DistInfo,
@@ -57,9 +57,11 @@ from common.distributed import (
     setup_distributed,
     wrap_ddp,
 )
+from common.errors import UserError
+from common.fingerprint import make_fingerprint
 from common.logs import MetricsWriter, progress, write_json
 from common.losses import price_tier_weights
-from common.runs import make_fingerprint, open_run
+from common.runs import open_run
 from common.seed import seed_everything
 from common.training import EarlyStopping, param_groups
 
@@ -133,7 +135,8 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
         start_epoch = int(resumed["epoch"]) + 1
         log.info("resumed from %s at epoch %d (best val SMAPE %s)", resumed["_resumed_from"], start_epoch,
                  stopper.best)
-    writer = MetricsWriter(fold_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
+    writer = MetricsWriter(fold_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None,
+                           tensorboard=tc.tensorboard, tensorboard_key="train.tensorboard")
     step = wrap_ddp(model, dist_info) if dist_info.world_size > 1 else model  # trains `model`'s own parameters
 
     epochs_this_run = 0
@@ -146,7 +149,8 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
                 group["lr"] = lr_schedule[epoch - 1]
         model.train()
         loss_sum, n_seen = 0.0, 0
-        for rows in epoch_batches(len(train_data), tc.batch_size, tc.seed, epoch):
+        batches = list(epoch_batches(len(train_data), tc.batch_size, tc.seed, epoch))
+        for b, rows in enumerate(batches):
             mine, share = rows, 1.0
             if dist_info.world_size > 1:  # the batch loss is a weighted mean: this rank's share of its weights
                 part, share = rank_part(len(rows), dist_info, loss_weights(tc, train_data.target(rows)))
@@ -158,8 +162,11 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
             (loss * (share * dist_info.world_size) if dist_info.world_size > 1 else loss).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
-            loss_sum += loss.item() * share * len(rows)  # .item() syncs, harmless on CPU
+            step_loss = loss.item()  # syncs, harmless on CPU
+            loss_sum += step_loss * share * len(rows)
             n_seen += len(rows)
+            # under DDP, rank 0's loss on its part of the batch: no extra all-reduce per step for a log line
+            writer.step(epoch, b, len(batches), {"train_loss": step_loss, "lr": optimizer.param_groups[0]["lr"]})
         loss_sum = all_reduce_sum(loss_sum)
         steps_seconds = time.perf_counter() - epoch_start
 
@@ -186,9 +193,8 @@ def fit_one(cfg: PriceFusionConfig, fold_dir: Path, train_data: FusionTensors, v
         epochs_this_run += 1
         if on_epoch is not None and val_data is not None:
             on_epoch(epoch, record["val_smape"])
-    writer.close()
-
     finished = stopper.should_stop or (history and history[-1]["epoch"] >= tc.epochs)
+    writer.close(hparams=cfg if finished else None)  # hyper-parameters only once the fit is done
     if not finished:
         return None  # stopped early on purpose (max_epochs_this_run): resume later
     barrier()  # rank 0 wrote the checkpoint every rank loads
@@ -234,7 +240,7 @@ PATH_KEYS = ("data.train_csv", "data.test_csv", "data.image_dir", "data.embeddin
 
 def run_fingerprint(cfg: PriceFusionConfig) -> dict:
     """What decides the weights of a training run: the data / model / train sections (less epochs, threads, device,
-    resume and checkpoint cadence; `common.runs.VOLATILE_KEYS`), the training CSV and the train embedding files by
+    resume and checkpoint cadence; `common.fingerprint.VOLATILE_KEYS`), the training CSV and the train embedding files by
     size and SHA-256, and the embedding store's digest of its id order. Call it after `load_split` has validated
     the embedding folder (its manifest is read here as is)."""
     emb_dir = Path(cfg.data.embeddings_dir) / "train"

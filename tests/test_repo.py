@@ -137,3 +137,83 @@ def test_test_file_names_are_unique_across_packages() -> None:
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         names.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
     assert not {name: paths for name, paths in names.items() if len(paths) > 1}
+
+
+def _first_party_imports(path: Path, module: str, is_package: bool, known: set[str]) -> set[str]:
+    """The first-party modules `module` (source at `path`) imports anywhere in its body: module level, inside
+    functions and classes, relative or absolute. `from pkg import name` counts as importing `pkg.name` when that is a
+    module, else `pkg` itself."""
+    import ast
+
+    base = module if is_package else module.rpartition(".")[0]
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names if alias.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            source = node.module or ""
+            if node.level:
+                parts = base.split(".")
+                anchor = ".".join(parts[: len(parts) - (node.level - 1)])
+                source = f"{anchor}.{source}" if source else anchor
+            for alias in node.names:
+                if f"{source}.{alias.name}" in known:
+                    imported.add(f"{source}.{alias.name}")
+                elif source in known:
+                    imported.add(source)
+    imported.discard(module)
+    return imported
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module name -> the first-party modules it imports, over `common` and every package."""
+    sources: dict[str, tuple[Path, bool]] = {}
+    for top in ["common", *PACKAGES]:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            is_package = parts[-1] == "__init__"
+            sources[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    known = set(sources)
+    return {name: _first_party_imports(path, name, is_package, known) for name, (path, is_package) in sources.items()}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph` as [a, b, ..., a], or None when the graph has none (iterative depth-first
+    search: a module met again while still on the search path closes a circle)."""
+    done: set[str] = set()
+    for root in sorted(graph):
+        if root in done:
+            continue
+        path: list[str] = [root]
+        on_path = {root}
+        pending = [iter(sorted(graph[root]))]
+        while pending:
+            nxt = next(pending[-1], None)
+            if nxt is None:
+                pending.pop()
+                done.add(path[-1])
+                on_path.discard(path.pop())
+            elif nxt in on_path:
+                return [*path[path.index(nxt):], nxt]
+            elif nxt not in done:
+                path.append(nxt)
+                on_path.add(nxt)
+                pending.append(iter(sorted(graph[nxt])))
+    return None
+
+
+def test_cycle_finder_reports_a_circle_and_accepts_a_tree() -> None:
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_first_party_modules_import_no_circle() -> None:
+    """No module of `common` or of a package reaches itself through its imports, counting imports inside functions
+    (a function-local import hides a circle from the interpreter until that function runs, not from the reader)."""
+    graph = _import_graph()
+    assert {"common.cli", "common.checkpoint", "ehr_embedded.evaluate"} <= set(graph)
+    assert "common.checkpoint" in graph["building_embed.publish.convert_to_hf"]  # `from common import checkpoint`
+    assert "common.config" in graph["common.cli"]  # imported inside `config_main`, not at module level
+    assert "price_fusion.config" in graph["price_fusion.model"]  # `from .config import ModelConfig`
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])

@@ -28,7 +28,8 @@ import torch
 from building_embed.config import BuildingEmbedConfig, DataConfig
 from building_embed.preprocess.merge_and_split import read_split
 from building_embed.preprocess.schema import IDENTITY, IMAGE_KEY
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write, require_finite, write_json
 from common.logs import setup_logging
 

@@ -22,7 +22,7 @@ from torch import nn
 from building_embed.config import EmbeddingModelConfig
 from building_embed.generate.pixels import build_pixels_backbone
 from common.backbones import EvalPreprocess, build_timm_backbone
-from common.cli import UserError
+from common.errors import UserError
 from common.images import DEFAULT_MAX_PIXELS, open_photo
 
 log = logging.getLogger(__name__)

@@ -42,12 +42,13 @@ from building_embed.config import BuildingEmbedConfig
 from building_embed.generate.backbone import ImagePreprocess, build_backbone
 from building_embed.preprocess.schema import IDENTITY, IMAGE_BYTES, IMAGE_KEY, read_parquet_checked
 from building_embed.progress import ProgressLog
-from common.cli import UserError, config_main
+from common.cli import config_main
 from common.distributed import barrier, cleanup_distributed, setup_distributed
+from common.errors import UserError
+from common.fingerprint import fingerprint_changes, flatten
 from common.images import ImageRefused
 from common.io import atomic_write, require_finite, sha256_file, write_json
 from common.logs import progress, setup_logging
-from common.runs import fingerprint_changes, flatten
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def generate(cfg: BuildingEmbedConfig) -> int:
 
 
 def _differences(previous: dict | None, current: dict) -> str:
-    """`settings.img_size: 28 -> 42; ...`: the dotted keys of a shard's recorded metadata that differ (common.runs)."""
+    """`settings.img_size: 28 -> 42; ...`: the dotted keys of a shard's recorded metadata that differ."""
     if previous is None:
         return "no building_embed metadata"
     return "; ".join(fingerprint_changes({"config": flatten(previous)}, {"config": flatten(current)}))

@@ -22,7 +22,8 @@ from PIL import Image
 
 from building_embed.config import BuildingEmbedConfig
 from building_embed.preprocess.schema import IDENTITY, IMAGE_BYTES, IMAGE_KEY
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write
 from common.logs import progress, setup_logging
 

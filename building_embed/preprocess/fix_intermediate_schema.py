@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from building_embed.config import BuildingEmbedConfig
 from building_embed.preprocess.compute_fingerprints import intermediate_shards
 from building_embed.preprocess.schema import IDENTITY, IMAGE_KEY, INTERMEDIATE_SCHEMA, read_parquet_checked
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write, write_json
 from common.logs import setup_logging
 

@@ -44,7 +44,8 @@ from building_embed.preprocess.compute_fingerprints import (
 from building_embed.preprocess.schema import IDENTITY, IMAGE_BYTES, IMAGE_KEY, read_parquet_checked
 from building_embed.preprocess.summarize_ids import write_summary
 from building_embed.streetview import to_ecef
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write, atomic_write_text, require_finite, write_json
 from common.logs import setup_logging
 

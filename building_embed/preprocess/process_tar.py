@@ -38,7 +38,8 @@ from PIL import Image
 from building_embed.config import BuildingEmbedConfig, DataConfig
 from building_embed.preprocess.schema import IDENTITY, IMAGE_BYTES, IMAGE_KEY, INTERMEDIATE_SCHEMA
 from building_embed.streetview import MetadataError, identity_of, parse_metadata
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.images import strip_metadata
 from common.io import atomic_write, write_json
 from common.logs import progress, setup_logging

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from building_embed.streetview import ALIGNMENT, FLOAT_FIELDS, ID_FIELDS
-from common.cli import UserError
+from common.errors import UserError
 
 IMAGE_KEY = "image_key"
 """`<tar file name>:<member name>`: unique across tars, the id every later file joins on."""

@@ -16,7 +16,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from building_embed.config import BuildingEmbedConfig
-from common.cli import UserError, config_main
+from common.cli import config_main
+from common.errors import UserError
 from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 

@@ -36,8 +36,9 @@ from building_embed.publish.configuration_spatial_embeddings import SpatialEmbed
 from building_embed.publish.hub import IntermixedParser, head_dims
 from building_embed.publish.modeling_spatial_embeddings import SpatialEmbeddingsModel
 from common import checkpoint as ckpt_io
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
 from common.config import config_help, load_config
+from common.errors import UserError
 from common.logs import setup_logging
 
 log = logging.getLogger(__name__)

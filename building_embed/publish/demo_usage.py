@@ -21,7 +21,8 @@ from building_embed.generate.generate_embeddings import read_embeddings
 from building_embed.preprocess.schema import IDENTITY, IMAGE_KEY
 from building_embed.publish.generate_embeddings_from_parquet import embedding_files
 from building_embed.publish.hub import IntermixedParser, apply_head, load_published, require_width
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
+from common.errors import UserError
 from common.io import require_finite
 
 

@@ -37,8 +37,9 @@ from building_embed.generate.generate_embeddings import ID_COLUMNS, embed_shard,
 from building_embed.preprocess.schema import IMAGE_BYTES, IMAGE_KEY
 from building_embed.publish.generate_embeddings_from_parquet import model_fingerprint
 from building_embed.publish.hub import IntermixedParser, embeddings_table, load_published
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
 from common.config import config_help, load_config
+from common.errors import UserError
 from common.images import DEFAULT_MAX_PIXELS, ImageRefused, declared_size
 from common.io import atomic_write, require_finite
 from common.logs import setup_logging

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from building_embed.generate.generate_embeddings import read_embeddings
 from building_embed.preprocess.schema import IMAGE_KEY
 from building_embed.publish.hub import EMBEDDING, IntermixedParser, apply_head, embeddings_table, load_published
-from common.cli import UserError, guarded_main
+from common.cli import guarded_main
+from common.errors import UserError
 from common.io import atomic_write, require_finite
 from common.logs import setup_logging
 

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModel
 
 from building_embed.publish.configuration_spatial_embeddings import SpatialEmbeddingsConfig
 from building_embed.publish.modeling_spatial_embeddings import SpatialEmbeddingsModel
-from common.cli import UserError
+from common.errors import UserError
 
 AutoConfig.register(SpatialEmbeddingsConfig.model_type, SpatialEmbeddingsConfig, exist_ok=True)
 AutoModel.register(SpatialEmbeddingsConfig, SpatialEmbeddingsModel, exist_ok=True)

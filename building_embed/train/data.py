@@ -25,7 +25,7 @@ from building_embed.difficulty.compute_visual_neighbors import OUTPUT_FILE, REPO
 from building_embed.preprocess.merge_and_split import SPLITS, read_split, split_embedding_dim
 from building_embed.preprocess.schema import IDENTITY, IMAGE_KEY, read_parquet_checked
 from building_embed.train.evaluate import relevant_counts
-from common.cli import UserError
+from common.errors import UserError
 from common.io import require_finite
 
 PANORAMA = "street_view_id"

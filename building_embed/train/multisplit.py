@@ -49,11 +49,12 @@ from building_embed.train.data import PANORAMA, load_split
 from building_embed.train.evaluate import embed, retrieval_metrics
 from building_embed.train.train import OPTUNA_KEYS, run_training
 from common.checkpoint import load_weights
-from common.cli import UserError, config_main
+from common.cli import config_main
 from common.config import to_dict
+from common.errors import UserError
+from common.fingerprint import fingerprint_changes, make_fingerprint
 from common.io import atomic_write, atomic_write_text, write_json
 from common.logs import setup_logging
-from common.runs import fingerprint_changes, make_fingerprint
 
 log = logging.getLogger(__name__)
 MODELS = ("frozen", "head", "pca_lda")

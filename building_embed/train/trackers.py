@@ -1,11 +1,14 @@
-"""Optional experiment trackers behind one interface: TensorBoard (`torch.utils.tensorboard`) and W&B offline.
+"""Optional experiment trackers behind one interface: W&B offline (TensorBoard is common.logs.MetricsWriter's).
 
-    trackers = open_trackers(cfg.logging, run_dir, config_dict)   # after `require_trackers` passed
+    require_trackers(cfg.logging)                                 # before anything is written
+    trackers = open_trackers(cfg.logging, run_dir, config_dict)
     trackers.log(record, step=epoch)                              # numeric values only
     trackers.close()
 
-metrics.jsonl is always written (common.logs.MetricsWriter); these are extra sinks the user turns on in [logging].
-`require_trackers` runs before anything is written and refuses (exit 2) a tracker that is on but not installed.
+metrics.jsonl is always written (common.logs.MetricsWriter), and so is <run>/tensorboard/ unless
+logging.tensorboard=false (common.tensorboard: on by default when the package is installed). W&B is an extra sink the
+user turns on in [logging]. `require_trackers` runs before anything is written and refuses (exit 2) a tracker that is
+on but not installed, logging.tensorboard=true included.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from building_embed.config import LoggingConfig
-from common.cli import UserError
+from common.errors import UserError
+from common.tensorboard import tensorboard_wanted
 
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+_PACKAGES = {"wandb": "wandb"}
 
 
 def require_trackers(cfg: LoggingConfig) -> None:
+    tensorboard_wanted(cfg.tensorboard, "logging.tensorboard")
     for key, package in _PACKAGES.items():
         if getattr(cfg, key) and importlib.util.find_spec(package) is None:
             raise UserError(f"logging.{key}=true but the '{package}' package is not installed; `pip install "
@@ -42,21 +47,6 @@ class Trackers:
             getattr(sink, "close", lambda: None)()
 
 
-class _TensorBoard:
-    def __init__(self, log_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-
-    def __call__(self, scalars: dict[str, float], step: int) -> None:
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 class _WandbOffline:
     def __init__(self, run_dir: Path, project: str, config: dict[str, Any]) -> None:
         import wandb
@@ -74,8 +64,6 @@ class _WandbOffline:
 def open_trackers(cfg: LoggingConfig, run_dir: Path, config: dict[str, Any]) -> Trackers:
     require_trackers(cfg)
     sinks: list[Any] = []
-    if cfg.tensorboard:
-        sinks.append(_TensorBoard(run_dir / "tensorboard"))
     if cfg.wandb:
         sinks.append(_WandbOffline(run_dir, cfg.wandb_project, config))
     return Trackers(sinks)

@@ -17,9 +17,10 @@ Where stderr is not a terminal (SLURM logs) an epoch logs a line every logging.p
 ETA. A train split where no identity has two images, or a val split where no identity has images from two panoramas,
 is refused (exit 2, naming the split file) before anything is written.
 
-Writes paths.runs_dir/<global.run_name>/: config.yaml, train.log, metrics.jsonl (one record per epoch),
-checkpoints/{latest,best}/ (model.safetensors = the ProjectionHead of building_embed.model; meta.json holds
-[training_model]), reports/retrieval.{json,md}, and tensorboard/ or wandb/ when [logging] turns them on.
+Writes paths.runs_dir/<global.run_name>/: config.yaml, train.log, metrics.jsonl (one record per epoch, and
+per-step train-loss records between them), checkpoints/{latest,best}/ (model.safetensors = the ProjectionHead of
+building_embed.model; meta.json holds [training_model]), reports/retrieval.{json,md}, tensorboard/ (unless
+logging.tensorboard=false) and wandb/ when [logging] turns it on.
 
 Resume: global.resume=auto continues from checkpoints/latest with optimizer, early stopping, bandit and RNG state;
 batches come from (seed, epoch, batch), so a killed and resumed run ends with the same weights, bit for bit (CPU). It
@@ -63,12 +64,14 @@ from building_embed.train.evaluate import DEFAULT_MEMORY_MB, embed, markdown_tab
 from building_embed.train.losses import build_objective
 from building_embed.train.trackers import Trackers, open_trackers, require_trackers
 from common.checkpoint import CheckpointManager, capture_train_state, load_weights, resume_from_checkpoint
-from common.cli import UserError, config_main
+from common.cli import config_main
 from common.config import to_dict
 from common.distributed import barrier, cleanup_distributed, main_rank_value, setup_distributed, wrap_ddp
+from common.errors import UserError
+from common.fingerprint import make_fingerprint
 from common.io import atomic_write_text, write_json
 from common.logs import MetricsWriter, progress
-from common.runs import make_fingerprint, open_run
+from common.runs import open_run
 from common.seed import seed_everything
 from common.training import EarlyStopping, param_groups
 
@@ -138,7 +141,8 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
         bandit.load_state_dict(resumed["bandit"])
         start_epoch = int(resumed["epoch"]) + 1
         log.info("resumed from %s at epoch %d", resumed["_resumed_from"], start_epoch)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=start_epoch - 1 if resumed else None,
+                            tensorboard=cfg.logging.tensorboard, tensorboard_key="logging.tensorboard")
     trackers = open_trackers(cfg.logging, run_dir, to_dict(cfg)) if dist_info.is_main else Trackers([])
     train_head = wrap_ddp(head, dist_info)  # after the resume: DDP starts from rank 0's weights
 
@@ -175,6 +179,8 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
                     bandit.update(band, learning_progress(before, unmined_loss(head, objective, x, y)))
                 loss_sum += loss_value
                 triplet_sum += n_triplets
+                metrics.step(epoch, b, n_batches, {"train_loss": loss_value, "mined_triplets": n_triplets,
+                                                   "lr": optimizer.param_groups[0]["lr"]})
                 band_pulls[band] += 1
                 steps.step()
             val = main_rank_value(retrieval_metrics(embed(head, val_split.embeddings), val_split.identity,
@@ -193,8 +199,9 @@ def run_training(cfg: BuildingEmbedConfig, on_epoch: EpochHook | None = None, fi
             manager.save(head, state, epoch, is_best=improved, meta={**meta, "val": val})
             if on_epoch is not None:
                 on_epoch(epoch, record)
+        metrics.close(hparams=cfg)
     finally:
-        metrics.close()
+        metrics.close()  # a no-op after the close above; closes the files when training raised
         trackers.close()
     barrier()  # rank 0 has written its last checkpoint
     if not (manager.best / "model.safetensors").is_file():

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 from ehr_embedded.models.layers import as_config
 from ehr_embedded.models.transformer_decoder_embedded import TransformerDecoderEmbedded
 from ehr_embedded.models.transformer_encoder_embedded import TransformerEncoderEmbedded

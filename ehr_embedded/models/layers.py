@@ -6,7 +6,7 @@ are near 1: code identity was almost invisible. `balanced` (the default) rescale
 (norm sqrt(D); a default Linear then gives components of about 0.6), divides log1p(hours) by log1p(720) (30 days
 -> 1), keeps value z-scores (already unit scale) and starts positions at N(0, 0.02), so code, value, time and position
 enter the residual stream on comparable scales. `none` is the earlier behaviour (runs trained before the option
-existed load with it; see `predict.run_config`).
+existed load with it; see `predictions.run_config`).
 """
 
 from __future__ import annotations

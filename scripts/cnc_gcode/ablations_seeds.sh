@@ -8,7 +8,7 @@
 # runs/cnc_gcode/<run.name of CONFIG>/measured_only (or $RUNS).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-.venv/bin/python}
+source scripts/_python.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 WHICH=${1:-both}
 CONFIG=${CONFIG:-configs/cnc_gcode/measured_only_completed.yaml}

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=${1:-configs/cnc_gcode/measured_only.yaml}
 shift || true
-PY=${PYTHON:-.venv/bin/python}
+source scripts/_python.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 [ -f data/cnc_gcode/measured/train.npz ] || $PY -m cnc_gcode.sample_data data/cnc_gcode/measured --programs 60 --max-per-line 2
 $PY -m cnc_gcode.measured_only --config "$CONFIG" "$@"

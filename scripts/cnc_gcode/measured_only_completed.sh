@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=${1:-configs/cnc_gcode/measured_only_completed.yaml}
 shift || true
-PY=${PYTHON:-.venv/bin/python}
+source scripts/_python.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 DATA=data/cnc_gcode/measured_completed
 # (re)make the data unless it is there with this labelling

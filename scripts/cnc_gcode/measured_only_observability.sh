@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-/tmp/cnc_observability}
-PY=${PYTHON:-.venv/bin/python}
+source scripts/_python.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 $PY -m cnc_gcode.sample_data "$OUT/executing" --programs 60 --max-per-line 2 > /dev/null
 for n in 0 1 2 3 4; do

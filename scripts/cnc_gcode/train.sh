@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=${1:-configs/cnc_gcode/sample.yaml}
 shift || true
-PY=${PYTHON:-.venv/bin/python}
+source scripts/_python.sh
 [ -f data/cnc_gcode/sample/train.npz ] || $PY -m cnc_gcode.sample_data data/cnc_gcode/sample --programs 350 --max-per-line 2
 $PY -m cnc_gcode.train_encoder --config "$CONFIG" "$@"
 $PY -m cnc_gcode.train --config "$CONFIG" "$@"

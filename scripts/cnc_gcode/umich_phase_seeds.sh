@@ -11,7 +11,7 @@
 # 5. the table: runs/cnc_gcode/umich_phase/umich_phase_seeds.{md,json} (scripts/cnc_gcode/umich_phase_table.py)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-.venv/bin/python}
+source scripts/_python.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 CFG=configs/cnc_gcode/umich_seqmap.yaml
 RUNS=${RUNS:-runs/cnc_gcode}

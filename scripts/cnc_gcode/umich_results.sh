@@ -8,7 +8,7 @@
 #    runs/cnc_gcode/umich_lines/reports/{umich_program.ngc,umich_lines.json,umich_lines.md}
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-.venv/bin/python}
+source scripts/_python.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 SEQMAP=configs/cnc_gcode/umich_seqmap.yaml
 $PY -m cnc_gcode.ingest_umich --config "$SEQMAP"

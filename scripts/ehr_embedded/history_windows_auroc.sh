@@ -13,14 +13,15 @@
 # events of the shipped store, no admission kept; their report files are read, not re-run).
 # A store whose report.json exists, and a run whose held-out report exists, is skipped (a run directory without its
 # report, e.g. from a killed run, is deleted and re-run), so re-running only finishes what is missing.
-#   scripts/ehr_embedded/history_windows_auroc.sh       (PYTHON overrides the interpreter; VARIANTS="last256_adm
+#   scripts/ehr_embedded/history_windows_auroc.sh       (no arguments; VARIANTS="last256_adm
 #                                                        days30_adm" restricts the variants run and summarised)
 # Took 42 min for all three variants (15 stores of ~20 s, 15 baselines of ~30-45 s, 15 encoders of ~1.5-3.5 min) on
 # the 2 shared, busy cores with nice and OMP_NUM_THREADS=1 (1 Dec 2026): 40 min for this script, plus 2.5 min for the
 # last256_adm split-0 store and encoder, run beforehand by hand with the same commands to time one finetune.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY="${PYTHON:-python}"
+source scripts/_python.sh
+takes_no_arguments "$@"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 C=configs/ehr_embedded
 OUT=runs/ehr_embedded/mimic_history_auroc
@@ -58,20 +59,20 @@ for v in "${VARIANTS[@]}"; do
         mkdir -p "$D"
         if [ ! -f "$D/store/report.json" ]; then
             stamp "$v split $s: store"
-            "$PY" -m ehr_embedded.create_embeddings --config "$C/mimic_create_embeddings.yaml" \
+            run "$PY" -m ehr_embedded.create_embeddings --config "$C/mimic_create_embeddings.yaml" \
                 data.data_dir=$R/meds data.labels_filepath=$R/meds/labels/long_stay data.vocab_embedding_path=$R/vocab \
                 data.embedding_output_dir=$D/store "${OV[@]}"
         fi
         if [ ! -f "$D/baseline_counts/reports/baseline_held_out.json" ]; then
             stamp "$v split $s: counts baseline"
             rm -rf "$D/baseline_counts"
-            "$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$D/store \
+            run "$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$D/store \
                 output_dir=$D/baseline_counts
         fi
         if [ ! -f "$D/finetune_encoder/reports/eval_held_out.json" ]; then
             stamp "$v split $s: encoder"
             rm -rf "$D/finetune_encoder"
-            "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder.yaml" data.embedding_output_dir=$D/store \
+            run "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder.yaml" data.embedding_output_dir=$D/store \
                 training.output_dir=$D/finetune_encoder
         fi
     done
@@ -86,5 +87,5 @@ for v in "${VARIANTS[@]}"; do
     done
 done
 stamp "summarize"
-"$PY" -m ehr_embedded.summarize $OUT/summary "${rows[@]}"
+run "$PY" -m ehr_embedded.summarize $OUT/summary "${rows[@]}"
 stamp "done"

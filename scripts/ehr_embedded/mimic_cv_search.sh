@@ -12,19 +12,20 @@
 # 29 minutes on one core (the search 21 of them). Rerunning reuses the study (optuna.total_trials caps it) and
 # its fold stores; delete runs/ehr_embedded/mimic/{optuna_cv.db,optuna/mimic_cv_k3,finetune_encoder_cv_tuned} to
 # start over (the Optuna sampler is not seeded, so a new search samples other trials).
-#   scripts/ehr_embedded/mimic_cv_search.sh            (PYTHON overrides the interpreter)
+#   scripts/ehr_embedded/mimic_cv_search.sh            (no arguments: its configs and paths are fixed)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY="${PYTHON:-python}"
+source scripts/_python.sh
+takes_no_arguments "$@"
 C=configs/ehr_embedded
 rows_tuning=()
 rows_cv=()
 for s in 0 1 2 3 4; do
     R=runs/ehr_embedded/mimic_split$s
     [ "$s" = 0 ] && R=runs/ehr_embedded/mimic
-    "$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/long_stay \
+    run "$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/long_stay \
         output_dir=$R/baseline_counts
-    "$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/long_stay \
+    run "$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/long_stay \
         output_dir=$R/baseline_counts_grouped_cv selection=grouped_cv cv_folds=5
     rows_tuning+=("counts + LR, C on tuning=$R/baseline_counts/reports/baseline_held_out.json")
     rows_cv+=("counts + LR, C by 5-fold grouped CV=$R/baseline_counts_grouped_cv/reports/baseline_held_out.json")
@@ -34,9 +35,9 @@ R=runs/ehr_embedded/mimic
 SEARCH=(optuna.storage=sqlite:///$R/optuna_cv.db optuna.study=mimic_cv_k3 optuna.cv_folds=3 optuna.cv_seed=0
         optuna.epochs=8 optuna.trials=16 optuna.total_trials=16 "optuna.model_dims=[32, 64]" "optuna.n_layers=[1, 2]"
         training.output_dir=$R/finetune_encoder_cv_tuned)
-"$PY" -m ehr_embedded.optuna_worker --config "$C/mimic_finetune_encoder.yaml" "${SEARCH[@]}"
-"$PY" -m ehr_embedded.fetch_best_and_train --config "$C/mimic_finetune_encoder.yaml" "${SEARCH[@]}"
+run "$PY" -m ehr_embedded.optuna_worker --config "$C/mimic_finetune_encoder.yaml" "${SEARCH[@]}"
+run "$PY" -m ehr_embedded.fetch_best_and_train --config "$C/mimic_finetune_encoder.yaml" "${SEARCH[@]}"
 
-"$PY" -m ehr_embedded.summarize runs/ehr_embedded/mimic_cv_search "${rows_tuning[@]}" "${rows_cv[@]}" \
+run "$PY" -m ehr_embedded.summarize runs/ehr_embedded/mimic_cv_search "${rows_tuning[@]}" "${rows_cv[@]}" \
     "encoder split 0, default params=$R/finetune_encoder/reports/eval_held_out.json" \
     "encoder split 0, params by 3-fold grouped CV search=$R/finetune_encoder_cv_tuned/reports/eval_held_out.json"

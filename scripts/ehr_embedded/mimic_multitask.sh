@@ -6,21 +6,22 @@
 # multi-label one; it must equal the single-task baselines on the rows each task labels). Needs runs/ehr_embedded/mimic
 # from scripts/ehr_embedded/mimic_results.sh (meds, vocab, long_stay). Writes runs/ehr_embedded/mimic/multitask_study/
 # and its summary.{md,json} (one row per (model, task), mean +- sd rows over seeds).
-#   scripts/ehr_embedded/mimic_multitask.sh            (PYTHON overrides the interpreter)
+#   scripts/ehr_embedded/mimic_multitask.sh            (no arguments: its configs and paths are fixed)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY="${PYTHON:-python}"
+source scripts/_python.sh
+takes_no_arguments "$@"
 C=configs/ehr_embedded
 R=runs/ehr_embedded/mimic
 O=$R/multitask_study
 ICU=(data.labels_filepath=$R/meds/labels/icu_after_24h data.embedding_output_dir=$R/icu_after_24h)
-[ -f "$R/multitask/report.json" ] || "$PY" -m ehr_embedded.create_embeddings --config "$C/mimic_create_embeddings_multitask.yaml"
-[ -f "$R/icu_after_24h/report.json" ] || "$PY" -m ehr_embedded.create_embeddings --config "$C/mimic_create_embeddings.yaml" "${ICU[@]}"
-"$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/multitask \
+[ -f "$R/multitask/report.json" ] || run "$PY" -m ehr_embedded.create_embeddings --config "$C/mimic_create_embeddings_multitask.yaml"
+[ -f "$R/icu_after_24h/report.json" ] || run "$PY" -m ehr_embedded.create_embeddings --config "$C/mimic_create_embeddings.yaml" "${ICU[@]}"
+run "$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/multitask \
     output_dir=$O/baseline_multitask
-"$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/long_stay \
+run "$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/long_stay \
     output_dir=$O/baseline_long_stay
-"$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/icu_after_24h \
+run "$PY" -m ehr_embedded.baseline --config "$C/mimic_baseline.yaml" embedding_output_dir=$R/icu_after_24h \
     output_dir=$O/baseline_icu_after_24h
 B=reports/baseline_held_out.json
 E=reports/eval_held_out.json
@@ -29,15 +30,15 @@ rows=("counts + LR, per task on the multi-label store: long_stay=$O/baseline_mul
       "counts + LR, per task on the multi-label store: icu_after_24h=$O/baseline_multitask/$B#icu_after_24h"
       "counts + LR, icu_after_24h store=$O/baseline_icu_after_24h/$B")
 for seed in 0 1 2; do
-    "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder_multitask.yaml" training.seed=$seed \
+    run "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder_multitask.yaml" training.seed=$seed \
         training.output_dir=$O/multitask_seed$seed
-    "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder.yaml" training.seed=$seed \
+    run "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder.yaml" training.seed=$seed \
         training.output_dir=$O/long_stay_seed$seed
-    "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder.yaml" data.embedding_output_dir=$R/icu_after_24h \
+    run "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder.yaml" data.embedding_output_dir=$R/icu_after_24h \
         training.seed=$seed training.output_dir=$O/icu_after_24h_seed$seed
 done
 for seed in 0 1 2; do rows+=("multi-task encoder: long_stay=$O/multitask_seed$seed/$E#long_stay"); done
 for seed in 0 1 2; do rows+=("single-task encoder: long_stay=$O/long_stay_seed$seed/$E"); done
 for seed in 0 1 2; do rows+=("multi-task encoder: icu_after_24h=$O/multitask_seed$seed/$E#icu_after_24h"); done
 for seed in 0 1 2; do rows+=("single-task encoder: icu_after_24h=$O/icu_after_24h_seed$seed/$E"); done
-"$PY" -m ehr_embedded.summarize "$O/summary" "${rows[@]}"
+run "$PY" -m ehr_embedded.summarize "$O/summary" "${rows[@]}"

@@ -3,10 +3,11 @@
 # configs/ehr_embedded/mimic_finetune_encoder.yaml (seed 0) with one issue-12 choice changed at a time, beside the
 # counts baseline. Needs the split-0 store (mimic_results.sh or mimic_splits.sh). Writes
 # runs/ehr_embedded/mimic_variants.{md,json}. About 15 minutes on 2 busy cores.
-#   scripts/ehr_embedded/mimic_variants.sh            (PYTHON overrides the interpreter)
+#   scripts/ehr_embedded/mimic_variants.sh            (no arguments: its configs and paths are fixed)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY="${PYTHON:-python}"
+source scripts/_python.sh
+takes_no_arguments "$@"
 C=configs/ehr_embedded
 R=runs/ehr_embedded/mimic
 rows=("count features + LR=$R/baseline_counts/reports/baseline_held_out.json"
@@ -14,8 +15,8 @@ rows=("count features + LR=$R/baseline_counts/reports/baseline_held_out.json"
 for variant in "balanced_mean:model.pooling=mean" "attention:model.pooling=attention" \
                "trainable:model.code_embedding=trainable"; do
     name=${variant%%:*}
-    "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder.yaml" training.output_dir=$R/encoder_$name \
+    run "$PY" -m ehr_embedded.finetune --config "$C/mimic_finetune_encoder.yaml" training.output_dir=$R/encoder_$name \
         "${variant#*:}"
     rows+=("encoder, ${variant#*:}=$R/encoder_$name/reports/eval_held_out.json")
 done
-"$PY" -m ehr_embedded.summarize runs/ehr_embedded/mimic_variants "${rows[@]}"
+run "$PY" -m ehr_embedded.summarize runs/ehr_embedded/mimic_variants "${rows[@]}"

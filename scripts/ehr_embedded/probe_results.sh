@@ -10,15 +10,16 @@
 # The pretrain_decoder runs are probed too: a frozen next-event model that never saw the label, the way foundation
 # models are compared. Needs those runs; retrains no network (the mean-embedding baseline, a logistic regression, is
 # fitted on every split; about 12 minutes on 2 busy cores).
-#   scripts/ehr_embedded/probe_results.sh            (PYTHON overrides the interpreter)
+#   scripts/ehr_embedded/probe_results.sh            (no arguments: its configs and paths are fixed)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY="${PYTHON:-python}"
+source scripts/_python.sh
+takes_no_arguments "$@"
 
 probe() {  # RUN_DIR: representations, then both probes
-    "$PY" -m ehr_embedded.represent run_dir="$1"
-    "$PY" -m ehr_embedded.linear_probe run_dir="$1" output_dir="$1/probe_tuning"
-    "$PY" -m ehr_embedded.linear_probe run_dir="$1" output_dir="$1/probe_grouped_cv" selection=grouped_cv cv_folds=5
+    run "$PY" -m ehr_embedded.represent run_dir="$1"
+    run "$PY" -m ehr_embedded.linear_probe run_dir="$1" output_dir="$1/probe_tuning"
+    run "$PY" -m ehr_embedded.linear_probe run_dir="$1" output_dir="$1/probe_grouped_cv" selection=grouped_cv cv_folds=5
 }
 
 R=runs/ehr_embedded/sample
@@ -32,7 +33,7 @@ done
 probe "$R/pretrain_decoder"  # frozen next-event decoder, never trained on the label: the foundation-model probe
 rows+=("pretrain_decoder (frozen): linear probe, C on tuning=$R/pretrain_decoder/probe_tuning/linear_probe.json"
        "pretrain_decoder (frozen): linear probe, C by 5-fold subject CV=$R/pretrain_decoder/probe_grouped_cv/linear_probe.json")
-"$PY" -m ehr_embedded.summarize "$R/probe_summary" "${rows[@]}" \
+run "$PY" -m ehr_embedded.summarize "$R/probe_summary" "${rows[@]}" \
     "count features + LR=$R/baseline_counts/reports/baseline_held_out.json"
 
 rows=()
@@ -41,7 +42,7 @@ for s in 0 1 2 3 4; do
     [ "$s" = 0 ] && R=runs/ehr_embedded/mimic
     probe "$R/finetune_encoder"
     # the frozen representation the transformers start from, on every split (mimic_results.sh's split-0 command)
-    "$PY" -m ehr_embedded.baseline --config configs/ehr_embedded/mimic_baseline.yaml features=mean_embedding \
+    run "$PY" -m ehr_embedded.baseline --config configs/ehr_embedded/mimic_baseline.yaml features=mean_embedding \
         embedding_output_dir=$R/long_stay output_dir=$R/baseline_mean_embedding
     rows+=("counts + LR=$R/baseline_counts/reports/baseline_held_out.json"
            "mean MiniLM code embedding + LR=$R/baseline_mean_embedding/reports/baseline_held_out.json"
@@ -56,4 +57,4 @@ for name in finetune_decoder pretrain_decoder pretrain_decoder_windows; do
     rows+=("split 0 $name, linear probe (C on tuning)=$R/$name/probe_tuning/linear_probe.json"
            "split 0 $name, linear probe (C by subject CV)=$R/$name/probe_grouped_cv/linear_probe.json")
 done
-"$PY" -m ehr_embedded.summarize runs/ehr_embedded/mimic_probe "${rows[@]}"
+run "$PY" -m ehr_embedded.summarize runs/ehr_embedded/mimic_probe "${rows[@]}"

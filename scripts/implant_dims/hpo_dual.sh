@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=configs/implant_dims/sample.yaml
 if [[ "${1:-}" == *.yaml ]]; then CONFIG=$1; shift; fi
-PY=${PYTHON:-.venv/bin/python}
-if [[ "$CONFIG" == configs/implant_dims/sample.yaml && ! -f data/implant_dims/sample/meta.json ]]; then
+source scripts/_python.sh
+if [[ "$CONFIG" == configs/implant_dims/sample.yaml && ! -f data/implant_dims/sample/calibration.json ]]; then
   $PY -m implant_dims.sample_data data/implant_dims/sample
 fi
 for target in company model_type; do

@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=configs/implant_dims/sample.yaml
 if [[ "${1:-}" == *.yaml ]]; then CONFIG=$1; shift; fi
-PY=${PYTHON:-.venv/bin/python}
-if [[ "$CONFIG" == configs/implant_dims/sample.yaml && ! -f data/implant_dims/sample/meta.json ]]; then
+source scripts/_python.sh
+if [[ "$CONFIG" == configs/implant_dims/sample.yaml && ! -f data/implant_dims/sample/calibration.json ]]; then
   $PY -m implant_dims.sample_data data/implant_dims/sample
 fi
 ARGS=(--config "$CONFIG" hpo.kind=classifier classifier.target=model_type hpo.n_trials=20 hpo.n_workers=4 "$@")

@@ -7,13 +7,13 @@
 # is the detector's spacing, which does not know it: only the thread pitch can tell the magnification apart.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-.venv/bin/python}
+source scripts/_python.sh
 DATA=data/implant_dims/sample_mag8
-# (re)render when missing or written by a renderer from before the records carried their pixel scale
-grep -qs '"mm_per_pixel"' $DATA/meta.json || $PY -m implant_dims.sample_data $DATA --magnification-sd 0.08
+# (re)render when missing or written by a renderer from before the calibration split (the same images otherwise)
+[ -f $DATA/calibration.json ] || $PY -m implant_dims.sample_data $DATA --magnification-sd 0.08
 ARGS=(--config configs/implant_dims/sample.yaml run.name=sample_mag8 "data.train_json=$DATA/augmented_train.json"
       "data.val_json=$DATA/augmented_val.json" "data.test_json=$DATA/test.json" "data.unseen_json=$DATA/unseen_test.json"
-      "data.catalogue_csv=$DATA/catalogue.csv" "$@")
+      "data.catalogue_csv=$DATA/catalogue.csv" "data.calibration_json=$DATA/calibration.json" "$@")
 for target in company model_type; do
   $PY -m implant_dims.train_classifier "${ARGS[@]}" classifier.target=$target
 done

@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=${1:-configs/implant_dims/sample.yaml}
 shift || true
-PY=${PYTHON:-.venv/bin/python}
-[ -f data/implant_dims/sample/meta.json ] || $PY -m implant_dims.sample_data data/implant_dims/sample
+source scripts/_python.sh
+# (re)render when missing or written before the calibration split (the other images come out the same)
+[ -f data/implant_dims/sample/calibration.json ] || $PY -m implant_dims.sample_data data/implant_dims/sample
 for target in company model_type; do
   $PY -m implant_dims.train_classifier --config "$CONFIG" classifier.target=$target "$@"
 done

@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=${1:-configs/implant_dims/sample.yaml}
 shift || true
-PY=${PYTHON:-.venv/bin/python}
+source scripts/_python.sh
 SEEDS=${SEEDS:-"0 1 2"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 # the run name and folder the config (and any run.name= / run.out_dir= override) gives
@@ -29,7 +29,7 @@ print(cfg.run.out_dir, cfg.run.name)
 PYEOF
 )
 if grep -qs "data/implant_dims/sample/" "$CONFIG"; then
-  grep -qs '"mm_per_pixel"' data/implant_dims/sample/meta.json || $PY -m implant_dims.sample_data data/implant_dims/sample
+  [ -f data/implant_dims/sample/calibration.json ] || $PY -m implant_dims.sample_data data/implant_dims/sample
 fi
 runs=()
 for seed in $SEEDS; do

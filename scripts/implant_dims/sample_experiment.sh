@@ -8,9 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CONFIG=${1:-configs/implant_dims/sample.yaml}
 shift || true
-PY=${PYTHON:-.venv/bin/python}
-# (re)render when missing or written before the records carried their pixel scale (mm_per_pixel)
-grep -qs '"mm_per_pixel"' data/implant_dims/sample/meta.json || $PY -m implant_dims.sample_data data/implant_dims/sample
+source scripts/_python.sh
+# (re)render when missing or written before the calibration split (the other images come out the same)
+[ -f data/implant_dims/sample/calibration.json ] || $PY -m implant_dims.sample_data data/implant_dims/sample
 for target in company model_type; do
   $PY -m implant_dims.train_classifier --config "$CONFIG" classifier.target=$target "$@"
 done

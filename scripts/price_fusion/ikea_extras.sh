@@ -7,6 +7,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-PY="${PY:-$ROOT/.venv/bin/python}"
+source scripts/_python.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-"$PY" -m price_fusion.ikea --config configs/price_fusion/ikea.yaml ikea.extras=true "$@"
+run "$PY" -m price_fusion.ikea --config configs/price_fusion/ikea.yaml ikea.extras=true "$@"

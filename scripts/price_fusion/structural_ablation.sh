@@ -3,38 +3,44 @@
 # whose price follows amount x unit x pack: for each setting embed, train (grouped validation split), predict, and
 # the ridge baseline (text + struct, out of fold); then one table of validation / test / ridge SMAPE.
 #   scripts/price_fusion/structural_ablation.sh [OUT_DIR] [key=value ...]     (default OUT_DIR runs/price_fusion/ablation)
-# Writes OUT_DIR/structural_ablation.{json,md}.
+# Writes the data to OUT_DIR/data, the runs to OUT_DIR/runs (or the runs_dir override) and the table to
+# OUT_DIR/structural_ablation.{json,md}. Overrides reach every stage; the data paths, data.structural and the run
+# names (legacy, quantities, *_baselines) are the experiment's own and come after them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
-PY="${PY:-$ROOT/.venv/bin/python}"
+source scripts/_python.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-OUT="${1:-runs/price_fusion/ablation}"; shift || true
-"$PY" -m price_fusion.sample_data "$OUT/data" --quantities --tiny-clip
+OUT=runs/price_fusion/ablation
+if [[ $# -gt 0 && "$1" != *=* ]]; then OUT="$1"; shift; fi
+COMMON=(--config configs/price_fusion/demo.yaml "runs_dir=$OUT/runs" train.resume=false "$@")
+RUNS="$("$PY" -c "from common.config import load_config; from price_fusion.config import PriceFusionConfig as C
+import sys; print(load_config(C, sys.argv[1], sys.argv[2:]).runs_dir)" "${COMMON[@]:1}")"
+run "$PY" -m price_fusion.sample_data "$OUT/data" --quantities --tiny-clip
 for mode in legacy quantities; do
-  ARGS=(--config configs/price_fusion/demo.yaml "runs_dir=$OUT/runs" "run_name=$mode" "data.structural=$mode"
-        "data.train_csv=$OUT/data/train.csv" "data.test_csv=$OUT/data/test.csv" "data.image_dir=$OUT/data/images"
-        "data.embeddings_dir=$OUT/embeddings_$mode" "embed.clip_model=$OUT/data/tiny_clip" train.resume=false "$@")
+  ARGS=("${COMMON[@]}" "run_name=$mode" "data.structural=$mode" "data.train_csv=$OUT/data/train.csv"
+        "data.test_csv=$OUT/data/test.csv" "data.image_dir=$OUT/data/images" "data.embeddings_dir=$OUT/embeddings_$mode"
+        "embed.clip_model=$OUT/data/tiny_clip")
   for stage in embed train predict; do
-    "$PY" -m price_fusion.$stage "${ARGS[@]}"
+    run "$PY" -m price_fusion.$stage "${ARGS[@]}"
   done
-  "$PY" -m price_fusion.baselines "${ARGS[@]}" "run_name=${mode}_baselines" "baselines.methods=[median,ridge]" \
+  run "$PY" -m price_fusion.baselines "${ARGS[@]}" "run_name=${mode}_baselines" "baselines.methods=[median,ridge]" \
     baselines.folds=3 baselines.cv_folds=3 baselines.num_threads=1
 done
-"$PY" - "$OUT" <<'PY'
+run "$PY" - "$OUT" "$RUNS" <<'PY'
 import json, sys
 from pathlib import Path
 import pandas as pd
 from common import metrics
 from common.io import atomic_write_text
-out = Path(sys.argv[1])
+out, runs = Path(sys.argv[1]), Path(sys.argv[2])
 labels = pd.read_csv(out / "data" / "test_labels.csv", dtype={"sample_id": str}).set_index("sample_id")["price"]
 rows = {}
 for mode in ("legacy", "quantities"):
-    run = out / "runs" / mode
+    run = runs / mode
     val = json.loads((run / "reports" / "train_summary.json").read_text())
     test = pd.read_csv(run / "predictions" / "test_out.csv", dtype={"sample_id": str}).set_index("sample_id")["price"]
-    base = out / "runs" / f"{mode}_baselines"
+    base = runs / f"{mode}_baselines"
     ridge = pd.read_csv(base / "ridge" / "predictions" / "test_out.csv", dtype={"sample_id": str}).set_index("sample_id")["price"]
     summary = json.loads((base / "reports" / "baselines_summary.json").read_text())
     rows[mode] = {"fusion_val_smape": val["smape"],

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from building_embed.train import fetch_best_and_train
+from common.logs import read_metrics
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def test_two_workers_share_one_study_then_the_best_params_train_the_final_model(
     assert len(set(run_dirs)) == len(trials)
     assert sorted(p.name for p in (tmp_path / "runs" / "optuna" / "t").iterdir()) == sorted(p.name for p in run_dirs)
     for trial, run_dir in zip(trials, run_dirs):
-        epochs = len((run_dir / "metrics.jsonl").read_text().splitlines())
+        epochs = len(read_metrics(run_dir / "metrics.jsonl"))
         assert epochs == len(trial.intermediate_values) and epochs <= 2
         assert not (run_dir / "reports").exists()  # the search never evaluates on test
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]

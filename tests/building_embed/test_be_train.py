@@ -17,6 +17,7 @@ from conftest import assert_fewer_mined_triplets, read_json
 from learning_seed import seed_args
 
 from building_embed.train import train as train_stage
+from common.logs import read_metrics
 
 torch.set_num_threads(1)
 
@@ -36,6 +37,15 @@ TRIPLET_DROP = 0.9
 
 def train_args(stage_args, pipeline: Path, runs: Path, *extra: str) -> list[str]:
     return stage_args(pipeline, f"paths.runs_dir={runs}", *HEAD, *extra)
+
+
+def tensorboard_events(folder: Path):
+    """The event files in `folder`/tensorboard as TensorBoard reads them (every event kept, duplicates included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    events.Reload()
+    return events
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -84,7 +94,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(pipeline, stage
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: raise training.epochs"
-    epochs_before = len((killed / "metrics.jsonl").read_text().splitlines())
+    epochs_before = len(read_metrics(killed / "metrics.jsonl"))
     assert 1 <= epochs_before < 10
     assert train_stage.main([*args, "global.run_name=killed"]) == 0
     straight = tmp_path / "straight"
@@ -110,7 +120,16 @@ def test_changed_key_under_resume_exits_2_and_leaves_the_run_untouched(pipeline,
     assert snapshot(tmp_path / "guard") == before
     # epochs may change: raising them continues the finished run
     assert train_stage.main([*args, "training.epochs=3"]) == 0
-    assert len((tmp_path / "guard" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len(read_metrics(tmp_path / "guard" / "metrics.jsonl")) == 3
+    # on by default (tensorboard is installed): the continued run shows in TensorBoard as one, each epoch once
+    records = read_metrics(tmp_path / "guard" / "metrics.jsonl")
+    events = tensorboard_events(tmp_path / "guard")
+    assert {"train/loss", "run/mined_triplets", "val/map@r", "val/recall@1", "best/val_map@r", "run/band0_pulls"} \
+        <= set(events.Tags()["scalars"])
+    for tag, key in (("train/loss", "train_loss"), ("val/map@r", "val_map@r")):
+        assert [p.step for p in events.Scalars(tag)] == [1, 2, 3], tag
+        assert [p.value for p in events.Scalars(tag)] == pytest.approx([r[key] for r in records], rel=1e-6), tag
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 
 
 def test_wrong_embedding_width_exits_2_naming_both_widths_and_the_file(pipeline, stage_args, tmp_path, capsys):
@@ -121,9 +140,20 @@ def test_wrong_embedding_width_exits_2_naming_both_widths_and_the_file(pipeline,
     assert not (tmp_path / "wide").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
-def test_tensorboard_on_but_not_installed_exits_2(pipeline, stage_args, tmp_path, capsys):
+def test_tensorboard_on_but_not_installed_exits_2(pipeline, stage_args, tmp_path, capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
     args = train_args(stage_args, pipeline, tmp_path, "logging.tensorboard=true", "global.run_name=tb")
     assert train_stage.main(args) == 2
-    assert "pip install tensorboard" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "logging.tensorboard=true" in err and "pip install tensorboard" in err
     assert not (tmp_path / "tb").exists()
+
+
+def test_tensorboard_off_writes_no_event_file(pipeline, stage_args, tmp_path):
+    args = train_args(stage_args, pipeline, tmp_path, "logging.tensorboard=false", "training.epochs=1",
+                      "global.run_name=no_tb")
+    assert train_stage.main(args) == 0
+    assert (tmp_path / "no_tb" / "metrics.jsonl").read_text()
+    assert not list((tmp_path / "no_tb").rglob("events.out.tfevents.*"))

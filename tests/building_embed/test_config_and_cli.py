@@ -98,7 +98,7 @@ def test_sample_data_is_deterministic(tmp_path):
 
 
 def test_sample_data_refuses_sizes_its_traps_cannot_fit(tmp_path):
-    from common.cli import UserError
+    from common.errors import UserError
 
     with pytest.raises(UserError, match="need at least 9 targets per region and 4 views"):
         make_dataset(tmp_path / "x", n_regions=3, targets_per_region=8, views_per_target=4, image_size=32)

@@ -11,7 +11,7 @@ from cnc_gcode import build_vocab, evaluate, predict, train_encoder
 from cnc_gcode.data import load_windows
 from cnc_gcode.sample_data import save_npz
 from cnc_gcode.tokenizer import Vocabulary, tokenize_text
-from common.cli import UserError
+from common.errors import UserError
 
 
 def windows(n=6, t=8, c=5, **overrides):

@@ -16,7 +16,8 @@ from cnc_gcode.model import build_decoder, build_encoder
 from cnc_gcode.runtime import load_encoder
 from cnc_gcode.tokenizer import Vocabulary
 from common.checkpoint import load_checkpoint
-from common.cli import UserError
+from common.errors import UserError
+from common.logs import read_metrics
 
 NAMES = ["X1_ActualVelocity", "Y1_ActualVelocity", "Z1_ActualPosition", "S1_ActualVelocity", "X1_ActualPosition"]
 LAYERS_MM = (29.5, 28.5, 27.5)
@@ -167,7 +168,7 @@ def test_best_checkpoint_is_the_validation_accuracy_epoch(sample_dir, tmp_path, 
     run = tmp_path / "sel"
     state, meta = load_checkpoint(run / "encoder" / "checkpoints" / "best")
     assert state["epoch"] == 2 and meta["val_op_acc"] == 0.6
-    metrics = [json.loads(line) for line in (run / "encoder" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run / "encoder" / "metrics.jsonl")
     assert [m["val_op_acc"] for m in metrics] == [0.4, 0.6, 0.5, 0.55] and all("val_loss" in m for m in metrics)
     report = json.loads((run / "reports" / "encoder_results_test.json").read_text())
     assert report["checkpoint"].endswith("best") and report["depth_channel"] == "actual_z"

@@ -13,7 +13,7 @@ from cnc_gcode import seed_vocab, train
 from cnc_gcode.data import load_windows
 from cnc_gcode.model import SensorMultiHeadDecoder
 from cnc_gcode.tokenizer import EXACT_DIGITS, Vocabulary
-from common.cli import UserError
+from common.errors import UserError
 
 COMMANDS = ["G0", "G1", "G3", "G53", "M30", "NONE"]
 LETTERS = ["F", "R", "X", "Y", "Z"]

@@ -20,8 +20,9 @@ from cnc_gcode.config import CncConfig
 from cnc_gcode.gcode import parse_program
 from cnc_gcode.metrics import token_metrics
 from cnc_gcode.tokenizer import Vocabulary, tokenize_text
-from common.cli import UserError
 from common.config import ConfigError, load_config
+from common.errors import UserError
+from common.logs import read_metrics
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "cnc_gcode"
 
@@ -332,8 +333,11 @@ def test_predict_uses_the_library_with_the_decoder_as_fallback(trained_run, samp
         assert predict.main([*lib_args, f"library.threshold={threshold}", f"predict.input={sample_dir / 'test.npz'}",
                              f"predict.output={out}"]) == 0
         rows = list(csv.DictReader(out.with_suffix(".csv").open()))
-        assert rows and all(r["source"] == ("library" if float(r["library_confidence"]) >= float(
-            chosen["threshold"] if threshold == "-1" else threshold) else "decoder") for r in rows)
+        cut = float(chosen["threshold"] if threshold == "-1" else threshold)
+        # the CSV keeps 4 decimals: a confidence within half a unit of the last place of the cut may go either way
+        clear = [r for r in rows if abs(float(r["library_confidence"]) - cut) > 5e-5]
+        assert rows and len(rows) - len(clear) <= 2
+        assert all(r["source"] == ("library" if float(r["library_confidence"]) >= cut else "decoder") for r in clear)
     assert {r["source"] for r in rows} == {"decoder"}
     model, library, _, _ = line_library.load_library(load_config(CncConfig, CONFIG_DIR / "tiny.yaml", lib_args[2:]))
     texts = set(library.texts())
@@ -350,7 +354,7 @@ def test_library_stage_resumes_and_refuses_a_changed_head(trained_run, sample_di
     assert line_library.main([*lib_args, "library.epochs=2"]) == 0
     assert line_library.main([*lib_args, "library.epochs=3", "library.threshold=0.5"]) == 0  # not a weight setting
     metrics = tmp_path / "lib" / "library" / "metrics.jsonl"
-    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    assert [r["epoch"] for r in read_metrics(metrics)] == [1, 2, 3]
     capsys.readouterr()
     assert line_library.main([*lib_args, "library.epochs=4", "library.hidden_dim=64"]) == 2
     assert "library.hidden_dim" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from cnc_gcode.__main__ import STAGES
 from cnc_gcode.config import CncConfig
 from cnc_gcode.tokenizer import REASON_H_CONFLICT
 from common.config import describe_config, load_config, to_dict
-from common.runs import flatten
+from common.fingerprint import flatten
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "cnc_gcode"
 

@@ -26,6 +26,15 @@ from common.logs import read_metrics
 REPO = Path(__file__).resolve().parents[2]
 
 
+def tensorboard_events(folder: Path):
+    """The event files in `folder`/tensorboard as TensorBoard reads them (every event kept, duplicates included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    events.Reload()
+    return events
+
+
 @pytest.mark.learning
 def test_encoder_learns_operations(trained_run):
     runs, _ = trained_run
@@ -38,6 +47,23 @@ def test_encoder_learns_operations(trained_run):
     assert result["operation_acc"] > max(0.55, result["majority_operation_acc"] + 0.3), result
     assert result["n_windows"] == 103 and result["macro_f1"] > 0.3, result
     assert (runs / "t" / "reports" / "encoder_confusion_test.png").stat().st_size > 1000
+
+
+def test_training_writes_tensorboard_curves_equal_to_metrics_jsonl(trained_run):
+    """Both stages mirror metrics.jsonl into <stage>/tensorboard: one point per epoch, tags grouped by split, the
+    config as hyper-parameters at the end."""
+    runs, _ = trained_run
+    for stage, tags in (("encoder", {"train/loss", "val/loss", "val/op_acc", "run/lr"}),
+                        ("decoder", {"train/loss", "val/loss", "val/token_acc", "val/line_exact", "run/lr"})):
+        records = read_metrics(runs / "t" / stage / "metrics.jsonl")
+        events = tensorboard_events(runs / "t" / stage)
+        assert tags <= set(events.Tags()["scalars"]), stage
+        for tag in tags:
+            key = tag.replace("run/", "").replace("/", "_")
+            points = events.Scalars(tag)
+            assert [p.step for p in points] == [r["epoch"] for r in records], (stage, tag)
+            assert [p.value for p in points] == pytest.approx([r[key] for r in records], rel=1e-6), (stage, tag)
+        assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams"), stage
 
 
 @pytest.mark.learning
@@ -99,7 +125,9 @@ def test_onnx_export_matches_pytorch(trained_run):
 
 
 def _metric_lines(path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    """Epoch records written so far (a per-step record or a torn last line left out)."""
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return sum('"step"' not in line for line in lines)
 
 
 def _wait_for(predicate, timeout: float = 240.0) -> None:
@@ -149,10 +177,10 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(trained_run, sam
         b = load_file(str(killed / "checkpoints" / name / "model.safetensors"))
         # bit-exact: kill-and-resume replays the uninterrupted run's computation
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
-    straight = read_metrics(tmp_path / "straight" / "decoder" / "metrics.jsonl")
-    again = read_metrics(killed / "metrics.jsonl")
-    assert [r["epoch"] for r in again] == list(range(1, 9))
-    assert again == straight  # bit-exact, as the weights above
+    straight = read_metrics(tmp_path / "straight" / "decoder" / "metrics.jsonl", steps=True)
+    again = read_metrics(killed / "metrics.jsonl", steps=True)
+    assert [r["epoch"] for r in again if "step" not in r] == list(range(1, 9))
+    assert again == straight  # bit-exact, as the weights above, per-step records included (each step once)
 
 
 @pytest.mark.slow

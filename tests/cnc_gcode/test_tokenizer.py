@@ -19,7 +19,7 @@ from cnc_gcode.tokenizer import (
     round_trips,
     tokenize_text,
 )
-from common.cli import UserError
+from common.errors import UserError
 
 
 @pytest.mark.parametrize("value, text", [(12.5, "12.5"), (-0.025, "-0.025"), (0.0, "0"), (198.5, "198.5"),

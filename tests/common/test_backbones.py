@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from common import backbones
 from common.backbones import PACKAGED, EvalPreprocess, build_timm_backbone, lukemelas_efficientnet_to_timm
-from common.cli import UserError
+from common.errors import UserError
 
 LITE0 = dict(name="tf_efficientnet_lite0", packaged="efficientnet_lite0", global_pool="avg")
 

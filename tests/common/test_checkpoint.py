@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from common.checkpoint import CheckpointManager, find_checkpoint, is_complete, load_checkpoint, load_weights
-from common.cli import UserError
+from common.errors import UserError
 
 
 class Wrapped(nn.Module):

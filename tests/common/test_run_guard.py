@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from common.checkpoint import CheckpointManager, read_meta
-from common.cli import UserError
+from common.errors import UserError
+from common.fingerprint import check_fingerprint, fingerprint_changes, make_fingerprint
 from common.logs import read_metrics
-from common.runs import check_fingerprint, fingerprint_changes, make_fingerprint, open_run
+from common.runs import open_run
 
 TOY = Path(__file__).with_name("toy_train.py")
 

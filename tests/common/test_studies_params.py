@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from common.cli import UserError
+from common.errors import UserError
 from common.studies import apply_params
 
 

@@ -125,7 +125,7 @@ def test_cosine_schedule_follows_the_resumed_config() -> None:
 
 
 def test_require_finite_names_the_first_bad_row() -> None:
-    from common.cli import UserError
+    from common.errors import UserError
     from common.io import require_finite
 
     good = np.ones((4, 3), np.float32)

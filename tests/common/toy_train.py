@@ -31,8 +31,9 @@ from common.distributed import (  # noqa: E402
     setup_distributed,
     wrap_ddp,
 )
+from common.fingerprint import make_fingerprint  # noqa: E402
 from common.logs import MetricsWriter  # noqa: E402
-from common.runs import make_fingerprint, open_run  # noqa: E402
+from common.runs import open_run  # noqa: E402
 from common.seed import seed_everything  # noqa: E402
 from common.training import EarlyStopping, cosine_with_warmup, param_groups  # noqa: E402
 
@@ -96,18 +97,21 @@ def train(cfg: ToyConfig) -> int:
                                 fingerprint=start.fingerprint)
     resumed = resume_from_checkpoint(manager, start.resume, model, optimizer, scheduler, stopper)
     start_epoch = resumed["epoch"] + 1 if resumed else 0
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=resumed["epoch"] if resumed else None)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", resume_epoch=resumed["epoch"] if resumed else None,
+                            first_epoch=0)
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         ddp_model.train()
         total = 0.0
-        for x, y in loader:
+        for b, (x, y) in enumerate(loader):
             loss = nn.functional.mse_loss(ddp_model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item()
+            step_loss = loss.item()
+            total += step_loss
+            metrics.step(epoch, b, len(loader), {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]})
         mean_loss = float(all_reduce_mean(total / len(loader)))
         improved = stopper.step(mean_loss)
         metrics.write({"epoch": epoch, "loss": mean_loss})

@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from common.config import load_config
+from common.logs import read_metrics
 from ehr_embedded import baseline, fetch_best_and_train, optuna_worker
 from ehr_embedded.config import BaselineConfig
 from ehr_embedded.cv_folds import ASSIGNMENT_FILE, assign_folds, materialise_folds
@@ -124,7 +125,7 @@ def test_a_cv_study_scores_the_mean_fold_best_and_never_reads_held_out(built, tm
         run_dir = Path(trial.user_attrs["run_dir"])
         best = []
         for k in range(3):
-            records = [json.loads(line) for line in (run_dir / f"fold_{k}" / "metrics.jsonl").read_text().splitlines()]
+            records = read_metrics(run_dir / f"fold_{k}" / "metrics.jsonl")
             assert len(records) == 2
             best.append(max(r["tuning_auroc"] for r in records))
             fold_cfg = yaml.safe_load((run_dir / f"fold_{k}" / "config.yaml").read_text())

@@ -12,6 +12,7 @@ from learning_seed import seed_args
 from safetensors.torch import load_file
 from torchrun_launch import torchrun
 
+from common.logs import read_metrics
 from ehr_embedded import finetune as finetune_stage
 from ehr_embedded.data import LengthBucketBatchSampler, collate
 
@@ -48,12 +49,12 @@ def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(bui
     ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
     # the timeout allows a loaded 2-core machine (the run takes well under a minute alone)
     torchrun("ehr_embedded.finetune", train_overrides(built.store, ddp_run, *args), timeout=600)
-    ddp_metrics = [json.loads(x) for x in (ddp_run / "metrics.jsonl").read_text().splitlines()]
+    ddp_metrics = read_metrics(ddp_run / "metrics.jsonl")
     assert [m["epoch"] for m in ddp_metrics] == [1, 2, 3, 4]  # rank 0 alone writes metrics
 
     monkeypatch.setattr(finetune_stage, "make_loader", global_batch_loader)
     finetune_stage.finetune(train_config(built.store, single_run, *args))
-    single_metrics = [json.loads(x) for x in (single_run / "metrics.jsonl").read_text().splitlines()]
+    single_metrics = read_metrics(single_run / "metrics.jsonl")
     for a, b in zip(ddp_metrics, single_metrics, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-5)
         assert a["tuning_loss"] == pytest.approx(b["tuning_loss"], rel=1e-4, abs=1e-5)
@@ -84,7 +85,7 @@ def test_torchrun_pretraining_two_processes_equal_one_process_with_the_same_glob
     kind = {"model_type": "transformer_decoder_embedded", "task": "autoregressive"}
     ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
     torchrun("ehr_embedded.pretrain", train_overrides(built.store, ddp_run, *args, **kind), timeout=600)
-    ddp_metrics = [json.loads(x) for x in (ddp_run / "metrics.jsonl").read_text().splitlines()]
+    ddp_metrics = read_metrics(ddp_run / "metrics.jsonl")
     assert [m["epoch"] for m in ddp_metrics] == [1, 2, 3]  # rank 0 alone writes metrics
 
     original = pretrain_stage.make_loader
@@ -94,7 +95,7 @@ def test_torchrun_pretraining_two_processes_equal_one_process_with_the_same_glob
 
     monkeypatch.setattr(pretrain_stage, "make_loader", training_batches_joined)
     pretrain_stage.pretrain(train_config(built.store, single_run, *args, **kind))
-    single_metrics = [json.loads(x) for x in (single_run / "metrics.jsonl").read_text().splitlines()]
+    single_metrics = read_metrics(single_run / "metrics.jsonl")
     for a, b in zip(ddp_metrics, single_metrics, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-5)
         assert a["tuning_loss"] == pytest.approx(b["tuning_loss"], rel=1e-4, abs=1e-5)

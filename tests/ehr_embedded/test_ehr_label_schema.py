@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from ehr_helpers import stage1_overrides
 
-from common.cli import UserError
+from common.errors import UserError
 from ehr_embedded import create_embeddings as create_embeddings_stage
 from ehr_embedded.meds_io import read_labels
 

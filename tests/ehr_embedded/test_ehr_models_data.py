@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 from ehr_embedded.data import EventSequenceDataset, LengthBucketBatchSampler, collate, kept_indices
 from ehr_embedded.models import TransformerDecoderEmbedded, TransformerEncoderEmbedded, build_model
 from ehr_embedded.storage import load_dataset_table, open_split

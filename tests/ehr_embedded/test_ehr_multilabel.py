@@ -23,12 +23,14 @@ from ehr_helpers import (
 from learning_seed import seed_args
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from common.logs import read_metrics
 from ehr_embedded import create_embeddings as create_embeddings_stage
 from ehr_embedded import finetune as finetune_stage
 from ehr_embedded import meds_io
 from ehr_embedded.engine import masked_bce
-from ehr_embedded.evaluate import MULTILABEL_PREDICTION_SCHEMA, choose_threshold, evaluate, multilabel_metrics
+from ehr_embedded.evaluate import choose_threshold, evaluate, multilabel_metrics
 from ehr_embedded.finetune import finetune
+from ehr_embedded.predictions import MULTILABEL_PREDICTION_SCHEMA
 from ehr_embedded.storage import TASKS_FILE, SequenceStore
 
 TASKS = ["alpha", "beta", "gamma"]
@@ -148,7 +150,7 @@ def test_finetune_and_evaluate_a_three_task_store(multilabel_run, learning_seed)
         rows = tuning[(tuning["task"] == task) & tuning["boolean_value"].notna()]
         assert thresholds[task] == pytest.approx(choose_threshold(rows["boolean_value"].astype(int).to_numpy(),
                                                                   rows["predicted_boolean_probability"].to_numpy()))
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run / "metrics.jsonl")
     best_so_far = -1.0
     for record in records:
         assert record["best"] == (record["tuning_auroc"] > best_so_far)

@@ -18,6 +18,7 @@ from ehr_helpers import train_overrides
 from sklearn.metrics import roc_auc_score
 from study_workers import kill_inside_first_trial
 
+from common.logs import read_metrics
 from ehr_embedded import fetch_best_and_train, optuna_worker
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def test_two_workers_share_one_study_then_the_best_params_finetune_the_final_mod
     assert len(set(run_dirs)) == len(trials)
     for trial, run_dir in zip(trials, run_dirs):
         assert run_dir.name == f"trial_{trial.number:04d}"
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(run_dir / "metrics.jsonl")
         # what the pruner saw is the tuning AUROC of each epoch the trial trained (the same floats, copied: exact)
         assert {r["epoch"]: r["tuning_auroc"] for r in records} == trial.intermediate_values
         assert 1 <= len(records) <= 2

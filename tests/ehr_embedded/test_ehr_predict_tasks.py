@@ -18,11 +18,11 @@ from ehr_helpers import train_config
 from test_ehr_regression import REGRESSION, synthetic_regression_store
 from test_ehr_task_metrics import synthetic_store
 
-from common.cli import UserError
+from common.errors import UserError
 from ehr_embedded import predict as predict_stage
-from ehr_embedded.evaluate import MULTICLASS_PREDICTION_COLUMNS, REGRESSION_PREDICTION_SCHEMA
 from ehr_embedded.finetune import finetune
-from ehr_embedded.predict import check_label_task, predict_split, run_config
+from ehr_embedded.predict import check_label_task, predict_split
+from ehr_embedded.predictions import MULTICLASS_PREDICTION_COLUMNS, REGRESSION_PREDICTION_SCHEMA, run_config
 
 
 def with_cut_settings(store):

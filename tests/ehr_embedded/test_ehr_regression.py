@@ -22,15 +22,17 @@ from ehr_helpers import (
 from learning_seed import seed_args
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-from common.cli import UserError
 from common.config import load_config
+from common.errors import UserError
+from common.logs import read_metrics
 from ehr_embedded import baseline as baseline_stage
 from ehr_embedded import create_embeddings as create_embeddings_stage
 from ehr_embedded import finetune as finetune_stage
 from ehr_embedded.config import BaselineConfig
-from ehr_embedded.evaluate import REGRESSION_PREDICTION_SCHEMA, regression_metrics
+from ehr_embedded.evaluate import regression_metrics
 from ehr_embedded.finetune import finetune
 from ehr_embedded.meds_io import read_labels
+from ehr_embedded.predictions import REGRESSION_PREDICTION_SCHEMA
 from ehr_embedded.storage import SequenceStore
 
 SPLIT_SIZES = {"train": 200, "tuning": 60, "held_out": 60}
@@ -172,7 +174,7 @@ def test_finetune_learns_the_target_and_evaluate_matches_sklearn(regression_run,
     assert report["r2"]["value"] > 0.8
 
     # selection on tuning MAE, lower is better: "best" marks each new minimum
-    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = read_metrics(run / "metrics.jsonl")
     maes = [e["tuning_mae"] for e in epochs]
     assert [e["best"] for e in epochs] == [m < min(maes[:i], default=np.inf) for i, m in enumerate(maes)]
     assert not (run / "reports" / "threshold.json").exists()

@@ -10,7 +10,7 @@ import pytest
 from ehr_helpers import stage1_overrides
 
 from common import metrics
-from common.cli import UserError
+from common.errors import UserError
 from ehr_embedded import create_embeddings as create_embeddings_stage
 from ehr_embedded.evaluate import binary_metrics
 from ehr_embedded.meds_io import collapse_duplicate_labels, read_labels

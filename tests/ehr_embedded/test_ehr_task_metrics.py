@@ -14,14 +14,11 @@ from ehr_helpers import train_config, train_overrides, write_synthetic_code_tabl
 from learning_seed import seed_args
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
+from common.logs import read_metrics
 from ehr_embedded import finetune as finetune_stage
-from ehr_embedded.evaluate import (
-    MULTICLASS_PREDICTION_COLUMNS,
-    binary_metrics,
-    multiclass_metrics,
-    task_metrics,
-)
+from ehr_embedded.evaluate import binary_metrics, multiclass_metrics, task_metrics
 from ehr_embedded.finetune import finetune
+from ehr_embedded.predictions import MULTICLASS_PREDICTION_COLUMNS
 
 SPLIT_SIZES = {"train": 120, "tuning": 45, "held_out": 45}
 
@@ -118,7 +115,7 @@ def test_finetune_and_evaluate_score_a_three_class_task(three_class_run, learnin
     # the planted code decides the class; chance is 0.5. Measured held-out macro AUROC, own seed / 1 / 2 / 3
     # (OMP_NUM_THREADS=1): 1.000 / 0.987 / 1.000 / 1.000
     assert report["macro_auroc_ovr"]["value"] > 0.9
-    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = read_metrics(run / "metrics.jsonl")
     assert all("tuning_auroc" in e for e in epochs)  # macro one-vs-rest AUROC drives model selection
     assert json.loads((run / "reports" / "threshold.json").read_text())["criterion"] == "argmax (multi-class)"
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from common import metrics
 from common.config import load_config
+from common.logs import read_metrics
 from ehr_embedded import evaluate as evaluate_stage
 from ehr_embedded import finetune as finetune_stage
 from ehr_embedded import predict as predict_stage
@@ -25,8 +26,8 @@ from ehr_embedded import pretrain as pretrain_stage
 from ehr_embedded.baseline import count_features, fit_baseline
 from ehr_embedded.config import BaselineConfig
 from ehr_embedded.engine import load_pretrained, model_for
-from ehr_embedded.evaluate import PREDICTION_SCHEMA
 from ehr_embedded.finetune import finetune
+from ehr_embedded.predictions import PREDICTION_SCHEMA
 from ehr_embedded.pretrain import next_event_targets, pretrain
 from ehr_embedded.storage import load_dataset_table, open_split
 
@@ -52,11 +53,26 @@ def tree_digest(root):
 
 
 def epochs_of(run_dir):
-    return [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def complete_epoch_records(path):
+    """The per-epoch records a running stage has fully written so far (no per-step record, no torn last line)."""
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [r for r in map(json.loads, lines) if "step" not in r]
 
 
 def tuning_losses(run_dir):
-    return [json.loads(x)["tuning_loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["tuning_loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def tensorboard_events(folder):
+    """The event files in `folder`/tensorboard as TensorBoard reads them (every event kept, duplicates included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    events.Reload()
+    return events
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +168,13 @@ def test_finetune_raising_epochs_continues_a_finished_run(built, finished_finetu
     assert tuning_losses(finished_finetune) == tuning_losses(run)  # same steps replayed: bit for bit
     assert (run / "config.yaml").read_bytes() == config_before
     assert "resumed from" in (run / "train.log").read_text()
+    # TensorBoard shows the continued run as one: each epoch once, the values of metrics.jsonl
+    records = read_metrics(run / "metrics.jsonl")
+    events = tensorboard_events(run)
+    assert {"train/loss", "tuning/loss", "run/lr"} <= set(events.Tags()["scalars"])
+    for tag, key in (("train/loss", "train_loss"), ("tuning/loss", "tuning_loss")):
+        assert [p.step for p in events.Scalars(tag)] == [1, 2, 3], tag
+        assert [p.value for p in events.Scalars(tag)] == pytest.approx([r[key] for r in records], rel=1e-6), tag
 
 
 def test_finetune_resume_refuses_changed_config_or_data(built, finished_finetune, tmp_path, capsys):
@@ -341,10 +364,10 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(built, tmp_path
     metrics_file = tmp_path / "b" / "metrics.jsonl"
     proc = subprocess.Popen(command(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 480  # generous: the machine may be shared
-    while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 1) and proc.poll() is None:
+    while not complete_epoch_records(metrics_file) and proc.poll() is None:
         assert time.monotonic() < deadline, f"{stage} made no progress"
         time.sleep(0.01)
-    epoch_seconds = json.loads(metrics_file.read_text().splitlines()[0])["seconds"]
+    epoch_seconds = complete_epoch_records(metrics_file)[0]["seconds"]
     delay = random.uniform(0.0, 1.5 * epoch_seconds)  # epochs 2-3 of 4: somewhere before the run can finish
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)

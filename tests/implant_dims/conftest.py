@@ -29,7 +29,7 @@ def stage_args_fixture():
 @pytest.fixture(scope="session")
 def implant_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("implant_sample")
-    make_dataset(out, n_train=96, n_val=48, n_test=32, n_unseen=24, size=64, seed=1, dicom_every=8)
+    make_dataset(out, n_train=96, n_val=48, n_test=32, n_unseen=24, size=64, seed=1, dicom_every=8, n_calibration=0)
     return out
 
 

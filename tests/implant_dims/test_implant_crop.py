@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.cli import UserError
+from common.errors import UserError
 from implant_dims.crop_yolo import crop_folder, main, parse_yolo_labels, square_crop
 from implant_dims.data import load_records, model_input, read_image
 from implant_dims.sample_data import write_dicom

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.cli import UserError
+from common.errors import UserError
 from implant_dims.data import (
     ImageError,
     ImplantDataset,

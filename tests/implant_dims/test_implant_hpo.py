@@ -20,8 +20,9 @@ import pytest
 import torch
 import yaml
 
-from common.cli import UserError
 from common.config import load_config
+from common.errors import UserError
+from common.logs import read_metrics
 from implant_dims import analyze_tuning_results, hpo, train_classifier
 from implant_dims.config import ImplantConfig
 from implant_dims.sample_data import make_dataset
@@ -38,7 +39,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("implant_hpo_data")
-    make_dataset(root, n_train=64, n_val=32, n_test=16, n_unseen=16, size=64)
+    make_dataset(root, n_train=64, n_val=32, n_test=16, n_unseen=16, size=64, n_calibration=0)
     return [f"data.train_json={root / 'augmented_train.json'}", f"data.val_json={root / 'augmented_val.json'}",
             f"data.test_json={root / 'test.json'}", f"data.unseen_json={root / 'unseen_test.json'}"]
 
@@ -97,7 +98,7 @@ def test_two_workers_finish_exactly_n_trials_and_a_rerun_continues_the_study(cla
         # exact: the sampled value copied into config.yaml (YAML writes a float's repr)
         assert config["lr"] == t.params["classifier.lr"] and config["batch_size"] == t.params["classifier.batch_size"]
         assert config["epochs"] == 1 and config["vit"]["model_size"] == "tiny"
-        epochs = [json.loads(line)["epoch"] for line in (stage / "metrics.jsonl").read_text().splitlines()]
+        epochs = [r["epoch"] for r in read_metrics(stage / "metrics.jsonl")]
         assert epochs == sorted(t.intermediate_values) == [1]
         assert not (stage / "reports" / "results_test.json").exists()  # the search never evaluates held-out data
         if t.state == COMPLETE:

@@ -16,7 +16,7 @@ import pytest
 from learning_seed import seed_args
 from PIL import Image
 
-from common.cli import UserError
+from common.errors import UserError
 from implant_dims import ood_report, predict, train_classifier, train_dual
 from implant_dims.crop_yolo import parse_yolo_labels
 from implant_dims.data import load_records
@@ -31,11 +31,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 # -- threshold ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, rate, flagged", [(200, 0.02, 4), (200, 0.05, 10), (100, 0.1, 10), (50, 0.05, 2),
-                                              (30, 0.01, 0)])
-def test_threshold_flags_the_stated_share_of_validation_scores(n, rate, flagged):
-    """Distinct scores in a shuffled order: `score > threshold` flags exactly floor(n * rate) of them (50 * 0.05 =
-    2.5 -> 2, never more than asked; 30 * 0.01 < 1 -> none), and those are the largest."""
+@pytest.mark.parametrize("n, rate, flagged", [(200, 0.02, 3), (400, 0.02, 7), (200, 0.05, 9), (100, 0.1, 9),
+                                              (99, 0.1, 9), (50, 0.05, 1), (30, 0.01, 0)])
+def test_threshold_is_the_split_conformal_order_statistic(n, rate, flagged):
+    """Distinct scores in a shuffled order: the threshold is the ceil((n + 1)(1 - rate))-th smallest, so
+    `score > threshold` flags n minus that rank, the largest ones (200 at 2 %: rank 197, 3 flagged; 99 at 10 %:
+    (n + 1)(1 - rate) = 90 exactly, rank 90; 30 at 1 %: rank 31 > 30, so the largest score, none flagged)."""
     scores = np.random.default_rng(n).permutation(np.arange(1.0, n + 1))
     threshold, realised = choose_threshold(scores, rate)
     assert int((scores > threshold).sum()) == flagged
@@ -43,11 +44,24 @@ def test_threshold_flags_the_stated_share_of_validation_scores(n, rate, flagged)
     assert set(scores[scores > threshold]) == set(np.arange(n - flagged + 1.0, n + 1))
 
 
-def test_threshold_with_ties_never_flags_more_than_asked():
-    scores = np.array([1.0] * 90 + [5.0] * 10)  # 10 % tied at the top; 5 % asked: flagging any would flag 10 %
-    threshold, realised = choose_threshold(scores, 0.05)
-    assert threshold == 5.0 and realised == 0.0
-    threshold, realised = choose_threshold(scores, 0.1)
+def test_threshold_bounds_the_false_alarm_rate_of_new_images():
+    """The oracle: calibration scores drawn from a known distribution (standard normal), so each threshold's true
+    false-alarm rate is 1 - Phi(threshold). Over 4000 calibration sets of 200 the mean rate is (n + 1 - rank) /
+    (n + 1) = 4 / 201 = 0.0199 for 2 % asked (the former rule, floor(rate * n) flagged, gave 5 / 201 = 0.0249, above
+    what was asked). Tolerance 0.001: the mean of 4000 rates has a standard error of about 0.00016."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    rates = [norm.sf(choose_threshold(rng.standard_normal(200), 0.02)[0]) for _ in range(4000)]
+    assert abs(np.mean(rates) - 4 / 201) < 0.001 and np.mean(rates) <= 0.02, np.mean(rates)
+
+
+def test_threshold_with_ties_never_flags_more_than_allowed():
+    scores = np.array([1.0] * 90 + [5.0] * 10)  # 10 % tied at the top; flagging any flags all ten
+    for rate in (0.05, 0.1):  # rank 96 and 91, both inside the tied top: none flagged
+        threshold, realised = choose_threshold(scores, rate)
+        assert threshold == 5.0 and realised == 0.0
+    threshold, realised = choose_threshold(scores, 0.11)  # rank 90: the ten may go
     assert realised == pytest.approx(0.1, abs=1e-12) and threshold == 1.0
 
 
@@ -82,19 +96,27 @@ def test_stored_statistics_round_trip(tmp_path):
                      0.25)
     stats.save(tmp_path / STATS_NAME)
     back = OodStats.load(tmp_path / STATS_NAME)
-    for name in ("mean", "precision", "val_scores"):
+    for name in ("mean", "precision", "calibration_scores"):
         assert np.array_equal(getattr(back, name), getattr(stats, name)), name  # exact: float64 stored as is
-    assert (back.space, back.weights_sha256, back.n_train, back.shrinkage) == ("fused", "ab" * 32, 123, 0.25)
+    assert (back.space, back.weights_sha256, back.n_train, back.shrinkage, back.calibration) == \
+        ("fused", "ab" * 32, 123, 0.25, "calibration")
     x = rng.standard_normal((4, 6))
     assert np.array_equal(back.score(x), stats.score(x))
     assert back.threshold(0.05) == stats.threshold(0.05)
+    # a file of format 1 (validation scores as the calibration set) still loads, and says where its scores came from
+    with open(tmp_path / "v1.npz", "wb") as fh:
+        np.savez(fh, mean=stats.mean, precision=stats.precision, val_scores=stats.calibration_scores,
+                 info=np.array(json.dumps({"format": 1, "space": "features", "n_train": 5})))
+    old = OodStats.load(tmp_path / "v1.npz")
+    assert old.calibration == "val" and np.array_equal(old.calibration_scores, stats.calibration_scores)
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
     with pytest.raises(UserError, match="bad.npz"):
         OodStats.load(tmp_path / "bad.npz")
 
 
 def test_mark_rows_blanks_predicted_millimetres_of_flagged_rows_only():
-    guard = Guard(OodStats(np.zeros(1), np.eye(1), np.arange(10.0)), threshold=5.0, false_alarm=0.5, val_rate=0.4)
+    guard = Guard(OodStats(np.zeros(1), np.eye(1), np.arange(10.0)), threshold=5.0, false_alarm=0.5,
+                  calibration_rate=0.4)
     rows = [{"image_path": f"{i}.png", "length_mm": 10.0 + i, "length_low_mm": 9.0, "diameter_catalogue_mm": 4.1,
              "length_true_mm": 11.0, "company_pred": "Apexa"} for i in range(3)]
     assert mark_rows(rows, np.array([1.0, 5.0, 7.5]), guard, refuse=True) == 1
@@ -112,28 +134,30 @@ def test_mark_rows_blanks_predicted_millimetres_of_flagged_rows_only():
 
 def test_training_stores_the_guard_and_predict_on_val_flags_the_asked_share(trained_run, implant_data, stage_args,
                                                                            tmp_path):
-    """predict on the validation records themselves reproduces the stored validation scores, so a false-alarm rate
-    of 0.25 flags floor(0.25 * n) rows, the ones whose stored score lies above the threshold; with
-    refuse_out_of_domain=true exactly those get no millimetres. (The threshold is itself one validation score: that
-    image's recomputed score may land a rounding error above it, so it alone may go either way.)"""
+    """The tiny config names no calibration split, so the guard calibrates on the validation records: predict on
+    them reproduces the stored scores, so a false-alarm rate of 0.25 flags n - ceil((n + 1) * 0.75) rows, the ones
+    whose stored score lies above the threshold; with refuse_out_of_domain=true exactly those get no millimetres.
+    (The threshold is itself one calibration score: that image's recomputed score may land a rounding error above
+    it, so it alone may go either way.)"""
     stats = OodStats.load(trained_run / "dual" / STATS_NAME)
     source = implant_data / "augmented_val.json"
     n = len(load_records(source)[0])
-    assert stats.val_scores.shape == (n,) and stats.n_train == len(load_records(implant_data /
-                                                                                "augmented_train.json")[0])
+    assert stats.calibration == "val" and stats.calibration_scores.shape == (n,)
+    assert stats.n_train == len(load_records(implant_data / "augmented_train.json")[0])
+    allowed = n - math.ceil((n + 1) * 0.75)
     out = tmp_path / "val.csv"
     assert predict.main(stage_args(implant_data, trained_run.parent, trained_run.name, f"predict.input={source}",
                                    f"predict.out={out}", "predict.mc_samples=0", "predict.ood_false_alarm=0.25",
                                    "predict.refuse_out_of_domain=true")) == 0
     rows = read_csv(out)
     scores = np.array([float(r["ood_score"]) for r in rows])
-    np.testing.assert_allclose(scores, stats.val_scores, rtol=1e-4, atol=1e-3)  # CSV keeps 4 decimals
+    np.testing.assert_allclose(scores, stats.calibration_scores, rtol=1e-4, atol=1e-3)  # CSV keeps 4 decimals
     flagged = np.array([r["out_of_domain"] == "True" for r in rows])
     threshold = stats.threshold(0.25)[0]
-    assert (stats.val_scores > threshold).sum() == math.floor(0.25 * n)
-    clear = np.abs(stats.val_scores - threshold) > 1e-4
-    assert np.array_equal(flagged[clear], (stats.val_scores > threshold)[clear])
-    assert flagged.sum() - math.floor(0.25 * n) in (0, 1) and (~clear).sum() <= 1
+    assert (stats.calibration_scores > threshold).sum() == allowed
+    clear = np.abs(stats.calibration_scores - threshold) > 1e-4
+    assert np.array_equal(flagged[clear], (stats.calibration_scores > threshold)[clear])
+    assert flagged.sum() - allowed in (0, 1) and (~clear).sum() <= 1
     for row, bad in zip(rows, flagged):
         assert (row["length_mm"] == "" and row["diameter_high_mm"] == "") == bad, row
         assert (row["ood_reason"] != "") == bad
@@ -143,7 +167,8 @@ def test_training_stores_the_guard_and_predict_on_val_flags_the_asked_share(trai
 
 def test_predict_refits_missing_or_stale_statistics(trained_run, implant_data, stage_args, tmp_path):
     """A run without ood_stats.npz (trained before the guard) or with statistics of other weights: predict fits them
-    again from data.train_json / data.val_json, which reproduces what training stored."""
+    again from data.train_json / data.val_json, which reproduces what training stored. Statistics calibrated on val
+    while the config names data.calibration_json are refitted on that file."""
     run = tmp_path / "runs" / "copy"
     shutil.copytree(trained_run, run)
     stored = OodStats.load(run / "dual" / STATS_NAME)
@@ -153,13 +178,28 @@ def test_predict_refits_missing_or_stale_statistics(trained_run, implant_data, s
     assert predict.main(args) == 0
     refit = OodStats.load(run / "dual" / STATS_NAME)
     assert refit.weights_sha256 == stored.weights_sha256 != ""
-    np.testing.assert_allclose(refit.val_scores, stored.val_scores, rtol=1e-6, atol=1e-6)
-    dataclasses.replace(stored, weights_sha256="0" * 64, val_scores=stored.val_scores + 100).save(
+    np.testing.assert_allclose(refit.calibration_scores, stored.calibration_scores, rtol=1e-6, atol=1e-6)
+    dataclasses.replace(stored, weights_sha256="0" * 64, calibration_scores=stored.calibration_scores + 100).save(
         run / "dual" / STATS_NAME)
     assert predict.main(args) == 0
     again = OodStats.load(run / "dual" / STATS_NAME)
     assert again.weights_sha256 == stored.weights_sha256
-    np.testing.assert_allclose(again.val_scores, stored.val_scores, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(again.calibration_scores, stored.calibration_scores, rtol=1e-6, atol=1e-6)
+    calibration = implant_data / "unseen_test.json"  # any in-domain records stand in for a calibration file here
+    assert predict.main([*args, f"data.calibration_json={calibration}"]) == 0
+    recalibrated = OodStats.load(run / "dual" / STATS_NAME)
+    assert recalibrated.calibration == "calibration"
+    assert recalibrated.calibration_scores.shape == (len(load_records(calibration)[0]),)
+    np.testing.assert_allclose(recalibrated.mean, stored.mean, rtol=1e-6, atol=1e-6)  # the same training fit
+
+
+def test_a_missing_calibration_file_is_refused_before_training(implant_data, stage_args, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    capsys.readouterr()
+    assert train_dual.main(stage_args(implant_data, runs, "r", f"data.calibration_json={tmp_path / 'nope.json'}")) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "data.calibration_json" in lines[0] and "nope.json" in lines[0], lines
+    assert not (runs / "r" / "dual").exists()
 
 
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.02"])
@@ -244,7 +284,7 @@ def test_ood_report_counts_every_negative_set(trained_run, implant_data, stage_a
         rows = read_csv(run / "ood_report" / "predictions" / f"{name}.csv")
         assert s["flagged"] == sum(r["out_of_domain"] == "True" for r in rows), name
     stats = OodStats.load(run / "dual" / STATS_NAME)
-    # the threshold is one validation score, which recomputed may land a rounding error above it: at most 1 image
+    # the threshold is one calibration score, which recomputed may land a rounding error above it: at most 1 image
     assert abs(sets["val"]["share"] - stats.threshold(0.02)[1]) <= 1 / sets["val"]["n"] + 1e-9
     text = (run / "ood_report" / "ood_report.md").read_text()
     assert all(f"| {name} |" in text for name in sets)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_implant_train import CPU, check_regressor_reports
 
-from common.cli import UserError
+from common.errors import UserError
 from implant_dims import predict, train_dual, train_regression
 from implant_dims.config import ImplantConfig, RegressionConfig
 from implant_dims.data import load_records

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.cli import UserError
+from common.errors import UserError
 from implant_dims.data import class_list, load_records, read_image
 from implant_dims.sample_data import (
     COMPANIES,
@@ -29,7 +29,8 @@ from implant_dims.sample_data import (
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("implant_sample")
-    meta = make_dataset(out, n_train=80, n_val=10, n_test=10, n_unseen=12, size=128, seed=3, dicom_every=4)
+    meta = make_dataset(out, n_train=80, n_val=10, n_test=10, n_unseen=12, size=128, seed=3, dicom_every=4,
+                        n_calibration=6)
     return out, meta
 
 
@@ -42,7 +43,8 @@ def test_layout_and_meta(sample: tuple[Path, dict]) -> None:
     for name in [*SPLIT_FILES.values(), "catalogue.csv", "README.txt", "meta.json"]:
         assert (out / name).is_file(), name
     assert meta == json.loads((out / "meta.json").read_text())
-    assert meta["px_per_mm"] == pytest.approx(6.0, rel=1e-12) and meta["counts"] == {"train": 80, "val": 10, "test": 10, "unseen": 12}
+    assert meta["px_per_mm"] == pytest.approx(6.0, rel=1e-12) and meta["counts"] == {"train": 80, "val": 10, "test": 10, "unseen": 12,
+                                                                                     "calibration": 6}
     assert sorted(map(tuple, meta["held_out_combinations"])) == sorted(HELD_OUT)
     rows = _rows(out, "train")
     assert set(rows[0]) == {"image_path", "company", "model_type", "length", "diameter", "thread_type", "group",
@@ -98,7 +100,7 @@ def test_dicom_copies(sample: tuple[Path, dict]) -> None:
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
-    kwargs = dict(n_train=6, n_val=2, n_test=3, n_unseen=2, size=96, dicom_every=2)
+    kwargs = dict(n_train=6, n_val=2, n_test=3, n_unseen=2, size=96, dicom_every=2, n_calibration=2)
     make_dataset(tmp_path / "a", seed=11, **kwargs)
     make_dataset(tmp_path / "b", seed=11, **kwargs)
     make_dataset(tmp_path / "c", seed=12, **kwargs)
@@ -109,8 +111,28 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     png = Path("images/000000.png")
     assert (tmp_path / "a" / png).read_bytes() != (tmp_path / "c" / png).read_bytes()
     # a rerun into the same folder replaces what it owns, leaving no stale images
-    make_dataset(tmp_path / "a", seed=11, n_train=2, n_val=1, n_test=1, n_unseen=1, size=96)
+    make_dataset(tmp_path / "a", seed=11, n_train=2, n_val=1, n_test=1, n_unseen=1, size=96, n_calibration=0)
     assert len(list((tmp_path / "a" / "images").iterdir())) == 5
+
+
+def test_the_calibration_split_is_drawn_last_and_changes_no_other_split(tmp_path: Path) -> None:
+    """Adding calibration images (the out-of-domain guard's threshold) leaves every other split's records and images
+    byte for byte as they were, so runs trained before it still match their data; its images show seen
+    combinations only and share no implant with the other splits."""
+    kwargs = dict(n_train=5, n_val=2, n_test=2, n_unseen=2, size=96, seed=4)
+    make_dataset(tmp_path / "without", n_calibration=0, **kwargs)
+    make_dataset(tmp_path / "with", n_calibration=7, **kwargs)
+    for split in ("train", "val", "test", "unseen"):
+        rows = _rows(tmp_path / "without", split)
+        assert rows == _rows(tmp_path / "with", split), split
+        for r in rows:
+            assert (tmp_path / "without" / r["image_path"]).read_bytes() == \
+                (tmp_path / "with" / r["image_path"]).read_bytes()
+    calibration = _rows(tmp_path / "with", "calibration")
+    assert len(calibration) == 7 and _rows(tmp_path / "without", "calibration") == []
+    assert not {(r["company"], r["model_type"]) for r in calibration} & set(HELD_OUT)
+    others = {r["group"] for split in ("train", "val", "test", "unseen") for r in _rows(tmp_path / "with", split)}
+    assert not others & {r["group"] for r in calibration}
 
 
 def _extents(image: np.ndarray) -> tuple[float, float]:

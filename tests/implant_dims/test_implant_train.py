@@ -55,6 +55,15 @@ def classifier_args(implant_data: Path, trained_run: Path, stage_args, runs: Pat
 # ------------------------------------------------------------------------------------------------- classifier
 
 
+def tensorboard_events(folder: Path):
+    """The event files in `folder`/tensorboard as TensorBoard reads them (every event kept, duplicates included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    events.Reload()
+    return events
+
+
 @pytest.mark.parametrize("target", ["company", "model_type"])
 def test_classifier_metrics_and_reports(trained_run: Path, implant_data: Path, target: str) -> None:
     out = trained_run / f"classifier_{target}"
@@ -62,6 +71,13 @@ def test_classifier_metrics_and_reports(trained_run: Path, implant_data: Path, t
     assert [m["epoch"] for m in metrics] == [1, 2]  # tiny: classifier.epochs=2, one line each
     assert all(0.0 <= m["val_accuracy"] <= 1.0 and np.isfinite(m["train_loss"]) for m in metrics)
     assert sum(m["best"] for m in metrics) >= 1 and metrics[0]["best"]
+    # the same numbers in TensorBoard (<stage>/tensorboard), one point per epoch; `best` (a bool) stays in the jsonl
+    events = tensorboard_events(out)
+    assert {"train/loss", "val/accuracy", "run/lr", "run/seconds"} <= set(events.Tags()["scalars"])
+    assert not any("best" in tag for tag in events.Tags()["scalars"])
+    for tag, key in (("train/loss", "train_loss"), ("val/accuracy", "val_accuracy")):
+        assert [p.step for p in events.Scalars(tag)] == [1, 2]
+        assert [p.value for p in events.Scalars(tag)] == pytest.approx([m[key] for m in metrics], rel=1e-6)
 
     meta = read_meta(out / "checkpoints" / "best")
     classes = meta["classes"]

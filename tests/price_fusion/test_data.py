@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.cli import UserError
+from common.errors import UserError
 from price_fusion.data import (
     UNKNOWN_UNIT,
     fit_unit_vocab,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.cli import UserError
+from common.errors import UserError
 from price_fusion import embed
 from price_fusion.embeddings import (
     align_to_ids,

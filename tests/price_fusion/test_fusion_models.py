@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 from price_fusion.config import LOSS_NAMES, ModelConfig, TrainConfig
 from price_fusion.losses import build_loss
 from price_fusion.model import AdvancedMoEFusionModel, TwoBranchFusionModel, build_model, init_output_bias

@@ -11,7 +11,7 @@ from learning_seed import seed_args
 from sklearn.neighbors import KNeighborsRegressor
 
 from common import metrics
-from common.cli import UserError
+from common.errors import UserError
 from price_fusion import baselines, ensemble, gbt, predict, train
 from price_fusion.batching import load_split, predict_log_price
 from price_fusion.data import grouped_folds, grouped_split, normalised_name, product_groups, read_catalog

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from study_workers import kill_inside_first_trial
 
+from common.logs import read_metrics
 from price_fusion import fetch_best_and_train, optuna_worker
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ def _env(repo_root: Path) -> dict:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def test_two_workers_share_one_study_then_fetch_best_trains_with_its_params(sample_env, tmp_path, repo_root):
@@ -126,8 +127,8 @@ def test_a_trial_killed_with_its_worker_is_failed_and_retried_by_the_next_worker
 
 
 def test_study_parameters_must_be_config_keys_and_choices_must_suit_the_model(sample_env, tmp_path):
-    from common.cli import UserError
     from common.config import load_config
+    from common.errors import UserError
     from price_fusion.config import PriceFusionConfig
 
     cfg = load_config(PriceFusionConfig, None, ["model.num_heads=4", "model.branch_dim=32"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.logs import read_metrics
 from price_fusion import embed, ensemble, train
 from price_fusion.embeddings import load_embeddings, write_embeddings
 from price_fusion.predictions import write_predictions
@@ -31,7 +32,7 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def epochs_in(run_dir: Path) -> list[int]:
-    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
 @pytest.fixture

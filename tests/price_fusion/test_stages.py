@@ -73,7 +73,7 @@ def test_predict_writes_one_positive_price_per_test_id(trained_run, sample_env):
 
 
 def test_prediction_validation_rejects_bad_files(tmp_path):
-    from common.cli import UserError
+    from common.errors import UserError
 
     with pytest.raises(UserError, match="not a positive finite number"):
         write_predictions(tmp_path / "p.csv", np.array(["a", "b"]), np.array([1.0, np.nan]))
@@ -172,7 +172,7 @@ def test_shipped_configs_parse(path):
     import yaml
 
     from common.config import to_dict
-    from common.runs import flatten
+    from common.fingerprint import flatten
 
     stated = flatten(yaml.safe_load(path.read_text()))
     resolved = flatten(to_dict(load_config(PriceFusionConfig, path)))

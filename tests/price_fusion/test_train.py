@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import metrics
+from common.logs import read_metrics
 from price_fusion import evaluate, predict, train
 from price_fusion.batching import load_split, predict_log_price
 from price_fusion.data import grouped_split, product_groups, read_catalog
@@ -46,6 +47,15 @@ def test_training_learns_and_writes_its_outputs(trained_run, sample_env):
     assert min(h["val_smape"] for h in history) == pytest.approx(fused_smape, rel=1e-3)  # best checkpoint was used
 
 
+def tensorboard_events(folder):
+    """The event files in `folder`/tensorboard as TensorBoard reads them (every event kept, duplicates included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    events.Reload()
+    return events
+
+
 def test_kill_and_resume_gives_identical_weights(sample_env, tmp_path):
     common = ["run_name=r", "train.epochs=6", "train.resume=auto", "model.name=advanced_moe", "train.patience=50",
               "train.checkpoint_every=2", "train.keep_last_n=2"]
@@ -66,8 +76,20 @@ def test_kill_and_resume_gives_identical_weights(sample_env, tmp_path):
     assert hist_a == hist_b
     periodic = sorted(p.name for p in (tmp_path / "resumed" / "r" / "checkpoints").glob("epoch_*"))
     assert periodic == ["epoch_4", "epoch_6"]  # every 2 epochs, the last 2 kept
-    lines = (tmp_path / "resumed" / "r" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 7))
+    records = read_metrics(tmp_path / "resumed" / "r" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == list(range(1, 7))
+    # TensorBoard after three processes: every epoch once, the values of metrics.jsonl, and the hyper-parameters of the
+    # process that finished the fit
+    events = tensorboard_events(tmp_path / "resumed" / "r")
+    assert {"train/loss", "val/smape", "val/mae", "best/val_smape", "run/lr"} <= set(events.Tags()["scalars"])
+    for tag, key in (("train/loss", "train_loss"), ("val/smape", "val_smape")):
+        assert [p.step for p in events.Scalars(tag)] == list(range(1, 7)), tag
+        assert [p.value for p in events.Scalars(tag)] == pytest.approx([r[key] for r in records], rel=1e-6), tag
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    start = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["train.epochs"].number_value == 6
+    assert start.session_start_info.hparams["model.name"].string_value == "advanced_moe"
 
 
 def test_kfold_writes_out_of_fold_predictions_for_every_row(sample_env, tmp_path):

@@ -2,8 +2,10 @@
 
 The cluster starts once per session and stops at the end if this session started it. Where it cannot start (not
 root and no Slurm installed, no apt-get), the tests skip with the reason, unless REQUIRE_SLURM=1 (CI) makes that a
-failure. Jobs run the repository's own sbatch scripts from a submit folder that links .venv, configs and scripts,
-so everything they write (runs/, data/) stays in a temporary folder.
+failure. Jobs run the repository's own sbatch scripts from a submit folder that links configs and scripts, so
+everything they write (runs/, data/) stays in a temporary folder. The folder has no .venv, as on a cluster whose
+environment is a module, a conda env or a venv elsewhere: the jobs find Python by scripts/_python.sh's rule, through
+PYTHON (set below) or, where a test drops it, the VIRTUAL_ENV it passes.
 """
 
 from __future__ import annotations
@@ -46,13 +48,16 @@ class Slurm:
     log_dir: Path
     submitted: list[str] = field(default_factory=list)
 
-    def run(self, *cmd: str, cwd: Path | None = None, timeout: float = 60) -> str:
-        done = subprocess.run(cmd, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def run(self, *cmd: str, cwd: Path | None = None, timeout: float = 60, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run(cmd, cwd=cwd, env=self.env if env is None else env, capture_output=True, text=True,
+                              timeout=timeout)
         assert done.returncode == 0, f"{' '.join(cmd)} -> {done.returncode}: {done.stderr[-2000:]}"
         return done.stdout
 
-    def submit(self, script: Path | str, *args: str, cwd: Path, options: tuple[str, ...] = ()) -> str:
-        out = self.run("sbatch", "--parsable", *options, str(script), *args, cwd=cwd)
+    def submit(self, script: Path | str, *args: str, cwd: Path, options: tuple[str, ...] = (),
+               env: dict[str, str] | None = None) -> str:
+        """sbatch SCRIPT ARGS from cwd; the job gets sbatch's environment: `env` when given, else `self.env`."""
+        out = self.run("sbatch", "--parsable", *options, str(script), *args, cwd=cwd, env=env)
         job = out.strip().split(";")[0]
         self.submitted.append(job)
         return job
@@ -111,11 +116,10 @@ def slurm() -> Slurm:
 
 @pytest.fixture(scope="module")
 def submit_dir(tmp_path_factory) -> Path:
-    """A folder to submit from: links to .venv, configs and scripts; jobs write runs/ and data/ here."""
+    """A folder to submit from: links to configs and scripts, no .venv; jobs write runs/ and data/ here."""
     root = tmp_path_factory.mktemp("slurm_submit")
-    for name in (".venv", "configs", "scripts"):
-        if (REPO / name).exists():
-            (root / name).symlink_to(REPO / name)
+    for name in ("configs", "scripts"):
+        (root / name).symlink_to(REPO / name)
     return root
 
 

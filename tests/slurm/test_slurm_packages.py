@@ -1,11 +1,14 @@
 """Every other package's sbatch training script, submitted to the real Slurm cluster on its sample data (tiny
 settings), runs to completion and writes its trained run: price_fusion (embed, then train with afterok), cnc_gcode,
-ehr_embedded (the three-config pipeline) and implant_dims. The four chains run side by side on the node."""
+ehr_embedded (the three-config pipeline) and implant_dims. The four chains run side by side on the node.
+The submit folder has no .venv: price_fusion's jobs find Python through VIRTUAL_ENV (PYTHON unset, as for a user with
+a venv activated elsewhere), the others through PYTHON."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -27,8 +30,11 @@ def price_fusion_jobs(slurm, submit_dir: Path) -> tuple[list[str], callable]:
             f"embed.clip_model={paths['clip_model']}", "train.epochs=3", "run_name=slurm"]
     (submit_dir / "runs" / "price_fusion").mkdir(parents=True, exist_ok=True)
     scripts = REPO / "scripts" / "price_fusion" / "slurm"
-    embed = slurm.submit(scripts / "embed.sbatch", *args, cwd=submit_dir)
-    train = slurm.submit(scripts / "train.sbatch", *args, cwd=submit_dir, options=(f"--dependency=afterok:{embed}",))
+    # an activated venv outside the submit folder, and no PYTHON: the jobs must not look for ./.venv
+    venv = {**{k: v for k, v in slurm.env.items() if k != "PYTHON"}, "VIRTUAL_ENV": sys.prefix}
+    embed = slurm.submit(scripts / "embed.sbatch", *args, cwd=submit_dir, env=venv)
+    train = slurm.submit(scripts / "train.sbatch", *args, cwd=submit_dir, options=(f"--dependency=afterok:{embed}",),
+                         env=venv)
 
     def check() -> None:
         run = root / "runs" / "slurm"
@@ -92,7 +98,7 @@ def implant_dims_jobs(slurm, submit_dir: Path) -> tuple[list[str], callable]:
     from implant_dims.sample_data import make_dataset
 
     root = submit_dir / "data" / "implant"
-    make_dataset(root, n_train=64, n_val=24, n_test=24, n_unseen=16, size=64, seed=1, dicom_every=8)
+    make_dataset(root, n_train=64, n_val=24, n_test=24, n_unseen=16, size=64, seed=1, dicom_every=8, n_calibration=0)
     args = [str(REPO / "configs" / "implant_dims" / "tiny.yaml"), f"run.out_dir={root / 'runs'}", "run.name=slurm",
             f"data.train_json={root / 'augmented_train.json'}", f"data.val_json={root / 'augmented_val.json'}",
             f"data.test_json={root / 'test.json'}", f"data.unseen_json={root / 'unseen_test.json'}",
@@ -112,6 +118,8 @@ def implant_dims_jobs(slurm, submit_dir: Path) -> tuple[list[str], callable]:
 
 
 def test_each_package_trains_to_completion_under_slurm(slurm, submit_dir):
+    assert not (submit_dir / ".venv").exists()
+    assert (Path(sys.prefix) / "bin" / "python").is_file(), f"{sys.prefix}/bin/python: run from a venv or conda env"
     chains = {name: make(slurm, submit_dir) for name, make in (
         ("price_fusion", price_fusion_jobs), ("cnc_gcode", cnc_gcode_jobs), ("ehr_embedded", ehr_embedded_jobs),
         ("implant_dims", implant_dims_jobs))}

@@ -10,7 +10,7 @@ Setup (not timed): the sample tars (`sample_data`, --image-size px JPEGs like th
               parquet write (includes building the backbone, timed alone as `build`);
   forward     the same backbone (same seed, eval, inference_mode) on pre-made [B, 3, S, S] tensors only.
 Ratio = forward seconds / end-to-end seconds (= end-to-end images/s over pure-forward images/s), once for generate
-alone and once for tar stage + generate. Goal (issue 9): >= 0.85. Each measurement: best of --repeats. Writes --out.
+alone and once for tar stage + generate. Goal: >= 0.85. Each measurement: best of --repeats. Writes --out.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Data: unit vectors of --n / 10 "identities" (a random centre each, 10 noisy view
             single-threaded, so the JSON also gives the ratio per thread of ours.
 Asserted: on every query BallTree answered, ours returns the same k neighbours in the same order (a swap is allowed
 only between neighbours whose similarities tie within 1e-6). Prints the ratios; writes them to --out.
-Goal (issue 9): ours >= 30x faster than BallTree, and within 1.5x of the matmul pass.
+Goal: ours >= 30x faster than BallTree, and within 1.5x of the matmul pass.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python benchmarks/cnc_contention.py                          # run.num_threads=0 (the package default)
     python benchmarks/cnc_contention.py --threads 0 2 --busy 2   # also the node's-cores setting, for comparison
 
-For each thread setting, `train_encoder` + `train` run in a fresh subprocess (so torch starts with that setting),
+For each thread setting, `train_encoder` + `train_decoder` run in a fresh subprocess (so torch starts with that setting),
 first alone, then beside `--busy` processes that spin a CPU each (`while True: pass`), and the wall time of the two
 stages (measured inside the subprocess, imports excluded) is compared: the goal is a contended / idle ratio within 3x.
 A run longer than --timeout is stopped and reported as at least that long. Prints the table and writes it to --out
@@ -33,10 +33,10 @@ BUDGET = ["encoder_train.epochs=2", "train.epochs=3", "train.patience=10", "data
           "decoder.d_model=64", "decoder.n_layers=2", "decoder.ff_dim=128", "encoder.hidden_dim=64"]
 CHILD = """
 import sys, time
-from cnc_gcode import train, train_encoder
+from cnc_gcode import train_decoder, train_encoder
 argv = sys.argv[1:]
 start = time.perf_counter()
-assert train_encoder.main(argv) == 0 and train.main(argv) == 0
+assert train_encoder.main(argv) == 0 and train_decoder.main(argv) == 0
 import torch
 print("RESULT", time.perf_counter() - start, torch.get_num_threads())
 """

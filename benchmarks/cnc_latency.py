@@ -29,8 +29,8 @@ from cnc_gcode.config import CncConfig  # noqa: E402
 from cnc_gcode.decoding import decode_cached, decode_uncached  # noqa: E402
 from cnc_gcode.export_onnx import OnnxPipeline, export  # noqa: E402
 from cnc_gcode.model import build_decoder, build_encoder  # noqa: E402
-from cnc_gcode.simulator import CHANNELS  # noqa: E402
 from cnc_gcode.tokenizer import Vocabulary  # noqa: E402
+from cnc_gcode.virtual_mill import CHANNELS  # noqa: E402
 from common.config import load_config  # noqa: E402
 
 
@@ -50,7 +50,8 @@ def load_pipeline(args: argparse.Namespace):
         continuous = rng.normal(size=(args.windows, 64, len(CHANNELS))).astype(np.float32)
         categorical = rng.integers(0, 3, size=(args.windows, 64, 4))
         return encoder, decoder, vocab, continuous, categorical, "random init"
-    from cnc_gcode.runtime import load_models, load_split
+    from cnc_gcode.checkpoints import load_models
+    from cnc_gcode.data import load_split
 
     encoder, decoder, vocab, meta = load_models(cfg)
     test = load_split(cfg, "test", vocab, int(meta["continuous_dim"]))

@@ -1,7 +1,7 @@
 """Peak memory of `cnc_gcode.simulate` on a long program: windows streamed to disk in chunks vs all in memory.
 
     python benchmarks/cnc_simulate_memory.py                    # a 20,000-line synthetic program
-    python benchmarks/cnc_simulate_memory.py --lines 51551      # the size of the 4-axis program of issue 23
+    python benchmarks/cnc_simulate_memory.py --lines 51551      # the size of the 51,567-line table in RESULTS.md
 
 Writes a long 3-axis program (generated operations, one after another, with spindle and coolant words), then runs
 the simulate stage twice, each in its own subprocess, and reads each child's peak resident set size from
@@ -26,7 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cnc_gcode.simulator import CUTTING_OPS, generate_program  # noqa: E402
+from cnc_gcode.virtual_mill import CUTTING_OPS, generate_program  # noqa: E402
 from common.io import write_json  # noqa: E402
 
 

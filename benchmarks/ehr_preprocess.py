@@ -1,5 +1,5 @@
 """Preprocessing at hospital scale: streaming, vectorised `create_embeddings` against the former per-subject loop
-(`ehr_embedded.create_embeddings_loop`) on a generated MEDS set.
+(`studies.ehr_embedded.create_embeddings_loop`) on a generated MEDS set.
 
     OMP_NUM_THREADS=1 python benchmarks/ehr_preprocess.py                 # 20,000 subjects, 20 M events, 8 shards
     python benchmarks/ehr_preprocess.py --subjects 2000 --events 2000000  # a quick look
@@ -17,7 +17,7 @@ input; their stores are compared byte for byte), and ours on that subset with a 
 (the shard read in groups of subjects: the memory bound is the setting). Events per second = MEDS events in the
 input shards / seconds of the stage call (imports excluded; `process_seconds` in the JSON includes them).
 Also measured: the peak of a child that only imports the modules (torch among them), the floor under both.
-Goals (issue 12): at least 10x the loop, peak memory under 2 GiB whatever the total size.
+Goals: at least 10x the loop, peak memory under 2 GiB whatever the total size.
 """
 
 from __future__ import annotations
@@ -174,12 +174,12 @@ def child(kind: str, overrides: list[str]) -> None:
     cfg = load_config(Stage1Config, None, overrides)
     if kind == "imports":  # the floor: the modules both stages import (torch among them), no work
         import ehr_embedded.create_embeddings  # noqa: F401
-        import ehr_embedded.create_embeddings_loop  # noqa: F401
+        import studies.ehr_embedded.create_embeddings_loop  # noqa: F401
         print(json.dumps({"seconds": 1.0, "peak_rss_mib": round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
         return
     if kind == "loop":
-        from ehr_embedded.create_embeddings_loop import create_embeddings_loop as stage
+        from studies.ehr_embedded.create_embeddings_loop import create_embeddings_loop as stage
     else:
         from ehr_embedded.create_embeddings import create_embeddings as stage
     started = time.time()

@@ -51,8 +51,8 @@ from implant_dims.regression import (  # noqa: E402
     regression_loss,
     run_epoch,
 )
-from implant_dims.runtime import vit_spec  # noqa: E402
 from implant_dims.sample_data import make_dataset as make_sample_data  # noqa: E402
+from implant_dims.stage_setup import vit_spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 5.0

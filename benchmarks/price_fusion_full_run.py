@@ -5,7 +5,7 @@ against the median-price baseline on the same split.
 
     python benchmarks/price_fusion_full_run.py                       # 75k, 1 torch thread
     python benchmarks/price_fusion_full_run.py --n 5000 --threads 2  # quick check
-    python benchmarks/price_fusion_full_run.py --n 20000 --epochs 30  # the epoch-overhead figure of the README
+    python benchmarks/price_fusion_full_run.py --n 20000 --epochs 30  # the epoch-overhead figure (RESULTS.md)
 
 Prints the numbers and writes them to --out (default runs/benchmarks/price_fusion_full_run.json).
 
@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from common.io import write_json
-from price_fusion.embeddings import write_embeddings
+from price_fusion.embedding_store import write_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_DIM, TEXT_DIM = 768, 1024

@@ -4,7 +4,6 @@ from common.cli import list_stages
 
 STAGES = {
     "sample_data": "rendered facades -> 3D Street View style tar shards + manifest of injected traps (OUT folder)",
-    "pack_faces": "ORL faces (40 people x 10 views) -> tars of the same layout (real identities)",
     "preprocess.process_tar": "stream tar shards -> parquet intermediates; unsafe / corrupt members counted",
     "preprocess.fix_intermediate_schema": "cast intermediates written by older code to the current schema",
     "generate.generate_embeddings": "DINOv2 / DINOv3 (timm or transformers, local weights) -> float16 parquet",

@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.studies import check_heartbeat
+from common.tuning import check_heartbeat
 
 AUTOCAST_CHOICES = ("auto", "off", "bf16", "fp16")
 BAND_BY_CHOICES = ("rank", "cosine")
@@ -278,7 +278,7 @@ class InfrastructureConfig:
     autocast: str = "auto"
     """auto (bf16 on CUDA, off on CPU), off, bf16 or fp16."""
     eval_memory_mb: int = 512
-    """Working memory of the retrieval evaluation (train/evaluate.py): queries go in blocks against all references,
+    """Working memory of the retrieval evaluation (train/retrieval.py): queries go in blocks against all references,
     each block sized to stay under this; the N x N similarity matrix is never built. The scores do not depend on it."""
 
     def __post_init__(self) -> None:

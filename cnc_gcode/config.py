@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.threads import set_torch_threads
+
 VALUE_MODES = ("exact", "seed4")
 INPUT_SCALINGS = ("zscore", "robust")
 DECODER_VALUE_MODES = ("digits", "regress")
@@ -25,7 +27,7 @@ class RunConfig:
     num_threads: int = 0
     """torch CPU threads; 0 = $OMP_NUM_THREADS when set, else the CPUs the process may use (affinity,
     SLURM_CPUS_PER_TASK, cgroup quota) but at most one: a second thread only adds OpenMP waits to these small models'
-    ops (runtime.AUTO_MAX_THREADS)."""
+    ops (AUTO_MAX_THREADS, below)."""
     tensorboard: bool | None = None
     """Write TensorBoard event files to a tensorboard/ folder beside each metrics.jsonl (every record's numbers per
     epoch; the config as hyper-parameters when training finishes): null = on when the tensorboard package is
@@ -77,13 +79,13 @@ class EncoderConfig:
     """memory = BiLSTM(fused) + fused + Linear(x): keeps exact per-step values readable for the digit heads."""
     input_scaling: str = "zscore"
     """How raw channels are scaled before the network, fitted on the training windows and stored in the checkpoint
-    (channel_mean / channel_std buffers): zscore (mean / std; the earlier behaviour) or robust (median / IQR/1.349,
+    (channel_mean / channel_std buffers): zscore (mean / std) or robust (median / IQR/1.349,
     the std where a channel's IQR is 0, then asinh, which is linear within about one IQR and logarithmic beyond).
     Robust keeps the common range of a channel whose std is set by a few long moves spread over several units, and
     its heavy tails (UMich velocities reach hundreds of IQRs) bounded."""
     depth_channel: str = ""
-    """Name of the raw Z position channel to derive a depth channel from (empty = no depth channel, the earlier
-    behaviour). depth = surface_z - Z in mm, clipped to depth_band, appended to the scaled channels inside the
+    """Name of the raw Z position channel to derive a depth channel from (empty = no depth channel).
+    depth = surface_z - Z in mm, clipped to depth_band, appended to the scaled channels inside the
     encoder, so export and predict read raw units; surface_z is the highest Z at which the tool cuts in the training
     windows (data.estimate_surface: spindle turning, moving at a feed below the rapid moves), never a label."""
     depth_band: list[float] = field(default_factory=lambda: [-1.0, 3.0])
@@ -155,7 +157,7 @@ class DecoderConfig:
     """How parameter values are predicted. digits: exponent + K digit heads (the original's; a value is a class, so
     only values seen in training come out). regress: one head per letter regresses the quantity (X/Y/Z: the offset in
     mm from the window's last measured position of that axis; F/S: log scale; other letters: the value), rounded to
-    the training data's decimals per letter and turned into the tokenizer's id (cnc_gcode/README.md, "Models")."""
+    the training data's decimals per letter and turned into the tokenizer's id (cnc_gcode/README.md, "Configuration")."""
     value_digits_confidence: float = 0.45
     """decoder.value_mode=regress: the digit heads are trained beside the value head, and a parameter takes the
     digit heads' value where their probability (geometric mean over the exponent and the K digits) is at least this
@@ -281,7 +283,7 @@ class UmichConfig:
     relative_positions: bool = False
     """Subtract each experiment's minimum from its X/Y/Z position channels. Off: machine coordinates, in which the
     passes sit at the same Z in every run; per-run minima put the first pass of runs 04 / 05 / 16 (which stop after
-    it) where the other runs cut their third (the earlier default, kept for the ablation)."""
+    it) where the other runs cut their third (kept for the ablation)."""
     phase_grouping: str = "fine"
     """fine: the 9 Machining_Process phases; coarse: prep / layer cutting / repositioning / end (set
     encoder.n_operations=4 to train on it). Recorded labels only."""
@@ -436,7 +438,7 @@ class SimulateConfig:
     window_end: str = "executing"
     """executing: windows every `stride` samples and at each line's end, labelled with the line executing at their
     last sample (its end point may still lie ahead); completed: one window per line, ending on its last sample and
-    labelled with that just-completed line (see simulator.WINDOW_ENDS)."""
+    labelled with that just-completed line (see virtual_mill.WINDOW_ENDS)."""
     settle_samples: int = 0
     """With window_end completed: end each window this many samples after its line's last sample, so the measured
     position (2 samples behind the command) has reached the end point."""
@@ -445,7 +447,7 @@ class SimulateConfig:
     chunk_samples: int = 100_000
     """Samples (50 Hz) simulated before their windows go to disk, so memory stays bounded for any program length
     (about 0.3 GB at 100000); the output does not depend on it. 0: the whole program at once and every window in
-    memory until the end (the earlier way, for comparison)."""
+    memory until the end (for comparison)."""
 
     def __post_init__(self) -> None:
         if self.chunk_samples < 0:
@@ -479,3 +481,17 @@ class CncConfig:
     measured_only: MeasuredOnlyConfig = field(default_factory=MeasuredOnlyConfig)
     build_vocab: BuildVocabConfig = field(default_factory=BuildVocabConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+
+
+# Threads a stage takes when run.num_threads=0. The models run many small ops per step (LSTM time steps, a narrow
+# decoder): a second intra-op thread adds an OpenMP barrier to each op and gains nothing, and beside busy processes
+# its spin-waiting burns the CPU the others need (30 demo-size steps on a shared 2-core machine, a one-off
+# measurement: 1 thread 0.7-0.8 CPU-s in 0.8-1.3 s, 2 threads 4.4-5.3 CPU-s in 4.8-6.7 s). Whole stages, alone and
+# beside busy processes: benchmarks/cnc_contention.py.
+AUTO_MAX_THREADS = 1
+
+
+def set_threads(cfg: CncConfig) -> int:
+    """torch intra-op threads: run.num_threads when > 0, else $OMP_NUM_THREADS when set, else the CPUs this process
+    may use (affinity, SLURM_CPUS_PER_TASK, cgroup quota) up to AUTO_MAX_THREADS. Returns the count."""
+    return set_torch_threads(cfg.run.num_threads, cap=AUTO_MAX_THREADS)

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnc_gcode.simulator import CATEGORICAL_NAMES_KEY, CHANNEL_GROUPS_KEY
+from cnc_gcode.config import CncConfig
 from cnc_gcode.tokenizer import VOCAB_DIGEST_KEY, Vocabulary
+from cnc_gcode.virtual_mill import CATEGORICAL_NAMES_KEY, CHANNEL_GROUPS_KEY
 from common.errors import UserError
 from common.io import require_finite
 
@@ -76,7 +77,7 @@ def load_windows(path: str | Path, vocab: Vocabulary | None = None, categorical_
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found; create sensor windows with `python -m cnc_gcode.sample_data OUT` "
-                        f"or `python -m cnc_gcode.ingest_umich`")
+                        f"or `python -m studies.cnc_gcode.ingest_umich`")
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}
@@ -312,3 +313,42 @@ def batches(n: int, batch_size: int, order: np.ndarray | None = None):
     order = np.arange(n) if order is None else order
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
+
+
+def split_path(cfg: CncConfig, split: str) -> str:
+    """The file of one split of the config: data.train_path, val_path or test_path."""
+    paths = {"train": cfg.data.train_path, "val": cfg.data.val_path, "test": cfg.data.test_path}
+    if split not in paths:
+        raise UserError(f"config key 'eval.split': expected one of {sorted(paths)}, got {split!r}")
+    return paths[split]
+
+
+def load_split(cfg: CncConfig, split: str, vocab: Vocabulary, continuous_dim: int | None = None,
+               channel_names: list[str] | None = None) -> Windows:
+    """One split's windows with the configured input groups (data.channel_groups) selected, checked against the
+    model's width and channel names when given."""
+    windows = load_windows(split_path(cfg, split), vocab, cfg.encoder.categorical_dims, cfg.encoder.n_operations,
+                           cfg.data.nan_policy)
+    windows = select_groups(windows, cfg.data.channel_groups)
+    check_channels(windows, channel_names, continuous_dim)
+    return windows
+
+
+def groups_used(windows: Windows) -> list[str]:
+    """The input groups a stage used, for its reports: the selected ones, else every group the file records, else
+    ['all channels']."""
+    return list(windows.groups_used) or sorted(windows.groups) or ["all channels"]
+
+
+def log_windows(train: Windows, val: Windows) -> None:
+    """One log line per split read (after open_run, so it reaches the run's train.log)."""
+    for name, windows in (("train", train), ("val", val)):
+        log.info("%s: %d windows from %s (%d skipped: NaN/inf)", name, len(windows), windows.source,
+                 windows.skipped_nan)
+
+
+def cap_windows(windows: Windows, limit: int, seed: int) -> Windows:
+    """A seeded random subset of at most `limit` windows (0 = all)."""
+    if limit <= 0 or len(windows) <= limit:
+        return windows
+    return windows.subset(np.sort(np.random.default_rng(seed).choice(len(windows), limit, replace=False)))

@@ -2,7 +2,7 @@
 
     python -c "from pathlib import Path; from cnc_gcode.demo import run_demo; print(run_demo(Path('demo_output/cnc')))"
 
-sample_data -> build_vocab (round trip on the generated programs) -> train_encoder -> train -> evaluate ->
+sample_data -> build_vocab (round trip on the generated programs) -> train_encoder -> train_decoder -> evaluate ->
 predict (one test program back to G-code) -> export_onnx (onnxruntime parity).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnc_gcode import build_vocab, evaluate, export_onnx, predict, train, train_encoder
+from cnc_gcode import build_vocab, evaluate, export_onnx, predict, train_decoder, train_encoder
 from cnc_gcode.sample_data import make_dataset, save_npz
 
 PACKAGE = "cnc_gcode"
@@ -32,7 +32,7 @@ def _run(stage, argv: list[str]) -> None:
 
 
 def run_demo(out_dir: Path, seed: int | None = None) -> list[dict]:
-    """The demo's rows. `seed`: run.seed of the two training stages (train_encoder, train; their weights, noise,
+    """The demo's rows. `seed`: run.seed of the two training stages (train_encoder, train_decoder; their weights, noise,
     epoch order and training subset); None keeps the config's. The data and the evaluated windows do not change."""
     out_dir = Path(out_dir)
     trained = [] if seed is None else [f"run.seed={seed}"]
@@ -51,7 +51,7 @@ def run_demo(out_dir: Path, seed: int | None = None) -> list[dict]:
     enc = json.loads((run_dir / "reports" / "encoder_results_test.json").read_text())
     rows.append({"package": PACKAGE, "stage": "train_encoder", "metric": "test_operation_acc",
                  "value": enc["operation_acc"], "output": str(run_dir / "encoder")})
-    _run(train, [*common, *trained])
+    _run(train_decoder, [*common, *trained])
     _run(evaluate, common)
     results = json.loads((run_dir / "reports" / "results_test.json").read_text())
     for metric in ("operation_acc", "token_acc", "majority_token_acc", "line_exact_match"):

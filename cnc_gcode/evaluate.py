@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnc_gcode.config import CncConfig
-from cnc_gcode.data import Windows, batches, load_windows
+from cnc_gcode.checkpoints import load_models
+from cnc_gcode.config import CncConfig, set_threads
+from cnc_gcode.data import Windows, batches, cap_windows, groups_used, load_split, load_windows, split_path
 from cnc_gcode.decoding import decode_cached
 from cnc_gcode.metrics import baselines, token_metrics
-from cnc_gcode.runtime import cap_windows, groups_used, load_models, load_split, set_threads, split_path
-from cnc_gcode.simulator import OPERATIONS
+from cnc_gcode.virtual_mill import OPERATIONS
 from common.cli import config_main
 from common.io import atomic_write, atomic_write_text, write_json
 from common.logs import setup_logging

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnc_gcode.config import CncConfig
+from cnc_gcode.checkpoints import load_models
+from cnc_gcode.config import CncConfig, set_threads
+from cnc_gcode.data import load_split
 from cnc_gcode.decoding import decode_cached, greedy_decode
 from cnc_gcode.model import HEADS, VALUE_HEAD
-from cnc_gcode.runtime import load_models, load_split, set_threads
 from cnc_gcode.tokenizer import Vocabulary
 from common.cli import config_main
 from common.io import write_json

@@ -14,7 +14,7 @@ before it.
 LinuxCNC's programming-language layer is out of scope: O-word subroutines and loops, `#` parameters and
 `[ ]` expressions. So are G87/G88. An arc without R or a centre offset of its plane and a cycle without its
 required words are refused too (what a controller would refuse from the words alone; checks that need positions
-or values belong to `simulator.check_line`). Such a line is never a crash: it comes back with `error` set to a
+or values belong to `virtual_mill.check_line`). Such a line is never a crash: it comes back with `error` set to a
 short reason, and `ParseReport` counts the reasons.
 
     lines = parse_program(Path("part.nc").read_text())
@@ -315,7 +315,7 @@ def _check_motion(motion: str | None, values: dict[str, Decimal], state: ModalSt
     Arcs (LinuxCNC): R, or at least one centre offset of the active plane; not both; no offset letter of another
     plane. Canned cycles: XY plane only (their Z/R/P/Q are checked with the sticky words). Checks that need values
     or positions (R above Z, Q > 0, L a positive integer, an R reaching the end point) are the machine's
-    (`simulator.MachineError`)."""
+    (`virtual_mill.MachineError`)."""
     if motion in ARC_CODES:
         in_plane = ARC_OFFSETS[state.plane]
         offsets = [k for k in "IJK" if k in values]

@@ -16,7 +16,7 @@ The generative decoder is the fallback: a window whose library confidence (the l
 `library.threshold` takes the decoder's line. threshold < 0 (the default) means chosen on the validation split: the
 value that maximises validation token accuracy of the combination (ties: the lowest, i.e. trust the library most),
 written to <run_dir>/library/threshold.json when the decoder (<run_dir>/decoder/checkpoints/best) exists. Without a
-library (library.program empty) predict uses the decoder alone, as before.
+library (library.program empty) predict uses the decoder alone.
 
 Training reuses the package's pieces: the frozen encoder from train_encoder (train.encoder_checkpoint or
 <run_dir>/encoder/checkpoints/best), common.runs' resume guard (library, data and encoder sections, run.seed, the
@@ -39,19 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnc_gcode.config import CncConfig
-from cnc_gcode.data import Windows, batches, epoch_order
+from cnc_gcode.checkpoints import KIND_LIBRARY, encoder_path, load_encoder, load_trained, stage_fingerprint
+from cnc_gcode.config import CncConfig, EncoderConfig, set_threads
+from cnc_gcode.data import Windows, batches, cap_windows, epoch_order, load_split, log_windows
 from cnc_gcode.gcode import parse_program
 from cnc_gcode.metrics import token_metrics
-from cnc_gcode.runtime import (
-    cap_windows,
-    encoder_path,
-    load_encoder,
-    load_split,
-    log_windows,
-    set_threads,
-    stage_fingerprint,
-)
+from cnc_gcode.model import build_encoder
 from cnc_gcode.tokenizer import (
     CANONICAL_LETTER_ORDER,
     EOS,
@@ -80,7 +73,6 @@ from common.training import EarlyStopping, cosine_with_warmup, param_groups
 
 log = logging.getLogger(__name__)
 LIBRARY_DIR = "library"
-KIND_LIBRARY = "cnc_gcode.line_library"
 THRESHOLD_FILE = "threshold.json"
 FEED_LETTER = "F"
 NO_MOTION_TEXT = "(no axis motion)"
@@ -470,15 +462,8 @@ def train_library(cfg: CncConfig) -> int:
 def load_library(cfg: CncConfig, checkpoint: str | Path | None = None
                  ) -> tuple[LibraryModel, LineLibrary, dict, Path]:
     """The library model (encoder + head, eval mode) and its library from a checkpoint of this stage."""
-    from cnc_gcode.config import EncoderConfig
-    from cnc_gcode.model import build_encoder
-
-    ckpt = find_checkpoint(checkpoint or library_path(cfg))
-    _, meta = load_checkpoint(ckpt)
-    if meta.get("kind") != KIND_LIBRARY:
-        raise UserError(f"{ckpt}: not a line-library checkpoint (kind={meta.get('kind')!r}); pass the directory "
-                        f"written by `python -m cnc_gcode.line_library` (config key library.checkpoint)")
-    library = LineLibrary.from_state(meta["library"], load_vocabulary(cfg.data.vocab_path), str(ckpt))
+    ckpt, meta, vocab = load_trained(cfg, checkpoint or library_path(cfg), KIND_LIBRARY)
+    library = LineLibrary.from_state(meta["library"], vocab, str(ckpt))
     encoder = build_encoder(EncoderConfig(**meta["encoder"]), int(meta["continuous_dim"]))
     head = LibraryHead(encoder.lstm.hidden_size * 2, len(library), int(meta["continuous_dim"]), **meta["head"])
     model = LibraryModel(encoder, head)
@@ -490,15 +475,15 @@ def load_library(cfg: CncConfig, checkpoint: str | Path | None = None
 def fit_threshold(cfg: CncConfig, checkpoint: Path, val_w: Windows) -> dict | None:
     """library.threshold < 0: choose it on `val_w` against the decoder's lines and write threshold.json (None when
     the decoder is not trained yet, logged)."""
+    from cnc_gcode.checkpoints import decoder_path, load_models
     from cnc_gcode.evaluate import predict_windows
-    from cnc_gcode.runtime import decoder_path, load_models
 
     if cfg.library.threshold >= 0:
         return None
     try:
         find_checkpoint(decoder_path(cfg))
     except UserError:
-        log.info("no decoder at %s: the fallback threshold is chosen when this stage runs after `cnc_gcode.train`",
+        log.info("no decoder at %s: the fallback threshold is chosen when this stage runs after `cnc_gcode.train_decoder`",
                  decoder_path(cfg))
         return None
     model, library, _, _ = load_library(cfg, checkpoint)
@@ -523,7 +508,7 @@ def configured_threshold(cfg: CncConfig) -> float:
     path = cfg.run.run_dir / LIBRARY_DIR / THRESHOLD_FILE
     if not path.is_file():
         raise UserError(f"config key 'library.threshold' is < 0 (chosen on validation) but {path} does not exist; "
-                        f"run `python -m cnc_gcode.line_library` after `python -m cnc_gcode.train`, or set "
+                        f"run `python -m cnc_gcode.line_library` after `python -m cnc_gcode.train_decoder`, or set "
                         f"library.threshold")
     return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
 

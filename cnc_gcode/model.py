@@ -304,7 +304,7 @@ class SensorMultiHeadDecoder(nn.Module):
         self.memory_position = nn.Embedding(max_memory_len, d_model)
         # The line being executed is the one at the window's last step: its memory vector is added to every token
         # embedding, so the digit heads read it through the feed-forward layers without first learning a sharp
-        # cross-attention (which took many epochs on CPU; see README "design choices").
+        # cross-attention (which took many epochs on CPU).
         self.context_proj = nn.Linear(sensor_dim, d_model) if last_step_context else None
         self.type_embed = nn.Embedding(N_INPUT_TYPES, d_model)
         self.command_embed = nn.Embedding(self.n_commands + 1, d_model)  # last row: "not a command"

@@ -19,10 +19,10 @@ import io
 import logging
 from pathlib import Path
 
-from cnc_gcode.config import CncConfig
+from cnc_gcode.checkpoints import load_models
+from cnc_gcode.config import CncConfig, set_threads
 from cnc_gcode.data import check_channels, load_windows, select_groups
 from cnc_gcode.evaluate import operation_names, predict_windows
-from cnc_gcode.runtime import load_models, set_threads
 from common.cli import config_main
 from common.errors import UserError
 from common.io import atomic_write_text

@@ -3,19 +3,19 @@
     python -m cnc_gcode.sample_data data/cnc_gcode/sample --programs 60 --seed 0
 
 Writes OUT/train.npz, val.npz, test.npz with
-    continuous      [N, 64, C] float32   C = 27 simulated channels (see channels.json / cnc_gcode.simulator)
+    continuous      [N, 64, C] float32   C = 27 simulated channels (see channels.json / cnc_gcode.virtual_mill)
     categorical     [N, 64, 4] int64     motion_mode, spindle_state, coolant, motion_phase (3 values each)
     tokens          [N, 7]     int64     the window's line (--window-end) in the default (exact) vocabulary, written
                                          as OUT/vocab.json
     vocab_digest    []         str       Vocabulary.digest() of that vocabulary (checked whenever tokens are loaded)
-    operation_type  [N]        int64     one of 9 operations (simulator.OPERATIONS)
+    operation_type  [N]        int64     one of 9 operations (virtual_mill.OPERATIONS)
     program_id, line_index [N] int64     provenance of each window
     channel_names   [C]        str
     categorical_names [4]      str
-    channel_groups  []         str       JSON {group: [channel names]} of the input groups (simulator.INPUT_GROUPS)
+    channel_groups  []         str       JSON {group: [channel names]} of the input groups (virtual_mill.INPUT_GROUPS)
 plus OUT/programs/*.nc (the G-code that was executed), OUT/channels.json and OUT/manifest.json.
 Programs use continuous coordinates (3 decimals) and feeds (1 decimal) unless --grid is given, and each cutting
-operation draws its spindle speed from one shared range (see cnc_gcode.simulator).
+operation draws its spindle speed from one shared range (see cnc_gcode.virtual_mill).
 Programs, not windows, are split (stratified by the program's first operation), so no program is in two splits.
 """
 
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnc_gcode.simulator import (
+from cnc_gcode.tokenizer import VOCAB_DIGEST_KEY, Vocabulary
+from cnc_gcode.virtual_mill import (
     CATEGORICAL_CHANNELS,
     CATEGORICAL_DIMS,
     CATEGORICAL_NAMES_KEY,
@@ -45,7 +46,6 @@ from cnc_gcode.simulator import (
     record,
     windows,
 )
-from cnc_gcode.tokenizer import VOCAB_DIGEST_KEY, Vocabulary
 from common.cli import guarded_main
 from common.errors import UserError
 from common.io import atomic_write, atomic_write_text, write_json
@@ -115,7 +115,7 @@ def make_dataset(out_dir: str | Path, n_programs: int = 60, seed: int = 0, windo
 
     value_mode 'exact' tokenizes with the default vocabulary, 'seed4' with the seed's 4-digit one
     (`Vocabulary.seed()`; then pass data.vocab_path=OUT/vocab.json to the other stages). window_end: how windows
-    are cut and labelled (simulator.WINDOW_ENDS); settle: samples a completed window runs past its line's end."""
+    are cut and labelled (virtual_mill.WINDOW_ENDS); settle: samples a completed window runs past its line's end."""
     if n_programs < 3:
         raise UserError(f"--programs {n_programs}: need at least 3 programs (one per split)")
     out = Path(out_dir)
@@ -177,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-per-line", type=int, default=3)
     parser.add_argument("--grid", type=float, default=0.0,
                         help="coordinate grid of generated programs in mm (0, the default: continuous coordinates "
-                             "with 3 decimals and feeds with 1; e.g. 5 for the earlier grid generator)")
+                             "with 3 decimals and feeds with 1; e.g. 5 for the 5 mm grid of the held-out-programs table)")
     parser.add_argument("--window-end", default="executing",
                         help="executing (default, the seed's labelling): windows every --stride samples and at each "
                              "line's end, labelled with the line executing at their last sample (its end point may "

@@ -5,7 +5,7 @@
     python -m cnc_gcode.simulate --config configs/cnc_gcode/tiny.yaml \
         simulate.input=../shared/data/gcode_linuxcnc simulate.out=data/cnc_gcode/linuxcnc.npz
 
-Each program runs from the machine's start state (G17 G21 G90 G49 G99, position 0 0 10) through `simulator.Machine`:
+Each program runs from the machine's start state (G17 G21 G90 G49 G99, position 0 0 10) through `virtual_mill.Machine`:
 modal motion, G2/G3 with R or I/J/K in G17/G18/G19 (full circles, helices), canned cycles G73 G74 G81-G86 G89 with
 G98/G99 (LinuxCNC semantics), spindle S/M3/M4/M5 and coolant M7/M8/M9. A line the parser refuses (O-words, #
 parameters, G87/G88, an arc without its centre, a cycle without its Z/R, ...) or the machine refuses where it
@@ -16,11 +16,11 @@ machine time. A folder is searched as build_vocab searches one (G-code suffixes,
 files skipped and logged).
 
 Memory stays bounded for any program length: the programs are read twice, line by line (once for the vocabulary,
-once to run), and every `simulate.chunk_samples` samples the sensor log so far (`simulator.SensorStream`) is cut
-into the windows of the lines it completes (`simulator.WindowStream`) and appended to the output on disk
+once to run), and every `simulate.chunk_samples` samples the sensor log so far (`virtual_mill.SensorStream`) is cut
+into the windows of the lines it completes (`virtual_mill.WindowStream`) and appended to the output on disk
 (`npz_stream.NpzChunkWriter`). The sensor noise and the window choice come from two streams of `simulate.seed`, so
 the output is the same for every chunk size, bit for bit (`chunk_samples=0`, the whole program at once with every
-window in memory, is the earlier way; tests/cnc_gcode/test_cnc_new_user_inputs.py and
+window in memory, gives the same output; tests/cnc_gcode/test_cnc_new_user_inputs.py and
 benchmarks/cnc_simulate_memory.py compare the two).
 
 Writes `simulate.out` with the arrays sample_data writes (continuous [N,T,27], categorical [N,T,4], tokens [N,L],
@@ -51,7 +51,6 @@ from cnc_gcode.config import CncConfig, SimulateConfig
 from cnc_gcode.gcode import ModalState, ParsedLine, ParseReport, parse_line
 from cnc_gcode.npz_stream import NpzChunkWriter
 from cnc_gcode.sample_data import channel_arrays, save_npz
-from cnc_gcode.simulator import OPERATIONS, Machine, MachineConfig, MachineError, SensorStream, WindowStream
 from cnc_gcode.tokenizer import (
     DEFAULT_COMMANDS,
     DEFAULT_LETTERS,
@@ -63,6 +62,7 @@ from cnc_gcode.tokenizer import (
     line_words,
     significant_digits,
 )
+from cnc_gcode.virtual_mill import OPERATIONS, Machine, MachineConfig, MachineError, SensorStream, WindowStream
 from common.cli import config_main
 from common.errors import UserError
 from common.io import write_json
@@ -167,7 +167,7 @@ def build_vocabulary(scans: list[ProgramScan], max_tokens: int) -> Vocabulary:
 
 
 class WindowSink:
-    """Where windows go: kept in memory and written with np.savez at the end (chunk_samples=0, the earlier way), or
+    """Where windows go: kept in memory and written with np.savez at the end (chunk_samples=0), or
     appended to disk chunk by chunk (`NpzChunkWriter`)."""
 
     def __init__(self, out: Path, streaming: bool) -> None:

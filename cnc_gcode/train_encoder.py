@@ -34,24 +34,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnc_gcode.config import CncConfig
-from cnc_gcode.data import batches, epoch_order, estimate_surface, input_stats
-from cnc_gcode.model import build_encoder
-from cnc_gcode.runtime import (
-    ENCODER_DIR,
+from cnc_gcode.checkpoints import ENCODER_DIR, encoder_meta, stage_fingerprint
+from cnc_gcode.config import CncConfig, set_threads
+from cnc_gcode.data import (
+    batches,
     cap_windows,
-    encoder_meta,
+    epoch_order,
+    estimate_surface,
     groups_used,
+    input_stats,
     load_split,
     log_windows,
-    set_threads,
-    stage_fingerprint,
-    start_distributed,
 )
+from cnc_gcode.model import build_encoder
 from cnc_gcode.tokenizer import load_vocabulary
 from common.checkpoint import CheckpointManager, capture_train_state, load_checkpoint, resume_from_checkpoint
 from common.cli import config_main
-from common.distributed import all_reduce_sum, barrier, cleanup_distributed, main_rank_value, rank_part, wrap_ddp
+from common.distributed import (
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    main_rank_value,
+    rank_part,
+    setup_distributed,
+    wrap_ddp,
+)
 from common.errors import UserError
 from common.io import write_json
 from common.logs import MetricsWriter, progress
@@ -137,7 +144,7 @@ def evaluate_encoder(encoder, windows, batch_size: int, recon_weight: float) -> 
 
 def train_encoder(cfg: CncConfig) -> int:
     set_threads(cfg)
-    dist_info = start_distributed()
+    dist_info = setup_distributed("cpu")  # trained on the CPU: gloo
     tc = cfg.encoder_train
     out = cfg.run.run_dir / ENCODER_DIR
     vocab = load_vocabulary(cfg.data.vocab_path)

@@ -17,7 +17,7 @@ STAGES = {
     "baseline": "count features + logistic regression on the same sequences and splits",
     "represent": "a finetuned run's pooled patient representations per (subject, prediction_time) -> parquet",
     "linear_probe": "standardised logistic regression on exported representations (C on tuning), held_out with CIs",
-    "summarize": "held-out reports of finished runs -> one markdown + JSON table (what the README quotes)",
+    "summarize": "held-out reports of finished runs -> one markdown + JSON table (mean +- sd rows for repeated labels)",
     "demo": "the whole chain on generated sample data (OUT_DIR), 1-3 minutes on 2 cores",
 }
 

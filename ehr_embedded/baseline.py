@@ -36,7 +36,7 @@ from ehr_embedded.config import BaselineConfig
 from ehr_embedded.cv_folds import assign_folds
 from ehr_embedded.data import kept_indices
 from ehr_embedded.evaluate import binary_metrics, choose_threshold, multilabel_metrics, regression_metrics
-from ehr_embedded.predictions import write_multilabel_predictions, write_predictions, write_regression_predictions
+from ehr_embedded.prediction_files import write_multilabel_predictions, write_predictions, write_regression_predictions
 from ehr_embedded.storage import SequenceStore, load_dataset_table, open_split
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from common.studies import check_heartbeat
+from common.tuning import check_heartbeat
 
 PACKAGED_MINILM = "all-MiniLM-L6-v2"
 
@@ -157,7 +157,7 @@ class ModelConfig:
     """The transformer over event sequences (tiny values train on CPU in seconds)."""
 
     type: Literal["transformer_encoder_embedded", "transformer_decoder_embedded"] = "transformer_encoder_embedded"
-    """Bidirectional encoder (mean pooling) or causal decoder (next-event head + classification on the last event)."""
+    """Bidirectional encoder (pooled by `pooling`) or causal decoder (next-event head + classification on the last event)."""
     embedding_dim: int | None = None
     """Null: the code-embedding table's width. A value that disagrees with the table is an error."""
     model_dim: int = 128

@@ -18,8 +18,8 @@ loop runs per subject or per label. Each finished shard becomes an atomically wr
 splits, vocabulary and settings), so a re-run after a crash skips finished shards; `sequences.num_workers` spreads
 shards over processes (and `sequences.shard_world_size` / `shard_rank` over separate jobs, a final plain run
 merging). The parts are then streamed into the per-split store in shard order, which makes the result
-independent of the number of processes (and byte-identical to the former per-subject loop, kept as
-`create_embeddings_loop` for the benchmark and the tests).
+independent of the number of processes (and byte-identical to the per-subject reference loop,
+`studies/ehr_embedded/create_embeddings_loop.py`, the benchmark's baseline and the tests' oracle).
 """
 
 from __future__ import annotations

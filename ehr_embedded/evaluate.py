@@ -53,7 +53,7 @@ from ehr_embedded.engine import (
     predict_probs,
     predict_values,
 )
-from ehr_embedded.predictions import (
+from ehr_embedded.prediction_files import (
     DEFAULT_THRESHOLD,
     run_config,
     write_multiclass_predictions,

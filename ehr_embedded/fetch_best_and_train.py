@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common import studies
+from common import tuning
 from common.cli import config_main
 from common.errors import UserError
 from common.io import write_json
@@ -35,7 +35,7 @@ def fetch_best_and_train(cfg: TrainConfig) -> int:
     if cfg.training.task != "classification":
         raise UserError("fetch_best_and_train finetunes: it needs training.task=classification")
     study = open_study(cfg, create=False)
-    best = studies.best_completed_trial(study, cfg.optuna.storage, "python -m ehr_embedded.optuna_worker")
+    best = tuning.best_completed_trial(study, cfg.optuna.storage, "python -m ehr_embedded.optuna_worker")
     final_cfg = apply_params(cfg, best.params)
     cv = cv_summary(best.user_attrs)
     what = f"CV mean AUROC over {cv['cv_folds']} folds" if cv else "tuning AUROC"

@@ -64,7 +64,7 @@ from ehr_embedded.engine import (
     target_scaling,
 )
 from ehr_embedded.evaluate import choose_threshold, evaluate, macro_auprc, macro_auroc, macro_ovr_auroc, micro_auroc
-from ehr_embedded.predictions import DEFAULT_THRESHOLD
+from ehr_embedded.prediction_files import DEFAULT_THRESHOLD
 from ehr_embedded.storage import CODE_TABLE_DIR
 
 log = logging.getLogger(__name__)

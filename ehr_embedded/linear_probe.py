@@ -32,7 +32,7 @@ from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
 from ehr_embedded.config import LinearProbeConfig
 from ehr_embedded.evaluate import choose_threshold, macro_ovr_auroc, task_metrics
-from ehr_embedded.predictions import DEFAULT_THRESHOLD, write_multiclass_predictions, write_predictions
+from ehr_embedded.prediction_files import DEFAULT_THRESHOLD, write_multiclass_predictions, write_predictions
 from ehr_embedded.represent import SPLITS, read_representations
 
 log = logging.getLogger(__name__)

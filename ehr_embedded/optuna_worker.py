@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from common import studies
+from common import tuning
 from common.cli import config_main
 from common.errors import UserError
 from ehr_embedded.config import TrainConfig
@@ -65,19 +65,19 @@ def search_space(trial: Any, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def apply_params(cfg: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-    """`cfg` with a trial's dotted `section.key` parameters set and re-validated (common.studies.apply_params), e.g.
+    """`cfg` with a trial's dotted `section.key` parameters set and re-validated (common.tuning.apply_params), e.g.
     a model_dim that n_heads does not divide is refused."""
-    return studies.apply_params(cfg, params, "ehr_embedded")
+    return tuning.apply_params(cfg, params, "ehr_embedded")
 
 
 def open_study(cfg: TrainConfig, create: bool = True):
     """Create (or join) the study, maximising tuning AUROC; `create=False` loads an existing one (UserError when
-    there is none). Heartbeats let the next worker fail and retry a killed worker's trial (common.studies). With
+    there is none). Heartbeats let the next worker fail and retry a killed worker's trial (common.tuning). With
     optuna.cv_folds the pruner's steps are folds (0-based), the first of which is never pruned."""
     oc = cfg.optuna
     warmup = 1 if oc.cv_folds else oc.warmup_epochs
-    return studies.open_study(oc.storage, oc.study, direction="maximize", warmup_steps=warmup,
-                              heartbeat=studies.Heartbeat(oc.heartbeat_interval, oc.grace_period, oc.max_retries),
+    return tuning.open_study(oc.storage, oc.study, direction="maximize", warmup_steps=warmup,
+                              heartbeat=tuning.Heartbeat(oc.heartbeat_interval, oc.grace_period, oc.max_retries),
                               storage_key="optuna.storage", worker_cmd="python -m ehr_embedded.optuna_worker",
                               create=create)
 
@@ -138,7 +138,7 @@ def cv_objective(trial: Any, trial_cfg: TrainConfig, folds: list[Path]) -> float
         trial.set_user_attr("fold_aurocs", best)
         trial.set_user_attr("cv_mean", mean)
         trial.set_user_attr("cv_sd", float(np.std(best, ddof=1)) if len(best) > 1 else None)
-        studies.report_epoch(trial, mean, k, f"mean best tuning AUROC of folds 0..{k}", step_name="fold")
+        tuning.report_epoch(trial, mean, k, f"mean best tuning AUROC of folds 0..{k}", step_name="fold")
     return float(np.mean(best))
 
 
@@ -160,12 +160,12 @@ def worker(cfg: TrainConfig) -> int:
 
         def report(epoch: int, auroc: float | None) -> None:
             seen.append(require_auroc(auroc, cfg.data.embedding_output_dir))
-            studies.report_epoch(trial, auroc, epoch, "tuning AUROC")
+            tuning.report_epoch(trial, auroc, epoch, "tuning AUROC")
 
         finetune(trial_cfg, on_epoch=report, held_out=False)
         return max(seen)
 
-    return studies.run_worker(study, objective, cfg.optuna.trials, cfg.optuna.total_trials)
+    return tuning.run_worker(study, objective, cfg.optuna.trials, cfg.optuna.total_trials)
 
 
 main = config_main(TrainConfig, worker, __doc__, prog="python -m ehr_embedded.optuna_worker")

@@ -70,7 +70,7 @@ from ehr_embedded.engine import (
     predict_probs,
     predict_values,
 )
-from ehr_embedded.predictions import (
+from ehr_embedded.prediction_files import (
     DEFAULT_THRESHOLD,
     MULTILABEL_PREDICTION_SCHEMA,
     PREDICTION_SCHEMA,
@@ -217,7 +217,7 @@ def meds_stage1_config(run_dir: Path, meds_dir: Path, labels: Path, out_dir: Pat
     cfg.data.vocab_embedding_path = store / CODE_TABLE_DIR
     cfg.data.embedding_output_dir = Path(out_dir) / "store"
     cfg.sequences.max_length = int(report["max_length"])
-    for key, value in (report.get("sequences") or {}).items():  # written since issue 12 section 3
+    for key, value in (report.get("sequences") or {}).items():  # absent from older stores' reports
         if key in ("embed_unseen_codes", "max_history_hours", "context_codes", "label_column"):
             setattr(cfg.sequences, key, value)
     cfg.sequences.all_to_split = "held_out"

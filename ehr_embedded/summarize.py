@@ -1,4 +1,4 @@
-"""Collect held-out reports of finished runs into one table (markdown + JSON): what the README's tables quote.
+"""Collect held-out reports of finished runs into one table (markdown + JSON): what the results tables quote.
 
     python -m ehr_embedded.summarize runs/ehr_embedded/mimic/summary \
         "counts + LR=runs/ehr_embedded/mimic/baseline_counts/reports/baseline_held_out.json" \

@@ -11,9 +11,7 @@ STAGES = {
     "hpo": "Optuna study (classifier accuracy or dual mean MAE), parallel workers on one storage",
     "analyze_tuning_results": "best trials table, parameter importances, optimisation history",
     "baselines": "mean / median / pixel ridge / pixel kNN / caliper (bright-blob extent) baselines on the same split",
-    "compare": "one table of every classifier, regressor and baseline of a run, paired differences with intervals",
     "predict": "images / DICOM / JSON -> CSV of length, diameter and an uncertainty each",
-    "ood_report": "the out-of-domain guard on negatives (CR, fillings, noise ...) and in-domain crops: flagged shares",
 }
 
 

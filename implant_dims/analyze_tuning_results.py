@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common import studies
+from common import tuning
 from common.cli import config_main
 from common.io import atomic_write_text, write_json
 from common.logs import setup_logging
@@ -181,7 +181,7 @@ def analyze(cfg: ImplantConfig) -> dict:
     ranked = ranked_trials(study)
     best = ranked[0] if ranked else None
     counts = {state: 0 for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
-    counts.update(studies.count_states(study))
+    counts.update(tuning.count_states(study))
     summary = {"study_name": study.study_name, "storage": storage_url(cfg), "kind": cfg.hpo.kind,
                "direction": study.direction.name.lower(), "objective": f"val_{metric}", "n_trials": sum(counts.values()),
                "counts": counts,

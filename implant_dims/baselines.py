@@ -18,8 +18,8 @@ A caliper image without any bright component gets the training median measuremen
 
 Writes <run_dir>/baselines/results_<split>.json ({"split", "n", "baselines": {name: {length_mae, diameter_mae,
 mean_mae}}, "details"}) for val and each configured held-out split (test, unseen), results.md (one table per split,
-also printed), predictions_<split>.csv (every baseline's per-image prediction) and fit.json (ridge alpha, caliper line coefficients). implant_dims.compare puts them beside the
-regressors.
+also printed), predictions_<split>.csv (every baseline's per-image prediction) and fit.json (ridge alpha, caliper line
+coefficients). The study studies/implant_dims/compare.py puts them beside the regressors.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from common.logs import setup_logging
 from implant_dims.config import ImplantConfig
 from implant_dims.data import ImplantRecord, letterbox, model_input, read_image
 from implant_dims.regression import load_catalogue, mae_report, snap
-from implant_dims.runtime import load_split, optional_splits
+from implant_dims.stage_setup import load_split, optional_splits
 
 log = logging.getLogger(__name__)
 PIXELS = 16
@@ -170,8 +170,8 @@ def table(split: str, n: int, results: dict[str, dict]) -> str:
 
 
 def write_predictions(path, records: list[ImplantRecord], true: np.ndarray, preds: dict[str, np.ndarray]) -> None:
-    """Per-image predictions of every baseline (<name>_length, <name>_diameter), which implant_dims.compare pairs
-    with the regressors' on the same images."""
+    """Per-image predictions of every baseline (<name>_length, <name>_diameter), which the compare study
+    (studies/implant_dims/compare.py) pairs with the regressors' on the same images."""
     names = list(preds)
     lines = [",".join(["image_path", "group", "length_true", "diameter_true",
                        *[f"{n}_{d}" for n in names for d in ("length", "diameter")]])]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.studies import check_heartbeat
+from common.tuning import check_heartbeat
 
 MODEL_SIZES = ("tiny", "small", "base", "large")
 TARGETS = ("company", "model_type")

@@ -1,5 +1,5 @@
 """The implant_dims chain on sample data it generates itself, with tiny ViTs trained from scratch (about two minutes
-on 2 CPU cores; the README's numbers come from scripts/implant_dims/sample_experiment.sh at full size).
+on 2 CPU cores; the results tables come from studies/implant_dims/sample_experiment.sh at full size).
 
     python -c "from pathlib import Path; from implant_dims.demo import run_demo; print(run_demo(Path('demo_output/implant_dims')))"
 

@@ -13,7 +13,7 @@ import torch
 from common.distributed import DistInfo, setup_distributed
 from implant_dims.config import ImplantConfig
 from implant_dims.data import ImplantDataset
-from implant_dims.runtime import autocast_dtype, pick_device
+from implant_dims.stage_setup import autocast_dtype, pick_device
 
 log = logging.getLogger(__name__)
 

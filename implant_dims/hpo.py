@@ -31,7 +31,7 @@ range are applied to the trial config and validated (e.g. hpo.trial_epochs not a
 schedule that reaches the trials' last epoch, a fusion width the attention cannot split into heads).
 
 The study (hpo.study_name, default implant_classifier_<target> or implant_dual) lives in hpo.storage (default
-sqlite:///<run_dir>/hpo/optuna.db); the plumbing is common.studies. Re-running the command continues it until it
+sqlite:///<run_dir>/hpo/optuna.db); the plumbing is common.tuning. Re-running the command continues it until it
 holds hpo.n_trials finished (complete + pruned) trials in total, never more (workers count and take trials under a
 file lock), so raising hpo.n_trials adds trials; a failed trial does not count, and a worker stops (exit 1) after
 hpo.max_failures failures in a row. hpo.n_workers > 1 starts that many worker processes of this command on the same
@@ -61,7 +61,7 @@ from typing import Any
 
 import yaml
 
-from common import studies
+from common import tuning
 from common.cli import config_main
 from common.config import from_dict, to_dict
 from common.errors import UserError
@@ -101,7 +101,7 @@ def study_dir(cfg: ImplantConfig) -> Path:
 
 def lock_file(cfg: ImplantConfig) -> Path:
     """The lock workers take trials under: beside a SQLite database, else in the run folder (a shared disk)."""
-    return studies.lock_path(storage_url(cfg)) or cfg.run.run_dir / "hpo" / f"{study_name(cfg)}.lock"
+    return tuning.lock_path(storage_url(cfg)) or cfg.run.run_dir / "hpo" / f"{study_name(cfg)}.lock"
 
 
 def make_pruner(cfg: ImplantConfig) -> Any:
@@ -123,9 +123,9 @@ def open_study(cfg: ImplantConfig, create: bool = True) -> Any:
     create_cmd = (f"`{PROG} --config <your config> hpo.kind={h.kind}"
                   + (f" classifier.target={cfg.classifier.target}" if h.kind == "classifier" else "")
                   + "` (same run.out_dir / run.name / hpo.storage / hpo.study_name)")
-    return studies.open_study(storage_url(cfg), study_name(cfg), direction=DIRECTIONS[h.kind],
+    return tuning.open_study(storage_url(cfg), study_name(cfg), direction=DIRECTIONS[h.kind],
                               warmup_steps=h.pruner_warmup_epochs + 1,
-                              heartbeat=studies.Heartbeat(h.heartbeat_interval, h.grace_period, h.max_retries),
+                              heartbeat=tuning.Heartbeat(h.heartbeat_interval, h.grace_period, h.max_retries),
                               storage_key="hpo.storage", worker_cmd=create_cmd, create=create,
                               pruner=make_pruner(cfg))
 
@@ -238,7 +238,7 @@ def report_numbers(report: dict) -> dict[str, Any]:
 
 def pruning_callback(trial: Any, metric: str) -> Callable[[int, dict], None]:
     """The epoch_callback of a trial: report the epoch's validation `metric`; TrialPruned when the pruner says so."""
-    return lambda epoch, report: studies.report_epoch(trial, float(report[metric]), epoch, f"validation {metric}")
+    return lambda epoch, report: tuning.report_epoch(trial, float(report[metric]), epoch, f"validation {metric}")
 
 
 def run_stage(tcfg: ImplantConfig, callback: Callable[[int, dict], None]) -> dict:
@@ -254,7 +254,7 @@ def run_stage(tcfg: ImplantConfig, callback: Callable[[int, dict], None]) -> dic
 
 
 def make_objective(cfg: ImplantConfig) -> Callable[[Any], float]:
-    """The Optuna objective of `cfg`'s study (a trial that raises is recorded with its error by common.studies)."""
+    """The Optuna objective of `cfg`'s study (a trial that raises is recorded with its error by common.tuning)."""
     metric = OBJECTIVES[cfg.hpo.kind]
 
     def objective(trial: Any) -> float:
@@ -328,7 +328,7 @@ def check_base(cfg: ImplantConfig) -> ImplantConfig:
     """Refuse (UserError, exit 2) a base config no trial could run with, before any trial starts. For kind=dual the
     run's classifier checkpoints are resolved here and pinned into the returned config, since trials run elsewhere."""
     from implant_dims.data import class_list
-    from implant_dims.runtime import classifier_checkpoint, load_split
+    from implant_dims.stage_setup import classifier_checkpoint, load_split
 
     check_search_space(cfg)
     train_records, _ = load_split(cfg, "train")
@@ -361,11 +361,11 @@ def check_base(cfg: ImplantConfig) -> ImplantConfig:
 
 
 def run_worker(cfg: ImplantConfig, study: Any) -> int:
-    """Fill the study to hpo.n_trials finished trials (common.studies.fill_study: no overshoot, a dead worker's
+    """Fill the study to hpo.n_trials finished trials (common.tuning.fill_study: no overshoot, a dead worker's
     trial retried, a fresh seeded sampler per trial). Returns 0, or 1 after hpo.max_failures failures in a row."""
     h = cfg.hpo
-    return studies.fill_study(study, make_objective(cfg), h.n_trials, lock=lock_file(cfg),
-                              sampler=lambda n_trials: studies.seeded_sampler(h.sampler_seed, h.worker_index, n_trials),
+    return tuning.fill_study(study, make_objective(cfg), h.n_trials, lock=lock_file(cfg),
+                              sampler=lambda n_trials: tuning.seeded_sampler(h.sampler_seed, h.worker_index, n_trials),
                               max_failures=h.max_failures, failures_key="hpo.max_failures",
                               label=f"hpo worker {h.worker_index}")
 
@@ -408,7 +408,7 @@ def spawn_workers(cfg: ImplantConfig) -> int:
 
 def write_best(cfg: ImplantConfig, study: Any) -> dict | None:
     """<study dir>/best.json from the study's best completed trial (None when none completed)."""
-    counts = studies.count_states(study)
+    counts = tuning.count_states(study)
     if not counts.get("COMPLETE"):
         return None
     best = study.best_trial
@@ -429,16 +429,16 @@ def run_hpo(cfg: ImplantConfig) -> int:
     study = open_study(cfg)
     code = spawn_workers(cfg) if cfg.hpo.n_workers > 1 else run_worker(cfg, study)
     best = write_best(cfg, study)
-    counts = studies.count_states(study)
+    counts = tuning.count_states(study)
     if best is None:
         print(f"error: study {study.study_name!r} has no completed trial ({counts}); see the worker logs",
               file=sys.stderr)
         return 1
     log.info("study %s: %s; best trial %d: val %s %.4f with %s (%s)", study.study_name, counts, best["number"],
              OBJECTIVES[cfg.hpo.kind], best["value"], " ".join(best["overrides"]), best["out_dir"])
-    if studies.finished(counts) < cfg.hpo.n_trials:
+    if tuning.finished(counts) < cfg.hpo.n_trials:
         log.warning("study %s holds %d of hpo.n_trials=%d finished trials; run the command again to continue it",
-                    study.study_name, studies.finished(counts), cfg.hpo.n_trials)
+                    study.study_name, tuning.finished(counts), cfg.hpo.n_trials)
     return code
 
 

@@ -51,7 +51,7 @@ from implant_dims.data import ImplantDataset
 from implant_dims.engine import Runtime, collate, epoch_batches
 from implant_dims.models import ImplantRegressor
 from implant_dims.regression import make_dataset, regressor_from_checkpoint
-from implant_dims.runtime import autocast, autocast_dtype, load_split, optional_splits, pick_device
+from implant_dims.stage_setup import autocast, autocast_dtype, load_split, optional_splits, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class OodStats:
                 arrays["calibration_scores"] = np.asarray(data[scores_key], dtype=np.float64)
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"{path}: unreadable out-of-domain statistics ({exc}); delete it and rerun "
-                            f"`python -m implant_dims.ood_report` or the training stage to refit them") from exc
+                            f"`python -m implant_dims.predict` (which refits missing ones) or the training stage") from exc
         if info.get("format") not in (1, FORMAT_VERSION) or info.get("space") not in SPACES:
             raise UserError(f"{path}: out-of-domain statistics of an unknown format ({info}); delete it to refit")
         return cls(**arrays, space=info["space"], weights_sha256=info.get("weights_sha256", ""),

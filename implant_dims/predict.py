@@ -62,7 +62,7 @@ from implant_dims.regression import (
     snap,
     snap_keys,
 )
-from implant_dims.runtime import autocast
+from implant_dims.stage_setup import autocast
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")

@@ -39,7 +39,7 @@ from implant_dims.config import ImplantConfig
 from implant_dims.data import ImplantDataset, ImplantRecord, check_class_lists, class_list
 from implant_dims.engine import Runtime, collate, epoch_batches, scatter_plot, start_runtime
 from implant_dims.models import ImplantRegressor, build_vit, mc_dropout_predict
-from implant_dims.runtime import (
+from implant_dims.stage_setup import (
     autocast,
     build_classifier_from_meta,
     class_indices,
@@ -545,7 +545,7 @@ def report_regressor(cfg: ImplantConfig, out: Path, rt: Runtime, train_records: 
 
 def write_predictions(path: Path, records: list[ImplantRecord], true: np.ndarray, pred: np.ndarray,
                       snapped: np.ndarray | None = None) -> None:
-    """Per-image predictions of a report split (what implant_dims.compare pairs across models); with `snapped`, also
+    """Per-image predictions of a report split (what the compare study pairs across models); with `snapped`, also
     the catalogue size each was snapped to under the run's regression.snap rule."""
     header = "image_path,group,length_true,diameter_true,length_pred,diameter_pred"
     lines = [header + (",length_snapped,diameter_snapped" if snapped is not None else "")]

@@ -42,7 +42,7 @@ from implant_dims.config import ImplantConfig
 from implant_dims.data import ImplantDataset, class_list
 from implant_dims.engine import Runtime, collate, confusion_plot, epoch_batches, start_runtime
 from implant_dims.models import EmbeddingClassifier
-from implant_dims.runtime import (
+from implant_dims.stage_setup import (
     autocast,
     build_classifier_from_meta,
     class_indices,

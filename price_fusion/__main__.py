@@ -13,7 +13,6 @@ STAGES = {
     "baselines": "median / kNN / ridge with grouped out-of-fold and test predictions, like the network's",
     "gbt": "HistGradientBoosting + out-of-fold faiss kNN price features, OOF + test predictions",
     "ensemble": "combine prediction files: mean, or weights fitted on out-of-fold predictions (never worse there than the best input)",
-    "ikea": "real-data benchmark on the IKEA catalogue, unseen names: fusion, k-fold, trees, baselines, recommended blend",
     "optuna_worker": "one Optuna worker minimising validation SMAPE on a shared RDB study (start several)",
     "fetch_best_and_train": "train the full model with the best Optuna trial's parameters",
 }

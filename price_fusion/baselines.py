@@ -41,7 +41,7 @@ from common.logs import setup_logging, write_json
 from .batching import FusionTensors, load_split
 from .config import BaselinesConfig, PriceFusionConfig
 from .data import grouped_folds, product_groups, read_catalog
-from .predictions import log_to_price, write_predictions
+from .prediction_files import log_to_price, write_predictions
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from common.errors import UserError
 
 from .data import STRUCT_NAMES, Catalog, read_catalog
-from .embeddings import EmbeddingSet, align_to_ids, load_embeddings
+from .embedding_store import EmbeddingSet, align_to_ids, load_embeddings
 
 # Per-epoch shuffling seed = seed * EPOCH_SEED_STRIDE + epoch, so every epoch's order is a pure function of
 # (seed, epoch) and a resumed run replays exactly the order the uninterrupted one used.

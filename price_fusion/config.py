@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.studies import check_heartbeat
+from common.tuning import check_heartbeat
 
 MODEL_NAMES = ("two_branch", "advanced_moe")
 LOSS_NAMES = ("weighted_smape", "focal_smape", "hybrid_focal_smape", "smape", "huber", "mse", "mae")
@@ -336,7 +336,7 @@ class BaselinesConfig:
 
 @dataclass
 class IkeaConfig:
-    """The real-data benchmark (python -m price_fusion.ikea)."""
+    """The IKEA real-data study (python -m studies.price_fusion.ikea; read by no product stage)."""
 
     source: str = "products_ikea/ikea_sa_2020.csv"
     """The catalogue, relative to $REAL_DATA_DIR (default ../shared/data beside the repository)."""
@@ -346,7 +346,7 @@ class IkeaConfig:
     """Share of the product groups held out as the test set, stratified by the groups' median price."""
     group: str = "name"
     """Test-split groups: name (IKEA's product name, e.g. BILLY: its colours and sizes never straddle train and test)
-    or item (every item its own group: the earlier row-level split, where most test items had a same-name variant in
+    or item (every item its own group: a row-level split, where most test items had a same-name variant in
     training). The training stages inside the benchmark group by the same key."""
     kfold: int = 5
     """Folds of the K-fold fusion run, the trees + kNN head and the baselines' out-of-fold predictions."""

@@ -74,5 +74,5 @@ def run_demo(out_dir: Path, seed: int | None = None) -> list[dict]:
         {**row, "stage": "baseline", "metric": "test SMAPE % (train median)",
          "value": metrics.smape(truth.to_numpy(), np.full(len(truth), train_median)), "output": str(paths["train_csv"])},
     ]
-    write_json(out_dir / "reports" / "demo_results.json", rows)  # the numbers price_fusion/README.md quotes
+    write_json(out_dir / "reports" / "demo_results.json", rows)  # the rows the README and RESULTS.md quote
     return rows

@@ -6,7 +6,7 @@
     python -m price_fusion.embed --config configs/price_fusion/base.yaml \
         embed.import_clip_dir=embeddings_clip/{split} embed.import_qwen_pickle=embeddings_qwen/qwen3_embeddings_{split}.pkl
 
-Writes <data.embeddings_dir>/<split>/ (see price_fusion/embeddings.py) and <data.embeddings_dir>/unit_vocab.json,
+Writes <data.embeddings_dir>/<split>/ (see price_fusion/embedding_store.py) and <data.embeddings_dir>/unit_vocab.json,
 fitted on the train split only and reused for test. The structural features follow data.structural (quantities:
 canonical amount x unit x pack with the unit one-hot; legacy: the original's 3 columns); the manifest names them.
 Encoders load from local paths; nothing is downloaded.
@@ -52,7 +52,7 @@ from .data import (
     struct_feature_names,
     structural_features,
 )
-from .embeddings import import_clip_dir, import_qwen_pickle, write_embeddings
+from .embedding_store import import_clip_dir, import_qwen_pickle, write_embeddings
 
 log = logging.getLogger(__name__)
 UNIT_VOCAB_FILE = "unit_vocab.json"

@@ -39,7 +39,7 @@ from common.logs import setup_logging, write_json
 
 from .config import PriceFusionConfig
 from .data import read_catalog
-from .predictions import read_predictions, write_predictions
+from .prediction_files import read_predictions, write_predictions
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from .batching import load_split, predict_log_price
 from .config import EvaluateConfig, PriceFusionConfig
 from .data import read_catalog
 from .model import load_trained_model
-from .predictions import log_to_price, read_predictions
+from .prediction_files import log_to_price, read_predictions
 
 log = logging.getLogger(__name__)
 RANGE_NAMES = ("Low", "Medium", "High")

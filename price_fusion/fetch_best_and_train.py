@@ -18,7 +18,7 @@ import json
 import logging
 from pathlib import Path
 
-from common import studies
+from common import tuning
 from common.cli import config_main
 from common.logs import write_json
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def fetch_best_and_train(cfg: PriceFusionConfig) -> int:
     study = open_study(cfg, create=False)
-    best = studies.best_completed_trial(study, f"optuna.storage={cfg.optuna.storage}",
+    best = tuning.best_completed_trial(study, f"optuna.storage={cfg.optuna.storage}",
                                         "python -m price_fusion.optuna_worker")
     final_cfg = apply_params(cfg, best.params)
     log.info("best trial %d (val SMAPE %.3f%%): %s", best.number, best.value, best.params)

@@ -29,7 +29,7 @@ from common.logs import setup_logging, write_json
 from .batching import FusionTensors, load_split
 from .config import GbtConfig, PriceFusionConfig
 from .data import grouped_folds, product_groups
-from .predictions import log_to_price, write_predictions
+from .prediction_files import log_to_price, write_predictions
 
 log = logging.getLogger(__name__)
 KNN_FEATURES = ("knn_weighted_mean", "knn_median", "knn_std", "knn_top1", "knn_top1_sim", "knn_mean_sim")

@@ -31,7 +31,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common import studies
+from common import tuning
 from common.cli import config_main
 from common.errors import UserError
 
@@ -54,8 +54,8 @@ def search_space(trial: Any, cfg: PriceFusionConfig) -> dict[str, Any]:
 
 
 def apply_params(cfg: PriceFusionConfig, params: dict[str, Any]) -> PriceFusionConfig:
-    """`cfg` with a trial's dotted `section.key` parameters set and re-validated (common.studies.apply_params)."""
-    return studies.apply_params(cfg, params, "price_fusion")
+    """`cfg` with a trial's dotted `section.key` parameters set and re-validated (common.tuning.apply_params)."""
+    return tuning.apply_params(cfg, params, "price_fusion")
 
 
 def check_search_space(cfg: PriceFusionConfig) -> None:
@@ -68,10 +68,10 @@ def check_search_space(cfg: PriceFusionConfig) -> None:
 
 def open_study(cfg: PriceFusionConfig, create: bool = True):
     """The study (created when missing if `create`; else UserError when missing), minimising validation SMAPE, on
-    a storage whose heartbeats let the next worker fail and retry a killed worker's trial (common.studies)."""
+    a storage whose heartbeats let the next worker fail and retry a killed worker's trial (common.tuning)."""
     oc = cfg.optuna
-    return studies.open_study(oc.storage, oc.study, direction="minimize", warmup_steps=oc.warmup_epochs,
-                              heartbeat=studies.Heartbeat(oc.heartbeat_interval, oc.grace_period, oc.max_retries),
+    return tuning.open_study(oc.storage, oc.study, direction="minimize", warmup_steps=oc.warmup_epochs,
+                              heartbeat=tuning.Heartbeat(oc.heartbeat_interval, oc.grace_period, oc.max_retries),
                               storage_key="optuna.storage", worker_cmd=PROG, create=create)
 
 
@@ -96,14 +96,14 @@ def worker(cfg: PriceFusionConfig) -> int:
         def report(epoch: int, val_smape: float) -> None:
             nonlocal best
             best = min(best, val_smape)
-            studies.report_epoch(trial, val_smape, epoch, "val SMAPE %")
+            tuning.report_epoch(trial, val_smape, epoch, "val SMAPE %")
 
         train_stage.train(trial_cfg, on_epoch=report)
         if not math.isfinite(best):
             raise RuntimeError(f"trial {trial.number} reported no validation SMAPE")
         return best
 
-    return studies.run_worker(study, objective, cfg.optuna.trials, cfg.optuna.total_trials)
+    return tuning.run_worker(study, objective, cfg.optuna.trials, cfg.optuna.total_trials)
 
 
 main = config_main(PriceFusionConfig, worker, __doc__, prog=PROG)

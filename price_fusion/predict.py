@@ -26,7 +26,7 @@ from .config import PriceFusionConfig
 from .data import read_catalog
 from .evaluate import checkpoint_path
 from .model import load_trained_model
-from .predictions import log_to_price, write_predictions
+from .prediction_files import log_to_price, write_predictions
 from .train import REFIT_DIR
 
 log = logging.getLogger(__name__)

@@ -68,10 +68,10 @@ from common.training import EarlyStopping, param_groups
 from .batching import FusionTensors, epoch_batches, load_split, predict_log_price
 from .config import PriceFusionConfig
 from .data import grouped_folds, grouped_split, product_groups
-from .embeddings import MANIFEST
+from .embedding_store import MANIFEST
 from .losses import build_loss
 from .model import build_model, init_output_bias
-from .predictions import log_to_price, write_predictions
+from .prediction_files import log_to_price, write_predictions
 
 log = logging.getLogger(__name__)
 DONE_FILE = "done.json"

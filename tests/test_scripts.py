@@ -182,7 +182,7 @@ def test_run_chain_passes_overrides_and_reads_under_the_runs_dir(tmp_path):
 
 def test_structural_ablation_reads_its_runs_from_the_runs_dir_override(tmp_path):
     out, runs = tmp_path / "abl", tmp_path / "runs_here"
-    cmds = dry_run("price_fusion/structural_ablation.sh", str(out), f"runs_dir={runs}", "train.epochs=2")
+    cmds = dry_run("../studies/price_fusion/structural_ablation.sh", str(out), f"runs_dir={runs}", "train.epochs=2")
     stages = [c for c in cmds if "-m" in c and c[c.index("-m") + 1] != "price_fusion.sample_data"]
     assert len(stages) == 8
     for cmd in stages:
@@ -193,7 +193,7 @@ def test_structural_ablation_reads_its_runs_from_the_runs_dir_override(tmp_path)
     report = cmds[-1]
     assert report[1:] == ["-", str(out), str(runs)]
     # with no OUT_DIR, a first key=value argument is an override, not the output folder
-    cmds = dry_run("price_fusion/structural_ablation.sh", f"runs_dir={runs}")
+    cmds = dry_run("../studies/price_fusion/structural_ablation.sh", f"runs_dir={runs}")
     assert cmds[0][-3:] == ["runs/price_fusion/ablation/data", "--quantities", "--tiny-clip"]
 
 
@@ -242,8 +242,8 @@ FIXED = ["history_windows_auroc", "mimic_cv_search", "mimic_multitask", "mimic_r
 @pytest.mark.parametrize("name", FIXED)
 def test_fixed_ehr_recipes_refuse_overrides_instead_of_dropping_them(name):
     env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1"}
-    done = subprocess.run(["bash", str(SCRIPTS / "ehr_embedded" / f"{name}.sh"), "training.output_dir=/x"], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["bash", str(REPO / "studies" / "ehr_embedded" / f"{name}.sh"), "training.output_dir=/x"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == "", done.stdout
     assert done.stderr.strip() == (f"{name}.sh: takes no arguments (got: training.output_dir=/x); its configs and "
                                    "paths are fixed: run its stages by hand to change them")

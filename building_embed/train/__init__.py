@@ -1,4 +1,4 @@
-"""Stages 5-6: the projection head trained with triplet loss and bandit-chosen difficulty bands, its evaluation, and
+"""Training: the projection head trained with triplet loss and bandit-chosen difficulty bands, its evaluation, and
 the Optuna search (`train.train`, `train.multisplit`, `train.optuna_worker`, `train.fetch_best_and_train`)."""
 
 from __future__ import annotations

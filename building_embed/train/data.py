@@ -24,7 +24,7 @@ from building_embed.config import BuildingEmbedConfig
 from building_embed.difficulty.compute_visual_neighbors import OUTPUT_FILE, REPORT_FILE
 from building_embed.preprocess.merge_and_split import SPLITS, read_split, split_embedding_dim
 from building_embed.preprocess.schema import IDENTITY, IMAGE_KEY, read_parquet_checked
-from building_embed.train.evaluate import relevant_counts
+from building_embed.train.retrieval import relevant_counts
 from common.errors import UserError
 from common.io import require_finite
 

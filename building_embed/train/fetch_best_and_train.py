@@ -1,4 +1,4 @@
-"""Stage 6b: read the best completed trial of the Optuna study and train the final model with its parameters.
+"""Read the best completed trial of the Optuna study and train the final model with its parameters.
 
     python -m building_embed.train.fetch_best_and_train --config configs/building_embed/sample.toml
     python -m building_embed.train.fetch_best_and_train --config configs/building_embed/config.toml \
@@ -18,7 +18,7 @@ import logging
 from building_embed.config import BuildingEmbedConfig
 from building_embed.train.optuna_worker import apply_params, open_study
 from building_embed.train.train import run_dir_of, run_training
-from common import studies
+from common import tuning
 from common.cli import config_main
 from common.io import write_json
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def fetch_best_and_train(cfg: BuildingEmbedConfig) -> int:
     study = open_study(cfg, create=False)
-    best = studies.best_completed_trial(study, cfg.training.optuna_storage,
+    best = tuning.best_completed_trial(study, cfg.training.optuna_storage,
                                         "python -m building_embed.train.optuna_worker")
     final_cfg = apply_params(cfg, best.params)
     log.info("best trial %d (val mAP@R %.4f): %s", best.number, best.value, best.params)

@@ -1,7 +1,9 @@
 """Does training the head help? Frozen embeddings vs the trained head vs PCA + LDA over many identity-disjoint splits.
 
-    python -m building_embed.train.multisplit --config configs/building_embed/faces_efficientnet.toml
-    python -m building_embed.train.multisplit --config configs/building_embed/faces_pixels.toml multisplit.repeats=1
+    python -m building_embed.train.multisplit --config configs/building_embed/sample.toml
+    python -m building_embed.train.multisplit --config configs/building_embed/config.toml multisplit.repeats=1
+
+(studies/building_embed/faces.sh runs it on the ORL faces for the results tables.)
 
 One split's result depends on which people land in its test set, so a single "head beats frozen" can be luck. This
 stage pools every merged split (paths.merged_dir/{train,val,test}.parquet) and repeats identity k-fold
@@ -11,7 +13,7 @@ and the rest trains. Per split, with the package's own stages: the split files a
 computed on its training images (difficulty.compute_visual_neighbors) and the head trained (train.train's
 run_training, global.seed); then the test people are retrieved with the frozen embeddings, the best head, and a
 closed-form reference fitted on the training and validation people (sklearn StandardScaler -> PCA
-(multisplit.pca_dim) -> LinearDiscriminantAnalysis), all on train/evaluate.py's protocol.
+(multisplit.pca_dim) -> LinearDiscriminantAnalysis), all on train/retrieval.py's protocol.
 
 The summary pairs the splits: for recall@1 and mAP@R, the mean of (model - frozen) over splits with a 95 % Student t
 interval over splits (t with n_splits - 1 degrees of freedom), the same interval with Nadeau & Bengio's correction
@@ -46,7 +48,7 @@ from building_embed.model import build_head
 from building_embed.preprocess.merge_and_split import SPLITS, read_split
 from building_embed.preprocess.schema import IDENTITY
 from building_embed.train.data import PANORAMA, load_split
-from building_embed.train.evaluate import embed, retrieval_metrics
+from building_embed.train.retrieval import embed, retrieval_metrics
 from building_embed.train.train import OPTUNA_KEYS, run_training
 from common.checkpoint import load_weights
 from common.cli import config_main

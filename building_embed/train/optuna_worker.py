@@ -1,4 +1,4 @@
-"""Stage 6a: one Optuna worker; start several (processes, nodes, SLURM array tasks) on the same storage.
+"""One Optuna worker; start several (processes, nodes, SLURM array tasks) on the same storage.
 
     python -m building_embed.train.optuna_worker --config configs/building_embed/sample.toml &
     python -m building_embed.train.optuna_worker --config configs/building_embed/sample.toml &
@@ -31,7 +31,7 @@ from typing import Any
 
 from building_embed.config import BuildingEmbedConfig
 from building_embed.train.train import run_training
-from common import studies
+from common import tuning
 from common.cli import config_main
 
 
@@ -48,18 +48,18 @@ def search_space(trial: Any, cfg: BuildingEmbedConfig) -> dict[str, Any]:
 
 
 def apply_params(cfg: BuildingEmbedConfig, params: dict[str, Any]) -> BuildingEmbedConfig:
-    """`cfg` with a trial's dotted `section.key` parameters set and re-validated (common.studies.apply_params);
+    """`cfg` with a trial's dotted `section.key` parameters set and re-validated (common.tuning.apply_params);
     the study names [global] keys `global.*`, kept in `cfg.global_`."""
-    return studies.apply_params(cfg, params, "building_embed", attribute=lambda s: "global_" if s == "global" else s)
+    return tuning.apply_params(cfg, params, "building_embed", attribute=lambda s: "global_" if s == "global" else s)
 
 
 def open_study(cfg: BuildingEmbedConfig, create: bool = True):
     """Create (or join) the study, maximising val mAP@R; `create=False` loads an existing one (UserError when there
-    is none). Heartbeats let the next worker fail and retry a killed worker's trial (common.studies)."""
+    is none). Heartbeats let the next worker fail and retry a killed worker's trial (common.tuning)."""
     tc = cfg.training
-    return studies.open_study(
+    return tuning.open_study(
         tc.optuna_storage, tc.optuna_study, direction="maximize", warmup_steps=tc.optuna_warmup_epochs,
-        heartbeat=studies.Heartbeat(tc.optuna_heartbeat_interval, tc.optuna_grace_period, tc.optuna_max_retries),
+        heartbeat=tuning.Heartbeat(tc.optuna_heartbeat_interval, tc.optuna_grace_period, tc.optuna_max_retries),
         storage_key="training.optuna_storage", worker_cmd="python -m building_embed.train.optuna_worker",
         create=create)
 
@@ -80,11 +80,11 @@ def worker(cfg: BuildingEmbedConfig) -> int:
         trial.set_user_attr("run_dir", str(Path(trial_cfg.paths.runs_dir) / trial_cfg.global_.run_name))
 
         def report(epoch: int, record: dict[str, Any]) -> None:
-            studies.report_epoch(trial, record["val_map@r"], epoch, "val mAP@R")
+            tuning.report_epoch(trial, record["val_map@r"], epoch, "val mAP@R")
 
         return float(run_training(trial_cfg, on_epoch=report, final_report=False)["best_val_map@r"])
 
-    return studies.run_worker(study, objective, cfg.training.optuna_trials, cfg.training.optuna_total_trials)
+    return tuning.run_worker(study, objective, cfg.training.optuna_trials, cfg.training.optuna_total_trials)
 
 
 main = config_main(BuildingEmbedConfig, worker, __doc__, prog="python -m building_embed.train.optuna_worker")

@@ -1,4 +1,4 @@
-"""Stage 5: train the projection head on frozen embeddings with triplet loss and bandit-chosen negative bands.
+"""Train the projection head on frozen embeddings with triplet loss and bandit-chosen negative bands.
 
     python -m building_embed.train.train --config configs/building_embed/sample.toml
     python -m building_embed.train.train --config configs/building_embed/config.toml global.run_name=vitb-run1
@@ -9,7 +9,7 @@ paths.difficulty_dir/difficulty_metadata.parquet. Each step: a UCB1 bandit (trai
 a P x K batch takes its negative identities from that band (train/data.py); triplet loss with mining
 (pytorch-metric-learning, train/losses.py); the bandit's reward is the learning progress of that step (the batch's
 unmined triplet loss before vs after the step, relative). Each epoch: recall@1/5/10, precision@1 and mAP@R on val
-(train/evaluate.py: the query's own panorama is left out of its gallery; computed in query blocks within
+(train/retrieval.py: the query's own panorama is left out of its gallery; computed in query blocks within
 infrastructure.eval_memory_mb); early stopping and `best` on val mAP@R.
 At the end the best head and the frozen input embeddings are evaluated on val and test side by side.
 
@@ -60,8 +60,8 @@ from building_embed.train.data import (
     split_paths,
 )
 from building_embed.train.ddp import global_batch_loss
-from building_embed.train.evaluate import DEFAULT_MEMORY_MB, embed, markdown_table, retrieval_metrics
 from building_embed.train.losses import build_objective
+from building_embed.train.retrieval import DEFAULT_MEMORY_MB, embed, markdown_table, retrieval_metrics
 from building_embed.train.trackers import Trackers, open_trackers, require_trackers
 from common.checkpoint import CheckpointManager, capture_train_state, load_weights, resume_from_checkpoint
 from common.cli import config_main

@@ -6,7 +6,7 @@ are near 1: code identity was almost invisible. `balanced` (the default) rescale
 (norm sqrt(D); a default Linear then gives components of about 0.6), divides log1p(hours) by log1p(720) (30 days
 -> 1), keeps value z-scores (already unit scale) and starts positions at N(0, 0.02), so code, value, time and position
 enter the residual stream on comparable scales. `none` is the earlier behaviour (runs trained before the option
-existed load with it; see `predictions.run_config`).
+existed load with it; see `prediction_files.run_config`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {"embedding_dim": None, "model_dim": 128, "n_heads": 
                             "use_time": True, "input_scaling": "none", "code_embedding": "frozen",
                             "pooling": "mean"}
 # the plain-dict (original) API keeps the original input scales and mean pooling unless asked; ModelConfig
-# defaults to input_scaling="balanced", pooling="max" (issue 12)
+# defaults to input_scaling="balanced", pooling="max"
 INPUT_SCALINGS = ("balanced", "none")
 CODE_EMBEDDINGS = ("frozen", "trainable")
 TIME_SCALE_HOURS = 720.0  # log1p(hours) / log1p(720): 30 days -> 1, a day -> 0.49, a year -> 1.38

@@ -28,7 +28,7 @@ from building_embed.progress import ProgressLog
 from building_embed.publish import convert_to_hf
 from building_embed.train import train as train_stage
 from building_embed.train.data import IdentityIndex, anchor_schedule
-from building_embed.train.evaluate import DEFAULT_MEMORY_MB, query_block_size, retrieval_metrics
+from building_embed.train.retrieval import DEFAULT_MEMORY_MB, query_block_size, retrieval_metrics
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
@@ -110,7 +110,7 @@ import json, sys
 import numpy as np, torch
 from torch.nn import functional as F
 torch.set_num_threads(1)
-from building_embed.train import evaluate as ev
+from building_embed.train import retrieval as ev
 
 def status(key):  # kB -> MiB; VmHWM is this process's peak (ru_maxrss would also count the parent it forked from)
     with open("/proc/self/status") as fh:

@@ -8,7 +8,7 @@ import torch
 
 from building_embed.train.bandit import UCB1Bandit, learning_progress
 from building_embed.train.data import BandNegatives, IdentityIndex, anchor_schedule, pk_batch
-from building_embed.train.evaluate import retrieval_metrics
+from building_embed.train.retrieval import retrieval_metrics
 
 torch.set_num_threads(1)
 

@@ -8,9 +8,9 @@ from conftest import read_json, read_parquets
 
 from building_embed.difficulty import compute_visual_neighbors
 from building_embed.generate import generate_embeddings
-from building_embed.pack_faces import pack_faces
 from building_embed.preprocess import merge_and_split, process_tar
 from building_embed.preprocess.merge_and_split import SPLITS, read_split
+from studies.building_embed.pack_faces import pack_faces
 
 pytestmark = pytest.mark.real_data
 

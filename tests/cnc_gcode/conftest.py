@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from learning_seed import seed_args
 
-from cnc_gcode import train, train_encoder
+from cnc_gcode import train_decoder, train_encoder
 from cnc_gcode.sample_data import make_dataset
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "cnc_gcode" / "tiny.yaml"
@@ -40,5 +40,5 @@ def trained_run(sample_dir, tmp_path_factory, learning_seed) -> tuple[Path, list
     args = stage_args(sample_dir, runs, "t", "encoder_train.epochs=3", "train.epochs=8", "train.patience=8",
                       "run.num_threads=1", *seed_args("run.seed", learning_seed))
     assert train_encoder.main(args) == 0
-    assert train.main(args) == 0
+    assert train_decoder.main(args) == 0
     return runs, args

@@ -65,12 +65,12 @@ def test_nan_windows_are_skipped_and_counted_or_refused(tmp_path):
         load_windows(tmp_path / "nan.npz", Vocabulary(), nan_policy="error")
 
 
-@pytest.mark.parametrize("stage", ["train_encoder", "train", "evaluate", "predict"])
+@pytest.mark.parametrize("stage", ["train_encoder", "train_decoder", "evaluate", "predict"])
 def test_nan_policy_error_is_exit_2_naming_file_and_window_in_every_stage(trained_run, sample_dir, tmp_path, capsys,
                                                                           stage):
     """Every stage that reads sensor windows refuses NaN/inf with data.nan_policy=error: exit 2, one line naming
     the file and the first bad window, and nothing written for a training stage."""
-    from cnc_gcode import train
+    from cnc_gcode import train_decoder
 
     runs, args = trained_run
     with np.load(sample_dir / "test.npz") as test:
@@ -78,9 +78,9 @@ def test_nan_policy_error_is_exit_2_naming_file_and_window_in_every_stage(traine
     arrays["continuous"][[3, 7], 10, 4] = np.nan
     bad = tmp_path / "bad.npz"
     save_npz(bad, arrays)
-    key = {"train_encoder": "data.train_path", "train": "data.val_path", "evaluate": "data.test_path",
+    key = {"train_encoder": "data.train_path", "train_decoder": "data.val_path", "evaluate": "data.test_path",
            "predict": "predict.input"}[stage]
-    main = {"train_encoder": train_encoder.main, "train": train.main, "evaluate": evaluate.main,
+    main = {"train_encoder": train_encoder.main, "train_decoder": train_decoder.main, "evaluate": evaluate.main,
             "predict": predict.main}[stage]
     out = tmp_path / "runs"
     argv = [*args, f"{key}={bad}", "data.nan_policy=error", f"run.out_dir={out}",

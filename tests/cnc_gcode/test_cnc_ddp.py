@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 from torchrun_launch import free_port, launch_env, torchrun
 
-from cnc_gcode import train, train_encoder
+from cnc_gcode import train_decoder, train_encoder
 from cnc_gcode.config import CncConfig
 from cnc_gcode.model import build_decoder, build_encoder
 from cnc_gcode.tokenizer import load_vocabulary
@@ -123,7 +123,7 @@ def single(sample_dir, stage_args, tmp_path_factory) -> Path:
     encoder_best = runs / "single" / "encoder" / "checkpoints" / "best"
     argv = args(stage_args, sample_dir, runs, "single", *DECODER, f"train.encoder_checkpoint={encoder_best}")
     assert train_encoder.main(argv) == 0
-    assert train.main(argv) == 0
+    assert train_decoder.main(argv) == 0
     return runs
 
 
@@ -142,13 +142,13 @@ def test_torchrun_encoder_equals_one_process_and_only_rank0_writes(single, sampl
 def test_torchrun_decoder_equals_one_process_then_resumes_under_ddp(single, sample_dir, stage_args):
     encoder_best = single / "single" / "encoder" / "checkpoints" / "best"
     argv = args(stage_args, sample_dir, single, "ddp_dec", *DECODER, f"train.encoder_checkpoint={encoder_best}")
-    torchrun("cnc_gcode.train", argv)
+    torchrun("cnc_gcode.train_decoder", argv)
     ddp = single / "ddp_dec" / "decoder"
     assert_matches(ddp, single / "single" / "decoder", initial_weights(argv, "decoder"), prefix="decoder.")
     assert (ddp / "train.log").read_text().count("decoder epoch 2:") == 1
     # resume=auto under DDP: rank 0 wrote epoch 2, both ranks load it and train epoch 3; one process does the same
-    torchrun("cnc_gcode.train", [*argv, "train.epochs=3"])
-    assert train.main([*argv, "run.name=single", "train.epochs=3"]) == 0
+    torchrun("cnc_gcode.train_decoder", [*argv, "train.epochs=3"])
+    assert train_decoder.main([*argv, "run.name=single", "train.epochs=3"]) == 0
     assert [m["epoch"] for m in read_metrics(ddp / "metrics.jsonl")] == [1, 2, 3]
     worst, key = worst_difference(weights(ddp), weights(single / "single" / "decoder"))
     assert worst < WEIGHT_TOL, (worst, key)

@@ -11,9 +11,9 @@ import pytest
 from learning_seed import seed_args
 from safetensors.numpy import load_file
 
-from cnc_gcode import ablation_gamma, evaluate, measured_only, train, train_encoder
+from cnc_gcode import evaluate, train_decoder, train_encoder
 from cnc_gcode.data import load_windows, select_groups
-from cnc_gcode.simulator import (
+from cnc_gcode.virtual_mill import (
     CATEGORICAL_CHANNELS,
     CHANNELS,
     CUTTING_OPS,
@@ -26,6 +26,7 @@ from cnc_gcode.simulator import (
     record,
 )
 from common.checkpoint import read_meta
+from studies.cnc_gcode import ablation_gamma, measured_only
 
 SELECTED = ["measured_motion", "drives"]
 
@@ -137,7 +138,7 @@ def measured_run(sample_dir, tmp_path_factory, stage_args, learning_seed):
                       "run.num_threads=1", f"data.channel_groups=[{','.join(MEASURED_GROUPS)}]",
                       *seed_args("run.seed", learning_seed))
     assert train_encoder.main(args) == 0
-    assert train.main(args) == 0
+    assert train_decoder.main(args) == 0
     return runs, args
 
 

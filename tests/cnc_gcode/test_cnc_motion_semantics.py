@@ -27,8 +27,8 @@ from cnc_gcode.gcode import (
     parse_line,
     parse_program,
 )
-from cnc_gcode.simulator import MachineConfig, MachineError, execute
 from cnc_gcode.tokenizer import EOS, TYPE_EOS, Vocabulary, decode_program, tokenize_text
+from cnc_gcode.virtual_mill import MachineConfig, MachineError, execute
 
 CFG = MachineConfig()
 

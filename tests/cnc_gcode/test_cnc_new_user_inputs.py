@@ -1,4 +1,4 @@
-"""What a new user met first (issue 23, "also found"): a CAM program saved as .txt, G92 after a G0 line, 4-axis
+"""What a new user met first: a CAM program saved as .txt, G92 after a G0 line, 4-axis
 programs and long programs in `simulate`, and torch threads from the CPUs a process may use."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cnc_gcode import build_vocab, simulate
-from cnc_gcode.config import CncConfig
+from cnc_gcode.config import CncConfig, set_threads
 from cnc_gcode.gcode import REASON_AXIS_CLAIM, parse_program
-from cnc_gcode.runtime import set_threads
-from cnc_gcode.simulator import (
+from cnc_gcode.tokenizer import Vocabulary, decode_program
+from cnc_gcode.virtual_mill import (
     CONTEXT_AFTER,
     CONTEXT_BEFORE,
     REASON_ROTARY,
@@ -26,7 +26,6 @@ from cnc_gcode.simulator import (
     record,
     windows,
 )
-from cnc_gcode.tokenizer import Vocabulary, decode_program
 from common import threads
 
 TINY = "configs/cnc_gcode/tiny.yaml"

@@ -1,4 +1,4 @@
-"""Physical encoder inputs (issue 23): the surface found from the sensors, the depth channel and robust scaling stored
+"""Physical encoder inputs: the surface found from the sensors, the depth channel and robust scaling stored
 in the encoder (checkpoint, ONNX), the classification loss on clean input, and selection on validation accuracy."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from cnc_gcode import train_encoder
+from cnc_gcode.checkpoints import load_encoder
 from cnc_gcode.config import DecoderConfig, EncoderConfig
 from cnc_gcode.data import estimate_surface, input_stats
 from cnc_gcode.model import build_decoder, build_encoder
-from cnc_gcode.runtime import load_encoder
 from cnc_gcode.tokenizer import Vocabulary
 from common.checkpoint import load_checkpoint
 from common.errors import UserError
@@ -181,7 +181,7 @@ def test_best_checkpoint_is_the_validation_accuracy_epoch(sample_dir, tmp_path, 
 def test_umich_positions_are_machine_coordinates_unless_relative_is_asked(real_data_dir, tmp_path):
     """Machine coordinates by default: every run cuts its passes at Z 27.5-29.7 mm, so the lowest Z is there; with
     umich.relative_positions=true (the earlier default, kept for the ablation) each run's minimum is subtracted."""
-    from cnc_gcode import ingest_umich
+    from studies.cnc_gcode import ingest_umich
 
     z = {}
     for name, extra in (("machine", []), ("relative", ["umich.relative_positions=true"])):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cnc_gcode import train, train_encoder
+from cnc_gcode import train_decoder, train_encoder
 from cnc_gcode.sample_data import save_npz
 from common.logs import read_metrics
 
@@ -54,7 +54,7 @@ def guarded(sample_dir, tmp_path_factory, stage_args):
         return stage_args(data_dir, root / "runs", "g", *SMALL, *extra)
 
     assert train_encoder.main(args()) == 0
-    assert train.main(args()) == 0
+    assert train_decoder.main(args()) == 0
     return root / "runs" / "g", args, data
 
 
@@ -75,7 +75,7 @@ def refused(main, argv, run: Path, capsys) -> str:
 ])
 def test_changed_key_is_refused_and_nothing_is_written(guarded, capsys, stage, overrides, named):
     run, args, _ = guarded
-    main = train_encoder.main if stage == "encoder" else train.main
+    main = train_encoder.main if stage == "encoder" else train_decoder.main
     err = refused(main, args(*overrides), run, capsys)
     assert all(text in err for text in named), err
     assert f"{stage}/checkpoints/latest" in err
@@ -89,7 +89,7 @@ def test_changed_data_file_is_refused(guarded, capsys):
         fewer = {k: npz[k][:500] if npz[k].shape[:1] == (n,) else npz[k] for k in npz.files}
     try:
         save_npz(data / "train.npz", fewer)
-        err = refused(train.main, args(), run, capsys)
+        err = refused(train_decoder.main, args(), run, capsys)
         assert "data 'train' changed" in err and "train.npz" in err, err
     finally:
         (data / "train.npz").write_bytes(original)
@@ -106,7 +106,7 @@ def test_raising_the_epochs_continues_a_finished_run(guarded, tmp_path):
     weights_before, done = weights(run, "decoder"), epochs(run, "decoder")
     assert done == [1, 2]
     # eval/predict/export settings do not decide the decoder's weights: changing them is no reason to refuse
-    assert train.main(args("train.epochs=3", "eval.max_windows=7", "export.opset=18", data_dir=moved)) == 0
+    assert train_decoder.main(args("train.epochs=3", "eval.max_windows=7", "export.opset=18", data_dir=moved)) == 0
     assert epochs(run, "decoder") == [1, 2, 3]
     assert json.loads((run / "decoder" / "checkpoints" / "latest" / "meta.json").read_text())["epoch"] == 3
     assert not same(weights(run, "decoder"), weights_before)
@@ -118,7 +118,7 @@ def test_resume_force_continues_and_logs_what_changed(guarded, capsys):
     config_before = (run / "decoder" / "config.yaml").read_bytes()
     done = epochs(run, "decoder")
     capsys.readouterr()
-    assert train.main(args("train.lr=0.01", f"train.epochs={done[-1] + 1}", "train.resume=force")) == 0
+    assert train_decoder.main(args("train.lr=0.01", f"train.epochs={done[-1] + 1}", "train.resume=force")) == 0
     assert epochs(run, "decoder") == [*done, done[-1] + 1]
     log = (run / "decoder" / "train.log").read_text()
     assert "resume=force: continuing" in log and "train.lr: 0.003 -> 0.01" in log
@@ -137,7 +137,7 @@ def test_a_longer_encoder_continues_and_the_decoder_then_refuses_it(guarded, cap
     # the encoder's latest checkpoint now holds other weights than the one the decoder froze (epoch 1; `best` moves to
     # epoch 2 only when its validation loss is lower, which depends on the data): continuing would mix them
     frozen = f"train.encoder_checkpoint={run / 'encoder' / 'checkpoints' / 'latest'}"
-    err = refused(train.main, args(f"train.epochs={epochs(run, 'decoder')[-1] + 1}", frozen), run, capsys)
+    err = refused(train_decoder.main, args(f"train.epochs={epochs(run, 'decoder')[-1] + 1}", frozen), run, capsys)
     assert "data 'encoder_weights' changed" in err, err
 
 

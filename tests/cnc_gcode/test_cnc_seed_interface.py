@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnc_gcode import seed_vocab, train
+from cnc_gcode import seed_vocab, train_decoder
 from cnc_gcode.data import load_windows
 from cnc_gcode.model import SensorMultiHeadDecoder
 from cnc_gcode.tokenizer import EXACT_DIGITS, Vocabulary
@@ -127,7 +127,7 @@ def test_tokens_of_another_vocabulary_are_refused_by_digest(sample_dir, trained_
     assert "train.npz" in str(info.value) and "data.vocab_path" in str(info.value)
     Vocabulary.seed().save(tmp_path / "seed.json")
     runs, args = trained_run
-    assert train.main([*args, "run.name=digest_check", f"data.vocab_path={tmp_path / 'seed.json'}",
+    assert train_decoder.main([*args, "run.name=digest_check", f"data.vocab_path={tmp_path / 'seed.json'}",
                        f"train.encoder_checkpoint={runs / 't' / 'encoder' / 'checkpoints' / 'best'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.npz" in err[0] and Vocabulary().digest() in err[0]

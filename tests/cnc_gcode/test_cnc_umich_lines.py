@@ -1,5 +1,5 @@
 """UMich with real labels: the line -> phase map (umich.label_source=sequence_map), windows inside one 1 s record,
-the program reconstructed from the continuous run (cnc_gcode.umich_lines), the line library for closed programs
+the program reconstructed from the continuous run (studies.cnc_gcode.umich_lines), the line library for closed programs
 (cnc_gcode.line_library), and learning on measured channels only."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 from learning_seed import seed_args
 
-from cnc_gcode import ingest_umich, line_library, train_encoder, umich_lines
+from cnc_gcode import line_library, train_encoder
 from cnc_gcode.config import CncConfig
 from cnc_gcode.gcode import parse_program
 from cnc_gcode.metrics import token_metrics
@@ -23,6 +23,7 @@ from cnc_gcode.tokenizer import Vocabulary, tokenize_text
 from common.config import ConfigError, load_config
 from common.errors import UserError
 from common.logs import read_metrics
+from studies.cnc_gcode import ingest_umich, umich_lines
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "cnc_gcode"
 
@@ -291,7 +292,7 @@ def test_line_library_beats_nearest_neighbour_on_held_out_runs(umich_dir, tmp_pa
     assert line_library.main([*base, f"library.program={reports / 'umich_program.ngc'}", "library.epochs=15"]) == 0
     cfg = load_config(CncConfig, CONFIG_DIR / "umich_lines.yaml", base[2:])
     model, library, _, _ = line_library.load_library(cfg)
-    from cnc_gcode.runtime import load_split
+    from cnc_gcode.data import load_split
 
     test = load_split(cfg, "test", library.vocab)
     tokens, confidence, _ = line_library.library_predict(model, library, test)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from learning_seed import seed_args
 
-from cnc_gcode import evaluate, export_onnx, losses, predict, train
+from cnc_gcode import evaluate, export_onnx, losses, predict, train_decoder
 from cnc_gcode.config import DecoderConfig, EncoderConfig
 from cnc_gcode.decoding import Grammar, decode_cached, decode_uncached, value_token
 from cnc_gcode.gcode import parse_program
@@ -166,7 +166,7 @@ def test_torch_plateau_reading_on_hand_made_rows():
 def test_torch_plateau_reading_matches_the_numpy_reading():
     """The decoder's ONNX-friendly reading and measured_only's loop agree on random speed profiles."""
     from cnc_gcode.data import Windows
-    from cnc_gcode.measured_only import plateau_speed as numpy_reading
+    from studies.cnc_gcode.measured_only import plateau_speed as numpy_reading
 
     generator = torch.Generator().manual_seed(0)
     levels = torch.randint(1, 40, (64, 4), generator=generator).float() * 50
@@ -304,7 +304,7 @@ def regress_run(trained_run, learning_seed):
     regress = [*base, "run.name=t_regress", "decoder.value_mode=regress",
                f"train.encoder_checkpoint={runs / 't' / 'encoder' / 'checkpoints' / 'best'}",
                *seed_args("run.seed", learning_seed)]
-    assert train.main(regress) == 0
+    assert train_decoder.main(regress) == 0
     assert evaluate.main(regress) == 0
     assert evaluate.main(args) == 0
     return runs, regress

@@ -1,4 +1,4 @@
-"""Windows labelled with the line they complete (issue 23, `window_end: completed`): where each window ends, which
+"""Windows labelled with the line they complete (`window_end: completed`): where each window ends, which
 line it is labelled with, that the streaming cutter of `simulate` agrees, and that the option is recorded and checked
 as every other input."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnc_gcode import sample_data, simulate
-from cnc_gcode.simulator import MachineConfig, WindowStream, execute, generate_program, record, windows
+from cnc_gcode.virtual_mill import MachineConfig, WindowStream, execute, generate_program, record, windows
 
 TINY = "configs/cnc_gcode/tiny.yaml"
 
@@ -119,7 +119,7 @@ def test_simulate_takes_the_window_end_and_rejects_a_bad_one(tmp_path, capsys):
 
 
 def test_measured_only_reports_how_its_windows_were_labelled(tmp_path):
-    from cnc_gcode.measured_only import labelling
+    from studies.cnc_gcode.measured_only import labelling
 
     sample_data.make_dataset(tmp_path / "c", n_programs=3, window=32, window_end="completed", settle=1)
     assert labelling(str(tmp_path / "c" / "train.npz")) == {"window_end": "completed", "settle_samples": 1}
@@ -131,8 +131,8 @@ def test_measured_only_reports_how_its_windows_were_labelled(tmp_path):
 
 def test_plateau_speed_reads_the_cruise_feed_and_the_error_breakdown_adds_up():
     from cnc_gcode.data import Windows
-    from cnc_gcode.measured_only import error_breakdown, plateau_speed
     from cnc_gcode.tokenizer import Vocabulary
+    from studies.cnc_gcode.measured_only import error_breakdown, plateau_speed
 
     # one window: a rapid at 3000 mm/min, a stop, then a feed move ramping to 600 mm/min, cruising, stopping
     speed = np.concatenate([np.full(10, 3000.0), np.linspace(3000, 0, 6), np.linspace(0, 600, 8), np.full(30, 600.0),

@@ -11,12 +11,13 @@ import pytest
 import yaml
 from learning_seed import seed_args
 
-from cnc_gcode import build_vocab, ingest_umich
+from cnc_gcode import build_vocab
 from cnc_gcode.__main__ import STAGES
 from cnc_gcode.config import CncConfig
 from cnc_gcode.tokenizer import REASON_H_CONFLICT
 from common.config import describe_config, load_config, to_dict
 from common.fingerprint import flatten
+from studies.cnc_gcode import ingest_umich
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "cnc_gcode"
 
@@ -43,11 +44,34 @@ def test_every_stage_of_the_readme_runs_as_a_module_with_a_main():
         assert 'if __name__ == "__main__":' in Path(module.__file__).read_text(), stage
 
 
+def test_every_study_of_the_studies_readme_starts_and_none_is_a_package_stage(capsys):
+    """Each `python -m studies.cnc_gcode.<study>` of studies/cnc_gcode/README.md answers --help with exit 0, each study
+    script there exists and parses (`bash -n`), and `python -m cnc_gcode` lists none of them."""
+    import importlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "studies" / "cnc_gcode" / "README.md").read_text()
+    modules = sorted(set(re.findall(r"python -m studies\.cnc_gcode\.(\w+)", readme)))
+    scripts = sorted(set(re.findall(r"(studies/cnc_gcode/\w+\.sh)", readme)))
+    assert {"measured_only", "umich_lines", "ingest_umich", "ablation_gamma"} <= set(modules), modules
+    assert len(scripts) >= 5, scripts
+    assert not set(modules) & set(STAGES) and "train" not in STAGES and "train_decoder" in STAGES
+    for name in modules:
+        module = importlib.import_module(f"studies.cnc_gcode.{name}")
+        with pytest.raises(SystemExit) as info:
+            module.main(["--help"])
+        assert info.value.code == 0, name
+        assert f"studies.cnc_gcode.{name}" in capsys.readouterr().out or name == "umich_phase_table", name
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", str(root / script)]).returncode == 0, script
+
+
 def test_help_lists_every_config_key_with_its_docstring(capsys):
-    from cnc_gcode import train
+    from cnc_gcode import train_decoder
 
     with pytest.raises(SystemExit) as info:
-        train.main(["--help"])
+        train_decoder.main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert re.search(r"train\.focal_gamma +float = 3\.0\n +Focal-loss", text), text
@@ -57,9 +81,9 @@ def test_help_lists_every_config_key_with_its_docstring(capsys):
 
 
 def test_print_config_prints_the_resolved_yaml(capsys):
-    from cnc_gcode import train
+    from cnc_gcode import train_decoder
 
-    assert train.main(["--config", str(CONFIG_DIR / "sample.yaml"), "train.epochs=3", "--print-config"]) == 0
+    assert train_decoder.main(["--config", str(CONFIG_DIR / "sample.yaml"), "train.epochs=3", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["epochs"] == 3 and printed["run"]["name"] == "sample_full"
     assert printed["encoder_train"]["recon_weight"] == 5.0
@@ -72,7 +96,7 @@ def test_pygcode_corpus_round_trips_completely(real_data_dir, tmp_path):
                              "build_vocab.max_tokens=16"]) == 0
     report = json.loads((tmp_path / "vocab_report.json").read_text())
     assert report["files"] == 42 and report["parse"]["executable"] == 7889 and report["n_digits"] == 10
-    # every accepted line is representable and comes back with every value exact (the README's numbers)
+    # every accepted line is representable and comes back with every value exact (the numbers of studies/cnc_gcode/RESULTS.md)
     assert report["tokenized_lines"] == report["round_trip_ok"] == report["values_exact"] == 7889
     assert not report["round_trip_failures"] and not report["not_representable"]
     # the seed's 4-digit mode on the same commands and letters: ids round-trip, values mostly do not
@@ -161,16 +185,16 @@ def test_umich_nan_in_a_csv_is_exit_2_naming_file_and_row(real_data_dir, tmp_pat
 @pytest.mark.learning
 def test_umich_tree_baselines_machine_state_at_majority_file_position_far_above(real_data_dir, tmp_path,
                                                                                 learning_seed):
-    """The README's UMich argument: a tree model on each row's machine state does not beat the majority label on
+    """The UMich argument of studies/cnc_gcode/RESULTS.md: a tree model on each row's machine state does not beat the majority label on
     held-out experiments (measured 10.1 % vs 13.1 %), the row's position in its file alone does (55.6 %)."""
-    from cnc_gcode import baseline_umich
+    from studies.cnc_gcode import baseline_umich
 
     argv = ["--config", str(CONFIG_DIR / "umich.yaml"), f"umich.data_dir={real_data_dir / 'cnc_umich_toolwear'}",
             f"run.out_dir={tmp_path}", *seed_args("run.seed", learning_seed)]
     assert baseline_umich.main(argv) == 0
     result = json.loads((tmp_path / "umich" / "reports" / "baseline_umich.json").read_text())
     acc = {r["features"]: r["accuracy"] for r in result["rows"]}
-    assert result["test_windows"] == 819  # the windows ingest_umich makes of the test experiments (README)
+    assert result["test_windows"] == 819  # the windows ingest_umich makes of the test experiments (RESULTS.md)
     assert acc["-"] == pytest.approx(107 / 819)  # majority (the most frequent training phase): 107 test windows
     # measured, own seed / 1 / 2 / 3 (OMP_NUM_THREADS=1): machine_state 0.101 / 0.100 / 0.105 / 0.109,
     # file_position 0.556 / 0.554 / 0.563 / 0.563; majority 0.131

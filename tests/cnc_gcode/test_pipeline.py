@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cnc_gcode import ablation_gamma, ablation_modality, evaluate, export_onnx, predict, train
+from cnc_gcode import evaluate, export_onnx, predict, train_decoder
 from cnc_gcode.gcode import parse_program
 from cnc_gcode.predict import windows_to_program
 from cnc_gcode.sample_data import save_npz
 from cnc_gcode.tokenizer import PAD, Vocabulary
 from common.checkpoint import is_complete
 from common.logs import read_metrics
+from studies.cnc_gcode import ablation_gamma, ablation_modality
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,8 +147,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(trained_run, sam
     runs, _ = trained_run
     overrides = (f"train.encoder_checkpoint={runs / 't' / 'encoder' / 'checkpoints' / 'best'}", "train.epochs=8",
                  "train.patience=8", "data.max_train_windows=300", "run.num_threads=1")
-    assert train.main(stage_args(sample_dir, tmp_path, "straight", *overrides)) == 0
-    command = [sys.executable, "-m", "cnc_gcode.train", *stage_args(sample_dir, tmp_path, "killed", *overrides)]
+    assert train_decoder.main(stage_args(sample_dir, tmp_path, "straight", *overrides)) == 0
+    command = [sys.executable, "-m", "cnc_gcode.train_decoder", *stage_args(sample_dir, tmp_path, "killed", *overrides)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     killed = tmp_path / "killed" / "decoder"
     rng = random.Random(0)
@@ -200,7 +201,7 @@ def test_ablations_write_tables(trained_run):
     # Each removal changes the input: most rows differ from the full model (measured, own seed / 1 / 2 / 3 under
     # OMP_NUM_THREADS=1: 9 / 9 / 7 / 7 of 9; a model that ignored its input: 0), and some group costs the model
     # (largest drop 0.027 / 0.030 / 0.023 / 0.044). Which group costs most depends on the seed at this size (position:
-    # -0.027 / +0.016 / -0.023 / -0.016), so no group is named; the README's multi-seed tables measure the groups.
+    # -0.027 / +0.016 / -0.023 / -0.016), so no group is named; the multi-seed tables of studies/cnc_gcode/RESULTS.md measure the groups.
     assert sum(r["token_acc"] != rows[0]["token_acc"] for r in rows[1:]) >= 5
     assert min(r["token_acc"] for r in rows[1:]) < rows[0]["token_acc"] - 0.01, by_group
     assert ablation_gamma.main([*args, "ablation.gammas=[ce,2]", "ablation.epochs=1", "eval.max_windows=40"]) == 0

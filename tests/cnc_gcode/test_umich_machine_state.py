@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnc_gcode import ingest_umich
 from cnc_gcode.config import CncConfig
 from common.config import ConfigError, load_config
+from studies.cnc_gcode import ingest_umich
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "cnc_gcode"
 CUTTING = [1, 2, 4, 5, 6, 7]
@@ -19,7 +19,7 @@ LAYER_OF_CLASS = np.array([0, 1, 1, 0, 2, 2, 3, 3])  # 0 = not cutting
 
 @pytest.mark.real_data
 def test_machine_state_labels_agree_with_recorded_labels_in_the_continuous_run(real_data_dir):
-    """Measured on experiment 01 (README, UMich section): 69.8 % of rows overall, cutting vs not 97.1 %, layer 96.5 %
+    """Measured on experiment 01 (studies/cnc_gcode/RESULTS.md, UMich section): 69.8 % of rows overall, cutting vs not 97.1 %, layer 96.5 %
     of the recorded layer rows. A block-shuffled run (12) agrees at chance level (13.6 %), so a labeller that copied
     file order or ignored the signals would fail one of the two."""
     folder = real_data_dir / "cnc_umich_toolwear"

@@ -23,7 +23,7 @@ from ehr_embedded.finetune import finetune
 from ehr_embedded.models import TransformerEncoderEmbedded
 from ehr_embedded.models.layers import POSITION_INIT_STD, TIME_SCALE_HOURS
 from ehr_embedded.predict import load_run
-from ehr_embedded.predictions import run_config
+from ehr_embedded.prediction_files import run_config
 from ehr_embedded.sample_data import INFECTION_DX, OTHER_DX, UNSEEN_INFECTION, UNSEEN_OTHER
 from ehr_embedded.storage import load_dataset_table, open_split
 

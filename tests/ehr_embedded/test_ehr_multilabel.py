@@ -30,7 +30,7 @@ from ehr_embedded import meds_io
 from ehr_embedded.engine import masked_bce
 from ehr_embedded.evaluate import choose_threshold, evaluate, multilabel_metrics
 from ehr_embedded.finetune import finetune
-from ehr_embedded.predictions import MULTILABEL_PREDICTION_SCHEMA
+from ehr_embedded.prediction_files import MULTILABEL_PREDICTION_SCHEMA
 from ehr_embedded.storage import TASKS_FILE, SequenceStore
 
 TASKS = ["alpha", "beta", "gamma"]

@@ -22,7 +22,7 @@ from common.errors import UserError
 from ehr_embedded import predict as predict_stage
 from ehr_embedded.finetune import finetune
 from ehr_embedded.predict import check_label_task, predict_split
-from ehr_embedded.predictions import MULTICLASS_PREDICTION_COLUMNS, REGRESSION_PREDICTION_SCHEMA, run_config
+from ehr_embedded.prediction_files import MULTICLASS_PREDICTION_COLUMNS, REGRESSION_PREDICTION_SCHEMA, run_config
 
 
 def with_cut_settings(store):

@@ -32,7 +32,7 @@ from ehr_embedded.config import BaselineConfig
 from ehr_embedded.evaluate import regression_metrics
 from ehr_embedded.finetune import finetune
 from ehr_embedded.meds_io import read_labels
-from ehr_embedded.predictions import REGRESSION_PREDICTION_SCHEMA
+from ehr_embedded.prediction_files import REGRESSION_PREDICTION_SCHEMA
 from ehr_embedded.storage import SequenceStore
 
 SPLIT_SIZES = {"train": 200, "tuning": 60, "held_out": 60}

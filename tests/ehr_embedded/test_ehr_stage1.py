@@ -12,10 +12,10 @@ from ehr_helpers import expected_sequences, stage1_config, stored_codes
 
 from ehr_embedded import meds_io
 from ehr_embedded.create_embeddings import STATIC_TIME, create_embeddings
-from ehr_embedded.create_embeddings_loop import cut_indices, time_gaps_hours
 from ehr_embedded.descriptions import DescriptionResolver, readable_code
 from ehr_embedded.sample_data import LEAK_AFTER, LEAK_AT_PREDICTION, UNSEEN_INFECTION
 from ehr_embedded.storage import UNK_ID, CodeTable, SequenceStore, export_pt, load_dataset_table, open_split
+from studies.ehr_embedded.create_embeddings_loop import cut_indices, time_gaps_hours
 
 H = 3_600_000_000  # microseconds per hour
 

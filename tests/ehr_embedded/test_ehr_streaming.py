@@ -20,8 +20,8 @@ from common.config import load_config
 from ehr_embedded import create_embeddings as stage
 from ehr_embedded.config import ConvertConfig, Stage1Config
 from ehr_embedded.create_embeddings import STATIC_TIME, ChunkEvents, Plan, create_embeddings, cut_chunk
-from ehr_embedded.create_embeddings_loop import create_embeddings_loop
 from ehr_embedded.storage import US_PER_HOUR, CodeTable
+from studies.ehr_embedded.create_embeddings_loop import create_embeddings_loop
 
 H = US_PER_HOUR
 

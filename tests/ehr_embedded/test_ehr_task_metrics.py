@@ -18,7 +18,7 @@ from common.logs import read_metrics
 from ehr_embedded import finetune as finetune_stage
 from ehr_embedded.evaluate import binary_metrics, multiclass_metrics, task_metrics
 from ehr_embedded.finetune import finetune
-from ehr_embedded.predictions import MULTICLASS_PREDICTION_COLUMNS
+from ehr_embedded.prediction_files import MULTICLASS_PREDICTION_COLUMNS
 
 SPLIT_SIZES = {"train": 120, "tuning": 45, "held_out": 45}
 

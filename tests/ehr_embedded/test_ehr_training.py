@@ -27,7 +27,7 @@ from ehr_embedded.baseline import count_features, fit_baseline
 from ehr_embedded.config import BaselineConfig
 from ehr_embedded.engine import load_pretrained, model_for
 from ehr_embedded.finetune import finetune
-from ehr_embedded.predictions import PREDICTION_SCHEMA
+from ehr_embedded.prediction_files import PREDICTION_SCHEMA
 from ehr_embedded.pretrain import next_event_targets, pretrain
 from ehr_embedded.storage import load_dataset_table, open_split
 

@@ -1,6 +1,6 @@
-"""implant_dims.compare on a run directory of tiny hand-written reports and per-image predictions: the markdown it
-writes (the tables the README quotes) equals a table computed by hand, including the paired difference and its
-interval from resampling whole implants."""
+"""studies.implant_dims.compare on a run directory of tiny hand-written reports and per-image predictions: the
+markdown it writes (the tables studies/implant_dims/RESULTS.md quotes) equals a table computed by hand, including
+the paired difference and its interval from resampling whole implants."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from implant_dims import compare
+from studies.implant_dims import compare
 
 # Four images of two implants (groups g1, g2): true and predicted (length, diameter) in mm.
 TRUE = {"a": (10.0, 4.0), "b": (12.0, 4.5), "c": (8.0, 3.5), "d": (11.0, 5.0)}

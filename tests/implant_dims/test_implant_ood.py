@@ -17,10 +17,11 @@ from learning_seed import seed_args
 from PIL import Image
 
 from common.errors import UserError
-from implant_dims import ood_report, predict, train_classifier, train_dual
+from implant_dims import predict, train_classifier, train_dual
 from implant_dims.crop_yolo import parse_yolo_labels
 from implant_dims.data import load_records
 from implant_dims.ood import STATS_NAME, Guard, OodStats, choose_threshold, fit_gaussian, mark_rows
+from studies.implant_dims import ood_report
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -228,8 +229,8 @@ def test_trained_model_scores_non_implants_above_the_held_out_crops(trained_run,
     grey, ramp, Gaussian / uniform / RGB / RGBA noise, 1 x 1 pixels) score well above the 32 held-out test crops.
     Measured, median negative score / median test score, on runs trained with run.seed 0-4: 4.10, 4.98, 3.32, 4.29,
     3.54 (min 3.32); asserted > 2. (So small a model does not separate every negative: black, the 1 x 1 images and
-    RGBA noise scored 3-5 against a test median of about 4 on every seed; the sample model of the README flags them
-    all, see implant_dims/README.md.)"""
+    RGBA noise scored 3-5 against a test median of about 4 on every seed; the sample model flags them all, see
+    studies/implant_dims/RESULTS.md.)"""
     if learning_seed is None:
         run = trained_run
     else:

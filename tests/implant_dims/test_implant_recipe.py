@@ -4,7 +4,6 @@ threshold chosen on validation; bad values exit 2 naming the key."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -206,12 +205,10 @@ def test_training_in_mm_with_the_predicted_class_rule_records_the_val_choice(tra
 # -------------------------------------------------------------------------------------- the table over seeds
 
 def recipe_table():
-    """scripts/implant_dims/recipe_table.py, imported from its file (scripts/ is not a package)."""
-    path = Path(__file__).resolve().parents[2] / "scripts" / "implant_dims" / "recipe_table.py"
-    spec = importlib.util.spec_from_file_location("recipe_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The study studies/implant_dims/recipe_table.py."""
+    from studies.implant_dims import recipe_table
+
+    return recipe_table
 
 
 def test_seed_table_intervals_resample_implants_and_seeds() -> None:
@@ -252,3 +249,33 @@ def test_seed_table_pairs_dual_with_the_caliper_by_image(tmp_path: Path) -> None
     assert caliper["mean"] == pytest.approx(-0.2, abs=1e-9)
     assert caliper["ci95_implants"] == pytest.approx([-0.2, -0.2], abs=1e-9)
     assert caliper["ci95_seeds_and_implants"] == pytest.approx([-0.3, -0.1], abs=1e-9)
+
+
+def test_seed_table_implant_interval_is_compares_bootstrap_of_the_seed_average() -> None:
+    """The table over seeds reuses compare's group bootstrap: its interval over implants is compare's interval of
+    the seed-averaged per-image differences under the same draws (uneven groups: the draws weigh images)."""
+    from studies.implant_dims.compare import group_draws, group_interval
+
+    diff = np.random.default_rng(3).normal(size=(3, 12))
+    groups = np.array([f"g{i % 5}" for i in range(12)])
+    module = recipe_table()
+    got = module.intervals(diff, groups, seed=7)
+    inverse, draws = group_draws(groups, module.N_BOOT, np.random.default_rng(7))
+    assert got["ci95_implants"] == pytest.approx(group_interval(diff.mean(0), inverse, draws), abs=1e-12)
+    assert got["ci95_implants"][0] < diff.mean() < got["ci95_implants"][1]
+
+
+def test_seed_table_refuses_a_seed_that_lacks_an_image(tmp_path: Path, capsys) -> None:
+    """Seed 1 reports on three of seed 0's four images: exit 2, one line naming the study and the missing image."""
+    runs = []
+    for seed, images in enumerate([["a", "b", "c", "d"], ["a", "b", "c"]]):
+        run = tmp_path / f"seed{seed}"
+        (run / "dual" / "reports").mkdir(parents=True)
+        (run / "dual" / "reports" / "predictions_test.csv").write_text("\n".join(
+            ["image_path,group,length_true,diameter_true,length_pred,diameter_pred"]
+            + [f"/d/{k}.png,g{i // 2},10.0,4.0,10.1,4.0" for i, k in enumerate(images)]) + "\n")
+        runs.append(str(run))
+    assert recipe_table().main(["--out", str(tmp_path / "table"), *runs]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recipe_table" in err[0] and "/d/d.png" in err[0], err
+    assert not (tmp_path / "table").exists()

@@ -28,8 +28,8 @@ from implant_dims.regression import (
     read_classifiers,
     regressor_from_checkpoint,
 )
-from implant_dims.runtime import build_classifier_from_meta, class_indices
 from implant_dims.sample_data import write_dicom
+from implant_dims.stage_setup import build_classifier_from_meta, class_indices
 
 SPLITS = ("val", "test", "unseen")
 SPLIT_FILES = {"train": "augmented_train.json", "val": "augmented_val.json", "test": "test.json",

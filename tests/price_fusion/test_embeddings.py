@@ -11,7 +11,7 @@ import pytest
 
 from common.errors import UserError
 from price_fusion import embed
-from price_fusion.embeddings import (
+from price_fusion.embedding_store import (
     align_to_ids,
     import_clip_dir,
     import_qwen_pickle,

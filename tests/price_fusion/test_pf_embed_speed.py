@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from price_fusion import embed
-from price_fusion.embeddings import load_embeddings
+from price_fusion.embedding_store import load_embeddings
 
 CHUNK_ROWS = 64  # the 240-product sample train split -> 4 chunks (64, 64, 64, 48)
 STORE_FILES = ("sample_ids.npy", "image.npy", "has_image.npy", "text.npy", "struct.npy")

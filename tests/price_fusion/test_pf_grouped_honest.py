@@ -16,8 +16,8 @@ from price_fusion import baselines, ensemble, gbt, predict, train
 from price_fusion.batching import load_split, predict_log_price
 from price_fusion.data import grouped_folds, grouped_split, normalised_name, product_groups, read_catalog
 from price_fusion.ensemble import fit_weights
-from price_fusion.ikea import group_bootstrap_ci
 from price_fusion.model import load_trained_model
+from studies.price_fusion.ikea import group_bootstrap_ci
 
 KFOLD = 3
 

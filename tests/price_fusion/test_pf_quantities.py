@@ -14,7 +14,7 @@ from price_fusion import baselines, embed, sample_data, train
 from price_fusion.batching import load_split
 from price_fusion.config import ModelConfig, PriceFusionConfig
 from price_fusion.data import fit_unit_vocab, read_catalog, structural_features
-from price_fusion.embeddings import load_embeddings
+from price_fusion.embedding_store import load_embeddings
 from price_fusion.model import build_model
 from price_fusion.quantities import (
     QUANTITY_FEATURES,

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from common.logs import read_metrics
 from price_fusion import embed, ensemble, train
-from price_fusion.embeddings import load_embeddings, write_embeddings
-from price_fusion.predictions import write_predictions
+from price_fusion.embedding_store import load_embeddings, write_embeddings
+from price_fusion.prediction_files import write_predictions
 
 RUN = ["run_name=g", "train.resume=auto", "train.patience=50"]
 

@@ -1,6 +1,6 @@
 """Real data: the IKEA SA 2020 catalogue (../shared/data/products_ikea, via REAL_DATA_DIR), text only.
 
-The full benchmark (2,962 products; the table in price_fusion/README.md) takes several minutes; this runs the same
+The full benchmark (2,962 products; the table in studies/price_fusion/RESULTS.md) takes several minutes; this runs the same
 stage on a 400-product subset with 2 folds and fewer epochs, where the fusion model is not expected to beat the tuned baselines.
 """
 
@@ -13,7 +13,7 @@ import pytest
 from learning_seed import seed_args
 
 from common import metrics
-from price_fusion import ikea
+from studies.price_fusion import ikea
 
 pytestmark = pytest.mark.real_data
 
@@ -57,7 +57,7 @@ def test_ikea_benchmark_small(real_data_dir, tmp_path, monkeypatch, repo_root, l
     assert oof["recommended"] <= min(v for k, v in oof.items() if k != "recommended")
     assert report["recommended_at_or_below_best_baseline"] == (
         results["recommended"]["smape"] <= min(results[k]["smape"] for k in ("median", "knn", "ridge")))
-    # the Markdown table the README quotes: one row per method, labels filled from what this run chose
+    # the Markdown table RESULTS.md quotes: one row per method, labels filled from what this run chose
     rows = (tmp_path / "ikea" / "reports" / "ikea_results.md").read_text().splitlines()
     done = json.loads((tmp_path / "ikea" / "done.json").read_text())
     assert len(rows) == 2 + 7 + 1 + 2 + 7 and rows[6].startswith(f"| **fusion two_branch** (weighted_smape, {done['epochs']} epochs")
@@ -67,7 +67,7 @@ def test_ikea_benchmark_small(real_data_dir, tmp_path, monkeypatch, repo_root, l
     assert diff[0] == pytest.approx(results["fusion_kfold"]["smape"] - results["knn"]["smape"], rel=1e-9)
     assert f"| fusion_kfold - knn | {diff[0]:+.2f} | {diff[1]:+.1f} to {diff[2]:+.1f} |" in rows
 
-    # the variants table (scripts/price_fusion/ikea_extras.sh) on this run's split, each row scored here again
+    # the variants table (studies/price_fusion/ikea_extras.sh) on this run's split, each row scored here again
     assert ikea.main([*argv, "ikea.extras=true", "train.epochs=4"]) == 0
     extras = json.loads((tmp_path / "ikea" / "reports" / "ikea_extras.json").read_text())
     assert [r["key"] for r in extras["results"]] == ["advanced_moe", "mean3"]

@@ -17,7 +17,7 @@ from common.config import load_config
 from price_fusion import ensemble, evaluate, gbt, predict, sample_data
 from price_fusion.config import PriceFusionConfig
 from price_fusion.ensemble import fit_weights
-from price_fusion.predictions import write_predictions
+from price_fusion.prediction_files import write_predictions
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "price_fusion").glob("*.yaml"))
 
@@ -162,8 +162,9 @@ def test_sample_data_cli_and_stage_list(tmp_path):
     assert "price" not in pd.read_csv(tmp_path / "s" / "test.csv").columns
     out = subprocess.run([sys.executable, "-m", "price_fusion"], capture_output=True, text=True, check=True,
                          timeout=300).stdout
-    for stage in ("embed", "train", "evaluate", "predict", "ensemble", "gbt", "baselines", "sample_data", "ikea"):
+    for stage in ("embed", "train", "evaluate", "predict", "ensemble", "gbt", "baselines", "sample_data"):
         assert f"python -m price_fusion.{stage}" in out
+    assert "ikea" not in out  # a study (python -m studies.price_fusion.ikea), not a product stage
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -188,9 +189,12 @@ def test_readme_names_every_stage_and_help_documents_keys(capsys):
     docstring for every config key); `--help` shows a key with its type, default and docstring."""
     import re
 
+    from price_fusion.__main__ import STAGES
+
     readme = (Path(__file__).resolve().parents[2] / "price_fusion" / "README.md").read_text()
     stages = set(re.findall(r"python -m price_fusion\.(\w+)", readme))
-    assert {"sample_data", "embed", "train", "evaluate", "predict", "gbt", "baselines", "ensemble", "ikea"} <= stages
+    assert {"sample_data", "embed", "train", "evaluate", "predict", "gbt", "baselines", "ensemble"} <= set(STAGES)
+    assert set(STAGES) <= stages and "ikea" not in stages  # product stages only; the IKEA study lives in studies/
     with pytest.raises(SystemExit) as exited:
         evaluate.main(["--help"])
     out = capsys.readouterr().out

@@ -15,7 +15,7 @@ from common.logs import read_metrics
 from price_fusion import evaluate, predict, train
 from price_fusion.batching import load_split, predict_log_price
 from price_fusion.data import grouped_split, product_groups, read_catalog
-from price_fusion.embeddings import load_embeddings, write_embeddings
+from price_fusion.embedding_store import load_embeddings, write_embeddings
 from price_fusion.model import load_trained_model
 
 

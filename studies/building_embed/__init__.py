@@ -1,0 +1,1 @@
+"""Studies of building_embed: the ORL faces experiments behind its results tables."""

@@ -37,6 +37,8 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert (r0["marker"], r1["marker"]) == ("wrote", None)
     assert (r0["checkpoint_writer"], r1["checkpoint_writer"]) == (True, False)
     assert is_complete(tmp_path / "checkpoints" / "latest")
+    # every rank got through cleanup_distributed (barrier, then destroy_process_group)
+    assert all((tmp_path / f"rank{r}.done").is_file() for r in (0, 1))
 
 
 def test_single_process_fallbacks() -> None:

@@ -44,6 +44,7 @@ from common.io import atomic_write, atomic_write_text, write_json
 from common.logs import setup_logging
 from implant_dims.config import ImplantConfig
 from implant_dims.crop_yolo import crop_folder
+from implant_dims.stage_setup import split_path
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def ood_report(cfg: ImplantConfig, panoramic: Path, cr: Path) -> dict:
     negatives, preds = out / "negatives", out / "predictions"
     sources: dict[str, tuple[Path, str, bool]] = {}  # name -> (predict input, kind, needs an assumed scale)
     for split in ("calibration", "val", "test", "unseen"):
-        path = getattr(cfg.data, f"{split}_json")
+        path = split_path(cfg, split)
         if path and Path(path).is_file():
             sources[split] = (Path(path), "in-domain", False)
     sources["nema_cr"] = (cr, "negative", True)
